@@ -1,0 +1,641 @@
+//! The mirroring disk array: real LUs, mirror LUs over them, and the
+//! operations the SAN offers. Plain Rust: the gRPC service adapts to this.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use splitmirror_proto::range_lock::{LockMode, RangeGuard, RangeLock};
+
+use crate::config::{ArrayConfig, LuId};
+use crate::error::ArrayError;
+use crate::storage::{FileStorage, LuStorage, MemoryStorage};
+
+/// The largest payload one request may carry (a write's data, a copy or
+/// checksum chunk). Larger transfers are split by the client or streamed.
+pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
+
+/// Copies and checksums work in chunks of this many bytes at most, each
+/// under its own range lock, so that a long copy does not block writes to
+/// the whole range for its whole duration.
+const COPY_CHUNK_BYTES: u64 = 1 << 20;
+
+/// What an LU is, as `ListLus` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LuKind {
+    Mirror { origin: LuId, mate: LuId },
+    Origin,
+    Mate,
+    Plain,
+}
+
+/// One row of `ListLus`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuInfo {
+    pub id: LuId,
+    pub kind: LuKind,
+    pub block_size_bytes: u32,
+    pub block_count: u64,
+}
+
+/// The Fig. 11 mode-sense page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModeSensePage {
+    /// Set for a mirror LU.
+    pub pair: Option<(LuId, LuId)>,
+    pub block_size_bytes: u32,
+    pub block_count: u64,
+}
+
+/// Behaviour switches for tests that must show their checker can fail.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ArrayTestHooks {
+    /// Lets writes and copies of the same blocks interleave.
+    pub disable_range_lock: bool,
+}
+
+/// A real LU: storage plus the bookkeeping of requests on it.
+struct RealLu {
+    storage: Arc<dyn LuStorage>,
+    lock: RangeLock,
+    /// Requests in flight, to send mirror reads to the less busy side.
+    in_flight: AtomicU64,
+}
+
+enum Lu {
+    Real(RealLu),
+    Mirror { origin: LuId, mate: LuId },
+}
+
+struct LuEntry {
+    info: LuInfo,
+    lu: Lu,
+}
+
+/// The array. Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct Array {
+    lus: BTreeMap<LuId, LuEntry>,
+}
+
+impl Array {
+    /// Opens (creating where missing) `lu<ID>.img` for each real LU in
+    /// `data_dir`.
+    pub fn open(
+        config: &ArrayConfig,
+        data_dir: &Path,
+        hooks: ArrayTestHooks,
+    ) -> Result<Self, ArrayError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| ArrayError::io(format!("creating {}", data_dir.display()), e))?;
+        Self::build(config, hooks, |id, size_bytes| {
+            let path = data_dir.join(format!("lu{id}.img"));
+            let storage = FileStorage::open_or_create(&path, size_bytes)
+                .map_err(|e| ArrayError::io(format!("opening {}", path.display()), e))?;
+            Ok(Arc::new(storage) as Arc<dyn LuStorage>)
+        })
+    }
+
+    /// An array whose LUs live in memory, for unit tests.
+    pub fn in_memory(config: &ArrayConfig) -> Result<Self, ArrayError> {
+        Self::build(config, ArrayTestHooks::default(), |_, size_bytes| {
+            let size = usize::try_from(size_bytes)
+                .map_err(|_| ArrayError::InvalidArgument("LU too large for memory".into()))?;
+            Ok(Arc::new(MemoryStorage::new(size)) as Arc<dyn LuStorage>)
+        })
+    }
+
+    fn build(
+        config: &ArrayConfig,
+        hooks: ArrayTestHooks,
+        mut open: impl FnMut(LuId, u64) -> Result<Arc<dyn LuStorage>, ArrayError>,
+    ) -> Result<Self, ArrayError> {
+        config
+            .validate()
+            .map_err(|e| ArrayError::InvalidArgument(e.to_string()))?;
+        let mut lus = BTreeMap::new();
+        for lu in &config.lus {
+            let kind = if config.mirrors.iter().any(|m| m.origin == lu.id) {
+                LuKind::Origin
+            } else if config.mirrors.iter().any(|m| m.mate == lu.id) {
+                LuKind::Mate
+            } else {
+                LuKind::Plain
+            };
+            let size_bytes = lu.block_count * u64::from(lu.block_size_bytes);
+            let lock = if hooks.disable_range_lock {
+                RangeLock::disabled_for_tests()
+            } else {
+                RangeLock::new()
+            };
+            let real = RealLu {
+                storage: open(lu.id, size_bytes)?,
+                lock,
+                in_flight: AtomicU64::new(0),
+            };
+            let info = LuInfo {
+                id: lu.id,
+                kind,
+                block_size_bytes: lu.block_size_bytes,
+                block_count: lu.block_count,
+            };
+            lus.insert(
+                lu.id,
+                LuEntry {
+                    info,
+                    lu: Lu::Real(real),
+                },
+            );
+        }
+        for m in &config.mirrors {
+            let origin = &lus[&m.origin].info;
+            let info = LuInfo {
+                id: m.mirror,
+                kind: LuKind::Mirror {
+                    origin: m.origin,
+                    mate: m.mate,
+                },
+                block_size_bytes: origin.block_size_bytes,
+                block_count: origin.block_count,
+            };
+            let lu = Lu::Mirror {
+                origin: m.origin,
+                mate: m.mate,
+            };
+            lus.insert(m.mirror, LuEntry { info, lu });
+        }
+        Ok(Self { lus })
+    }
+
+    /// Every LU, in id order.
+    pub fn list_lus(&self) -> Vec<LuInfo> {
+        self.lus.values().map(|entry| entry.info.clone()).collect()
+    }
+
+    pub fn lu_info(&self, lu: LuId) -> Result<&LuInfo, ArrayError> {
+        self.entry(lu).map(|entry| &entry.info)
+    }
+
+    pub fn mode_sense(&self, lu: LuId) -> Result<ModeSensePage, ArrayError> {
+        let info = self.lu_info(lu)?;
+        let pair = match info.kind {
+            LuKind::Mirror { origin, mate } => Some((origin, mate)),
+            _ => None,
+        };
+        Ok(ModeSensePage {
+            pair,
+            block_size_bytes: info.block_size_bytes,
+            block_count: info.block_count,
+        })
+    }
+
+    /// Checks a read of `blocks` blocks at `lba` and answers its size in
+    /// bytes. Reads are streamed in chunks, so only the range is limited.
+    pub fn check_read(&self, lu: LuId, lba: u64, blocks: u64) -> Result<u64, ArrayError> {
+        let info = self.lu_info(lu)?;
+        check_range(info, lba, blocks)?;
+        Ok(blocks * u64::from(info.block_size_bytes))
+    }
+
+    /// Reads `blocks` blocks at `lba`. A read of a mirror LU is served by
+    /// whichever of origin and mate has fewer requests in flight ([0058]).
+    pub async fn read(&self, lu: LuId, lba: u64, blocks: u64) -> Result<Vec<u8>, ArrayError> {
+        let bytes = self.check_read(lu, lba, blocks)?;
+        check_request_size(bytes)?;
+        let block_size_bytes = u64::from(self.lu_info(lu)?.block_size_bytes);
+        let source = self.read_source(lu)?;
+        let real = self.real(source)?;
+        let _busy = InFlight::enter(&real.in_flight);
+        let _guard = real.lock.lock(lba..lba + blocks, LockMode::Shared).await;
+        let mut buf = vec![0u8; bytes as usize];
+        let storage = real.storage.clone();
+        let buf = blocking(move || {
+            storage.read_at(&mut buf, lba * block_size_bytes)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| ArrayError::io(format!("reading LU {source} at LBA {lba}"), e))?;
+        Ok(buf)
+    }
+
+    /// Writes whole blocks at `lba`. A write to a mirror LU lands on origin
+    /// and mate concurrently and returns when both hold it ([0058]). With
+    /// `fua`, the data is durable before this returns.
+    pub async fn write(
+        &self,
+        lu: LuId,
+        lba: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<u64, ArrayError> {
+        let info = self.lu_info(lu)?;
+        let blocks = check_data(info, &data)?;
+        check_range(info, lba, blocks)?;
+        check_request_size(data.len() as u64)?;
+        let offset_bytes = lba * u64::from(info.block_size_bytes);
+        let targets = self.write_targets(lu)?;
+        let _guards = self.lock_all(&targets, lba..lba + blocks).await?;
+        let data = Arc::new(data);
+        // spawn_blocking starts each write at once, so origin and mate are
+        // written concurrently; the loop below only collects the outcomes.
+        let mut writes = Vec::with_capacity(targets.len());
+        for &target in &targets {
+            let storage = self.real(target)?.storage.clone();
+            let data = data.clone();
+            let write = tokio::task::spawn_blocking(move || {
+                storage.write_at(&data, offset_bytes)?;
+                if fua {
+                    storage.sync_data()?;
+                }
+                Ok::<_, std::io::Error>(())
+            });
+            writes.push((target, write));
+        }
+        for (target, write) in writes {
+            write
+                .await
+                .map_err(|e| std::io::Error::other(format!("I/O task failed: {e}")))
+                .and_then(|result| result)
+                .map_err(|e| ArrayError::io(format!("writing LU {target} at LBA {lba}"), e))?;
+        }
+        Ok(blocks)
+    }
+
+    /// Copies `blocks` blocks at `lba` from `src` to `dst` inside the array
+    /// (the offload of [0049]); each chunk is read and written under one
+    /// range lock, so it never interleaves with a write to those blocks.
+    pub async fn copy_range(
+        &self,
+        src: LuId,
+        dst: LuId,
+        lba: u64,
+        blocks: u64,
+    ) -> Result<u64, ArrayError> {
+        let src_info = self.lu_info(src)?;
+        let dst_info = self.lu_info(dst)?;
+        if src == dst {
+            return Err(ArrayError::InvalidArgument(format!(
+                "CopyRange from LU {src} to itself"
+            )));
+        }
+        if (src_info.block_size_bytes, src_info.block_count)
+            != (dst_info.block_size_bytes, dst_info.block_count)
+        {
+            return Err(ArrayError::InvalidArgument(format!(
+                "CopyRange between LU {src} ({} blocks of {} bytes) and LU {dst} \
+                 ({} blocks of {} bytes): geometries differ",
+                src_info.block_count,
+                src_info.block_size_bytes,
+                dst_info.block_count,
+                dst_info.block_size_bytes
+            )));
+        }
+        check_range(src_info, lba, blocks)?;
+        let block_size_bytes = u64::from(src_info.block_size_bytes);
+        let source = self.read_source(src)?;
+        let targets = self.write_targets(dst)?;
+        if targets.contains(&source) {
+            return Err(ArrayError::InvalidArgument(format!(
+                "CopyRange from LU {src} to LU {dst}: they share LU {source}"
+            )));
+        }
+        let chunk_blocks = (COPY_CHUNK_BYTES / block_size_bytes).max(1);
+        let mut buf = vec![0u8; (chunk_blocks * block_size_bytes) as usize];
+        let mut done_blocks = 0;
+        while done_blocks < blocks {
+            let chunk_lba = lba + done_blocks;
+            let n = chunk_blocks.min(blocks - done_blocks);
+            let range = chunk_lba..chunk_lba + n;
+            let mut locked = targets.clone();
+            locked.push(source);
+            // Every LU involved is locked in id order, so copies and mirror
+            // writes never wait on each other in a cycle.
+            locked.sort_unstable();
+            let _guards = self.lock_modes(&locked, &targets, range).await?;
+            let len = (n * block_size_bytes) as usize;
+            let offset_bytes = chunk_lba * block_size_bytes;
+            let src_storage = self.real(source)?.storage.clone();
+            let dst_storages: Vec<_> = targets
+                .iter()
+                .map(|&t| self.real(t).map(|r| r.storage.clone()))
+                .collect::<Result<_, _>>()?;
+            let mut chunk = std::mem::take(&mut buf);
+            chunk = blocking(move || {
+                src_storage.read_at(&mut chunk[..len], offset_bytes)?;
+                for dst in &dst_storages {
+                    dst.write_at(&chunk[..len], offset_bytes)?;
+                }
+                Ok(chunk)
+            })
+            .await
+            .map_err(|e| {
+                ArrayError::io(
+                    format!("copying LU {src} to LU {dst} at LBA {chunk_lba}"),
+                    e,
+                )
+            })?;
+            buf = chunk;
+            done_blocks += n;
+        }
+        Ok(blocks)
+    }
+
+    /// BLAKE3 digests of each `chunk_blocks`-block chunk of the range, in
+    /// order; the last chunk may be shorter.
+    pub async fn checksum_range(
+        &self,
+        lu: LuId,
+        lba: u64,
+        blocks: u64,
+        chunk_blocks: u64,
+    ) -> Result<Vec<[u8; 32]>, ArrayError> {
+        let info = self.lu_info(lu)?;
+        check_range(info, lba, blocks)?;
+        if chunk_blocks == 0 {
+            return Err(ArrayError::InvalidArgument(
+                "chunk_blocks must be positive".into(),
+            ));
+        }
+        let block_size_bytes = u64::from(info.block_size_bytes);
+        let chunk_bytes =
+            chunk_blocks
+                .checked_mul(block_size_bytes)
+                .ok_or(ArrayError::TooLarge {
+                    bytes: u64::MAX,
+                    limit_bytes: MAX_REQUEST_BYTES,
+                })?;
+        check_request_size(chunk_bytes)?;
+        let source = self.read_source(lu)?;
+        let real = self.real(source)?;
+        let _busy = InFlight::enter(&real.in_flight);
+        let mut digests = Vec::with_capacity(blocks.div_ceil(chunk_blocks) as usize);
+        let mut buf = vec![0u8; chunk_bytes as usize];
+        let mut done_blocks = 0;
+        while done_blocks < blocks {
+            let chunk_lba = lba + done_blocks;
+            let n = chunk_blocks.min(blocks - done_blocks);
+            let _guard = real
+                .lock
+                .lock(chunk_lba..chunk_lba + n, LockMode::Shared)
+                .await;
+            let len = (n * block_size_bytes) as usize;
+            let storage = real.storage.clone();
+            let mut chunk = std::mem::take(&mut buf);
+            let (chunk, digest) = blocking(move || {
+                storage.read_at(&mut chunk[..len], chunk_lba * block_size_bytes)?;
+                let digest = *blake3::hash(&chunk[..len]).as_bytes();
+                Ok((chunk, digest))
+            })
+            .await
+            .map_err(|e| ArrayError::io(format!("checksumming LU {lu} at LBA {chunk_lba}"), e))?;
+            buf = chunk;
+            digests.push(digest);
+            done_blocks += n;
+        }
+        Ok(digests)
+    }
+
+    /// Makes every acknowledged write to `lu` (both sides of a mirror LU)
+    /// durable.
+    pub async fn flush(&self, lu: LuId) -> Result<(), ArrayError> {
+        for target in self.write_targets(lu)? {
+            let storage = self.real(target)?.storage.clone();
+            blocking(move || storage.sync_data())
+                .await
+                .map_err(|e| ArrayError::io(format!("flushing LU {target}"), e))?;
+        }
+        Ok(())
+    }
+
+    fn entry(&self, lu: LuId) -> Result<&LuEntry, ArrayError> {
+        self.lus.get(&lu).ok_or(ArrayError::UnknownLu(lu))
+    }
+
+    fn real(&self, lu: LuId) -> Result<&RealLu, ArrayError> {
+        match &self.entry(lu)?.lu {
+            Lu::Real(real) => Ok(real),
+            Lu::Mirror { .. } => Err(ArrayError::InvalidArgument(format!(
+                "LU {lu} is a mirror LU, not a real one"
+            ))),
+        }
+    }
+
+    /// The real LUs a write to `lu` lands on, in id order.
+    fn write_targets(&self, lu: LuId) -> Result<Vec<LuId>, ArrayError> {
+        match self.entry(lu)?.lu {
+            Lu::Real(_) => Ok(vec![lu]),
+            Lu::Mirror { origin, mate } => {
+                let mut targets = vec![origin, mate];
+                targets.sort_unstable();
+                Ok(targets)
+            }
+        }
+    }
+
+    /// The real LU a read of `lu` is served from.
+    fn read_source(&self, lu: LuId) -> Result<LuId, ArrayError> {
+        match self.entry(lu)?.lu {
+            Lu::Real(_) => Ok(lu),
+            Lu::Mirror { origin, mate } => {
+                let busy = |id| {
+                    self.real(id)
+                        .map(|r| r.in_flight.load(Ordering::Relaxed))
+                        .unwrap_or(u64::MAX)
+                };
+                Ok(if busy(mate) < busy(origin) {
+                    mate
+                } else {
+                    origin
+                })
+            }
+        }
+    }
+
+    /// Locks `range` exclusively on each of `lus` (sorted by id).
+    async fn lock_all(
+        &self,
+        lus: &[LuId],
+        range: Range<u64>,
+    ) -> Result<Vec<RangeGuard<'_>>, ArrayError> {
+        self.lock_modes(lus, lus, range).await
+    }
+
+    /// Locks `range` on each of `lus` (sorted by id): exclusively on those
+    /// in `exclusive`, shared on the others.
+    async fn lock_modes(
+        &self,
+        lus: &[LuId],
+        exclusive: &[LuId],
+        range: Range<u64>,
+    ) -> Result<Vec<RangeGuard<'_>>, ArrayError> {
+        let mut guards = Vec::with_capacity(lus.len());
+        for &lu in lus {
+            let mode = if exclusive.contains(&lu) {
+                LockMode::Exclusive
+            } else {
+                LockMode::Shared
+            };
+            guards.push(self.real(lu)?.lock.lock(range.clone(), mode).await);
+        }
+        Ok(guards)
+    }
+}
+
+/// Checks that `blocks` blocks at `lba` are a non-empty range inside the LU.
+pub fn check_range(info: &LuInfo, lba: u64, blocks: u64) -> Result<(), ArrayError> {
+    if blocks == 0 {
+        return Err(ArrayError::InvalidArgument(format!(
+            "zero blocks requested at LBA {lba} of LU {}",
+            info.id
+        )));
+    }
+    if lba >= info.block_count {
+        return Err(ArrayError::OutOfRange(format!(
+            "LBA {lba} is at or past the end of LU {} ({} blocks)",
+            info.id, info.block_count
+        )));
+    }
+    match lba.checked_add(blocks) {
+        Some(end) if end <= info.block_count => Ok(()),
+        _ => Err(ArrayError::OutOfRange(format!(
+            "{blocks} blocks at LBA {lba} run past the end of LU {} ({} blocks)",
+            info.id, info.block_count
+        ))),
+    }
+}
+
+/// Checks that `data` is a positive whole number of blocks and answers it.
+pub fn check_data(info: &LuInfo, data: &[u8]) -> Result<u64, ArrayError> {
+    let block_size_bytes = info.block_size_bytes as usize;
+    if data.is_empty() || data.len() % block_size_bytes != 0 {
+        return Err(ArrayError::InvalidArgument(format!(
+            "{} bytes of data is not a positive whole number of {block_size_bytes}-byte blocks",
+            data.len()
+        )));
+    }
+    Ok((data.len() / block_size_bytes) as u64)
+}
+
+fn check_request_size(bytes: u64) -> Result<(), ArrayError> {
+    if bytes > MAX_REQUEST_BYTES {
+        return Err(ArrayError::TooLarge {
+            bytes,
+            limit_bytes: MAX_REQUEST_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// Runs blocking file I/O off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| std::io::Error::other(format!("I/O task failed: {e}")))?
+}
+
+/// Counts a request as in flight on an LU while alive.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_LU_SIZE_BYTES;
+
+    fn array() -> Array {
+        let config = ArrayConfig::default_pairs(1 << 20).expect("config");
+        Array::in_memory(&config).expect("array")
+    }
+
+    fn block(fill: u8) -> Vec<u8> {
+        vec![fill; 4096]
+    }
+
+    #[tokio::test]
+    async fn mirror_write_lands_on_origin_and_mate() {
+        let array = array();
+        array.write(0, 3, block(7), false).await.expect("write");
+        assert_eq!(array.read(1, 3, 1).await.expect("origin"), block(7));
+        assert_eq!(array.read(2, 3, 1).await.expect("mate"), block(7));
+        assert_eq!(array.read(0, 3, 1).await.expect("mirror"), block(7));
+    }
+
+    #[tokio::test]
+    async fn origin_write_leaves_mate_alone_until_copied() {
+        let array = array();
+        array.write(1, 0, block(9), false).await.expect("write");
+        assert_eq!(array.read(2, 0, 1).await.expect("mate"), block(0));
+        array.copy_range(1, 2, 0, 256).await.expect("copy");
+        assert_eq!(array.read(2, 0, 1).await.expect("mate"), block(9));
+        let origin = array.checksum_range(1, 0, 256, 16).await.expect("sum");
+        let mate = array.checksum_range(2, 0, 256, 16).await.expect("sum");
+        assert_eq!(origin, mate);
+        assert_eq!(origin.len(), 16);
+    }
+
+    #[tokio::test]
+    async fn validation() {
+        let array = array();
+        let n = 256;
+        assert!(matches!(
+            check_read(&array, 0, n, 1),
+            Err(ArrayError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            check_read(&array, 0, n - 1, 2),
+            Err(ArrayError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            check_read(&array, 0, 1, u64::MAX),
+            Err(ArrayError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            check_read(&array, 0, 0, 0),
+            Err(ArrayError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            check_read(&array, 42, 0, 1),
+            Err(ArrayError::UnknownLu(42))
+        ));
+        assert!(check_read(&array, 0, n - 1, 1).is_ok());
+        let odd = array.write(0, 0, vec![1; 100], false).await;
+        assert!(matches!(odd, Err(ArrayError::InvalidArgument(_))));
+        let empty = array.write(0, 0, Vec::new(), false).await;
+        assert!(matches!(empty, Err(ArrayError::InvalidArgument(_))));
+        let huge = Array::in_memory(&ArrayConfig::default_pairs(DEFAULT_LU_SIZE_BYTES).expect("c"))
+            .expect("array")
+            .write(0, 0, vec![0; (MAX_REQUEST_BYTES + 4096) as usize], false)
+            .await;
+        assert!(matches!(huge, Err(ArrayError::TooLarge { .. })));
+    }
+
+    fn check_read(array: &Array, lu: LuId, lba: u64, blocks: u64) -> Result<u64, ArrayError> {
+        array.check_read(lu, lba, blocks)
+    }
+
+    #[tokio::test]
+    async fn mode_sense_reports_the_pair() {
+        let array = array();
+        assert_eq!(array.mode_sense(0).expect("sense").pair, Some((1, 2)));
+        assert_eq!(array.mode_sense(2).expect("sense").pair, None);
+        assert!(
+            array.copy_range(0, 1, 0, 1).await.is_err(),
+            "mirror shares origin"
+        );
+    }
+}

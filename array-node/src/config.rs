@@ -1,0 +1,271 @@
+//! The array's configuration: which real LUs exist and the mirroring
+//! definition table (Fig. 9) that pairs them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+
+/// An LU number, as on the SAN.
+pub type LuId = u32;
+
+/// Block sizes the array accepts.
+pub const BLOCK_SIZES_BYTES: [u32; 2] = [512, 4096];
+
+/// The default LU size when no config is given.
+pub const DEFAULT_LU_SIZE_BYTES: u64 = 64 << 20;
+
+/// The whole array: real LUs and mirror LUs over them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArrayConfig {
+    #[serde(default, rename = "lu")]
+    pub lus: Vec<RealLuConfig>,
+    #[serde(default, rename = "mirror")]
+    pub mirrors: Vec<MirrorConfig>,
+}
+
+/// One real LU, stored as `lu<ID>.img`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealLuConfig {
+    pub id: LuId,
+    pub block_size_bytes: u32,
+    pub block_count: u64,
+}
+
+/// One row of the mirroring definition table: writes to `mirror` go to
+/// `origin` and `mate`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub mirror: LuId,
+    pub origin: LuId,
+    pub mate: LuId,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("parsing the array config: {0}")]
+    Parse(String),
+    #[error("the array config is invalid: {0}")]
+    Invalid(String),
+}
+
+impl ArrayConfig {
+    /// The first two rows of Fig. 9: mirror LU 0 = origin 1 + mate 2 and
+    /// mirror LU 3 = origin 4 + mate 5, each real LU `lu_size_bytes` large
+    /// with 4096-byte blocks.
+    pub fn default_pairs(lu_size_bytes: u64) -> Result<Self, ConfigError> {
+        const BLOCK_SIZE_BYTES: u32 = 4096;
+        if lu_size_bytes == 0 || lu_size_bytes % u64::from(BLOCK_SIZE_BYTES) != 0 {
+            return Err(ConfigError::Invalid(format!(
+                "LU size {lu_size_bytes} is not a positive multiple of {BLOCK_SIZE_BYTES} bytes"
+            )));
+        }
+        let block_count = lu_size_bytes / u64::from(BLOCK_SIZE_BYTES);
+        let lu = |id| RealLuConfig {
+            id,
+            block_size_bytes: BLOCK_SIZE_BYTES,
+            block_count,
+        };
+        let config = Self {
+            lus: vec![lu(1), lu(2), lu(4), lu(5)],
+            mirrors: vec![
+                MirrorConfig {
+                    mirror: 0,
+                    origin: 1,
+                    mate: 2,
+                },
+                MirrorConfig {
+                    mirror: 3,
+                    origin: 4,
+                    mate: 5,
+                },
+            ],
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates a TOML config such as:
+    ///
+    /// ```toml
+    /// [[lu]]
+    /// id = 1
+    /// block_size_bytes = 4096
+    /// block_count = 16384
+    ///
+    /// [[mirror]]
+    /// mirror = 0
+    /// origin = 1
+    /// mate = 2
+    /// ```
+    ///
+    /// Parse errors name the line and column.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the table makes sense: known block sizes, unique ids,
+    /// each mirror over two distinct real LUs of one geometry, no real LU in
+    /// two mirrors.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if self.lus.is_empty() {
+            return invalid("no LUs defined (add [[lu]] tables)".into());
+        }
+        let mut real = BTreeMap::new();
+        for lu in &self.lus {
+            if !BLOCK_SIZES_BYTES.contains(&lu.block_size_bytes) {
+                return invalid(format!(
+                    "LU {}: block_size_bytes must be 512 or 4096, not {}",
+                    lu.id, lu.block_size_bytes
+                ));
+            }
+            if lu.block_count == 0 {
+                return invalid(format!("LU {}: block_count must be positive", lu.id));
+            }
+            if lu
+                .block_count
+                .checked_mul(u64::from(lu.block_size_bytes))
+                .is_none_or(|bytes| bytes > i64::MAX as u64)
+            {
+                return invalid(format!("LU {}: too large for a file", lu.id));
+            }
+            if real.insert(lu.id, lu).is_some() {
+                return invalid(format!("LU {} is defined twice", lu.id));
+            }
+        }
+        let mut paired = BTreeSet::new();
+        let mut mirror_ids = BTreeSet::new();
+        for m in &self.mirrors {
+            if real.contains_key(&m.mirror) || !mirror_ids.insert(m.mirror) {
+                return invalid(format!("mirror LU {} is already defined", m.mirror));
+            }
+            if m.origin == m.mate {
+                return invalid(format!(
+                    "mirror LU {}: origin and mate are both LU {}",
+                    m.mirror, m.origin
+                ));
+            }
+            for side in [m.origin, m.mate] {
+                if !real.contains_key(&side) {
+                    return invalid(format!(
+                        "mirror LU {}: LU {side} is not a defined [[lu]]",
+                        m.mirror
+                    ));
+                }
+                if !paired.insert(side) {
+                    return invalid(format!(
+                        "mirror LU {}: LU {side} already belongs to another mirror",
+                        m.mirror
+                    ));
+                }
+            }
+            let (origin, mate) = (real[&m.origin], real[&m.mate]);
+            if (origin.block_size_bytes, origin.block_count)
+                != (mate.block_size_bytes, mate.block_count)
+            {
+                return invalid(format!(
+                    "mirror LU {}: origin LU {} and mate LU {} differ in block size or count",
+                    m.mirror, m.origin, m.mate
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_the_first_two_rows_of_fig_9() {
+        let config = ArrayConfig::default_pairs(DEFAULT_LU_SIZE_BYTES).expect("valid");
+        assert_eq!(config.mirrors.len(), 2);
+        assert_eq!(
+            config.mirrors[0],
+            MirrorConfig {
+                mirror: 0,
+                origin: 1,
+                mate: 2
+            }
+        );
+        assert_eq!(config.lus[0].block_count, 16384);
+        assert!(ArrayConfig::default_pairs(1000).is_err());
+    }
+
+    #[test]
+    fn parses_a_toml_table() {
+        let text = r#"
+            [[lu]]
+            id = 7
+            block_size_bytes = 512
+            block_count = 100
+            [[lu]]
+            id = 8
+            block_size_bytes = 512
+            block_count = 100
+            [[lu]]
+            id = 9
+            block_size_bytes = 4096
+            block_count = 1
+            [[mirror]]
+            mirror = 6
+            origin = 7
+            mate = 8
+        "#;
+        let config = ArrayConfig::from_toml(text).expect("valid");
+        assert_eq!(config.lus.len(), 3);
+        assert_eq!(config.mirrors[0].mate, 8);
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line() {
+        let text = "[[lu]]\nid = 1\nblock_size_bytes = = 4096\n";
+        let error = ArrayConfig::from_toml(text).expect_err("bad syntax");
+        assert!(error.to_string().contains("line 3"), "{error}");
+    }
+
+    #[test]
+    fn rejects_bad_tables() {
+        let lu = |id: u32, bs: u32, n: u64| {
+            format!("[[lu]]\nid = {id}\nblock_size_bytes = {bs}\nblock_count = {n}\n")
+        };
+        let mirror = |m: u32, o: u32, t: u32| {
+            format!("[[mirror]]\nmirror = {m}\norigin = {o}\nmate = {t}\n")
+        };
+        let cases = [
+            (String::new(), "no LUs"),
+            (lu(1, 1000, 8), "block_size_bytes"),
+            (lu(1, 512, 0), "positive"),
+            (lu(1, 512, 8) + &lu(1, 512, 8), "twice"),
+            (
+                lu(1, 512, 8) + &lu(2, 512, 8) + &mirror(1, 1, 2),
+                "already defined",
+            ),
+            (lu(1, 512, 8) + &mirror(0, 1, 1), "both"),
+            (lu(1, 512, 8) + &mirror(0, 1, 2), "not a defined"),
+            (lu(1, 512, 8) + &lu(2, 4096, 8) + &mirror(0, 1, 2), "differ"),
+            (
+                lu(1, 512, 8)
+                    + &lu(2, 512, 8)
+                    + &lu(3, 512, 8)
+                    + &mirror(0, 1, 2)
+                    + &mirror(9, 2, 3),
+                "another mirror",
+            ),
+            (
+                "[[lu]]\nid = 1\nblock_size_bytes = 512\nblock_count = 8\ncolour = 3\n".into(),
+                "colour",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = ArrayConfig::from_toml(&text).expect_err(&text);
+            assert!(error.to_string().contains(expected), "{text}: {error}");
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! array-node: the stateless mirroring disk array of splitmirror.
+//!
+//! - [`config`]: the real LUs and the mirroring definition table (Fig. 9).
+//! - [`storage`]: where an LU's blocks live (sparse raw files; memory in tests).
+//! - [`array`]: the core — mirror writes to origin and mate, reads from the
+//!   less busy side, range-locked `CopyRange`, `ChecksumRange`, `Flush`.
+//! - [`service`]: the thin gRPC adapter (`splitmirror.array.v1`).
+//!
+//! [`spawn`] starts a node on a listener; the binary and the tests both use it.
+
+pub mod array;
+pub mod config;
+pub mod error;
+pub mod service;
+pub mod storage;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use splitmirror_proto::array::v1::array_service_server::ArrayServiceServer;
+use splitmirror_proto::node::{self, NodeHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use array::{Array, ArrayTestHooks};
+pub use config::ArrayConfig;
+
+/// Everything an array node needs to start.
+#[derive(Debug, Clone)]
+pub struct ArrayNodeConfig {
+    pub data_dir: PathBuf,
+    pub array: ArrayConfig,
+    pub hooks: ArrayTestHooks,
+}
+
+/// Opens the LUs and serves them on `listener` until `cancel` is cancelled.
+pub async fn spawn(config: ArrayNodeConfig, listener: TcpListener) -> Result<NodeHandle, String> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("reading the listener's address: {e}"))?;
+    let array = Arc::new(
+        Array::open(&config.array, &config.data_dir, config.hooks).map_err(|e| e.to_string())?,
+    );
+    let service = ArrayServiceServer::new(service::ArrayGrpc::new(array))
+        .max_decoding_message_size(service::MAX_DECODING_BYTES)
+        .max_encoding_message_size(node::MAX_MESSAGE_BYTES);
+    let router = node::server_builder().add_service(service);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(node::serve(
+        router,
+        &["splitmirror.array.v1.ArrayService"],
+        listener,
+        cancel.clone(),
+    ));
+    tracing::info!(%addr, "array-node listening on {addr}");
+    Ok(NodeHandle::new(addr, cancel, task))
+}

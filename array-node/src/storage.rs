@@ -1,0 +1,104 @@
+//! Where a real LU's blocks live. The array talks to this small trait, not to
+//! files, so that a simulator (or a test) can swap in memory.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Byte-addressed storage of one real LU. Offsets and lengths are always
+/// whole blocks inside the LU; the array checks that before calling.
+pub trait LuStorage: Send + Sync + 'static {
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()>;
+    fn write_at(&self, data: &[u8], offset_bytes: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+/// A sparse raw image file, readable by `qemu-img` and `cmp`.
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    /// Opens `path`, creating it sparse at `size_bytes` if it does not
+    /// exist. An existing file of another size is an error: growing or
+    /// truncating it would change what the LU holds.
+    pub fn open_or_create(path: &Path, size_bytes: u64) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let len_bytes = file.metadata()?.len();
+        if len_bytes == 0 {
+            file.set_len(size_bytes)?;
+            file.sync_all()?;
+        } else if len_bytes != size_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds {len_bytes} bytes but the config says {size_bytes}; \
+                     refusing to resize an existing LU",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(Self { file })
+    }
+}
+
+impl LuStorage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset_bytes)
+    }
+
+    fn write_at(&self, data: &[u8], offset_bytes: u64) -> io::Result<()> {
+        self.file.write_all_at(data, offset_bytes)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// An LU in memory, for unit tests.
+pub struct MemoryStorage {
+    bytes: Mutex<Vec<u8>>,
+}
+
+impl MemoryStorage {
+    pub fn new(size_bytes: usize) -> Self {
+        Self {
+            bytes: Mutex::new(vec![0; size_bytes]),
+        }
+    }
+}
+
+impl LuStorage for MemoryStorage {
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
+        let bytes = self.bytes.lock().expect("memory LU poisoned");
+        let start = usize::try_from(offset_bytes).map_err(io::Error::other)?;
+        let source = bytes
+            .get(start..start + buf.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(source);
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset_bytes: u64) -> io::Result<()> {
+        let mut bytes = self.bytes.lock().expect("memory LU poisoned");
+        let start = usize::try_from(offset_bytes).map_err(io::Error::other)?;
+        let target = bytes
+            .get_mut(start..start + data.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        target.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+}

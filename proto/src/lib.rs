@@ -1,0 +1,40 @@
+//! splitmirror's wire protocol and the gRPC stack every node shares.
+//!
+//! - [`array`], [`db`], [`backup`]: the messages and services generated from
+//!   `proto/*.proto` (compiled by protox at build time, no system `protoc`).
+//! - [`node`]: how every node serves (health, reflection, HTTP/2 windows,
+//!   limits, graceful shutdown) and how every client connects, assembled once
+//!   so that a call gets the same treatment whichever node it reaches.
+//! - [`range_lock`]: ordering of overlapping block ranges, used by the array
+//!   and the snapshot manager.
+//! - [`units`]: parsing of human sizes and durations for the command lines.
+
+pub mod node;
+pub mod range_lock;
+pub mod units;
+
+/// `splitmirror.array.v1`: the disk array.
+pub mod array {
+    pub mod v1 {
+        tonic::include_proto!("splitmirror.array.v1");
+    }
+}
+
+/// `splitmirror.db.v1`: the snapshot manager and ledger database.
+pub mod db {
+    pub mod v1 {
+        tonic::include_proto!("splitmirror.db.v1");
+    }
+}
+
+/// `splitmirror.backup.v1`: the backup server.
+pub mod backup {
+    pub mod v1 {
+        tonic::include_proto!("splitmirror.backup.v1");
+    }
+}
+
+/// The encoded `FileDescriptorSet` of every splitmirror service, served by
+/// gRPC reflection so that grpcurl needs no `.proto` files.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/splitmirror_descriptor.bin"));
