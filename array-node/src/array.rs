@@ -230,9 +230,9 @@ impl Array {
         fua: bool,
     ) -> Result<u64, ArrayError> {
         let info = self.lu_info(lu)?;
+        check_request_size(data.len() as u64)?;
         let blocks = check_data(info, &data)?;
         check_range(info, lba, blocks)?;
-        check_request_size(data.len() as u64)?;
         let offset_bytes = lba * u64::from(info.block_size_bytes);
         let targets = self.write_targets(lu)?;
         let _guards = self.lock_all(&targets, lba..lba + blocks).await?;
@@ -508,7 +508,7 @@ pub fn check_range(info: &LuInfo, lba: u64, blocks: u64) -> Result<(), ArrayErro
 /// Checks that `data` is a positive whole number of blocks and answers it.
 pub fn check_data(info: &LuInfo, data: &[u8]) -> Result<u64, ArrayError> {
     let block_size_bytes = info.block_size_bytes as usize;
-    if data.is_empty() || data.len() % block_size_bytes != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(block_size_bytes) {
         return Err(ArrayError::InvalidArgument(format!(
             "{} bytes of data is not a positive whole number of {block_size_bytes}-byte blocks",
             data.len()

@@ -57,7 +57,7 @@ impl ArrayConfig {
     /// with 4096-byte blocks.
     pub fn default_pairs(lu_size_bytes: u64) -> Result<Self, ConfigError> {
         const BLOCK_SIZE_BYTES: u32 = 4096;
-        if lu_size_bytes == 0 || lu_size_bytes % u64::from(BLOCK_SIZE_BYTES) != 0 {
+        if lu_size_bytes == 0 || !lu_size_bytes.is_multiple_of(u64::from(BLOCK_SIZE_BYTES)) {
             return Err(ConfigError::Invalid(format!(
                 "LU size {lu_size_bytes} is not a positive multiple of {BLOCK_SIZE_BYTES} bytes"
             )));

@@ -7,7 +7,6 @@
 //! the same on every node. Clients connect through [`channel`], which applies
 //! the matching window sizes.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -211,15 +210,13 @@ pub async fn shutdown_signal() {
 }
 
 /// Cancels `cancel` when SIGINT or SIGTERM arrives.
-pub fn cancel_on_signal(cancel: CancellationToken) -> impl Future<Output = ()> {
-    async move {
-        tokio::select! {
-            () = shutdown_signal() => {
-                tracing::info!("signal received, shutting down");
-                cancel.cancel();
-            }
-            () = cancel.cancelled() => {}
+pub async fn cancel_on_signal(cancel: CancellationToken) {
+    tokio::select! {
+        () = shutdown_signal() => {
+            tracing::info!("signal received, shutting down");
+            cancel.cancel();
         }
+        () = cancel.cancelled() => {}
     }
 }
 

@@ -1,1 +1,16 @@
+//! splitmirror's cross-node tests: one test binary, a module per scenario,
+//! each starting real nodes on `127.0.0.1:0` through the same entry points
+//! the binaries use.
+//!
+//! - [`harness`]: starting nodes, clients, seeds, reading LUs back.
+//! - `array_*`: the disk array (mirror I/O, bad input, the copy/write race,
+//!   grpcurl against the real binary-less server).
 
+pub mod harness;
+
+#[cfg(test)]
+mod array_io;
+#[cfg(test)]
+mod array_race;
+#[cfg(test)]
+mod grpcurl;
