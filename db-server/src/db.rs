@@ -1,0 +1,142 @@
+//! The database server as a whole: the snapshot manager, the quiesce gate
+//! and the ledger, and the operations that need more than one of them
+//! (`AcquireSnapshot` = suspend → acquire → resume, [0068]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::DbError;
+use crate::gate::{GateStatus, QUIESCE_TIMEOUT, QuiesceGate};
+use crate::ledger::{Ledger, LedgerStatus};
+use crate::manager::{DeleteOutcome, SnapshotManager, VolumeStatus};
+
+/// The answer to `AcquireSnapshot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcquiredSnapshot {
+    pub volume: u32,
+    pub mate_lu: u32,
+    pub freeze_window_us: u64,
+    pub ledger_sequence: u64,
+    pub already_held: bool,
+    pub block_size_bytes: u32,
+    pub block_count: u64,
+}
+
+/// Everything `Status` reports.
+#[derive(Debug, Clone)]
+pub struct DbStatus {
+    pub volumes: Vec<VolumeStatus>,
+    pub ledger: Option<LedgerStatus>,
+    pub gate: GateStatus,
+}
+
+pub struct Db {
+    pub manager: Arc<SnapshotManager>,
+    pub gate: Arc<QuiesceGate>,
+    pub ledger: Option<Arc<Ledger>>,
+    /// The answer given to each volume's current holder, repeated to a
+    /// retried acquire with the same run id.
+    acquired: Mutex<BTreeMap<u32, (String, AcquiredSnapshot)>>,
+}
+
+impl Db {
+    pub fn new(
+        manager: Arc<SnapshotManager>,
+        gate: Arc<QuiesceGate>,
+        ledger: Option<Arc<Ledger>>,
+    ) -> Self {
+        Self {
+            manager,
+            gate,
+            ledger,
+            acquired: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Quiesces the database, splits the pair, resumes, and reports the
+    /// freeze window (gate closing → gate open) and the ledger sequence at
+    /// the snapshot. A retry with the same run id answers the same snapshot.
+    pub async fn acquire_snapshot(
+        &self,
+        volume: u32,
+        run_id: &str,
+    ) -> Result<AcquiredSnapshot, DbError> {
+        if run_id.is_empty() {
+            return Err(DbError::InvalidArgument("run_id must not be empty".into()));
+        }
+        let pair = self.manager.pair(volume)?;
+        if self.manager.holder(volume)?.as_deref() == Some(run_id)
+            && let Some((holder, answer)) = self.acquired_answer(volume)
+            && holder == run_id
+        {
+            return Ok(AcquiredSnapshot {
+                already_held: true,
+                ..answer
+            });
+        }
+        let quiesced = self.gate.quiesce(QUIESCE_TIMEOUT).await?;
+        let ledger_sequence = self.ledger.as_ref().map_or(0, |l| l.sequence());
+        let result = self.manager.acquire(volume, run_id).await;
+        let freeze_window_us = quiesced.elapsed_us();
+        drop(quiesced);
+        let already_held = result?;
+        let answer = AcquiredSnapshot {
+            volume,
+            mate_lu: pair.mate_lu,
+            freeze_window_us,
+            ledger_sequence,
+            already_held,
+            block_size_bytes: pair.block_size_bytes,
+            block_count: pair.block_count,
+        };
+        if !already_held {
+            self.acquired
+                .lock()
+                .expect("acquired poisoned")
+                .insert(volume, (run_id.to_string(), answer));
+            tracing::info!(
+                volume,
+                run_id,
+                freeze_window_us,
+                ledger_sequence,
+                "snapshot acquired"
+            );
+        }
+        Ok(answer)
+    }
+
+    fn acquired_answer(&self, volume: u32) -> Option<(String, AcquiredSnapshot)> {
+        self.acquired
+            .lock()
+            .expect("acquired poisoned")
+            .get(&volume)
+            .cloned()
+    }
+
+    pub async fn delete_snapshot(
+        &self,
+        volume: u32,
+        run_id: &str,
+        force: bool,
+    ) -> Result<DeleteOutcome, DbError> {
+        self.manager.delete(volume, run_id, force).await
+    }
+
+    pub async fn suspend(&self, lease: Duration) -> Result<u64, DbError> {
+        self.gate.suspend(lease).await?;
+        Ok(self.ledger.as_ref().map_or(0, |l| l.sequence()))
+    }
+
+    pub async fn resume(&self) -> Option<Duration> {
+        self.gate.resume().await
+    }
+
+    pub fn status(&self) -> DbStatus {
+        DbStatus {
+            volumes: self.manager.status(),
+            ledger: self.ledger.as_ref().map(|l| l.status()),
+            gate: self.gate.status(),
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! What can go wrong in the snapshot manager and the database.
+
+use crate::array_port::PortError;
+use crate::lu_status::{Mode, VirtualLu};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("volume {0} does not exist")]
+    UnknownVolume(u32),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("cannot {action} volume {volume}: it is in {mode:?} mode")]
+    WrongMode {
+        volume: u32,
+        action: &'static str,
+        mode: Mode,
+    },
+    #[error("the {target:?} virtual LU of volume {volume} is Undefined (no snapshot is acquired)")]
+    Undefined { volume: u32, target: VirtualLu },
+    #[error(
+        "the snapshot of volume {volume} is held by run {holder}; deleting it from run {requester} needs --force"
+    )]
+    HeldByOther {
+        volume: u32,
+        holder: String,
+        requester: String,
+    },
+    #[error("the database did not quiesce: {0}")]
+    QuiesceTimeout(String),
+    #[error("the array failed: {0}")]
+    Array(#[from] PortError),
+    #[error("the journal failed: {0}")]
+    Journal(String),
+    #[error("the ledger: {0}")]
+    Ledger(String),
+    #[error("db-server is shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,761 @@
+//! The snapshot management program (1517): per mirror pair, the LU status
+//! table (Fig. 10) and the update location table (Fig. 3), the write path of
+//! Fig. 5, and the background resync of Fig. 7.
+//!
+//! Three locks, each for one reason:
+//! - `Volume::mode_gate` (async RwLock): a write holds it shared from the
+//!   moment it is routed until the array answers; a mode change holds it
+//!   exclusively. So no write routed under the old mode lands after the
+//!   change — otherwise a write routed to the mirror LU just before an
+//!   acquire would reach the frozen mate.
+//! - `Volume::blocks` (range lock): writes hold their blocks shared, the
+//!   resync holds the range it copies exclusively. That makes "re-check what
+//!   is still recorded → copy → remove" atomic against writes to the same
+//!   blocks (the widened step-1004 race of DESIGN.md §3).
+//! - `Volume::inner` (std mutex, never held across an await): the tables.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use splitmirror_proto::range_lock::{LockMode, RangeLock};
+use tokio::sync::{Notify, RwLock};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::array_port::{ArrayPort, PairInfo};
+use crate::error::DbError;
+use crate::lu_status::{Mode, PairState, Routing, VirtualLu};
+use crate::update_location_table::UpdateLocationTable;
+
+/// How the resync copies a recorded range from origin to mate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResyncMethod {
+    /// Read the range from the origin LU, write it to the mirror LU
+    /// (claim 3): the data crosses the network twice.
+    WriteBack,
+    /// `CopyRange` origin → mate inside the array (claim 4).
+    #[default]
+    Offload,
+}
+
+impl std::str::FromStr for ResyncMethod {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "writeback" | "write-back" => Ok(Self::WriteBack),
+            "offload" => Ok(Self::Offload),
+            other => Err(format!(
+                "unknown resync method {other:?} (writeback or offload)"
+            )),
+        }
+    }
+}
+
+/// Behaviour switches for tests that must show their checker can fail.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ManagerTestHooks {
+    /// The resync copies the range it picked without taking the range lock
+    /// and without re-checking what is still recorded.
+    pub resync_skips_recheck: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub resync_method: ResyncMethod,
+    /// The largest range one resync step copies under one range lock.
+    pub resync_chunk_bytes: u64,
+    pub hooks: ManagerTestHooks,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            resync_method: ResyncMethod::Offload,
+            resync_chunk_bytes: 4 << 20,
+            hooks: ManagerTestHooks::default(),
+        }
+    }
+}
+
+/// Resync progress of one volume since the snapshot was deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResyncProgress {
+    pub running: bool,
+    pub ranges_done: u64,
+    pub bytes_done: u64,
+    pub ranges_total: u64,
+    pub bytes_total: u64,
+}
+
+/// Everything `Status` reports about one volume.
+#[derive(Debug, Clone)]
+pub struct VolumeStatus {
+    pub volume: u32,
+    pub pair: PairInfo,
+    pub routing: Routing,
+    pub holder: Option<String>,
+    pub dirty_ranges: Vec<Range<u64>>,
+    pub dirty_blocks: u64,
+    pub resync: ResyncProgress,
+    pub full_resync_reason: Option<String>,
+}
+
+/// The answer to a delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    pub ranges_to_resync: u64,
+    pub blocks_to_resync: u64,
+    pub already_deleted: bool,
+}
+
+struct VolumeInner {
+    state: PairState,
+    table: UpdateLocationTable,
+    /// The run id of the last delete, so that a retried delete is answered
+    /// rather than refused.
+    last_deleted_by: Option<String>,
+    resync: ResyncProgress,
+    full_resync_reason: Option<String>,
+}
+
+struct Volume {
+    pair: PairInfo,
+    mode_gate: RwLock<()>,
+    blocks: RangeLock,
+    inner: Mutex<VolumeInner>,
+    resync_wakeup: Notify,
+}
+
+impl Volume {
+    fn inner(&self) -> MutexGuard<'_, VolumeInner> {
+        self.inner.lock().expect("volume state poisoned")
+    }
+
+    fn volume(&self) -> u32 {
+        self.pair.mirror_lu
+    }
+
+    fn check_range(&self, lba: u64, blocks: u64) -> Result<Range<u64>, DbError> {
+        if blocks == 0 {
+            return Err(DbError::InvalidArgument("zero blocks requested".into()));
+        }
+        match lba.checked_add(blocks) {
+            Some(end) if end <= self.pair.block_count => Ok(lba..end),
+            _ => Err(DbError::OutOfRange(format!(
+                "{blocks} blocks at LBA {lba} run past the end of volume {} ({} blocks)",
+                self.volume(),
+                self.pair.block_count
+            ))),
+        }
+    }
+}
+
+/// The snapshot manager. Shared behind an `Arc`.
+pub struct SnapshotManager {
+    array: Arc<dyn ArrayPort>,
+    volumes: BTreeMap<u32, Arc<Volume>>,
+    config: ManagerConfig,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl SnapshotManager {
+    /// Builds the manager over the pairs the array reported and starts one
+    /// resync task per volume (idle until there is something to copy).
+    pub fn start(
+        array: Arc<dyn ArrayPort>,
+        pairs: Vec<PairInfo>,
+        config: ManagerConfig,
+        cancel: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
+        let volumes = pairs
+            .into_iter()
+            .map(|pair| {
+                let volume = Volume {
+                    pair,
+                    mode_gate: RwLock::new(()),
+                    blocks: RangeLock::new(),
+                    inner: Mutex::new(VolumeInner {
+                        state: PairState::Synchronized,
+                        table: UpdateLocationTable::new(),
+                        last_deleted_by: None,
+                        resync: ResyncProgress::default(),
+                        full_resync_reason: None,
+                    }),
+                    resync_wakeup: Notify::new(),
+                };
+                (pair.mirror_lu, Arc::new(volume))
+            })
+            .collect();
+        let manager = Arc::new(Self {
+            array,
+            volumes,
+            config,
+            cancel,
+            tasks,
+        });
+        for volume in manager.volumes.values() {
+            let manager = manager.clone();
+            let volume = volume.clone();
+            manager.tasks.clone().spawn(async move {
+                manager.resync_loop(volume).await;
+            });
+        }
+        manager
+    }
+
+    pub fn volume_ids(&self) -> Vec<u32> {
+        self.volumes.keys().copied().collect()
+    }
+
+    pub fn pair(&self, volume: u32) -> Result<PairInfo, DbError> {
+        Ok(self.volume(volume)?.pair)
+    }
+
+    fn volume(&self, volume: u32) -> Result<&Arc<Volume>, DbError> {
+        self.volumes
+            .get(&volume)
+            .ok_or(DbError::UnknownVolume(volume))
+    }
+
+    /// Reads from the READ destination of the virtual LU.
+    pub async fn read(
+        &self,
+        volume: u32,
+        target: VirtualLu,
+        lba: u64,
+        blocks: u64,
+    ) -> Result<Vec<u8>, DbError> {
+        let vol = self.volume(volume)?;
+        vol.check_range(lba, blocks)?;
+        let lu = {
+            let inner = vol.inner();
+            let routing = inner.state.routing(&vol.pair);
+            match target {
+                VirtualLu::Data => routing.data_read_lu,
+                VirtualLu::Snapshot => routing
+                    .snapshot_lu
+                    .ok_or(DbError::Undefined { volume, target })?,
+            }
+        };
+        Ok(self.array.read(lu, lba, blocks).await?)
+    }
+
+    /// The write path of Fig. 5.
+    ///
+    /// - Snapshot mode: record the range, then write the WRITE destination
+    ///   (origin for the data LU, mate for the snapshot LU).
+    /// - Resynchronizing: write the mirror LU, and once the array has
+    ///   acknowledged it (both sides hold it), remove the range.
+    /// - Synchronized: write the mirror LU.
+    ///
+    /// A write whose outcome is unknown leaves its range recorded, and the
+    /// pair is not Synchronized until the range is copied.
+    pub async fn write(
+        &self,
+        volume: u32,
+        target: VirtualLu,
+        lba: u64,
+        data: Vec<u8>,
+    ) -> Result<u64, DbError> {
+        let vol = self.volume(volume)?;
+        let block_size_bytes = vol.pair.block_size_bytes as usize;
+        if data.is_empty() || !data.len().is_multiple_of(block_size_bytes) {
+            return Err(DbError::InvalidArgument(format!(
+                "{} bytes of data is not a positive whole number of {block_size_bytes}-byte blocks",
+                data.len()
+            )));
+        }
+        let blocks = (data.len() / block_size_bytes) as u64;
+        let range = vol.check_range(lba, blocks)?;
+        let _mode = vol.mode_gate.read().await;
+        let _blocks = vol.blocks.lock(range.clone(), LockMode::Shared).await;
+        let (lu, mode) = {
+            let mut inner = vol.inner();
+            let routing = inner.state.routing(&vol.pair);
+            match (target, &inner.state) {
+                (VirtualLu::Data, PairState::Snapshot { .. }) => {
+                    inner.table.insert(range.clone());
+                    (routing.data_write_lu, Mode::Snapshot)
+                }
+                (VirtualLu::Data, _) => (routing.data_write_lu, routing.data_mode),
+                (VirtualLu::Snapshot, PairState::Snapshot { .. }) => {
+                    // Writes to the snapshot also make origin and mate differ.
+                    inner.table.insert(range.clone());
+                    (vol.pair.mate_lu, Mode::Snapshot)
+                }
+                (VirtualLu::Snapshot, _) => return Err(DbError::Undefined { volume, target }),
+            }
+        };
+        match self.array.write(lu, lba, data).await {
+            Ok(()) => {
+                if mode == Mode::Resynchronizing {
+                    vol.inner().table.remove(range);
+                }
+                Ok(blocks)
+            }
+            Err(error) => {
+                let mut inner = vol.inner();
+                inner.table.insert(range);
+                if inner.state == PairState::Synchronized {
+                    tracing::warn!(
+                        volume,
+                        "a write to the mirror LU failed; resynchronizing its range: {error}"
+                    );
+                    inner.state = PairState::Resynchronizing;
+                    inner.resync = ResyncProgress::default();
+                }
+                drop(inner);
+                vol.resync_wakeup.notify_one();
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Splits the pair (Synchronized → Snapshot): from now on writes go to
+    /// the origin alone and the mate LU is the frozen image. Answers `true`
+    /// when `run_id` already held the snapshot (a retry).
+    pub async fn acquire(&self, volume: u32, run_id: &str) -> Result<bool, DbError> {
+        let vol = self.volume(volume)?;
+        let _mode = vol.mode_gate.write().await;
+        let mut inner = vol.inner();
+        match &inner.state {
+            PairState::Synchronized => {}
+            PairState::Snapshot { holder } if holder == run_id => return Ok(true),
+            other => {
+                return Err(DbError::WrongMode {
+                    volume,
+                    action: "acquire a snapshot of",
+                    mode: other.routing(&vol.pair).data_mode,
+                });
+            }
+        }
+        debug_assert!(
+            inner.table.is_empty(),
+            "a Synchronized pair has no recorded ranges"
+        );
+        inner.state = PairState::Snapshot {
+            holder: run_id.to_string(),
+        };
+        inner.last_deleted_by = None;
+        tracing::info!(volume, run_id, "snapshot acquired");
+        Ok(false)
+    }
+
+    /// Releases the snapshot (Snapshot → Resynchronizing) and wakes the
+    /// resync. Refused when another run holds the snapshot, unless `force`.
+    pub async fn delete(
+        &self,
+        volume: u32,
+        run_id: &str,
+        force: bool,
+    ) -> Result<DeleteOutcome, DbError> {
+        let vol = self.volume(volume)?;
+        let _mode = vol.mode_gate.write().await;
+        let mut inner = vol.inner();
+        match &inner.state {
+            PairState::Snapshot { holder } => {
+                if holder != run_id && !force {
+                    return Err(DbError::HeldByOther {
+                        volume,
+                        holder: holder.clone(),
+                        requester: run_id.to_string(),
+                    });
+                }
+            }
+            _ if inner.last_deleted_by.as_deref() == Some(run_id) => {
+                return Ok(DeleteOutcome {
+                    ranges_to_resync: inner.table.range_count() as u64,
+                    blocks_to_resync: inner.table.block_count(),
+                    already_deleted: true,
+                });
+            }
+            other => {
+                return Err(DbError::WrongMode {
+                    volume,
+                    action: "delete the snapshot of",
+                    mode: other.routing(&vol.pair).data_mode,
+                });
+            }
+        }
+        inner.state = PairState::Resynchronizing;
+        inner.last_deleted_by = Some(run_id.to_string());
+        inner.resync = ResyncProgress {
+            running: true,
+            ranges_done: 0,
+            bytes_done: 0,
+            ranges_total: inner.table.range_count() as u64,
+            bytes_total: inner.table.block_count() * u64::from(vol.pair.block_size_bytes),
+        };
+        let outcome = DeleteOutcome {
+            ranges_to_resync: inner.table.range_count() as u64,
+            blocks_to_resync: inner.table.block_count(),
+            already_deleted: false,
+        };
+        drop(inner);
+        vol.resync_wakeup.notify_one();
+        tracing::info!(
+            volume,
+            run_id,
+            ranges = outcome.ranges_to_resync,
+            blocks = outcome.blocks_to_resync,
+            "snapshot deleted, resynchronizing"
+        );
+        Ok(outcome)
+    }
+
+    /// The holder of the volume's snapshot, if one is acquired.
+    pub fn holder(&self, volume: u32) -> Result<Option<String>, DbError> {
+        Ok(self
+            .volume(volume)?
+            .inner()
+            .state
+            .holder()
+            .map(str::to_string))
+    }
+
+    pub fn status(&self) -> Vec<VolumeStatus> {
+        self.volumes
+            .values()
+            .map(|vol| {
+                let inner = vol.inner();
+                VolumeStatus {
+                    volume: vol.volume(),
+                    pair: vol.pair,
+                    routing: inner.state.routing(&vol.pair),
+                    holder: inner.state.holder().map(str::to_string),
+                    dirty_ranges: inner.table.ranges(),
+                    dirty_blocks: inner.table.block_count(),
+                    resync: inner.resync,
+                    full_resync_reason: inner.full_resync_reason.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Waits (at most `timeout`) until the volume is Synchronized.
+    pub async fn wait_synchronized(&self, volume: u32, timeout: Duration) -> Result<(), DbError> {
+        let vol = self.volume(volume)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if vol.inner().state == PairState::Synchronized {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(DbError::QuiesceTimeout(format!(
+                    "volume {volume} not synchronized after {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// One task per volume: sleeps until woken, copies while the pair is
+    /// Resynchronizing, ends on shutdown.
+    async fn resync_loop(self: Arc<Self>, vol: Arc<Volume>) {
+        loop {
+            let woken = vol.resync_wakeup.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if vol.inner().state == PairState::Resynchronizing {
+                self.resync_pass(&vol).await;
+            }
+            tokio::select! {
+                () = &mut woken => {}
+                () = self.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Copies recorded ranges until the table is empty, then marks the pair
+    /// Synchronized. Array failures are retried with backoff.
+    async fn resync_pass(&self, vol: &Volume) {
+        let block_size_bytes = u64::from(vol.pair.block_size_bytes);
+        let chunk_blocks = (self.config.resync_chunk_bytes / block_size_bytes).max(1);
+        let mut backoff = Duration::from_millis(50);
+        vol.inner().resync.running = true;
+        loop {
+            if self.cancel.is_cancelled() {
+                return;
+            }
+            let next = vol.inner().table.first(chunk_blocks);
+            let Some(range) = next else {
+                // Nothing recorded: the pair is synchronized once no write is
+                // in flight (a failing one could still record a range).
+                let _mode = vol.mode_gate.write().await;
+                let mut inner = vol.inner();
+                if inner.table.is_empty() {
+                    if inner.state == PairState::Resynchronizing {
+                        inner.state = PairState::Synchronized;
+                        inner.full_resync_reason = None;
+                        tracing::info!(
+                            volume = vol.volume(),
+                            ranges = inner.resync.ranges_done,
+                            bytes = inner.resync.bytes_done,
+                            "resync complete, pair synchronized"
+                        );
+                    }
+                    inner.resync.running = false;
+                    return;
+                }
+                continue;
+            };
+            let copied = if self.config.hooks.resync_skips_recheck {
+                // The broken variant: no lock, no re-check.
+                let result = self.copy(vol, range.clone()).await;
+                result.map(|()| self.record_copied(vol, range))
+            } else {
+                self.copy_recorded(vol, range).await
+            };
+            match copied {
+                Ok(()) => {
+                    backoff = Duration::from_millis(50);
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        volume = vol.volume(),
+                        "resync copy failed, retrying in {backoff:?}: {error}"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.cancel.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Holds `range` against writes, re-checks what in it is still
+    /// recorded (a write may have copied and removed part of it since it was
+    /// picked), copies that, and removes it before letting writes in again.
+    async fn copy_recorded(&self, vol: &Volume, range: Range<u64>) -> Result<(), DbError> {
+        let _blocks = vol.blocks.lock(range.clone(), LockMode::Exclusive).await;
+        let recorded = vol.inner().table.recorded_within(range);
+        for sub in recorded {
+            self.copy(vol, sub.clone()).await?;
+            self.record_copied(vol, sub);
+        }
+        Ok(())
+    }
+
+    fn record_copied(&self, vol: &Volume, blocks: Range<u64>) {
+        let bytes = (blocks.end - blocks.start) * u64::from(vol.pair.block_size_bytes);
+        let mut inner = vol.inner();
+        inner.table.remove(blocks);
+        inner.resync.ranges_done += 1;
+        inner.resync.bytes_done += bytes;
+        let remaining_bytes = inner.table.block_count() * u64::from(vol.pair.block_size_bytes);
+        inner.resync.bytes_total = inner.resync.bytes_done + remaining_bytes;
+        inner.resync.ranges_total = inner.resync.ranges_done + inner.table.range_count() as u64;
+    }
+
+    async fn copy(&self, vol: &Volume, blocks: Range<u64>) -> Result<(), DbError> {
+        let pair = vol.pair;
+        let count = blocks.end - blocks.start;
+        match self.config.resync_method {
+            ResyncMethod::Offload => {
+                self.array
+                    .copy_range(pair.origin_lu, pair.mate_lu, blocks.start, count)
+                    .await?
+            }
+            ResyncMethod::WriteBack => {
+                let data = self.array.read(pair.origin_lu, blocks.start, count).await?;
+                self.array.write(pair.mirror_lu, blocks.start, data).await?
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::array_port::MemoryArray;
+
+    const PAIR: PairInfo = PairInfo {
+        mirror_lu: 0,
+        origin_lu: 1,
+        mate_lu: 2,
+        block_size_bytes: 512,
+        block_count: 64,
+    };
+
+    fn start() -> (Arc<SnapshotManager>, Arc<MemoryArray>) {
+        let array = Arc::new(MemoryArray::new(vec![PAIR]));
+        let manager = SnapshotManager::start(
+            array.clone(),
+            vec![PAIR],
+            ManagerConfig::default(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        );
+        (manager, array)
+    }
+
+    fn mode(manager: &SnapshotManager) -> Mode {
+        manager.status()[0].routing.data_mode
+    }
+
+    #[tokio::test]
+    async fn snapshot_writes_are_recorded_and_resynced() {
+        let (manager, array) = start();
+        manager
+            .write(0, VirtualLu::Data, 0, vec![1; 512])
+            .await
+            .expect("write");
+        assert_eq!(array.lu(1), array.lu(2));
+        manager.acquire(0, "run-a").await.expect("acquire");
+        manager
+            .write(0, VirtualLu::Data, 8, vec![2; 1024])
+            .await
+            .expect("write");
+        manager
+            .write(0, VirtualLu::Snapshot, 20, vec![3; 512])
+            .await
+            .expect("write");
+        assert_eq!(manager.status()[0].dirty_ranges, vec![8..10, 20..21]);
+        assert_eq!(&array.lu(2)[8 * 512..9 * 512], &[0; 512], "mate frozen");
+        assert_eq!(&array.lu(2)[20 * 512..21 * 512], &[3; 512]);
+        let deleted = manager.delete(0, "run-a", false).await.expect("delete");
+        assert_eq!((deleted.ranges_to_resync, deleted.blocks_to_resync), (2, 3));
+        manager
+            .wait_synchronized(0, Duration::from_secs(5))
+            .await
+            .expect("resync");
+        assert_eq!(array.lu(1), array.lu(2), "origin == mate after resync");
+        assert!(manager.status()[0].dirty_ranges.is_empty());
+    }
+
+    #[tokio::test]
+    async fn every_forbidden_transition_fails_and_changes_nothing() {
+        let (manager, array) = start();
+        // Synchronized: delete is refused, the snapshot LU is Undefined.
+        assert!(matches!(
+            manager.delete(0, "run-a", false).await,
+            Err(DbError::WrongMode { .. })
+        ));
+        assert!(matches!(
+            manager.read(0, VirtualLu::Snapshot, 0, 1).await,
+            Err(DbError::Undefined { .. })
+        ));
+        assert!(matches!(
+            manager.write(0, VirtualLu::Snapshot, 0, vec![0; 512]).await,
+            Err(DbError::Undefined { .. })
+        ));
+        assert_eq!(mode(&manager), Mode::Synchronized);
+
+        // Snapshot: a second acquire (another run) is refused; a delete by
+        // another run is refused unless forced; the same run's acquire is a
+        // retry.
+        manager.acquire(0, "run-a").await.expect("acquire");
+        assert!(matches!(
+            manager.acquire(0, "run-b").await,
+            Err(DbError::WrongMode { .. })
+        ));
+        assert!(
+            manager.acquire(0, "run-a").await.expect("retry"),
+            "same run: already held"
+        );
+        assert!(matches!(
+            manager.delete(0, "run-b", false).await,
+            Err(DbError::HeldByOther { .. })
+        ));
+        assert_eq!(mode(&manager), Mode::Snapshot);
+        assert_eq!(manager.holder(0).expect("holder").as_deref(), Some("run-a"));
+
+        // Resynchronizing (held there by a failing copy): acquire and a
+        // delete by another run are refused, the snapshot LU is Undefined;
+        // the same run's delete is a retry.
+        manager
+            .write(0, VirtualLu::Data, 3, vec![9; 512])
+            .await
+            .expect("write");
+        array.fail_copies.store(true, Ordering::SeqCst);
+        manager
+            .delete(0, "run-b", true)
+            .await
+            .expect("forced delete");
+        assert_eq!(mode(&manager), Mode::Resynchronizing);
+        assert!(matches!(
+            manager.acquire(0, "run-c").await,
+            Err(DbError::WrongMode { .. })
+        ));
+        assert!(matches!(
+            manager.delete(0, "run-c", false).await,
+            Err(DbError::WrongMode { .. })
+        ));
+        assert!(
+            manager
+                .delete(0, "run-b", false)
+                .await
+                .expect("retry")
+                .already_deleted
+        );
+        assert!(matches!(
+            manager.read(0, VirtualLu::Snapshot, 0, 1).await,
+            Err(DbError::Undefined { .. })
+        ));
+        assert_eq!(
+            manager.status()[0].dirty_ranges,
+            vec![3..4],
+            "table unchanged"
+        );
+        array.fail_copies.store(false, Ordering::SeqCst);
+        manager
+            .wait_synchronized(0, Duration::from_secs(10))
+            .await
+            .expect("resync after the array came back");
+        assert_eq!(array.lu(1), array.lu(2));
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_leaves_its_range_recorded() {
+        let (manager, array) = start();
+        array.fail_writes.store(true, Ordering::SeqCst);
+        assert!(
+            manager
+                .write(0, VirtualLu::Data, 5, vec![1; 1024])
+                .await
+                .is_err()
+        );
+        let status = &manager.status()[0];
+        assert_eq!(
+            status.routing.data_mode,
+            Mode::Resynchronizing,
+            "not Synchronized"
+        );
+        assert_eq!(status.dirty_ranges, vec![5..7]);
+        array.fail_writes.store(false, Ordering::SeqCst);
+        manager
+            .wait_synchronized(0, Duration::from_secs(5))
+            .await
+            .expect("copied, then synchronized");
+    }
+
+    #[tokio::test]
+    async fn bad_requests() {
+        let (manager, _) = start();
+        assert!(matches!(
+            manager.write(0, VirtualLu::Data, 64, vec![0; 512]).await,
+            Err(DbError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            manager.write(0, VirtualLu::Data, 0, vec![0; 100]).await,
+            Err(DbError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            manager.read(0, VirtualLu::Data, 0, 0).await,
+            Err(DbError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            manager.read(7, VirtualLu::Data, 0, 1).await,
+            Err(DbError::UnknownVolume(7))
+        ));
+    }
+}

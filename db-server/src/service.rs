@@ -1,0 +1,276 @@
+//! The gRPC adapter: `splitmirror.db.v1` onto [`Db`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use splitmirror_proto::db::v1 as pb;
+use splitmirror_proto::db::v1::db_service_server::DbService;
+use tonic::{Request, Response, Status};
+
+use crate::db::{Db, DbStatus};
+use crate::error::DbError;
+use crate::gate::DEFAULT_LEASE;
+use crate::lu_status::{Mode, VirtualLu};
+
+/// Volume reads are streamed in chunks of this many bytes.
+const READ_CHUNK_BYTES: u64 = 1 << 20;
+/// `WatchStatus` never sends more often than this.
+const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(50);
+const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct DbGrpc {
+    db: Arc<Db>,
+}
+
+impl DbGrpc {
+    pub fn new(db: Arc<Db>) -> Self {
+        Self { db }
+    }
+}
+
+impl From<DbError> for Status {
+    fn from(error: DbError) -> Self {
+        let message = error.to_string();
+        match error {
+            DbError::UnknownVolume(_) => Status::not_found(message),
+            DbError::InvalidArgument(_) => Status::invalid_argument(message),
+            DbError::OutOfRange(_) => Status::out_of_range(message),
+            DbError::WrongMode { .. } => Status::failed_precondition(message),
+            DbError::Undefined { .. } => Status::failed_precondition(message),
+            DbError::HeldByOther { .. } => Status::failed_precondition(message),
+            DbError::QuiesceTimeout(_) => Status::unavailable(message),
+            DbError::Array(ref port) if port.unavailable => Status::unavailable(message),
+            DbError::Array(_) => Status::internal(message),
+            DbError::Journal(_) => Status::internal(message),
+            DbError::Ledger(_) => Status::internal(message),
+            DbError::ShuttingDown => Status::unavailable(message),
+        }
+    }
+}
+
+fn mode_to_pb(mode: Mode) -> pb::Mode {
+    match mode {
+        Mode::Synchronized => pb::Mode::Synchronized,
+        Mode::Snapshot => pb::Mode::Snapshot,
+        Mode::Resynchronizing => pb::Mode::Resynchronizing,
+        Mode::Undefined => pb::Mode::Undefined,
+    }
+}
+
+fn target_from_pb(target: i32) -> Result<VirtualLu, Status> {
+    match pb::VirtualLu::try_from(target) {
+        Ok(pb::VirtualLu::Data) => Ok(VirtualLu::Data),
+        Ok(pb::VirtualLu::Snapshot) => Ok(VirtualLu::Snapshot),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown virtual LU {target}"
+        ))),
+    }
+}
+
+pub fn status_to_pb(status: DbStatus) -> pb::StatusResponse {
+    let volumes = status
+        .volumes
+        .into_iter()
+        .map(|v| pb::VolumeStatus {
+            volume: v.volume,
+            mirror_lu: v.pair.mirror_lu,
+            origin_lu: v.pair.origin_lu,
+            mate_lu: v.pair.mate_lu,
+            block_size_bytes: v.pair.block_size_bytes,
+            block_count: v.pair.block_count,
+            data_mode: mode_to_pb(v.routing.data_mode).into(),
+            data_read_lu: v.routing.data_read_lu,
+            data_write_lu: v.routing.data_write_lu,
+            snapshot_mode: mode_to_pb(v.routing.snapshot_mode).into(),
+            snapshot_lu: v.routing.snapshot_lu,
+            snapshot_holder: v.holder.unwrap_or_default(),
+            dirty_ranges: v
+                .dirty_ranges
+                .iter()
+                .map(|r| pb::BlockRange {
+                    lba: r.start,
+                    blocks: r.end - r.start,
+                })
+                .collect(),
+            dirty_blocks: v.dirty_blocks,
+            resync: Some(pb::ResyncProgress {
+                running: v.resync.running,
+                ranges_done: v.resync.ranges_done,
+                bytes_done: v.resync.bytes_done,
+                ranges_total: v.resync.ranges_total,
+                bytes_total: v.resync.bytes_total,
+            }),
+            full_resync_reason: v.full_resync_reason.unwrap_or_default(),
+        })
+        .collect();
+    let ledger = status.ledger.map(|l| pb::LedgerStatus {
+        running: true,
+        volume: l.volume,
+        sequence: l.sequence,
+        transactions_committed: l.committed,
+        transactions_failed: l.failed_writes,
+        accounts: l.accounts,
+    });
+    pb::StatusResponse {
+        volumes,
+        ledger,
+        gate: Some(pb::GateStatus {
+            suspended: status.gate.suspended,
+            suspends: status.gate.suspends,
+            lease_expiries: status.gate.lease_expiries,
+        }),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DbService for DbGrpc {
+    async fn acquire_snapshot(
+        &self,
+        request: Request<pb::AcquireSnapshotRequest>,
+    ) -> Result<Response<pb::AcquireSnapshotResponse>, Status> {
+        let request = request.into_inner();
+        let a = self
+            .db
+            .acquire_snapshot(request.volume, &request.run_id)
+            .await?;
+        Ok(Response::new(pb::AcquireSnapshotResponse {
+            volume: a.volume,
+            mate_lu: a.mate_lu,
+            freeze_window_us: a.freeze_window_us,
+            ledger_sequence: a.ledger_sequence,
+            already_held: a.already_held,
+            block_size_bytes: a.block_size_bytes,
+            block_count: a.block_count,
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let request = request.into_inner();
+        if request.run_id.is_empty() && !request.force {
+            return Err(Status::invalid_argument(
+                "run_id must not be empty (or set force)",
+            ));
+        }
+        let outcome = self
+            .db
+            .delete_snapshot(request.volume, &request.run_id, request.force)
+            .await?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {
+            ranges_to_resync: outcome.ranges_to_resync,
+            blocks_to_resync: outcome.blocks_to_resync,
+            already_deleted: outcome.already_deleted,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(status_to_pb(self.db.status())))
+    }
+
+    type WatchStatusStream = BoxStream<pb::StatusResponse>;
+
+    async fn watch_status(
+        &self,
+        request: Request<pb::WatchStatusRequest>,
+    ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        let interval = match request.into_inner().interval_ms {
+            0 => DEFAULT_WATCH_INTERVAL,
+            ms => Duration::from_millis(u64::from(ms)).max(MIN_WATCH_INTERVAL),
+        };
+        let db = self.db.clone();
+        let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(interval));
+        let stream = ticks.map(move |_| Ok(status_to_pb(db.status())));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn suspend(
+        &self,
+        request: Request<pb::SuspendRequest>,
+    ) -> Result<Response<pb::SuspendResponse>, Status> {
+        let lease = match request.into_inner().lease_ms {
+            0 => DEFAULT_LEASE,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        let ledger_sequence = self.db.suspend(lease).await?;
+        Ok(Response::new(pb::SuspendResponse {
+            ledger_sequence,
+            lease_ms: lease.as_millis() as u32,
+        }))
+    }
+
+    async fn resume(
+        &self,
+        _request: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::ResumeResponse>, Status> {
+        let suspended = self.db.resume().await;
+        Ok(Response::new(pb::ResumeResponse {
+            was_suspended: suspended.is_some(),
+            suspended_us: suspended.map_or(0, |d| d.as_micros() as u64),
+        }))
+    }
+
+    type ReadStream = BoxStream<pb::VolumeReadChunk>;
+
+    async fn read(
+        &self,
+        request: Request<pb::VolumeReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let pb::VolumeReadRequest {
+            volume,
+            target,
+            lba,
+            blocks,
+        } = request.into_inner();
+        let target = target_from_pb(target)?;
+        let pair = self.db.manager.pair(volume)?;
+        if blocks == 0
+            || lba
+                .checked_add(blocks)
+                .is_none_or(|end| end > pair.block_count)
+        {
+            // Let the manager phrase the error.
+            self.db.manager.read(volume, target, lba, blocks).await?;
+        }
+        let chunk_blocks = (READ_CHUNK_BYTES / u64::from(pair.block_size_bytes)).max(1);
+        let db = self.db.clone();
+        let chunks = (0..blocks.div_ceil(chunk_blocks)).map(move |i| {
+            let chunk_lba = lba + i * chunk_blocks;
+            (chunk_lba, chunk_blocks.min(lba + blocks - chunk_lba))
+        });
+        let stream = futures_util::stream::iter(chunks).then(move |(chunk_lba, n)| {
+            let db = db.clone();
+            async move {
+                let data = db.manager.read(volume, target, chunk_lba, n).await?;
+                Ok(pb::VolumeReadChunk {
+                    lba: chunk_lba,
+                    data,
+                })
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn write(
+        &self,
+        request: Request<pb::VolumeWriteRequest>,
+    ) -> Result<Response<pb::VolumeWriteResponse>, Status> {
+        let pb::VolumeWriteRequest {
+            volume,
+            target,
+            lba,
+            data,
+        } = request.into_inner();
+        let target = target_from_pb(target)?;
+        let blocks_written = self.db.manager.write(volume, target, lba, data).await?;
+        Ok(Response::new(pb::VolumeWriteResponse { blocks_written }))
+    }
+}
