@@ -105,3 +105,136 @@ pub fn seed(test: &str) -> u64 {
 pub fn small_array(lu_size_bytes: u64) -> ArrayConfig {
     ArrayConfig::default_pairs(lu_size_bytes).expect("valid config")
 }
+
+pub type DbClient = splitmirror_proto::db::v1::db_service_client::DbServiceClient<Channel>;
+
+/// Starts a db-server against the array at `array_url`.
+pub async fn start_db(
+    array_url: &str,
+    data_dir: &Path,
+    manager: db_server::manager::ManagerConfig,
+    ledger: Option<db_server::ledger::LedgerConfig>,
+) -> NodeHandle {
+    let listener = node::bind("127.0.0.1:0").await.expect("bind loopback");
+    let config = db_server::DbServerConfig {
+        array_url: array_url.to_string(),
+        data_dir: data_dir.to_path_buf(),
+        manager,
+        ledger,
+    };
+    let handle = db_server::spawn(config, listener)
+        .await
+        .expect("start db-server");
+    wait_healthy(&handle.url()).await;
+    handle
+}
+
+pub async fn db_client(url: &str) -> DbClient {
+    let channel = node::endpoint(url)
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to db-server");
+    DbClient::new(channel)
+        .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(node::MAX_MESSAGE_BYTES)
+}
+
+/// The status of one volume.
+pub async fn volume_status(
+    client: &mut DbClient,
+    volume: u32,
+) -> splitmirror_proto::db::v1::VolumeStatus {
+    client
+        .status(splitmirror_proto::db::v1::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .volumes
+        .into_iter()
+        .find(|v| v.volume == volume)
+        .expect("volume in status")
+}
+
+/// Waits (bounded) until the volume is Synchronized.
+pub async fn wait_synchronized(client: &mut DbClient, volume: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = volume_status(client, volume).await;
+        if status.data_mode() == splitmirror_proto::db::v1::Mode::Synchronized {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "volume {volume} not synchronized: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads a volume's virtual LU through db-server.
+pub async fn read_volume(
+    client: &mut DbClient,
+    volume: u32,
+    target: splitmirror_proto::db::v1::VirtualLu,
+    lba: u64,
+    blocks: u64,
+) -> Vec<u8> {
+    let mut stream = client
+        .read(splitmirror_proto::db::v1::VolumeReadRequest {
+            volume,
+            target: target.into(),
+            lba,
+            blocks,
+        })
+        .await
+        .expect("volume read")
+        .into_inner();
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("volume read chunk") {
+        data.extend_from_slice(&chunk.data);
+    }
+    data
+}
+
+/// One real pair of 512-byte blocks, for fine-grained model tests:
+/// mirror LU 0 = origin 1 + mate 2.
+pub fn small_512_pair(block_count: u64) -> ArrayConfig {
+    use array_node::config::{MirrorConfig, RealLuConfig};
+    let lu = |id| RealLuConfig {
+        id,
+        block_size_bytes: 512,
+        block_count,
+    };
+    ArrayConfig {
+        lus: vec![lu(1), lu(2)],
+        mirrors: vec![MirrorConfig {
+            mirror: 0,
+            origin: 1,
+            mate: 2,
+        }],
+    }
+}
+
+/// Path of one of the workspace's binaries, built with the same profile as
+/// this test binary (building it first if it is missing).
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let release = profile_dir.ends_with("release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = std::process::Command::new(cargo);
+        build.args(["build", "--bin", name, "-p", name]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}

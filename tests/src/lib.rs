@@ -13,4 +13,10 @@ mod array_io;
 #[cfg(test)]
 mod array_race;
 #[cfg(test)]
+mod db_ledger;
+#[cfg(test)]
+mod db_model;
+#[cfg(test)]
+mod db_race;
+#[cfg(test)]
 mod grpcurl;
