@@ -238,3 +238,108 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     }
     path
 }
+
+/// A node running as its own process, so that a test can `kill -9` it.
+pub struct NodeProcess {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl NodeProcess {
+    /// Starts `binary args…` and waits for its "listening on ADDR" line.
+    pub fn start(binary_name: &str, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(binary(binary_name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary_name}: {e}"));
+        let stderr = child.stderr.take().expect("stderr piped");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = match lines.next() {
+                Some(Ok(line)) => line,
+                _ => panic!("{binary_name} exited before listening"),
+            };
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .expect("an address after 'listening on'")
+                    .to_string();
+            }
+        };
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub type BackupClient =
+    splitmirror_proto::backup::v1::backup_service_client::BackupServiceClient<Channel>;
+
+/// Starts a backup-server in-process.
+pub async fn start_backup(array_url: &str, store: &Path) -> NodeHandle {
+    let listener = node::bind("127.0.0.1:0").await.expect("bind loopback");
+    let config = backup_server::BackupServerConfig {
+        array_url: array_url.to_string(),
+        store_dir: store.to_path_buf(),
+    };
+    let handle = backup_server::spawn(config, listener)
+        .await
+        .expect("start backup-server");
+    wait_healthy(&handle.url()).await;
+    handle
+}
+
+pub async fn backup_client(url: &str) -> BackupClient {
+    let channel = node::endpoint(url)
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to backup-server");
+    BackupClient::new(channel).max_decoding_message_size(node::MAX_MESSAGE_BYTES)
+}
+
+/// Follows a backup until it ends and answers its last progress.
+pub async fn follow_backup(
+    client: &mut BackupClient,
+    backup_id: &str,
+) -> splitmirror_proto::backup::v1::BackupProgress {
+    let mut stream = client
+        .watch_backup(splitmirror_proto::backup::v1::BackupIdRequest {
+            backup_id: backup_id.to_string(),
+        })
+        .await
+        .expect("watch backup")
+        .into_inner();
+    let mut last = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while let Some(progress) = tokio::time::timeout_at(deadline, stream.message())
+        .await
+        .expect("backup ended in time")
+        .expect("progress")
+    {
+        last = Some(progress);
+    }
+    last.expect("at least one progress message")
+}

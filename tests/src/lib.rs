@@ -13,6 +13,8 @@ mod array_io;
 #[cfg(test)]
 mod array_race;
 #[cfg(test)]
+mod backup;
+#[cfg(test)]
 mod db_ledger;
 #[cfg(test)]
 mod db_model;

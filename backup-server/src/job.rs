@@ -1,0 +1,282 @@
+//! One backup job: reads an LU with several streams in flight, hashes and
+//! writes each chunk off the async threads (skipping all-zero chunks, so the
+//! image stays sparse), and commits the image and its manifest.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use futures_util::{StreamExt, TryStreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::manifest::{self, CHUNK_SIZE_BYTES, FORMAT_VERSION, Manifest};
+use crate::source::{LuSource, SourceErrorKind};
+use crate::store::BackupStore;
+
+/// Read streams in flight at once.
+pub const READ_STREAMS: usize = 4;
+/// Each stream reads a segment of this many bytes (whole chunks).
+const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// What a job is asked to back up.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub backup_id: String,
+    pub run_id: String,
+    pub lu: u32,
+    pub expected_block_count: Option<u64>,
+    pub label: String,
+    pub ledger_sequence: Option<u64>,
+}
+
+/// Progress, readable while the job runs.
+#[derive(Debug)]
+pub struct Progress {
+    pub bytes_done: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub started: Instant,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Self {
+            bytes_done: AtomicU64::new(0),
+            bytes_total: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn throughput_bytes_per_s(&self) -> u64 {
+        let seconds = self.started.elapsed().as_secs_f64();
+        if seconds <= 0.0 {
+            return 0;
+        }
+        (self.bytes_done.load(Ordering::Relaxed) as f64 / seconds) as u64
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{0}")]
+    Source(#[from] crate::source::SourceError),
+    #[error("LU {lu} has {actual} blocks, the caller expected {expected}")]
+    WrongSize { lu: u32, expected: u64, actual: u64 },
+    #[error("writing the backup: {0}")]
+    Store(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl JobError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, JobError::Source(e) if e.kind == SourceErrorKind::Unavailable)
+    }
+}
+
+/// Runs the job to the end: a complete backup in the store, or nothing that
+/// looks complete.
+pub async fn run(
+    store: &BackupStore,
+    source: &dyn LuSource,
+    spec: &JobSpec,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<Manifest, JobError> {
+    let result = copy(store, source, spec, progress, cancel).await;
+    if result.is_err() {
+        store.discard_partial(&spec.backup_id);
+    }
+    result
+}
+
+async fn copy(
+    store: &BackupStore,
+    source: &dyn LuSource,
+    spec: &JobSpec,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<Manifest, JobError> {
+    let started_at_unix_ms = manifest::now_unix_ms();
+    let geometry = source.geometry(spec.lu).await?;
+    if let Some(expected) = spec.expected_block_count
+        && expected != geometry.block_count
+    {
+        return Err(JobError::WrongSize {
+            lu: spec.lu,
+            expected,
+            actual: geometry.block_count,
+        });
+    }
+    let block_size_bytes = u64::from(geometry.block_size_bytes);
+    let size_bytes = geometry.block_count * block_size_bytes;
+    progress.bytes_total.store(size_bytes, Ordering::Relaxed);
+    let image = {
+        let store = store.clone();
+        let id = spec.backup_id.clone();
+        tokio::task::spawn_blocking(move || store.create_partial(&id, size_bytes))
+            .await
+            .map_err(|e| JobError::Store(e.to_string()))?
+            .map_err(|e| JobError::Store(e.to_string()))?
+    };
+    let image = Arc::new(image);
+    let chunk_count = size_bytes.div_ceil(CHUNK_SIZE_BYTES);
+    let segment_count = size_bytes.div_ceil(SEGMENT_BYTES);
+    let segments = (0..segment_count).map(|s| {
+        let start = s * SEGMENT_BYTES;
+        (start, SEGMENT_BYTES.min(size_bytes - start))
+    });
+    let per_segment: Vec<Vec<(u64, [u8; 32])>> = futures_util::stream::iter(segments)
+        .map(|(offset, len)| {
+            copy_segment(
+                source,
+                spec.lu,
+                block_size_bytes,
+                offset,
+                len,
+                image.clone(),
+                progress,
+                cancel,
+            )
+        })
+        .buffer_unordered(READ_STREAMS)
+        .try_collect()
+        .await?;
+    let mut digests = vec![[0u8; 32]; chunk_count as usize];
+    let mut seen = 0;
+    for (index, digest) in per_segment.into_iter().flatten() {
+        digests[index as usize] = digest;
+        seen += 1;
+    }
+    if seen != chunk_count {
+        return Err(JobError::Store(format!(
+            "copied {seen} of {chunk_count} chunks; the array sent less than asked"
+        )));
+    }
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        backup_id: spec.backup_id.clone(),
+        run_id: spec.run_id.clone(),
+        label: spec.label.clone(),
+        source_array: source.describe(),
+        source_lu: spec.lu,
+        block_size_bytes: geometry.block_size_bytes,
+        block_count: geometry.block_count,
+        size_bytes,
+        started_at_unix_ms,
+        completed_at_unix_ms: manifest::now_unix_ms(),
+        ledger_sequence: spec.ledger_sequence,
+        chunk_size_bytes: CHUNK_SIZE_BYTES,
+        image_digest: manifest::to_hex(&manifest::image_digest(&digests)),
+        chunk_digests: digests.iter().map(manifest::to_hex).collect(),
+    };
+    if cancel.is_cancelled() {
+        return Err(JobError::Cancelled);
+    }
+    let store = store.clone();
+    let committed = manifest.clone();
+    tokio::task::spawn_blocking(move || store.commit(&image, &committed))
+        .await
+        .map_err(|e| JobError::Store(e.to_string()))?
+        .map_err(|e| JobError::Store(e.to_string()))?;
+    Ok(manifest)
+}
+
+/// Copies one segment: receives it chunk by chunk and hands each whole
+/// chunk to a blocking task (hash, skip if all zero, write), overlapping the
+/// work on chunk k with receiving chunk k + 1.
+#[allow(clippy::too_many_arguments)]
+async fn copy_segment(
+    source: &dyn LuSource,
+    lu: u32,
+    block_size_bytes: u64,
+    offset_bytes: u64,
+    len_bytes: u64,
+    image: Arc<File>,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<Vec<(u64, [u8; 32])>, JobError> {
+    let mut stream = source
+        .read(
+            lu,
+            offset_bytes / block_size_bytes,
+            len_bytes / block_size_bytes,
+        )
+        .await?;
+    let mut digests = Vec::new();
+    let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK_SIZE_BYTES as usize);
+    let mut chunk_offset = offset_bytes;
+    let mut pending: Option<tokio::task::JoinHandle<std::io::Result<(u64, [u8; 32])>>> = None;
+    let end = offset_bytes + len_bytes;
+    loop {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            () = cancel.cancelled() => return Err(JobError::Cancelled),
+        };
+        let data = match next {
+            Some(data) => data?,
+            None => break,
+        };
+        let mut data = &data[..];
+        while !data.is_empty() {
+            let want = (CHUNK_SIZE_BYTES as usize - chunk.len()).min(data.len());
+            chunk.extend_from_slice(&data[..want]);
+            data = &data[want..];
+            let chunk_end = chunk_offset + chunk.len() as u64;
+            if chunk.len() as u64 == CHUNK_SIZE_BYTES || chunk_end == end {
+                if let Some(previous) = pending.take() {
+                    digests.push(finish(previous, progress).await?);
+                }
+                let full =
+                    std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_SIZE_BYTES as usize));
+                let image = image.clone();
+                let at = chunk_offset;
+                pending = Some(tokio::task::spawn_blocking(move || {
+                    let digest = *blake3::hash(&full).as_bytes();
+                    // All-zero chunks are not written: the image file was
+                    // sized sparse, so they read back as zeros.
+                    if full.iter().any(|&b| b != 0) {
+                        image.write_all_at(&full, at)?;
+                    }
+                    Ok((at, digest))
+                }));
+                chunk_offset = chunk_end;
+            }
+        }
+    }
+    if let Some(previous) = pending.take() {
+        digests.push(finish(previous, progress).await?);
+    }
+    if chunk_offset != end || !chunk.is_empty() {
+        return Err(JobError::Store(format!(
+            "the array ended the stream at byte {} of a segment ending at {end}",
+            chunk_offset + chunk.len() as u64
+        )));
+    }
+    Ok(digests
+        .into_iter()
+        .map(|(at, digest)| (at / CHUNK_SIZE_BYTES, digest))
+        .collect())
+}
+
+async fn finish(
+    task: tokio::task::JoinHandle<std::io::Result<(u64, [u8; 32])>>,
+    progress: &Progress,
+) -> Result<(u64, [u8; 32]), JobError> {
+    let (at, digest) = task
+        .await
+        .map_err(|e| JobError::Store(e.to_string()))?
+        .map_err(|e| JobError::Store(format!("writing the image: {e}")))?;
+    let chunk_bytes = CHUNK_SIZE_BYTES.min(progress.bytes_total.load(Ordering::Relaxed) - at);
+    progress
+        .bytes_done
+        .fetch_add(chunk_bytes, Ordering::Relaxed);
+    Ok((at, digest))
+}

@@ -1,0 +1,72 @@
+//! backup-server: the backup program (1526) and its communication program
+//! (1525). It reads the frozen mate LU straight from the array ([0065]) and
+//! writes a backup that can be proven equal to the snapshot.
+//!
+//! - [`manifest`]: `manifest.json`, chunk digests and the image digest.
+//! - [`store`]: the backup store, partial names, commit, verify.
+//! - [`source`]: the array as a source of blocks (trait + gRPC client).
+//! - [`job`]: one copy — streams in flight, hashing, sparse writes.
+//! - [`backups`]: the jobs, idempotent by run id.
+//! - [`service`]: the thin gRPC adapter (`splitmirror.backup.v1`).
+
+pub mod backups;
+pub mod job;
+pub mod manifest;
+pub mod service;
+pub mod source;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use splitmirror_proto::backup::v1::backup_service_server::BackupServiceServer;
+use splitmirror_proto::node::{self, NodeHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backups::Backups;
+use crate::source::GrpcSource;
+use crate::store::BackupStore;
+
+#[derive(Debug, Clone)]
+pub struct BackupServerConfig {
+    pub array_url: String,
+    pub store_dir: PathBuf,
+}
+
+/// Opens the store (cleaning partial leftovers) and serves on `listener`.
+pub async fn spawn(
+    config: BackupServerConfig,
+    listener: TcpListener,
+) -> Result<NodeHandle, String> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("reading the listener's address: {e}"))?;
+    let store = BackupStore::open(&config.store_dir).map_err(|e| e.to_string())?;
+    let source = Arc::new(GrpcSource::new(&config.array_url)?);
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let backups = Arc::new(Backups::new(store, source, tasks.clone(), cancel.clone()));
+    let service = BackupServiceServer::new(service::BackupGrpc::new(backups))
+        .max_encoding_message_size(node::MAX_MESSAGE_BYTES);
+    let router = node::server_builder().add_service(service);
+    let handle_cancel = cancel.clone();
+    let task = tokio::spawn(async move {
+        let served = node::serve(
+            router,
+            &["splitmirror.backup.v1.BackupService"],
+            listener,
+            cancel.clone(),
+        )
+        .await;
+        // Running jobs are cancelled (their partial images removed) and
+        // awaited before the node reports that it has stopped.
+        cancel.cancel();
+        tasks.close();
+        tasks.wait().await;
+        served
+    });
+    tracing::info!(%addr, "backup-server listening on {addr}");
+    Ok(NodeHandle::new(addr, handle_cancel, task))
+}
