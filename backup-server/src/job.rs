@@ -213,7 +213,7 @@ async fn copy_segment(
     let mut digests = Vec::new();
     let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK_SIZE_BYTES as usize);
     let mut chunk_offset = offset_bytes;
-    let mut pending: Option<tokio::task::JoinHandle<std::io::Result<(u64, [u8; 32])>>> = None;
+    let mut pending: Option<ChunkTask> = None;
     let end = offset_bytes + len_bytes;
     loop {
         let next = tokio::select! {
@@ -266,8 +266,11 @@ async fn copy_segment(
         .collect())
 }
 
+/// A chunk being hashed and written: answers its offset and digest.
+type ChunkTask = tokio::task::JoinHandle<std::io::Result<(u64, [u8; 32])>>;
+
 async fn finish(
-    task: tokio::task::JoinHandle<std::io::Result<(u64, [u8; 32])>>,
+    task: ChunkTask,
     progress: &Progress,
 ) -> Result<(u64, [u8; 32]), JobError> {
     let (at, digest) = task
