@@ -269,10 +269,7 @@ async fn copy_segment(
 /// A chunk being hashed and written: answers its offset and digest.
 type ChunkTask = tokio::task::JoinHandle<std::io::Result<(u64, [u8; 32])>>;
 
-async fn finish(
-    task: ChunkTask,
-    progress: &Progress,
-) -> Result<(u64, [u8; 32]), JobError> {
+async fn finish(task: ChunkTask, progress: &Progress) -> Result<(u64, [u8; 32]), JobError> {
     let (at, digest) = task
         .await
         .map_err(|e| JobError::Store(e.to_string()))?

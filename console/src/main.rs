@@ -1,1 +1,486 @@
-fn main() {}
+//! `console`: the operator's command line for splitmirror.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use console::clients::{Addresses, Clients, DEFAULT_ARRAY, DEFAULT_BACKUP, DEFAULT_DB};
+use console::demo::{DemoOptions, demo};
+use console::progress;
+use console::run::{RunOptions, backup_run};
+use console::status;
+use splitmirror_proto::backup::v1 as bpb;
+use splitmirror_proto::db::v1 as dpb;
+use splitmirror_proto::node;
+use splitmirror_proto::units::{parse_duration, parse_size_bytes};
+use tokio_util::sync::CancellationToken;
+
+/// The management console of splitmirror: consistent online backups by
+/// splitting a mirror inside the disk array.
+///
+/// Node addresses come from --array/--db/--backup, then SPLITMIRROR_ARRAY,
+/// SPLITMIRROR_DB, SPLITMIRROR_BACKUP, then 127.0.0.1:50051/50052/50053.
+///
+/// Start here: `console demo` runs the whole scenario on this machine.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    addresses: AddressArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct AddressArgs {
+    /// The array-node.
+    #[arg(long, global = true, env = "SPLITMIRROR_ARRAY", default_value = DEFAULT_ARRAY)]
+    array: String,
+    /// The db-server.
+    #[arg(long, global = true, env = "SPLITMIRROR_DB", default_value = DEFAULT_DB)]
+    db: String,
+    /// The backup-server.
+    #[arg(long, global = true, env = "SPLITMIRROR_BACKUP", default_value = DEFAULT_BACKUP)]
+    backup: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the whole scenario on this machine, no setup: starts the three
+    /// nodes in-process on loopback with a temporary data directory, runs
+    /// the ledger, performs backup runs, verifies each image with the ledger
+    /// verifier and the digest comparison, and prints the reports.
+    ///
+    /// Example: console demo --cycles 3
+    Demo {
+        /// Backup runs to perform.
+        #[arg(long, default_value_t = 3)]
+        cycles: u32,
+        /// Keep the nodes' files here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of each LU (volume 0 holds the ledger).
+        #[arg(long, default_value = "64MiB", value_parser = parse_size_bytes)]
+        lu_size: u64,
+        /// Ledger transactions per second; 0 = as fast as it goes.
+        #[arg(long, default_value_t = 0)]
+        workload_tps: u32,
+        /// Concurrent ledger workers.
+        #[arg(long, default_value_t = 4)]
+        workload_workers: u32,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One backup run across the network: acquire (suspend → split →
+    /// resume) → back up the mate LU → delete the snapshot → follow the
+    /// resync → compare the backup with the frozen mate → report. Exits 0
+    /// only if every step succeeded and the digests match.
+    ///
+    /// Example: console --db db:50052 --backup backup:50053 --array array:50051 run --volume 0 --json
+    Run {
+        #[arg(long, default_value_t = 0)]
+        volume: u32,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Leave the snapshot acquired after the backup (for inspection).
+        #[arg(long)]
+        keep_snapshot: bool,
+        /// A label stored in the backup's manifest.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// The LU status table (Fig. 10), each volume's update location table
+    /// (Fig. 3) with a map of where the dirty blocks lie, resync progress,
+    /// the ledger's counters and the backups.
+    ///
+    /// Example: console status --watch
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Refresh until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Refresh interval for --watch.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+    },
+    /// Acquire or delete a snapshot by hand.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Suspend or resume the database by hand.
+    #[command(subcommand)]
+    Db(DbCommand),
+    /// List or verify backups.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Compare the two sides of a mirror pair.
+    #[command(subcommand)]
+    Pair(PairCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Suspends the database, splits the pair, resumes; prints the run id
+    /// that holds the snapshot.
+    ///
+    /// Example: console snapshot acquire --volume 0
+    Acquire {
+        #[arg(long, default_value_t = 0)]
+        volume: u32,
+        /// The holder's run id (a new one by default).
+        #[arg(long)]
+        run_id: Option<String>,
+    },
+    /// Releases the snapshot and starts the resync.
+    ///
+    /// Example: console snapshot delete --volume 0 --run-id 0190… (or --force)
+    Delete {
+        #[arg(long, default_value_t = 0)]
+        volume: u32,
+        /// The run id that acquired the snapshot.
+        #[arg(long, default_value = "")]
+        run_id: String,
+        /// Delete even if another run holds the snapshot.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Stops new transactions and waits for those in flight. Resumes by
+    /// itself when the lease runs out.
+    ///
+    /// Example: console db suspend --lease 10s
+    Suspend {
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        lease: Duration,
+    },
+    /// Lets transactions run again.
+    Resume,
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// The backups the backup server knows.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hashes a backup's image against its manifest.
+    ///
+    /// Example: console backup verify 0190d3c4-…
+    Verify { backup_id: String },
+}
+
+#[derive(Subcommand)]
+enum PairCommand {
+    /// Compares origin and mate with ChecksumRange, outside the recorded
+    /// ranges; reports the chunks that differ and exits non-zero if any do.
+    ///
+    /// Example: console pair verify --volume 0 --quiesce
+    Verify {
+        #[arg(long, default_value_t = 0)]
+        volume: u32,
+        /// Suspend the database during the comparison, so that writes in
+        /// flight cannot show as differences.
+        #[arg(long)]
+        quiesce: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // The console's output is its reports: it logs warnings only unless
+    // RUST_LOG says otherwise.
+    node::init_tracing_with_default("warn");
+    let cli = Cli::parse();
+    match execute(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> Result<ExitCode, String> {
+    let addresses = Addresses {
+        array: cli.addresses.array,
+        db: cli.addresses.db,
+        backup: cli.addresses.backup,
+    };
+    match cli.command {
+        Command::Demo {
+            cycles,
+            dir,
+            lu_size,
+            workload_tps,
+            workload_workers,
+            json,
+        } => {
+            let options = DemoOptions {
+                cycles,
+                dir,
+                lu_size_bytes: lu_size,
+                workload_tps,
+                workload_workers,
+                json,
+            };
+            let sink: Box<dyn progress::ProgressSink> = if json {
+                Box::new(progress::Quiet)
+            } else {
+                progress::for_stderr()
+            };
+            let summary = demo(&options, sink.as_ref()).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&summary).map_err(|e| e.to_string())?
+                );
+            }
+            Ok(exit(summary.succeeded()))
+        }
+        Command::Run {
+            volume,
+            json,
+            keep_snapshot,
+            label,
+        } => {
+            let clients = Clients::new(addresses)?;
+            let cancel = CancellationToken::new();
+            let on_signal = cancel.clone();
+            let signal_task = tokio::spawn(async move {
+                node::shutdown_signal().await;
+                eprintln!("interrupted: cancelling the backup and deleting the snapshot");
+                on_signal.cancel();
+            });
+            let options = RunOptions {
+                volume,
+                keep_snapshot,
+                label,
+                cancel,
+            };
+            let sink = progress::for_stderr();
+            let report = backup_run(&clients, &options, sink.as_ref()).await;
+            signal_task.abort();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "backup run {}",
+                    if report.succeeded() {
+                        "succeeded"
+                    } else {
+                        "FAILED"
+                    }
+                );
+                print!("{}", report.render());
+            }
+            Ok(exit(report.succeeded()))
+        }
+        Command::Status {
+            json,
+            watch,
+            interval,
+        } => {
+            let clients = Clients::new(addresses)?;
+            loop {
+                let snapshot = status::fetch(&clients).await?;
+                if json {
+                    println!("{}", status::to_json(&snapshot));
+                } else {
+                    if watch {
+                        // Clear the screen and go home, as `watch` does.
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", status::render(&snapshot));
+                }
+                if !watch {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = node::shutdown_signal() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Acquire { volume, run_id }) => {
+            let mut db = Clients::new(addresses)?.db;
+            let run_id = run_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            let a = db
+                .acquire_snapshot(dpb::AcquireSnapshotRequest {
+                    volume,
+                    run_id: run_id.clone(),
+                })
+                .await
+                .map_err(|s| format!("acquiring: {}", s.message()))?
+                .into_inner();
+            println!(
+                "snapshot of volume {volume} acquired by run {run_id}: mate LU {}, freeze window {} µs, ledger sequence {}{}",
+                a.mate_lu,
+                a.freeze_window_us,
+                a.ledger_sequence,
+                if a.already_held {
+                    " (already held)"
+                } else {
+                    ""
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Snapshot(SnapshotCommand::Delete {
+            volume,
+            run_id,
+            force,
+        }) => {
+            let mut db = Clients::new(addresses)?.db;
+            let d = db
+                .delete_snapshot(dpb::DeleteSnapshotRequest {
+                    volume,
+                    run_id,
+                    force,
+                })
+                .await
+                .map_err(|s| format!("deleting: {}", s.message()))?
+                .into_inner();
+            println!(
+                "snapshot of volume {volume} deleted; resyncing {} ranges ({} blocks){}",
+                d.ranges_to_resync,
+                d.blocks_to_resync,
+                if d.already_deleted {
+                    " (already deleted)"
+                } else {
+                    ""
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Db(DbCommand::Suspend { lease }) => {
+            let mut db = Clients::new(addresses)?.db;
+            let s = db
+                .suspend(dpb::SuspendRequest {
+                    lease_ms: lease.as_millis().min(u128::from(u32::MAX)) as u32,
+                })
+                .await
+                .map_err(|s| format!("suspending: {}", s.message()))?
+                .into_inner();
+            println!(
+                "database suspended at ledger sequence {}; it resumes by itself in {} ms",
+                s.ledger_sequence, s.lease_ms
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Db(DbCommand::Resume) => {
+            let mut db = Clients::new(addresses)?.db;
+            let r = db
+                .resume(dpb::ResumeRequest {})
+                .await
+                .map_err(|s| format!("resuming: {}", s.message()))?
+                .into_inner();
+            if r.was_suspended {
+                println!("database resumed after {} µs", r.suspended_us);
+            } else {
+                println!("the database was not suspended (a lease may have run out)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup(BackupCommand::List { json }) => {
+            let clients = Clients::new(addresses)?;
+            let snapshot = status::Snapshot {
+                db: dpb::StatusResponse::default(),
+                backups: Some(
+                    clients
+                        .backup
+                        .clone()
+                        .list_backups(bpb::ListBackupsRequest {})
+                        .await
+                        .map_err(|s| format!("listing backups: {}", s.message()))?
+                        .into_inner()
+                        .backups,
+                ),
+            };
+            if json {
+                println!("{}", status::to_json(&snapshot)["backups"]);
+            } else {
+                let text = status::render(&snapshot);
+                print!(
+                    "{}",
+                    text.split("\nBackups")
+                        .nth(1)
+                        .map(|t| format!("Backups{t}"))
+                        .unwrap_or(text)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup(BackupCommand::Verify { backup_id }) => {
+            let mut backup = Clients::new(addresses)?.backup;
+            let v = backup
+                .verify_backup(bpb::BackupIdRequest {
+                    backup_id: backup_id.clone(),
+                })
+                .await
+                .map_err(|s| format!("verifying: {}", s.message()))?
+                .into_inner();
+            if v.ok {
+                println!("{backup_id}: OK ({} chunks)", v.chunks);
+            } else {
+                println!(
+                    "{backup_id}: FAILED: chunks {:?} differ from the manifest{}",
+                    v.bad_chunks,
+                    if v.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", v.error)
+                    }
+                );
+            }
+            Ok(exit(v.ok))
+        }
+        Command::Pair(PairCommand::Verify {
+            volume,
+            quiesce,
+            json,
+        }) => {
+            let clients = Clients::new(addresses)?;
+            let report = status::pair_verify(&clients, volume, quiesce).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| e.to_string())?
+                );
+            } else if report.differing_chunks.is_empty() {
+                println!(
+                    "volume {volume}: origin LU {} == mate LU {} ({} chunks compared, {} skipped as recorded)",
+                    report.origin_lu,
+                    report.mate_lu,
+                    report.chunks - report.skipped_chunks,
+                    report.skipped_chunks
+                );
+            } else {
+                println!(
+                    "volume {volume}: origin LU {} and mate LU {} differ in chunks {:?}",
+                    report.origin_lu, report.mate_lu, report.differing_chunks
+                );
+            }
+            Ok(exit(report.differing_chunks.is_empty()))
+        }
+    }
+}
+
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -76,7 +76,7 @@ impl Default for ManagerConfig {
     fn default() -> Self {
         Self {
             resync_method: ResyncMethod::Offload,
-            resync_chunk_bytes: 4 << 20,
+            resync_chunk_bytes: 1 << 20,
             hooks: ManagerTestHooks::default(),
         }
     }

@@ -222,8 +222,13 @@ pub async fn cancel_on_signal(cancel: CancellationToken) {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
+    init_tracing_with_default("info");
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`, else by `default_filter`.
+pub fn init_tracing_with_default(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     // A second initialisation (tests, the embedded demo) is harmless.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

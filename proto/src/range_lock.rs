@@ -6,11 +6,15 @@
 //! "re-check → copy → remove" is atomic against writes to the same blocks.
 //! Shared holders (readers) do not exclude each other.
 //!
+//! Overlapping requests are served in arrival order: a request waits for
+//! every earlier holder *and every earlier waiter* it conflicts with. Without
+//! that, a steady stream of shared holders (database writes to hot blocks)
+//! would starve an exclusive one (the resync) for as long as it lasts.
+//!
 //! Written by hand: the crates that offer range locks are either
-//! synchronous or pull in a runtime of their own, and this one is a short
-//! list under a mutex with a `Notify`. The list is scanned linearly, which is
-//! right for the few dozen requests a node has in flight; it is not fair (a
-//! steady stream of overlapping shared holders can delay an exclusive one).
+//! synchronous or pull in a runtime of their own, and this one is two short
+//! lists under a mutex with a `Notify`. The lists are scanned linearly, which
+//! is right for the few dozen requests a node has in flight.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -27,17 +31,51 @@ pub enum LockMode {
 
 #[derive(Debug)]
 pub struct RangeLock {
-    held: Mutex<Vec<Held>>,
+    state: Mutex<State>,
     released: Notify,
     next_id: AtomicU64,
     enabled: bool,
 }
 
-#[derive(Debug)]
-struct Held {
+#[derive(Debug, Default)]
+struct State {
+    held: Vec<Request>,
+    /// Requests that found a conflict, in arrival order (by id).
+    waiting: Vec<Request>,
+}
+
+#[derive(Debug, Clone)]
+struct Request {
     id: u64,
     blocks: Range<u64>,
     mode: LockMode,
+}
+
+impl Request {
+    fn conflicts_with(&self, other: &Request) -> bool {
+        self.blocks.start < other.blocks.end
+            && other.blocks.start < self.blocks.end
+            && (self.mode == LockMode::Exclusive || other.mode == LockMode::Exclusive)
+    }
+}
+
+/// Removes a waiting request if its `lock` future is dropped before it
+/// acquires (a cancelled caller must not block those behind it).
+struct WaitTicket<'a> {
+    lock: &'a RangeLock,
+    id: u64,
+    active: bool,
+}
+
+impl Drop for WaitTicket<'_> {
+    fn drop(&mut self) {
+        if self.active {
+            let mut state = self.lock.state.lock().expect("range lock poisoned");
+            state.waiting.retain(|w| w.id != self.id);
+            drop(state);
+            self.lock.released.notify_waiters();
+        }
+    }
 }
 
 /// Holds a range until dropped.
@@ -57,7 +95,7 @@ impl Default for RangeLock {
 impl RangeLock {
     pub fn new() -> Self {
         Self {
-            held: Mutex::new(Vec::new()),
+            state: Mutex::new(State::default()),
             released: Notify::new(),
             next_id: AtomicU64::new(0),
             enabled: true,
@@ -73,7 +111,8 @@ impl RangeLock {
         }
     }
 
-    /// Waits until `blocks` can be held in `mode`, then holds it.
+    /// Waits until `blocks` can be held in `mode` (after every earlier
+    /// conflicting request), then holds it.
     pub async fn lock(&self, blocks: Range<u64>, mode: LockMode) -> RangeGuard<'_> {
         if !self.enabled || blocks.is_empty() {
             return RangeGuard {
@@ -81,20 +120,50 @@ impl RangeLock {
                 id: None,
             };
         }
+        let request = Request {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            blocks,
+            mode,
+        };
+        let mut ticket = WaitTicket {
+            lock: self,
+            id: request.id,
+            active: false,
+        };
         loop {
             // Register for the wake-up before checking, so that a release
             // between the check and the wait is not missed.
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            if let Some(guard) = self.try_lock(blocks.clone(), mode) {
-                return guard;
+            {
+                let mut state = self.state.lock().expect("range lock poisoned");
+                let blocked = state.held.iter().any(|h| h.conflicts_with(&request))
+                    || state
+                        .waiting
+                        .iter()
+                        .take_while(|w| w.id < request.id)
+                        .any(|w| w.conflicts_with(&request));
+                if !blocked {
+                    state.waiting.retain(|w| w.id != request.id);
+                    state.held.push(request.clone());
+                    ticket.active = false;
+                    return RangeGuard {
+                        lock: self,
+                        id: Some(request.id),
+                    };
+                }
+                if !ticket.active {
+                    state.waiting.push(request.clone());
+                    ticket.active = true;
+                }
             }
             released.await;
         }
     }
 
-    /// Holds `blocks` if nothing conflicting is held, without waiting.
+    /// Holds `blocks` if nothing conflicting is held or waiting, without
+    /// waiting.
     pub fn try_lock(&self, blocks: Range<u64>, mode: LockMode) -> Option<RangeGuard<'_>> {
         if !self.enabled || blocks.is_empty() {
             return Some(RangeGuard {
@@ -102,17 +171,19 @@ impl RangeLock {
                 id: None,
             });
         }
-        let mut held = self.held.lock().expect("range lock poisoned");
-        let conflicts = held.iter().any(|h| {
-            h.blocks.start < blocks.end
-                && blocks.start < h.blocks.end
-                && (mode == LockMode::Exclusive || h.mode == LockMode::Exclusive)
-        });
-        if conflicts {
+        let request = Request {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            blocks,
+            mode,
+        };
+        let mut state = self.state.lock().expect("range lock poisoned");
+        let blocked = state.held.iter().any(|h| h.conflicts_with(&request))
+            || state.waiting.iter().any(|w| w.conflicts_with(&request));
+        if blocked {
             return None;
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        held.push(Held { id, blocks, mode });
+        let id = request.id;
+        state.held.push(request);
         Some(RangeGuard {
             lock: self,
             id: Some(id),
@@ -121,18 +192,18 @@ impl RangeLock {
 
     /// How many ranges are held now.
     pub fn held_count(&self) -> usize {
-        self.held.lock().expect("range lock poisoned").len()
+        self.state.lock().expect("range lock poisoned").held.len()
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         if let Some(id) = self.id {
-            let mut held = self.lock.held.lock().expect("range lock poisoned");
-            if let Some(index) = held.iter().position(|h| h.id == id) {
-                held.swap_remove(index);
+            let mut state = self.lock.state.lock().expect("range lock poisoned");
+            if let Some(index) = state.held.iter().position(|h| h.id == id) {
+                state.held.swap_remove(index);
             }
-            drop(held);
+            drop(state);
             self.lock.released.notify_waiters();
         }
     }
@@ -180,6 +251,42 @@ mod tests {
             .expect("released holder wakes the waiter")
             .expect("task");
         assert_eq!(lock.held_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_is_not_starved_by_later_readers() {
+        let lock = std::sync::Arc::new(RangeLock::new());
+        let reader = lock.lock(0..10, LockMode::Shared).await;
+        let writer = {
+            let lock = lock.clone();
+            tokio::spawn(async move {
+                let _g = lock.lock(0..100, LockMode::Exclusive).await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A later reader of an overlapping range queues behind the writer…
+        assert!(lock.try_lock(50..51, LockMode::Shared).is_none());
+        // …but one of a disjoint range does not.
+        assert!(lock.try_lock(200..201, LockMode::Shared).is_some());
+        drop(reader);
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer gets its turn")
+            .expect("task");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_waiter_does_not_block_others() {
+        let lock = RangeLock::new();
+        let holder = lock.lock(0..10, LockMode::Exclusive).await;
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(10),
+            lock.lock(0..10, LockMode::Exclusive),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        drop(holder);
+        assert!(lock.try_lock(0..10, LockMode::Exclusive).is_some());
     }
 
     #[tokio::test]

@@ -1,0 +1,381 @@
+//! `console status` and `console pair verify`: what the db-server and the
+//! backup server report, for people and as JSON.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use splitmirror_proto::array::v1 as apb;
+use splitmirror_proto::backup::v1 as bpb;
+use splitmirror_proto::db::v1 as dpb;
+use splitmirror_proto::units::format_bytes;
+
+use crate::clients::{Clients, STEP_DEADLINE, retry};
+use crate::run::CHUNK_SIZE_BYTES;
+
+/// Width of the one-line map of dirty blocks.
+const MAP_WIDTH: usize = 64;
+
+pub struct Snapshot {
+    pub db: dpb::StatusResponse,
+    /// `None` when the backup server did not answer.
+    pub backups: Option<Vec<bpb::BackupInfo>>,
+}
+
+pub async fn fetch(clients: &Clients) -> Result<Snapshot, String> {
+    let db = retry("Status", STEP_DEADLINE, || {
+        let mut db = clients.db.clone();
+        async move { db.status(dpb::StatusRequest {}).await }
+    })
+    .await
+    .map_err(|s| {
+        format!(
+            "asking db-server at {} for its status: {}",
+            clients.addresses.db,
+            s.message()
+        )
+    })?
+    .into_inner();
+    let backups = clients
+        .backup
+        .clone()
+        .list_backups(bpb::ListBackupsRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner().backups);
+    Ok(Snapshot { db, backups })
+}
+
+fn mode_name(mode: dpb::Mode) -> &'static str {
+    match mode {
+        dpb::Mode::Synchronized => "Synchronized",
+        dpb::Mode::Snapshot => "Snapshot",
+        dpb::Mode::Resynchronizing => "Resynchronizing",
+        dpb::Mode::Undefined => "Undefined",
+        dpb::Mode::Unspecified => "?",
+    }
+}
+
+/// A one-line map of where the dirty blocks lie: each character stands for
+/// an equal share of the volume, `#` if any block in it is recorded.
+pub fn dirty_map(ranges: &[dpb::BlockRange], block_count: u64) -> String {
+    let width = MAP_WIDTH.min(block_count.max(1) as usize);
+    let per_cell = block_count.div_ceil(width as u64).max(1);
+    let mut cells = vec![false; width];
+    for r in ranges {
+        let first = (r.lba / per_cell) as usize;
+        let last = ((r.lba + r.blocks.max(1) - 1) / per_cell) as usize;
+        for cell in cells.iter_mut().take(last.min(width - 1) + 1).skip(first) {
+            *cell = true;
+        }
+    }
+    cells.iter().map(|&d| if d { '#' } else { '.' }).collect()
+}
+
+pub fn render(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "LU status table (Fig. 10)");
+    let _ = writeln!(
+        out,
+        "  {:<7} {:<16} {:>5} {:>6} {:<16} {:>8}  holder",
+        "volume", "data mode", "READ", "WRITE", "snapshot mode", "snap LU"
+    );
+    for v in &snapshot.db.volumes {
+        let _ = writeln!(
+            out,
+            "  {:<7} {:<16} {:>5} {:>6} {:<16} {:>8}  {}",
+            v.volume,
+            mode_name(v.data_mode()),
+            v.data_read_lu,
+            v.data_write_lu,
+            mode_name(v.snapshot_mode()),
+            v.snapshot_lu.map_or("-".into(), |lu| lu.to_string()),
+            if v.snapshot_holder.is_empty() {
+                "-"
+            } else {
+                &v.snapshot_holder
+            }
+        );
+    }
+    let _ = writeln!(out, "\nUpdate location tables (Fig. 3)");
+    for v in &snapshot.db.volumes {
+        let _ = writeln!(
+            out,
+            "  volume {} (mirror LU {} = origin {} + mate {}, {} blocks of {} B): {} ranges, {} blocks",
+            v.volume,
+            v.mirror_lu,
+            v.origin_lu,
+            v.mate_lu,
+            v.block_count,
+            v.block_size_bytes,
+            v.dirty_ranges.len(),
+            v.dirty_blocks
+        );
+        let _ = writeln!(out, "    [{}]", dirty_map(&v.dirty_ranges, v.block_count));
+        let shown: Vec<String> = v
+            .dirty_ranges
+            .iter()
+            .take(8)
+            .map(|r| format!("{}–{}", r.lba, r.lba + r.blocks - 1))
+            .collect();
+        if !shown.is_empty() {
+            let more = v.dirty_ranges.len().saturating_sub(shown.len());
+            let suffix = if more > 0 {
+                format!(" … and {more} more")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "    ranges: {}{suffix}", shown.join(", "));
+        }
+        if let Some(r) = &v.resync
+            && (r.running || r.ranges_done > 0)
+        {
+            let _ = writeln!(
+                out,
+                "    resync: {} of {} ranges, {} of {}{}",
+                r.ranges_done,
+                r.ranges_total,
+                format_bytes(r.bytes_done),
+                format_bytes(r.bytes_total),
+                if r.running { " (running)" } else { "" }
+            );
+        }
+        if !v.full_resync_reason.is_empty() {
+            let _ = writeln!(out, "    full resync: {}", v.full_resync_reason);
+        }
+    }
+    if let Some(l) = &snapshot.db.ledger {
+        let _ = writeln!(
+            out,
+            "\nLedger on volume {}: sequence {}, {} transactions committed, {} failed writes retried, {} accounts",
+            l.volume, l.sequence, l.transactions_committed, l.transactions_failed, l.accounts
+        );
+    }
+    if let Some(g) = &snapshot.db.gate {
+        let _ = writeln!(
+            out,
+            "Database gate: {}, {} suspends, {} lease expiries",
+            if g.suspended { "SUSPENDED" } else { "open" },
+            g.suspends,
+            g.lease_expiries
+        );
+    }
+    match &snapshot.backups {
+        Some(backups) => {
+            let _ = writeln!(out, "\nBackups ({})", backups.len());
+            for b in backups {
+                let _ = writeln!(
+                    out,
+                    "  {}  {:<9} LU {}  {} / {}  run {}{}",
+                    b.backup_id,
+                    b.state().as_str_name().trim_start_matches("BACKUP_STATE_"),
+                    b.lu,
+                    format_bytes(b.bytes_done),
+                    format_bytes(b.bytes_total),
+                    b.run_id,
+                    if b.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({})", b.error)
+                    }
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(out, "\nBackups: the backup server did not answer");
+        }
+    }
+    out
+}
+
+pub fn to_json(snapshot: &Snapshot) -> Value {
+    let volumes: Vec<Value> = snapshot
+        .db
+        .volumes
+        .iter()
+        .map(|v| {
+            json!({
+                "volume": v.volume,
+                "mirror_lu": v.mirror_lu,
+                "origin_lu": v.origin_lu,
+                "mate_lu": v.mate_lu,
+                "block_size_bytes": v.block_size_bytes,
+                "block_count": v.block_count,
+                "data_mode": mode_name(v.data_mode()),
+                "data_read_lu": v.data_read_lu,
+                "data_write_lu": v.data_write_lu,
+                "snapshot_mode": mode_name(v.snapshot_mode()),
+                "snapshot_lu": v.snapshot_lu,
+                "snapshot_holder": v.snapshot_holder,
+                "dirty_ranges": v.dirty_ranges.iter().map(|r| json!({"lba": r.lba, "blocks": r.blocks})).collect::<Vec<_>>(),
+                "dirty_blocks": v.dirty_blocks,
+                "dirty_map": dirty_map(&v.dirty_ranges, v.block_count),
+                "resync": v.resync.as_ref().map(|r| json!({
+                    "running": r.running,
+                    "ranges_done": r.ranges_done,
+                    "ranges_total": r.ranges_total,
+                    "bytes_done": r.bytes_done,
+                    "bytes_total": r.bytes_total,
+                })),
+                "full_resync_reason": v.full_resync_reason,
+            })
+        })
+        .collect();
+    json!({
+        "volumes": volumes,
+        "ledger": snapshot.db.ledger.as_ref().map(|l| json!({
+            "volume": l.volume,
+            "sequence": l.sequence,
+            "transactions_committed": l.transactions_committed,
+            "failed_writes": l.transactions_failed,
+            "accounts": l.accounts,
+        })),
+        "gate": snapshot.db.gate.as_ref().map(|g| json!({
+            "suspended": g.suspended,
+            "suspends": g.suspends,
+            "lease_expiries": g.lease_expiries,
+        })),
+        "backups": snapshot.backups.as_ref().map(|bs| bs.iter().map(|b| json!({
+            "backup_id": b.backup_id,
+            "run_id": b.run_id,
+            "state": b.state().as_str_name().trim_start_matches("BACKUP_STATE_"),
+            "lu": b.lu,
+            "bytes_done": b.bytes_done,
+            "bytes_total": b.bytes_total,
+            "error": b.error,
+        })).collect::<Vec<_>>()),
+    })
+}
+
+/// The outcome of comparing origin and mate of a pair.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PairReport {
+    pub volume: u32,
+    pub origin_lu: u32,
+    pub mate_lu: u32,
+    pub chunks: u64,
+    /// Chunks overlapping recorded ranges (they may differ by design).
+    pub skipped_chunks: u64,
+    pub differing_chunks: Vec<u64>,
+    pub quiesced: bool,
+}
+
+/// Compares origin and mate with `ChecksumRange`, chunk by chunk, outside
+/// the recorded ranges. With `quiesce`, the database is suspended for the
+/// comparison so that writes in flight cannot show as differences; without
+/// it, differing chunks are checked again a few times before they count.
+pub async fn pair_verify(
+    clients: &Clients,
+    volume: u32,
+    quiesce: bool,
+) -> Result<PairReport, String> {
+    if quiesce {
+        let mut db = clients.db.clone();
+        db.suspend(dpb::SuspendRequest { lease_ms: 30_000 })
+            .await
+            .map_err(|s| format!("suspending the database: {}", s.message()))?;
+    }
+    let result = compare_pair(clients, volume, quiesce).await;
+    if quiesce {
+        let mut db = clients.db.clone();
+        if let Err(s) = db.resume(dpb::ResumeRequest {}).await {
+            tracing::warn!("resuming the database: {}", s.message());
+        }
+    }
+    result
+}
+
+async fn compare_pair(
+    clients: &Clients,
+    volume: u32,
+    quiesced: bool,
+) -> Result<PairReport, String> {
+    let snapshot = fetch(clients).await?;
+    let v = snapshot
+        .db
+        .volumes
+        .iter()
+        .find(|v| v.volume == volume)
+        .ok_or_else(|| format!("volume {volume} does not exist"))?;
+    let chunk_blocks = CHUNK_SIZE_BYTES / u64::from(v.block_size_bytes.max(1));
+    let chunks = v.block_count.div_ceil(chunk_blocks);
+    let skipped: Vec<bool> = (0..chunks)
+        .map(|c| {
+            let (start, end) = (c * chunk_blocks, (c + 1) * chunk_blocks);
+            v.dirty_ranges
+                .iter()
+                .any(|r| r.lba < end && start < r.lba + r.blocks)
+        })
+        .collect();
+    let sums = |lu: u32, lba: u64, blocks: u64| {
+        let mut array = clients.array.clone();
+        async move {
+            array
+                .checksum_range(apb::ChecksumRangeRequest {
+                    lu,
+                    lba,
+                    blocks,
+                    chunk_blocks,
+                })
+                .await
+                .map(|r| r.into_inner().digests)
+                .map_err(|s| format!("checksumming LU {lu}: {}", s.message()))
+        }
+    };
+    let (origin, mate) = tokio::join!(
+        sums(v.origin_lu, 0, v.block_count),
+        sums(v.mate_lu, 0, v.block_count)
+    );
+    let (origin, mate) = (origin?, mate?);
+    let mut differing: Vec<u64> = (0..chunks)
+        .filter(|&c| !skipped[c as usize] && origin.get(c as usize) != mate.get(c as usize))
+        .collect();
+    if !quiesced {
+        // Writes in flight land on origin and mate a moment apart; a real
+        // difference survives being looked at again.
+        for _ in 0..3 {
+            if differing.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut still = Vec::new();
+            for &c in &differing {
+                let lba = c * chunk_blocks;
+                let blocks = chunk_blocks.min(v.block_count - lba);
+                let (o, m) =
+                    tokio::join!(sums(v.origin_lu, lba, blocks), sums(v.mate_lu, lba, blocks));
+                if o? != m? {
+                    still.push(c);
+                }
+            }
+            differing = still;
+        }
+    }
+    Ok(PairReport {
+        volume,
+        origin_lu: v.origin_lu,
+        mate_lu: v.mate_lu,
+        chunks,
+        skipped_chunks: skipped.iter().filter(|&&s| s).count() as u64,
+        differing_chunks: differing,
+        quiesced,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dirty_map_marks_where_ranges_lie() {
+        let r = |lba, blocks| dpb::BlockRange { lba, blocks };
+        assert_eq!(dirty_map(&[], 640), ".".repeat(64));
+        let map = dirty_map(&[r(0, 1), r(639, 1), r(100, 25)], 640);
+        assert_eq!(map.len(), 64);
+        assert_eq!(&map[..1], "#");
+        assert_eq!(&map[63..], "#");
+        assert_eq!(&map[10..13], "###");
+        assert_eq!(map.matches('#').count(), 5);
+        assert_eq!(dirty_map(&[r(2, 1)], 4), "..#.");
+    }
+}
