@@ -17,7 +17,7 @@ pub const DEFAULT_ARRAY: &str = "127.0.0.1:50051";
 pub const DEFAULT_DB: &str = "127.0.0.1:50052";
 pub const DEFAULT_BACKUP: &str = "127.0.0.1:50053";
 
-/// How long a step keeps retrying a node that does not answer.
+/// How long a step keeps retrying a node that does not answer, by default.
 pub const STEP_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
@@ -45,6 +45,8 @@ pub struct Clients {
     pub array: ArrayServiceClient<Channel>,
     pub db: DbServiceClient<Channel>,
     pub backup: BackupServiceClient<Channel>,
+    /// How long a step keeps retrying a node that does not answer.
+    pub step_deadline: Duration,
 }
 
 impl Clients {
@@ -61,6 +63,7 @@ impl Clients {
                 .max_decoding_message_size(size)
                 .max_encoding_message_size(size),
             addresses,
+            step_deadline: STEP_DEADLINE,
         })
     }
 }

@@ -43,6 +43,10 @@ struct AddressArgs {
     /// The backup-server.
     #[arg(long, global = true, env = "SPLITMIRROR_BACKUP", default_value = DEFAULT_BACKUP)]
     backup: String,
+    /// How long a step retries a node that does not answer before the run
+    /// reports it.
+    #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
+    step_deadline: Duration,
 }
 
 #[derive(Subcommand)]
@@ -210,10 +214,16 @@ async fn main() -> ExitCode {
 }
 
 async fn execute(cli: Cli) -> Result<ExitCode, String> {
+    let step_deadline = cli.addresses.step_deadline;
     let addresses = Addresses {
         array: cli.addresses.array,
         db: cli.addresses.db,
         backup: cli.addresses.backup,
+    };
+    let connect = |addresses: Addresses| -> Result<Clients, String> {
+        let mut clients = Clients::new(addresses)?;
+        clients.step_deadline = step_deadline;
+        Ok(clients)
     };
     match cli.command {
         Command::Demo {
@@ -252,7 +262,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             keep_snapshot,
             label,
         } => {
-            let clients = Clients::new(addresses)?;
+            let clients = connect(addresses)?;
             let cancel = CancellationToken::new();
             let on_signal = cancel.clone();
             let signal_task = tokio::spawn(async move {
@@ -292,7 +302,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             watch,
             interval,
         } => {
-            let clients = Clients::new(addresses)?;
+            let clients = connect(addresses)?;
             loop {
                 let snapshot = status::fetch(&clients).await?;
                 if json {
@@ -314,7 +324,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             }
         }
         Command::Snapshot(SnapshotCommand::Acquire { volume, run_id }) => {
-            let mut db = Clients::new(addresses)?.db;
+            let mut db = connect(addresses)?.db;
             let run_id = run_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
             let a = db
                 .acquire_snapshot(dpb::AcquireSnapshotRequest {
@@ -342,7 +352,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             run_id,
             force,
         }) => {
-            let mut db = Clients::new(addresses)?.db;
+            let mut db = connect(addresses)?.db;
             let d = db
                 .delete_snapshot(dpb::DeleteSnapshotRequest {
                     volume,
@@ -365,7 +375,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Db(DbCommand::Suspend { lease }) => {
-            let mut db = Clients::new(addresses)?.db;
+            let mut db = connect(addresses)?.db;
             let s = db
                 .suspend(dpb::SuspendRequest {
                     lease_ms: lease.as_millis().min(u128::from(u32::MAX)) as u32,
@@ -380,7 +390,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Db(DbCommand::Resume) => {
-            let mut db = Clients::new(addresses)?.db;
+            let mut db = connect(addresses)?.db;
             let r = db
                 .resume(dpb::ResumeRequest {})
                 .await
@@ -394,7 +404,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Backup(BackupCommand::List { json }) => {
-            let clients = Clients::new(addresses)?;
+            let clients = connect(addresses)?;
             let snapshot = status::Snapshot {
                 db: dpb::StatusResponse::default(),
                 backups: Some(
@@ -423,7 +433,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Backup(BackupCommand::Verify { backup_id }) => {
-            let mut backup = Clients::new(addresses)?.backup;
+            let mut backup = connect(addresses)?.backup;
             let v = backup
                 .verify_backup(bpb::BackupIdRequest {
                     backup_id: backup_id.clone(),
@@ -451,7 +461,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             quiesce,
             json,
         }) => {
-            let clients = Clients::new(addresses)?;
+            let clients = connect(addresses)?;
             let report = status::pair_verify(&clients, volume, quiesce).await?;
             if json {
                 println!(

@@ -13,7 +13,7 @@ use splitmirror_proto::backup::v1 as bpb;
 use splitmirror_proto::db::v1 as dpb;
 use tokio_util::sync::CancellationToken;
 
-use crate::clients::{Clients, STEP_DEADLINE, retry};
+use crate::clients::{Clients, retry};
 use crate::progress::ProgressSink;
 
 /// The chunk size the comparison uses; the same as every backup manifest.
@@ -179,7 +179,7 @@ async fn acquire(
         volume: options.volume,
         run_id: report.run_id.clone(),
     };
-    let result = retry("AcquireSnapshot", STEP_DEADLINE, || {
+    let result = retry("AcquireSnapshot", clients.step_deadline, || {
         let mut db = clients.db.clone();
         let request = request.clone();
         async move { db.acquire_snapshot(request).await }
@@ -219,7 +219,7 @@ async fn back_up(
         label: options.label.clone(),
         ledger_sequence: Some(acquired.ledger_sequence),
     };
-    let started = retry("StartBackup", STEP_DEADLINE, || {
+    let started = retry("StartBackup", clients.step_deadline, || {
         let mut backup = clients.backup.clone();
         let request = request.clone();
         async move { backup.start_backup(request).await }
@@ -247,7 +247,7 @@ async fn back_up(
     let t = Instant::now();
     let mate_digests =
         mate_digests.map_err(|s| format!("checksumming the mate LU: {}", s.message()))?;
-    let info = retry("GetBackup", STEP_DEADLINE, || {
+    let info = retry("GetBackup", clients.step_deadline, || {
         let mut backup = clients.backup.clone();
         let backup_id = started.backup_id.clone();
         async move { backup.get_backup(bpb::BackupIdRequest { backup_id }).await }
@@ -298,7 +298,7 @@ async fn mate_digests(
         blocks: acquired.block_count,
         chunk_blocks,
     };
-    retry("ChecksumRange", STEP_DEADLINE, || {
+    retry("ChecksumRange", clients.step_deadline, || {
         let mut array = clients.array.clone();
         async move { array.checksum_range(request).await }
     })
@@ -319,7 +319,7 @@ async fn follow_backup(
         let request = bpb::BackupIdRequest {
             backup_id: backup_id.to_string(),
         };
-        let mut stream = retry("WatchBackup", STEP_DEADLINE, || {
+        let mut stream = retry("WatchBackup", clients.step_deadline, || {
             let mut backup = clients.backup.clone();
             let request = request.clone();
             async move { backup.watch_backup(request).await }
@@ -384,7 +384,7 @@ async fn delete_and_resync(
         run_id: report.run_id.clone(),
         force: false,
     };
-    let deleted = retry("DeleteSnapshot", STEP_DEADLINE, || {
+    let deleted = retry("DeleteSnapshot", clients.step_deadline, || {
         let mut db = clients.db.clone();
         let request = request.clone();
         async move { db.delete_snapshot(request).await }
@@ -412,7 +412,7 @@ pub async fn wait_synchronized(
     progress: &dyn ProgressSink,
 ) -> Result<(), String> {
     loop {
-        let status = retry("Status", STEP_DEADLINE, || {
+        let status = retry("Status", clients.step_deadline, || {
             let mut db = clients.db.clone();
             async move { db.status(dpb::StatusRequest {}).await }
         })

@@ -10,7 +10,7 @@ use splitmirror_proto::backup::v1 as bpb;
 use splitmirror_proto::db::v1 as dpb;
 use splitmirror_proto::units::format_bytes;
 
-use crate::clients::{Clients, STEP_DEADLINE, retry};
+use crate::clients::{Clients, retry};
 use crate::run::CHUNK_SIZE_BYTES;
 
 /// Width of the one-line map of dirty blocks.
@@ -23,7 +23,7 @@ pub struct Snapshot {
 }
 
 pub async fn fetch(clients: &Clients) -> Result<Snapshot, String> {
-    let db = retry("Status", STEP_DEADLINE, || {
+    let db = retry("Status", clients.step_deadline, || {
         let mut db = clients.db.clone();
         async move { db.status(dpb::StatusRequest {}).await }
     })
