@@ -90,6 +90,7 @@ impl LocalCluster {
                 data_dir: dir.join("db"),
                 manager,
                 ledger,
+                journal_region_bytes: Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
             },
             node::bind("127.0.0.1:0").await?,
         )
@@ -188,7 +189,10 @@ async fn run_cycles(
     progress: &dyn ProgressSink,
     say: &dyn Fn(String),
 ) -> Result<DemoSummary, String> {
-    // Let the ledger get going, so the first snapshot freezes a busy database.
+    // A first start compares origin and mate of each pair (no journal knew
+    // them) before the pair is Synchronized; then let the ledger get going,
+    // so that the first snapshot freezes a busy database.
+    crate::run::wait_synchronized(clients, 0, progress).await?;
     wait_for_transactions(clients, 100, Duration::from_secs(30)).await?;
     let mut cycles = Vec::new();
     for cycle in 1..=options.cycles {

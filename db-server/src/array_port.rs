@@ -46,6 +46,13 @@ pub trait ArrayPort: Send + Sync + 'static {
         blocks: u64,
     ) -> BoxFuture<'_, Result<(), PortError>>;
     fn flush(&self, lu: u32) -> BoxFuture<'_, Result<(), PortError>>;
+    /// The BLAKE3 digest of a range (one `ChecksumRange` chunk).
+    fn checksum(
+        &self,
+        lu: u32,
+        lba: u64,
+        blocks: u64,
+    ) -> BoxFuture<'_, Result<[u8; 32], PortError>>;
 }
 
 /// The array reached over gRPC.
@@ -187,6 +194,37 @@ impl ArrayPort for GrpcArray {
             Ok(())
         })
     }
+
+    fn checksum(
+        &self,
+        lu: u32,
+        lba: u64,
+        blocks: u64,
+    ) -> BoxFuture<'_, Result<[u8; 32], PortError>> {
+        Box::pin(async move {
+            let doing = || format!("checksumming LU {lu} at LBA {lba}");
+            let digests = self
+                .client
+                .clone()
+                .checksum_range(pb::ChecksumRangeRequest {
+                    lu,
+                    lba,
+                    blocks,
+                    chunk_blocks: blocks,
+                })
+                .await
+                .map_err(|s| self.error(doing(), s))?
+                .into_inner()
+                .digests;
+            digests
+                .first()
+                .and_then(|d| <[u8; 32]>::try_from(d.as_slice()).ok())
+                .ok_or_else(|| PortError {
+                    unavailable: false,
+                    message: format!("{}: the array answered no digest", doing()),
+                })
+        })
+    }
 }
 
 /// An array in memory with one mirror pair per entry of `pairs`, for unit
@@ -297,5 +335,19 @@ impl ArrayPort for MemoryArray {
 
     fn flush(&self, _lu: u32) -> BoxFuture<'_, Result<(), PortError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn checksum(
+        &self,
+        lu: u32,
+        lba: u64,
+        blocks: u64,
+    ) -> BoxFuture<'_, Result<[u8; 32], PortError>> {
+        Box::pin(async move {
+            let bs = self.block_size(lu);
+            let (start, end) = ((lba * bs) as usize, ((lba + blocks) * bs) as usize);
+            let lus = self.lus.lock().expect("memory array");
+            Ok(*blake3::hash(&lus[&lu][start..end]).as_bytes())
+        })
     }
 }

@@ -29,6 +29,7 @@ pub struct DbStatus {
     pub volumes: Vec<VolumeStatus>,
     pub ledger: Option<LedgerStatus>,
     pub gate: GateStatus,
+    pub journal: Option<crate::journal::JournalStats>,
 }
 
 pub struct Db {
@@ -137,6 +138,7 @@ impl Db {
             volumes: self.manager.status(),
             ledger: self.ledger.as_ref().map(|l| l.status()),
             gate: self.gate.status(),
+            journal: self.manager.journal_stats(),
         }
     }
 }

@@ -15,9 +15,11 @@
 //! console's embedded demo all use it.
 
 pub mod array_port;
+pub mod crash;
 pub mod db;
 pub mod error;
 pub mod gate;
+pub mod journal;
 pub mod ledger;
 pub mod ledger_format;
 pub mod lu_status;
@@ -52,7 +54,13 @@ pub struct DbServerConfig {
     pub manager: ManagerConfig,
     /// `None` runs the snapshot manager without a database.
     pub ledger: Option<LedgerConfig>,
+    /// The journal's region size; `None` runs without a journal (no crash
+    /// safety — only for measuring what the journal costs).
+    pub journal_region_bytes: Option<u64>,
 }
+
+/// The journal's default region: intents are rounded out to this.
+pub const DEFAULT_JOURNAL_REGION_BYTES: u64 = 64 << 10;
 
 /// Connects to the array, builds the tables, opens the ledger, and serves
 /// on `listener` until the handle is shut down.
@@ -66,13 +74,24 @@ pub async fn spawn(config: DbServerConfig, listener: TcpListener) -> Result<Node
     let pairs = wait_for_pairs(array.as_ref(), &config.array_url).await?;
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let journal = match config.journal_region_bytes {
+        Some(region_bytes) => Some(
+            journal::Journal::open(&config.data_dir, region_bytes)
+                .map_err(|e| format!("opening the journal: {e}"))?,
+        ),
+        None => None,
+    };
     let manager = SnapshotManager::start(
         array,
         pairs,
+        journal,
         config.manager.clone(),
         cancel.clone(),
         tasks.clone(),
-    );
+    )
+    .await
+    .map_err(|e| format!("starting the snapshot manager: {e}"))?;
+    let shutdown_manager = manager.clone();
     let gate = Arc::new(QuiesceGate::new(tasks.clone()));
     let ledger = match &config.ledger {
         Some(ledger_config) => {
@@ -104,6 +123,7 @@ pub async fn spawn(config: DbServerConfig, listener: TcpListener) -> Result<Node
         cancel.cancel();
         tasks.close();
         tasks.wait().await;
+        shutdown_manager.close_journal();
         served
     });
     tracing::info!(%addr, "db-server listening on {addr}");

@@ -8,6 +8,7 @@ use db_server::ledger::LedgerConfig;
 use db_server::manager::{ManagerConfig, ResyncMethod};
 use db_server::{DbServerConfig, ledger_format};
 use splitmirror_proto::node;
+use splitmirror_proto::units::parse_size_bytes;
 
 /// The database server of splitmirror: runs the snapshot manager (the LU
 /// status table, the update location table, the resync) and a small ledger
@@ -53,6 +54,13 @@ struct ServeArgs {
     /// Accounts of a newly formatted ledger.
     #[arg(long, default_value_t = 1000)]
     accounts: u32,
+    /// Journal intents are rounded out to regions of this size.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size_bytes)]
+    journal_region: u64,
+    /// Run without the journal: a crash may lose a snapshot's differences.
+    /// Only for measuring what the journal costs.
+    #[arg(long)]
+    no_journal: bool,
 }
 
 #[derive(Subcommand)]
@@ -109,6 +117,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             workers: args.workload_workers,
             ..LedgerConfig::default()
         }),
+        journal_region_bytes: (!args.no_journal).then_some(args.journal_region),
     };
     let listener = node::bind(&args.listen).await.map_err(anyhow::Error::msg)?;
     let handle = db_server::spawn(config, listener)

@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::array_port::{ArrayPort, PairInfo};
+use crate::crash;
 use crate::error::DbError;
+use crate::journal::{DurableVolume, Journal};
 use crate::lu_status::{Mode, PairState, Routing, VirtualLu};
 use crate::update_location_table::UpdateLocationTable;
 
@@ -62,6 +64,9 @@ pub struct ManagerTestHooks {
     /// Writes in Snapshot mode are not recorded in the update location
     /// table, so the resync never copies them.
     pub forget_snapshot_writes: bool,
+    /// The write intent is journaled after the array write instead of
+    /// before it (breaks durability rule 1).
+    pub journal_intent_after_write: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +126,10 @@ struct VolumeInner {
     last_deleted_by: Option<String>,
     resync: ResyncProgress,
     full_resync_reason: Option<String>,
+    /// The whole volume must be compared (and differing chunks copied)
+    /// before the pair may be Synchronized: no journal said where origin and
+    /// mate may differ ([0045]).
+    full_resync_pending: bool,
 }
 
 struct Volume {
@@ -158,6 +167,8 @@ impl Volume {
 /// The snapshot manager. Shared behind an `Arc`.
 pub struct SnapshotManager {
     array: Arc<dyn ArrayPort>,
+    /// `None` runs without crash safety (benchmarks only).
+    journal: Option<Arc<Journal>>,
     volumes: BTreeMap<u32, Arc<Volume>>,
     config: ManagerConfig,
     cancel: CancellationToken,
@@ -165,36 +176,93 @@ pub struct SnapshotManager {
 }
 
 impl SnapshotManager {
-    /// Builds the manager over the pairs the array reported and starts one
-    /// resync task per volume (idle until there is something to copy).
-    pub fn start(
+    /// Builds the manager over the pairs the array reported, restores each
+    /// pair's state from what the journal replayed, and starts one resync
+    /// task per volume (idle until there is something to copy).
+    ///
+    /// A pair the journal knows comes back as it was: a snapshot is still
+    /// acquired with its recorded regions; an interrupted resync goes on. A
+    /// pair it does not know (first start on this array, journal deleted or
+    /// unreadable) may differ anywhere, so it is resynchronized whole before
+    /// it is reported Synchronized — by comparing digests chunk by chunk and
+    /// copying what differs, which is how a fresh array (all zeros on both
+    /// sides) is known to need no copy.
+    pub async fn start(
         array: Arc<dyn ArrayPort>,
         pairs: Vec<PairInfo>,
+        journal: Option<(Arc<Journal>, BTreeMap<u32, DurableVolume>)>,
         config: ManagerConfig,
         cancel: CancellationToken,
         tasks: TaskTracker,
-    ) -> Arc<Self> {
-        let volumes = pairs
-            .into_iter()
-            .map(|pair| {
-                let volume = Volume {
-                    pair,
-                    mode_gate: RwLock::new(()),
-                    blocks: RangeLock::new(),
-                    inner: Mutex::new(VolumeInner {
-                        state: PairState::Synchronized,
-                        table: UpdateLocationTable::new(),
-                        last_deleted_by: None,
-                        resync: ResyncProgress::default(),
-                        full_resync_reason: None,
-                    }),
-                    resync_wakeup: Notify::new(),
-                };
-                (pair.mirror_lu, Arc::new(volume))
-            })
-            .collect();
+    ) -> Result<Arc<Self>, DbError> {
+        let (journal, durable) = match journal {
+            Some((journal, durable)) => (Some(journal), durable),
+            None => {
+                tracing::warn!("running without a journal: a crash may lose snapshot differences");
+                (None, BTreeMap::new())
+            }
+        };
+        let mut volumes = BTreeMap::new();
+        for pair in pairs {
+            let known = durable.get(&pair.mirror_lu).filter(|d| {
+                (d.origin_lu, d.mate_lu, d.block_count)
+                    == (pair.origin_lu, pair.mate_lu, pair.block_count)
+            });
+            let mut inner = VolumeInner {
+                state: PairState::Synchronized,
+                table: UpdateLocationTable::new(),
+                last_deleted_by: None,
+                resync: ResyncProgress::default(),
+                full_resync_reason: None,
+                full_resync_pending: false,
+            };
+            match (&journal, known) {
+                (None, _) => {}
+                (Some(_), Some(d)) => {
+                    inner.state = d.state.clone();
+                    for region in d.regions.iter() {
+                        inner.table.insert(region.clone());
+                    }
+                    if d.full_resync {
+                        inner.full_resync_pending = true;
+                        inner.full_resync_reason =
+                            Some("a whole-volume resync was interrupted; starting it again".into());
+                    }
+                    tracing::info!(
+                        volume = pair.mirror_lu,
+                        state = ?inner.state,
+                        recorded_blocks = inner.table.block_count(),
+                        "restored from the journal"
+                    );
+                }
+                (Some(journal), None) => {
+                    let reason = "no usable journal record for this volume (first start on this \
+                                  array, or the journal was deleted or unreadable): origin and \
+                                  mate may differ anywhere";
+                    tracing::warn!(
+                        volume = pair.mirror_lu,
+                        "{reason}; resynchronizing the whole volume"
+                    );
+                    journal
+                        .record_state(&pair, &PairState::Resynchronizing, true)
+                        .await?;
+                    inner.state = PairState::Resynchronizing;
+                    inner.full_resync_pending = true;
+                    inner.full_resync_reason = Some(reason.into());
+                }
+            }
+            let volume = Volume {
+                pair,
+                mode_gate: RwLock::new(()),
+                blocks: RangeLock::new(),
+                inner: Mutex::new(inner),
+                resync_wakeup: Notify::new(),
+            };
+            volumes.insert(pair.mirror_lu, Arc::new(volume));
+        }
         let manager = Arc::new(Self {
             array,
+            journal,
             volumes,
             config,
             cancel,
@@ -207,7 +275,42 @@ impl SnapshotManager {
                 manager.resync_loop(volume).await;
             });
         }
-        manager
+        Ok(manager)
+    }
+
+    /// The journal's counters, if there is a journal.
+    pub fn journal_stats(&self) -> Option<crate::journal::JournalStats> {
+        self.journal.as_ref().map(|j| j.stats())
+    }
+
+    /// Stops the journal thread (after the tasks that write it have ended).
+    pub fn close_journal(&self) {
+        if let Some(journal) = &self.journal {
+            journal.close();
+        }
+    }
+
+    async fn journal_state(&self, pair: &PairInfo, state: &PairState) -> Result<(), DbError> {
+        match &self.journal {
+            Some(journal) => journal.record_state(pair, state, false).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn journal_intent(&self, pair: &PairInfo, blocks: Range<u64>) -> Result<(), DbError> {
+        match &self.journal {
+            Some(journal) => {
+                journal
+                    .record_intent(
+                        pair.mirror_lu,
+                        pair.block_size_bytes,
+                        blocks,
+                        pair.block_count,
+                    )
+                    .await
+            }
+            None => Ok(()),
+        }
     }
 
     pub fn volume_ids(&self) -> Vec<u32> {
@@ -298,7 +401,20 @@ impl SnapshotManager {
                 (VirtualLu::Snapshot, _) => return Err(DbError::Undefined { volume, target }),
             }
         };
-        match self.array.write(lu, lba, data).await {
+        // Durability rule 1: the range is durable before the write that
+        // dirties it reaches the array.
+        let dirties = mode == Mode::Snapshot;
+        let intent_first = !self.config.hooks.journal_intent_after_write;
+        if dirties && intent_first {
+            self.journal_intent(&vol.pair, range.clone()).await?;
+            crash::point("write.after_intent");
+        }
+        let written = self.array.write(lu, lba, data).await;
+        crash::point("write.after_array");
+        if dirties && !intent_first {
+            self.journal_intent(&vol.pair, range.clone()).await?;
+        }
+        match written {
             Ok(()) => {
                 if mode == Mode::Resynchronizing {
                     vol.inner().table.remove(range);
@@ -306,21 +422,53 @@ impl SnapshotManager {
                 Ok(blocks)
             }
             Err(error) => {
-                let mut inner = vol.inner();
-                inner.table.insert(range);
-                if inner.state == PairState::Synchronized {
-                    tracing::warn!(
-                        volume,
-                        "a write to the mirror LU failed; resynchronizing its range: {error}"
-                    );
-                    inner.state = PairState::Resynchronizing;
-                    inner.resync = ResyncProgress::default();
-                }
-                drop(inner);
-                vol.resync_wakeup.notify_one();
+                self.record_unknown_outcome(vol, range, &error).await;
                 Err(error.into())
             }
         }
+    }
+
+    /// A write whose outcome is unknown may have reached one side and not
+    /// the other: its range stays recorded (and journaled), and a
+    /// Synchronized pair becomes Resynchronizing until the range is copied.
+    async fn record_unknown_outcome(
+        &self,
+        vol: &Volume,
+        range: Range<u64>,
+        error: &crate::array_port::PortError,
+    ) {
+        let was_synchronized = {
+            let mut inner = vol.inner();
+            inner.table.insert(range.clone());
+            inner.state == PairState::Synchronized
+        };
+        if let Err(e) = self.journal_intent(&vol.pair, range).await {
+            tracing::error!(
+                volume = vol.volume(),
+                "journaling a failed write's range: {e}"
+            );
+        }
+        if was_synchronized {
+            tracing::warn!(
+                volume = vol.volume(),
+                "a write to the mirror LU failed; resynchronizing its range: {error}"
+            );
+            if let Err(e) = self
+                .journal_state(&vol.pair, &PairState::Resynchronizing)
+                .await
+            {
+                tracing::error!(
+                    volume = vol.volume(),
+                    "journaling the switch to Resynchronizing: {e}"
+                );
+            }
+            let mut inner = vol.inner();
+            if inner.state == PairState::Synchronized {
+                inner.state = PairState::Resynchronizing;
+                inner.resync = ResyncProgress::default();
+            }
+        }
+        vol.resync_wakeup.notify_one();
     }
 
     /// Splits the pair (Synchronized → Snapshot): from now on writes go to
@@ -329,25 +477,35 @@ impl SnapshotManager {
     pub async fn acquire(&self, volume: u32, run_id: &str) -> Result<bool, DbError> {
         let vol = self.volume(volume)?;
         let _mode = vol.mode_gate.write().await;
-        let mut inner = vol.inner();
-        match &inner.state {
-            PairState::Synchronized => {}
-            PairState::Snapshot { holder } if holder == run_id => return Ok(true),
-            other => {
-                return Err(DbError::WrongMode {
-                    volume,
-                    action: "acquire a snapshot of",
-                    mode: other.routing(&vol.pair).data_mode,
-                });
+        // The checks happen in a block of their own, so that the table's
+        // lock is not held across the journal write below.
+        {
+            let inner = vol.inner();
+            match &inner.state {
+                PairState::Synchronized => {}
+                PairState::Snapshot { holder } if holder == run_id => return Ok(true),
+                other => {
+                    return Err(DbError::WrongMode {
+                        volume,
+                        action: "acquire a snapshot of",
+                        mode: other.routing(&vol.pair).data_mode,
+                    });
+                }
             }
+            debug_assert!(
+                inner.table.is_empty(),
+                "a Synchronized pair has no recorded ranges"
+            );
         }
-        debug_assert!(
-            inner.table.is_empty(),
-            "a Synchronized pair has no recorded ranges"
-        );
-        inner.state = PairState::Snapshot {
+        // Durability rule 2: the mode change is durable before it takes
+        // effect. The mode gate keeps every write out meanwhile.
+        let state = PairState::Snapshot {
             holder: run_id.to_string(),
         };
+        self.journal_state(&vol.pair, &state).await?;
+        crash::point("acquire.after_journal");
+        let mut inner = vol.inner();
+        inner.state = state;
         inner.last_deleted_by = None;
         tracing::info!(volume, run_id, "snapshot acquired");
         Ok(false)
@@ -363,32 +521,38 @@ impl SnapshotManager {
     ) -> Result<DeleteOutcome, DbError> {
         let vol = self.volume(volume)?;
         let _mode = vol.mode_gate.write().await;
-        let mut inner = vol.inner();
-        match &inner.state {
-            PairState::Snapshot { holder } => {
-                if holder != run_id && !force {
-                    return Err(DbError::HeldByOther {
+        {
+            let inner = vol.inner();
+            match &inner.state {
+                PairState::Snapshot { holder } => {
+                    if holder != run_id && !force {
+                        return Err(DbError::HeldByOther {
+                            volume,
+                            holder: holder.clone(),
+                            requester: run_id.to_string(),
+                        });
+                    }
+                }
+                _ if inner.last_deleted_by.as_deref() == Some(run_id) => {
+                    return Ok(DeleteOutcome {
+                        ranges_to_resync: inner.table.range_count() as u64,
+                        blocks_to_resync: inner.table.block_count(),
+                        already_deleted: true,
+                    });
+                }
+                other => {
+                    return Err(DbError::WrongMode {
                         volume,
-                        holder: holder.clone(),
-                        requester: run_id.to_string(),
+                        action: "delete the snapshot of",
+                        mode: other.routing(&vol.pair).data_mode,
                     });
                 }
             }
-            _ if inner.last_deleted_by.as_deref() == Some(run_id) => {
-                return Ok(DeleteOutcome {
-                    ranges_to_resync: inner.table.range_count() as u64,
-                    blocks_to_resync: inner.table.block_count(),
-                    already_deleted: true,
-                });
-            }
-            other => {
-                return Err(DbError::WrongMode {
-                    volume,
-                    action: "delete the snapshot of",
-                    mode: other.routing(&vol.pair).data_mode,
-                });
-            }
         }
+        self.journal_state(&vol.pair, &PairState::Resynchronizing)
+            .await?;
+        crash::point("delete.after_journal");
+        let mut inner = vol.inner();
         inner.state = PairState::Resynchronizing;
         inner.last_deleted_by = Some(run_id.to_string());
         inner.resync = ResyncProgress {
@@ -490,14 +654,47 @@ impl SnapshotManager {
                 return;
             }
             let next = vol.inner().table.first(chunk_blocks);
+            if vol.inner().full_resync_pending {
+                match self.compare_whole_volume(vol).await {
+                    Ok(()) => {
+                        vol.inner().full_resync_pending = false;
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            volume = vol.volume(),
+                            "whole-volume resync failed, retrying in {backoff:?}: {error}"
+                        );
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = self.cancel.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
             let Some(range) = next else {
                 // Nothing recorded: the pair is synchronized once no write is
                 // in flight (a failing one could still record a range).
                 let _mode = vol.mode_gate.write().await;
+                let finished = {
+                    let inner = vol.inner();
+                    inner.table.is_empty() && inner.state == PairState::Resynchronizing
+                };
+                if finished
+                    && let Err(error) = self
+                        .journal_state(&vol.pair, &PairState::Synchronized)
+                        .await
+                {
+                    tracing::warn!(volume = vol.volume(), "journaling Synchronized: {error}");
+                    continue;
+                }
                 let mut inner = vol.inner();
                 if inner.table.is_empty() {
                     if inner.state == PairState::Resynchronizing {
                         inner.state = PairState::Synchronized;
+
                         inner.full_resync_reason = None;
                         tracing::info!(
                             volume = vol.volume(),
@@ -545,8 +742,50 @@ impl SnapshotManager {
         let recorded = vol.inner().table.recorded_within(range);
         for sub in recorded {
             self.copy(vol, sub.clone()).await?;
+            crash::point("resync.after_copy");
             self.record_copied(vol, sub);
+            crash::point("resync.after_remove");
         }
+        Ok(())
+    }
+
+    /// The whole-volume resync: chunk by chunk, under the range lock,
+    /// compare origin and mate digests in the array and copy the chunk if
+    /// they differ.
+    async fn compare_whole_volume(&self, vol: &Volume) -> Result<(), DbError> {
+        let pair = vol.pair;
+        let block_size_bytes = u64::from(pair.block_size_bytes);
+        let chunk_blocks = (self.config.resync_chunk_bytes / block_size_bytes).max(1);
+        {
+            let mut inner = vol.inner();
+            inner.resync.running = true;
+            inner.resync.bytes_total = inner.resync.bytes_done
+                + (pair.block_count + inner.table.block_count()) * block_size_bytes;
+        }
+        let mut copied_chunks = 0u64;
+        let mut lba = 0;
+        while lba < pair.block_count {
+            if self.cancel.is_cancelled() {
+                return Err(DbError::ShuttingDown);
+            }
+            let n = chunk_blocks.min(pair.block_count - lba);
+            let _blocks = vol.blocks.lock(lba..lba + n, LockMode::Exclusive).await;
+            let (origin, mate) = tokio::join!(
+                self.array.checksum(pair.origin_lu, lba, n),
+                self.array.checksum(pair.mate_lu, lba, n)
+            );
+            if origin? != mate? {
+                self.copy(vol, lba..lba + n).await?;
+                copied_chunks += 1;
+            }
+            vol.inner().resync.bytes_done += n * block_size_bytes;
+            lba += n;
+        }
+        tracing::info!(
+            volume = vol.volume(),
+            copied_chunks,
+            "whole-volume resync compared every chunk"
+        );
         Ok(())
     }
 
@@ -596,13 +835,16 @@ mod tests {
 
     fn start() -> (Arc<SnapshotManager>, Arc<MemoryArray>) {
         let array = Arc::new(MemoryArray::new(vec![PAIR]));
-        let manager = SnapshotManager::start(
+        let manager = futures_util::FutureExt::now_or_never(SnapshotManager::start(
             array.clone(),
             vec![PAIR],
+            None,
             ManagerConfig::default(),
             CancellationToken::new(),
             TaskTracker::new(),
-        );
+        ))
+        .expect("without a journal the start does not wait")
+        .expect("start");
         (manager, array)
     }
 

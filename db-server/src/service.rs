@@ -121,6 +121,14 @@ pub fn status_to_pb(status: DbStatus) -> pb::StatusResponse {
             suspends: status.gate.suspends,
             lease_expiries: status.gate.lease_expiries,
         }),
+        journal: Some(status.journal.map_or_else(pb::JournalStatus::default, |j| {
+            pb::JournalStatus {
+                enabled: true,
+                records: j.records,
+                bytes_written: j.bytes_written,
+                fsyncs: j.fsyncs,
+            }
+        })),
     }
 }
 

@@ -121,11 +121,27 @@ pub async fn start_db(
         data_dir: data_dir.to_path_buf(),
         manager,
         ledger,
+        journal_region_bytes: Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
     };
     let handle = db_server::spawn(config, listener)
         .await
         .expect("start db-server");
     wait_healthy(&handle.url()).await;
+    // A first start compares origin and mate of every pair (no journal
+    // knew them); tests start from Synchronized pairs.
+    let mut client = db_client(&handle.url()).await;
+    let volumes: Vec<u32> = client
+        .status(splitmirror_proto::db::v1::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .volumes
+        .iter()
+        .map(|v| v.volume)
+        .collect();
+    for volume in volumes {
+        wait_synchronized(&mut client, volume).await;
+    }
     handle
 }
 
