@@ -205,8 +205,7 @@ fn replay(file: &mut File) -> io::Result<Option<(BTreeMap<u32, DurableVolume>, u
     }
     let mut state = BTreeMap::new();
     let mut at = HEADER.len();
-    loop {
-        let Some(&magic) = bytes.get(at) else { break };
+    while let Some(&magic) = bytes.get(at) {
         if magic != RECORD_MAGIC {
             break;
         }
