@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use db_server::ledger::LedgerConfig;
-use db_server::manager::{ManagerConfig, ResyncMethod};
+use db_server::manager::{ManagerConfig, ManagerTestHooks, ResyncMethod};
 use db_server::{DbServerConfig, ledger_format};
 use splitmirror_proto::node;
 use splitmirror_proto::units::parse_size_bytes;
@@ -61,6 +61,10 @@ struct ServeArgs {
     /// Only for measuring what the journal costs.
     #[arg(long)]
     no_journal: bool,
+    /// Breaks durability on purpose (journal the write intent after the
+    /// array write), so that the crash tests can show they catch it.
+    #[arg(long, hide = true)]
+    unsafe_test_intent_after_write: bool,
 }
 
 #[derive(Subcommand)]
@@ -108,6 +112,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         manager: ManagerConfig {
             resync_method: args.resync,
+            hooks: ManagerTestHooks {
+                journal_intent_after_write: args.unsafe_test_intent_after_write,
+                ..ManagerTestHooks::default()
+            },
             ..ManagerConfig::default()
         },
         ledger: (!args.no_ledger).then(|| LedgerConfig {

@@ -259,27 +259,45 @@ pub fn binary(name: &str) -> std::path::PathBuf {
 pub struct NodeProcess {
     pub child: std::process::Child,
     pub addr: String,
+    /// Everything the process has logged so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl NodeProcess {
     /// Starts `binary args…` and waits for its "listening on ADDR" line.
     pub fn start(binary_name: &str, args: &[&str]) -> Self {
+        Self::start_with_env(binary_name, args, &[])
+    }
+
+    /// The same, with extra environment variables.
+    pub fn start_with_env(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(binary(binary_name))
+        let mut command = std::process::Command::new(binary(binary_name));
+        command
             .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .env_remove("SPLITMIRROR_CRASH_AT")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting {binary_name}: {e}"));
         let stderr = child.stderr.take().expect("stderr piped");
         let mut lines = std::io::BufReader::new(stderr).lines();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let addr = loop {
             let line = match lines.next() {
                 Some(Ok(line)) => line,
-                _ => panic!("{binary_name} exited before listening"),
+                _ => panic!(
+                    "{binary_name} exited before listening: {:?}",
+                    log.lock().expect("log")
+                ),
             };
+            log.lock().expect("log").push(line.clone());
             if let Some(rest) = line.split("listening on ").nth(1) {
                 break rest
                     .split_whitespace()
@@ -289,12 +307,39 @@ impl NodeProcess {
             }
         };
         // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().expect("log").push(line);
+            }
+        });
+        Self { child, addr, log }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Whether some logged line contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains(text))
+    }
+
+    /// Waits (bounded) until the process exits by itself, as a crash point
+    /// makes it.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     /// SIGKILL, as a crash would.

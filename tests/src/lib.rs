@@ -17,6 +17,8 @@ mod backup;
 #[cfg(test)]
 mod console_cli;
 #[cfg(test)]
+mod crash;
+#[cfg(test)]
 mod db_ledger;
 #[cfg(test)]
 mod db_model;
