@@ -23,6 +23,7 @@ struct Cli {
     /// Address to serve gRPC on.
     #[arg(
         long,
+        global = true,
         env = "SPLITMIRROR_ARRAY_LISTEN",
         default_value = "127.0.0.1:50051"
     )]
@@ -46,7 +47,18 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    // Errors are printed as one line of context, without a backtrace.
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     node::init_tracing();
     let cli = Cli::parse();
     if let Some(Command::HealthProbe) = cli.command {

@@ -22,6 +22,7 @@ struct Cli {
     /// Address to serve gRPC on.
     #[arg(
         long,
+        global = true,
         env = "SPLITMIRROR_BACKUP_LISTEN",
         default_value = "127.0.0.1:50053"
     )]
@@ -57,7 +58,18 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    // Errors are printed as one line of context, without a backtrace.
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::List { store }) => {

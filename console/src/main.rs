@@ -96,6 +96,24 @@ enum Command {
         #[arg(long, default_value = "")]
         label: String,
     },
+    /// Performs backup runs one after another — what the console container
+    /// of `docker compose up` does. Waits for the nodes and for the volume
+    /// to be Synchronized first, then prints each run's report.
+    ///
+    /// Example: console schedule --runs 5 --interval 20s
+    Schedule {
+        #[arg(long, default_value_t = 0)]
+        volume: u32,
+        /// How many runs (0 = until stopped).
+        #[arg(long, env = "SPLITMIRROR_RUNS", default_value_t = 0)]
+        runs: u32,
+        /// Time from the start of one run to the start of the next.
+        #[arg(long, env = "SPLITMIRROR_RUN_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Print each report as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// The LU status table (Fig. 10), each volume's update location table
     /// (Fig. 3) with a map of where the dirty blocks lie, resync progress,
     /// the ledger's counters and the backups.
@@ -297,6 +315,15 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(exit(report.succeeded()))
         }
+        Command::Schedule {
+            volume,
+            runs,
+            interval,
+            json,
+        } => {
+            let clients = connect(addresses)?;
+            schedule(&clients, volume, runs, interval, json).await
+        }
         Command::Status {
             json,
             watch,
@@ -485,6 +512,74 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             Ok(exit(report.differing_chunks.is_empty()))
         }
     }
+}
+
+/// `console schedule`: waits until the nodes answer and the volume is
+/// Synchronized, then performs runs `interval` apart.
+async fn schedule(
+    clients: &Clients,
+    volume: u32,
+    runs: u32,
+    interval: Duration,
+    json: bool,
+) -> Result<ExitCode, String> {
+    let addresses = &clients.addresses;
+    for (name, address) in [
+        ("array-node", &addresses.array),
+        ("db-server", &addresses.db),
+        ("backup-server", &addresses.backup),
+    ] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while let Err(e) = node::probe_health(address, "").await {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("{name} at {address} is not serving: {e}"));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let sink = progress::for_stderr();
+    console::run::wait_synchronized(clients, volume, sink.as_ref()).await?;
+    let mut failures = 0u32;
+    let mut done = 0u32;
+    loop {
+        let started = tokio::time::Instant::now();
+        let options = RunOptions {
+            volume,
+            keep_snapshot: false,
+            label: format!("scheduled run {}", done + 1),
+            cancel: CancellationToken::new(),
+        };
+        let report = backup_run(clients, &options, sink.as_ref()).await;
+        done += 1;
+        if !report.succeeded() {
+            failures += 1;
+        }
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(&report).map_err(|e| e.to_string())?
+            );
+        } else {
+            println!(
+                "backup run {done} {}",
+                if report.succeeded() {
+                    "succeeded"
+                } else {
+                    "FAILED"
+                }
+            );
+            print!("{}", report.render());
+        }
+        if runs != 0 && done >= runs {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(started + interval) => {}
+            () = node::shutdown_signal() => break,
+        }
+    }
+    println!("{done} runs, {failures} failed");
+    Ok(exit(failures == 0))
 }
 
 fn exit(ok: bool) -> ExitCode {

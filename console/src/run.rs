@@ -179,12 +179,30 @@ async fn acquire(
         volume: options.volume,
         run_id: report.run_id.clone(),
     };
-    let result = retry("AcquireSnapshot", clients.step_deadline, || {
-        let mut db = clients.db.clone();
-        let request = request.clone();
-        async move { db.acquire_snapshot(request).await }
-    })
-    .await;
+    let acquire_once = || {
+        retry("AcquireSnapshot", clients.step_deadline, || {
+            let mut db = clients.db.clone();
+            let request = request.clone();
+            async move { db.acquire_snapshot(request).await }
+        })
+    };
+    let mut result = acquire_once().await;
+    // A pair still resynchronizing (after a restart, or a previous run's
+    // resync) cannot be split yet: wait for it, then try once more.
+    if let Err(status) = &result
+        && status.code() == tonic::Code::FailedPrecondition
+        && status.message().contains("Resynchronizing")
+    {
+        progress.phase(&format!(
+            "waiting for volume {} to finish resynchronizing",
+            options.volume
+        ));
+        if let Err(error) = wait_synchronized(clients, options.volume, progress).await {
+            report.error = Some(error);
+            return None;
+        }
+        result = acquire_once().await;
+    }
     report.phases_ms.acquire = ms(t);
     match result {
         Ok(response) => {

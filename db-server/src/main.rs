@@ -27,7 +27,12 @@ struct Cli {
 #[derive(Args)]
 struct ServeArgs {
     /// Address to serve gRPC on.
-    #[arg(long, env = "SPLITMIRROR_DB_LISTEN", default_value = "127.0.0.1:50052")]
+    #[arg(
+        long,
+        global = true,
+        env = "SPLITMIRROR_DB_LISTEN",
+        default_value = "127.0.0.1:50052"
+    )]
     listen: String,
     /// The array-node to use.
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
@@ -88,7 +93,18 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    // Errors are printed as one line of context, without a backtrace.
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::VerifyImage {

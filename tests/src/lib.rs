@@ -15,6 +15,8 @@ mod array_race;
 #[cfg(test)]
 mod backup;
 #[cfg(test)]
+mod compose;
+#[cfg(test)]
 mod console_cli;
 #[cfg(test)]
 mod crash;
