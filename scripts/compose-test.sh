@@ -60,6 +60,9 @@ docker/build-image.sh 2>/dev/null
 echo "image size: $(docker image inspect splitmirror:latest --format '{{.Size}}') bytes"
 
 export SPLITMIRROR_RUN_INTERVAL=5s SPLITMIRROR_RUNS=0 SPLITMIRROR_LU_SIZE=64MiB
+# Publish on ephemeral host ports, so the test never collides with nodes
+# already running here.
+export SPLITMIRROR_ARRAY_PUBLISH=127.0.0.1: SPLITMIRROR_DB_PUBLISH=127.0.0.1: SPLITMIRROR_BACKUP_PUBLISH=127.0.0.1:
 started=$(date +%s.%N)
 compose up -d
 for service in array-node db-server backup-server; do
@@ -79,6 +82,15 @@ run_by_hand() {
   echo "run by hand verified: $(echo "$out" | grep -o '"backup_id":"[^"]*"')"
 }
 run_by_hand
+
+if command -v grpcurl >/dev/null 2>&1; then
+  db_port=$(compose port db-server 50052)
+  grpcurl -plaintext "$db_port" list | grep -q splitmirror.db.v1.DbService
+  grpcurl -plaintext "$db_port" splitmirror.db.v1.DbService/Status | grep -q '"dataMode"'
+  echo "grpcurl through the published port $db_port: OK"
+else
+  echo "grpcurl not installed: skipping the grpcurl check"
+fi
 
 compose kill db-server
 compose start db-server
