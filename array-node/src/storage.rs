@@ -14,6 +14,11 @@ pub trait LuStorage: Send + Sync + 'static {
     fn write_at(&self, data: &[u8], offset_bytes: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync_data(&self) -> io::Result<()>;
+    /// Whether the range is known to be a hole (reads as zeros without
+    /// touching the disk). `false` when unknown.
+    fn is_hole(&self, _offset_bytes: u64, _len_bytes: u64) -> io::Result<bool> {
+        Ok(false)
+    }
 }
 
 /// A sparse raw image file, readable by `qemu-img` and `cmp`.
@@ -61,6 +66,18 @@ impl LuStorage for FileStorage {
 
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// Asks the file system where the next data after `offset_bytes` is
+    /// (`SEEK_DATA`): none before the end of the range means a hole.
+    fn is_hole(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<bool> {
+        match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset_bytes)) {
+            Ok(next_data) => Ok(next_data >= offset_bytes + len_bytes),
+            // No data at or after the offset at all.
+            Err(rustix::io::Errno::NXIO) => Ok(true),
+            // A file system without SEEK_DATA: unknown, so read it.
+            Err(_) => Ok(false),
+        }
     }
 }
 

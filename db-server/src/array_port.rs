@@ -4,6 +4,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use splitmirror_proto::array::v1 as pb;
 use splitmirror_proto::array::v1::array_service_client::ArrayServiceClient;
@@ -46,13 +48,28 @@ pub trait ArrayPort: Send + Sync + 'static {
         blocks: u64,
     ) -> BoxFuture<'_, Result<(), PortError>>;
     fn flush(&self, lu: u32) -> BoxFuture<'_, Result<(), PortError>>;
-    /// The BLAKE3 digest of a range (one `ChecksumRange` chunk).
-    fn checksum(
+    /// BLAKE3 digests of each `chunk_blocks`-block chunk of a range.
+    fn checksums(
         &self,
         lu: u32,
         lba: u64,
         blocks: u64,
-    ) -> BoxFuture<'_, Result<[u8; 32], PortError>>;
+        chunk_blocks: u64,
+    ) -> BoxFuture<'_, Result<Vec<[u8; 32]>, PortError>>;
+    /// Data bytes this port has sent to and received from the array.
+    fn traffic(&self) -> Traffic {
+        Traffic::default()
+    }
+}
+
+/// Data bytes that crossed the network between db-server and the array
+/// (payloads only; framing is not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub write_calls: u64,
+    pub copy_calls: u64,
 }
 
 /// The array reached over gRPC.
@@ -60,6 +77,15 @@ pub trait ArrayPort: Send + Sync + 'static {
 pub struct GrpcArray {
     client: ArrayServiceClient<Channel>,
     url: String,
+    counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    write_calls: AtomicU64,
+    copy_calls: AtomicU64,
 }
 
 impl GrpcArray {
@@ -71,6 +97,7 @@ impl GrpcArray {
                 .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(node::MAX_MESSAGE_BYTES),
             url: url.to_string(),
+            counters: Arc::default(),
         })
     }
 
@@ -131,6 +158,9 @@ impl ArrayPort for GrpcArray {
                 .into_inner();
             let mut data = Vec::new();
             while let Some(chunk) = stream.message().await.map_err(|s| self.error(doing(), s))? {
+                self.counters
+                    .bytes_received
+                    .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
                 if data.is_empty() {
                     data = chunk.data;
                 } else {
@@ -143,6 +173,10 @@ impl ArrayPort for GrpcArray {
 
     fn write(&self, lu: u32, lba: u64, data: Vec<u8>) -> BoxFuture<'_, Result<(), PortError>> {
         Box::pin(async move {
+            self.counters.write_calls.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .bytes_sent
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
             self.client
                 .clone()
                 .write(pb::WriteRequest {
@@ -165,6 +199,7 @@ impl ArrayPort for GrpcArray {
         blocks: u64,
     ) -> BoxFuture<'_, Result<(), PortError>> {
         Box::pin(async move {
+            self.counters.copy_calls.fetch_add(1, Ordering::Relaxed);
             self.client
                 .clone()
                 .copy_range(pb::CopyRangeRequest {
@@ -195,12 +230,13 @@ impl ArrayPort for GrpcArray {
         })
     }
 
-    fn checksum(
+    fn checksums(
         &self,
         lu: u32,
         lba: u64,
         blocks: u64,
-    ) -> BoxFuture<'_, Result<[u8; 32], PortError>> {
+        chunk_blocks: u64,
+    ) -> BoxFuture<'_, Result<Vec<[u8; 32]>, PortError>> {
         Box::pin(async move {
             let doing = || format!("checksumming LU {lu} at LBA {lba}");
             let digests = self
@@ -210,20 +246,30 @@ impl ArrayPort for GrpcArray {
                     lu,
                     lba,
                     blocks,
-                    chunk_blocks: blocks,
+                    chunk_blocks,
                 })
                 .await
                 .map_err(|s| self.error(doing(), s))?
                 .into_inner()
                 .digests;
             digests
-                .first()
-                .and_then(|d| <[u8; 32]>::try_from(d.as_slice()).ok())
-                .ok_or_else(|| PortError {
+                .iter()
+                .map(|d| <[u8; 32]>::try_from(d.as_slice()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| PortError {
                     unavailable: false,
-                    message: format!("{}: the array answered no digest", doing()),
+                    message: format!("{}: the array answered a malformed digest", doing()),
                 })
         })
+    }
+
+    fn traffic(&self) -> Traffic {
+        Traffic {
+            bytes_sent: self.counters.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: self.counters.bytes_received.load(Ordering::Relaxed),
+            write_calls: self.counters.write_calls.load(Ordering::Relaxed),
+            copy_calls: self.counters.copy_calls.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -337,17 +383,21 @@ impl ArrayPort for MemoryArray {
         Box::pin(async { Ok(()) })
     }
 
-    fn checksum(
+    fn checksums(
         &self,
         lu: u32,
         lba: u64,
         blocks: u64,
-    ) -> BoxFuture<'_, Result<[u8; 32], PortError>> {
+        chunk_blocks: u64,
+    ) -> BoxFuture<'_, Result<Vec<[u8; 32]>, PortError>> {
         Box::pin(async move {
             let bs = self.block_size(lu);
-            let (start, end) = ((lba * bs) as usize, ((lba + blocks) * bs) as usize);
             let lus = self.lus.lock().expect("memory array");
-            Ok(*blake3::hash(&lus[&lu][start..end]).as_bytes())
+            let bytes = &lus[&lu][(lba * bs) as usize..((lba + blocks) * bs) as usize];
+            Ok(bytes
+                .chunks((chunk_blocks * bs) as usize)
+                .map(|c| *blake3::hash(c).as_bytes())
+                .collect())
         })
     }
 }

@@ -30,6 +30,7 @@ pub struct DbStatus {
     pub ledger: Option<LedgerStatus>,
     pub gate: GateStatus,
     pub journal: Option<crate::journal::JournalStats>,
+    pub traffic: crate::array_port::Traffic,
 }
 
 pub struct Db {
@@ -139,6 +140,7 @@ impl Db {
             ledger: self.ledger.as_ref().map(|l| l.status()),
             gate: self.gate.status(),
             journal: self.manager.journal_stats(),
+            traffic: self.manager.traffic(),
         }
     }
 }

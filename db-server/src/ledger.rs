@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::DbError;
 use crate::gate::QuiesceGate;
+use crate::latency::LatencyHistogram;
 use crate::ledger_format::{self, Account, Layout, LogRecord, Superblock};
 use crate::lu_status::VirtualLu;
 use crate::manager::SnapshotManager;
@@ -46,13 +47,15 @@ impl Default for LedgerConfig {
 }
 
 /// Counters for `Status`.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LedgerStatus {
     pub volume: u32,
     pub sequence: u64,
     pub committed: u64,
     pub failed_writes: u64,
     pub accounts: u32,
+    /// Cumulative transaction latency histogram (see [`crate::latency`]).
+    pub latency_histogram: Vec<u64>,
 }
 
 pub struct Ledger {
@@ -66,6 +69,9 @@ pub struct Ledger {
     sequence: AtomicU64,
     committed: AtomicU64,
     failed_writes: AtomicU64,
+    /// Time from asking to start a transaction to its commit, as a client
+    /// sees it (waiting at a closed gate included).
+    latency: LatencyHistogram,
 }
 
 impl Ledger {
@@ -131,6 +137,7 @@ impl Ledger {
             sequence: AtomicU64::new(sequence),
             committed: AtomicU64::new(0),
             failed_writes: AtomicU64::new(0),
+            latency: LatencyHistogram::default(),
         }))
     }
 
@@ -227,6 +234,7 @@ impl Ledger {
             committed: self.committed.load(Ordering::Relaxed),
             failed_writes: self.failed_writes.load(Ordering::Relaxed),
             accounts: self.layout.accounts,
+            latency_histogram: self.latency.snapshot(),
         }
     }
 
@@ -245,6 +253,7 @@ impl Ledger {
                 "cannot transfer from account {from} to account {to}"
             )));
         }
+        let asked = std::time::Instant::now();
         let _pass = tokio::select! {
             pass = self.gate.pass() => pass,
             () = cancel.cancelled() => return Err(DbError::ShuttingDown),
@@ -296,6 +305,7 @@ impl Ledger {
         *from_account = new_from;
         *to_account = new_to;
         self.committed.fetch_add(1, Ordering::Relaxed);
+        self.latency.record(asked.elapsed().as_micros() as u64);
         Ok(sequence)
     }
 

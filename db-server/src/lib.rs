@@ -20,6 +20,7 @@ pub mod db;
 pub mod error;
 pub mod gate;
 pub mod journal;
+pub mod latency;
 pub mod ledger;
 pub mod ledger_format;
 pub mod lu_status;

@@ -74,6 +74,10 @@ pub struct ManagerConfig {
     pub resync_method: ResyncMethod,
     /// The largest range one resync step copies under one range lock.
     pub resync_chunk_bytes: u64,
+    /// Mirror by the host instead of the array: a write to the mirror LU is
+    /// sent twice, to origin and mate (the prior art of [0006]/[0009]).
+    /// Only for the benchmark that measures what array mirroring saves.
+    pub host_mirroring: bool,
     pub hooks: ManagerTestHooks,
 }
 
@@ -82,6 +86,7 @@ impl Default for ManagerConfig {
         Self {
             resync_method: ResyncMethod::Offload,
             resync_chunk_bytes: 1 << 20,
+            host_mirroring: false,
             hooks: ManagerTestHooks::default(),
         }
     }
@@ -278,6 +283,11 @@ impl SnapshotManager {
         Ok(manager)
     }
 
+    /// Data bytes exchanged with the array so far.
+    pub fn traffic(&self) -> crate::array_port::Traffic {
+        self.array.traffic()
+    }
+
     /// The journal's counters, if there is a journal.
     pub fn journal_stats(&self) -> Option<crate::journal::JournalStats> {
         self.journal.as_ref().map(|j| j.stats())
@@ -409,7 +419,7 @@ impl SnapshotManager {
             self.journal_intent(&vol.pair, range.clone()).await?;
             crash::point("write.after_intent");
         }
-        let written = self.array.write(lu, lba, data).await;
+        let written = self.write_lu(&vol.pair, lu, lba, data).await;
         crash::point("write.after_array");
         if dirties && !intent_first {
             self.journal_intent(&vol.pair, range.clone()).await?;
@@ -749,10 +759,15 @@ impl SnapshotManager {
         Ok(())
     }
 
-    /// The whole-volume resync: chunk by chunk, under the range lock,
-    /// compare origin and mate digests in the array and copy the chunk if
-    /// they differ.
+    /// The whole-volume resync. Digests of origin and mate are asked for
+    /// in batches (the array hashes holes without reading them); a chunk
+    /// whose digests differ is locked against writes, compared again, and
+    /// copied if it still differs. A chunk that compared equal needs no lock:
+    /// writes in Resynchronizing mode go to the mirror LU (both sides), and a
+    /// write caught half-done shows as a difference and is re-checked.
     async fn compare_whole_volume(&self, vol: &Volume) -> Result<(), DbError> {
+        /// Chunks asked for in one `ChecksumRange` call per side.
+        const BATCH_CHUNKS: u64 = 256;
         let pair = vol.pair;
         let block_size_bytes = u64::from(pair.block_size_bytes);
         let chunk_blocks = (self.config.resync_chunk_bytes / block_size_bytes).max(1);
@@ -768,15 +783,30 @@ impl SnapshotManager {
             if self.cancel.is_cancelled() {
                 return Err(DbError::ShuttingDown);
             }
-            let n = chunk_blocks.min(pair.block_count - lba);
-            let _blocks = vol.blocks.lock(lba..lba + n, LockMode::Exclusive).await;
+            let n = (chunk_blocks * BATCH_CHUNKS).min(pair.block_count - lba);
             let (origin, mate) = tokio::join!(
-                self.array.checksum(pair.origin_lu, lba, n),
-                self.array.checksum(pair.mate_lu, lba, n)
+                self.array.checksums(pair.origin_lu, lba, n, chunk_blocks),
+                self.array.checksums(pair.mate_lu, lba, n, chunk_blocks)
             );
-            if origin? != mate? {
-                self.copy(vol, lba..lba + n).await?;
-                copied_chunks += 1;
+            let (origin, mate) = (origin?, mate?);
+            for (index, (o, m)) in origin.iter().zip(&mate).enumerate() {
+                if o == m {
+                    continue;
+                }
+                let start = lba + index as u64 * chunk_blocks;
+                let blocks = chunk_blocks.min(pair.block_count - start);
+                let _blocks = vol
+                    .blocks
+                    .lock(start..start + blocks, LockMode::Exclusive)
+                    .await;
+                let (o, m) = tokio::join!(
+                    self.array.checksums(pair.origin_lu, start, blocks, blocks),
+                    self.array.checksums(pair.mate_lu, start, blocks, blocks)
+                );
+                if o? != m? {
+                    self.copy(vol, start..start + blocks).await?;
+                    copied_chunks += 1;
+                }
             }
             vol.inner().resync.bytes_done += n * block_size_bytes;
             lba += n;
@@ -800,6 +830,25 @@ impl SnapshotManager {
         inner.resync.ranges_total = inner.resync.ranges_done + inner.table.range_count() as u64;
     }
 
+    /// Writes one LU; with host mirroring, a write to the mirror LU goes to
+    /// origin and mate as two concurrent writes instead.
+    async fn write_lu(
+        &self,
+        pair: &PairInfo,
+        lu: u32,
+        lba: u64,
+        data: Vec<u8>,
+    ) -> Result<(), crate::array_port::PortError> {
+        if self.config.host_mirroring && lu == pair.mirror_lu {
+            let (origin, mate) = tokio::join!(
+                self.array.write(pair.origin_lu, lba, data.clone()),
+                self.array.write(pair.mate_lu, lba, data)
+            );
+            return origin.and(mate);
+        }
+        self.array.write(lu, lba, data).await
+    }
+
     async fn copy(&self, vol: &Volume, blocks: Range<u64>) -> Result<(), DbError> {
         let pair = vol.pair;
         let count = blocks.end - blocks.start;
@@ -811,7 +860,8 @@ impl SnapshotManager {
             }
             ResyncMethod::WriteBack => {
                 let data = self.array.read(pair.origin_lu, blocks.start, count).await?;
-                self.array.write(pair.mirror_lu, blocks.start, data).await?
+                self.write_lu(&pair, pair.mirror_lu, blocks.start, data)
+                    .await?
             }
         }
         Ok(())

@@ -112,6 +112,7 @@ pub fn status_to_pb(status: DbStatus) -> pb::StatusResponse {
         transactions_committed: l.committed,
         transactions_failed: l.failed_writes,
         accounts: l.accounts,
+        latency_histogram: l.latency_histogram,
     });
     pb::StatusResponse {
         volumes,
@@ -129,6 +130,12 @@ pub fn status_to_pb(status: DbStatus) -> pb::StatusResponse {
                 fsyncs: j.fsyncs,
             }
         })),
+        array_traffic: Some(pb::ArrayTraffic {
+            bytes_sent: status.traffic.bytes_sent,
+            bytes_received: status.traffic.bytes_received,
+            write_calls: status.traffic.write_calls,
+            copy_calls: status.traffic.copy_calls,
+        }),
     }
 }
 

@@ -154,6 +154,7 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
         resync_method: method,
         resync_chunk_bytes: 8 * BLOCK as u64,
         hooks,
+        ..ManagerConfig::default()
     };
     let db = start_db(&array.url(), &dir.path().join("db"), manager, None).await;
     let mut client = db_client(&db.url()).await;

@@ -32,6 +32,7 @@ async fn race(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> usize
         resync_method: method,
         resync_chunk_bytes: 16 * BLOCK as u64,
         hooks,
+        ..ManagerConfig::default()
     };
     let db = start_db(&array.url(), &dir.path().join("db"), manager, None).await;
     let mut client = db_client(&db.url()).await;
