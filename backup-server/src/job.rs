@@ -224,6 +224,19 @@ async fn copy_segment(
             Some(data) => data?,
             None => break,
         };
+        // The array sends whole 1 MiB chunks at chunk boundaries: take them
+        // as they come instead of copying them into the chunk buffer.
+        let whole_chunk = chunk.is_empty()
+            && (data.len() as u64 == CHUNK_SIZE_BYTES || chunk_offset + data.len() as u64 == end);
+        if whole_chunk {
+            if let Some(previous) = pending.take() {
+                digests.push(finish(previous, progress).await?);
+            }
+            let at = chunk_offset;
+            chunk_offset += data.len() as u64;
+            pending = Some(spawn_chunk(image.clone(), data, at));
+            continue;
+        }
         let mut data = &data[..];
         while !data.is_empty() {
             let want = (CHUNK_SIZE_BYTES as usize - chunk.len()).min(data.len());
@@ -236,17 +249,7 @@ async fn copy_segment(
                 }
                 let full =
                     std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_SIZE_BYTES as usize));
-                let image = image.clone();
-                let at = chunk_offset;
-                pending = Some(tokio::task::spawn_blocking(move || {
-                    let digest = *blake3::hash(&full).as_bytes();
-                    // All-zero chunks are not written: the image file was
-                    // sized sparse, so they read back as zeros.
-                    if full.iter().any(|&b| b != 0) {
-                        image.write_all_at(&full, at)?;
-                    }
-                    Ok((at, digest))
-                }));
+                pending = Some(spawn_chunk(image.clone(), full, chunk_offset));
                 chunk_offset = chunk_end;
             }
         }
@@ -254,6 +257,12 @@ async fn copy_segment(
     if let Some(previous) = pending.take() {
         digests.push(finish(previous, progress).await?);
     }
+    // Flush this segment now, while the other streams keep copying, so that
+    // the final fsync of the commit has little left to write.
+    tokio::task::spawn_blocking(move || image.sync_data())
+        .await
+        .map_err(|e| JobError::Store(e.to_string()))?
+        .map_err(|e| JobError::Store(format!("syncing the image: {e}")))?;
     if chunk_offset != end || !chunk.is_empty() {
         return Err(JobError::Store(format!(
             "the array ended the stream at byte {} of a segment ending at {end}",
@@ -264,6 +273,19 @@ async fn copy_segment(
         .into_iter()
         .map(|(at, digest)| (at / CHUNK_SIZE_BYTES, digest))
         .collect())
+}
+
+/// Hashes a chunk and writes it at `at`, off the async threads. All-zero
+/// chunks are not written: the image file was sized sparse, so they read
+/// back as zeros.
+fn spawn_chunk(image: Arc<File>, data: Vec<u8>, at: u64) -> ChunkTask {
+    tokio::task::spawn_blocking(move || {
+        let digest = *blake3::hash(&data).as_bytes();
+        if data.iter().any(|&b| b != 0) {
+            image.write_all_at(&data, at)?;
+        }
+        Ok((at, digest))
+    })
 }
 
 /// A chunk being hashed and written: answers its offset and digest.

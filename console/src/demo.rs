@@ -67,12 +67,31 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Starts the three nodes under `dir` on ephemeral loopback ports.
+    /// Starts the three nodes under `dir` on ephemeral loopback ports,
+    /// with the journal on.
     pub async fn start(
         dir: &Path,
         lu_size_bytes: u64,
         ledger: Option<db_server::ledger::LedgerConfig>,
         manager: db_server::manager::ManagerConfig,
+    ) -> Result<Self, String> {
+        Self::start_with_journal(
+            dir,
+            lu_size_bytes,
+            ledger,
+            manager,
+            Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
+        )
+        .await
+    }
+
+    /// The same, choosing the journal (`None` = none, for measuring it).
+    pub async fn start_with_journal(
+        dir: &Path,
+        lu_size_bytes: u64,
+        ledger: Option<db_server::ledger::LedgerConfig>,
+        manager: db_server::manager::ManagerConfig,
+        journal_region_bytes: Option<u64>,
     ) -> Result<Self, String> {
         let array = array_node::spawn(
             array_node::ArrayNodeConfig {
@@ -90,7 +109,7 @@ impl LocalCluster {
                 data_dir: dir.join("db"),
                 manager,
                 ledger,
-                journal_region_bytes: Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
+                journal_region_bytes,
             },
             node::bind("127.0.0.1:0").await?,
         )

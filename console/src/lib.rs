@@ -7,6 +7,7 @@
 //! - [`status`]: `console status` and `console pair verify`.
 //! - [`demo`]: the embedded demo (three nodes in-process on loopback).
 
+pub mod bench;
 pub mod clients;
 pub mod demo;
 pub mod progress;

@@ -129,6 +129,34 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         interval: Duration,
     },
+    /// Measures speed, next to the peer a user would pick where one exists.
+    /// Each scenario starts its own nodes on loopback. Scenarios: array
+    /// (Read/Write vs qemu-nbd), backup (vs qemu-img convert), freeze
+    /// (freeze window), modes (ledger tps per mode, array vs host
+    /// mirroring), resync (time and bytes per dirty size), journal (its
+    /// cost), timeline (tps during one run, --plot), run (orchestration
+    /// overhead).
+    ///
+    /// Example: console bench freeze --size 256MiB --json freeze.json --plot freeze.svg
+    Bench {
+        /// One of: array, backup, freeze, modes, resync, journal, timeline, run.
+        scenario: String,
+        /// Size of the LU or volume under test.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size_bytes)]
+        size: u64,
+        /// How long each timed phase runs.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        seconds: Duration,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Draw an SVG plot here (freeze: histogram; timeline: tps over time).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// A tiny configuration, for smoke tests.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Acquire or delete a snapshot by hand.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -314,6 +342,34 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 print!("{}", report.render());
             }
             Ok(exit(report.succeeded()))
+        }
+        Command::Bench {
+            scenario,
+            size,
+            seconds,
+            json,
+            plot,
+            quick,
+        } => {
+            let options = console::bench::BenchOptions {
+                size_bytes: size,
+                seconds,
+                quick,
+                plot,
+            };
+            let output = console::bench::run(&scenario, &options).await?;
+            println!(
+                "bench {scenario} ({}):",
+                splitmirror_proto::units::format_bytes(size)
+            );
+            print!("{}", output.table);
+            if let Some(path) = json {
+                let text =
+                    serde_json::to_string_pretty(&output.figures).map_err(|e| e.to_string())?;
+                std::fs::write(&path, text)
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Schedule {
             volume,

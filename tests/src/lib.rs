@@ -3,8 +3,14 @@
 //! the binaries use.
 //!
 //! - [`harness`]: starting nodes, clients, seeds, reading LUs back.
-//! - `array_*`: the disk array (mirror I/O, bad input, the copy/write race,
-//!   grpcurl against the real binary-less server).
+//! - `array_*`, `grpcurl`: the disk array (mirror I/O, bad input, the
+//!   copy/write race, grpcurl as an operator uses it).
+//! - `db_*`: the snapshot manager (model test, resync race, the ledger).
+//! - `crash`: kill -9 at named crash points, array loss, lost journal.
+//! - `backup`: images, manifests, verification, node crashes.
+//! - `console_cli`: the console binary end to end, the demo, the CLI.
+//! - `compose`: the container scenario (when Docker is there).
+//! - `bench_smoke`: every benchmark scenario once, tiny.
 
 pub mod harness;
 
@@ -14,6 +20,8 @@ mod array_io;
 mod array_race;
 #[cfg(test)]
 mod backup;
+#[cfg(test)]
+mod bench_smoke;
 #[cfg(test)]
 mod compose;
 #[cfg(test)]

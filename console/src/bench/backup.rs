@@ -1,0 +1,193 @@
+//! `bench backup`: a mate LU of random data backed up into the store, next
+//! to `qemu-nbd` + `qemu-img convert` of the same file into a file, plus
+//! the backup server's CPU seconds per GiB.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use splitmirror_proto::backup::v1 as pb;
+use splitmirror_proto::backup::v1::backup_service_client::BackupServiceClient;
+use splitmirror_proto::node;
+
+use super::common::{cpu_seconds, f1, f2, mb_per_s, random_file, sibling_binary, table};
+use super::{BenchOptions, BenchOutput, peer};
+
+pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
+    let size = options.size_bytes;
+    let dir = tempfile::Builder::new()
+        .prefix("splitmirror-bench-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let data_dir = dir.path().join("array");
+    std::fs::create_dir_all(&data_dir).map_err(|e| e.to_string())?;
+    let mate_file = data_dir.join("lu2.img");
+    random_file(&mate_file, size, 2)?;
+    let array = array_node::spawn(
+        array_node::ArrayNodeConfig {
+            data_dir,
+            array: array_node::ArrayConfig::default_pairs(size).map_err(|e| e.to_string())?,
+            hooks: array_node::ArrayTestHooks::default(),
+        },
+        node::bind("127.0.0.1:0").await?,
+    )
+    .await?;
+    let store = dir.path().join("store");
+
+    // The backup server runs as its own process when its binary is next to
+    // this one, so that its CPU time can be read on its own.
+    let mut child = None;
+    let mut in_process = None;
+    let backup_url = match sibling_binary("backup-server") {
+        Some(binary) => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            drop(listener);
+            let process = std::process::Command::new(binary)
+                .args([
+                    "--listen",
+                    &addr.to_string(),
+                    "--array",
+                    &array.url(),
+                    "--store",
+                ])
+                .arg(&store)
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .map_err(|e| format!("starting backup-server: {e}"))?;
+            child = Some(process);
+            format!("http://{addr}")
+        }
+        None => {
+            let handle = backup_server::spawn(
+                backup_server::BackupServerConfig {
+                    array_url: array.url(),
+                    store_dir: store.clone(),
+                },
+                node::bind("127.0.0.1:0").await?,
+            )
+            .await?;
+            let url = handle.url();
+            in_process = Some(handle);
+            url
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node::probe_health(&backup_url, "").await.is_err() {
+        if Instant::now() > deadline {
+            return Err("backup-server did not start".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut client = BackupServiceClient::new(node::channel(&backup_url)?);
+    let cpu_before = child.as_ref().and_then(|c| cpu_seconds(c.id()));
+    let started = Instant::now();
+    let id = client
+        .start_backup(pb::StartBackupRequest {
+            run_id: "bench".into(),
+            lu: 2,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner()
+        .backup_id;
+    let mut stream = client
+        .watch_backup(pb::BackupIdRequest {
+            backup_id: id.clone(),
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let mut last = None;
+    while let Some(p) = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
+        last = Some(p);
+    }
+    let elapsed = started.elapsed();
+    let last = last.ok_or("no progress")?;
+    if last.state() != pb::BackupState::Complete {
+        return Err(format!("the backup failed: {}", last.error));
+    }
+    let cpu = match (cpu_before, child.as_ref().and_then(|c| cpu_seconds(c.id()))) {
+        (Some(before), Some(after)) => Some((after - before) / (size as f64 / (1u64 << 30) as f64)),
+        _ => None,
+    };
+    let ours = mb_per_s(size, elapsed);
+    if let Some(mut process) = child {
+        let _ = process.kill();
+        let _ = process.wait();
+    }
+    if let Some(handle) = in_process {
+        handle.shutdown().await?;
+    }
+
+    let peer = match peer::missing() {
+        Some(reason) => Err(reason),
+        None => {
+            let export = peer::export(&mate_file)?;
+            let out = dir.path().join("peer.raw");
+            let (copied, synced) = peer::convert(&export, &out)?;
+            Ok((mb_per_s(size, copied), mb_per_s(size, copied + synced)))
+        }
+    };
+    array.shutdown().await?;
+
+    let mut rows = vec![vec![
+        "backup-server (image + manifest, fsynced)".into(),
+        f1(ours),
+        "MB/s".into(),
+    ]];
+    let (peer_json, ratio_json) = match &peer {
+        Ok((copy, copy_sync)) => {
+            rows.push(vec![
+                "qemu-img convert from qemu-nbd".into(),
+                f1(*copy),
+                "MB/s".into(),
+            ]);
+            rows.push(vec![
+                "qemu-img convert + fsync".into(),
+                f1(*copy_sync),
+                "MB/s".into(),
+            ]);
+            rows.push(vec![
+                "ratio (ours / convert + fsync)".into(),
+                f2(ours / copy_sync),
+                "× (target ≥ 1.2)".into(),
+            ]);
+            rows.push(vec![
+                "ratio (ours / convert, no fsync)".into(),
+                f2(ours / copy),
+                "×".into(),
+            ]);
+            (
+                json!({"convert_mb_per_s": copy, "convert_and_fsync_mb_per_s": copy_sync}),
+                json!({"over_convert_and_fsync": ours / copy_sync, "over_convert": ours / copy}),
+            )
+        }
+        Err(reason) => {
+            rows.push(vec!["peer".into(), "skipped".into(), reason.clone()]);
+            (json!(null), json!(reason))
+        }
+    };
+    rows.push(vec![
+        "backup-server CPU per GiB".into(),
+        cpu.map_or("n/a".into(), f2),
+        "CPU s/GiB".into(),
+    ]);
+    Ok(BenchOutput {
+        table: table(
+            &["backup of a mate LU of random data", "value", "unit"],
+            &rows,
+        ),
+        figures: json!({
+            "backup_mb_per_s": ours,
+            "backup_seconds": elapsed.as_secs_f64(),
+            "peer": peer_json,
+            "ratio": ratio_json,
+            "backup_server_cpu_seconds_per_gib": cpu,
+        }),
+    })
+}

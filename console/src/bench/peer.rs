@@ -1,0 +1,90 @@
+//! The peer a user would pick instead: `qemu-nbd` exporting the same LU
+//! file over NBD on loopback, copied by `qemu-img convert` into a raw file.
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `qemu-nbd`; stopped when dropped.
+pub struct NbdExport {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for NbdExport {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Why the peer could not be measured, for the report.
+pub fn missing() -> Option<String> {
+    for tool in ["qemu-nbd", "qemu-img"] {
+        let found = Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!(
+                "{tool} is not installed (apt-get install qemu-utils): the peer is skipped"
+            ));
+        }
+    }
+    None
+}
+
+/// Exports `file` read-only on an ephemeral loopback port.
+pub fn export(file: &Path) -> Result<NbdExport, String> {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        listener.local_addr().map_err(|e| e.to_string())?.port()
+    };
+    let child = Command::new("qemu-nbd")
+        .args([
+            "--read-only",
+            "--persistent",
+            "--format=raw",
+            "--bind=127.0.0.1",
+        ])
+        .arg(format!("--port={port}"))
+        .arg("--export-name=lu")
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting qemu-nbd: {e}"))?;
+    let export = NbdExport { child, port };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err("qemu-nbd did not start listening".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(export)
+}
+
+/// Copies the export into `out` with `qemu-img convert`; answers the time
+/// the copy took and, separately, the time to fsync the result.
+pub fn convert(export: &NbdExport, out: &Path) -> Result<(Duration, Duration), String> {
+    let started = Instant::now();
+    let status = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("nbd://127.0.0.1:{}/lu", export.port))
+        .arg(out)
+        .status()
+        .map_err(|e| format!("running qemu-img convert: {e}"))?;
+    let copied = started.elapsed();
+    if !status.success() {
+        return Err(format!("qemu-img convert failed: {status}"));
+    }
+    let started = Instant::now();
+    std::fs::File::open(out)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("syncing {}: {e}", out.display()))?;
+    Ok((copied, started.elapsed()))
+}

@@ -1,0 +1,180 @@
+//! `bench run`: one `console run` with the ledger at full speed — its total
+//! time and phases — next to the same steps called one by one, so that the
+//! orchestration's own overhead is visible.
+
+use std::time::Instant;
+
+use serde_json::json;
+use splitmirror_proto::backup::v1 as bpb;
+use splitmirror_proto::db::v1 as dpb;
+use tokio_util::sync::CancellationToken;
+
+use super::common::{Bench, f1, f2, full_speed_ledger, table};
+use super::{BenchOptions, BenchOutput};
+use crate::progress::Quiet;
+use crate::run::{RunOptions, backup_run};
+
+pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
+    let bench = Bench::start(
+        options.size_bytes,
+        Some(full_speed_ledger()),
+        db_server::manager::ManagerConfig::default(),
+        Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
+    )
+    .await?;
+    let clients = &bench.clients;
+    // Parts and whole runs alternate, so that neither gains from going
+    // second (a warm cache, a settled ledger).
+    let rounds = if options.quick { 1 } else { 3 };
+    let mut parts = Vec::new();
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        parts.push(parts_alone(clients, round).await?);
+        let report = backup_run(
+            clients,
+            &RunOptions {
+                volume: 0,
+                keep_snapshot: false,
+                label: "bench".into(),
+                cancel: CancellationToken::new(),
+            },
+            &Quiet,
+        )
+        .await;
+        if !report.succeeded() {
+            return Err(format!("the run failed: {:?}", report.error));
+        }
+        runs.push(report);
+    }
+    bench.shutdown().await?;
+    let n = rounds as f64;
+    let mean = |f: &dyn Fn(&Parts) -> f64| parts.iter().map(f).sum::<f64>() / n;
+    let run_mean = |f: &dyn Fn(&crate::run::PhasesMs) -> u64| {
+        runs.iter().map(|r| f(&r.phases_ms) as f64).sum::<f64>() / n
+    };
+    let (acquire_ms, backup_ms, delete_ms, resync_ms) = (
+        mean(&|p| p.acquire_ms),
+        mean(&|p| p.backup_ms),
+        mean(&|p| p.delete_ms),
+        mean(&|p| p.resync_ms),
+    );
+    let parts_ms = acquire_ms + backup_ms + delete_ms + resync_ms;
+    let total_ms = run_mean(&|p| p.total);
+    let overhead = (total_ms - parts_ms) / total_ms.max(1e-9);
+    // Time inside the run that no phase accounts for: the console's own
+    // work between steps.
+    let phases_ms = run_mean(&|p| p.acquire + p.backup + p.compare + p.delete + p.resync);
+    let unattributed = (total_ms - phases_ms) / total_ms.max(1e-9);
+    let rows = vec![
+        vec![
+            "acquire".into(),
+            f1(acquire_ms),
+            f1(run_mean(&|p| p.acquire)),
+        ],
+        vec!["backup".into(), f1(backup_ms), f1(run_mean(&|p| p.backup))],
+        vec![
+            "compare digests".into(),
+            "-".into(),
+            f1(run_mean(&|p| p.compare)),
+        ],
+        vec!["delete".into(), f1(delete_ms), f1(run_mean(&|p| p.delete))],
+        vec!["resync".into(), f1(resync_ms), f1(run_mean(&|p| p.resync))],
+        vec!["total".into(), f1(parts_ms), f1(total_ms)],
+    ];
+    let mut out = table(
+        &[
+            &format!("phase (ms, mean of {rounds})"),
+            "alone",
+            "in console run",
+        ],
+        &rows,
+    );
+    out.push_str(&format!(
+        "\n  orchestration overhead: (run − parts alone) ÷ run = {} %; time between the run's phases ÷ run = {} % (target < 5 %)\n",
+        f2(overhead * 100.0),
+        f2(unattributed * 100.0)
+    ));
+    Ok(BenchOutput {
+        table: out,
+        figures: json!({
+            "parts_ms": {"acquire": acquire_ms, "backup": backup_ms, "delete": delete_ms, "resync": resync_ms, "sum": parts_ms},
+            "run_total_ms": total_ms,
+            "overhead_fraction": overhead,
+            "unattributed_fraction": unattributed,
+            "rounds": rounds,
+            "reports": runs,
+        }),
+    })
+}
+
+struct Parts {
+    acquire_ms: f64,
+    backup_ms: f64,
+    delete_ms: f64,
+    resync_ms: f64,
+}
+
+/// The steps of a run called one by one, with nothing around them.
+async fn parts_alone(clients: &crate::clients::Clients, round: u32) -> Result<Parts, String> {
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    let run_id = format!("parts-{round}");
+    let t = Instant::now();
+    let acquired = clients
+        .db
+        .clone()
+        .acquire_snapshot(dpb::AcquireSnapshotRequest {
+            volume: 0,
+            run_id: run_id.clone(),
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let acquire_ms = ms(t);
+    let t = Instant::now();
+    let id = clients
+        .backup
+        .clone()
+        .start_backup(bpb::StartBackupRequest {
+            run_id: run_id.clone(),
+            lu: acquired.mate_lu,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner()
+        .backup_id;
+    let mut stream = clients
+        .backup
+        .clone()
+        .watch_backup(bpb::BackupIdRequest { backup_id: id })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    while stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+        .is_some()
+    {}
+    let backup_ms = ms(t);
+    let t = Instant::now();
+    clients
+        .db
+        .clone()
+        .delete_snapshot(dpb::DeleteSnapshotRequest {
+            volume: 0,
+            run_id,
+            force: false,
+        })
+        .await
+        .map_err(|s| s.message().to_string())?;
+    let delete_ms = ms(t);
+    let t = Instant::now();
+    crate::run::wait_synchronized(clients, 0, &Quiet).await?;
+    Ok(Parts {
+        acquire_ms,
+        backup_ms,
+        delete_ms,
+        resync_ms: ms(t),
+    })
+}
