@@ -17,6 +17,13 @@ use crate::storage::{FileStorage, LuStorage, MemoryStorage};
 /// checksum chunk). Larger transfers are split by the client or streamed.
 pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
 
+/// Bulk transfers (reads, copies and checksums of at least
+/// `BULK_MIN_BYTES`) run at most this many at a time. Without the limit a
+/// backup's read-ahead puts a dozen 1 MiB reads on the blocking threads at
+/// once, and the database's 4 KiB writes wait for CPU behind them.
+const BULK_IO_SLOTS: usize = 2;
+const BULK_MIN_BYTES: u64 = 256 << 10;
+
 /// Copies and checksums work in chunks of this many bytes at most, each
 /// under its own range lock, so that a long copy does not block writes to
 /// the whole range for its whole duration.
@@ -77,6 +84,7 @@ struct LuEntry {
 /// The array. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Array {
     lus: BTreeMap<LuId, LuEntry>,
+    bulk_io: tokio::sync::Semaphore,
 }
 
 impl Array {
@@ -165,7 +173,10 @@ impl Array {
             };
             lus.insert(m.mirror, LuEntry { info, lu });
         }
-        Ok(Self { lus })
+        Ok(Self {
+            lus,
+            bulk_io: tokio::sync::Semaphore::new(BULK_IO_SLOTS),
+        })
     }
 
     /// Every LU, in id order.
@@ -208,6 +219,7 @@ impl Array {
         let real = self.real(source)?;
         let _busy = InFlight::enter(&real.in_flight);
         let _guard = real.lock.lock(lba..lba + blocks, LockMode::Shared).await;
+        let _slot = self.bulk_slot(bytes).await;
         let mut buf = vec![0u8; bytes as usize];
         let storage = real.storage.clone();
         let buf = blocking(move || {
@@ -313,6 +325,7 @@ impl Array {
             // writes never wait on each other in a cycle.
             locked.sort_unstable();
             let _guards = self.lock_modes(&locked, &targets, range).await?;
+            let _slot = self.bulk_slot(n * block_size_bytes).await;
             let len = (n * block_size_bytes) as usize;
             let offset_bytes = chunk_lba * block_size_bytes;
             let src_storage = self.real(source)?.storage.clone();
@@ -380,6 +393,7 @@ impl Array {
                 .lock(chunk_lba..chunk_lba + n, LockMode::Shared)
                 .await;
             let len = (n * block_size_bytes) as usize;
+            let _slot = self.bulk_slot(len as u64).await;
             let storage = real.storage.clone();
             let mut chunk = std::mem::take(&mut buf);
             let (chunk, digest) = blocking(move || {
@@ -412,6 +426,15 @@ impl Array {
                 .map_err(|e| ArrayError::io(format!("flushing LU {target}"), e))?;
         }
         Ok(())
+    }
+
+    /// A bulk I/O slot for a transfer of `bytes`; small transfers need none.
+    async fn bulk_slot(&self, bytes: u64) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        if bytes < BULK_MIN_BYTES {
+            return None;
+        }
+        // The semaphore is never closed, so acquiring only waits.
+        self.bulk_io.acquire().await.ok()
     }
 
     fn entry(&self, lu: LuId) -> Result<&LuEntry, ArrayError> {

@@ -48,14 +48,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // Errors are printed as one line of context, without a backtrace.
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    node::exit_code(run().await)
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -83,8 +76,8 @@ async fn run() -> anyhow::Result<()> {
     let handle = array_node::spawn(config, listener)
         .await
         .map_err(anyhow::Error::msg)?;
-    node::cancel_on_signal(handle.cancel_token()).await;
-    handle.shutdown().await.map_err(anyhow::Error::msg)?;
-    tracing::info!("array-node stopped");
+    node::serve_until_signal(handle, "array-node")
+        .await
+        .map_err(anyhow::Error::msg)?;
     Ok(())
 }

@@ -83,6 +83,8 @@ pub struct Backups {
     by_run: Mutex<HashMap<String, String>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    /// The rate cap of jobs that do not ask for one.
+    default_max_bytes_per_s: Option<u64>,
 }
 
 impl Backups {
@@ -91,6 +93,7 @@ impl Backups {
         source: Arc<dyn LuSource>,
         tasks: TaskTracker,
         cancel: CancellationToken,
+        default_max_bytes_per_s: Option<u64>,
     ) -> Self {
         Self {
             store,
@@ -99,6 +102,7 @@ impl Backups {
             by_run: Mutex::new(HashMap::new()),
             tasks,
             cancel,
+            default_max_bytes_per_s,
         }
     }
 
@@ -111,6 +115,7 @@ impl Backups {
         expected_block_count: Option<u64>,
         label: &str,
         ledger_sequence: Option<u64>,
+        max_bytes_per_s: Option<u64>,
     ) -> Result<(String, bool), BackupError> {
         if run_id.is_empty() {
             return Err(BackupError::InvalidArgument(
@@ -139,6 +144,7 @@ impl Backups {
                 expected_block_count,
                 label: label.to_string(),
                 ledger_sequence,
+                max_bytes_per_s: max_bytes_per_s.or(self.default_max_bytes_per_s),
             },
             progress: Progress::new(),
             cancel: self.cancel.child_token(),

@@ -29,6 +29,35 @@ pub struct JobSpec {
     pub expected_block_count: Option<u64>,
     pub label: String,
     pub ledger_sequence: Option<u64>,
+    /// Caps the copy rate; `None` = as fast as it goes.
+    pub max_bytes_per_s: Option<u64>,
+}
+
+/// Paces the streams of one job to a byte rate: each chunk reserves its
+/// share of time, and waits until the reservation before it has passed.
+struct RateLimit {
+    bytes_per_s: u64,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl RateLimit {
+    fn new(bytes_per_s: u64) -> Self {
+        Self {
+            bytes_per_s: bytes_per_s.max(1),
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    async fn take(&self, bytes: u64) {
+        let start = {
+            let mut next = self.next.lock().expect("rate limit poisoned");
+            let start = (*next).max(tokio::time::Instant::now());
+            *next =
+                start + std::time::Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 /// Progress, readable while the job runs.
@@ -133,6 +162,8 @@ async fn copy(
         let start = s * SEGMENT_BYTES;
         (start, SEGMENT_BYTES.min(size_bytes - start))
     });
+    let limit = spec.max_bytes_per_s.map(RateLimit::new);
+    let limit = limit.as_ref();
     let per_segment: Vec<Vec<(u64, [u8; 32])>> = futures_util::stream::iter(segments)
         .map(|(offset, len)| {
             copy_segment(
@@ -144,6 +175,7 @@ async fn copy(
                 image.clone(),
                 progress,
                 cancel,
+                limit,
             )
         })
         .buffer_unordered(READ_STREAMS)
@@ -202,6 +234,7 @@ async fn copy_segment(
     image: Arc<File>,
     progress: &Progress,
     cancel: &CancellationToken,
+    limit: Option<&RateLimit>,
 ) -> Result<Vec<(u64, [u8; 32])>, JobError> {
     let mut stream = source
         .read(
@@ -224,6 +257,9 @@ async fn copy_segment(
             Some(data) => data?,
             None => break,
         };
+        if let Some(limit) = limit {
+            limit.take(data.len() as u64).await;
+        }
         // The array sends whole 1 MiB chunks at chunk boundaries: take them
         // as they come instead of copying them into the chunk buffer.
         let whole_chunk = chunk.is_empty()

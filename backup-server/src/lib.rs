@@ -33,6 +33,8 @@ use crate::store::BackupStore;
 pub struct BackupServerConfig {
     pub array_url: String,
     pub store_dir: PathBuf,
+    /// The rate cap (bytes per second) of jobs that do not ask for one.
+    pub default_max_bytes_per_s: Option<u64>,
 }
 
 /// Opens the store (cleaning partial leftovers) and serves on `listener`.
@@ -47,7 +49,13 @@ pub async fn spawn(
     let source = Arc::new(GrpcSource::new(&config.array_url)?);
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let backups = Arc::new(Backups::new(store, source, tasks.clone(), cancel.clone()));
+    let backups = Arc::new(Backups::new(
+        store,
+        source,
+        tasks.clone(),
+        cancel.clone(),
+        config.default_max_bytes_per_s,
+    ));
     let service = BackupServiceServer::new(service::BackupGrpc::new(backups))
         .max_encoding_message_size(node::MAX_MESSAGE_BYTES);
     let router = node::server_builder().add_service(service);

@@ -7,7 +7,7 @@ use backup_server::BackupServerConfig;
 use backup_server::store::BackupStore;
 use clap::{Parser, Subcommand};
 use splitmirror_proto::node;
-use splitmirror_proto::units::format_bytes;
+use splitmirror_proto::units::{format_bytes, parse_size_bytes};
 
 /// The backup server of splitmirror: reads a frozen mate LU straight from
 /// the array and writes `<store>/<backup-id>/image.raw` with a
@@ -33,6 +33,10 @@ struct Cli {
     /// The backup store directory.
     #[arg(long, env = "SPLITMIRROR_BACKUP_STORE", default_value = "backups")]
     store: PathBuf,
+    /// Cap each backup's read rate (bytes per second, e.g. 200MB) unless the
+    /// request sets its own, to leave CPU and I/O to the database.
+    #[arg(long, value_parser = parse_size_bytes)]
+    max_rate: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -59,14 +63,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // Errors are printed as one line of context, without a backtrace.
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    node::exit_code(run().await)
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -120,13 +117,14 @@ async fn run() -> anyhow::Result<()> {
             let config = BackupServerConfig {
                 array_url: cli.array,
                 store_dir: cli.store,
+                default_max_bytes_per_s: cli.max_rate,
             };
             let handle = backup_server::spawn(config, listener)
                 .await
                 .map_err(anyhow::Error::msg)?;
-            node::cancel_on_signal(handle.cancel_token()).await;
-            handle.shutdown().await.map_err(anyhow::Error::msg)?;
-            tracing::info!("backup-server stopped");
+            node::serve_until_signal(handle, "backup-server")
+                .await
+                .map_err(anyhow::Error::msg)?;
             Ok(())
         }
     }

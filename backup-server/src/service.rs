@@ -93,6 +93,7 @@ impl BackupService for BackupGrpc {
                 r.expected_block_count,
                 &r.label,
                 r.ledger_sequence,
+                r.max_bytes_per_s,
             )
             .await?;
         Ok(Response::new(pb::StartBackupResponse {

@@ -119,6 +119,7 @@ impl LocalCluster {
             backup_server::BackupServerConfig {
                 array_url: array.url(),
                 store_dir: store_dir.clone(),
+                default_max_bytes_per_s: None,
             },
             node::bind("127.0.0.1:0").await?,
         )
@@ -220,6 +221,7 @@ async fn run_cycles(
             volume: 0,
             keep_snapshot: false,
             label: format!("demo run {cycle}"),
+            max_bytes_per_s: None,
             cancel: CancellationToken::new(),
         };
         let report = backup_run(clients, &run_options, progress).await;

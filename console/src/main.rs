@@ -95,6 +95,10 @@ enum Command {
         /// A label stored in the backup's manifest.
         #[arg(long, default_value = "")]
         label: String,
+        /// Cap the backup's read rate (bytes per second, e.g. 200MB), to
+        /// leave the database its share of CPU and I/O.
+        #[arg(long, value_parser = parse_size_bytes)]
+        max_rate: Option<u64>,
     },
     /// Performs backup runs one after another — what the console container
     /// of `docker compose up` does. Waits for the nodes and for the volume
@@ -113,6 +117,9 @@ enum Command {
         /// Print each report as one JSON line.
         #[arg(long)]
         json: bool,
+        /// Cap each backup's read rate (bytes per second, e.g. 200MB).
+        #[arg(long, env = "SPLITMIRROR_MAX_RATE", value_parser = parse_size_bytes)]
+        max_rate: Option<u64>,
     },
     /// The LU status table (Fig. 10), each volume's update location table
     /// (Fig. 3) with a map of where the dirty blocks lie, resync progress,
@@ -156,6 +163,9 @@ enum Command {
         /// A tiny configuration, for smoke tests.
         #[arg(long)]
         quick: bool,
+        /// Cap the backup's rate in timeline and run (e.g. 150MB).
+        #[arg(long, value_parser = parse_size_bytes)]
+        max_rate: Option<u64>,
     },
     /// Acquire or delete a snapshot by hand.
     #[command(subcommand)]
@@ -307,6 +317,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             json,
             keep_snapshot,
             label,
+            max_rate,
         } => {
             let clients = connect(addresses)?;
             let cancel = CancellationToken::new();
@@ -320,27 +331,13 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 volume,
                 keep_snapshot,
                 label,
+                max_bytes_per_s: max_rate,
                 cancel,
             };
             let sink = progress::for_stderr();
             let report = backup_run(&clients, &options, sink.as_ref()).await;
             signal_task.abort();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).map_err(|e| e.to_string())?
-                );
-            } else {
-                println!(
-                    "backup run {}",
-                    if report.succeeded() {
-                        "succeeded"
-                    } else {
-                        "FAILED"
-                    }
-                );
-                print!("{}", report.render());
-            }
+            print_report(&report, "backup run", json)?;
             Ok(exit(report.succeeded()))
         }
         Command::Bench {
@@ -350,12 +347,14 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             json,
             plot,
             quick,
+            max_rate,
         } => {
             let options = console::bench::BenchOptions {
                 size_bytes: size,
                 seconds,
                 quick,
                 plot,
+                max_rate,
             };
             let output = console::bench::run(&scenario, &options).await?;
             println!(
@@ -376,9 +375,10 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             runs,
             interval,
             json,
+            max_rate,
         } => {
             let clients = connect(addresses)?;
-            schedule(&clients, volume, runs, interval, json).await
+            schedule(&clients, volume, runs, interval, json, max_rate).await
         }
         Command::Status {
             json,
@@ -578,6 +578,7 @@ async fn schedule(
     runs: u32,
     interval: Duration,
     json: bool,
+    max_rate: Option<u64>,
 ) -> Result<ExitCode, String> {
     let addresses = &clients.addresses;
     for (name, address) in [
@@ -603,6 +604,7 @@ async fn schedule(
             volume,
             keep_snapshot: false,
             label: format!("scheduled run {}", done + 1),
+            max_bytes_per_s: max_rate,
             cancel: CancellationToken::new(),
         };
         let report = backup_run(clients, &options, sink.as_ref()).await;
@@ -610,22 +612,7 @@ async fn schedule(
         if !report.succeeded() {
             failures += 1;
         }
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string(&report).map_err(|e| e.to_string())?
-            );
-        } else {
-            println!(
-                "backup run {done} {}",
-                if report.succeeded() {
-                    "succeeded"
-                } else {
-                    "FAILED"
-                }
-            );
-            print!("{}", report.render());
-        }
+        print_report(&report, &format!("backup run {done}"), json)?;
         if runs != 0 && done >= runs {
             break;
         }
@@ -636,6 +623,26 @@ async fn schedule(
     }
     println!("{done} runs, {failures} failed");
     Ok(exit(failures == 0))
+}
+
+/// Prints a run's report: one JSON line, or the human-readable form under
+/// a heading that says whether the run succeeded.
+fn print_report(report: &console::run::RunReport, heading: &str, json: bool) -> Result<(), String> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(report).map_err(|e| e.to_string())?
+        );
+    } else {
+        let outcome = if report.succeeded() {
+            "succeeded"
+        } else {
+            "FAILED"
+        };
+        println!("{heading} {outcome}");
+        print!("{}", report.render());
+    }
+    Ok(())
 }
 
 fn exit(ok: bool) -> ExitCode {

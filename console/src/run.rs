@@ -24,6 +24,9 @@ pub struct RunOptions {
     pub volume: u32,
     pub keep_snapshot: bool,
     pub label: String,
+    /// Caps the backup's read rate (bytes per second), to leave the
+    /// database its share of CPU and I/O; `None` = the server's default.
+    pub max_bytes_per_s: Option<u64>,
     /// Cancelled on Ctrl-C: the backup is cancelled and the snapshot deleted.
     pub cancel: CancellationToken,
 }
@@ -236,6 +239,7 @@ async fn back_up(
         expected_block_count: Some(acquired.block_count),
         label: options.label.clone(),
         ledger_sequence: Some(acquired.ledger_sequence),
+        max_bytes_per_s: options.max_bytes_per_s,
     };
     let started = retry("StartBackup", clients.step_deadline, || {
         let mut backup = clients.backup.clone();

@@ -94,14 +94,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // Errors are printed as one line of context, without a backtrace.
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    node::exit_code(run().await)
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -147,9 +140,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let handle = db_server::spawn(config, listener)
         .await
         .map_err(anyhow::Error::msg)?;
-    node::cancel_on_signal(handle.cancel_token()).await;
-    handle.shutdown().await.map_err(anyhow::Error::msg)?;
-    tracing::info!("db-server stopped");
+    node::serve_until_signal(handle, "db-server")
+        .await
+        .map_err(anyhow::Error::msg)?;
     Ok(())
 }
 

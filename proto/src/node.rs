@@ -226,6 +226,27 @@ pub async fn cancel_on_signal(cancel: CancellationToken) {
     }
 }
 
+/// Serves until SIGINT or SIGTERM, then shuts the node down cleanly: what
+/// every node binary does once its node is started.
+pub async fn serve_until_signal(handle: NodeHandle, name: &str) -> Result<(), String> {
+    cancel_on_signal(handle.cancel_token()).await;
+    handle.shutdown().await?;
+    tracing::info!("{name} stopped");
+    Ok(())
+}
+
+/// The exit code of a binary's `main`: failure is printed as one line of
+/// context on stderr (no backtrace, whatever `RUST_BACKTRACE` says).
+pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
     init_tracing_with_default("info");

@@ -23,11 +23,34 @@ async fn start(client: &mut harness::BackupClient, run_id: &str, lu: u32) -> (St
             expected_block_count: None,
             label: "test".into(),
             ledger_sequence: Some(7),
+            max_bytes_per_s: None,
         })
         .await
         .expect("start backup")
         .into_inner();
     (r.backup_id, r.already_started)
+}
+
+/// Waits until the copy is under way (and has not finished).
+async fn wait_until_copying(client: &mut harness::BackupClient, id: &str) {
+    loop {
+        let info = client
+            .get_backup(pb::BackupIdRequest {
+                backup_id: id.to_string(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(
+            info.state(),
+            pb::BackupState::Running,
+            "the copy ended before the kill"
+        );
+        if info.bytes_done > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,24 +254,7 @@ async fn killing_the_array_mid_backup_fails_the_job_as_unavailable() {
     let mut client = backup_client(&backup.url()).await;
     let (id, _) = start(&mut client, "run-kill-array", 2).await;
     // Wait until the copy is under way, then kill the array.
-    loop {
-        let info = client
-            .get_backup(pb::BackupIdRequest {
-                backup_id: id.clone(),
-            })
-            .await
-            .expect("get")
-            .into_inner();
-        assert_eq!(
-            info.state(),
-            pb::BackupState::Running,
-            "the copy ended before the kill"
-        );
-        if info.bytes_done > 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
+    wait_until_copying(&mut client, &id).await;
     array.kill9();
     let last = follow_backup(&mut client, &id).await;
     assert_eq!(last.state(), pb::BackupState::Failed);
@@ -303,24 +309,7 @@ async fn killing_the_backup_server_leaves_no_complete_backup() {
     let mut server = NodeProcess::start("backup-server", &args);
     let mut client = backup_client(&server.url()).await;
     let (id, _) = start(&mut client, "run-kill-backup", 2).await;
-    loop {
-        let info = client
-            .get_backup(pb::BackupIdRequest {
-                backup_id: id.clone(),
-            })
-            .await
-            .expect("get")
-            .into_inner();
-        assert_eq!(
-            info.state(),
-            pb::BackupState::Running,
-            "the copy ended before the kill"
-        );
-        if info.bytes_done > 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
+    wait_until_copying(&mut client, &id).await;
     server.kill9();
     let leftovers: Vec<String> = std::fs::read_dir(&store)
         .expect("store")
@@ -358,4 +347,40 @@ async fn killing_the_backup_server_leaves_no_complete_backup() {
     assert!(verified.ok);
     drop(server);
     array.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_capped_backup_takes_at_least_its_size_over_the_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let array = start_array(
+        &dir.path().join("array"),
+        harness::small_array(8 << 20),
+        ArrayTestHooks::default(),
+    )
+    .await;
+    let backup = start_backup(&array.url(), &dir.path().join("store")).await;
+    let mut client = backup_client(&backup.url()).await;
+    let started = std::time::Instant::now();
+    let id = client
+        .start_backup(pb::StartBackupRequest {
+            run_id: "capped".into(),
+            lu: 2,
+            max_bytes_per_s: Some(16 << 20),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .backup_id;
+    let last = follow_backup(&mut client, &id).await;
+    assert_eq!(last.state(), pb::BackupState::Complete, "{}", last.error);
+    // 8 MiB at 16 MiB/s: the first chunk goes at once, the other seven
+    // wait their turn, so at least 7/16 s. Only a lower bound is checked:
+    // the cap promises the copy is never faster than the rate.
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(430),
+        "the cap was not applied: {:?}",
+        started.elapsed()
+    );
+    backup.shutdown().await.expect("shutdown");
 }

@@ -364,6 +364,7 @@ pub async fn start_backup(array_url: &str, store: &Path) -> NodeHandle {
     let config = backup_server::BackupServerConfig {
         array_url: array_url.to_string(),
         store_dir: store.to_path_buf(),
+        default_max_bytes_per_s: None,
     };
     let handle = backup_server::spawn(config, listener)
         .await

@@ -13,30 +13,17 @@ use splitmirror_proto::array::v1 as pb;
 use splitmirror_proto::array::v1::array_service_client::ArrayServiceClient;
 use splitmirror_proto::node;
 
-use super::common::{f1, f2, mb_per_s, random_file, table};
+use super::common::{RandomLuArray, array_with_random_lu, f1, f2, mb_per_s, table};
 use super::{BenchOptions, BenchOutput, peer};
 
 pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     let size = options.size_bytes;
-    let dir = tempfile::Builder::new()
-        .prefix("splitmirror-bench-")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
-    let data_dir = dir.path().join("array");
-    std::fs::create_dir_all(&data_dir).map_err(|e| e.to_string())?;
-    // LU 1 (an origin, read on its own) holds random data, so that nothing
-    // on either side can skip zeros.
-    let lu_file = data_dir.join("lu1.img");
-    random_file(&lu_file, size, 1)?;
-    let array = array_node::spawn(
-        array_node::ArrayNodeConfig {
-            data_dir: data_dir.clone(),
-            array: array_node::ArrayConfig::default_pairs(size).map_err(|e| e.to_string())?,
-            hooks: array_node::ArrayTestHooks::default(),
-        },
-        node::bind("127.0.0.1:0").await?,
-    )
-    .await?;
+    // LU 1 (an origin, read on its own) holds random data.
+    let RandomLuArray {
+        dir,
+        array,
+        lu_file,
+    } = array_with_random_lu(1, size).await?;
     let channel = node::endpoint(&array.url())?
         .connect()
         .await

@@ -9,28 +9,18 @@ use splitmirror_proto::backup::v1 as pb;
 use splitmirror_proto::backup::v1::backup_service_client::BackupServiceClient;
 use splitmirror_proto::node;
 
-use super::common::{cpu_seconds, f1, f2, mb_per_s, random_file, sibling_binary, table};
+use super::common::{
+    RandomLuArray, array_with_random_lu, cpu_seconds, f1, f2, mb_per_s, sibling_binary, table,
+};
 use super::{BenchOptions, BenchOutput, peer};
 
 pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     let size = options.size_bytes;
-    let dir = tempfile::Builder::new()
-        .prefix("splitmirror-bench-")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
-    let data_dir = dir.path().join("array");
-    std::fs::create_dir_all(&data_dir).map_err(|e| e.to_string())?;
-    let mate_file = data_dir.join("lu2.img");
-    random_file(&mate_file, size, 2)?;
-    let array = array_node::spawn(
-        array_node::ArrayNodeConfig {
-            data_dir,
-            array: array_node::ArrayConfig::default_pairs(size).map_err(|e| e.to_string())?,
-            hooks: array_node::ArrayTestHooks::default(),
-        },
-        node::bind("127.0.0.1:0").await?,
-    )
-    .await?;
+    let RandomLuArray {
+        dir,
+        array,
+        lu_file: mate_file,
+    } = array_with_random_lu(2, size).await?;
     let store = dir.path().join("store");
 
     // The backup server runs as its own process when its binary is next to
@@ -62,6 +52,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
                 backup_server::BackupServerConfig {
                     array_url: array.url(),
                     store_dir: store.clone(),
+                    default_max_bytes_per_s: None,
                 },
                 node::bind("127.0.0.1:0").await?,
             )

@@ -205,6 +205,40 @@ pub fn random_file(path: &Path, size_bytes: u64, seed: u64) -> Result<(), String
         .map_err(|e| format!("syncing {}: {e}", path.display()))
 }
 
+/// An array node whose real LU `lu` holds random data (so that neither
+/// side of a comparison can skip zeros), in a fresh temporary directory.
+pub struct RandomLuArray {
+    pub dir: tempfile::TempDir,
+    pub array: splitmirror_proto::node::NodeHandle,
+    /// The LU's file, for the peer to export.
+    pub lu_file: std::path::PathBuf,
+}
+
+pub async fn array_with_random_lu(lu: u32, size_bytes: u64) -> Result<RandomLuArray, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("splitmirror-bench-")
+        .tempdir()
+        .map_err(|e| format!("creating a temporary directory: {e}"))?;
+    let data_dir = dir.path().join("array");
+    std::fs::create_dir_all(&data_dir).map_err(|e| e.to_string())?;
+    let lu_file = data_dir.join(format!("lu{lu}.img"));
+    random_file(&lu_file, size_bytes, u64::from(lu))?;
+    let array = array_node::spawn(
+        array_node::ArrayNodeConfig {
+            data_dir,
+            array: array_node::ArrayConfig::default_pairs(size_bytes).map_err(|e| e.to_string())?,
+            hooks: array_node::ArrayTestHooks::default(),
+        },
+        splitmirror_proto::node::bind("127.0.0.1:0").await?,
+    )
+    .await?;
+    Ok(RandomLuArray {
+        dir,
+        array,
+        lu_file,
+    })
+}
+
 /// p-quantile (0..=1) of `values`, nearest rank.
 pub fn percentile(values: &[f64], q: f64) -> f64 {
     if values.is_empty() {

@@ -41,6 +41,8 @@ pub struct BenchOptions {
     pub quick: bool,
     /// Write an SVG plot here (freeze, timeline).
     pub plot: Option<PathBuf>,
+    /// Cap the backup's rate in the scenarios that run one (timeline, run).
+    pub max_rate: Option<u64>,
 }
 
 /// What a scenario answers: a table for people, JSON for machines.
@@ -75,6 +77,7 @@ pub async fn run(scenario: &str, options: &BenchOptions) -> Result<BenchOutput, 
             "size_bytes": options.size_bytes,
             "seconds": options.seconds.as_secs_f64(),
             "quick": options.quick,
+            "max_rate_bytes_per_s": options.max_rate,
             "figures": output.figures,
         }),
     })

@@ -36,6 +36,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
                 volume: 0,
                 keep_snapshot: false,
                 label: "bench".into(),
+                max_bytes_per_s: options.max_rate,
                 cancel: CancellationToken::new(),
             },
             &Quiet,

@@ -58,6 +58,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
         volume: 0,
         keep_snapshot: false,
         label: "timeline".into(),
+        max_bytes_per_s: options.max_rate,
         cancel: CancellationToken::new(),
     };
     let report = backup_run(&bench.clients, &run_options, &Quiet).await;
