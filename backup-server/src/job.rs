@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures_util::{StreamExt, TryStreamExt};
+use splitmirror_proto::pace::RateLimit;
 use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{self, CHUNK_SIZE_BYTES, FORMAT_VERSION, Manifest};
@@ -31,33 +32,6 @@ pub struct JobSpec {
     pub ledger_sequence: Option<u64>,
     /// Caps the copy rate; `None` = as fast as it goes.
     pub max_bytes_per_s: Option<u64>,
-}
-
-/// Paces the streams of one job to a byte rate: each chunk reserves its
-/// share of time, and waits until the reservation before it has passed.
-struct RateLimit {
-    bytes_per_s: u64,
-    next: std::sync::Mutex<tokio::time::Instant>,
-}
-
-impl RateLimit {
-    fn new(bytes_per_s: u64) -> Self {
-        Self {
-            bytes_per_s: bytes_per_s.max(1),
-            next: std::sync::Mutex::new(tokio::time::Instant::now()),
-        }
-    }
-
-    async fn take(&self, bytes: u64) {
-        let start = {
-            let mut next = self.next.lock().expect("rate limit poisoned");
-            let start = (*next).max(tokio::time::Instant::now());
-            *next =
-                start + std::time::Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
-            start
-        };
-        tokio::time::sleep_until(start).await;
-    }
 }
 
 /// Progress, readable while the job runs.

@@ -44,6 +44,10 @@ struct ServeArgs {
     /// the array) or `writeback` (read origin, write the mirror LU).
     #[arg(long, default_value = "offload")]
     resync: ResyncMethod,
+    /// Cap the resync's copy rate (bytes per second, e.g. 100MB), so that a
+    /// large resync leaves the database its share of CPU and disk.
+    #[arg(long, value_parser = parse_size_bytes)]
+    resync_max_rate: Option<u64>,
     /// Run no ledger, only the snapshot manager.
     #[arg(long)]
     no_ledger: bool,
@@ -121,6 +125,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         manager: ManagerConfig {
             resync_method: args.resync,
+            resync_max_bytes_per_s: args.resync_max_rate,
             hooks: ManagerTestHooks {
                 journal_intent_after_write: args.unsafe_test_intent_after_write,
                 ..ManagerTestHooks::default()

@@ -19,6 +19,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use splitmirror_proto::pace::RateLimit;
 use splitmirror_proto::range_lock::{LockMode, RangeLock};
 use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
@@ -74,6 +75,10 @@ pub struct ManagerConfig {
     pub resync_method: ResyncMethod,
     /// The largest range one resync step copies under one range lock.
     pub resync_chunk_bytes: u64,
+    /// Caps the resync's copy rate (bytes per second), so that a large
+    /// resync leaves the database its share of CPU and disk; `None` = as
+    /// fast as it goes.
+    pub resync_max_bytes_per_s: Option<u64>,
     /// Mirror by the host instead of the array: a write to the mirror LU is
     /// sent twice, to origin and mate (the prior art of [0006]/[0009]).
     /// Only for the benchmark that measures what array mirroring saves.
@@ -86,6 +91,7 @@ impl Default for ManagerConfig {
         Self {
             resync_method: ResyncMethod::Offload,
             resync_chunk_bytes: 1 << 20,
+            resync_max_bytes_per_s: None,
             host_mirroring: false,
             hooks: ManagerTestHooks::default(),
         }
@@ -176,6 +182,8 @@ pub struct SnapshotManager {
     journal: Option<Arc<Journal>>,
     volumes: BTreeMap<u32, Arc<Volume>>,
     config: ManagerConfig,
+    /// Paces every volume's resync copies together.
+    resync_pace: Option<RateLimit>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -265,10 +273,12 @@ impl SnapshotManager {
             };
             volumes.insert(pair.mirror_lu, Arc::new(volume));
         }
+        let resync_pace = config.resync_max_bytes_per_s.map(RateLimit::new);
         let manager = Arc::new(Self {
             array,
             journal,
             volumes,
+            resync_pace,
             config,
             cancel,
             tasks,
@@ -852,6 +862,9 @@ impl SnapshotManager {
     async fn copy(&self, vol: &Volume, blocks: Range<u64>) -> Result<(), DbError> {
         let pair = vol.pair;
         let count = blocks.end - blocks.start;
+        if let Some(pace) = &self.resync_pace {
+            pace.take(count * u64::from(pair.block_size_bytes)).await;
+        }
         match self.config.resync_method {
             ResyncMethod::Offload => {
                 self.array

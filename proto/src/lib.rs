@@ -7,9 +7,11 @@
 //!   so that a call gets the same treatment whichever node it reaches.
 //! - [`range_lock`]: ordering of overlapping block ranges, used by the array
 //!   and the snapshot manager.
+//! - [`pace`]: pacing bulk work (backups, resyncs) to a byte rate.
 //! - [`units`]: parsing of human sizes and durations for the command lines.
 
 pub mod node;
+pub mod pace;
 pub mod range_lock;
 pub mod units;
 

@@ -13,6 +13,10 @@ use super::common::{
 };
 use super::{BenchOptions, BenchOutput};
 
+/// The resync rate cap of the third measurement (`db-server
+/// --resync-max-rate`).
+const RESYNC_CAP_BYTES_PER_S: u64 = 100_000_000;
+
 /// Bytes of the data volume dirtied (beyond the ledger) to make the resync
 /// last through the measurement.
 fn bulk_bytes(options: &BenchOptions) -> u64 {
@@ -21,8 +25,13 @@ fn bulk_bytes(options: &BenchOptions) -> u64 {
 
 pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     let seconds = options.seconds;
-    let array = per_mode(options, false, seconds).await?;
-    let host = per_mode(options, true, seconds).await?;
+    let array = per_mode(options, false, None, seconds).await?;
+    let host = per_mode(options, true, None, seconds).await?;
+    let capped = per_mode(options, false, Some(RESYNC_CAP_BYTES_PER_S), seconds).await?;
+    let capped_resync = capped
+        .last()
+        .map(|(_, w)| w.clone())
+        .ok_or("no resync window")?;
     let sync = &array[0].1;
     let host_sync = &host[0].1;
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -37,6 +46,17 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
             ]);
         }
     }
+    rows.push(vec![
+        format!(
+            "array mirroring, Resynchronizing, resync capped at {} MB/s",
+            RESYNC_CAP_BYTES_PER_S / 1_000_000
+        ),
+        f1(capped_resync.tps),
+        f1(capped_resync.p99_latency_us),
+        f2(capped_resync.wire_bytes_per_logical_byte),
+        f2(capped_resync.tps / sync.tps.max(1e-9)),
+    ]);
+    let capped_ratio = capped_resync.tps / sync.tps.max(1e-9);
     let snapshot_ratio = array[1].1.tps / sync.tps.max(1e-9);
     let resync_ratio = array[2].1.tps / sync.tps.max(1e-9);
     let tps_ratio = sync.tps / host_sync.tps.max(1e-9);
@@ -53,9 +73,10 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
         &rows,
     );
     out.push_str(&format!(
-        "\n  Snapshot / Synchronized {} (target ≥ 0.9), Resynchronizing / Synchronized {} (target ≥ 0.9)\n  array / host mirroring: {}× tps (target ≥ 1.5), {}× bytes on the wire (target 0.5)\n",
+        "\n  Snapshot / Synchronized {} (target ≥ 0.9), Resynchronizing / Synchronized {} uncapped, {} capped (target ≥ 0.9)\n  array / host mirroring: {}× tps (target ≥ 1.5), {}× bytes on the wire (target 0.5)\n",
         f2(snapshot_ratio),
         f2(resync_ratio),
+        f2(capped_ratio),
         f2(tps_ratio),
         f2(bytes_ratio)
     ));
@@ -72,6 +93,9 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
             "host_mirroring": to_json(&host),
             "snapshot_over_synchronized": snapshot_ratio,
             "resynchronizing_over_synchronized": resync_ratio,
+            "resynchronizing_capped_over_synchronized": capped_ratio,
+            "resync_cap_bytes_per_s": RESYNC_CAP_BYTES_PER_S,
+            "capped_resync": capped_resync,
             "array_over_host_tps": tps_ratio,
             "array_over_host_wire_bytes": bytes_ratio,
         }),
@@ -83,10 +107,12 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
 async fn per_mode(
     options: &BenchOptions,
     host_mirroring: bool,
+    resync_cap: Option<u64>,
     seconds: Duration,
 ) -> Result<Vec<(String, LedgerWindow)>, String> {
     let manager = db_server::manager::ManagerConfig {
         host_mirroring,
+        resync_max_bytes_per_s: resync_cap,
         ..db_server::manager::ManagerConfig::default()
     };
     let bench = Bench::start(
