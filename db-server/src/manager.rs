@@ -98,6 +98,9 @@ impl Default for ManagerConfig {
     }
 }
 
+/// Recorded ranges one resync step copies side by side.
+const RESYNC_RANGES_IN_FLIGHT: usize = 8;
+
 /// Resync progress of one volume since the snapshot was deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResyncProgress {
@@ -673,7 +676,10 @@ impl SnapshotManager {
             if self.cancel.is_cancelled() {
                 return;
             }
-            let next = vol.inner().table.first(chunk_blocks);
+            let batch = vol
+                .inner()
+                .table
+                .first_ranges(chunk_blocks, RESYNC_RANGES_IN_FLIGHT);
             if vol.inner().full_resync_pending {
                 match self.compare_whole_volume(vol).await {
                     Ok(()) => {
@@ -694,7 +700,7 @@ impl SnapshotManager {
                     }
                 }
             }
-            let Some(range) = next else {
+            if batch.is_empty() {
                 // Nothing recorded: the pair is synchronized once no write is
                 // in flight (a failing one could still record a range).
                 let _mode = vol.mode_gate.write().await;
@@ -727,13 +733,30 @@ impl SnapshotManager {
                     return;
                 }
                 continue;
-            };
+            }
             let copied = if self.config.hooks.resync_skips_recheck {
                 // The broken variant: no lock, no re-check.
-                let result = self.copy(vol, range.clone()).await;
-                result.map(|()| self.record_copied(vol, range))
+                let mut result = Ok(());
+                for range in batch {
+                    result = self.copy(vol, range.clone()).await;
+                    if result.is_err() {
+                        break;
+                    }
+                    self.record_copied(vol, range);
+                }
+                result
             } else {
-                self.copy_recorded(vol, range).await
+                // Disjoint ranges, each under its own lock: copied side by
+                // side, so that many small ranges do not wait on one
+                // round trip each.
+                let copies = batch
+                    .into_iter()
+                    .map(|range| self.copy_recorded(vol, range));
+                futures_util::future::join_all(copies)
+                    .await
+                    .into_iter()
+                    .collect::<Result<Vec<()>, DbError>>()
+                    .map(drop)
             };
             match copied {
                 Ok(()) => {

@@ -58,12 +58,23 @@ impl UpdateLocationTable {
             .collect()
     }
 
-    /// The first recorded range, cut to at most `max_blocks` blocks.
-    pub fn first(&self, max_blocks: u64) -> Option<Range<u64>> {
-        self.ranges
-            .iter()
-            .next()
-            .map(|r| r.start..r.end.min(r.start + max_blocks.max(1)))
+    /// The first `count` recorded ranges, each cut to at most `max_blocks`
+    /// blocks (a long range yields several pieces). Disjoint, in LBA order.
+    pub fn first_ranges(&self, max_blocks: u64, count: usize) -> Vec<Range<u64>> {
+        let max_blocks = max_blocks.max(1);
+        let mut pieces = Vec::with_capacity(count);
+        for r in self.ranges.iter() {
+            let mut start = r.start;
+            while start < r.end && pieces.len() < count {
+                let end = r.end.min(start + max_blocks);
+                pieces.push(start..end);
+                start = end;
+            }
+            if pieces.len() == count {
+                break;
+            }
+        }
+        pieces
     }
 }
 
@@ -111,13 +122,13 @@ mod tests {
     }
 
     #[test]
-    fn recorded_within_and_first() {
+    fn recorded_within_and_first_ranges() {
         let mut table = UpdateLocationTable::new();
         table.insert(2..6);
         table.insert(10..40);
         assert_eq!(table.recorded_within(4..12), vec![4..6, 10..12]);
         assert_eq!(table.recorded_within(6..10), Vec::<Range<u64>>::new());
-        assert_eq!(table.first(3), Some(2..5));
-        assert_eq!(table.first(100), Some(2..6));
+        assert_eq!(table.first_ranges(3, 4), vec![2..5, 5..6, 10..13, 13..16]);
+        assert_eq!(table.first_ranges(100, 5), vec![2..6, 10..40]);
     }
 }
