@@ -37,9 +37,9 @@ pub struct Db {
     pub manager: Arc<SnapshotManager>,
     pub gate: Arc<QuiesceGate>,
     pub ledger: Option<Arc<Ledger>>,
-    /// The answer given to each volume's current holder, repeated to a
+    /// The freeze window of each volume's last acquire, repeated to a
     /// retried acquire with the same run id.
-    acquired: Mutex<BTreeMap<u32, (String, AcquiredSnapshot)>>,
+    freeze_windows: Mutex<BTreeMap<u32, (String, u64)>>,
 }
 
 impl Db {
@@ -52,7 +52,7 @@ impl Db {
             manager,
             gate,
             ledger,
-            acquired: Mutex::new(BTreeMap::new()),
+            freeze_windows: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -68,22 +68,7 @@ impl Db {
             return Err(DbError::InvalidArgument("run_id must not be empty".into()));
         }
         let pair = self.manager.pair(volume)?;
-        if self.manager.holder(volume)?.as_deref() == Some(run_id)
-            && let Some((holder, answer)) = self.acquired_answer(volume)
-            && holder == run_id
-        {
-            return Ok(AcquiredSnapshot {
-                already_held: true,
-                ..answer
-            });
-        }
-        let quiesced = self.gate.quiesce(QUIESCE_TIMEOUT).await?;
-        let ledger_sequence = self.ledger.as_ref().map_or(0, |l| l.sequence());
-        let result = self.manager.acquire(volume, run_id).await;
-        let freeze_window_us = quiesced.elapsed_us();
-        drop(quiesced);
-        let already_held = result?;
-        let answer = AcquiredSnapshot {
+        let answer = |freeze_window_us, ledger_sequence, already_held| AcquiredSnapshot {
             volume,
             mate_lu: pair.mate_lu,
             freeze_window_us,
@@ -92,28 +77,52 @@ impl Db {
             block_size_bytes: pair.block_size_bytes,
             block_count: pair.block_count,
         };
-        if !already_held {
-            self.acquired
-                .lock()
-                .expect("acquired poisoned")
-                .insert(volume, (run_id.to_string(), answer));
-            tracing::info!(
-                volume,
-                run_id,
-                freeze_window_us,
-                ledger_sequence,
-                "snapshot acquired"
-            );
+        // A retry: the sequence comes from the pair's state (journaled, so
+        // it survives a restart); the freeze window from memory, if known.
+        if let Some((holder, ledger_sequence)) = self.manager.snapshot_of(volume)?
+            && holder == run_id
+        {
+            let freeze_window_us = self.original_freeze_window_us(volume, run_id);
+            return Ok(answer(freeze_window_us, ledger_sequence, true));
         }
+        let quiesced = self.gate.quiesce(QUIESCE_TIMEOUT).await?;
+        let ledger_sequence = self.ledger.as_ref().map_or(0, |l| l.sequence());
+        let result = self.manager.acquire(volume, run_id, ledger_sequence).await;
+        let freeze_window_us = quiesced.elapsed_us();
+        drop(quiesced);
+        if result? {
+            // A concurrent retry got there first: answer its snapshot.
+            let ledger_sequence = self
+                .manager
+                .snapshot_of(volume)?
+                .map_or(ledger_sequence, |(_, sequence)| sequence);
+            let freeze_window_us = self.original_freeze_window_us(volume, run_id);
+            return Ok(answer(freeze_window_us, ledger_sequence, true));
+        }
+        self.freeze_windows
+            .lock()
+            .expect("freeze windows poisoned")
+            .insert(volume, (run_id.to_string(), freeze_window_us));
+        tracing::info!(
+            volume,
+            run_id,
+            freeze_window_us,
+            ledger_sequence,
+            "snapshot acquired"
+        );
+        let answer = answer(freeze_window_us, ledger_sequence, false);
         Ok(answer)
     }
 
-    fn acquired_answer(&self, volume: u32) -> Option<(String, AcquiredSnapshot)> {
-        self.acquired
+    /// The freeze window of the acquire that `run_id` made, if this process
+    /// saw it (0 after a restart).
+    fn original_freeze_window_us(&self, volume: u32, run_id: &str) -> u64 {
+        self.freeze_windows
             .lock()
-            .expect("acquired poisoned")
+            .expect("freeze windows poisoned")
             .get(&volume)
-            .cloned()
+            .filter(|(holder, _)| holder == run_id)
+            .map_or(0, |(_, us)| *us)
     }
 
     pub async fn delete_snapshot(

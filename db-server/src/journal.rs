@@ -88,16 +88,20 @@ impl Record {
                 payload.extend_from_slice(&origin_lu.to_le_bytes());
                 payload.extend_from_slice(&mate_lu.to_le_bytes());
                 payload.extend_from_slice(&block_count.to_le_bytes());
-                let (code, holder) = match state {
-                    PairState::Synchronized => (0u8, ""),
-                    PairState::Snapshot { holder } => (1, holder.as_str()),
-                    PairState::Resynchronizing => (2, ""),
+                let (code, holder, ledger_sequence) = match state {
+                    PairState::Synchronized => (0u8, "", 0),
+                    PairState::Snapshot {
+                        holder,
+                        ledger_sequence,
+                    } => (1, holder.as_str(), *ledger_sequence),
+                    PairState::Resynchronizing => (2, "", 0),
                 };
                 payload.push(code);
                 payload.push(u8::from(*full_resync));
                 let holder = &holder.as_bytes()[..holder.len().min(u16::MAX as usize)];
                 payload.extend_from_slice(&(holder.len() as u16).to_le_bytes());
                 payload.extend_from_slice(holder);
+                payload.extend_from_slice(&ledger_sequence.to_le_bytes());
             }
             Record::Intent { volume, blocks } => {
                 payload.push(2);
@@ -131,7 +135,10 @@ impl Record {
                 let holder = String::from_utf8(payload.get(25..25 + holder_len)?.to_vec()).ok()?;
                 let state = match code {
                     0 => PairState::Synchronized,
-                    1 => PairState::Snapshot { holder },
+                    1 => PairState::Snapshot {
+                        holder,
+                        ledger_sequence: u64_at(25 + holder_len)?,
+                    },
                     2 => PairState::Resynchronizing,
                     _ => return None,
                 };
@@ -579,6 +586,7 @@ mod tests {
         assert!(state.is_empty(), "a new journal knows no volume");
         let snapshot = PairState::Snapshot {
             holder: "run-7".into(),
+            ledger_sequence: 4711,
         };
         journal
             .record_state(&PAIR, &snapshot, false)
@@ -617,7 +625,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (journal, _) = Journal::open(dir.path(), 4096).expect("open");
         journal
-            .record_state(&PAIR, &PairState::Snapshot { holder: "a".into() }, false)
+            .record_state(
+                &PAIR,
+                &PairState::Snapshot {
+                    holder: "a".into(),
+                    ledger_sequence: 1,
+                },
+                false,
+            )
             .await
             .expect("state");
         journal
@@ -649,7 +664,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (journal, _) = Journal::open(dir.path(), 4096).expect("open");
         journal
-            .record_state(&PAIR, &PairState::Snapshot { holder: "a".into() }, false)
+            .record_state(
+                &PAIR,
+                &PairState::Snapshot {
+                    holder: "a".into(),
+                    ledger_sequence: 1,
+                },
+                false,
+            )
             .await
             .expect("state");
         journal
@@ -691,7 +713,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (journal, _) = Journal::open_compacting_at(dir.path(), 4096, 8192).expect("open");
         journal
-            .record_state(&PAIR, &PairState::Snapshot { holder: "a".into() }, false)
+            .record_state(
+                &PAIR,
+                &PairState::Snapshot {
+                    holder: "a".into(),
+                    ledger_sequence: 1,
+                },
+                false,
+            )
             .await
             .expect("state");
         let mut tasks = Vec::new();
@@ -708,7 +737,10 @@ mod tests {
         assert_eq!(stats.records, 65);
         assert!(stats.fsyncs < 65, "group commit shared fsyncs: {stats:?}");
         // Many snapshot cycles: the file is compacted instead of growing.
-        let snapshot = PairState::Snapshot { holder: "b".into() };
+        let snapshot = PairState::Snapshot {
+            holder: "b".into(),
+            ledger_sequence: 2,
+        };
         for cycle in 0..300u64 {
             journal
                 .record_state(&PAIR, &snapshot, false)

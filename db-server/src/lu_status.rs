@@ -16,9 +16,12 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PairState {
     Synchronized,
-    /// The pair is split; `holder` is the run id that acquired it.
+    /// The pair is split; `holder` is the run id that acquired it, and
+    /// `ledger_sequence` the database's sequence at the split (kept so that
+    /// a retried acquire after a restart answers the same snapshot).
     Snapshot {
         holder: String,
+        ledger_sequence: u64,
     },
     Resynchronizing,
 }
@@ -77,7 +80,7 @@ impl PairState {
 
     pub fn holder(&self) -> Option<&str> {
         match self {
-            PairState::Snapshot { holder } => Some(holder),
+            PairState::Snapshot { holder, .. } => Some(holder),
             _ => None,
         }
     }
@@ -102,6 +105,7 @@ mod tests {
         assert_eq!(synced.snapshot_mode, Mode::Undefined);
         let split = PairState::Snapshot {
             holder: "run".into(),
+            ledger_sequence: 7,
         }
         .routing(&PAIR);
         assert_eq!((split.data_read_lu, split.data_write_lu), (1, 1));

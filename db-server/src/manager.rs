@@ -495,9 +495,15 @@ impl SnapshotManager {
     }
 
     /// Splits the pair (Synchronized → Snapshot): from now on writes go to
-    /// the origin alone and the mate LU is the frozen image. Answers `true`
-    /// when `run_id` already held the snapshot (a retry).
-    pub async fn acquire(&self, volume: u32, run_id: &str) -> Result<bool, DbError> {
+    /// the origin alone and the mate LU is the frozen image, taken at
+    /// `ledger_sequence`. Answers `true` when `run_id` already held the
+    /// snapshot (a retry).
+    pub async fn acquire(
+        &self,
+        volume: u32,
+        run_id: &str,
+        ledger_sequence: u64,
+    ) -> Result<bool, DbError> {
         let vol = self.volume(volume)?;
         let _mode = vol.mode_gate.write().await;
         // The checks happen in a block of their own, so that the table's
@@ -506,7 +512,7 @@ impl SnapshotManager {
             let inner = vol.inner();
             match &inner.state {
                 PairState::Synchronized => {}
-                PairState::Snapshot { holder } if holder == run_id => return Ok(true),
+                PairState::Snapshot { holder, .. } if holder == run_id => return Ok(true),
                 other => {
                     return Err(DbError::WrongMode {
                         volume,
@@ -524,6 +530,7 @@ impl SnapshotManager {
         // effect. The mode gate keeps every write out meanwhile.
         let state = PairState::Snapshot {
             holder: run_id.to_string(),
+            ledger_sequence,
         };
         self.journal_state(&vol.pair, &state).await?;
         crash::point("acquire.after_journal");
@@ -547,7 +554,7 @@ impl SnapshotManager {
         {
             let inner = vol.inner();
             match &inner.state {
-                PairState::Snapshot { holder } => {
+                PairState::Snapshot { holder, .. } => {
                     if holder != run_id && !force {
                         return Err(DbError::HeldByOther {
                             volume,
@@ -600,6 +607,18 @@ impl SnapshotManager {
             "snapshot deleted, resynchronizing"
         );
         Ok(outcome)
+    }
+
+    /// The holder of the volume's snapshot and the ledger sequence it was
+    /// taken at, if one is acquired.
+    pub fn snapshot_of(&self, volume: u32) -> Result<Option<(String, u64)>, DbError> {
+        Ok(match &self.volume(volume)?.inner().state {
+            PairState::Snapshot {
+                holder,
+                ledger_sequence,
+            } => Some((holder.clone(), *ledger_sequence)),
+            _ => None,
+        })
     }
 
     /// The holder of the volume's snapshot, if one is acquired.
@@ -946,7 +965,7 @@ mod tests {
             .await
             .expect("write");
         assert_eq!(array.lu(1), array.lu(2));
-        manager.acquire(0, "run-a").await.expect("acquire");
+        manager.acquire(0, "run-a", 0).await.expect("acquire");
         manager
             .write(0, VirtualLu::Data, 8, vec![2; 1024])
             .await
@@ -989,13 +1008,13 @@ mod tests {
         // Snapshot: a second acquire (another run) is refused; a delete by
         // another run is refused unless forced; the same run's acquire is a
         // retry.
-        manager.acquire(0, "run-a").await.expect("acquire");
+        manager.acquire(0, "run-a", 0).await.expect("acquire");
         assert!(matches!(
-            manager.acquire(0, "run-b").await,
+            manager.acquire(0, "run-b", 0).await,
             Err(DbError::WrongMode { .. })
         ));
         assert!(
-            manager.acquire(0, "run-a").await.expect("retry"),
+            manager.acquire(0, "run-a", 0).await.expect("retry"),
             "same run: already held"
         );
         assert!(matches!(
@@ -1019,7 +1038,7 @@ mod tests {
             .expect("forced delete");
         assert_eq!(mode(&manager), Mode::Resynchronizing);
         assert!(matches!(
-            manager.acquire(0, "run-c").await,
+            manager.acquire(0, "run-c", 0).await,
             Err(DbError::WrongMode { .. })
         ));
         assert!(matches!(

@@ -123,7 +123,56 @@ async fn twenty_snapshots_of_a_busy_ledger_all_verify() {
         status.ledger.expect("ledger").sequence >= last_sequence,
         "reopened, not reformatted"
     );
+    // A snapshot held across a restart: the retried acquire answers the
+    // same snapshot, at the same sequence, and the mate still verifies.
+    let held = client
+        .acquire_snapshot(pb::AcquireSnapshotRequest {
+            volume: 0,
+            run_id: "across-restart".into(),
+        })
+        .await
+        .expect("acquire")
+        .into_inner();
     db.shutdown().await.expect("db shutdown");
+    let db = start_db_holding_snapshots(&array.url(), &dir.path().join("db")).await;
+    let mut client = db_client(&db.url()).await;
+    let retried = client
+        .acquire_snapshot(pb::AcquireSnapshotRequest {
+            volume: 0,
+            run_id: "across-restart".into(),
+        })
+        .await
+        .expect("retried acquire after the restart")
+        .into_inner();
+    assert!(retried.already_held);
+    assert_eq!(retried.ledger_sequence, held.ledger_sequence);
+    let image = read_lu(&mut array_client, retried.mate_lu, 0, retried.block_count).await;
+    let report = ledger_format::verify_image(&image, Some(retried.ledger_sequence));
+    assert!(report.ok, "{:?}", report.violations);
+    db.shutdown().await.expect("db shutdown");
+}
+
+/// Starts db-server without waiting for Synchronized pairs (a snapshot is
+/// held, so the pair stays in Snapshot mode).
+async fn start_db_holding_snapshots(
+    array_url: &str,
+    data_dir: &std::path::Path,
+) -> splitmirror_proto::node::NodeHandle {
+    let listener = splitmirror_proto::node::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let config = db_server::DbServerConfig {
+        array_url: array_url.to_string(),
+        data_dir: data_dir.to_path_buf(),
+        manager: ManagerConfig::default(),
+        ledger: Some(ledger_config()),
+        journal_region_bytes: Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
+    };
+    let handle = db_server::spawn(config, listener)
+        .await
+        .expect("start db-server");
+    harness::wait_healthy(&handle.url()).await;
+    handle
 }
 
 /// The real `db-server verify-image` accepts the image and rejects it with
