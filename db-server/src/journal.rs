@@ -579,6 +579,17 @@ mod tests {
         block_count: 1024,
     };
 
+    fn split(holder: &str) -> PairState {
+        PairState::Snapshot {
+            holder: holder.into(),
+            ledger_sequence: 1,
+        }
+    }
+
+    fn regions(volume: &DurableVolume) -> Vec<Range<u64>> {
+        volume.regions.iter().cloned().collect()
+    }
+
     #[tokio::test]
     async fn a_snapshot_and_its_intents_survive_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -614,10 +625,7 @@ mod tests {
         let v = &state[&0];
         assert_eq!(v.state, snapshot);
         // Rounded out to 16-block (64 KiB) regions.
-        assert_eq!(
-            v.regions.iter().cloned().collect::<Vec<_>>(),
-            vec![0..16, 96..112]
-        );
+        assert_eq!(regions(v), vec![0..16, 96..112]);
     }
 
     #[tokio::test]
@@ -625,14 +633,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (journal, _) = Journal::open(dir.path(), 4096).expect("open");
         journal
-            .record_state(
-                &PAIR,
-                &PairState::Snapshot {
-                    holder: "a".into(),
-                    ledger_sequence: 1,
-                },
-                false,
-            )
+            .record_state(&PAIR, &split("a"), false)
             .await
             .expect("state");
         journal
@@ -645,10 +646,7 @@ mod tests {
             .expect("state");
         journal.close();
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(
-            state[&0].regions.iter().cloned().collect::<Vec<_>>(),
-            vec![1..2]
-        );
+        assert_eq!(regions(&state[&0]), vec![1..2]);
         journal
             .record_state(&PAIR, &PairState::Synchronized, false)
             .await
@@ -664,14 +662,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (journal, _) = Journal::open(dir.path(), 4096).expect("open");
         journal
-            .record_state(
-                &PAIR,
-                &PairState::Snapshot {
-                    holder: "a".into(),
-                    ledger_sequence: 1,
-                },
-                false,
-            )
+            .record_state(&PAIR, &split("a"), false)
             .await
             .expect("state");
         journal
@@ -691,10 +682,7 @@ mod tests {
         bytes.extend_from_slice(&[RECORD_MAGIC, 200, 0, 0, 0, 1, 2]);
         std::fs::write(&path, &bytes).expect("write");
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(
-            state[&0].regions.iter().cloned().collect::<Vec<_>>(),
-            vec![1..2]
-        );
+        assert_eq!(regions(&state[&0]), vec![1..2]);
         // Appends continue after the last good record.
         journal
             .record_intent(0, 4096, 20..21, 1024)
@@ -702,10 +690,7 @@ mod tests {
             .expect("intent");
         journal.close();
         let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(
-            state[&0].regions.iter().cloned().collect::<Vec<_>>(),
-            vec![1..2, 20..21]
-        );
+        assert_eq!(regions(&state[&0]), vec![1..2, 20..21]);
     }
 
     #[tokio::test]
@@ -713,14 +698,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (journal, _) = Journal::open_compacting_at(dir.path(), 4096, 8192).expect("open");
         journal
-            .record_state(
-                &PAIR,
-                &PairState::Snapshot {
-                    holder: "a".into(),
-                    ledger_sequence: 1,
-                },
-                false,
-            )
+            .record_state(&PAIR, &split("a"), false)
             .await
             .expect("state");
         let mut tasks = Vec::new();
@@ -737,10 +715,7 @@ mod tests {
         assert_eq!(stats.records, 65);
         assert!(stats.fsyncs < 65, "group commit shared fsyncs: {stats:?}");
         // Many snapshot cycles: the file is compacted instead of growing.
-        let snapshot = PairState::Snapshot {
-            holder: "b".into(),
-            ledger_sequence: 2,
-        };
+        let snapshot = split("b");
         for cycle in 0..300u64 {
             journal
                 .record_state(&PAIR, &snapshot, false)

@@ -31,6 +31,22 @@ async fn start(client: &mut harness::BackupClient, run_id: &str, lu: u32) -> (St
     (r.backup_id, r.already_started)
 }
 
+/// Fills the first `chunks` × 16 MiB of mate LU 2 with `byte`, so that a
+/// copy of it has real work to do.
+async fn fill_mate(client: &mut harness::ArrayClient, chunks: u64, byte: u8) {
+    for chunk in 0..chunks {
+        client
+            .write(apb::WriteRequest {
+                lu: 2,
+                lba: chunk * 4096,
+                data: vec![byte; 16 << 20],
+                fua: false,
+            })
+            .await
+            .expect("fill");
+    }
+}
+
 /// Waits until the copy is under way (and has not finished).
 async fn wait_until_copying(client: &mut harness::BackupClient, id: &str) {
     loop {
@@ -238,17 +254,7 @@ async fn killing_the_array_mid_backup_fails_the_job_as_unavailable() {
     );
     let mut array_client = array_client(&array.url()).await;
     // Data everywhere, so that the copy has real work to do.
-    for chunk in 0..32u64 {
-        array_client
-            .write(apb::WriteRequest {
-                lu: 2,
-                lba: chunk * 4096,
-                data: vec![0xC3; 16 << 20],
-                fua: false,
-            })
-            .await
-            .expect("fill");
-    }
+    fill_mate(&mut array_client, 32, 0xC3).await;
     let store = dir.path().join("store");
     let backup = start_backup(&array.url(), &store).await;
     let mut client = backup_client(&backup.url()).await;
@@ -284,17 +290,7 @@ async fn killing_the_backup_server_leaves_no_complete_backup() {
     )
     .await;
     let mut array_client = array_client(&array.url()).await;
-    for chunk in 0..16u64 {
-        array_client
-            .write(apb::WriteRequest {
-                lu: 2,
-                lba: chunk * 4096,
-                data: vec![0x3C; 16 << 20],
-                fua: false,
-            })
-            .await
-            .expect("fill");
-    }
+    fill_mate(&mut array_client, 16, 0x3C).await;
     let store = dir.path().join("store");
     let store_arg = store.to_str().expect("utf-8 path");
     let array_addr = array.addr.to_string();

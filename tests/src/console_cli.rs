@@ -33,6 +33,13 @@ async fn console_with(addresses: &[String], args: &[&str]) -> Output {
     .expect("console task")
 }
 
+/// The console's flags naming the three nodes.
+fn address_args(array: &str, db: &str, backup: &str) -> Vec<String> {
+    ["--array", array, "--db", db, "--backup", backup]
+        .map(str::to_string)
+        .to_vec()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -65,14 +72,11 @@ async fn console_run_backs_up_verifies_and_resynchronizes() {
     .await;
     let store = dir.path().join("store");
     let backup = start_backup(&array.url(), &store).await;
-    let addrs = vec![
-        "--array".to_string(),
-        array.addr.to_string(),
-        "--db".into(),
-        db.addr.to_string(),
-        "--backup".into(),
-        backup.addr.to_string(),
-    ];
+    let addrs = address_args(
+        &array.addr.to_string(),
+        &db.addr.to_string(),
+        &backup.addr.to_string(),
+    );
     let out = console_with(&addrs, &["run", "--volume", "0", "--json"]).await;
     assert!(
         out.status.success(),
@@ -146,16 +150,8 @@ async fn a_failed_backup_still_deletes_the_snapshot_unless_told_to_keep_it() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead_backup = closed.local_addr().expect("addr").to_string();
     drop(closed);
-    let base = vec![
-        "--array".to_string(),
-        array.addr.to_string(),
-        "--db".into(),
-        db.addr.to_string(),
-        "--backup".into(),
-        dead_backup,
-        "--step-deadline".into(),
-        "1s".into(),
-    ];
+    let mut base = address_args(&array.addr.to_string(), &db.addr.to_string(), &dead_backup);
+    base.extend(["--step-deadline".into(), "1s".into()]);
     let out = console_with(&base, &["run", "--volume", "0", "--json"]).await;
     assert!(
         !out.status.success(),

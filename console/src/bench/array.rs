@@ -34,24 +34,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
 
     // Read to nowhere.
     let started = Instant::now();
-    let mut stream = client
-        .clone()
-        .read(pb::ReadRequest {
-            lu: 1,
-            lba: 0,
-            blocks,
-        })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
-    let mut received = 0u64;
-    while let Some(chunk) = stream
-        .message()
-        .await
-        .map_err(|s| s.message().to_string())?
-    {
-        received += chunk.data.len() as u64;
-    }
+    let received = read_lu(&client, blocks, |_| Ok(())).await?;
     let to_nowhere = mb_per_s(received, started.elapsed());
 
     // Read into a file (a writer thread, so that the file writes overlap the
@@ -68,25 +51,12 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
         }
         Ok(())
     });
-    let mut stream = client
-        .clone()
-        .read(pb::ReadRequest {
-            lu: 1,
-            lba: 0,
-            blocks,
-        })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
-    while let Some(chunk) = stream
-        .message()
-        .await
-        .map_err(|s| s.message().to_string())?
-    {
+    read_lu(&client, blocks, |data| {
         sender
-            .send(chunk.data)
-            .map_err(|_| "the file writer stopped".to_string())?;
-    }
+            .send(data)
+            .map_err(|_| "the file writer stopped".to_string())
+    })
+    .await?;
     drop(sender);
     writer
         .join()
@@ -157,6 +127,35 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
             "write_4k_ops_per_s_32_in_flight": many,
         }),
     })
+}
+
+/// Reads LU 1 whole with one `Read` stream, handing each chunk to `sink`;
+/// answers the bytes received.
+async fn read_lu(
+    client: &ArrayServiceClient<tonic::transport::Channel>,
+    blocks: u64,
+    mut sink: impl FnMut(Vec<u8>) -> Result<(), String>,
+) -> Result<u64, String> {
+    let mut stream = client
+        .clone()
+        .read(pb::ReadRequest {
+            lu: 1,
+            lba: 0,
+            blocks,
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let mut received = 0u64;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
+        received += chunk.data.len() as u64;
+        sink(chunk.data)?;
+    }
+    Ok(received)
 }
 
 /// 4 KiB writes to mirror LU 0 at random LBAs for `duration`, `in_flight`

@@ -97,6 +97,17 @@ impl Bench {
         })
     }
 
+    /// The default cluster with the ledger at full speed and the journal on.
+    pub async fn with_busy_ledger(lu_size_bytes: u64) -> Result<Self, String> {
+        Self::start(
+            lu_size_bytes,
+            Some(full_speed_ledger()),
+            db_server::manager::ManagerConfig::default(),
+            Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
+        )
+        .await
+    }
+
     pub async fn status(&self) -> Result<dpb::StatusResponse, String> {
         self.clients
             .db

@@ -5,19 +5,13 @@
 use serde_json::json;
 use splitmirror_proto::db::v1 as dpb;
 
-use super::common::{Bench, f1, full_speed_ledger, percentile, sample, table, window};
+use super::common::{Bench, f1, percentile, sample, table, window};
 use super::{BenchOptions, BenchOutput, plot};
 use crate::progress::Quiet;
 
 pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     let cycles = if options.quick { 5 } else { 100 };
-    let bench = Bench::start(
-        options.size_bytes,
-        Some(full_speed_ledger()),
-        db_server::manager::ManagerConfig::default(),
-        Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
-    )
-    .await?;
+    let bench = Bench::with_busy_ledger(options.size_bytes).await?;
     let before = sample(&bench).await?;
     let mut windows_us = Vec::with_capacity(cycles);
     for cycle in 0..cycles {

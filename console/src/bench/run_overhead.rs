@@ -9,19 +9,13 @@ use splitmirror_proto::backup::v1 as bpb;
 use splitmirror_proto::db::v1 as dpb;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{Bench, f1, f2, full_speed_ledger, table};
+use super::common::{Bench, f1, f2, table};
 use super::{BenchOptions, BenchOutput};
 use crate::progress::Quiet;
 use crate::run::{RunOptions, backup_run};
 
 pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
-    let bench = Bench::start(
-        options.size_bytes,
-        Some(full_speed_ledger()),
-        db_server::manager::ManagerConfig::default(),
-        Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
-    )
-    .await?;
+    let bench = Bench::with_busy_ledger(options.size_bytes).await?;
     let clients = &bench.clients;
     // Parts and whole runs alternate, so that neither gains from going
     // second (a warm cache, a settled ledger).

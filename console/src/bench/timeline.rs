@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{Bench, f1, full_speed_ledger, table};
+use super::common::{Bench, f1, table};
 use super::{BenchOptions, BenchOutput, plot};
 use crate::progress::Quiet;
 use crate::run::{RunOptions, backup_run};
@@ -16,13 +16,7 @@ use crate::run::{RunOptions, backup_run};
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
-    let bench = Bench::start(
-        options.size_bytes,
-        Some(full_speed_ledger()),
-        db_server::manager::ManagerConfig::default(),
-        Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
-    )
-    .await?;
+    let bench = Bench::with_busy_ledger(options.size_bytes).await?;
     let origin = Instant::now();
     let stop = CancellationToken::new();
     let sampler = {
