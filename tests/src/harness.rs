@@ -261,6 +261,8 @@ pub struct NodeProcess {
     pub addr: String,
     /// Everything the process has logged so far.
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The thread copying stderr into `log`; it ends when the process does.
+    drain: Option<std::thread::JoinHandle<()>>,
 }
 
 impl NodeProcess {
@@ -308,12 +310,17 @@ impl NodeProcess {
         };
         // Keep draining stderr so the child never blocks on a full pipe.
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let drain = std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
                 sink.lock().expect("log").push(line);
             }
         });
-        Self { child, addr, log }
+        Self {
+            child,
+            addr,
+            log,
+            drain: Some(drain),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -335,6 +342,11 @@ impl NodeProcess {
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
+                // Its last words (a crash point's line) are in the log only
+                // once the drain has read stderr to the end.
+                if let Some(drain) = self.drain.take() {
+                    let _ = drain.join();
+                }
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(10));
