@@ -288,4 +288,30 @@ impl DbService for DbGrpc {
         let blocks_written = self.db.manager.write(volume, target, lba, data).await?;
         Ok(Response::new(pb::VolumeWriteResponse { blocks_written }))
     }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        let volume = request.into_inner().volume;
+        let pair = self.db.manager.pair(volume)?;
+        // No snapshot: the snapshot virtual LU is Undefined, which callers
+        // already know as FAILED_PRECONDITION.
+        let (holder_run_id, ledger_sequence) =
+            self.db
+                .manager
+                .snapshot_of(volume)?
+                .ok_or(DbError::Undefined {
+                    volume,
+                    target: VirtualLu::Snapshot,
+                })?;
+        Ok(Response::new(pb::GetSnapshotResponse {
+            volume,
+            holder_run_id,
+            mate_lu: pair.mate_lu,
+            ledger_sequence,
+            block_size_bytes: pair.block_size_bytes,
+            block_count: pair.block_count,
+        }))
+    }
 }
