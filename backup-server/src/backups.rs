@@ -1,17 +1,44 @@
 //! The backup program (1526): starts jobs, answers their progress, lists
-//! and verifies what the store holds.
+//! and verifies what the store holds. A job copies either the mate LU of a
+//! snapshot that db-server confirms held (before the first read and after
+//! the last one) or, when the caller asks for it, a live LU.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::job::{self, JobError, JobSpec, Progress};
-use crate::manifest::Manifest;
+use crate::job::{self, FrozenBy, JobError, JobSpec, Progress};
+use crate::manifest::{self, Manifest, SnapshotRecord};
+use crate::owner::{OwnerErrorKind, SnapshotOwner, SnapshotRef, check_held};
 use crate::source::{LuSource, SourceErrorKind};
 use crate::store::{BackupStore, StoreError, VerifyOutcome};
+
+/// How long `CancelBackup` waits for the job to stop before it answers.
+pub const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// What a backup copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wanted {
+    /// The mate LU of this snapshot (confirmed with db-server).
+    Snapshot(SnapshotRef),
+    /// The LU as it is, while it may be written (asked for explicitly).
+    Live,
+}
+
+/// A request to start a backup.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    pub run_id: String,
+    pub lu: u32,
+    pub expected_block_count: Option<u64>,
+    pub label: String,
+    pub max_bytes_per_s: Option<u64>,
+    pub wanted: Wanted,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
@@ -38,7 +65,19 @@ pub struct BackupInfo {
     pub bytes_done: u64,
     pub bytes_total: u64,
     pub throughput_bytes_per_s: u64,
+    /// True when the LU is copied without a snapshot.
+    pub live: bool,
+    /// The snapshot the backup copies (confirmed before the first read;
+    /// for a complete backup, after the last one too).
+    pub snapshot: Option<SnapshotRecord>,
     pub manifest: Option<Manifest>,
+}
+
+impl BackupInfo {
+    /// "frozen (snapshot of volume 0 held by run …)" or "live (not frozen)".
+    pub fn consistency(&self) -> String {
+        manifest::describe_consistency(self.snapshot.as_ref(), self.live)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +88,17 @@ pub enum BackupError {
     UnknownLu(u32),
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("the array is unavailable: {0}")]
+    /// db-server does not know the volume the request names.
+    #[error("{0}")]
+    UnknownVolume(String),
+    /// The named snapshot does not freeze the LU (none is held, another
+    /// run holds it, or its mate is another LU).
+    #[error("{0}")]
+    NotFrozen(String),
+    /// Verify of a backup that is running, failed or was cancelled.
+    #[error("backup {id} is not complete: {reason}")]
+    NotComplete { id: String, reason: String },
+    #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
     Store(String),
@@ -78,6 +127,7 @@ struct Job {
 pub struct Backups {
     store: BackupStore,
     source: Arc<dyn LuSource>,
+    owner: Arc<dyn SnapshotOwner>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     /// run id → backup id, so that a retried start answers the first job.
     by_run: Mutex<HashMap<String, String>>,
@@ -91,6 +141,7 @@ impl Backups {
     pub fn new(
         store: BackupStore,
         source: Arc<dyn LuSource>,
+        owner: Arc<dyn SnapshotOwner>,
         tasks: TaskTracker,
         cancel: CancellationToken,
         default_max_bytes_per_s: Option<u64>,
@@ -98,6 +149,7 @@ impl Backups {
         Self {
             store,
             source,
+            owner,
             jobs: Mutex::new(HashMap::new()),
             by_run: Mutex::new(HashMap::new()),
             tasks,
@@ -107,19 +159,24 @@ impl Backups {
     }
 
     /// Starts a job and answers its backup id at once (and whether the run
-    /// id had started one already, in this process or in the store).
+    /// id had started one already, in this process or in the store). A
+    /// snapshot is confirmed with db-server here, before the first read.
     pub async fn start(
         self: &Arc<Self>,
-        run_id: &str,
-        lu: u32,
-        expected_block_count: Option<u64>,
-        label: &str,
-        ledger_sequence: Option<u64>,
-        max_bytes_per_s: Option<u64>,
+        request: StartRequest,
     ) -> Result<(String, bool), BackupError> {
+        let run_id = request.run_id.as_str();
+        let lu = request.lu;
         if run_id.is_empty() {
             return Err(BackupError::InvalidArgument(
                 "run_id must not be empty".into(),
+            ));
+        }
+        if let Wanted::Snapshot(wanted) = &request.wanted
+            && wanted.holder_run_id.is_empty()
+        {
+            return Err(BackupError::InvalidArgument(
+                "the snapshot's holder_run_id must not be empty".into(),
             ));
         }
         if let Some(id) = self.by_run.lock().expect("by_run").get(run_id) {
@@ -130,21 +187,56 @@ impl Backups {
         }
         // Unknown LUs and an unreachable array are answered now, not as a
         // job that fails later.
-        self.source.geometry(lu).await.map_err(|e| match e.kind {
+        let geometry = self.source.geometry(lu).await.map_err(|e| match e.kind {
             SourceErrorKind::NotFound => BackupError::UnknownLu(lu),
-            SourceErrorKind::Unavailable => BackupError::Unavailable(e.message),
+            SourceErrorKind::Unavailable => {
+                BackupError::Unavailable(format!("the array is unavailable: {}", e.message))
+            }
             SourceErrorKind::Other => BackupError::InvalidArgument(e.message),
         })?;
+        let mut expected_block_count = request.expected_block_count;
+        let frozen_by = match request.wanted {
+            Wanted::Live => FrozenBy::Live,
+            Wanted::Snapshot(wanted) => {
+                let before = self.owner.snapshot(wanted.volume).await.map_err(|e| {
+                    let reason = format!(
+                        "cannot confirm that LU {lu} is frozen by the snapshot of volume {} held by run {:?}: {}",
+                        wanted.volume, wanted.holder_run_id, e.message
+                    );
+                    match e.kind {
+                        OwnerErrorKind::UnknownVolume => BackupError::UnknownVolume(reason),
+                        OwnerErrorKind::NoSnapshot | OwnerErrorKind::Other => {
+                            BackupError::NotFrozen(reason)
+                        }
+                        OwnerErrorKind::Unavailable => BackupError::Unavailable(reason),
+                    }
+                })?;
+                check_held(&wanted, lu, &before).map_err(BackupError::NotFrozen)?;
+                if before.block_count != geometry.block_count {
+                    return Err(BackupError::NotFrozen(format!(
+                        "db-server says the mate of volume {} has {} blocks, the array says LU {lu} has {}",
+                        wanted.volume, before.block_count, geometry.block_count
+                    )));
+                }
+                expected_block_count.get_or_insert(before.block_count);
+                FrozenBy::Snapshot {
+                    wanted,
+                    before,
+                    confirmed_before_unix_ms: manifest::now_unix_ms(),
+                }
+            }
+        };
         let backup_id = uuid::Uuid::now_v7().to_string();
+        let live = frozen_by == FrozenBy::Live;
         let job = Arc::new(Job {
             spec: JobSpec {
                 backup_id: backup_id.clone(),
                 run_id: run_id.to_string(),
                 lu,
                 expected_block_count,
-                label: label.to_string(),
-                ledger_sequence,
-                max_bytes_per_s: max_bytes_per_s.or(self.default_max_bytes_per_s),
+                label: request.label.clone(),
+                max_bytes_per_s: request.max_bytes_per_s.or(self.default_max_bytes_per_s),
+                frozen_by,
             },
             progress: Progress::new(),
             cancel: self.cancel.child_token(),
@@ -167,7 +259,11 @@ impl Backups {
         self.tasks.spawn(async move {
             backups.run(job).await;
         });
-        tracing::info!(%backup_id, run_id, lu, "backup started");
+        if live {
+            tracing::warn!(%backup_id, run_id, lu, "live backup started: LU {lu} is copied unfrozen, as asked");
+        } else {
+            tracing::info!(%backup_id, run_id, lu, "backup started");
+        }
         Ok((backup_id, false))
     }
 
@@ -175,6 +271,7 @@ impl Backups {
         let result = job::run(
             &self.store,
             self.source.as_ref(),
+            self.owner.as_ref(),
             &job.spec,
             &job.progress,
             &job.cancel,
@@ -209,6 +306,31 @@ impl Backups {
     }
 
     fn job_info(job: &Job) -> BackupInfo {
+        let manifest = job.manifest.lock().expect("manifest").clone();
+        // A complete job's manifest records what was confirmed after the
+        // copy too; before that, the spec says what was confirmed before.
+        let (live, snapshot) = match (&manifest, &job.spec.frozen_by) {
+            (Some(m), _) => (m.live, m.snapshot.clone()),
+            (None, FrozenBy::Live) => (true, None),
+            (
+                None,
+                FrozenBy::Snapshot {
+                    wanted,
+                    before,
+                    confirmed_before_unix_ms,
+                },
+            ) => (
+                false,
+                Some(SnapshotRecord {
+                    volume: wanted.volume,
+                    holder_run_id: wanted.holder_run_id.clone(),
+                    ledger_sequence: before.ledger_sequence,
+                    owner: String::new(),
+                    confirmed_before_unix_ms: *confirmed_before_unix_ms,
+                    confirmed_after_unix_ms: 0,
+                }),
+            ),
+        };
         BackupInfo {
             backup_id: job.spec.backup_id.clone(),
             run_id: job.spec.run_id.clone(),
@@ -224,7 +346,9 @@ impl Backups {
                 .bytes_total
                 .load(std::sync::atomic::Ordering::Relaxed),
             throughput_bytes_per_s: job.progress.throughput_bytes_per_s(),
-            manifest: job.manifest.lock().expect("manifest").clone(),
+            live,
+            snapshot,
+            manifest,
         }
     }
 
@@ -238,6 +362,8 @@ impl Backups {
             bytes_done: manifest.size_bytes,
             bytes_total: manifest.size_bytes,
             throughput_bytes_per_s: 0,
+            live: manifest.live,
+            snapshot: manifest.snapshot.clone(),
             manifest: Some(manifest),
         }
     }
@@ -269,14 +395,23 @@ impl Backups {
         Ok(infos)
     }
 
-    pub fn cancel(&self, id: &str) -> Result<BackupInfo, BackupError> {
-        match self.job(id) {
-            Some(job) => {
-                job.cancel.cancel();
-                Ok(Self::job_info(&job))
-            }
-            None => self.get(id),
+    /// Cancels a job and answers its state once the cancel took effect
+    /// (its partial image removed): Cancelled, or the state it had already
+    /// ended in. A job that does not stop within [`CANCEL_WAIT`] is
+    /// answered as it is then.
+    pub async fn cancel(&self, id: &str) -> Result<BackupInfo, BackupError> {
+        let Some(job) = self.job(id) else {
+            return self.get(id);
+        };
+        job.cancel.cancel();
+        let mut state = job.state.subscribe();
+        if tokio::time::timeout(CANCEL_WAIT, state.wait_for(JobState::is_finished))
+            .await
+            .is_err()
+        {
+            tracing::warn!(backup_id = %id, "the job did not stop within {CANCEL_WAIT:?} of its cancel");
         }
+        Ok(Self::job_info(&job))
     }
 
     /// A receiver that changes when the job's state does.
@@ -287,7 +422,23 @@ impl Backups {
         }
     }
 
+    /// Re-hashes a complete backup against its manifest. A job of this
+    /// process that did not complete is refused with the reason.
     pub async fn verify(&self, id: &str) -> Result<VerifyOutcome, BackupError> {
+        if let Some(job) = self.job(id) {
+            let reason = match &*job.state.borrow() {
+                JobState::Complete => None,
+                JobState::Running => Some("it is still running".to_string()),
+                JobState::Failed(why) => Some(format!("it failed: {why}")),
+                JobState::Cancelled => Some("it was cancelled".to_string()),
+            };
+            if let Some(reason) = reason {
+                return Err(BackupError::NotComplete {
+                    id: id.to_string(),
+                    reason,
+                });
+            }
+        }
         let store = self.store.clone();
         let id = id.to_string();
         tokio::task::spawn_blocking(move || store.verify(&id))

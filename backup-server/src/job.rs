@@ -1,18 +1,23 @@
 //! One backup job: reads an LU with several streams in flight, hashes and
 //! writes each chunk off the async threads (skipping all-zero chunks, so the
-//! image stays sparse), and commits the image and its manifest.
+//! image stays sparse), confirms with db-server that the snapshot it copies
+//! is still the one confirmed before the first read, and commits the image
+//! and its manifest.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, TryStreamExt};
 use splitmirror_proto::pace::RateLimit;
 use tokio_util::sync::CancellationToken;
 
-use crate::manifest::{self, CHUNK_SIZE_BYTES, FORMAT_VERSION, Manifest};
+use crate::manifest::{self, CHUNK_SIZE_BYTES, FORMAT_VERSION, Manifest, SnapshotRecord};
+use crate::owner::{
+    CONFIRM_DEADLINE, HeldSnapshot, OwnerErrorKind, SnapshotOwner, SnapshotRef, check_unchanged,
+};
 use crate::source::{LuSource, SourceErrorKind};
 use crate::store::BackupStore;
 
@@ -29,9 +34,24 @@ pub struct JobSpec {
     pub lu: u32,
     pub expected_block_count: Option<u64>,
     pub label: String,
-    pub ledger_sequence: Option<u64>,
     /// Caps the copy rate; `None` = as fast as it goes.
     pub max_bytes_per_s: Option<u64>,
+    pub frozen_by: FrozenBy,
+}
+
+/// What keeps the copied LU from changing under the copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrozenBy {
+    /// A snapshot, confirmed held (by `wanted.holder_run_id`, freezing the
+    /// copied LU) before the job started; confirmed again after the last
+    /// read.
+    Snapshot {
+        wanted: SnapshotRef,
+        before: HeldSnapshot,
+        confirmed_before_unix_ms: u64,
+    },
+    /// Nothing: the caller asked for a live copy.
+    Live,
 }
 
 /// Progress, readable while the job runs.
@@ -74,13 +94,27 @@ pub enum JobError {
     WrongSize { lu: u32, expected: u64, actual: u64 },
     #[error("writing the backup: {0}")]
     Store(String),
+    /// The snapshot was not the one confirmed before the copy: the image
+    /// may not be frozen. Retrying cannot help.
+    #[error("FAILED_PRECONDITION: the image is not known to be frozen: {0}")]
+    SnapshotLost(String),
+    /// db-server did not answer the confirmation after the copy in time.
+    #[error("could not confirm the snapshot after the copy: {message}")]
+    NotConfirmed { message: String, unavailable: bool },
     #[error("cancelled")]
     Cancelled,
 }
 
 impl JobError {
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, JobError::Source(e) if e.kind == SourceErrorKind::Unavailable)
+        match self {
+            JobError::Source(e) => e.kind == SourceErrorKind::Unavailable,
+            JobError::NotConfirmed { unavailable, .. } => *unavailable,
+            JobError::WrongSize { .. }
+            | JobError::Store(_)
+            | JobError::SnapshotLost(_)
+            | JobError::Cancelled => false,
+        }
     }
 }
 
@@ -89,11 +123,12 @@ impl JobError {
 pub async fn run(
     store: &BackupStore,
     source: &dyn LuSource,
+    owner: &dyn SnapshotOwner,
     spec: &JobSpec,
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<Manifest, JobError> {
-    let result = copy(store, source, spec, progress, cancel).await;
+    let result = copy(store, source, owner, spec, progress, cancel).await;
     if result.is_err() {
         store.discard_partial(&spec.backup_id);
     }
@@ -103,6 +138,7 @@ pub async fn run(
 async fn copy(
     store: &BackupStore,
     source: &dyn LuSource,
+    owner: &dyn SnapshotOwner,
     spec: &JobSpec,
     progress: &Progress,
     cancel: &CancellationToken,
@@ -166,6 +202,26 @@ async fn copy(
             "copied {seen} of {chunk_count} chunks; the array sent less than asked"
         )));
     }
+    // The last read is done: the image is frozen only if the snapshot
+    // confirmed before the first read still holds the mate now.
+    let snapshot = match &spec.frozen_by {
+        FrozenBy::Snapshot {
+            wanted,
+            before,
+            confirmed_before_unix_ms,
+        } => {
+            let confirmed_after_unix_ms = confirm_after(owner, wanted, before, cancel).await?;
+            Some(SnapshotRecord {
+                volume: wanted.volume,
+                holder_run_id: wanted.holder_run_id.clone(),
+                ledger_sequence: before.ledger_sequence,
+                owner: owner.describe(),
+                confirmed_before_unix_ms: *confirmed_before_unix_ms,
+                confirmed_after_unix_ms,
+            })
+        }
+        FrozenBy::Live => None,
+    };
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         backup_id: spec.backup_id.clone(),
@@ -178,7 +234,9 @@ async fn copy(
         size_bytes,
         started_at_unix_ms,
         completed_at_unix_ms: manifest::now_unix_ms(),
-        ledger_sequence: spec.ledger_sequence,
+        ledger_sequence: snapshot.as_ref().map(|s| s.ledger_sequence),
+        live: snapshot.is_none(),
+        snapshot,
         chunk_size_bytes: CHUNK_SIZE_BYTES,
         image_digest: manifest::to_hex(&manifest::image_digest(&digests)),
         chunk_digests: digests.iter().map(manifest::to_hex).collect(),
@@ -193,6 +251,56 @@ async fn copy(
         .map_err(|e| JobError::Store(e.to_string()))?
         .map_err(|e| JobError::Store(e.to_string()))?;
     Ok(manifest)
+}
+
+/// Asks db-server, after the last read, whether the snapshot is still the
+/// one confirmed before the first: held by the same run, with the same
+/// ledger sequence. Retries a db-server that does not answer for
+/// [`CONFIRM_DEADLINE`] (a restart keeps its snapshots); answers when it
+/// confirmed.
+async fn confirm_after(
+    owner: &dyn SnapshotOwner,
+    wanted: &SnapshotRef,
+    before: &HeldSnapshot,
+    cancel: &CancellationToken,
+) -> Result<u64, JobError> {
+    let give_up = Instant::now() + CONFIRM_DEADLINE;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let error = match owner.snapshot(wanted.volume).await {
+            Ok(now) => {
+                check_unchanged(before, &now).map_err(JobError::SnapshotLost)?;
+                return Ok(manifest::now_unix_ms());
+            }
+            Err(error) => error,
+        };
+        match error.kind {
+            OwnerErrorKind::NoSnapshot | OwnerErrorKind::UnknownVolume => {
+                return Err(JobError::SnapshotLost(format!(
+                    "the snapshot of volume {} held by run {:?} was deleted during the copy ({})",
+                    wanted.volume, wanted.holder_run_id, error.message
+                )));
+            }
+            OwnerErrorKind::Unavailable if Instant::now() + backoff < give_up => {
+                tracing::warn!(
+                    "confirming the snapshot of volume {}: {} — retrying in {backoff:?}",
+                    wanted.volume,
+                    error.message
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = cancel.cancelled() => return Err(JobError::Cancelled),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            OwnerErrorKind::Unavailable | OwnerErrorKind::Other => {
+                return Err(JobError::NotConfirmed {
+                    unavailable: error.kind == OwnerErrorKind::Unavailable,
+                    message: error.message,
+                });
+            }
+        }
+    }
 }
 
 /// Copies one segment: receives it chunk by chunk and hands each whole

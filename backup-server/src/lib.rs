@@ -1,10 +1,14 @@
 //! backup-server: the backup program (1526) and its communication program
 //! (1525). It reads the frozen mate LU straight from the array ([0065]) and
-//! writes a backup that can be proven equal to the snapshot.
+//! writes a backup that can be proven equal to the snapshot; db-server, the
+//! snapshot's owner, confirms that the snapshot holds the mate before the
+//! first read and after the last one.
 //!
-//! - [`manifest`]: `manifest.json`, chunk digests and the image digest.
+//! - [`manifest`]: `manifest.json`, chunk digests, the image digest, and
+//!   the snapshot the image was copied from (or that it was copied live).
 //! - [`store`]: the backup store, partial names, commit, verify.
 //! - [`source`]: the array as a source of blocks (trait + gRPC client).
+//! - [`owner`]: db-server as the snapshot's owner (trait + gRPC client).
 //! - [`job`]: one copy — streams in flight, hashing, sparse writes.
 //! - [`backups`]: the jobs, idempotent by run id.
 //! - [`service`]: the thin gRPC adapter (`splitmirror.backup.v1`).
@@ -12,6 +16,7 @@
 pub mod backups;
 pub mod job;
 pub mod manifest;
+pub mod owner;
 pub mod service;
 pub mod source;
 pub mod store;
@@ -26,12 +31,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backups::Backups;
+use crate::owner::GrpcOwner;
 use crate::source::GrpcSource;
 use crate::store::BackupStore;
 
 #[derive(Debug, Clone)]
 pub struct BackupServerConfig {
     pub array_url: String,
+    /// The db-server that owns the snapshots backups copy.
+    pub db_url: String,
     pub store_dir: PathBuf,
     /// The rate cap (bytes per second) of jobs that do not ask for one.
     pub default_max_bytes_per_s: Option<u64>,
@@ -47,11 +55,13 @@ pub async fn spawn(
         .map_err(|e| format!("reading the listener's address: {e}"))?;
     let store = BackupStore::open(&config.store_dir).map_err(|e| e.to_string())?;
     let source = Arc::new(GrpcSource::new(&config.array_url)?);
+    let owner = Arc::new(GrpcOwner::new(&config.db_url)?);
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let backups = Arc::new(Backups::new(
         store,
         source,
+        owner,
         tasks.clone(),
         cancel.clone(),
         config.default_max_bytes_per_s,

@@ -1,5 +1,6 @@
 //! `backup-server`: copies frozen mate LUs into verified backup images.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -11,9 +12,11 @@ use splitmirror_proto::units::{format_bytes, parse_size_bytes};
 
 /// The backup server of splitmirror: reads a frozen mate LU straight from
 /// the array and writes `<store>/<backup-id>/image.raw` with a
-/// `manifest.json` of BLAKE3 chunk digests.
+/// `manifest.json` of BLAKE3 chunk digests. db-server (--db) confirms that
+/// the snapshot a backup names holds the mate before the first read and
+/// after the last one.
 ///
-/// Example: backup-server --listen 127.0.0.1:50053 --array 127.0.0.1:50051 --store /var/lib/splitmirror/backups
+/// Example: backup-server --listen 127.0.0.1:50053 --array 127.0.0.1:50051 --db 127.0.0.1:50052 --store /var/lib/splitmirror/backups
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -30,6 +33,11 @@ struct Cli {
     /// The array-node to read from.
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
     array: String,
+    /// The db-server that owns the snapshots: asked, before the first read
+    /// and after the last one of a backup, whether its snapshot still holds
+    /// the mate LU.
+    #[arg(long, env = "SPLITMIRROR_DB", default_value = "127.0.0.1:50052")]
+    db: String,
     /// The backup store directory.
     #[arg(long, env = "SPLITMIRROR_BACKUP_STORE", default_value = "backups")]
     store: PathBuf,
@@ -41,15 +49,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Lists the complete backups in a store (offline, no server needed).
+    /// Lists the complete backups in a store (offline, no server needed),
+    /// each frozen by its snapshot or "live (not frozen)".
     ///
     /// Example: backup-server list --store /var/lib/splitmirror/backups
     List {
         #[arg(long, env = "SPLITMIRROR_BACKUP_STORE", default_value = "backups")]
         store: PathBuf,
     },
-    /// Re-hashes a backup's image against its manifest (offline). Exits
-    /// non-zero if any chunk differs.
+    /// Re-hashes a backup's image against its manifest (offline), and says
+    /// what that proves and what it does not. Exits non-zero if any chunk
+    /// differs.
     ///
     /// Example: backup-server verify --store /var/lib/splitmirror/backups 0190d3c4-…
     Verify {
@@ -71,16 +81,21 @@ async fn run() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::List { store }) => {
             let store = BackupStore::open_read_only(&store)?;
+            let mut out = std::io::stdout().lock();
             for m in store.list()? {
-                println!(
-                    "{}  LU {}  {}  sequence {}  run {}  image {}",
+                let written = writeln!(
+                    out,
+                    "{}  LU {}  {}  {}  run {}  image {}",
                     m.backup_id,
                     m.source_lu,
                     format_bytes(m.size_bytes),
-                    m.ledger_sequence.map_or("-".into(), |s| s.to_string()),
+                    m.consistency(),
                     m.run_id,
-                    &m.image_digest[..16]
+                    m.image_digest.get(..16).unwrap_or(&m.image_digest)
                 );
+                if let Err(e) = written {
+                    return stdout_closed(e);
+                }
             }
             Ok(())
         }
@@ -89,20 +104,20 @@ async fn run() -> anyhow::Result<()> {
             let outcome = store
                 .verify(&backup_id)
                 .with_context(|| format!("verifying {backup_id}"))?;
+            let verdict = if outcome.ok { "OK" } else { "FAILED" };
+            let written = writeln!(
+                std::io::stdout().lock(),
+                "{backup_id}: {verdict} ({} chunks)\n  proved:      {}\n  not checked: {}",
+                outcome.chunks,
+                outcome.proved(),
+                outcome.not_checked()
+            );
+            if let Err(e) = written {
+                stdout_closed(e)?;
+            }
             if outcome.ok {
-                println!("{backup_id}: OK ({} chunks)", outcome.chunks);
                 Ok(())
             } else {
-                println!(
-                    "{backup_id}: FAILED: {} of {} chunks differ {:?}{}",
-                    outcome.bad_chunks.len(),
-                    outcome.chunks,
-                    outcome.bad_chunks,
-                    outcome
-                        .problem
-                        .map(|p| format!("; {p}"))
-                        .unwrap_or_default()
-                );
                 std::process::exit(1);
             }
         }
@@ -116,6 +131,7 @@ async fn run() -> anyhow::Result<()> {
             let listener = node::bind(&cli.listen).await.map_err(anyhow::Error::msg)?;
             let config = BackupServerConfig {
                 array_url: cli.array,
+                db_url: cli.db,
                 store_dir: cli.store,
                 default_max_bytes_per_s: cli.max_rate,
             };
@@ -127,5 +143,15 @@ async fn run() -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             Ok(())
         }
+    }
+}
+
+/// A reader that went away (`backup-server list | head -1`) ends the output
+/// quietly; any other failure to write is an error.
+fn stdout_closed(error: std::io::Error) -> anyhow::Result<()> {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(())
+    } else {
+        Err(anyhow::Error::new(error).context("writing to stdout"))
     }
 }

@@ -10,7 +10,38 @@ use serde::{Deserialize, Serialize};
 /// The chunk size of every manifest (and of the console's comparison).
 pub const CHUNK_SIZE_BYTES: u64 = 1 << 20;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the manifest records the snapshot the image was copied from, or that
+/// it was copied live.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// What a backup copied: a snapshot confirmed with its owner, or a live LU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The db-server volume whose snapshot froze the copied mate LU.
+    pub volume: u32,
+    /// The run id that held the snapshot while the image was read.
+    pub holder_run_id: String,
+    /// The ledger sequence at the snapshot, as db-server reported it.
+    pub ledger_sequence: u64,
+    /// The db-server that confirmed it, as the backup server addressed it.
+    pub owner: String,
+    /// When db-server confirmed the snapshot before the first read and
+    /// after the last one.
+    pub confirmed_before_unix_ms: u64,
+    pub confirmed_after_unix_ms: u64,
+}
+
+/// How a backup is described to people: frozen by which snapshot, or live.
+pub fn describe_consistency(snapshot: Option<&SnapshotRecord>, live: bool) -> String {
+    match (snapshot, live) {
+        (Some(s), _) => format!(
+            "frozen (snapshot of volume {} held by run {}, ledger sequence {})",
+            s.volume, s.holder_run_id, s.ledger_sequence
+        ),
+        (None, true) => "live (not frozen)".into(),
+        (None, false) => "unconfirmed (made before backups recorded their snapshot)".into(),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -26,12 +57,30 @@ pub struct Manifest {
     pub size_bytes: u64,
     pub started_at_unix_ms: u64,
     pub completed_at_unix_ms: u64,
+    /// The snapshot's ledger sequence (the same as `snapshot`'s), kept
+    /// at the top for readers of format 1.
     pub ledger_sequence: Option<u64>,
+    /// The snapshot the image was copied from, confirmed held by
+    /// `holder_run_id` with the same ledger sequence before the first read
+    /// and after the last one. `None` for a live backup.
+    #[serde(default)]
+    pub snapshot: Option<SnapshotRecord>,
+    /// True when the LU was copied without a snapshot, while it could be
+    /// written: the image need not be consistent.
+    #[serde(default)]
+    pub live: bool,
     pub chunk_size_bytes: u64,
     /// Hex BLAKE3 digests, one per chunk, in order.
     pub chunk_digests: Vec<String>,
     /// Hex BLAKE3 of the concatenated raw chunk digests.
     pub image_digest: String,
+}
+
+impl Manifest {
+    /// "frozen (snapshot of volume 0 held by run …)" or "live (not frozen)".
+    pub fn consistency(&self) -> String {
+        describe_consistency(self.snapshot.as_ref(), self.live)
+    }
 }
 
 /// The image digest of a list of raw chunk digests.

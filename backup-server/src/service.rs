@@ -9,7 +9,9 @@ use splitmirror_proto::backup::v1 as pb;
 use splitmirror_proto::backup::v1::backup_service_server::BackupService;
 use tonic::{Request, Response, Status};
 
-use crate::backups::{BackupError, BackupInfo, Backups, JobState};
+use crate::backups::{BackupError, BackupInfo, Backups, JobState, StartRequest, Wanted};
+use crate::manifest::SnapshotRecord;
+use crate::owner::SnapshotRef;
 
 /// How often `WatchBackup` reports progress while nothing else changes.
 const WATCH_INTERVAL: Duration = Duration::from_millis(200);
@@ -31,9 +33,53 @@ impl From<BackupError> for Status {
             BackupError::NotFound(_) => Status::not_found(message),
             BackupError::UnknownLu(_) => Status::not_found(message),
             BackupError::InvalidArgument(_) => Status::invalid_argument(message),
+            BackupError::UnknownVolume(_) => Status::not_found(message),
+            BackupError::NotFrozen(_) => Status::failed_precondition(message),
+            BackupError::NotComplete { .. } => Status::failed_precondition(message),
             BackupError::Unavailable(_) => Status::unavailable(message),
             BackupError::Store(_) => Status::internal(message),
         }
+    }
+}
+
+impl TryFrom<pb::StartBackupRequest> for StartRequest {
+    type Error = Status;
+
+    fn try_from(r: pb::StartBackupRequest) -> Result<Self, Status> {
+        let wanted = match (r.snapshot, r.live) {
+            (Some(s), false) => Wanted::Snapshot(SnapshotRef {
+                volume: s.volume,
+                holder_run_id: s.holder_run_id,
+            }),
+            (None, true) => Wanted::Live,
+            (Some(_), true) => {
+                return Err(Status::invalid_argument(
+                    "name a snapshot or ask for a live backup, not both",
+                ));
+            }
+            (None, false) => {
+                return Err(Status::invalid_argument(format!(
+                    "LU {} would be copied while it may be written: name the snapshot that freezes it (snapshot: volume and holder_run_id), or set live to copy it unfrozen",
+                    r.lu
+                )));
+            }
+        };
+        Ok(StartRequest {
+            run_id: r.run_id,
+            lu: r.lu,
+            expected_block_count: r.expected_block_count,
+            label: r.label,
+            max_bytes_per_s: r.max_bytes_per_s,
+            wanted,
+        })
+    }
+}
+
+fn snapshot_to_pb(s: &SnapshotRecord) -> pb::SnapshotRecord {
+    pb::SnapshotRecord {
+        volume: s.volume,
+        holder_run_id: s.holder_run_id.clone(),
+        ledger_sequence: s.ledger_sequence,
     }
 }
 
@@ -48,6 +94,7 @@ fn state_to_pb(state: &JobState) -> (pb::BackupState, String) {
 
 fn info_to_pb(info: BackupInfo) -> pb::BackupInfo {
     let (state, error) = state_to_pb(&info.state);
+    let consistency = info.consistency();
     pb::BackupInfo {
         backup_id: info.backup_id,
         run_id: info.run_id,
@@ -61,6 +108,9 @@ fn info_to_pb(info: BackupInfo) -> pb::BackupInfo {
             .map(|m| serde_json::to_string(&m).expect("a manifest always serializes"))
             .unwrap_or_default(),
         label: info.label,
+        live: info.live,
+        snapshot: info.snapshot.as_ref().map(snapshot_to_pb),
+        consistency,
     }
 }
 
@@ -84,18 +134,8 @@ impl BackupService for BackupGrpc {
         &self,
         request: Request<pb::StartBackupRequest>,
     ) -> Result<Response<pb::StartBackupResponse>, Status> {
-        let r = request.into_inner();
-        let (backup_id, already_started) = self
-            .backups
-            .start(
-                &r.run_id,
-                r.lu,
-                r.expected_block_count,
-                &r.label,
-                r.ledger_sequence,
-                r.max_bytes_per_s,
-            )
-            .await?;
+        let request = StartRequest::try_from(request.into_inner())?;
+        let (backup_id, already_started) = self.backups.start(request).await?;
         Ok(Response::new(pb::StartBackupResponse {
             backup_id,
             already_started,
@@ -155,7 +195,7 @@ impl BackupService for BackupGrpc {
         &self,
         request: Request<pb::BackupIdRequest>,
     ) -> Result<Response<pb::BackupInfo>, Status> {
-        let info = self.backups.cancel(&request.into_inner().backup_id)?;
+        let info = self.backups.cancel(&request.into_inner().backup_id).await?;
         Ok(Response::new(info_to_pb(info)))
     }
 
@@ -167,8 +207,12 @@ impl BackupService for BackupGrpc {
         Ok(Response::new(pb::VerifyBackupResponse {
             ok: outcome.ok,
             chunks: outcome.chunks,
+            image_digest: outcome.image_digest_hex(),
+            frozen: outcome.frozen(),
+            live: outcome.manifest.live,
+            proved: outcome.proved(),
+            not_checked: outcome.not_checked(),
             bad_chunks: outcome.bad_chunks,
-            image_digest: outcome.image_digest.to_vec(),
             error: outcome.problem.unwrap_or_default(),
         }))
     }

@@ -44,6 +44,62 @@ pub struct VerifyOutcome {
     pub bad_chunks: Vec<u64>,
     pub image_digest: [u8; 32],
     pub problem: Option<String>,
+    /// The manifest the image was checked against.
+    pub manifest: Manifest,
+}
+
+impl VerifyOutcome {
+    /// The hex image digest of the image as read now.
+    pub fn image_digest_hex(&self) -> String {
+        manifest::to_hex(&self.image_digest)
+    }
+
+    /// True when the manifest records a snapshot confirmed held before the
+    /// first read and after the last one.
+    pub fn frozen(&self) -> bool {
+        self.manifest.snapshot.is_some()
+    }
+
+    /// What the check proved, in words.
+    pub fn proved(&self) -> String {
+        if self.ok {
+            format!(
+                "the image matches its manifest: all {} chunk digests and the image digest {}",
+                self.chunks,
+                self.image_digest_hex()
+            )
+        } else {
+            format!(
+                "the image does NOT match its manifest: {} of {} chunks differ {:?}{}",
+                self.bad_chunks.len(),
+                self.chunks,
+                self.bad_chunks,
+                self.problem
+                    .as_ref()
+                    .map(|p| format!("; {p}"))
+                    .unwrap_or_default()
+            )
+        }
+    }
+
+    /// What the check did not prove, in words.
+    pub fn not_checked(&self) -> String {
+        let m = &self.manifest;
+        match (&m.snapshot, m.live) {
+            (Some(s), _) => format!(
+                "that the image is a consistent database: it was copied from mate LU {} while the snapshot of volume {} was held by run {} (ledger sequence {}), as db-server confirmed before the first read and after the last; only the database's own verifier (db-server verify-image) checks the data",
+                m.source_lu, s.volume, s.holder_run_id, s.ledger_sequence
+            ),
+            (None, true) => format!(
+                "that the image is consistent: it is a live backup (not frozen) of LU {}, copied while it could be written",
+                m.source_lu
+            ),
+            (None, false) => format!(
+                "that the image is consistent: its manifest (format {}) does not record a snapshot",
+                m.format_version
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -246,6 +302,7 @@ impl BackupStore {
             bad_chunks,
             image_digest,
             problem,
+            manifest,
         })
     }
 }

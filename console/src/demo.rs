@@ -120,6 +120,7 @@ impl LocalCluster {
                 array_url: array.url(),
                 store_dir: store_dir.clone(),
                 default_max_bytes_per_s: None,
+                db_url: db.url(),
             },
             node::bind("127.0.0.1:0").await?,
         )

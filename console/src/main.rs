@@ -173,7 +173,7 @@ enum Command {
     /// Suspend or resume the database by hand.
     #[command(subcommand)]
     Db(DbCommand),
-    /// List or verify backups.
+    /// Start, list or verify backups.
     #[command(subcommand)]
     Backup(BackupCommand),
     /// Compare the two sides of a mirror pair.
@@ -225,12 +225,44 @@ enum DbCommand {
 
 #[derive(Subcommand)]
 enum BackupCommand {
-    /// The backups the backup server knows.
+    /// Backs up an LU by hand and follows the copy to its end. Name the
+    /// snapshot that freezes it (--volume and the --run-id that holds it,
+    /// as `snapshot acquire` prints): the backup server confirms it with
+    /// db-server before the first read and after the last. Or copy the LU
+    /// unfrozen with --live: the backup is recorded and shown as "live (not
+    /// frozen)". Exits non-zero unless the backup completes.
+    ///
+    /// Example: console backup start --lu 2 --volume 0 --run-id 0190d3c4-…
+    #[command(group(clap::ArgGroup::new("frozen_or_live").required(true).args(["volume", "live"])))]
+    Start {
+        /// The real LU to copy (the snapshot's mate LU).
+        #[arg(long)]
+        lu: u32,
+        /// The volume whose snapshot freezes the LU.
+        #[arg(long, requires = "run_id")]
+        volume: Option<u32>,
+        /// The run id that holds the snapshot; also the backup's run id.
+        #[arg(long, requires = "volume")]
+        run_id: Option<String>,
+        /// Copy the LU without a snapshot, while it may be written.
+        #[arg(long, conflicts_with_all = ["volume", "run_id"])]
+        live: bool,
+        /// A label stored in the backup's manifest.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Cap the backup's read rate (bytes per second, e.g. 200MB).
+        #[arg(long, value_parser = parse_size_bytes)]
+        max_rate: Option<u64>,
+    },
+    /// The backups the backup server knows, each frozen by its snapshot or
+    /// "live (not frozen)".
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Re-hashes a backup's image against its manifest.
+    /// Re-hashes a backup's image against its manifest, and says what that
+    /// proves (the image matches its manifest) and what it does not (that
+    /// the image is a consistent snapshot).
     ///
     /// Example: console backup verify 0190d3c4-…
     Verify { backup_id: String },
@@ -486,6 +518,36 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Backup(BackupCommand::Start {
+            lu,
+            volume,
+            run_id,
+            live,
+            label,
+            max_rate,
+        }) => {
+            let clients = connect(addresses)?;
+            let snapshot = volume
+                .zip(run_id)
+                .map(|(volume, holder_run_id)| bpb::SnapshotRef {
+                    volume,
+                    holder_run_id,
+                });
+            let request = bpb::StartBackupRequest {
+                // One backup per snapshot holder; a live copy gets its own.
+                run_id: snapshot.as_ref().map_or_else(
+                    || uuid::Uuid::now_v7().to_string(),
+                    |s| s.holder_run_id.clone(),
+                ),
+                lu,
+                expected_block_count: None,
+                label,
+                max_bytes_per_s: max_rate,
+                snapshot,
+                live,
+            };
+            backup_start(&clients, request).await
+        }
         Command::Backup(BackupCommand::List { json }) => {
             let clients = connect(addresses)?;
             let snapshot = status::Snapshot {
@@ -502,16 +564,16 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 ),
             };
             if json {
-                println!("{}", status::to_json(&snapshot)["backups"]);
+                write_out(&format!("{}\n", status::to_json(&snapshot)["backups"]))?;
             } else {
                 let text = status::render(&snapshot);
-                print!(
-                    "{}",
-                    text.split("\nBackups")
+                write_out(
+                    &text
+                        .split("\nBackups")
                         .nth(1)
                         .map(|t| format!("Backups{t}"))
-                        .unwrap_or(text)
-                );
+                        .unwrap_or(text),
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -524,19 +586,11 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 .await
                 .map_err(|s| format!("verifying: {}", s.message()))?
                 .into_inner();
-            if v.ok {
-                println!("{backup_id}: OK ({} chunks)", v.chunks);
-            } else {
-                println!(
-                    "{backup_id}: FAILED: chunks {:?} differ from the manifest{}",
-                    v.bad_chunks,
-                    if v.error.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; {}", v.error)
-                    }
-                );
-            }
+            let verdict = if v.ok { "OK" } else { "FAILED" };
+            write_out(&format!(
+                "{backup_id}: {verdict} ({} chunks, image digest {})\n  proved:      {}\n  not checked: {}\n",
+                v.chunks, v.image_digest, v.proved, v.not_checked
+            ))?;
             Ok(exit(v.ok))
         }
         Command::Pair(PairCommand::Verify {
@@ -567,6 +621,99 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(exit(report.differing_chunks.is_empty()))
         }
+    }
+}
+
+/// `console backup start`: starts the backup, follows it (Ctrl-C cancels
+/// it), and prints how it ended.
+async fn backup_start(
+    clients: &Clients,
+    request: bpb::StartBackupRequest,
+) -> Result<ExitCode, String> {
+    let lu = request.lu;
+    let started = clients
+        .backup
+        .clone()
+        .start_backup(request)
+        .await
+        .map_err(|s| {
+            format!(
+                "starting the backup of LU {lu}: {:?}: {}",
+                s.code(),
+                s.message()
+            )
+        })?
+        .into_inner();
+    let id = bpb::BackupIdRequest {
+        backup_id: started.backup_id.clone(),
+    };
+    let mut stream = clients
+        .backup
+        .clone()
+        .watch_backup(id.clone())
+        .await
+        .map_err(|s| format!("following the backup: {}", s.message()))?
+        .into_inner();
+    let sink = progress::for_stderr();
+    sink.phase(&format!("backing up LU {lu} as {}", started.backup_id));
+    loop {
+        let message = tokio::select! {
+            message = stream.message() => message,
+            () = node::shutdown_signal() => {
+                let info = clients.backup.clone().cancel_backup(id.clone()).await
+                    .map_err(|s| format!("cancelling the backup: {}", s.message()))?
+                    .into_inner();
+                sink.finish();
+                write_out(&format!("{}: {}\n", info.backup_id, info.state().as_str_name().trim_start_matches("BACKUP_STATE_")))?;
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        match message {
+            Ok(Some(p)) if p.bytes_total > 0 => {
+                sink.backup(p.bytes_done, p.bytes_total, p.throughput_bytes_per_s)
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(s) => return Err(format!("following the backup: {}", s.message())),
+        }
+    }
+    sink.finish();
+    let info = clients
+        .backup
+        .clone()
+        .get_backup(id)
+        .await
+        .map_err(|s| format!("reading the backup: {}", s.message()))?
+        .into_inner();
+    let state = info
+        .state()
+        .as_str_name()
+        .trim_start_matches("BACKUP_STATE_");
+    write_out(&format!(
+        "{}: {state}, LU {}, {}, {}{}\n",
+        info.backup_id,
+        info.lu,
+        splitmirror_proto::units::format_bytes(info.bytes_done),
+        info.consistency,
+        if info.error.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", info.error)
+        }
+    ))?;
+    Ok(exit(info.state() == bpb::BackupState::Complete))
+}
+
+/// Writes to stdout. A reader that went away (`console backup list | head
+/// -1`) ends the output quietly instead of a panic.
+fn write_out(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("writing to stdout: {e}"))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -233,13 +233,20 @@ async fn back_up(
 ) -> Result<(), String> {
     progress.phase(&format!("backing up mate LU {}", acquired.mate_lu));
     let t = Instant::now();
+    // The backup names the snapshot this run holds: the backup server
+    // confirms it with db-server before its first read and after its last,
+    // and takes the ledger sequence from there.
     let request = bpb::StartBackupRequest {
         run_id: report.run_id.clone(),
         lu: acquired.mate_lu,
         expected_block_count: Some(acquired.block_count),
         label: options.label.clone(),
-        ledger_sequence: Some(acquired.ledger_sequence),
         max_bytes_per_s: options.max_bytes_per_s,
+        snapshot: Some(bpb::SnapshotRef {
+            volume: options.volume,
+            holder_run_id: report.run_id.clone(),
+        }),
+        live: false,
     };
     let started = retry("StartBackup", clients.step_deadline, || {
         let mut backup = clients.backup.clone();
@@ -436,7 +443,7 @@ pub async fn wait_synchronized(
     loop {
         let status = retry("Status", clients.step_deadline, || {
             let mut db = clients.db.clone();
-            async move { db.status(dpb::StatusRequest {}).await }
+            async move { db.status(dpb::StatusRequest::default()).await }
         })
         .await
         .map_err(|s| format!("following the resync: {}", s.message()))?

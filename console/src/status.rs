@@ -166,7 +166,7 @@ pub fn render(snapshot: &Snapshot) -> String {
             for b in backups {
                 let _ = writeln!(
                     out,
-                    "  {}  {:<9} LU {}  {} / {}  run {}{}",
+                    "  {}  {:<9} LU {}  {} / {}  {}  run {}{}",
                     b.backup_id,
                     b.state().as_str_name().trim_start_matches("BACKUP_STATE_"),
                     b.lu,
@@ -179,6 +179,7 @@ pub fn render(snapshot: &Snapshot) -> String {
                         format!("  ({})", b.error)
                     }
                 );
+                    b.consistency,
             }
         }
         None => {
@@ -253,6 +254,13 @@ pub struct PairReport {
     pub volume: u32,
     pub origin_lu: u32,
     pub mate_lu: u32,
+            "live": b.live,
+            "snapshot": b.snapshot.as_ref().map(|s| json!({
+                "volume": s.volume,
+                "holder_run_id": s.holder_run_id,
+                "ledger_sequence": s.ledger_sequence,
+            })),
+            "consistency": b.consistency,
     pub chunks: u64,
     /// Chunks overlapping recorded ranges (they may differ by design).
     pub skipped_chunks: u64,

@@ -1,20 +1,26 @@
 //! The backup server against a real array: images equal their LU byte for
-//! byte, manifests equal `ChecksumRange`, verification can fail, and crashes
-//! of either node leave nothing that looks complete.
+//! byte, manifests equal `ChecksumRange`, verification can fail, crashes of
+//! either node leave nothing that looks complete, a backup copies a snapshot
+//! confirmed with db-server before and after the copy (or says it is live),
+//! and no offline command panics on a closed stdout.
 
 use std::os::unix::fs::MetadataExt;
 
 use array_node::ArrayTestHooks;
+use db_server::manager::ManagerConfig;
 use splitmirror_proto::array::v1 as apb;
 use splitmirror_proto::backup::v1 as pb;
+use splitmirror_proto::db::v1 as dpb;
 
 use crate::harness::{
-    self, NodeProcess, array_client, backup_client, follow_backup, start_array, start_backup,
+    self, NO_DB, NodeProcess, array_client, backup_client, db_client, follow_backup, start_array,
+    start_backup, start_db,
 };
 
 const BLOCK: usize = 4096;
 const CHUNK_BLOCKS: u64 = 256;
 
+/// Starts a live backup (these tests copy LUs that nothing writes).
 async fn start(client: &mut harness::BackupClient, run_id: &str, lu: u32) -> (String, bool) {
     let r = client
         .start_backup(pb::StartBackupRequest {
@@ -22,8 +28,9 @@ async fn start(client: &mut harness::BackupClient, run_id: &str, lu: u32) -> (St
             lu,
             expected_block_count: None,
             label: "test".into(),
-            ledger_sequence: Some(7),
             max_bytes_per_s: None,
+            snapshot: None,
+            live: true,
         })
         .await
         .expect("start backup")
@@ -96,7 +103,7 @@ async fn a_backup_equals_its_lu_and_its_manifest_equals_checksum_range() {
             .await
             .expect("pattern write");
     }
-    let backup = start_backup(&array.url(), &dir.path().join("store")).await;
+    let backup = start_backup(&array.url(), NO_DB, &dir.path().join("store")).await;
     let mut client = backup_client(&backup.url()).await;
     let (id, already) = start(&mut client, "run-1", 2).await;
     assert!(!already);
@@ -130,7 +137,9 @@ async fn a_backup_equals_its_lu_and_its_manifest_equals_checksum_range() {
     )
     .expect("manifest.json");
     assert_eq!(manifest, on_disk);
-    assert_eq!(manifest["ledger_sequence"], 7);
+    assert_eq!(manifest["live"], true);
+    assert_eq!(manifest["snapshot"], serde_json::Value::Null);
+    assert_eq!(manifest["ledger_sequence"], serde_json::Value::Null);
     assert_eq!(manifest["source_lu"], 2);
     let sums = array_client
         .checksum_range(apb::ChecksumRangeRequest {
@@ -221,6 +230,7 @@ async fn a_backup_equals_its_lu_and_its_manifest_equals_checksum_range() {
         .start_backup(pb::StartBackupRequest {
             run_id: "run-2".into(),
             lu: 99,
+            live: true,
             ..Default::default()
         })
         .await
@@ -256,7 +266,7 @@ async fn killing_the_array_mid_backup_fails_the_job_as_unavailable() {
     // Data everywhere, so that the copy has real work to do.
     fill_mate(&mut array_client, 32, 0xC3).await;
     let store = dir.path().join("store");
-    let backup = start_backup(&array.url(), &store).await;
+    let backup = start_backup(&array.url(), NO_DB, &store).await;
     let mut client = backup_client(&backup.url()).await;
     let (id, _) = start(&mut client, "run-kill-array", 2).await;
     // Wait until the copy is under way, then kill the array.
@@ -354,13 +364,14 @@ async fn a_rate_capped_backup_takes_at_least_its_size_over_the_rate() {
         ArrayTestHooks::default(),
     )
     .await;
-    let backup = start_backup(&array.url(), &dir.path().join("store")).await;
+    let backup = start_backup(&array.url(), NO_DB, &dir.path().join("store")).await;
     let mut client = backup_client(&backup.url()).await;
     let started = std::time::Instant::now();
     let id = client
         .start_backup(pb::StartBackupRequest {
             run_id: "capped".into(),
             lu: 2,
+            live: true,
             max_bytes_per_s: Some(16 << 20),
             ..Default::default()
         })
@@ -379,4 +390,512 @@ async fn a_rate_capped_backup_takes_at_least_its_size_over_the_rate() {
         started.elapsed()
     );
     backup.shutdown().await.expect("shutdown");
+}
+
+/// An array of two pairs (mirror LU 0 = origin 1 + mate 2), a db-server
+/// without a ledger, and a backup server that confirms with it.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    store: std::path::PathBuf,
+    array: splitmirror_proto::node::NodeHandle,
+    db: splitmirror_proto::node::NodeHandle,
+    backup: splitmirror_proto::node::NodeHandle,
+}
+
+impl Cluster {
+    async fn start(lu_bytes: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let array = start_array(
+            &dir.path().join("array"),
+            harness::small_array(lu_bytes),
+            ArrayTestHooks::default(),
+        )
+        .await;
+        let db = start_db(
+            &array.url(),
+            &dir.path().join("db"),
+            ManagerConfig::default(),
+            None,
+        )
+        .await;
+        let store = dir.path().join("store");
+        let backup = start_backup(&array.url(), &db.url(), &store).await;
+        Self {
+            _dir: dir,
+            store,
+            array,
+            db,
+            backup,
+        }
+    }
+
+    async fn shutdown(self) {
+        self.backup.shutdown().await.expect("backup");
+        self.db.shutdown().await.expect("db");
+        self.array.shutdown().await.expect("array");
+    }
+}
+
+fn frozen_request(run_id: &str, lu: u32, volume: u32, holder: &str) -> pb::StartBackupRequest {
+    pb::StartBackupRequest {
+        run_id: run_id.into(),
+        lu,
+        snapshot: Some(pb::SnapshotRef {
+            volume,
+            holder_run_id: holder.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn get(client: &mut harness::BackupClient, id: &str) -> pb::BackupInfo {
+    client
+        .get_backup(pb::BackupIdRequest {
+            backup_id: id.to_string(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+async fn verify(
+    client: &mut harness::BackupClient,
+    id: &str,
+) -> Result<pb::VerifyBackupResponse, tonic::Status> {
+    client
+        .verify_backup(pb::BackupIdRequest {
+            backup_id: id.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Names of the entries of the store that look complete (no partial prefix).
+fn complete_entries(store: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(store)
+        .expect("store")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with(".partial-"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_without_a_snapshot_is_refused_unless_it_asks_to_be_live() {
+    let cluster = Cluster::start(4 << 20).await;
+    let mut client = backup_client(&cluster.backup.url()).await;
+    let mut db = db_client(&cluster.db.url()).await;
+    let mut array = array_client(&cluster.array.url()).await;
+    array
+        .write(apb::WriteRequest {
+            lu: 0,
+            lba: 3,
+            data: vec![0x5A; BLOCK],
+            fua: false,
+        })
+        .await
+        .expect("write the mirror LU");
+
+    // The mirror LU, the origin LU and a synchronized mate: each is being
+    // (or may be) written, and none is named by a snapshot.
+    for lu in [0u32, 1, 2] {
+        let refused = client
+            .start_backup(pb::StartBackupRequest {
+                run_id: format!("unnamed-{lu}"),
+                lu,
+                ..Default::default()
+            })
+            .await
+            .expect_err("a backup that names no snapshot and is not live");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().contains("snapshot") && refused.message().contains("live"),
+            "{}",
+            refused.message()
+        );
+    }
+    // Naming a snapshot that is not held, on the synchronized mate.
+    let refused = client
+        .start_backup(frozen_request("not-held", 2, 0, "nobody"))
+        .await
+        .expect_err("no snapshot is held");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    // A held snapshot does not freeze the origin or mirror LU, nor belong
+    // to another run; an unknown volume is NOT_FOUND.
+    db.acquire_snapshot(dpb::AcquireSnapshotRequest {
+        volume: 0,
+        run_id: "holder".into(),
+    })
+    .await
+    .expect("acquire");
+    for lu in [0u32, 1] {
+        let refused = client
+            .start_backup(frozen_request(&format!("wrong-lu-{lu}"), lu, 0, "holder"))
+            .await
+            .expect_err("the snapshot's mate is LU 2");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refused
+                .message()
+                .contains(&format!("mate LU 2, not LU {lu}")),
+            "{}",
+            refused.message()
+        );
+    }
+    let refused = client
+        .start_backup(frozen_request("other-holder", 2, 0, "someone-else"))
+        .await
+        .expect_err("another run holds it");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    let refused = client
+        .start_backup(frozen_request("unknown-volume", 2, 9, "holder"))
+        .await
+        .expect_err("unknown volume");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    let both = pb::StartBackupRequest {
+        live: true,
+        ..frozen_request("both", 2, 0, "holder")
+    };
+    let refused = client.start_backup(both).await.expect_err("both");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    db.delete_snapshot(dpb::DeleteSnapshotRequest {
+        volume: 0,
+        run_id: "holder".into(),
+        force: false,
+    })
+    .await
+    .expect("delete");
+    harness::wait_synchronized(&mut db, 0).await;
+
+    // Asked for explicitly, each copies, and says everywhere that it is live.
+    let mut ids = Vec::new();
+    for lu in [0u32, 1, 2] {
+        let (id, _) = start(&mut client, &format!("live-{lu}"), lu).await;
+        let last = follow_backup(&mut client, &id).await;
+        assert_eq!(last.state(), pb::BackupState::Complete, "{}", last.error);
+        let info = get(&mut client, &id).await;
+        assert!(info.live);
+        assert_eq!(info.snapshot, None);
+        assert_eq!(info.consistency, "live (not frozen)");
+        let manifest: serde_json::Value =
+            serde_json::from_str(&info.manifest_json).expect("manifest");
+        assert_eq!(manifest["live"], true);
+        let verified = verify(&mut client, &id).await.expect("verify");
+        assert!(verified.ok, "{}", verified.error);
+        assert!(verified.live && !verified.frozen, "{verified:?}");
+        assert!(
+            verified.proved.contains("matches its manifest"),
+            "{}",
+            verified.proved
+        );
+        assert!(
+            verified.not_checked.contains("live backup (not frozen)"),
+            "{}",
+            verified.not_checked
+        );
+        assert_eq!(verified.image_digest, manifest["image_digest"]);
+        assert!(
+            verified.image_digest.len() == 64
+                && verified.image_digest.chars().all(|c| c.is_ascii_hexdigit()),
+            "a hex digest: {}",
+            verified.image_digest
+        );
+        ids.push(id);
+    }
+    let listed = client
+        .list_backups(pb::ListBackupsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.backups.len(), 3);
+    assert!(
+        listed
+            .backups
+            .iter()
+            .all(|b| b.live && b.consistency == "live (not frozen)")
+    );
+    let out = std::process::Command::new(harness::binary("backup-server"))
+        .args(["list", "--store"])
+        .arg(&cluster.store)
+        .output()
+        .expect("backup-server list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("live (not frozen)").count(), 3, "{text}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_backup_records_its_snapshot_and_verify_says_it_was_confirmed() {
+    let cluster = Cluster::start(4 << 20).await;
+    let mut client = backup_client(&cluster.backup.url()).await;
+    let mut db = db_client(&cluster.db.url()).await;
+    let acquired = db
+        .acquire_snapshot(dpb::AcquireSnapshotRequest {
+            volume: 0,
+            run_id: "frozen-1".into(),
+        })
+        .await
+        .expect("acquire")
+        .into_inner();
+    // Writes to the volume after the split land on the origin only.
+    db.write(dpb::VolumeWriteRequest {
+        volume: 0,
+        target: dpb::VirtualLu::Data.into(),
+        lba: 7,
+        data: vec![0xA5; BLOCK],
+    })
+    .await
+    .expect("write after the split");
+    let id = client
+        .start_backup(frozen_request("frozen-1", acquired.mate_lu, 0, "frozen-1"))
+        .await
+        .expect("start")
+        .into_inner()
+        .backup_id;
+    let last = follow_backup(&mut client, &id).await;
+    assert_eq!(last.state(), pb::BackupState::Complete, "{}", last.error);
+    let info = get(&mut client, &id).await;
+    assert!(!info.live);
+    let snapshot = info.snapshot.clone().expect("the snapshot is recorded");
+    assert_eq!(
+        (
+            snapshot.volume,
+            snapshot.holder_run_id.as_str(),
+            snapshot.ledger_sequence
+        ),
+        (0, "frozen-1", acquired.ledger_sequence)
+    );
+    assert!(
+        info.consistency
+            .starts_with("frozen (snapshot of volume 0 held by run frozen-1"),
+        "{}",
+        info.consistency
+    );
+    let on_disk: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(cluster.store.join(&id).join("manifest.json")).expect("manifest"),
+    )
+    .expect("JSON");
+    assert_eq!(on_disk["live"], false);
+    assert_eq!(on_disk["snapshot"]["volume"], 0);
+    assert_eq!(on_disk["snapshot"]["holder_run_id"], "frozen-1");
+    assert_eq!(
+        on_disk["snapshot"]["ledger_sequence"],
+        acquired.ledger_sequence
+    );
+    assert_eq!(on_disk["ledger_sequence"], acquired.ledger_sequence);
+    assert!(on_disk["snapshot"]["confirmed_after_unix_ms"].as_u64() > Some(0));
+    let verified = verify(&mut client, &id).await.expect("verify");
+    assert!(
+        verified.ok && verified.frozen && !verified.live,
+        "{verified:?}"
+    );
+    assert!(
+        verified
+            .not_checked
+            .contains("confirmed before the first read and after the last"),
+        "{}",
+        verified.not_checked
+    );
+    // The image is the frozen mate, without the write after the split.
+    let mut array = array_client(&cluster.array.url()).await;
+    let image = std::fs::read(cluster.store.join(&id).join("image.raw")).expect("image");
+    let mate = harness::read_lu(&mut array, 2, 0, (4 << 20) / BLOCK as u64).await;
+    assert!(image == mate, "the image equals the frozen mate");
+    assert_ne!(image[7 * BLOCK], 0xA5);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_deleted_during_the_copy_fails_the_job_and_leaves_nothing_complete() {
+    let cluster = Cluster::start(8 << 20).await;
+    let mut client = backup_client(&cluster.backup.url()).await;
+    let mut db = db_client(&cluster.db.url()).await;
+    db.acquire_snapshot(dpb::AcquireSnapshotRequest {
+        volume: 0,
+        run_id: "doomed".into(),
+    })
+    .await
+    .expect("acquire");
+    // 8 MiB at 4 MiB/s: about two seconds to delete it in.
+    let id = client
+        .start_backup(pb::StartBackupRequest {
+            max_bytes_per_s: Some(4 << 20),
+            ..frozen_request("doomed", 2, 0, "doomed")
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .backup_id;
+    wait_until_copying(&mut client, &id).await;
+    db.delete_snapshot(dpb::DeleteSnapshotRequest {
+        volume: 0,
+        run_id: "an operator".into(),
+        force: true,
+    })
+    .await
+    .expect("delete with force");
+    let last = follow_backup(&mut client, &id).await;
+    assert_eq!(last.state(), pb::BackupState::Failed, "{last:?}");
+    assert!(
+        last.error.starts_with("FAILED_PRECONDITION")
+            && last
+                .error
+                .contains("snapshot of volume 0 held by run \"doomed\""),
+        "reason: {}",
+        last.error
+    );
+    assert!(
+        complete_entries(&cluster.store).is_empty(),
+        "nothing that looks complete: {:?}",
+        complete_entries(&cluster.store)
+    );
+    let listed = client
+        .list_backups(pb::ListBackupsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        listed
+            .backups
+            .iter()
+            .all(|b| b.state() == pb::BackupState::Failed)
+    );
+    let refused = verify(&mut client, &id).await.expect_err("not complete");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("it failed") && refused.message().contains("doomed"),
+        "{}",
+        refused.message()
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_answers_cancelled_and_verify_of_a_cancelled_backup_says_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let array = start_array(
+        &dir.path().join("array"),
+        harness::small_array(8 << 20),
+        ArrayTestHooks::default(),
+    )
+    .await;
+    let store = dir.path().join("store");
+    let backup = start_backup(&array.url(), NO_DB, &store).await;
+    let mut client = backup_client(&backup.url()).await;
+    let id = client
+        .start_backup(pb::StartBackupRequest {
+            run_id: "to-cancel".into(),
+            lu: 2,
+            live: true,
+            max_bytes_per_s: Some(2 << 20),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .backup_id;
+    wait_until_copying(&mut client, &id).await;
+    let cancelled = client
+        .cancel_backup(pb::BackupIdRequest {
+            backup_id: id.clone(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(
+        cancelled.state(),
+        pb::BackupState::Cancelled,
+        "{cancelled:?}"
+    );
+    assert!(complete_entries(&store).is_empty());
+    assert!(
+        std::fs::read_dir(&store).expect("store").next().is_none(),
+        "the partial image is gone once CANCELLED is answered"
+    );
+    let refused = verify(&mut client, &id).await.expect_err("not complete");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("not complete") && refused.message().contains("cancelled"),
+        "{}",
+        refused.message()
+    );
+    // Cancelling a job that has ended answers the state it ended in.
+    let again = client
+        .cancel_backup(pb::BackupIdRequest { backup_id: id })
+        .await
+        .expect("cancel again")
+        .into_inner();
+    assert_eq!(again.state(), pb::BackupState::Cancelled);
+    backup.shutdown().await.expect("shutdown");
+}
+
+#[test]
+fn backup_server_list_exits_quietly_when_its_reader_goes_away() {
+    use std::io::BufRead;
+    // Enough backups that the listing outgrows the pipe's buffer: the
+    // writer is still writing when the reader has gone.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for i in 0..2000u64 {
+        let id = format!("00000000-0000-7000-8000-{i:012x}");
+        let manifest = backup_server::manifest::Manifest {
+            format_version: backup_server::manifest::FORMAT_VERSION,
+            backup_id: id.clone(),
+            run_id: format!("run-{i}"),
+            label: String::new(),
+            source_array: "test".into(),
+            source_lu: 2,
+            block_size_bytes: 4096,
+            block_count: 0,
+            size_bytes: 0,
+            started_at_unix_ms: i,
+            completed_at_unix_ms: i,
+            ledger_sequence: None,
+            snapshot: None,
+            live: true,
+            chunk_size_bytes: backup_server::manifest::CHUNK_SIZE_BYTES,
+            chunk_digests: Vec::new(),
+            image_digest: blake3::hash(b"").to_hex().to_string(),
+        };
+        let backup_dir = dir.path().join(&id);
+        std::fs::create_dir(&backup_dir).expect("backup dir");
+        std::fs::write(
+            backup_dir.join("manifest.json"),
+            serde_json::to_vec(&manifest).expect("JSON"),
+        )
+        .expect("manifest");
+    }
+    for round in 0..20 {
+        let mut child = std::process::Command::new(harness::binary("backup-server"))
+            .args(["list", "--store"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("backup-server list");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut first)
+            .expect("one line");
+        assert!(first.contains("live (not frozen)"), "{first}");
+        // The reader is dropped here, as `| head -1` exits.
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() != Some(101) && !stderr.contains("panicked"),
+            "round {round}: {:?} {stderr}",
+            out.status
+        );
+        assert!(
+            out.status.success(),
+            "round {round}: {:?} {stderr}",
+            out.status
+        );
+    }
 }

@@ -71,7 +71,7 @@ async fn console_run_backs_up_verifies_and_resynchronizes() {
     )
     .await;
     let store = dir.path().join("store");
-    let backup = start_backup(&array.url(), &store).await;
+    let backup = start_backup(&array.url(), &db.url(), &store).await;
     let addrs = address_args(
         &array.addr.to_string(),
         &db.addr.to_string(),

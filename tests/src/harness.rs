@@ -369,14 +369,21 @@ impl Drop for NodeProcess {
 
 pub type BackupClient =
     splitmirror_proto::backup::v1::backup_service_client::BackupServiceClient<Channel>;
+/// A db-server address for backup servers of tests that start none: only
+/// live backups, which never ask it, can succeed there.
+pub const NO_DB: &str = "http://127.0.0.1:9";
 
-/// Starts a backup-server in-process.
-pub async fn start_backup(array_url: &str, store: &Path) -> NodeHandle {
+
+/// Starts a backup-server in-process, reading from the array at
+/// `array_url` and confirming snapshots with the db-server at `db_url`
+/// (tests of live backups alone may pass [`NO_DB`]).
+pub async fn start_backup(array_url: &str, db_url: &str, store: &Path) -> NodeHandle {
     let listener = node::bind("127.0.0.1:0").await.expect("bind loopback");
     let config = backup_server::BackupServerConfig {
         array_url: array_url.to_string(),
         store_dir: store.to_path_buf(),
         default_max_bytes_per_s: None,
+        db_url: db_url.to_string(),
     };
     let handle = backup_server::spawn(config, listener)
         .await

@@ -14,6 +14,9 @@ use super::common::{
 };
 use super::{BenchOptions, BenchOutput, peer};
 
+/// This scenario starts no db-server; its live backup never asks one.
+const NO_DB: &str = "127.0.0.1:50052";
+
 pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     let size = options.size_bytes;
     let RandomLuArray {
@@ -38,6 +41,9 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
                     &addr.to_string(),
                     "--array",
                     &array.url(),
+                    // No db-server in this scenario: the copy is live.
+                    "--db",
+                    NO_DB,
                     "--store",
                 ])
                 .arg(&store)
@@ -51,6 +57,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
             let handle = backup_server::spawn(
                 backup_server::BackupServerConfig {
                     array_url: array.url(),
+                    db_url: NO_DB.into(),
                     store_dir: store.clone(),
                     default_max_bytes_per_s: None,
                 },
@@ -76,6 +83,9 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
         .start_backup(pb::StartBackupRequest {
             run_id: "bench".into(),
             lu: 2,
+            // An idle LU of random data, with no snapshot to name: the copy
+            // speed is what is measured.
+            live: true,
             ..Default::default()
         })
         .await

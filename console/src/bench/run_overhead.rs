@@ -132,6 +132,10 @@ async fn parts_alone(clients: &crate::clients::Clients, round: u32) -> Result<Pa
         .start_backup(bpb::StartBackupRequest {
             run_id: run_id.clone(),
             lu: acquired.mate_lu,
+            snapshot: Some(bpb::SnapshotRef {
+                volume: 0,
+                holder_run_id: run_id.clone(),
+            }),
             ..Default::default()
         })
         .await
