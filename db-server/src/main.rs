@@ -74,6 +74,11 @@ struct ServeArgs {
     /// array write), so that the crash tests can show they catch it.
     #[arg(long, hide = true)]
     unsafe_test_intent_after_write: bool,
+    /// Breaks the ledger's crash consistency on purpose (log and account
+    /// blocks written side by side, no redo and no check on open), so that
+    /// the ledger crash test can show it catches it.
+    #[arg(long, hide = true)]
+    unsafe_test_ledger_writes_side_by_side: bool,
 }
 
 #[derive(Subcommand)]
@@ -137,6 +142,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             accounts: args.accounts,
             target_tps: args.workload_tps,
             workers: args.workload_workers,
+            hooks: db_server::ledger::LedgerTestHooks {
+                writes_side_by_side: args.unsafe_test_ledger_writes_side_by_side,
+            },
             ..LedgerConfig::default()
         }),
         journal_region_bytes: (!args.no_journal).then_some(args.journal_region),

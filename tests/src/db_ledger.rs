@@ -21,6 +21,7 @@ fn ledger_config() -> LedgerConfig {
         workers: 4,
         initial_balance: 1_000,
         log_blocks: 256,
+        ..LedgerConfig::default()
     }
 }
 
