@@ -110,6 +110,8 @@ impl LocalCluster {
                 manager,
                 ledger,
                 journal_region_bytes,
+                array_wait: Some(db_server::DEFAULT_ARRAY_WAIT),
+                max_suspend_lease: db_server::gate::DEFAULT_MAX_LEASE,
             },
             node::bind("127.0.0.1:0").await?,
         )
@@ -118,9 +120,9 @@ impl LocalCluster {
         let backup = backup_server::spawn(
             backup_server::BackupServerConfig {
                 array_url: array.url(),
+                db_url: db.url(),
                 store_dir: store_dir.clone(),
                 default_max_bytes_per_s: None,
-                db_url: db.url(),
             },
             node::bind("127.0.0.1:0").await?,
         )

@@ -25,7 +25,7 @@ pub struct Snapshot {
 pub async fn fetch(clients: &Clients) -> Result<Snapshot, String> {
     let db = retry("Status", clients.step_deadline, || {
         let mut db = clients.db.clone();
-        async move { db.status(dpb::StatusRequest {}).await }
+        async move { db.status(dpb::StatusRequest::default()).await }
     })
     .await
     .map_err(|s| {
@@ -150,6 +150,13 @@ pub fn render(snapshot: &Snapshot) -> String {
             "\nLedger on volume {}: sequence {}, {} transactions committed, {} failed writes retried, {} accounts",
             l.volume, l.sequence, l.transactions_committed, l.transactions_failed, l.accounts
         );
+        if l.transactions_committed > 0 {
+            let _ = writeln!(
+                out,
+                "  transaction latency since start: p50 {} µs, p90 {} µs, p99 {} µs, max {} µs",
+                l.latency_p50_us, l.latency_p90_us, l.latency_p99_us, l.latency_max_us
+            );
+        }
     }
     if let Some(g) = &snapshot.db.gate {
         let _ = writeln!(
@@ -172,6 +179,7 @@ pub fn render(snapshot: &Snapshot) -> String {
                     b.lu,
                     format_bytes(b.bytes_done),
                     format_bytes(b.bytes_total),
+                    b.consistency,
                     b.run_id,
                     if b.error.is_empty() {
                         String::new()
@@ -179,7 +187,6 @@ pub fn render(snapshot: &Snapshot) -> String {
                         format!("  ({})", b.error)
                     }
                 );
-                    b.consistency,
             }
         }
         None => {
@@ -230,6 +237,10 @@ pub fn to_json(snapshot: &Snapshot) -> Value {
             "transactions_committed": l.transactions_committed,
             "failed_writes": l.transactions_failed,
             "accounts": l.accounts,
+            "latency_p50_us": l.latency_p50_us,
+            "latency_p90_us": l.latency_p90_us,
+            "latency_p99_us": l.latency_p99_us,
+            "latency_max_us": l.latency_max_us,
         })),
         "gate": snapshot.db.gate.as_ref().map(|g| json!({
             "suspended": g.suspended,
@@ -243,6 +254,13 @@ pub fn to_json(snapshot: &Snapshot) -> Value {
             "lu": b.lu,
             "bytes_done": b.bytes_done,
             "bytes_total": b.bytes_total,
+            "live": b.live,
+            "snapshot": b.snapshot.as_ref().map(|s| json!({
+                "volume": s.volume,
+                "holder_run_id": s.holder_run_id,
+                "ledger_sequence": s.ledger_sequence,
+            })),
+            "consistency": b.consistency,
             "error": b.error,
         })).collect::<Vec<_>>()),
     })
@@ -254,13 +272,6 @@ pub struct PairReport {
     pub volume: u32,
     pub origin_lu: u32,
     pub mate_lu: u32,
-            "live": b.live,
-            "snapshot": b.snapshot.as_ref().map(|s| json!({
-                "volume": s.volume,
-                "holder_run_id": s.holder_run_id,
-                "ledger_sequence": s.ledger_sequence,
-            })),
-            "consistency": b.consistency,
     pub chunks: u64,
     /// Chunks overlapping recorded ranges (they may differ by design).
     pub skipped_chunks: u64,

@@ -6,9 +6,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use splitmirror_proto::node::MAX_ARRAY_REQUEST_BYTES;
+use splitmirror_proto::run_id::validate_run_id;
+
 use crate::error::DbError;
-use crate::gate::{GateStatus, QUIESCE_TIMEOUT, QuiesceGate};
+use crate::gate::{GateStatus, QUIESCE_TIMEOUT, QuiesceGate, Suspended};
 use crate::ledger::{Ledger, LedgerStatus};
+use crate::lu_status::VirtualLu;
 use crate::manager::{DeleteOutcome, SnapshotManager, VolumeStatus};
 
 /// The answer to `AcquireSnapshot`.
@@ -64,9 +68,7 @@ impl Db {
         volume: u32,
         run_id: &str,
     ) -> Result<AcquiredSnapshot, DbError> {
-        if run_id.is_empty() {
-            return Err(DbError::InvalidArgument("run_id must not be empty".into()));
-        }
+        validate_run_id(run_id)?;
         let pair = self.manager.pair(volume)?;
         let answer = |freeze_window_us, ledger_sequence, already_held| AcquiredSnapshot {
             volume,
@@ -131,12 +133,41 @@ impl Db {
         run_id: &str,
         force: bool,
     ) -> Result<DeleteOutcome, DbError> {
+        // A forced delete needs no holder's name; any name given must be
+        // one a holder could have.
+        if !(force && run_id.is_empty()) {
+            validate_run_id(run_id)?;
+        }
         self.manager.delete(volume, run_id, force).await
     }
 
-    pub async fn suspend(&self, lease: Duration) -> Result<u64, DbError> {
-        self.gate.suspend(lease).await?;
-        Ok(self.ledger.as_ref().map_or(0, |l| l.sequence()))
+    /// Writes through the snapshot manager. A write the array would refuse
+    /// for its size is refused here first: sent, its refusal would look
+    /// like a write whose outcome is unknown, and its range would stay
+    /// recorded and be resynced for nothing.
+    pub async fn write(
+        &self,
+        volume: u32,
+        target: VirtualLu,
+        lba: u64,
+        data: Vec<u8>,
+    ) -> Result<u64, DbError> {
+        let bytes = data.len() as u64;
+        if bytes > MAX_ARRAY_REQUEST_BYTES {
+            return Err(DbError::TooLarge {
+                bytes,
+                limit_bytes: MAX_ARRAY_REQUEST_BYTES,
+            });
+        }
+        self.manager.write(volume, target, lba, data).await
+    }
+
+    /// Suspends the database (or renews the suspend's lease, see
+    /// [`QuiesceGate::suspend`]) and answers the lease in force and the
+    /// ledger sequence.
+    pub async fn suspend(&self, lease: Option<Duration>) -> Result<(Suspended, u64), DbError> {
+        let suspended = self.gate.suspend(lease).await?;
+        Ok((suspended, self.ledger.as_ref().map_or(0, |l| l.sequence())))
     }
 
     pub async fn resume(&self) -> Option<Duration> {

@@ -37,4 +37,19 @@ pub enum DbError {
     Ledger(String),
     #[error("db-server is shutting down")]
     ShuttingDown,
+    /// A suspend asked for a lease over the cap (DESIGN §3: a lost console
+    /// must never freeze the database for long). Retrying the same request
+    /// cannot help; a shorter lease renewed in time can.
+    #[error(
+        "a suspend lease of {lease_ms} ms is over this db-server's cap of {max_lease_ms} ms (--max-suspend-lease); ask for at most {max_lease_ms} ms and renew it with another Suspend before it runs out"
+    )]
+    LeaseOverCap { lease_ms: u64, max_lease_ms: u64 },
+    /// A write larger than the array takes in one request: refused before
+    /// anything is recorded or sent. Retrying cannot help; splitting can.
+    #[error(
+        "a write of {bytes} bytes is over the limit of {limit_bytes} bytes per write (the array's request limit); split it"
+    )]
+    TooLarge { bytes: u64, limit_bytes: u64 },
+    #[error("{0}")]
+    InvalidRunId(#[from] splitmirror_proto::run_id::RunIdError),
 }

@@ -3,35 +3,70 @@
 //!
 //! A manual suspend carries a lease: if no resume arrives in time the gate
 //! reopens by itself, logs a warning and counts it, so that a lost console
-//! never leaves the database frozen.
+//! never leaves the database frozen (DESIGN §3). Two rules keep that
+//! promise:
+//!
+//! - The lease is capped ([`QuiesceGate::with_max_lease`], the server's
+//!   `--max-suspend-lease`, default [`DEFAULT_MAX_LEASE`]); a longer one is
+//!   refused ([`DbError::LeaseOverCap`]) and changes nothing.
+//! - A suspend while suspended renews the lease: the gate stays closed until
+//!   the new lease from now runs out (longer or shorter than what was left),
+//!   and the answer says it was a renewal. So the lease a caller is told is
+//!   always the one in force, and a console that needs a long quiesce keeps
+//!   it alive by renewing, which a lost console stops doing.
 
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, oneshot};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::error::DbError;
 
-/// The lease of a suspend that does not say otherwise.
+/// The lease of a suspend that does not say otherwise (or the cap, if that
+/// is lower).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// The longest lease a suspend may ask for unless the server is configured
+/// otherwise (`--max-suspend-lease`).
+pub const DEFAULT_MAX_LEASE: Duration = Duration::from_secs(60);
 
 /// How long closing the gate may wait for transactions in flight.
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct QuiesceGate {
     lock: Arc<RwLock<()>>,
-    manual: Mutex<Option<ManualSuspend>>,
+    /// The operator's suspend in force, if any. Its lease task clears it
+    /// when the lease runs out; renewals and resumes take this lock too, so
+    /// that each of them lands either before the expiry or after it.
+    manual: Arc<Mutex<Option<ManualSuspend>>>,
+    /// One suspend at a time, so that two at once make a suspend and a
+    /// renewal rather than a quiesce timing out behind the other.
+    suspending: tokio::sync::Mutex<()>,
+    max_lease: Duration,
     suspends: AtomicU64,
     lease_expiries: Arc<AtomicU64>,
     tasks: TaskTracker,
 }
 
 struct ManualSuspend {
+    /// Tells the lease task which suspend is in the slot.
+    generation: u64,
     resume: oneshot::Sender<()>,
     ended: oneshot::Receiver<Duration>,
+    /// When the lease runs out; a renewal moves it.
+    deadline: watch::Sender<tokio::time::Instant>,
+}
+
+/// What a suspend did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Suspended {
+    /// The lease in force from now on.
+    pub lease: Duration,
+    /// The gate was already suspended; this renewed its lease.
+    pub renewed: bool,
 }
 
 /// A transaction's pass through the gate, held for its whole duration.
@@ -59,14 +94,27 @@ pub struct GateStatus {
 }
 
 impl QuiesceGate {
+    /// A gate whose suspends may ask for at most [`DEFAULT_MAX_LEASE`].
     pub fn new(tasks: TaskTracker) -> Self {
+        Self::with_max_lease(tasks, DEFAULT_MAX_LEASE)
+    }
+
+    /// A gate whose suspends may ask for at most `max_lease`.
+    pub fn with_max_lease(tasks: TaskTracker, max_lease: Duration) -> Self {
         Self {
             lock: Arc::new(RwLock::new(())),
-            manual: Mutex::new(None),
+            manual: Arc::new(Mutex::new(None)),
+            suspending: tokio::sync::Mutex::new(()),
+            max_lease,
             suspends: AtomicU64::new(0),
             lease_expiries: Arc::new(AtomicU64::new(0)),
             tasks,
         }
+    }
+
+    /// The longest lease a suspend may ask for.
+    pub fn max_lease(&self) -> Duration {
+        self.max_lease
     }
 
     /// Waits for the gate to be open and passes it.
@@ -99,57 +147,97 @@ impl QuiesceGate {
 
     /// Whether an operator's suspend holds the gate closed now.
     pub fn is_manually_suspended(&self) -> bool {
-        self.manual
-            .lock()
-            .expect("gate poisoned")
-            .as_ref()
-            .is_some_and(|m| !m.resume.is_closed())
+        self.manual.lock().expect("gate poisoned").is_some()
     }
 
     /// An operator's suspend: closes the gate until [`resume`](Self::resume)
-    /// or until `lease` runs out. A second suspend while suspended is a
-    /// no-op (the first lease stands).
-    pub async fn suspend(&self, lease: Duration) -> Result<(), DbError> {
-        if self.is_manually_suspended() {
-            return Ok(());
+    /// or until `lease` (`None`: [`DEFAULT_LEASE`], at most the cap) runs
+    /// out. While suspended, renews the lease to `lease` from now instead.
+    /// A lease over the cap is refused and changes nothing.
+    pub async fn suspend(&self, lease: Option<Duration>) -> Result<Suspended, DbError> {
+        let lease = lease.unwrap_or(DEFAULT_LEASE.min(self.max_lease));
+        if lease > self.max_lease {
+            return Err(DbError::LeaseOverCap {
+                lease_ms: lease.as_millis() as u64,
+                max_lease_ms: self.max_lease.as_millis() as u64,
+            });
+        }
+        let _one_at_a_time = self.suspending.lock().await;
+        if let Some(manual) = self.manual.lock().expect("gate poisoned").as_ref() {
+            // Under the slot's lock: the lease task decides an expiry under
+            // it too, so this renewal is either seen or finds no suspend.
+            manual
+                .deadline
+                .send_replace(tokio::time::Instant::now() + lease);
+            tracing::info!("suspend lease renewed: the database resumes by itself in {lease:?}");
+            return Ok(Suspended {
+                lease,
+                renewed: true,
+            });
         }
         let quiesced = self.quiesce(QUIESCE_TIMEOUT).await?;
-        self.suspends.fetch_add(1, Ordering::Relaxed);
-        let (resume_tx, resume_rx) = oneshot::channel();
+        let generation = self.suspends.fetch_add(1, Ordering::Relaxed) + 1;
+        let (resume_tx, mut resume_rx) = oneshot::channel();
         let (ended_tx, ended_rx) = oneshot::channel();
+        let (deadline_tx, mut deadline_rx) = watch::channel(tokio::time::Instant::now() + lease);
         let lease_expiries = self.lease_expiries.clone();
+        let slot = self.manual.clone();
+        // In the slot before the task can look for it there.
+        *self.manual.lock().expect("gate poisoned") = Some(ManualSuspend {
+            generation,
+            resume: resume_tx,
+            ended: ended_rx,
+            deadline: deadline_tx,
+        });
         // The task owns the closed gate: it reopens it on resume or when the
-        // lease runs out, whichever comes first.
+        // lease (as last renewed) runs out, whichever comes first.
         self.tasks.spawn(async move {
-            let lease_ran_out = tokio::select! {
-                _ = resume_rx => false,
-                () = tokio::time::sleep(lease) => true,
+            let lease_ran_out = loop {
+                let deadline = *deadline_rx.borrow_and_update();
+                tokio::select! {
+                    _ = &mut resume_rx => break false,
+                    changed = deadline_rx.changed() => {
+                        if changed.is_err() {
+                            // The suspend left the slot: a resume took it.
+                            break false;
+                        }
+                    }
+                    () = tokio::time::sleep_until(deadline) => {
+                        let mut manual = slot.lock().expect("gate poisoned");
+                        if manual.as_ref().is_none_or(|m| m.generation != generation) {
+                            // A resume took the suspend just now.
+                            break false;
+                        }
+                        if *deadline_rx.borrow() > tokio::time::Instant::now() {
+                            // Renewed just now.
+                            continue;
+                        }
+                        *manual = None;
+                        break true;
+                    }
+                }
             };
             if lease_ran_out {
                 lease_expiries.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    "suspend lease of {lease:?} ran out without a resume; resuming the database"
-                );
+                tracing::warn!("suspend lease ran out without a resume; resuming the database");
             }
             let held = Duration::from_micros(quiesced.elapsed_us());
             drop(quiesced);
             let _ = ended_tx.send(held);
         });
-        *self.manual.lock().expect("gate poisoned") = Some(ManualSuspend {
-            resume: resume_tx,
-            ended: ended_rx,
-        });
-        Ok(())
+        Ok(Suspended {
+            lease,
+            renewed: false,
+        })
     }
 
     /// Reopens a manually suspended gate. Answers how long it was closed, or
     /// `None` when it was not suspended (or the lease had already run out).
     pub async fn resume(&self) -> Option<Duration> {
         let manual = self.manual.lock().expect("gate poisoned").take()?;
-        if manual.resume.send(()).is_err() {
-            // The lease task had already ended: the lease ran out.
-            return None;
-        }
+        // The lease task ends on this signal, or on finding the slot empty
+        // if its lease ran out at the same moment; either way it reports.
+        let _ = manual.resume.send(());
         manual.ended.await.ok()
     }
 
@@ -190,7 +278,7 @@ mod tests {
     #[tokio::test]
     async fn suspend_resumes_by_itself_when_the_lease_runs_out() {
         let gate = QuiesceGate::new(TaskTracker::new());
-        gate.suspend(Duration::from_millis(50))
+        gate.suspend(Some(Duration::from_millis(50)))
             .await
             .expect("suspend");
         assert!(gate.status().suspended);
@@ -205,7 +293,7 @@ mod tests {
     #[tokio::test]
     async fn resume_reopens_the_gate() {
         let gate = QuiesceGate::new(TaskTracker::new());
-        gate.suspend(Duration::from_secs(30))
+        gate.suspend(Some(Duration::from_secs(30)))
             .await
             .expect("suspend");
         let quiesced = gate.quiesce(Duration::from_millis(1)).await;
@@ -216,5 +304,120 @@ mod tests {
             .await
             .expect("resumed");
         assert_eq!(gate.status().lease_expiries, 0);
+    }
+
+    /// The lease in force after a second suspend is the one the second
+    /// suspend answered: the gate stays closed past the first lease.
+    #[tokio::test]
+    async fn a_second_suspend_renews_the_lease_it_answers() {
+        let gate = QuiesceGate::new(TaskTracker::new());
+        let first = gate
+            .suspend(Some(Duration::from_millis(300)))
+            .await
+            .expect("suspend");
+        assert_eq!(
+            first,
+            Suspended {
+                lease: Duration::from_millis(300),
+                renewed: false
+            }
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = gate
+            .suspend(Some(Duration::from_secs(2)))
+            .await
+            .expect("renew");
+        assert_eq!(
+            second,
+            Suspended {
+                lease: Duration::from_secs(2),
+                renewed: true
+            }
+        );
+        // Well past the first lease (300 ms from the start), well inside
+        // the second one.
+        let blocked = tokio::time::timeout(Duration::from_millis(600), gate.pass()).await;
+        assert!(blocked.is_err(), "the first lease reopened the gate");
+        assert!(gate.status().suspended);
+        assert_eq!(gate.status().lease_expiries, 0);
+        assert_eq!(gate.status().suspends, 1, "a renewal is not a new suspend");
+        assert!(gate.resume().await.is_some());
+        let _pass = tokio::time::timeout(Duration::from_secs(1), gate.pass())
+            .await
+            .expect("resumed");
+    }
+
+    /// A renewal may also shorten the lease: it is "this long from now".
+    #[tokio::test]
+    async fn a_renewal_can_shorten_the_lease() {
+        let gate = QuiesceGate::new(TaskTracker::new());
+        gate.suspend(Some(Duration::from_secs(30)))
+            .await
+            .expect("suspend");
+        let renewed = gate
+            .suspend(Some(Duration::from_millis(50)))
+            .await
+            .expect("renew");
+        assert!(renewed.renewed);
+        let _pass = tokio::time::timeout(Duration::from_secs(2), gate.pass())
+            .await
+            .expect("the shortened lease reopened the gate");
+        assert_eq!(gate.status().lease_expiries, 1);
+        assert!(!gate.status().suspended);
+    }
+
+    #[tokio::test]
+    async fn a_lease_over_the_cap_is_refused_and_changes_nothing() {
+        let gate = QuiesceGate::with_max_lease(TaskTracker::new(), Duration::from_secs(60));
+        for lease in [
+            Duration::from_millis(60_001),
+            Duration::from_millis(u64::from(u32::MAX)),
+        ] {
+            match gate.suspend(Some(lease)).await {
+                Err(DbError::LeaseOverCap {
+                    lease_ms,
+                    max_lease_ms: 60_000,
+                }) => assert_eq!(lease_ms, lease.as_millis() as u64),
+                other => panic!("a lease of {lease:?} answered {other:?}"),
+            }
+            assert!(!gate.status().suspended);
+        }
+        // Refused as a renewal too, and the lease in force stays.
+        gate.suspend(Some(Duration::from_secs(60)))
+            .await
+            .expect("at the cap");
+        assert!(matches!(
+            gate.suspend(Some(Duration::from_secs(61))).await,
+            Err(DbError::LeaseOverCap { .. })
+        ));
+        assert!(gate.status().suspended);
+        assert!(gate.resume().await.is_some());
+        // The default lease never exceeds a lower cap.
+        let gate = QuiesceGate::with_max_lease(TaskTracker::new(), Duration::from_secs(3));
+        let suspended = gate.suspend(None).await.expect("default lease");
+        assert_eq!(suspended.lease, Duration::from_secs(3));
+        assert!(gate.resume().await.is_some());
+    }
+
+    /// Renewals racing the expiry: each one either keeps the gate closed
+    /// for its whole lease or finds the suspend over and starts a new one;
+    /// never an answer "renewed" with the gate reopening at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn renewals_at_the_expiry_are_honoured_or_start_anew() {
+        let gate = QuiesceGate::new(TaskTracker::new());
+        for _ in 0..50 {
+            gate.suspend(Some(Duration::from_millis(2)))
+                .await
+                .expect("suspend");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let answer = gate
+                .suspend(Some(Duration::from_millis(300)))
+                .await
+                .expect("renew or suspend");
+            assert_eq!(answer.lease, Duration::from_millis(300));
+            let blocked = tokio::time::timeout(Duration::from_millis(100), gate.pass()).await;
+            assert!(blocked.is_err(), "the gate opened right after {answer:?}");
+            assert!(gate.resume().await.is_some(), "{answer:?}");
+        }
     }
 }

@@ -8,7 +8,7 @@ use db_server::ledger::LedgerConfig;
 use db_server::manager::{ManagerConfig, ManagerTestHooks, ResyncMethod};
 use db_server::{DbServerConfig, ledger_format};
 use splitmirror_proto::node;
-use splitmirror_proto::units::parse_size_bytes;
+use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 
 /// The database server of splitmirror: runs the snapshot manager (the LU
 /// status table, the update location table, the resync) and a small ledger
@@ -37,6 +37,18 @@ struct ServeArgs {
     /// The array-node to use.
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
     array: String,
+    /// How long start-up waits for the array (e.g. 60s, 5m; 0 = for ever).
+    /// Meanwhile db-server already listens: health answers NOT_SERVING and
+    /// every call UNAVAILABLE ("waiting for the array at …"). When the wait
+    /// runs out, db-server logs why and exits with status 1.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    array_wait: std::time::Duration,
+    /// The longest lease a Suspend may ask for (e.g. 60s, 2m). A longer one
+    /// is refused with INVALID_ARGUMENT, so that a lost console never
+    /// freezes the database for long; a console renews a lease by calling
+    /// Suspend again before it runs out.
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    max_suspend_lease: std::time::Duration,
     /// Directory for db-server's own files (the journal).
     #[arg(long, env = "SPLITMIRROR_DB_DATA_DIR", default_value = "db-data")]
     data_dir: PathBuf,
@@ -74,6 +86,14 @@ struct ServeArgs {
     /// array write), so that the crash tests can show they catch it.
     #[arg(long, hide = true)]
     unsafe_test_intent_after_write: bool,
+    /// Breaks the write path on purpose (writes in Snapshot mode are not
+    /// recorded), so that the nemesis can show it catches it.
+    #[arg(long, hide = true)]
+    unsafe_test_forget_snapshot_writes: bool,
+    /// Breaks the resync on purpose (no range lock, no re-check), so that
+    /// the nemesis can show it catches it.
+    #[arg(long, hide = true)]
+    unsafe_test_resync_skips_recheck: bool,
     /// Breaks the ledger's crash consistency on purpose (log and account
     /// blocks written side by side, no redo and no check on open), so that
     /// the ledger crash test can show it catches it.
@@ -133,7 +153,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             resync_max_bytes_per_s: args.resync_max_rate,
             hooks: ManagerTestHooks {
                 journal_intent_after_write: args.unsafe_test_intent_after_write,
-                ..ManagerTestHooks::default()
+                forget_snapshot_writes: args.unsafe_test_forget_snapshot_writes,
+                resync_skips_recheck: args.unsafe_test_resync_skips_recheck,
             },
             ..ManagerConfig::default()
         },
@@ -148,6 +169,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..LedgerConfig::default()
         }),
         journal_region_bytes: (!args.no_journal).then_some(args.journal_region),
+        array_wait: (!args.array_wait.is_zero()).then_some(args.array_wait),
+        max_suspend_lease: args.max_suspend_lease,
     };
     let listener = node::bind(&args.listen).await.map_err(anyhow::Error::msg)?;
     let handle = db_server::spawn(config, listener)
@@ -157,6 +180,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     Ok(())
+}
+
+/// A duration that must not be zero (a zero cap would refuse every lease).
+fn parse_positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err(format!("{text:?} must be longer than zero"));
+    }
+    Ok(duration)
 }
 
 fn verify_image(file: &PathBuf, expect_sequence: Option<u64>, json: bool) -> anyhow::Result<()> {

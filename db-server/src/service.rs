@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::db::{Db, DbStatus};
 use crate::error::DbError;
-use crate::gate::DEFAULT_LEASE;
+use crate::latency::quantile_us;
 use crate::lu_status::{Mode, VirtualLu};
 
 /// Volume reads are streamed in chunks of this many bytes.
@@ -46,6 +46,9 @@ impl From<DbError> for Status {
             DbError::Journal(_) => Status::internal(message),
             DbError::Ledger(_) => Status::internal(message),
             DbError::ShuttingDown => Status::unavailable(message),
+            DbError::LeaseOverCap { .. } => Status::invalid_argument(message),
+            DbError::TooLarge { .. } => Status::resource_exhausted(message),
+            DbError::InvalidRunId(_) => Status::invalid_argument(message),
         }
     }
 }
@@ -63,13 +66,27 @@ fn target_from_pb(target: i32) -> Result<VirtualLu, Status> {
     match pb::VirtualLu::try_from(target) {
         Ok(pb::VirtualLu::Data) => Ok(VirtualLu::Data),
         Ok(pb::VirtualLu::Snapshot) => Ok(VirtualLu::Snapshot),
+        // Not defaulted to the data LU: a request that forgets its target
+        // must not touch the volume.
+        Ok(pb::VirtualLu::Unspecified) => Err(Status::invalid_argument(
+            "target is VIRTUAL_LU_UNSPECIFIED: name VIRTUAL_LU_DATA or VIRTUAL_LU_SNAPSHOT",
+        )),
         Err(_) => Err(Status::invalid_argument(format!(
             "unknown virtual LU {target}"
         ))),
     }
 }
 
-pub fn status_to_pb(status: DbStatus) -> pb::StatusResponse {
+/// The `q`-quantile of a cumulative latency histogram in whole
+/// microseconds (0 when it is empty).
+fn latency_percentile_us(histogram: &[u64], q: f64) -> u64 {
+    quantile_us(&[], histogram, q).map_or(0, |us| us.ceil() as u64)
+}
+
+/// `Status` for the wire. The 192 latency buckets go only to a caller that
+/// asks for them (the bench, which subtracts two of them); people get the
+/// percentiles.
+pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::StatusResponse {
     let volumes = status
         .volumes
         .into_iter()
@@ -112,7 +129,16 @@ pub fn status_to_pb(status: DbStatus) -> pb::StatusResponse {
         transactions_committed: l.committed,
         transactions_failed: l.failed_writes,
         accounts: l.accounts,
-        latency_histogram: l.latency_histogram,
+        latency_p50_us: latency_percentile_us(&l.latency_histogram, 0.5),
+        latency_p90_us: latency_percentile_us(&l.latency_histogram, 0.9),
+        latency_p99_us: latency_percentile_us(&l.latency_histogram, 0.99),
+        latency_max_us: latency_percentile_us(&l.latency_histogram, 1.0),
+        committed_sequence: l.committed_sequence,
+        latency_histogram: if include_latency_histogram {
+            l.latency_histogram
+        } else {
+            Vec::new()
+        },
     });
     pb::StatusResponse {
         volumes,
@@ -186,9 +212,13 @@ impl DbService for DbGrpc {
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(status_to_pb(self.db.status())))
+        let include_latency_histogram = request.into_inner().include_latency_histogram;
+        Ok(Response::new(status_to_pb(
+            self.db.status(),
+            include_latency_histogram,
+        )))
     }
 
     type WatchStatusStream = BoxStream<pb::StatusResponse>;
@@ -197,13 +227,15 @@ impl DbService for DbGrpc {
         &self,
         request: Request<pb::WatchStatusRequest>,
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
-        let interval = match request.into_inner().interval_ms {
+        let request = request.into_inner();
+        let interval = match request.interval_ms {
             0 => DEFAULT_WATCH_INTERVAL,
             ms => Duration::from_millis(u64::from(ms)).max(MIN_WATCH_INTERVAL),
         };
+        let include_latency_histogram = request.include_latency_histogram;
         let db = self.db.clone();
         let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(interval));
-        let stream = ticks.map(move |_| Ok(status_to_pb(db.status())));
+        let stream = ticks.map(move |_| Ok(status_to_pb(db.status(), include_latency_histogram)));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -212,13 +244,15 @@ impl DbService for DbGrpc {
         request: Request<pb::SuspendRequest>,
     ) -> Result<Response<pb::SuspendResponse>, Status> {
         let lease = match request.into_inner().lease_ms {
-            0 => DEFAULT_LEASE,
-            ms => Duration::from_millis(u64::from(ms)),
+            0 => None,
+            ms => Some(Duration::from_millis(u64::from(ms))),
         };
-        let ledger_sequence = self.db.suspend(lease).await?;
+        let (suspended, ledger_sequence) = self.db.suspend(lease).await?;
         Ok(Response::new(pb::SuspendResponse {
             ledger_sequence,
-            lease_ms: lease.as_millis() as u32,
+            // The cap keeps a lease far below u32::MAX milliseconds.
+            lease_ms: u32::try_from(suspended.lease.as_millis()).unwrap_or(u32::MAX),
+            already_suspended: suspended.renewed,
         }))
     }
 
@@ -285,7 +319,7 @@ impl DbService for DbGrpc {
             data,
         } = request.into_inner();
         let target = target_from_pb(target)?;
-        let blocks_written = self.db.manager.write(volume, target, lba, data).await?;
+        let blocks_written = self.db.write(volume, target, lba, data).await?;
         Ok(Response::new(pb::VolumeWriteResponse { blocks_written }))
     }
 
@@ -313,5 +347,29 @@ impl DbService for DbGrpc {
             block_size_bytes: pair.block_size_bytes,
             block_count: pair.block_count,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unspecified_or_unknown_target_is_refused_not_defaulted() {
+        let refused = target_from_pb(pb::VirtualLu::Unspecified.into()).expect_err("unspecified");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("VIRTUAL_LU_DATA"));
+        assert_eq!(
+            target_from_pb(99).expect_err("unknown").code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            target_from_pb(pb::VirtualLu::Data.into()).ok(),
+            Some(VirtualLu::Data)
+        );
+        assert_eq!(
+            target_from_pb(pb::VirtualLu::Snapshot.into()).ok(),
+            Some(VirtualLu::Snapshot)
+        );
     }
 }

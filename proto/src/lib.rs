@@ -9,10 +9,12 @@
 //!   and the snapshot manager.
 //! - [`pace`]: pacing bulk work (backups, resyncs) to a byte rate.
 //! - [`units`]: parsing of human sizes and durations for the command lines.
+//! - [`run_id`]: what a run id may be, checked alike by every node.
 
 pub mod node;
 pub mod pace;
 pub mod range_lock;
+pub mod run_id;
 pub mod units;
 
 /// `splitmirror.array.v1`: the disk array.

@@ -6,8 +6,21 @@
 //! tuned HTTP/2 windows, per-request tracing spans and graceful shutdown,
 //! the same on every node. Clients connect through [`channel`], which applies
 //! the matching window sizes.
+//!
+//! A node lists in reflection only the services it serves; a call to
+//! another splitmirror service answers `UNIMPLEMENTED` naming the node that
+//! serves it. A node that must wait for a peer before it can serve (db-server
+//! waits for the array) serves at once through [`Starting`] and
+//! [`serve_when_ready`]: health says `NOT_SERVING` and calls answer
+//! `UNAVAILABLE` with the reason until it is ready.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -15,13 +28,37 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::server::NamedService;
 use tonic::transport::server::Router;
 use tonic::transport::{Channel, Endpoint, Server};
+use tower::ServiceExt as _;
+use tower::layer::util::{Identity, Stack};
+use tower::util::MapResponseLayer;
 
 /// The largest gRPC message any node encodes or decodes. Services check
 /// their own, smaller request limits first, so that an oversized request
-/// gets `RESOURCE_EXHAUSTED` with a reason rather than a transport error.
+/// gets `RESOURCE_EXHAUSTED` with a reason rather than a transport error; a
+/// message over this limit itself is refused by tonic before it is decoded,
+/// and [`server_builder`] makes that answer `RESOURCE_EXHAUSTED` too.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The largest data payload one request to the array may carry (a write's
+/// data; a copy or checksum is cut into chunks by the array itself). The
+/// array refuses larger ones with `RESOURCE_EXHAUSTED`; its clients (the
+/// db-server's `Write`) refuse them before sending, so that a request that
+/// cannot succeed never reaches the array and is never mistaken for a write
+/// whose outcome is unknown. array-node's own limit must equal this (a
+/// cross-node test checks it).
+pub const MAX_ARRAY_REQUEST_BYTES: u64 = 16 << 20;
+
+/// The layer every node's server stack carries (see [`server_builder`]).
+pub type NodeLayer = MapResponseLayer<fn(http::Response<Body>) -> http::Response<Body>>;
+/// The server builder every node uses.
+pub type NodeServer = Server<Stack<NodeLayer, Identity>>;
+/// A router built from [`server_builder`].
+pub type NodeRouter = Router<Stack<NodeLayer, Identity>>;
 
 /// HTTP/2 flow-control windows. The defaults (64 KiB) cap a single stream
 /// at a few hundred MB/s on loopback; bulk block streams need far more.
@@ -82,7 +119,7 @@ impl NodeHandle {
 }
 
 /// A server builder with the settings every node uses.
-pub fn server_builder() -> Server {
+pub fn server_builder() -> NodeServer {
     Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
@@ -90,34 +127,95 @@ pub fn server_builder() -> Server {
         .max_frame_size(MAX_FRAME_BYTES)
         .timeout(SERVER_REQUEST_TIMEOUT)
         .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
+        .layer(MapResponseLayer::new(
+            oversized_is_resource_exhausted as fn(http::Response<Body>) -> http::Response<Body>,
+        ))
+}
+
+/// The start of the message tonic (0.14) gives a request message over the
+/// service's decoding limit, with the code `OUT_OF_RANGE`.
+const TONIC_DECODE_TOO_LARGE: &str = "Error, decoded message length too large";
+
+/// gRPC and DESIGN §6 answer a message over the size limit with
+/// `RESOURCE_EXHAUSTED`; tonic answers `OUT_OF_RANGE`, the code splitmirror
+/// keeps for "beyond the end of the LU". The refusal comes before the
+/// handler runs, as a trailers-only response, so its code is in the
+/// headers and can be corrected here, once for every node. (A tonic upgrade
+/// that rewords the message makes the 70 MiB test in `db_limits` fail.)
+fn oversized_is_resource_exhausted(mut response: http::Response<Body>) -> http::Response<Body> {
+    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    if status.code() == tonic::Code::OutOfRange
+        && status.message().starts_with(TONIC_DECODE_TOO_LARGE)
+    {
+        let corrected = tonic::Status::resource_exhausted(format!(
+            "the request message is over this service's size limit: {}",
+            status.message()
+        ));
+        if corrected.add_header(response.headers_mut()).is_err() {
+            tracing::warn!("could not rewrite an oversized request's status");
+        }
+    }
+    response
 }
 
 /// Adds health and reflection to a router that already holds the node's
 /// own services, marks `service_names` as serving, and serves until `cancel`
 /// is cancelled.
 pub async fn serve(
-    router: Router,
+    router: NodeRouter,
     service_names: &[&str],
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> Result<(), String> {
+    let (started, _) = tokio::sync::oneshot::channel();
+    serve_when_ready(
+        router,
+        service_names,
+        listener,
+        cancel,
+        async { Ok(()) },
+        started,
+    )
+    .await
+}
+
+/// Like [`serve`], but the node becomes ready only when `ready` resolves:
+/// until then health answers `NOT_SERVING` for the node (`""`) and for each
+/// of `service_names` (whose calls should answer `UNAVAILABLE`, see
+/// [`Starting`]). Once health says `SERVING`, `started` is told so. If
+/// `ready` fails, `started` is told why, the node stops serving (cancelling
+/// `cancel`) and the error is answered.
+pub async fn serve_when_ready<F>(
+    router: NodeRouter,
+    service_names: &[&str],
+    listener: TcpListener,
+    cancel: CancellationToken,
+    ready: F,
+    started: tokio::sync::oneshot::Sender<Result<(), String>>,
+) -> Result<(), String>
+where
+    F: Future<Output = Result<(), String>>,
+{
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    for name in service_names {
+    for name in std::iter::once(&"").chain(service_names) {
         health_reporter
-            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .set_service_status(*name, tonic_health::ServingStatus::NotServing)
             .await;
     }
+    let own_files = descriptor_set_of(crate::FILE_DESCRIPTOR_SET, service_names)?;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(&own_files)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| format!("building reflection v1: {e}"))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(&own_files)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| format!("building reflection v1alpha: {e}"))?;
-    let router = router
+    let router = add_unserved(router, service_names)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -128,10 +226,283 @@ pub async fn serve(
         stream.set_nodelay(true)?;
         Ok::<_, std::io::Error>(stream)
     });
+    let serving = router.serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
+    tokio::pin!(serving);
+    tokio::select! {
+        served = &mut serving => {
+            return served.map_err(|e| format!("serving gRPC: {e}"));
+        }
+        outcome = ready => match outcome {
+            Ok(()) => {
+                for name in std::iter::once(&"").chain(service_names) {
+                    health_reporter
+                        .set_service_status(*name, tonic_health::ServingStatus::Serving)
+                        .await;
+                }
+                let _ = started.send(Ok(()));
+            }
+            Err(e) => {
+                let _ = started.send(Err(e.clone()));
+                cancel.cancel();
+                if let Err(serve_error) = serving.await {
+                    tracing::warn!("stopping the gRPC server: {serve_error}");
+                }
+                return Err(e);
+            }
+        },
+    }
+    serving.await.map_err(|e| format!("serving gRPC: {e}"))
+}
+
+/// A node's own service while the node starts: every call answers
+/// `UNAVAILABLE` with the reason given to [`Starting::new`] until
+/// [`Starting::ready`] hands over the real service, after which every call
+/// goes to it. Clones share the slot.
+pub struct Starting<S> {
+    slot: Arc<OnceLock<S>>,
+    waiting: Arc<str>,
+}
+
+impl<S> Clone for Starting<S> {
+    fn clone(&self) -> Self {
+        Self {
+            slot: self.slot.clone(),
+            waiting: self.waiting.clone(),
+        }
+    }
+}
+
+impl<S> Starting<S> {
+    /// `waiting` says what the node waits for, e.g. "waiting for the array
+    /// at http://…".
+    pub fn new(waiting: impl Into<String>) -> Self {
+        Self {
+            slot: Arc::new(OnceLock::new()),
+            waiting: Arc::from(waiting.into()),
+        }
+    }
+
+    /// Hands over the real service; later calls go to it. A second call
+    /// changes nothing.
+    pub fn ready(&self, service: S) {
+        let _ = self.slot.set(service);
+    }
+}
+
+impl<S: NamedService> NamedService for Starting<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+impl<S> tower::Service<http::Request<Body>> for Starting<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The inner service is made ready per call (`oneshot`).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        match self.slot.get() {
+            Some(service) => Box::pin(service.clone().oneshot(request)),
+            None => {
+                let status = tonic::Status::unavailable(self.waiting.to_string());
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+/// Which node serves each splitmirror service, for the answer to a call
+/// that reaches the wrong node.
+const SPLITMIRROR_SERVICES: [(&str, &str); 3] = [
+    (
+        crate::array::v1::array_service_server::SERVICE_NAME,
+        "array-node",
+    ),
+    (crate::db::v1::db_service_server::SERVICE_NAME, "db-server"),
+    (
+        crate::backup::v1::backup_service_server::SERVICE_NAME,
+        "backup-server",
+    ),
+];
+
+/// Routes the splitmirror services this node does not serve to an answer
+/// that says so, instead of tonic's `UNIMPLEMENTED` with an empty message.
+fn add_unserved(router: NodeRouter, service_names: &[&str]) -> NodeRouter {
+    let node = SPLITMIRROR_SERVICES
+        .iter()
+        .find(|(service, _)| service_names.contains(service))
+        .map_or("this node", |(_, node)| node);
+    let message = |service: &str| -> Arc<str> {
+        let owner = SPLITMIRROR_SERVICES
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map_or("another node", |(_, node)| node);
+        Arc::from(format!(
+            "{node} does not serve {service} (it serves {}); ask {owner}",
+            service_names.join(", ")
+        ))
+    };
+    let mut router = router;
+    if !service_names.contains(&ArrayServiceName::NAME) {
+        router = router.add_service(Unserved::<ArrayServiceName>::new(message(
+            ArrayServiceName::NAME,
+        )));
+    }
+    if !service_names.contains(&DbServiceName::NAME) {
+        router = router.add_service(Unserved::<DbServiceName>::new(message(DbServiceName::NAME)));
+    }
+    if !service_names.contains(&BackupServiceName::NAME) {
+        router = router.add_service(Unserved::<BackupServiceName>::new(message(
+            BackupServiceName::NAME,
+        )));
+    }
     router
-        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
-        .await
-        .map_err(|e| format!("serving gRPC: {e}"))
+}
+
+struct ArrayServiceName;
+impl NamedService for ArrayServiceName {
+    const NAME: &'static str = crate::array::v1::array_service_server::SERVICE_NAME;
+}
+struct DbServiceName;
+impl NamedService for DbServiceName {
+    const NAME: &'static str = crate::db::v1::db_service_server::SERVICE_NAME;
+}
+struct BackupServiceName;
+impl NamedService for BackupServiceName {
+    const NAME: &'static str = crate::backup::v1::backup_service_server::SERVICE_NAME;
+}
+
+/// A splitmirror service routed on a node that does not serve it.
+struct Unserved<N> {
+    message: Arc<str>,
+    _name: PhantomData<fn() -> N>,
+}
+
+impl<N> Clone for Unserved<N> {
+    fn clone(&self) -> Self {
+        Self {
+            message: self.message.clone(),
+            _name: PhantomData,
+        }
+    }
+}
+
+impl<N> Unserved<N> {
+    fn new(message: Arc<str>) -> Self {
+        Self {
+            message,
+            _name: PhantomData,
+        }
+    }
+}
+
+impl<N: NamedService> NamedService for Unserved<N> {
+    const NAME: &'static str = N::NAME;
+}
+
+impl<N> tower::Service<http::Request<Body>> for Unserved<N> {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _request: http::Request<Body>) -> Self::Future {
+        std::future::ready(Ok(
+            tonic::Status::unimplemented(self.message.to_string()).into_http()
+        ))
+    }
+}
+
+/// The heads of a `FileDescriptorSet`: just enough of `descriptor.proto` to
+/// pick files by the services they define, keeping each file's bytes as
+/// they are.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawFileSet {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    file: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct FileHead {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    package: String,
+    #[prost(string, repeated, tag = "3")]
+    dependency: Vec<String>,
+    #[prost(message, repeated, tag = "6")]
+    service: Vec<ServiceHead>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ServiceHead {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+/// The files of `encoded_set` that define one of `service_names`, with the
+/// files they import, as an encoded `FileDescriptorSet`: what one node's
+/// reflection serves, so that it lists only its own services.
+pub fn descriptor_set_of(encoded_set: &[u8], service_names: &[&str]) -> Result<Vec<u8>, String> {
+    use prost::Message as _;
+    let set = RawFileSet::decode(encoded_set)
+        .map_err(|e| format!("decoding the file descriptor set: {e}"))?;
+    let heads = set
+        .file
+        .iter()
+        .map(|raw| FileHead::decode(raw.as_slice()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("decoding a file descriptor: {e}"))?;
+    let mut wanted: Vec<&str> = Vec::new();
+    for service in service_names {
+        let file = heads
+            .iter()
+            .find(|head| {
+                head.service
+                    .iter()
+                    .any(|s| format!("{}.{}", head.package, s.name) == *service)
+            })
+            .ok_or_else(|| format!("no file of the descriptor set defines {service}"))?;
+        wanted.push(&file.name);
+    }
+    // The files they import, transitively.
+    let mut next = 0;
+    while next < wanted.len() {
+        let name = wanted[next];
+        if let Some(head) = heads.iter().find(|h| h.name == name) {
+            for dependency in &head.dependency {
+                if !wanted.contains(&dependency.as_str()) {
+                    wanted.push(dependency);
+                }
+            }
+        }
+        next += 1;
+    }
+    let file = set
+        .file
+        .iter()
+        .zip(&heads)
+        .filter(|(_, head)| wanted.contains(&head.name.as_str()))
+        .map(|(raw, _)| raw.clone())
+        .collect();
+    Ok(RawFileSet { file }.encode_to_vec())
 }
 
 /// Binds `addr` (use port 0 for an ephemeral port).

@@ -118,6 +118,8 @@ async fn write_some(
                         snapshot.insert(block_lba, block);
                     }
                 }
+                // db-server refuses a write without a target.
+                pb::VirtualLu::Unspecified => unreachable!("an unspecified write succeeded"),
             }
         }
     }
@@ -163,7 +165,7 @@ async fn scenario(client: &mut DbClient, rng: &mut SmallRng, expected: &mut Expe
     // Let the resync finish, unless the node dies first.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::time::Instant::now() < deadline {
-        match client.status(pb::StatusRequest {}).await {
+        match client.status(pb::StatusRequest::default()).await {
             Ok(s) if s.get_ref().volumes[0].data_mode() == pb::Mode::Synchronized => return true,
             Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             Err(_) => return false,

@@ -93,7 +93,7 @@ async fn twenty_snapshots_of_a_busy_ledger_all_verify() {
         harness::wait_synchronized(&mut client, 0).await;
     }
     let status = client
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .expect("status")
         .into_inner();
@@ -116,7 +116,7 @@ async fn twenty_snapshots_of_a_busy_ledger_all_verify() {
     .await;
     let mut client = db_client(&db.url()).await;
     let status = client
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .expect("status")
         .into_inner();
@@ -168,6 +168,8 @@ async fn start_db_holding_snapshots(
         manager: ManagerConfig::default(),
         ledger: Some(ledger_config()),
         journal_region_bytes: Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
+        array_wait: Some(db_server::DEFAULT_ARRAY_WAIT),
+        max_suspend_lease: db_server::gate::DEFAULT_MAX_LEASE,
     };
     let handle = db_server::spawn(config, listener)
         .await

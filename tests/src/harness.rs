@@ -122,6 +122,8 @@ pub async fn start_db(
         manager,
         ledger,
         journal_region_bytes: Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
+        array_wait: Some(db_server::DEFAULT_ARRAY_WAIT),
+        max_suspend_lease: db_server::gate::DEFAULT_MAX_LEASE,
     };
     let handle = db_server::spawn(config, listener)
         .await
@@ -131,7 +133,7 @@ pub async fn start_db(
     // knew them); tests start from Synchronized pairs.
     let mut client = db_client(&handle.url()).await;
     let volumes: Vec<u32> = client
-        .status(splitmirror_proto::db::v1::StatusRequest {})
+        .status(splitmirror_proto::db::v1::StatusRequest::default())
         .await
         .expect("status")
         .into_inner()
@@ -162,7 +164,7 @@ pub async fn volume_status(
     volume: u32,
 ) -> splitmirror_proto::db::v1::VolumeStatus {
     client
-        .status(splitmirror_proto::db::v1::StatusRequest {})
+        .status(splitmirror_proto::db::v1::StatusRequest::default())
         .await
         .expect("status")
         .into_inner()
@@ -367,12 +369,12 @@ impl Drop for NodeProcess {
     }
 }
 
-pub type BackupClient =
-    splitmirror_proto::backup::v1::backup_service_client::BackupServiceClient<Channel>;
 /// A db-server address for backup servers of tests that start none: only
 /// live backups, which never ask it, can succeed there.
 pub const NO_DB: &str = "http://127.0.0.1:9";
 
+pub type BackupClient =
+    splitmirror_proto::backup::v1::backup_service_client::BackupServiceClient<Channel>;
 
 /// Starts a backup-server in-process, reading from the array at
 /// `array_url` and confirming snapshots with the db-server at `db_url`
@@ -381,9 +383,9 @@ pub async fn start_backup(array_url: &str, db_url: &str, store: &Path) -> NodeHa
     let listener = node::bind("127.0.0.1:0").await.expect("bind loopback");
     let config = backup_server::BackupServerConfig {
         array_url: array_url.to_string(),
+        db_url: db_url.to_string(),
         store_dir: store.to_path_buf(),
         default_max_bytes_per_s: None,
-        db_url: db_url.to_string(),
     };
     let handle = backup_server::spawn(config, listener)
         .await

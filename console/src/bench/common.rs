@@ -112,7 +112,11 @@ impl Bench {
         self.clients
             .db
             .clone()
-            .status(dpb::StatusRequest {})
+            .status(dpb::StatusRequest {
+                // The bench computes percentiles over a window, from the
+                // difference of two histograms.
+                include_latency_histogram: true,
+            })
             .await
             .map(|r| r.into_inner())
             .map_err(|s| format!("status: {}", s.message()))
