@@ -11,8 +11,10 @@
 //! - `console_cli`: the console binary end to end, the demo, the CLI.
 //! - `compose`: the container scenario (when Docker is there).
 //! - `bench_smoke`: every benchmark scenario once, tiny.
+//! - [`soak`]: the nemesis (the `soak` binary) and its in-process model.
 
 pub mod harness;
+pub mod soak;
 
 #[cfg(test)]
 mod array_io;

@@ -1,0 +1,490 @@
+//! The invariants the nemesis checks after every round:
+//!
+//! - every node answers its health check again once its fault has ended
+//!   (none stays down or wedged);
+//! - the pair becomes Synchronized, and then origin == mate, chunk for
+//!   chunk, compared with the array's digests while the database is
+//!   quiesced;
+//! - the ledger's own check passes on the live volume while quiesced, at
+//!   the sequence the suspend reported, and that sequence never goes back
+//!   (a sequence reported at a quiesce was acknowledged: losing it is
+//!   losing acknowledged transactions);
+//! - every backup the backup server reports complete passes the ledger's
+//!   check at the sequence its manifest records, and its server-side
+//!   verification; a console run that exits 0 reports its backup equal to
+//!   the frozen mate's digests;
+//! - a database suspended by a console that vanished resumes by itself
+//!   when its lease runs out.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use splitmirror_proto::array::v1 as apb;
+use splitmirror_proto::array::v1::array_service_client::ArrayServiceClient;
+use splitmirror_proto::backup::v1 as bpb;
+use splitmirror_proto::backup::v1::backup_service_client::BackupServiceClient;
+use splitmirror_proto::db::v1 as pb;
+use splitmirror_proto::db::v1::db_service_client::DbServiceClient;
+use splitmirror_proto::node;
+use tonic::transport::Channel;
+
+use super::Summary;
+use super::cluster::{Cluster, Node};
+
+/// How long one call may take before the node counts as not answering.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a node may take to answer its health check after a fault.
+const HEAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the pair may take to become Synchronized after a round.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(180);
+/// The lease of the console that vanishes.
+const LOST_CONSOLE_LEASE_MS: u32 = 1000;
+/// Digest chunk for the origin/mate comparison (1 MiB of 4 KiB blocks).
+const COMPARE_CHUNK_BLOCKS: u64 = 256;
+
+/// An invariant that did not hold, and the round it was found in.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    pub round: u64,
+    pub what: String,
+}
+
+impl Violation {
+    pub fn new(round: u64, what: impl Into<String>) -> Self {
+        Self {
+            round,
+            what: what.into(),
+        }
+    }
+}
+
+pub struct Checker {
+    db: DbServiceClient<Channel>,
+    array: ArrayServiceClient<Channel>,
+    backup: BackupServiceClient<Channel>,
+    urls: [String; 3],
+    /// The highest ledger sequence reported at a quiesce: every
+    /// transaction up to it was acknowledged.
+    committed_sequence: u64,
+    checked_backups: BTreeSet<String>,
+    expect_full_resync: bool,
+    pub full_resyncs_seen: u64,
+}
+
+/// Runs a call with [`CALL_TIMEOUT`], flattening both failures into text.
+async fn call<T>(
+    what: &str,
+    future: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, future).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(format!("{what}: {:?}: {}", status.code(), status.message())),
+        Err(_) => Err(format!("{what}: no answer within {CALL_TIMEOUT:?}")),
+    }
+}
+
+fn lazy_channel(url: &str) -> Result<Channel, String> {
+    Ok(node::endpoint(url)?.connect_lazy())
+}
+
+impl Checker {
+    pub async fn new(cluster: &Cluster) -> Result<Self, String> {
+        let max = node::MAX_MESSAGE_BYTES;
+        Ok(Self {
+            db: DbServiceClient::new(lazy_channel(&cluster.url(Node::Db))?)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            array: ArrayServiceClient::new(lazy_channel(&cluster.url(Node::Array))?)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            backup: BackupServiceClient::new(lazy_channel(&cluster.url(Node::Backup))?)
+                .max_decoding_message_size(max),
+            urls: Node::ALL.map(|n| cluster.url(n)),
+            committed_sequence: 0,
+            checked_backups: BTreeSet::new(),
+            expect_full_resync: false,
+            full_resyncs_seen: 0,
+        })
+    }
+
+    async fn status(&mut self) -> Result<pb::StatusResponse, String> {
+        call("Status", self.db.status(pb::StatusRequest::default())).await
+    }
+
+    /// What volume 0 is doing, to say where a kill landed.
+    pub async fn phase(&mut self) -> String {
+        match tokio::time::timeout(Duration::from_secs(2), self.status()).await {
+            Ok(Ok(status)) => match status.volumes.iter().find(|v| v.volume == 0) {
+                Some(volume) => match volume.data_mode() {
+                    pb::Mode::Synchronized => "synchronized",
+                    pb::Mode::Snapshot => "snapshot",
+                    pb::Mode::Resynchronizing => "resync",
+                    _ => "unknown",
+                }
+                .to_string(),
+                None => "unknown".into(),
+            },
+            _ => "db-unreachable".into(),
+        }
+    }
+
+    /// The fault "lost console": suspends with a short lease and never
+    /// resumes. Answers when it suspended (`None` if the database refused,
+    /// e.g. because another suspend is in force).
+    pub async fn suspend_and_vanish(
+        &mut self,
+        _round: u64,
+    ) -> Result<Option<Instant>, super::Violation> {
+        let request = pb::SuspendRequest {
+            lease_ms: LOST_CONSOLE_LEASE_MS,
+            ..Default::default()
+        };
+        Ok(call("Suspend", self.db.suspend(request))
+            .await
+            .ok()
+            .map(|_| Instant::now()))
+    }
+
+    /// After a lost console: the gate must have reopened by itself.
+    pub async fn check_resumed_by_itself(
+        &mut self,
+        round: u64,
+        suspended_at: Instant,
+    ) -> Result<(), Violation> {
+        let deadline =
+            suspended_at + Duration::from_millis(u64::from(LOST_CONSOLE_LEASE_MS) + 5000);
+        loop {
+            if let Ok(status) = self.status().await
+                && !status.gate.is_some_and(|g| g.suspended)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Violation::new(
+                    round,
+                    format!(
+                        "the database stayed suspended {} ms after a {LOST_CONSOLE_LEASE_MS} ms lease ran out",
+                        suspended_at.elapsed().as_millis()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A journal was damaged on purpose: a whole-volume resync must follow.
+    pub fn expect_full_resync(&mut self) {
+        self.expect_full_resync = true;
+    }
+
+    /// Every node healthy, no snapshot left behind, the pair Synchronized.
+    pub async fn wait_settled(
+        &mut self,
+        cluster: &mut Cluster,
+        round: u64,
+    ) -> Result<u64, Violation> {
+        for (i, url) in self.urls.clone().iter().enumerate() {
+            let started = Instant::now();
+            while let Err(e) = node::probe_health(url, "").await {
+                if started.elapsed() > HEAL_TIMEOUT {
+                    return Err(Violation::new(
+                        round,
+                        format!(
+                            "{} at {url} did not answer its health check within {HEAL_TIMEOUT:?}: {e}",
+                            Node::ALL[i]
+                        ),
+                    ));
+                }
+                if let Some(status) = cluster.exited_by_itself(Node::ALL[i]) {
+                    return Err(Violation::new(
+                        round,
+                        format!(
+                            "{} exited by itself ({status}) after its fault",
+                            Node::ALL[i]
+                        ),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let started = Instant::now();
+        let mut deleted = 0;
+        loop {
+            let status = match self.status().await {
+                Ok(status) => status,
+                Err(e) if started.elapsed() < SYNC_TIMEOUT => {
+                    tracing::debug!("status: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Violation::new(
+                        round,
+                        format!("db-server does not answer: {e}"),
+                    ));
+                }
+            };
+            if status
+                .volumes
+                .iter()
+                .any(|v| !v.full_resync_reason.is_empty())
+                && self.expect_full_resync
+            {
+                self.full_resyncs_seen += 1;
+                self.expect_full_resync = false;
+            }
+            // A run that failed (its console lost a node) may have left its
+            // snapshot behind; the operator's move is a forced delete.
+            for volume in status
+                .volumes
+                .iter()
+                .filter(|v| !v.snapshot_holder.is_empty())
+            {
+                let request = pb::DeleteSnapshotRequest {
+                    volume: volume.volume,
+                    run_id: "soak-cleanup".into(),
+                    force: true,
+                };
+                if call("DeleteSnapshot", self.db.delete_snapshot(request))
+                    .await
+                    .is_ok()
+                {
+                    deleted += 1;
+                }
+            }
+            if status
+                .volumes
+                .iter()
+                .all(|v| v.data_mode() == pb::Mode::Synchronized)
+            {
+                return Ok(deleted);
+            }
+            if started.elapsed() > SYNC_TIMEOUT {
+                let modes: Vec<String> = status
+                    .volumes
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "volume {}: {:?} ({} blocks recorded)",
+                            v.volume,
+                            v.data_mode(),
+                            v.dirty_blocks
+                        )
+                    })
+                    .collect();
+                return Err(Violation::new(
+                    round,
+                    format!(
+                        "the pairs did not become Synchronized within {SYNC_TIMEOUT:?}: {}",
+                        modes.join("; ")
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Everything checked after a round.
+    pub async fn after_round(
+        &mut self,
+        cluster: &mut Cluster,
+        round: u64,
+        summary: &mut Summary,
+    ) -> Result<(), Violation> {
+        summary.leftover_snapshots_deleted += self.wait_settled(cluster, round).await?;
+        self.check_quiesced(round).await?;
+        self.check_backups(cluster, round, summary).await
+    }
+
+    /// Suspends the database, compares origin with mate and runs the
+    /// ledger's own check on the live volume, then resumes.
+    async fn check_quiesced(&mut self, round: u64) -> Result<(), Violation> {
+        let started = Instant::now();
+        let sequence = loop {
+            let request = pb::SuspendRequest {
+                lease_ms: 30_000,
+                ..Default::default()
+            };
+            match call("Suspend", self.db.suspend(request)).await {
+                Ok(answer) => break answer.ledger_sequence,
+                Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                    return Err(Violation::new(
+                        round,
+                        format!("the database cannot be suspended: {e}"),
+                    ));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        let result = self.compare_quiesced(round, sequence).await;
+        let _ = call("Resume", self.db.resume(pb::ResumeRequest::default())).await;
+        result
+    }
+
+    async fn compare_quiesced(&mut self, round: u64, sequence: u64) -> Result<(), Violation> {
+        if sequence < self.committed_sequence {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "the ledger's sequence went back from {} to {sequence}: acknowledged transactions were lost",
+                    self.committed_sequence
+                ),
+            ));
+        }
+        self.committed_sequence = sequence;
+        let status = self.status().await.map_err(|e| Violation::new(round, e))?;
+        for volume in &status.volumes {
+            if volume.data_mode() != pb::Mode::Synchronized {
+                // A write that failed under the quiesce's own check may
+                // have turned it; the next round looks again.
+                continue;
+            }
+            let origin = self
+                .digests(volume.origin_lu, volume.block_count)
+                .await
+                .map_err(|e| Violation::new(round, e))?;
+            let mate = self
+                .digests(volume.mate_lu, volume.block_count)
+                .await
+                .map_err(|e| Violation::new(round, e))?;
+            let differing: Vec<usize> = (0..origin.len().max(mate.len()))
+                .filter(|&i| origin.get(i) != mate.get(i))
+                .collect();
+            if !differing.is_empty() {
+                return Err(Violation::new(
+                    round,
+                    format!(
+                        "volume {} reports Synchronized but origin LU {} and mate LU {} differ in 1 MiB chunks {differing:?}",
+                        volume.volume, volume.origin_lu, volume.mate_lu
+                    ),
+                ));
+            }
+        }
+        if let Some(ledger) = status.ledger.as_ref().filter(|l| l.running) {
+            let volume = status
+                .volumes
+                .iter()
+                .find(|v| v.volume == ledger.volume)
+                .ok_or_else(|| Violation::new(round, "the ledger's volume is not in Status"))?;
+            let image = self
+                .read_lu(volume.mirror_lu, volume.block_count)
+                .await
+                .map_err(|e| Violation::new(round, e))?;
+            let report = db_server::ledger_format::verify_image(&image, Some(sequence));
+            if !report.ok {
+                return Err(Violation::new(
+                    round,
+                    format!(
+                        "the ledger's own check fails on the live volume at sequence {sequence}: {:?}",
+                        report.violations
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn digests(&mut self, lu: u32, blocks: u64) -> Result<Vec<Vec<u8>>, String> {
+        let request = apb::ChecksumRangeRequest {
+            lu,
+            lba: 0,
+            blocks,
+            chunk_blocks: COMPARE_CHUNK_BLOCKS,
+        };
+        Ok(call("ChecksumRange", self.array.checksum_range(request))
+            .await?
+            .digests)
+    }
+
+    async fn read_lu(&mut self, lu: u32, blocks: u64) -> Result<Vec<u8>, String> {
+        let request = apb::ReadRequest { lu, lba: 0, blocks };
+        let mut stream = call("Read", self.array.read(request)).await?;
+        let mut data = Vec::new();
+        loop {
+            match tokio::time::timeout(CALL_TIMEOUT, stream.message()).await {
+                Ok(Ok(Some(chunk))) => data.extend_from_slice(&chunk.data),
+                Ok(Ok(None)) => return Ok(data),
+                Ok(Err(status)) => return Err(format!("Read LU {lu}: {}", status.message())),
+                Err(_) => return Err(format!("Read LU {lu}: no data within {CALL_TIMEOUT:?}")),
+            }
+        }
+    }
+
+    /// Every backup that became complete since the last round: its image
+    /// passes the ledger's check at its manifest's sequence, and the server
+    /// verifies it. Checked backups are removed to bound the store.
+    async fn check_backups(
+        &mut self,
+        cluster: &Cluster,
+        round: u64,
+        summary: &mut Summary,
+    ) -> Result<(), Violation> {
+        let list = call(
+            "ListBackups",
+            self.backup.list_backups(bpb::ListBackupsRequest::default()),
+        )
+        .await
+        .map_err(|e| Violation::new(round, e))?;
+        for backup in list.backups {
+            if backup.state() != bpb::BackupState::Complete
+                || self.checked_backups.contains(&backup.backup_id)
+            {
+                continue;
+            }
+            let dir = cluster.store_dir().join(&backup.backup_id);
+            let manifest: serde_json::Value = std::fs::read(dir.join("manifest.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .ok_or_else(|| {
+                    Violation::new(
+                        round,
+                        format!(
+                            "backup {} is complete but has no readable manifest.json",
+                            backup.backup_id
+                        ),
+                    )
+                })?;
+            let sequence = manifest["ledger_sequence"].as_u64();
+            let image = std::fs::read(dir.join("image.raw")).map_err(|e| {
+                Violation::new(
+                    round,
+                    format!(
+                        "backup {} is complete but its image cannot be read: {e}",
+                        backup.backup_id
+                    ),
+                )
+            })?;
+            let report = db_server::ledger_format::verify_image(&image, sequence);
+            if !report.ok {
+                return Err(Violation::new(
+                    round,
+                    format!(
+                        "backup {} is reported complete but fails the ledger's check at sequence {sequence:?}: {:?}",
+                        backup.backup_id, report.violations
+                    ),
+                ));
+            }
+            let verified = call(
+                "VerifyBackup",
+                self.backup.verify_backup(bpb::BackupIdRequest {
+                    backup_id: backup.backup_id.clone(),
+                }),
+            )
+            .await
+            .map_err(|e| Violation::new(round, e))?;
+            if !verified.ok {
+                return Err(Violation::new(
+                    round,
+                    format!(
+                        "backup {} is complete but VerifyBackup fails: {verified:?}",
+                        backup.backup_id
+                    ),
+                ));
+            }
+            summary.backups_verified += 1;
+            self.checked_backups.insert(backup.backup_id.clone());
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(())
+    }
+}
