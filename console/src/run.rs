@@ -456,8 +456,17 @@ pub async fn wait_synchronized(
         if let Some(resync) = &volume_status.resync {
             progress.resync(resync.bytes_done, resync.bytes_total);
         }
-        if volume_status.data_mode() == dpb::Mode::Synchronized {
-            return Ok(());
+        match volume_status.data_mode() {
+            dpb::Mode::Synchronized => return Ok(()),
+            // Waiting on would never end: the pair was split again (by
+            // another run) before its resync finished.
+            dpb::Mode::Snapshot => {
+                return Err(format!(
+                    "volume {volume} was split again (snapshot held by {:?}) before its resync finished",
+                    volume_status.snapshot_holder
+                ));
+            }
+            _ => {}
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
