@@ -5,8 +5,11 @@
 //! - [`harness`]: starting nodes, clients, seeds, reading LUs back.
 //! - `array_*`, `grpcurl`: the disk array (mirror I/O, bad input, the
 //!   copy/write race, grpcurl as an operator uses it).
-//! - `db_*`: the snapshot manager (model test, resync race, the ledger).
+//! - `db_*`: the snapshot manager (model test, resync race, the ledger,
+//!   codes, limits and answers).
 //! - `crash`: kill -9 at named crash points, array loss, lost journal.
+//! - `journal_damage`: a corrupted or truncated journal, a full journal
+//!   filesystem.
 //! - `backup`: images, manifests, verification, node crashes.
 //! - `console_cli`: the console binary end to end, the demo, the CLI.
 //! - `compose`: the container scenario (when Docker is there).
@@ -33,8 +36,14 @@ mod crash;
 #[cfg(test)]
 mod db_ledger;
 #[cfg(test)]
+mod db_limits;
+#[cfg(test)]
 mod db_model;
 #[cfg(test)]
 mod db_race;
 #[cfg(test)]
 mod grpcurl;
+#[cfg(test)]
+mod journal_damage;
+#[cfg(test)]
+mod ledger_crash;
