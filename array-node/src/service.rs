@@ -40,16 +40,27 @@ impl From<ArrayError> for Status {
     }
 }
 
+/// The classification byte of the Fig. 11 page: a mirror LU, or any other.
+const FIG11_MIRROR_LU: u32 = 0;
+const FIG11_OTHER_LU: u32 = 1;
+
+fn lu_kind_to_pb(kind: &LuKind) -> pb::LuKind {
+    match kind {
+        LuKind::Mirror { .. } => pb::LuKind::Mirror,
+        LuKind::Origin => pb::LuKind::Origin,
+        LuKind::Mate => pb::LuKind::Mate,
+        LuKind::Plain => pb::LuKind::Plain,
+    }
+}
+
 fn lu_info_to_pb(info: LuInfo) -> pb::LuInfo {
-    let (kind, origin_lu, mate_lu) = match info.kind {
-        LuKind::Mirror { origin, mate } => (pb::LuKind::Mirror, Some(origin), Some(mate)),
-        LuKind::Origin => (pb::LuKind::Origin, None, None),
-        LuKind::Mate => (pb::LuKind::Mate, None, None),
-        LuKind::Plain => (pb::LuKind::Plain, None, None),
+    let (origin_lu, mate_lu) = match info.kind {
+        LuKind::Mirror { origin, mate } => (Some(origin), Some(mate)),
+        LuKind::Origin | LuKind::Mate | LuKind::Plain => (None, None),
     };
     pb::LuInfo {
         id: info.id,
-        kind: kind.into(),
+        kind: lu_kind_to_pb(&info.kind).into(),
         block_size_bytes: info.block_size_bytes,
         block_count: info.block_count,
         origin_lu,
@@ -78,13 +89,18 @@ impl ArrayService for ArrayGrpc {
         &self,
         request: Request<pb::ModeSenseRequest>,
     ) -> Result<Response<pb::ModeSenseResponse>, Status> {
-        let page = self.array.mode_sense(request.into_inner().lu)?;
-        let (classification, (origin_lu, mate_lu)) = match page.pair {
-            Some(pair) => (0, pair),
-            None => (1, (0, 0)),
+        let lu = request.into_inner().lu;
+        let page = self.array.mode_sense(lu)?;
+        // The same kind ListLus answers; the page itself only knows mirror
+        // or not.
+        let kind = lu_kind_to_pb(&self.array.lu_info(lu)?.kind);
+        let (fig11_classification, origin_lu, mate_lu) = match page.pair {
+            Some((origin, mate)) => (FIG11_MIRROR_LU, Some(origin), Some(mate)),
+            None => (FIG11_OTHER_LU, None, None),
         };
         Ok(Response::new(pb::ModeSenseResponse {
-            classification,
+            kind: kind.into(),
+            fig11_classification,
             origin_lu,
             mate_lu,
             block_size_bytes: page.block_size_bytes,

@@ -132,11 +132,13 @@ impl ArrayPort for GrpcArray {
                     .await
                     .map_err(|s| self.error(format!("mode sense of LU {}", lu.id), s))?
                     .into_inner();
-                if page.classification == 0 {
+                if let (pb::LuKind::Mirror, Some(origin_lu), Some(mate_lu)) =
+                    (page.kind(), page.origin_lu, page.mate_lu)
+                {
                     pairs.push(PairInfo {
                         mirror_lu: lu.id,
-                        origin_lu: page.origin_lu,
-                        mate_lu: page.mate_lu,
+                        origin_lu,
+                        mate_lu,
                         block_size_bytes: page.block_size_bytes,
                         block_count: page.block_count,
                     });

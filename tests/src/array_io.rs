@@ -60,15 +60,34 @@ async fn mirror_writes_reach_origin_and_mate_and_sides_are_addressable() {
         .expect("sense")
         .into_inner();
     assert_eq!(
-        (sense.classification, sense.origin_lu, sense.mate_lu),
-        (0, 4, 5)
+        (
+            sense.kind(),
+            sense.fig11_classification,
+            sense.origin_lu,
+            sense.mate_lu
+        ),
+        (pb::LuKind::Mirror, 0, Some(4), Some(5))
     );
     let sense = client
         .mode_sense(pb::ModeSenseRequest { lu: 4 })
         .await
         .expect("sense")
         .into_inner();
-    assert_eq!(sense.classification, 1);
+    assert_eq!(
+        (
+            sense.kind(),
+            sense.fig11_classification,
+            sense.origin_lu,
+            sense.mate_lu
+        ),
+        (pb::LuKind::Origin, 1, None, None)
+    );
+    let sense = client
+        .mode_sense(pb::ModeSenseRequest { lu: 5 })
+        .await
+        .expect("sense")
+        .into_inner();
+    assert_eq!(sense.kind(), pb::LuKind::Mate);
 
     // A mirror write lands on both sides, byte for byte in the files.
     let data = pattern(1, 8);
