@@ -9,20 +9,93 @@
 //!    copying more after a crash is safe, copying less is data loss. A write
 //!    inside a region already durable costs no journal I/O.
 //! 2. A state change is durable before it takes effect.
+//! 4. A journal is used only if the evidence says it is whole (below).
+//! 5. A failed append leaves the file as if it had not been tried (below).
 //!
 //! Removals are not journaled one by one: a state change to Synchronized (or
 //! Snapshot, which starts from an empty table) drops a volume's intents.
 //! When the file grows past a threshold it is rewritten from the current
 //! state (write a new file, fsync, rename, fsync the directory).
 //!
-//! Record: `0xA5 | len u32 | payload | first 8 bytes of BLAKE3(payload)`.
-//! Replay stops at the first record that is torn or fails its checksum and
-//! truncates the file there.
+//! # Format
+//!
+//! ```text
+//! offset 0   "SMJRNL02"
+//! offset 8   commit block: committed_len_bytes u64 LE | first 8 bytes of BLAKE3 of it
+//! offset 24  records: 0xA5 | len u32 | payload | first 8 bytes of BLAKE3(payload)
+//! ```
+//!
+//! # Why a committed length
+//!
+//! Position alone cannot tell a torn tail (the crash cut an append short:
+//! harmless, it was never acknowledged) from a journal damaged later or cut
+//! to half its length (acknowledged intents are gone: restoring the records
+//! before the damage would leave regions written during a snapshot out of
+//! the resync, and the pair would be reported Synchronized with origin and
+//! mate different). So every group commit writes its records at the end,
+//! then rewrites the commit block with the new length (a positioned write at
+//! offset 8), then issues its one `fdatasync`, and only then acknowledges.
+//! Replay trusts evidence, not position:
+//!
+//! - every record up to the committed length must be whole and pass its
+//!   checksum, and the records must end exactly there; the file must be at
+//!   least that long. Otherwise the journal is *unusable*;
+//! - bytes after the committed length belong to a commit whose `fdatasync`
+//!   never returned, so nothing in them was acknowledged: they are
+//!   discarded (the file is cut back to the committed length) as if never
+//!   tried.
+//!
+//! After `kill -9` the page cache keeps every write that returned, in
+//! order: either the commit block was not rewritten (the batch's bytes are
+//! discarded) or it was, after the records (the batch is whole and
+//! replayed — harmless: an intent that was not acknowledged only copies
+//! more, a state change not acknowledged is what a retry would make).
+//! After a power loss the disk may have kept the commit block of the last,
+//! unacknowledged commit without its records. That reads as damage below
+//! the committed length, so the journal is unusable and every pair is
+//! compared whole: safe, only slower. A second `fdatasync` between the
+//! records and the commit block would rule that out, at the price of
+//! doubling the latency of every intent; a full compare after a power loss
+//! in the middle of a commit is the cheaper trade. The commit block is 16
+//! bytes inside the first 512-byte sector; if a disk tears even that, its
+//! checksum fails and the journal is unusable — again safe.
+//!
+//! # An unusable journal
+//!
+//! It is renamed aside intact (`journal.damaged-<unix-ms>`: the evidence is
+//! kept byte for byte, never truncated in place), a WARN names the file and
+//! the offset of the damage, and a fresh journal is started. The replay
+//! then knows no volume, so the manager compares every pair whole before it
+//! reports it Synchronized, and [`Journal::unusable_reason`] gives the
+//! reason it shows in `Status`. A snapshot the damaged journal held is
+//! dropped: without its intents nobody knows where the origin moved on,
+//! nor whether the mate was still frozen at the crash, and the whole-volume
+//! compare overwrites the mate anyway. A backup that was copying that mate
+//! must fail when it confirms its snapshot with db-server. A file that is
+//! not a journal, or a journal of another format version (`SMJRNL01` wrote
+//! no committed length, so its tail cannot be judged), is treated the same
+//! way.
+//!
+//! # A failed append
+//!
+//! A write or `fdatasync` error leaves the file in an unknown state: part
+//! of the batch may be in it, the commit block may name the new length, and
+//! after a failed `fsync` the page cache no longer says what reached the
+//! disk. Before anything else is appended, the writer cuts the file back to
+//! its committed length, rewrites the commit block with that length and
+//! syncs; a successful sync after the cut is the repair. If the repair fails
+//! too, the journal is broken: every later append (new intents, state
+//! changes) fails at once, until db-server is restarted and replays what is
+//! on disk by the rules above. Nothing is ever appended after bytes that
+//! were not repaired. Writes inside regions that were already durable go
+//! on: their intents were synced before the failure and nothing after it
+//! removes them.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,13 +107,24 @@ use crate::array_port::PairInfo;
 use crate::error::DbError;
 use crate::lu_status::PairState;
 
-const HEADER: &[u8; 8] = b"SMJRNL01";
+/// The first bytes of every journal file this version writes.
+const MAGIC: &[u8; 8] = b"SMJRNL02";
+/// What every journal format version starts with.
+const MAGIC_FAMILY: &[u8; 6] = b"SMJRNL";
+/// Where the commit block sits: right after the magic.
+const COMMIT_BLOCK_AT: u64 = 8;
+/// `committed_len_bytes` u64 + the first 8 bytes of its BLAKE3.
+const COMMIT_BLOCK_BYTES: usize = 16;
+/// Where the first record starts.
+const RECORDS_AT: u64 = COMMIT_BLOCK_AT + COMMIT_BLOCK_BYTES as u64;
 const RECORD_MAGIC: u8 = 0xA5;
 const DIGEST_BYTES: usize = 8;
 /// Requests waiting for the journal thread.
 const QUEUE_DEPTH: usize = 1024;
 /// The file is rewritten from the current state when it grows past this.
 const COMPACT_AT_BYTES: u64 = 1 << 20;
+/// The journal's file name inside the data directory.
+const FILE_NAME: &str = "journal.log";
 
 /// A volume's durable state as replayed from the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +245,31 @@ impl Record {
             _ => None,
         }
     }
+
+    /// Reads the record at the start of `bytes`: the record and its encoded
+    /// length, or `None` if it is torn, fails its checksum or makes no sense.
+    fn read(bytes: &[u8]) -> Option<(Record, usize)> {
+        if *bytes.first()? != RECORD_MAGIC {
+            return None;
+        }
+        let len = u32::from_le_bytes(bytes.get(1..5)?.try_into().ok()?) as usize;
+        let payload_end = 5usize.checked_add(len)?;
+        let payload = bytes.get(5..payload_end)?;
+        let digest = bytes.get(payload_end..payload_end.checked_add(DIGEST_BYTES)?)?;
+        if &blake3::hash(payload).as_bytes()[..DIGEST_BYTES] != digest {
+            return None;
+        }
+        Some((Record::decode(payload)?, payload_end + DIGEST_BYTES))
+    }
+}
+
+/// The commit block naming `committed_len_bytes`.
+fn commit_block(committed_len_bytes: u64) -> [u8; COMMIT_BLOCK_BYTES] {
+    let len = committed_len_bytes.to_le_bytes();
+    let mut block = [0u8; COMMIT_BLOCK_BYTES];
+    block[..8].copy_from_slice(&len);
+    block[8..].copy_from_slice(&blake3::hash(&len).as_bytes()[..DIGEST_BYTES]);
+    block
 }
 
 /// Applies a record to the replayed state.
@@ -201,50 +310,103 @@ fn apply(state: &mut BTreeMap<u32, DurableVolume>, record: Record) {
     }
 }
 
-/// Reads a journal file: the state it describes and the length of its
-/// valid prefix. `None` when the file is not a journal at all.
-fn replay(file: &mut File) -> io::Result<Option<(BTreeMap<u32, DurableVolume>, u64)>> {
-    let mut bytes = Vec::new();
-    file.seek(SeekFrom::Start(0))?;
-    file.read_to_end(&mut bytes)?;
-    if bytes.get(..HEADER.len()) != Some(HEADER.as_slice()) {
-        return Ok(None);
-    }
-    let mut state = BTreeMap::new();
-    let mut at = HEADER.len();
-    while let Some(&magic) = bytes.get(at) {
-        if magic != RECORD_MAGIC {
-            break;
-        }
-        let Some(len) = bytes
-            .get(at + 1..at + 5)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-        else {
-            break;
-        };
-        let Some(payload) = bytes.get(at + 5..at + 5 + len) else {
-            break;
-        };
-        let Some(digest) = bytes.get(at + 5 + len..at + 5 + len + DIGEST_BYTES) else {
-            break;
-        };
-        if &blake3::hash(payload).as_bytes()[..DIGEST_BYTES] != digest {
-            break;
-        }
-        let Some(record) = Record::decode(payload) else {
-            break;
-        };
-        apply(&mut state, record);
-        at += 5 + len + DIGEST_BYTES;
-    }
-    if at < bytes.len() {
-        tracing::warn!(
-            "journal: ignoring {} bytes after the last good record at offset {at} (torn or corrupt tail)",
-            bytes.len() - at
-        );
-    }
-    Ok(Some((state, at as u64)))
+/// What the bytes found under the journal's name turned out to be.
+#[derive(Debug)]
+enum Replayed {
+    /// No file or an empty one: nothing was ever committed to it.
+    Empty,
+    /// A whole journal: the state its committed records describe.
+    Usable {
+        volumes: BTreeMap<u32, DurableVolume>,
+        committed_len_bytes: u64,
+        /// Bytes after the committed length: a commit cut short.
+        discarded_bytes: u64,
+    },
+    /// Not usable, and why (naming the offset of the damage).
+    Unusable(String),
 }
+
+/// Judges a journal file's bytes by the rules of the module doc.
+fn replay(bytes: &[u8]) -> Replayed {
+    if bytes.is_empty() {
+        return Replayed::Empty;
+    }
+    let magic = &bytes[..bytes.len().min(MAGIC.len())];
+    if magic != MAGIC.as_slice() {
+        return Replayed::Unusable(if magic.starts_with(MAGIC_FAMILY) {
+            format!(
+                "journal format {:?} at offset 0 is not {:?} (written by another version of db-server)",
+                String::from_utf8_lossy(magic),
+                String::from_utf8_lossy(MAGIC)
+            )
+        } else {
+            format!(
+                "not a splitmirror journal: {:?} at offset 0",
+                String::from_utf8_lossy(magic)
+            )
+        });
+    }
+    let Some(block) = bytes.get(COMMIT_BLOCK_AT as usize..RECORDS_AT as usize) else {
+        return Replayed::Unusable(format!(
+            "truncated: the file is {} bytes, shorter than its header",
+            bytes.len()
+        ));
+    };
+    let committed_len_bytes = u64::from_le_bytes(block[..8].try_into().expect("8 bytes"));
+    if block != commit_block(committed_len_bytes) || committed_len_bytes < RECORDS_AT {
+        return Replayed::Unusable(format!("corrupt commit block at offset {COMMIT_BLOCK_AT}"));
+    }
+    let file_len_bytes = bytes.len() as u64;
+    if file_len_bytes < committed_len_bytes {
+        return Replayed::Unusable(format!(
+            "truncated: the file is {file_len_bytes} bytes, shorter than the \
+             {committed_len_bytes} bytes durably committed"
+        ));
+    }
+    let committed = &bytes[..committed_len_bytes as usize];
+    let mut volumes = BTreeMap::new();
+    let mut at = RECORDS_AT as usize;
+    while at < committed.len() {
+        let Some((record, len)) = Record::read(&committed[at..]) else {
+            return Replayed::Unusable(format!(
+                "corrupt record at offset {at} (of {committed_len_bytes} bytes committed)"
+            ));
+        };
+        apply(&mut volumes, record);
+        at += len;
+    }
+    Replayed::Usable {
+        volumes,
+        committed_len_bytes,
+        discarded_bytes: file_len_bytes - committed_len_bytes,
+    }
+}
+
+/// The journal thread's view of its file: positioned writes, cutting back,
+/// syncing. A seam, so that tests can make the file fail.
+trait JournalFile: Send {
+    fn write_all_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()>;
+    fn set_len(&mut self, len_bytes: u64) -> io::Result<()>;
+    fn sync_data(&mut self) -> io::Result<()>;
+}
+
+impl JournalFile for File {
+    fn write_all_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, bytes, offset)
+    }
+
+    fn set_len(&mut self, len_bytes: u64) -> io::Result<()> {
+        File::set_len(self, len_bytes)
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
+/// Makes the writer's view of a journal file (the plain file, or a test's
+/// failing one).
+type WrapFile = Box<dyn Fn(File) -> Box<dyn JournalFile> + Send>;
 
 /// What the journal has cost so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -266,6 +428,8 @@ pub struct Journal {
     /// Regions durable in the journal, per volume: a write inside one costs
     /// no journal I/O.
     durable: Mutex<BTreeMap<u32, RangeSet<u64>>>,
+    /// Why the journal found at open could not be used, if it could not.
+    unusable_reason: Option<String>,
     stats: Arc<Stats>,
 }
 
@@ -278,8 +442,10 @@ struct Stats {
 
 impl Journal {
     /// Opens (or creates) the journal under `dir` and replays it. Answers
-    /// the durable state per volume; a missing, foreign or unreadable
-    /// journal answers an empty map (every volume then needs a full resync).
+    /// the durable state per volume. A missing journal answers an empty map
+    /// (every volume then needs a full resync); so does an unusable one,
+    /// which is set aside intact first (see
+    /// [`unusable_reason`](Self::unusable_reason)).
     pub fn open(
         dir: &Path,
         region_bytes: u64,
@@ -293,44 +459,73 @@ impl Journal {
         region_bytes: u64,
         compact_at_bytes: u64,
     ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), DbError> {
-        let path = dir.join("journal.log");
+        Self::open_with(
+            dir,
+            region_bytes,
+            compact_at_bytes,
+            Box::new(|file| Box::new(file)),
+        )
+    }
+
+    fn open_with(
+        dir: &Path,
+        region_bytes: u64,
+        compact_at_bytes: u64,
+        wrap: WrapFile,
+    ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), DbError> {
+        let path = dir.join(FILE_NAME);
         let journal_error = |e: io::Error| DbError::Journal(format!("{}: {e}", path.display()));
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(journal_error)?;
-        let (state, valid_len) = match replay(&mut file).map_err(journal_error)? {
-            Some(replayed) => replayed,
-            None => {
-                if file.metadata().map_err(journal_error)?.len() > 0 {
-                    let aside = dir.join("journal.unreadable");
-                    tracing::warn!(
-                        "journal: {} is not a journal; moving it to {}",
-                        path.display(),
-                        aside.display()
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(journal_error(e)),
+        };
+        let mut unusable_reason = None;
+        let (file, state, committed_len_bytes) = match replay(&bytes) {
+            Replayed::Empty => {
+                let file = write_journal_file(dir, &path, &[])
+                    .map_err(|e| journal_error(e.into_error()))?;
+                (file, BTreeMap::new(), RECORDS_AT)
+            }
+            Replayed::Usable {
+                volumes,
+                committed_len_bytes,
+                discarded_bytes,
+            } => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(journal_error)?;
+                if discarded_bytes > 0 {
+                    // Never acknowledged (see the module doc): cut off, so
+                    // that the next commit starts from the committed length.
+                    tracing::info!(
+                        "journal: discarding {discarded_bytes} bytes after the committed length \
+                         {committed_len_bytes} of {} (a commit cut short by the crash, never \
+                         acknowledged)",
+                        path.display()
                     );
-                    std::fs::rename(&path, &aside).map_err(journal_error)?;
-                    file = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(&path)
-                        .map_err(journal_error)?;
+                    file.set_len(committed_len_bytes).map_err(journal_error)?;
+                    file.sync_data().map_err(journal_error)?;
                 }
-                file.set_len(0).map_err(journal_error)?;
-                file.write_all(HEADER).map_err(journal_error)?;
-                file.sync_all().map_err(journal_error)?;
-                sync_dir(dir).map_err(journal_error)?;
-                (BTreeMap::new(), HEADER.len() as u64)
+                (file, volumes, committed_len_bytes)
+            }
+            Replayed::Unusable(why) => {
+                let aside = set_aside(dir, &path).map_err(journal_error)?;
+                tracing::warn!(
+                    "journal unusable: {} ({why}); set aside intact as {}; starting a fresh \
+                     journal: every volume is resynchronized whole and any snapshot it held \
+                     is dropped",
+                    path.display(),
+                    aside.display()
+                );
+                unusable_reason = Some(format!("{why}; set aside as {}", aside.display()));
+                let file = write_journal_file(dir, &path, &[])
+                    .map_err(|e| journal_error(e.into_error()))?;
+                (file, BTreeMap::new(), RECORDS_AT)
             }
         };
-        file.set_len(valid_len).map_err(journal_error)?;
-        file.seek(SeekFrom::Start(valid_len))
-            .map_err(journal_error)?;
         let durable = state
             .iter()
             .map(|(&volume, v)| (volume, v.regions.clone()))
@@ -338,12 +533,14 @@ impl Journal {
         let stats = Arc::new(Stats::default());
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
         let writer = Writer {
-            file,
+            file: wrap(file),
+            wrap,
             path: path.clone(),
             dir: dir.to_path_buf(),
-            len_bytes: valid_len,
+            committed_len_bytes,
             compact_at_bytes,
             state: state.clone(),
+            broken: None,
             stats: stats.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -355,9 +552,18 @@ impl Journal {
             thread: Mutex::new(Some(thread)),
             region_bytes,
             durable: Mutex::new(durable),
+            unusable_reason,
             stats,
         });
         Ok((journal, state))
+    }
+
+    /// Why the journal found at open could not be used (it was set aside
+    /// and a fresh one started, so every volume needs a whole-volume
+    /// resync), e.g. "corrupt record at offset 520 (of 1224 bytes
+    /// committed); set aside as …". `None` when it was usable or absent.
+    pub fn unusable_reason(&self) -> Option<&str> {
+        self.unusable_reason.as_deref()
     }
 
     /// Makes `blocks` of `volume` durable as an intent (rounded out to
@@ -466,12 +672,18 @@ impl Journal {
 
 /// The journal thread: owns the file.
 struct Writer {
-    file: File,
+    file: Box<dyn JournalFile>,
+    wrap: WrapFile,
     path: PathBuf,
     dir: PathBuf,
-    len_bytes: u64,
+    /// Where the records end and what the commit block on disk says: every
+    /// byte before it was synced by a commit that succeeded.
+    committed_len_bytes: u64,
     compact_at_bytes: u64,
     state: BTreeMap<u32, DurableVolume>,
+    /// Why every append is refused: a failed append that could not be
+    /// undone (or a compaction that could not be made durable).
+    broken: Option<String>,
     stats: Arc<Stats>,
 }
 
@@ -492,12 +704,8 @@ impl Writer {
                     count += 1;
                 }
             }
-            let result = self
-                .file
-                .write_all(&bytes)
-                .and_then(|()| self.file.sync_data());
+            let result = self.commit(&bytes);
             if result.is_ok() {
-                self.len_bytes += bytes.len() as u64;
                 self.stats.records.fetch_add(count, Ordering::Relaxed);
                 self.stats
                     .bytes_written
@@ -517,19 +725,81 @@ impl Writer {
                 };
                 let _ = append.done.send(answer);
             }
-            if error.is_none()
-                && self.len_bytes > self.compact_at_bytes
-                && let Err(e) = self.compact()
-            {
-                tracing::error!("journal: compacting {}: {e}", self.path.display());
+            if error.is_none() && self.committed_len_bytes > self.compact_at_bytes {
+                self.compact();
+            }
+        }
+    }
+
+    /// Appends `bytes` durably: records, then the commit block naming the
+    /// new length, then one fdatasync. On failure the file is cut back
+    /// before this returns (or the journal is marked broken).
+    fn commit(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if let Some(broken) = &self.broken {
+            return Err(io::Error::other(format!(
+                "the journal is broken and refuses every append until db-server is \
+                 restarted: {broken}"
+            )));
+        }
+        let new_len_bytes = self.committed_len_bytes + bytes.len() as u64;
+        let written = self
+            .file
+            .write_all_at(bytes, self.committed_len_bytes)
+            .and_then(|()| {
+                self.file
+                    .write_all_at(&commit_block(new_len_bytes), COMMIT_BLOCK_AT)
+            })
+            .and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => {
+                self.committed_len_bytes = new_len_bytes;
+                Ok(())
+            }
+            Err(error) => {
+                self.undo(bytes.len(), &error);
+                Err(error)
+            }
+        }
+    }
+
+    /// Leaves the file as if the failed commit had not been tried: cut back
+    /// to the committed length, the commit block saying so, synced. If that
+    /// fails as well, nothing more may be appended.
+    fn undo(&mut self, batch_bytes: usize, error: &io::Error) {
+        let len_bytes = self.committed_len_bytes;
+        let repaired = self
+            .file
+            .set_len(len_bytes)
+            .and_then(|()| {
+                self.file
+                    .write_all_at(&commit_block(len_bytes), COMMIT_BLOCK_AT)
+            })
+            .and_then(|()| self.file.sync_data());
+        match repaired {
+            Ok(()) => tracing::warn!(
+                "journal: appending {batch_bytes} bytes to {} failed ({error}); cut it back to \
+                 its committed {len_bytes} bytes",
+                self.path.display()
+            ),
+            Err(repair_error) => {
+                let broken = format!(
+                    "appending to {} failed ({error}) and cutting it back to {len_bytes} bytes \
+                     failed too ({repair_error})",
+                    self.path.display()
+                );
+                tracing::error!(
+                    "journal broken: {broken}; snapshot writes needing a new intent and state \
+                     changes are refused until db-server is restarted"
+                );
+                self.broken = Some(broken);
             }
         }
     }
 
     /// Rewrites the journal as the current state: one state record and the
     /// regions of each volume.
-    fn compact(&mut self) -> io::Result<()> {
-        let mut bytes = HEADER.to_vec();
+    fn compact(&mut self) {
+        let mut records = Vec::new();
         for (&volume, v) in &self.state {
             Record::State {
                 volume,
@@ -539,28 +809,118 @@ impl Writer {
                 state: v.state.clone(),
                 full_resync: v.full_resync,
             }
-            .encode(&mut bytes);
+            .encode(&mut records);
             for blocks in v.regions.iter() {
                 Record::Intent {
                     volume,
                     blocks: blocks.clone(),
                 }
-                .encode(&mut bytes);
+                .encode(&mut records);
             }
         }
-        let tmp = self.dir.join("journal.compact");
-        let mut file = File::create(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        sync_dir(&self.dir)?;
-        let mut reopened = OpenOptions::new().read(true).write(true).open(&self.path)?;
-        reopened.seek(SeekFrom::End(0))?;
-        self.file = reopened;
-        self.len_bytes = bytes.len() as u64;
-        tracing::debug!("journal compacted to {} bytes", bytes.len());
-        Ok(())
+        match write_journal_file(&self.dir, &self.path, &records) {
+            Ok(file) => {
+                self.file = (self.wrap)(file);
+                self.committed_len_bytes = RECORDS_AT + records.len() as u64;
+                tracing::debug!("journal compacted to {} bytes", self.committed_len_bytes);
+            }
+            Err(NotWritten::BeforeRename(e)) => {
+                // The old file is untouched and still the journal.
+                tracing::error!(
+                    "journal: compacting {}: {e}; going on with it as it is",
+                    self.path.display()
+                );
+            }
+            Err(NotWritten::AfterRename(e, file)) => {
+                // The name points at the new file now, but after a power
+                // loss it may point at the old one again: appends to either
+                // could be lost.
+                let broken = format!(
+                    "compacting {}: the new file is in place but not durably ({e})",
+                    self.path.display()
+                );
+                tracing::error!("journal broken: {broken}");
+                self.file = (self.wrap)(file);
+                self.committed_len_bytes = RECORDS_AT + records.len() as u64;
+                self.broken = Some(broken);
+            }
+        }
     }
+}
+
+/// Why [`write_journal_file`] failed.
+enum NotWritten {
+    /// Nothing changed under the journal's name.
+    BeforeRename(io::Error),
+    /// The new file (answered) is in place, but the directory could not be
+    /// synced.
+    AfterRename(io::Error, File),
+}
+
+impl NotWritten {
+    fn into_error(self) -> io::Error {
+        match self {
+            NotWritten::BeforeRename(e) | NotWritten::AfterRename(e, _) => e,
+        }
+    }
+}
+
+/// Writes a whole journal file (header, commit block, `records`) under a
+/// temporary name, syncs it, renames it to `path` and syncs `dir`. Answers
+/// the new file, open for writing (so that no reopen after the rename can
+/// fail). Leaves no temporary file behind when it fails.
+fn write_journal_file(dir: &Path, path: &Path, records: &[u8]) -> Result<File, NotWritten> {
+    let tmp = dir.join("journal.new");
+    let committed_len_bytes = RECORDS_AT + records.len() as u64;
+    let mut bytes = Vec::with_capacity(committed_len_bytes as usize);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&commit_block(committed_len_bytes));
+    bytes.extend_from_slice(records);
+    let written = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            Ok(file)
+        });
+    let file = match written {
+        Ok(file) => file,
+        Err(e) => {
+            // A half-written file must not hold on to space the journal
+            // needs.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(NotWritten::BeforeRename(e));
+        }
+    };
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(NotWritten::BeforeRename(e));
+    }
+    match sync_dir(dir) {
+        Ok(()) => Ok(file),
+        Err(e) => Err(NotWritten::AfterRename(e, file)),
+    }
+}
+
+/// Renames an unusable journal aside, intact, under a name no earlier one
+/// holds; answers the new name.
+fn set_aside(dir: &Path, path: &Path) -> io::Result<PathBuf> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut aside = dir.join(format!("journal.damaged-{now_ms}"));
+    let mut n = 1;
+    while aside.exists() {
+        aside = dir.join(format!("journal.damaged-{now_ms}-{n}"));
+        n += 1;
+    }
+    std::fs::rename(path, &aside)?;
+    sync_dir(dir)?;
+    Ok(aside)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -590,11 +950,82 @@ mod tests {
         volume.regions.iter().cloned().collect()
     }
 
+    fn journal_path(dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join(FILE_NAME)
+    }
+
+    /// The files an unusable journal was set aside as.
+    fn set_aside_files(dir: &tempfile::TempDir) -> Vec<PathBuf> {
+        std::fs::read_dir(dir.path())
+            .expect("read dir")
+            .map(|entry| entry.expect("entry").path())
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("journal.damaged-"))
+            })
+            .collect()
+    }
+
+    /// A snapshot of volume 0 with intents in regions 1, 9, 17, …: enough
+    /// records that the middle of the file falls among them.
+    async fn journal_with_a_snapshot(dir: &tempfile::TempDir) -> Vec<Range<u64>> {
+        let (journal, _) = Journal::open(dir.path(), 4096).expect("open");
+        journal
+            .record_state(&PAIR, &split("a"), false)
+            .await
+            .expect("state");
+        let mut written = Vec::new();
+        for i in 0..12u64 {
+            let lba = 1 + 8 * i;
+            journal
+                .record_intent(0, 4096, lba..lba + 1, 1024)
+                .await
+                .expect("intent");
+            written.push(lba..lba + 1);
+        }
+        journal.close();
+        written
+    }
+
+    /// Reopens a journal that must be found unusable: the replay knows no
+    /// volume, the damaged file is set aside byte for byte, the reason
+    /// names the damage, and the fresh journal works.
+    async fn assert_unusable(dir: &tempfile::TempDir, damaged: &[u8], why: &str) {
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert!(
+            state.is_empty(),
+            "nothing restored from a damaged journal: {state:?}"
+        );
+        let reason = journal.unusable_reason().expect("a reason").to_string();
+        assert!(reason.contains(why), "{reason}");
+        let aside = set_aside_files(dir);
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert!(reason.contains(&aside[0].display().to_string()), "{reason}");
+        assert!(
+            std::fs::read(&aside[0]).expect("read aside") == damaged,
+            "the damaged journal is kept intact"
+        );
+        journal
+            .record_state(&PAIR, &PairState::Resynchronizing, true)
+            .await
+            .expect("the fresh journal takes appends");
+        journal.close();
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen fresh");
+        assert!(journal.unusable_reason().is_none());
+        assert!(state[&0].full_resync);
+        journal.close();
+    }
+
     #[tokio::test]
     async fn a_snapshot_and_its_intents_survive_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (journal, state) = Journal::open(dir.path(), 64 << 10).expect("open");
         assert!(state.is_empty(), "a new journal knows no volume");
+        assert!(
+            journal.unusable_reason().is_none(),
+            "a missing journal is no damage"
+        );
         let snapshot = PairState::Snapshot {
             holder: "run-7".into(),
             ledger_sequence: 4711,
@@ -621,7 +1052,8 @@ mod tests {
             "the write inside a durable region cost nothing"
         );
         journal.close();
-        let (_, state) = Journal::open(dir.path(), 64 << 10).expect("reopen");
+        let (journal, state) = Journal::open(dir.path(), 64 << 10).expect("reopen");
+        assert!(journal.unusable_reason().is_none());
         let v = &state[&0];
         assert_eq!(v.state, snapshot);
         // Rounded out to 16-block (64 KiB) regions.
@@ -657,40 +1089,106 @@ mod tests {
         assert!(state[&0].regions.is_empty());
     }
 
+    /// The old rule took any bad record for a torn tail. Now only bytes
+    /// after the committed length are a torn tail; a bad record before it
+    /// (even the last one) is damage.
     #[tokio::test]
-    async fn a_torn_or_corrupt_tail_is_ignored_up_to_the_last_good_record() {
+    async fn only_bytes_after_the_committed_length_are_a_torn_tail() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (journal, _) = Journal::open(dir.path(), 4096).expect("open");
-        journal
-            .record_state(&PAIR, &split("a"), false)
-            .await
-            .expect("state");
-        journal
-            .record_intent(0, 4096, 1..2, 1024)
-            .await
-            .expect("intent");
-        journal
-            .record_intent(0, 4096, 9..10, 1024)
-            .await
-            .expect("intent");
-        journal.close();
-        let path = dir.path().join("journal.log");
-        let mut bytes = std::fs::read(&path).expect("read");
-        let len = bytes.len();
-        // Flip a bit in the last record's payload, then add a torn record.
-        bytes[len - 12] ^= 0x10;
+        let written = journal_with_a_snapshot(&dir).await;
+        let path = journal_path(&dir);
+        let committed = std::fs::read(&path).expect("read");
+        // A commit cut short: a torn record, then a whole record the commit
+        // block does not cover (its fsync never returned).
+        let mut bytes = committed.clone();
         bytes.extend_from_slice(&[RECORD_MAGIC, 200, 0, 0, 0, 1, 2]);
+        Record::Intent {
+            volume: 0,
+            blocks: 500..501,
+        }
+        .encode(&mut bytes);
         std::fs::write(&path, &bytes).expect("write");
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(regions(&state[&0]), vec![1..2]);
-        // Appends continue after the last good record.
+        assert!(journal.unusable_reason().is_none());
+        assert!(set_aside_files(&dir).is_empty());
+        assert_eq!(
+            regions(&state[&0]),
+            written,
+            "nothing lost, nothing invented"
+        );
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            committed,
+            "the uncommitted tail is cut off"
+        );
+        // Appends continue after the committed records.
         journal
-            .record_intent(0, 4096, 20..21, 1024)
+            .record_intent(0, 4096, 700..701, 1024)
             .await
             .expect("intent");
         journal.close();
         let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(regions(&state[&0]), vec![1..2, 20..21]);
+        let mut want = written;
+        want.push(700..701);
+        assert_eq!(regions(&state[&0]), want);
+
+        // A bit flipped in the last committed record: damage, not a tail.
+        let mut bytes = std::fs::read(&path).expect("read");
+        let len = bytes.len();
+        bytes[len - 12] ^= 0x10;
+        std::fs::write(&path, &bytes).expect("write");
+        assert_unusable(&dir, &bytes, "corrupt record at offset").await;
+    }
+
+    #[tokio::test]
+    async fn a_journal_overwritten_in_the_middle_is_unusable_and_kept_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        journal_with_a_snapshot(&dir).await;
+        let path = journal_path(&dir);
+        let mut bytes = std::fs::read(&path).expect("read");
+        let middle = bytes.len() / 2;
+        for byte in &mut bytes[middle..middle + 8] {
+            *byte ^= 0xFF;
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        assert_unusable(&dir, &bytes, "corrupt record at offset").await;
+    }
+
+    #[tokio::test]
+    async fn a_journal_cut_to_half_is_unusable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        journal_with_a_snapshot(&dir).await;
+        let path = journal_path(&dir);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes.truncate(bytes.len() / 2);
+        std::fs::write(&path, &bytes).expect("write");
+        assert_unusable(&dir, &bytes, "truncated").await;
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_commit_block_makes_the_journal_unusable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        journal_with_a_snapshot(&dir).await;
+        let path = journal_path(&dir);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[COMMIT_BLOCK_AT as usize] ^= 0x01;
+        std::fs::write(&path, &bytes).expect("write");
+        assert_unusable(&dir, &bytes, "corrupt commit block").await;
+    }
+
+    #[tokio::test]
+    async fn an_old_format_journal_is_set_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = b"SMJRNL01\xA5\x03\x00\x00\x00abc".to_vec();
+        std::fs::write(journal_path(&dir), &old).expect("write");
+        assert_unusable(&dir, &old, "another version").await;
+    }
+
+    #[tokio::test]
+    async fn a_foreign_file_is_set_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(journal_path(&dir), b"not a journal").expect("write");
+        assert_unusable(&dir, b"not a journal", "not a splitmirror journal").await;
     }
 
     #[tokio::test]
@@ -734,24 +1232,219 @@ mod tests {
                 .await
                 .expect("state");
         }
+        // The last cycle leaves intents that must survive the compactions.
+        journal
+            .record_state(&PAIR, &snapshot, false)
+            .await
+            .expect("state");
+        journal
+            .record_intent(0, 4096, 40..41, 1024)
+            .await
+            .expect("intent");
         let written = journal.stats().bytes_written;
-        let on_disk = std::fs::metadata(dir.path().join("journal.log"))
-            .expect("meta")
-            .len();
+        let on_disk = std::fs::metadata(journal_path(&dir)).expect("meta").len();
         assert!(written > 4 * 8192, "the cycles wrote {written} bytes");
         assert!(on_disk <= 8192 + 256, "compacted to {on_disk} bytes");
+        assert!(!dir.path().join("journal.new").exists());
         journal.close();
-        let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(state[&0].state, PairState::Synchronized);
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert!(
+            journal.unusable_reason().is_none(),
+            "compaction writes the current format with its commit block"
+        );
+        assert_eq!(state[&0].state, snapshot);
+        assert_eq!(regions(&state[&0]), vec![40..41]);
     }
 
-    #[test]
-    fn a_foreign_file_is_set_aside() {
+    /// Which of the next operations on the journal file fail.
+    #[derive(Default)]
+    struct Faults {
+        /// Writes that put half their bytes in the file, then fail as a
+        /// full filesystem does.
+        torn_writes: u32,
+        /// fdatasyncs that fail (after which the page cache says nothing).
+        failed_syncs: u32,
+        /// Cuts that fail.
+        failed_set_lens: u32,
+    }
+
+    /// The journal file with [`Faults`] armed by the test.
+    struct FaultyFile {
+        file: File,
+        faults: Arc<Mutex<Faults>>,
+    }
+
+    impl JournalFile for FaultyFile {
+        fn write_all_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
+            let mut faults = self.faults.lock().expect("faults");
+            if faults.torn_writes > 0 {
+                faults.torn_writes -= 1;
+                FileExt::write_all_at(&self.file, &bytes[..bytes.len() / 2], offset)?;
+                return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            FileExt::write_all_at(&self.file, bytes, offset)
+        }
+
+        fn set_len(&mut self, len_bytes: u64) -> io::Result<()> {
+            let mut faults = self.faults.lock().expect("faults");
+            if faults.failed_set_lens > 0 {
+                faults.failed_set_lens -= 1;
+                return Err(io::Error::from_raw_os_error(5)); // EIO
+            }
+            self.file.set_len(len_bytes)
+        }
+
+        fn sync_data(&mut self) -> io::Result<()> {
+            let mut faults = self.faults.lock().expect("faults");
+            if faults.failed_syncs > 0 {
+                faults.failed_syncs -= 1;
+                return Err(io::Error::from_raw_os_error(5)); // EIO
+            }
+            self.file.sync_data()
+        }
+    }
+
+    fn open_faulty(dir: &tempfile::TempDir) -> (Arc<Journal>, Arc<Mutex<Faults>>) {
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let shared = faults.clone();
+        let (journal, _) = Journal::open_with(
+            dir.path(),
+            4096,
+            COMPACT_AT_BYTES,
+            Box::new(move |file| {
+                Box::new(FaultyFile {
+                    file,
+                    faults: shared.clone(),
+                })
+            }),
+        )
+        .expect("open");
+        (journal, faults)
+    }
+
+    #[tokio::test]
+    async fn a_failed_append_is_cut_back_and_later_intents_survive() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("journal.log"), b"not a journal").expect("write");
-        let (journal, state) = Journal::open(dir.path(), 4096).expect("open");
-        assert!(state.is_empty());
-        assert!(dir.path().join("journal.unreadable").exists());
+        let (journal, faults) = open_faulty(&dir);
+        journal
+            .record_state(&PAIR, &split("a"), false)
+            .await
+            .expect("state");
+        journal
+            .record_intent(0, 4096, 1..2, 1024)
+            .await
+            .expect("intent");
+        faults.lock().expect("faults").torn_writes = 1;
+        journal
+            .record_intent(0, 4096, 3..4, 1024)
+            .await
+            .expect_err("a torn write fails the append");
+        faults.lock().expect("faults").failed_syncs = 1;
+        journal
+            .record_intent(0, 4096, 5..6, 1024)
+            .await
+            .expect_err("a failed fsync fails the append");
+        // Space (and the disk) are back: these are acknowledged.
+        journal
+            .record_intent(0, 4096, 7..8, 1024)
+            .await
+            .expect("intent");
+        journal
+            .record_intent(0, 4096, 9..10, 1024)
+            .await
+            .expect("intent");
+        journal.close();
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert!(journal.unusable_reason().is_none());
+        assert_eq!(
+            regions(&state[&0]),
+            vec![1..2, 7..8, 9..10],
+            "every acknowledged intent, and only those"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_repair_breaks_the_journal_until_it_is_reopened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (journal, faults) = open_faulty(&dir);
+        journal
+            .record_state(&PAIR, &split("a"), false)
+            .await
+            .expect("state");
+        journal
+            .record_intent(0, 4096, 1..2, 1024)
+            .await
+            .expect("intent");
+        {
+            let mut faults = faults.lock().expect("faults");
+            faults.torn_writes = 1;
+            faults.failed_set_lens = 1;
+        }
+        journal
+            .record_intent(0, 4096, 3..4, 1024)
+            .await
+            .expect_err("a torn write fails the append");
+        // The faults are gone, but the torn bytes were never cut off:
+        // nothing may be appended after them.
+        let refused = journal
+            .record_intent(0, 4096, 5..6, 1024)
+            .await
+            .expect_err("a broken journal refuses appends");
+        assert!(refused.to_string().contains("broken"), "{refused}");
+        journal
+            .record_state(&PAIR, &PairState::Resynchronizing, false)
+            .await
+            .expect_err("and state changes");
+        journal
+            .record_intent(0, 4096, 1..2, 1024)
+            .await
+            .expect("a region already durable needs no append");
+        journal.close();
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert!(
+            journal.unusable_reason().is_none(),
+            "the torn bytes were never committed"
+        );
+        assert_eq!(state[&0].state, split("a"));
+        assert_eq!(regions(&state[&0]), vec![1..2]);
+        journal
+            .record_intent(0, 4096, 5..6, 1024)
+            .await
+            .expect("a restart repairs the journal");
+        journal.close();
+    }
+
+    #[tokio::test]
+    async fn an_unusable_journal_drops_the_snapshot_and_says_why_in_status() {
+        use crate::array_port::MemoryArray;
+        use crate::lu_status::Mode;
+        use crate::manager::{ManagerConfig, SnapshotManager};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        journal_with_a_snapshot(&dir).await;
+        let path = journal_path(&dir);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes.truncate(bytes.len() / 2);
+        std::fs::write(&path, &bytes).expect("write");
+        let opened = Journal::open(dir.path(), 4096).expect("reopen");
+        let journal = opened.0.clone();
+        let array = Arc::new(MemoryArray::new(vec![PAIR]));
+        let manager = SnapshotManager::start(
+            array,
+            vec![PAIR],
+            Some(opened),
+            ManagerConfig::default(),
+            tokio_util::sync::CancellationToken::new(),
+            tokio_util::task::TaskTracker::new(),
+        )
+        .await
+        .expect("start");
+        // The resync task has not run yet on this single-threaded runtime.
+        let status = &manager.status()[0];
+        assert_eq!(status.routing.data_mode, Mode::Resynchronizing);
+        assert_eq!(status.holder, None, "the snapshot is dropped");
+        let reason = status.full_resync_reason.clone().expect("a reason");
+        assert!(reason.contains("journal unusable: truncated"), "{reason}");
         journal.close();
     }
 }

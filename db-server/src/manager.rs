@@ -252,9 +252,18 @@ impl SnapshotManager {
                     );
                 }
                 (Some(journal), None) => {
-                    let reason = "no usable journal record for this volume (first start on this \
-                                  array, or the journal was deleted or unreadable): origin and \
-                                  mate may differ anywhere";
+                    // An unusable journal was set aside: whatever it said
+                    // about this pair (a snapshot included) cannot be
+                    // trusted, and the reason says where it was damaged.
+                    let reason = match journal.unusable_reason() {
+                        Some(why) => {
+                            format!("journal unusable: {why}: origin and mate may differ anywhere")
+                        }
+                        None => "no usable journal record for this volume (first start on this \
+                                 array, or the journal was deleted): origin and mate may differ \
+                                 anywhere"
+                            .to_string(),
+                    };
                     tracing::warn!(
                         volume = pair.mirror_lu,
                         "{reason}; resynchronizing the whole volume"
@@ -264,7 +273,7 @@ impl SnapshotManager {
                         .await?;
                     inner.state = PairState::Resynchronizing;
                     inner.full_resync_pending = true;
-                    inner.full_resync_reason = Some(reason.into());
+                    inner.full_resync_reason = Some(reason);
                 }
             }
             let volume = Volume {
@@ -732,7 +741,18 @@ impl SnapshotManager {
                         .journal_state(&vol.pair, &PairState::Synchronized)
                         .await
                 {
-                    tracing::warn!(volume = vol.volume(), "journaling Synchronized: {error}");
+                    // A full or broken journal fails at once: wait before
+                    // trying again rather than spin on it.
+                    tracing::warn!(
+                        volume = vol.volume(),
+                        "journaling Synchronized failed, retrying in {backoff:?}: {error}"
+                    );
+                    drop(_mode);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.cancel.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
                 let mut inner = vol.inner();
