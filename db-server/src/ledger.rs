@@ -184,8 +184,8 @@ impl Ledger {
                 tracing::info!(
                     volume = config.volume,
                     accounts = layout.accounts,
-                    sequence,
-                    "opened the existing ledger: redid {redone} transactions a crash had left logged but not applied"
+                    "opened the existing ledger at sequence {sequence}: redid {redone} \
+                     transactions a crash had left logged but not applied"
                 );
                 (layout, accounts, sequence, redone)
             }
