@@ -9,8 +9,10 @@
 //!    copying more after a crash is safe, copying less is data loss. A write
 //!    inside a region already durable costs no journal I/O.
 //! 2. A state change is durable before it takes effect.
-//! 4. A journal is used only if the evidence says it is whole (below).
-//! 5. A failed append leaves the file as if it had not been tried (below).
+//!
+//! Rules 4 and 5 are the subject of the sections below: a journal is used
+//! only if the evidence says it is whole, and a failed append leaves the
+//! file as if it had not been tried.
 //!
 //! Removals are not journaled one by one: a state change to Synchronized (or
 //! Snapshot, which starts from an empty table) drops a volume's intents.
@@ -87,9 +89,12 @@
 //! too, the journal is broken: every later append (new intents, state
 //! changes) fails at once, until db-server is restarted and replays what is
 //! on disk by the rules above. Nothing is ever appended after bytes that
-//! were not repaired. Writes inside regions that were already durable go
-//! on: their intents were synced before the failure and nothing after it
-//! removes them.
+//! were not repaired; and since every write is positioned (records at the
+//! committed length, the commit block at offset 8), no file position is
+//! left behind by a failure either. A crash in the middle of the repair can
+//! leave a commit block naming bytes the cut removed: unusable, again safe.
+//! Writes inside regions that were already durable go on: their intents
+//! were synced before the failure and nothing after it removes them.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
