@@ -624,12 +624,74 @@ pub fn init_tracing() {
 }
 
 /// Logs to stderr, filtered by `RUST_LOG`, else by `default_filter`.
+/// Coloured only on a terminal: escape codes in a log file or a pipe are
+/// noise to every reader and tool that comes after.
 pub fn init_tracing_with_default(default_filter: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let ansi = log_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     // A second initialisation (tests, the embedded demo) is harmless.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
+}
+
+/// Whether logs on stderr are coloured: only on a terminal, and never when
+/// `NO_COLOR` is set to anything non-empty (<https://no-color.org>).
+pub fn log_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+#[cfg(test)]
+mod log_colour_tests {
+    use super::log_colour;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(log_colour(true, None));
+        assert!(log_colour(true, Some(OsStr::new(""))));
+        assert!(!log_colour(true, Some(OsStr::new("1"))));
+        assert!(!log_colour(false, None));
+        assert!(!log_colour(false, Some(OsStr::new("1"))));
+    }
+}
+
+#[cfg(test)]
+mod descriptor_tests {
+    use super::*;
+
+    /// The names of the services a descriptor set defines.
+    fn services(encoded: &[u8]) -> Vec<String> {
+        use prost::Message as _;
+        let set = RawFileSet::decode(encoded).expect("set");
+        let mut names: Vec<String> = set
+            .file
+            .iter()
+            .map(|raw| FileHead::decode(raw.as_slice()).expect("file"))
+            .flat_map(|head| {
+                head.service
+                    .into_iter()
+                    .map(move |s| format!("{}.{}", head.package, s.name))
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_nodes_descriptor_set_holds_only_its_own_service() {
+        assert_eq!(services(crate::FILE_DESCRIPTOR_SET).len(), 3);
+        for (service, _) in SPLITMIRROR_SERVICES {
+            let own = descriptor_set_of(crate::FILE_DESCRIPTOR_SET, &[service]).expect("own set");
+            assert_eq!(services(&own), [service]);
+        }
+        assert!(descriptor_set_of(crate::FILE_DESCRIPTOR_SET, &["no.such.Service"]).is_err());
+    }
 }
