@@ -58,7 +58,7 @@ struct Args {
     #[arg(long)]
     canary: Option<String>,
     /// Size of each LU.
-    #[arg(long, default_value = "16MiB")]
+    #[arg(long, default_value = "8MiB")]
     lu_size: String,
     /// The ledger's transactions per second (0 = full speed).
     #[arg(long, default_value_t = 400)]

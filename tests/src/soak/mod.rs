@@ -124,11 +124,11 @@ impl Fault {
     }
 }
 
-/// The console's backup rate cap: a 16 MiB LU takes about 1.6 s, so that
+/// The console's backup rate cap: an 8 MiB LU takes about 1 s, so that
 /// faults land inside the backup as often as around it.
-const BACKUP_RATE: &str = "10MB";
+const BACKUP_RATE: &str = "8MB";
 /// A fault lands this long (at most) after the run starts.
-const FAULT_WINDOW_MS: u64 = 3000;
+const FAULT_WINDOW_MS: u64 = 2000;
 /// db-server's named crash points (see `db_server::crash`).
 const CRASH_POINTS: [&str; 6] = db_server::crash::POINTS;
 

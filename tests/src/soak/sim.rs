@@ -197,7 +197,18 @@ async fn start(array: &Arc<SimArray>, dir: &Path, canary: Option<Canary>) -> Res
 
 /// The process dies: nothing more reaches the journal, every task stops.
 async fn crash(node: Node) {
+    crash_during(node, None).await;
+}
+
+/// The same, with a write hanging inside the array call: once nothing can
+/// reach the journal any more, the write is dropped where it hangs, which
+/// lets go of the locks it holds, as the process's death would.
+async fn crash_during(node: Node, write: Option<tokio::task::JoinHandle<()>>) {
     node.manager.close_journal();
+    if let Some(write) = write {
+        write.abort();
+        let _ = write.await;
+    }
     node.cancel.cancel();
     node.tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), node.tasks.wait()).await;
@@ -318,12 +329,12 @@ pub async fn run_seed(
                 let manager = node.manager.clone();
                 let write_data = data.clone();
                 let lba = range.start;
-                let write =
-                    tokio::spawn(async move { manager.write(0, target, lba, write_data).await });
+                let write = tokio::spawn(async move {
+                    let _ = manager.write(0, target, lba, write_data).await;
+                });
                 let applied =
                     tokio::time::timeout(Duration::from_secs(5), array.applied.notified()).await;
-                crash(node).await;
-                write.abort();
+                crash_during(node, Some(write)).await;
                 array.hang_after_next_write.store(false, Ordering::SeqCst);
                 if applied.is_ok() {
                     // The bytes are on the array although never acknowledged.
