@@ -180,7 +180,7 @@ impl Canary {
             Canary::IntentAfterWrite => "--unsafe-test-intent-after-write",
             Canary::ForgetSnapshotWrites => "--unsafe-test-forget-snapshot-writes",
             Canary::ResyncSkipsRecheck => "--unsafe-test-resync-skips-recheck",
-            Canary::LedgerSideBySide => "--unsafe-test-ledger-side-by-side",
+            Canary::LedgerSideBySide => "--unsafe-test-ledger-writes-side-by-side",
         }
     }
 }
