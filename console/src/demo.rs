@@ -168,7 +168,9 @@ pub async fn demo(
     };
     let say = |text: String| {
         if !options.json {
-            println!("{text}");
+            // A reader that went away (`console demo | head`) must not
+            // panic the demo; it runs to its end and cleans up.
+            let _ = std::io::Write::write_fmt(&mut std::io::stdout(), format_args!("{text}\n"));
         }
     };
     say(format!(

@@ -16,6 +16,20 @@ use splitmirror_proto::node;
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 use tokio_util::sync::CancellationToken;
 
+/// `print!` through [`write_out`]: never a panic on a closed stdout.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_out(&format!($($arg)*))
+    };
+}
+
+/// `println!` through [`write_out`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        write_out(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 /// The management console of splitmirror: consistent online backups by
 /// splitting a mirror inside the disk array.
 ///
@@ -286,19 +300,40 @@ enum PairCommand {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// How long the console waits, after its command has finished and printed
+/// its answer, for background work (connection tasks, a call left running on
+/// a blocking thread) before it exits anyway.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
+
+fn main() -> ExitCode {
     // The console's output is its reports: it logs warnings only unless
     // RUST_LOG says otherwise.
     node::init_tracing_with_default("warn");
     let cli = Cli::parse();
-    match execute(cli).await {
-        Ok(code) => code,
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
+            eprintln!("error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    let code = runtime.block_on(async {
+        match execute(cli).await {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    });
+    // Dropping a runtime waits without limit for every blocking task it
+    // started; once the answer is out, nothing may keep the console from
+    // exiting, least of all a node that has stopped answering.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    code
 }
 
 async fn execute(cli: Cli) -> Result<ExitCode, String> {
@@ -337,10 +372,10 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             };
             let summary = demo(&options, sink.as_ref()).await?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string(&summary).map_err(|e| e.to_string())?
-                );
+                )?;
             }
             Ok(exit(summary.succeeded()))
         }
@@ -389,11 +424,11 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 max_rate,
             };
             let output = console::bench::run(&scenario, &options).await?;
-            println!(
+            outln!(
                 "bench {scenario} ({}):",
                 splitmirror_proto::units::format_bytes(size)
-            );
-            print!("{}", output.table);
+            )?;
+            out!("{}", output.table)?;
             if let Some(path) = json {
                 let text =
                     serde_json::to_string_pretty(&output.figures).map_err(|e| e.to_string())?;
@@ -421,15 +456,15 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             loop {
                 let snapshot = status::fetch(&clients).await?;
                 if json {
-                    println!("{}", status::to_json(&snapshot));
+                    outln!("{}", status::to_json(&snapshot))?;
                 } else {
                     if watch {
                         // Clear the screen and go home, as `watch` does.
-                        print!("\x1b[2J\x1b[H");
+                        out!("\x1b[2J\x1b[H")?;
                     }
-                    print!("{}", status::render(&snapshot));
+                    out!("{}", status::render(&snapshot))?;
                 }
-                if !watch {
+                if !watch || stdout_closed() {
                     return Ok(ExitCode::SUCCESS);
                 }
                 tokio::select! {
@@ -449,7 +484,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 .await
                 .map_err(|s| format!("acquiring: {}", s.message()))?
                 .into_inner();
-            println!(
+            outln!(
                 "snapshot of volume {volume} acquired by run {run_id}: mate LU {}, freeze window {} µs, ledger sequence {}{}",
                 a.mate_lu,
                 a.freeze_window_us,
@@ -459,7 +494,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 } else {
                     ""
                 }
-            );
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Snapshot(SnapshotCommand::Delete {
@@ -477,7 +512,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 .await
                 .map_err(|s| format!("deleting: {}", s.message()))?
                 .into_inner();
-            println!(
+            outln!(
                 "snapshot of volume {volume} deleted; resyncing {} ranges ({} blocks){}",
                 d.ranges_to_resync,
                 d.blocks_to_resync,
@@ -486,7 +521,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 } else {
                     ""
                 }
-            );
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Db(DbCommand::Suspend { lease }) => {
@@ -498,10 +533,11 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 .await
                 .map_err(|s| format!("suspending: {}", s.message()))?
                 .into_inner();
-            println!(
+            outln!(
                 "database suspended at ledger sequence {}; it resumes by itself in {} ms",
-                s.ledger_sequence, s.lease_ms
-            );
+                s.ledger_sequence,
+                s.lease_ms
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Db(DbCommand::Resume) => {
@@ -512,9 +548,9 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
                 .map_err(|s| format!("resuming: {}", s.message()))?
                 .into_inner();
             if r.was_suspended {
-                println!("database resumed after {} µs", r.suspended_us);
+                outln!("database resumed after {} µs", r.suspended_us)?;
             } else {
-                println!("the database was not suspended (a lease may have run out)");
+                outln!("the database was not suspended (a lease may have run out)")?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -601,23 +637,25 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             let clients = connect(addresses)?;
             let report = status::pair_verify(&clients, volume, quiesce).await?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string(&report).map_err(|e| e.to_string())?
-                );
+                )?;
             } else if report.differing_chunks.is_empty() {
-                println!(
+                outln!(
                     "volume {volume}: origin LU {} == mate LU {} ({} chunks compared, {} skipped as recorded)",
                     report.origin_lu,
                     report.mate_lu,
                     report.chunks - report.skipped_chunks,
                     report.skipped_chunks
-                );
+                )?;
             } else {
-                println!(
+                outln!(
                     "volume {volume}: origin LU {} and mate LU {} differ in chunks {:?}",
-                    report.origin_lu, report.mate_lu, report.differing_chunks
-                );
+                    report.origin_lu,
+                    report.mate_lu,
+                    report.differing_chunks
+                )?;
             }
             Ok(exit(report.differing_chunks.is_empty()))
         }
@@ -708,13 +746,26 @@ async fn backup_start(
 /// -1`) ends the output quietly instead of a panic.
 fn write_out(text: &str) -> Result<(), String> {
     use std::io::Write;
+    if stdout_closed() {
+        return Ok(());
+    }
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(format!("writing to stdout: {e}"))
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
         }
-        _ => Ok(()),
+        Err(e) => Err(format!("writing to stdout: {e}")),
+        Ok(()) => Ok(()),
     }
+}
+
+/// Set once a write to stdout found the reader gone; loops that only
+/// print (`status --watch`, `schedule`) stop then.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `console schedule`: waits until the nodes answer and the volume is
@@ -760,7 +811,7 @@ async fn schedule(
             failures += 1;
         }
         print_report(&report, &format!("backup run {done}"), json)?;
-        if runs != 0 && done >= runs {
+        if (runs != 0 && done >= runs) || stdout_closed() {
             break;
         }
         tokio::select! {
@@ -768,7 +819,7 @@ async fn schedule(
             () = node::shutdown_signal() => break,
         }
     }
-    println!("{done} runs, {failures} failed");
+    outln!("{done} runs, {failures} failed")?;
     Ok(exit(failures == 0))
 }
 
@@ -776,18 +827,18 @@ async fn schedule(
 /// a heading that says whether the run succeeded.
 fn print_report(report: &console::run::RunReport, heading: &str, json: bool) -> Result<(), String> {
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(report).map_err(|e| e.to_string())?
-        );
+        )?;
     } else {
         let outcome = if report.succeeded() {
             "succeeded"
         } else {
             "FAILED"
         };
-        println!("{heading} {outcome}");
-        print!("{}", report.render());
+        outln!("{heading} {outcome}")?;
+        out!("{}", report.render())?;
     }
     Ok(())
 }

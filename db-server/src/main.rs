@@ -192,27 +192,44 @@ fn parse_positive_duration(text: &str) -> Result<std::time::Duration, String> {
 }
 
 fn verify_image(file: &PathBuf, expect_sequence: Option<u64>, json: bool) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    use std::io::Write as _;
     let image = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let report = ledger_format::verify_image(&image, expect_sequence);
+    let mut text = String::new();
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        writeln!(text, "{}", serde_json::to_string(&report)?)?;
     } else {
-        println!(
+        writeln!(
+            text,
             "{}: {}",
             file.display(),
             if report.ok { "OK" } else { "FAILED" }
-        );
-        println!(
+        )?;
+        writeln!(
+            text,
             "  accounts {}  log records {}  highest sequence {}  balance {} of {}",
             report.accounts_checked,
             report.log_records_checked,
             report.highest_sequence,
             report.total_balance,
             report.expected_total_balance
-        );
+        )?;
         for violation in &report.violations {
-            println!("  violation: {violation}");
+            writeln!(text, "  violation: {violation}")?;
         }
+    }
+    // A reader that went away (`verify-image … | head -1`) is no reason to
+    // panic; the exit status still tells the verdict.
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(anyhow::Error::new(e).context("writing to stdout"));
+        }
+        _ => {}
     }
     if !report.ok {
         std::process::exit(1);

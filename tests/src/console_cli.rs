@@ -1,7 +1,8 @@
 //! The console binary against real nodes: a backup run end to end, the
 //! failure policy, the demo, and the CLI's help and parsing.
 
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use array_node::ArrayTestHooks;
 use db_server::ledger::LedgerConfig;
@@ -247,4 +248,322 @@ fn bad_arguments_are_rejected_with_a_reason() {
     assert!(text(&out.stderr).contains("duration"));
     let out = console(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Reads `child`'s stderr on a thread and hands its lines over a channel,
+/// so a test can wait for one with a timeout.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for the child to exit.
+fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// Every binary logs to stderr; with stderr a pipe (a log file, `2>&1 |
+/// less`), the lines carry no ANSI escape codes, even without `NO_COLOR`.
+#[test]
+fn logs_on_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    // Nobody listens here: db-server waits for it, the console retries it,
+    // and both say so in their logs.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let nowhere = closed.local_addr().expect("addr").to_string();
+    drop(closed);
+    let runs: [(&str, Vec<String>, &str); 4] = [
+        (
+            "array-node",
+            vec![
+                "--data-dir".into(),
+                data("array"),
+                "--lu-size".into(),
+                "1MiB".into(),
+            ],
+            "listening on",
+        ),
+        (
+            "db-server",
+            vec![
+                "--array".into(),
+                nowhere.clone(),
+                "--data-dir".into(),
+                data("db"),
+                "--no-ledger".into(),
+            ],
+            "waiting for the array",
+        ),
+        (
+            "backup-server",
+            vec![
+                "--array".into(),
+                nowhere.clone(),
+                "--store".into(),
+                data("store"),
+            ],
+            "listening on",
+        ),
+        (
+            "console",
+            vec![
+                "--db".into(),
+                nowhere.clone(),
+                "--step-deadline".into(),
+                "1s".into(),
+                "status".into(),
+            ],
+            "retrying",
+        ),
+    ];
+    for (binary, args, awaited) in runs {
+        let mut command = Command::new(harness::binary(binary));
+        if binary != "console" {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = command
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR")
+            .env_remove("SPLITMIRROR_CRASH_AT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        let lines = stderr_lines(&mut child);
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !seen.iter().any(|l: &String| l.contains(awaited)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("{binary} never logged {awaited:?}: {seen:?}"),
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            !seen.iter().any(|l| l.contains('\x1b')),
+            "{binary} wrote escape codes to a pipe: {seen:?}"
+        );
+    }
+}
+
+/// After its report, the console exits at once, even if a node it used
+/// earlier in the run (the array) has stopped answering: nothing of the
+/// run may still be waiting on it. The array is stopped (SIGSTOP) right
+/// after the backup, so the rest of the run (delete, resync of nothing,
+/// report) needs only db-server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_exits_promptly_after_its_report_while_the_array_is_stopped() {
+    use rustix::process::{Pid, Signal, kill_process};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let array_dir = dir.path().join("array");
+    let array = harness::NodeProcess::start(
+        "array-node",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            array_dir.to_str().expect("utf-8 path"),
+            "--lu-size",
+            "64MiB",
+        ],
+    );
+    // No ledger: nothing writes to the array once the backup is done.
+    let db = start_db(
+        &array.url(),
+        &dir.path().join("db"),
+        ManagerConfig::default(),
+        None,
+    )
+    .await;
+    let backup = start_backup(&array.url(), &db.url(), &dir.path().join("store")).await;
+    let addrs = address_args(&array.addr, &db.addr.to_string(), &backup.addr.to_string());
+    let array_pid = Pid::from_child(&array.child);
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(harness::binary("console"))
+            .args(&addrs)
+            .args(["run", "--volume", "0", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start console");
+        let lines = stderr_lines(&mut child);
+        let mut stopped = false;
+        let mut stderr = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if !stopped && line.contains("deleting the snapshot") {
+                kill_process(array_pid, Signal::STOP).expect("SIGSTOP the array");
+                stopped = true;
+            }
+            stderr.push(line);
+            if stopped {
+                break;
+            }
+        }
+        // The report is one JSON line on stdout.
+        let mut report = String::new();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        std::io::BufRead::read_line(&mut stdout, &mut report).expect("read the report");
+        let reported = Instant::now();
+        let exited = wait_exit(&mut child, Duration::from_secs(10));
+        let exit_after = reported.elapsed();
+        let _ = kill_process(array_pid, Signal::CONT);
+        if exited.is_none() {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        (stopped, report, exited, exit_after, stderr)
+    })
+    .await
+    .expect("console task");
+    let (stopped, report, exited, exit_after, stderr) = outcome;
+    assert!(stopped, "the run never reached the delete: {stderr:?}");
+    let report: serde_json::Value = serde_json::from_str(&report)
+        .unwrap_or_else(|e| panic!("a JSON report ({e}): {report:?} {stderr:?}"));
+    assert_eq!(report["verified"], true, "{report}");
+    let status = exited.unwrap_or_else(|| {
+        panic!("the console did not exit within 10 s of its report while the array was stopped")
+    });
+    assert!(status.success(), "{report}");
+    assert!(
+        exit_after < Duration::from_secs(3),
+        "the console exited {exit_after:?} after its report"
+    );
+    db.shutdown().await.expect("db");
+    backup.shutdown().await.expect("backup");
+}
+
+/// Runs `binary args` with stdout a pipe whose reader has gone (closed at
+/// once, or after the first line), as `… | head -1` does, and answers how
+/// it ended and what it said on stderr.
+fn run_with_stdout_closed(
+    binary: &str,
+    args: &[String],
+    after_first_line: bool,
+) -> (ExitStatus, String) {
+    let mut child = Command::new(harness::binary(binary))
+        .args(args)
+        .env_remove("SPLITMIRROR_DB")
+        .env_remove("SPLITMIRROR_BACKUP")
+        .env_remove("SPLITMIRROR_ARRAY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+    let stdout = child.stdout.take().expect("stdout piped");
+    if after_first_line {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+    } else {
+        drop(stdout);
+    }
+    let lines = stderr_lines(&mut child);
+    let status = wait_exit(&mut child, Duration::from_secs(20)).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("{binary} {args:?} kept running with its stdout closed")
+    });
+    let stderr: Vec<String> = lines.iter().collect();
+    (status, stderr.join("\n"))
+}
+
+/// No program panics when its reader goes away (`console status | head
+/// -1`): a closed stdout ends the output quietly, 20 times in a row for
+/// every printing command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_never_panics_a_program() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let array = start_array(
+        &dir.path().join("array"),
+        harness::small_array(1 << 20),
+        ArrayTestHooks::default(),
+    )
+    .await;
+    let db = start_db(
+        &array.url(),
+        &dir.path().join("db"),
+        ManagerConfig::default(),
+        None,
+    )
+    .await;
+    let backup = start_backup(&array.url(), &db.url(), &dir.path().join("store")).await;
+    let image = dir.path().join("zeros.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).expect("write an image");
+    let addrs = address_args(
+        &array.addr.to_string(),
+        &db.addr.to_string(),
+        &backup.addr.to_string(),
+    );
+    let with_nodes = |args: &[&str]| -> Vec<String> {
+        let mut all = addrs.clone();
+        all.extend(args.iter().map(|a| a.to_string()));
+        all
+    };
+    let cases: Vec<(&str, Vec<String>, bool)> = vec![
+        ("console", vec!["--help".into()], false),
+        ("console", vec!["run".into(), "--help".into()], false),
+        ("console", with_nodes(&["status"]), false),
+        ("console", with_nodes(&["status", "--json"]), false),
+        ("console", with_nodes(&["backup", "list"]), false),
+        (
+            "console",
+            with_nodes(&["pair", "verify", "--volume", "0"]),
+            false,
+        ),
+        (
+            "console",
+            with_nodes(&["status", "--watch", "--interval", "50ms"]),
+            true,
+        ),
+        (
+            "db-server",
+            vec!["verify-image".into(), image.to_string_lossy().into_owned()],
+            false,
+        ),
+        ("db-server", vec!["--help".into()], false),
+        ("array-node", vec!["--help".into()], false),
+    ];
+    let outcomes = tokio::task::spawn_blocking(move || {
+        let mut outcomes = Vec::new();
+        for (binary, args, after_first_line) in &cases {
+            for _ in 0..20 {
+                let (status, stderr) = run_with_stdout_closed(binary, args, *after_first_line);
+                outcomes.push((binary.to_string(), args.clone(), status, stderr));
+            }
+        }
+        outcomes
+    })
+    .await
+    .expect("runs");
+    for (binary, args, status, stderr) in outcomes {
+        assert!(
+            status.code() != Some(101) && !stderr.contains("panicked"),
+            "{binary} {args:?} with its stdout closed: {status}, {stderr}"
+        );
+    }
+    db.shutdown().await.expect("db");
+    backup.shutdown().await.expect("backup");
 }
