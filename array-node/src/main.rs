@@ -37,6 +37,10 @@ struct Cli {
     /// Size of each default LU (without --config), e.g. 64MiB or 1GiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_size_bytes)]
     lu_size: u64,
+    /// Breaks the array on purpose (writes and copies of the same blocks
+    /// interleave), so that the nemesis can show it catches it.
+    #[arg(long, hide = true)]
+    unsafe_test_no_range_lock: bool,
 }
 
 #[derive(Subcommand)]
@@ -71,7 +75,9 @@ async fn run() -> anyhow::Result<()> {
     let config = ArrayNodeConfig {
         data_dir: cli.data_dir,
         array,
-        hooks: ArrayTestHooks::default(),
+        hooks: ArrayTestHooks {
+            disable_range_lock: cli.unsafe_test_no_range_lock,
+        },
     };
     let handle = array_node::spawn(config, listener)
         .await

@@ -54,7 +54,7 @@ struct Args {
     faults: String,
     /// Run a deliberately broken db-server that the nemesis must catch:
     /// intent-after-write, forget-snapshot-writes, resync-skips-recheck,
-    /// ledger-side-by-side.
+    /// ledger-side-by-side, no-range-lock (array-node).
     #[arg(long)]
     canary: Option<String>,
     /// Size of each LU.
@@ -63,6 +63,11 @@ struct Args {
     /// The ledger's transactions per second (0 = full speed).
     #[arg(long, default_value_t = 400)]
     workload_tps: u32,
+    /// db-server's resync method: offload (CopyRange in the array) or
+    /// writeback (read the origin, write the mirror LU; the method whose
+    /// race the resync-skips-recheck canary shows).
+    #[arg(long, default_value = "offload")]
+    resync: String,
     /// Run the cluster in this directory instead of a temporary one.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -136,6 +141,7 @@ fn main() -> ExitCode {
         canary,
         lu_size: args.lu_size,
         workload_tps: args.workload_tps,
+        resync_method: args.resync,
         dir: args.dir,
         keep_dir: args.keep_dir,
     };

@@ -52,6 +52,8 @@ pub struct ClusterOptions {
     pub workload_tps: u32,
     /// Caps the resync so that faults land inside it.
     pub resync_max_rate: String,
+    /// db-server's resync method: `offload` or `writeback`.
+    pub resync_method: String,
     /// Extra flags for db-server (canaries).
     pub db_flags: Vec<String>,
     /// Extra flags for array-node (canaries).
@@ -173,6 +175,8 @@ impl Cluster {
                 "4".into(),
                 "--resync-max-rate".into(),
                 self.options.resync_max_rate.clone(),
+                "--resync".into(),
+                self.options.resync_method.clone(),
             ],
             Node::Backup => vec![
                 "--listen".into(),

@@ -143,14 +143,17 @@ pub enum Canary {
     ResyncSkipsRecheck,
     /// The ledger writes its blocks side by side and redoes nothing.
     LedgerSideBySide,
+    /// array-node lets writes and copies of the same blocks interleave.
+    NoRangeLock,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 4] = [
+    pub const ALL: [Canary; 5] = [
         Canary::IntentAfterWrite,
         Canary::ForgetSnapshotWrites,
         Canary::ResyncSkipsRecheck,
         Canary::LedgerSideBySide,
+        Canary::NoRangeLock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -159,6 +162,7 @@ impl Canary {
             Canary::ForgetSnapshotWrites => "forget-snapshot-writes",
             Canary::ResyncSkipsRecheck => "resync-skips-recheck",
             Canary::LedgerSideBySide => "ledger-side-by-side",
+            Canary::NoRangeLock => "no-range-lock",
         }
     }
 
@@ -174,13 +178,14 @@ impl Canary {
             })
     }
 
-    /// The hidden db-server flag that breaks it this way.
-    fn db_flag(self) -> &'static str {
+    /// The hidden flag that breaks a node this way, and the node.
+    fn flag(self) -> (Node, &'static str) {
         match self {
-            Canary::IntentAfterWrite => "--unsafe-test-intent-after-write",
-            Canary::ForgetSnapshotWrites => "--unsafe-test-forget-snapshot-writes",
-            Canary::ResyncSkipsRecheck => "--unsafe-test-resync-skips-recheck",
-            Canary::LedgerSideBySide => "--unsafe-test-ledger-writes-side-by-side",
+            Canary::IntentAfterWrite => (Node::Db, "--unsafe-test-intent-after-write"),
+            Canary::ForgetSnapshotWrites => (Node::Db, "--unsafe-test-forget-snapshot-writes"),
+            Canary::ResyncSkipsRecheck => (Node::Db, "--unsafe-test-resync-skips-recheck"),
+            Canary::LedgerSideBySide => (Node::Db, "--unsafe-test-ledger-writes-side-by-side"),
+            Canary::NoRangeLock => (Node::Array, "--unsafe-test-no-range-lock"),
         }
     }
 }
@@ -195,6 +200,8 @@ pub struct SoakConfig {
     pub canary: Option<Canary>,
     pub lu_size: String,
     pub workload_tps: u32,
+    /// db-server's resync method (`offload` or `writeback`).
+    pub resync_method: String,
     /// Where the cluster lives; a temporary directory when `None`.
     pub dir: Option<PathBuf>,
     /// Keep the directory even when no violation was found.
@@ -298,6 +305,7 @@ pub fn replay_command(config: &SoakConfig, rounds: u64) -> String {
         "cargo run --release --bin soak -- --seed {} --rounds {rounds} --faults {faults} --lu-size {} --workload-tps {}",
         config.seed, config.lu_size, config.workload_tps
     );
+    command.push_str(&format!(" --resync {}", config.resync_method));
     if let Some(canary) = config.canary {
         command.push_str(&format!(" --canary {}", canary.name()));
     }
@@ -322,9 +330,11 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
         .clone()
         .or_else(|| temp.as_ref().map(|t| t.path().to_path_buf()))
         .ok_or("no directory for the cluster")?;
-    let mut db_flags = Vec::new();
-    if let Some(canary) = config.canary {
-        db_flags.push(canary.db_flag().to_string());
+    let (mut db_flags, mut array_flags) = (Vec::new(), Vec::new());
+    match config.canary.map(Canary::flag) {
+        Some((Node::Array, flag)) => array_flags.push(flag.to_string()),
+        Some((_, flag)) => db_flags.push(flag.to_string()),
+        None => {}
     }
     let mut cluster = Cluster::new(
         &dir,
@@ -332,8 +342,9 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
             lu_size: config.lu_size.clone(),
             workload_tps: config.workload_tps,
             resync_max_rate: "8MB".into(),
+            resync_method: config.resync_method.clone(),
             db_flags,
-            array_flags: Vec::new(),
+            array_flags,
         },
     )?;
     let mut summary = Summary::default();
