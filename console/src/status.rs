@@ -386,6 +386,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn status_shows_latency_percentiles_without_the_buckets() {
+        let snapshot = Snapshot {
+            db: dpb::StatusResponse {
+                ledger: Some(dpb::LedgerStatus {
+                    transactions_committed: 10,
+                    latency_p50_us: 150,
+                    latency_p90_us: 300,
+                    latency_p99_us: 900,
+                    latency_max_us: 2000,
+                    ..dpb::LedgerStatus::default()
+                }),
+                ..dpb::StatusResponse::default()
+            },
+            backups: None,
+        };
+        let text = render(&snapshot);
+        assert!(
+            text.contains("p50 150 µs, p90 300 µs, p99 900 µs, max 2000 µs"),
+            "{text}"
+        );
+        let json = to_json(&snapshot);
+        assert_eq!(json["ledger"]["latency_p99_us"], 900);
+    }
+
+    #[test]
     fn the_dirty_map_marks_where_ranges_lie() {
         let r = |lba, blocks| dpb::BlockRange { lba, blocks };
         assert_eq!(dirty_map(&[], 640), ".".repeat(64));
