@@ -233,7 +233,6 @@ async fn kill_loop(seed: u64, cycles: u32, extra: &[&str], stop_at_failure: bool
             .acquire_snapshot(pb::AcquireSnapshotRequest {
                 volume: 0,
                 run_id: run_id.clone(),
-                ..Default::default()
             })
             .await
             .expect("acquire")
