@@ -29,7 +29,7 @@ const LU_SIZE: &str = "4MiB";
 /// at full speed it wraps several times a second: slots are reused while
 /// the kill lands.
 const ACCOUNTS: &str = "100";
-const CYCLES: u32 = 20;
+const CYCLES: u32 = 40;
 /// A canary ledger may survive a few kills by luck; give it more.
 const CANARY_CYCLES: u32 = 30;
 
