@@ -67,8 +67,6 @@ pub struct Checker {
     /// transaction up to it was acknowledged.
     committed_sequence: u64,
     checked_backups: BTreeSet<String>,
-    expect_full_resync: bool,
-    pub full_resyncs_seen: u64,
 }
 
 /// Runs a call with [`CALL_TIMEOUT`], flattening both failures into text.
@@ -102,8 +100,6 @@ impl Checker {
             urls: Node::ALL.map(|n| cluster.url(n)),
             committed_sequence: 0,
             checked_backups: BTreeSet::new(),
-            expect_full_resync: false,
-            full_resyncs_seen: 0,
         })
     }
 
@@ -172,11 +168,6 @@ impl Checker {
         }
     }
 
-    /// A journal was damaged on purpose: a whole-volume resync must follow.
-    pub fn expect_full_resync(&mut self) {
-        self.expect_full_resync = true;
-    }
-
     /// Every node healthy, no snapshot left behind, the pair Synchronized.
     pub async fn wait_settled(
         &mut self,
@@ -224,15 +215,6 @@ impl Checker {
                     ));
                 }
             };
-            if status
-                .volumes
-                .iter()
-                .any(|v| !v.full_resync_reason.is_empty())
-                && self.expect_full_resync
-            {
-                self.full_resyncs_seen += 1;
-                self.expect_full_resync = false;
-            }
             // A run that failed (its console lost a node) may have left its
             // snapshot behind; the operator's move is a forced delete.
             for volume in status

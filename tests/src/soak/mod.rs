@@ -218,7 +218,7 @@ pub struct Summary {
     pub runs_succeeded: u64,
     pub runs_failed: u64,
     pub backups_verified: u64,
-    pub full_resyncs: u64,
+    pub journals_set_aside: u64,
     pub leftover_snapshots_deleted: u64,
     pub skipped_faults: Vec<String>,
     pub violations: Vec<Violation>,
@@ -241,7 +241,7 @@ impl Summary {
             self.runs_succeeded, self.runs_failed
         );
         println!("  backups verified   {}", self.backups_verified);
-        println!("  full resyncs seen  {}", self.full_resyncs);
+        println!("  damaged journals set aside {}", self.journals_set_aside);
         println!(
             "  leftover snapshots deleted {}",
             self.leftover_snapshots_deleted
@@ -279,7 +279,7 @@ impl Summary {
             "runs_succeeded": self.runs_succeeded,
             "runs_failed": self.runs_failed,
             "backups_verified": self.backups_verified,
-            "full_resyncs": self.full_resyncs,
+            "journals_set_aside": self.journals_set_aside,
             "skipped_faults": self.skipped_faults,
             "canary": config.canary.map(Canary::name),
             "violations": self.violations.iter().map(|v| serde_json::json!({
@@ -404,7 +404,6 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
         }
     }
     summary.elapsed = started.elapsed();
-    summary.full_resyncs = checker.full_resyncs_seen;
     let found = !summary.violations.is_empty();
     if found {
         let _ = cluster.write_logs(&dir.join("violation-logs"));
@@ -527,9 +526,25 @@ async fn play_round(
             }
             Fault::CorruptJournal | Fault::TruncateJournal => {
                 kill(Node::Db, summary);
-                damage_journal(cluster, fault, rng, round)?;
+                let damaged = damage_journal(cluster, fault, rng, round)?;
                 start(cluster, Node::Db, round)?;
-                checker.expect_full_resync();
+                // The damage lies inside what was committed: the journal
+                // must be judged unusable and kept aside as evidence (not
+                // taken for a torn tail and cut), and the pairs compared
+                // whole.
+                let set_aside = set_aside_journals(cluster);
+                if damaged && set_aside.is_empty() {
+                    return Err(Violation::new(
+                        round,
+                        "a journal damaged inside its committed part was not set aside as unusable",
+                    ));
+                }
+                summary.journals_set_aside += set_aside.len() as u64;
+                // Evidence looked at: removed, so that the small journal
+                // filesystem does not fill up over a long run.
+                for path in set_aside {
+                    let _ = std::fs::remove_file(path);
+                }
             }
             // Armed before the run started (above).
             Fault::CrashPoint => {}
@@ -603,17 +618,18 @@ fn start(cluster: &mut Cluster, node: Node, round: u64) -> Result<(), Violation>
 }
 
 /// Overwrites 8 bytes in the middle of the journal, or cuts it to half.
+/// Answers whether the journal was long enough to damage.
 fn damage_journal(
     cluster: &Cluster,
     fault: Fault,
     rng: &mut SmallRng,
     round: u64,
-) -> Result<(), Violation> {
+) -> Result<bool, Violation> {
     let path = cluster.db_dir().join("journal.log");
     let mut bytes = std::fs::read(&path)
         .map_err(|e| Violation::new(round, format!("reading {}: {e}", path.display())))?;
     if bytes.len() < 64 {
-        return Ok(());
+        return Ok(false);
     }
     if fault == Fault::CorruptJournal {
         let at = rng.random_range(bytes.len() / 4..bytes.len() * 3 / 4);
@@ -625,7 +641,23 @@ fn damage_journal(
         bytes.truncate(bytes.len() / 2);
     }
     std::fs::write(&path, &bytes)
-        .map_err(|e| Violation::new(round, format!("writing {}: {e}", path.display())))
+        .map_err(|e| Violation::new(round, format!("writing {}: {e}", path.display())))?;
+    Ok(true)
+}
+
+/// The journals db-server has set aside as unusable (`journal.damaged-*`).
+fn set_aside_journals(cluster: &Cluster) -> Vec<PathBuf> {
+    std::fs::read_dir(cluster.db_dir())
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("journal.damaged-"))
+        })
+        .collect()
 }
 
 /// Fills the filesystem of `ballast` until it is full.
