@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use splitmirror_proto::run_id::validate_run_id;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -167,17 +168,14 @@ impl Backups {
     ) -> Result<(String, bool), BackupError> {
         let run_id = request.run_id.as_str();
         let lu = request.lu;
-        if run_id.is_empty() {
-            return Err(BackupError::InvalidArgument(
-                "run_id must not be empty".into(),
-            ));
-        }
-        if let Wanted::Snapshot(wanted) = &request.wanted
-            && wanted.holder_run_id.is_empty()
-        {
-            return Err(BackupError::InvalidArgument(
-                "the snapshot's holder_run_id must not be empty".into(),
-            ));
+        // The same rule as db-server's holders: no blank run id, no
+        // control characters, a bounded length.
+        validate_run_id(run_id)
+            .map_err(|e| BackupError::InvalidArgument(format!("run_id: {e}")))?;
+        if let Wanted::Snapshot(wanted) = &request.wanted {
+            validate_run_id(&wanted.holder_run_id).map_err(|e| {
+                BackupError::InvalidArgument(format!("the snapshot's holder_run_id: {e}"))
+            })?;
         }
         if let Some(id) = self.by_run.lock().expect("by_run").get(run_id) {
             return Ok((id.clone(), true));

@@ -561,6 +561,14 @@ async fn a_backup_without_a_snapshot_is_refused_unless_it_asks_to_be_live() {
     };
     let refused = client.start_backup(both).await.expect_err("both");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // Run ids follow db-server's rule: no blank one, no control characters.
+    for (run_id, holder) in [("   ", "holder"), ("run\n1", "holder"), ("ok", " \t ")] {
+        let refused = client
+            .start_backup(frozen_request(run_id, 2, 0, holder))
+            .await
+            .expect_err("a blank or control-character run id");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    }
     db.delete_snapshot(dpb::DeleteSnapshotRequest {
         volume: 0,
         run_id: "holder".into(),
