@@ -127,18 +127,14 @@ impl Checker {
     /// The fault "lost console": suspends with a short lease and never
     /// resumes. Answers when it suspended (`None` if the database refused,
     /// e.g. because another suspend is in force).
-    pub async fn suspend_and_vanish(
-        &mut self,
-        _round: u64,
-    ) -> Result<Option<Instant>, super::Violation> {
+    pub async fn suspend_and_vanish(&mut self) -> Option<Instant> {
         let request = pb::SuspendRequest {
             lease_ms: LOST_CONSOLE_LEASE_MS,
-            ..Default::default()
         };
-        Ok(call("Suspend", self.db.suspend(request))
+        call("Suspend", self.db.suspend(request))
             .await
             .ok()
-            .map(|_| Instant::now()))
+            .map(|_| Instant::now())
     }
 
     /// After a lost console: the gate must have reopened by itself.
@@ -283,10 +279,7 @@ impl Checker {
     async fn check_quiesced(&mut self, round: u64) -> Result<(), Violation> {
         let started = Instant::now();
         let sequence = loop {
-            let request = pb::SuspendRequest {
-                lease_ms: 30_000,
-                ..Default::default()
-            };
+            let request = pb::SuspendRequest { lease_ms: 30_000 };
             match call("Suspend", self.db.suspend(request)).await {
                 Ok(answer) => break answer.ledger_sequence,
                 Err(e) if started.elapsed() > Duration::from_secs(30) => {

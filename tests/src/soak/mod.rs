@@ -395,7 +395,7 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
             summary.violations.push(violation);
             break;
         }
-        if round % 25 == 0 {
+        if round.is_multiple_of(25) {
             eprintln!(
                 "soak: round {round}, {} faults, {:.1} min",
                 summary.fault_count(),
@@ -518,7 +518,7 @@ async fn play_round(
                 cluster.resume(node);
             }
             Fault::LostConsole => {
-                lost_console_at = checker.suspend_and_vanish(round).await?;
+                lost_console_at = checker.suspend_and_vanish().await;
             }
             Fault::RestartArray => {
                 cluster.stop(Node::Array);
