@@ -15,7 +15,9 @@ use crate::storage::{FileStorage, LuStorage, MemoryStorage};
 
 /// The largest payload one request may carry (a write's data, a copy or
 /// checksum chunk). Larger transfers are split by the client or streamed.
-pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
+/// One number for the whole workspace, so that db-server refuses what the
+/// array would refuse before sending it.
+pub const MAX_REQUEST_BYTES: u64 = splitmirror_proto::node::MAX_ARRAY_REQUEST_BYTES;
 
 /// Bulk transfers (reads, copies and checksums of at least
 /// `BULK_MIN_BYTES`) run at most this many at a time. Without the limit a

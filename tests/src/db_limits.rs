@@ -54,16 +54,6 @@ async fn status(client: &mut DbClient, include_latency_histogram: bool) -> pb::S
         .into_inner()
 }
 
-/// db-server knows the array's limit from the shared crate; the array must
-/// use the same one.
-#[test]
-fn the_array_and_db_server_agree_on_the_request_limit() {
-    assert_eq!(
-        array_node::array::MAX_REQUEST_BYTES,
-        MAX_ARRAY_REQUEST_BYTES
-    );
-}
-
 /// A write over the array's limit is refused by db-server with
 /// RESOURCE_EXHAUSTED naming the limit, before anything is recorded or sent:
 /// no range in the update location table, no array call, nothing to
