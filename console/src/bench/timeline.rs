@@ -31,7 +31,10 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
                     () = stop.cancelled() => return samples,
                 }
                 let mut db = clients.db.clone();
-                if let Ok(status) = db.status(splitmirror_proto::db::v1::StatusRequest::default()).await {
+                if let Ok(status) = db
+                    .status(splitmirror_proto::db::v1::StatusRequest::default())
+                    .await
+                {
                     let committed = status
                         .into_inner()
                         .ledger
