@@ -11,6 +11,7 @@ use serde::Serialize;
 use splitmirror_proto::array::v1 as apb;
 use splitmirror_proto::backup::v1 as bpb;
 use splitmirror_proto::db::v1 as dpb;
+use splitmirror_proto::reason::{Reason, reason};
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::{Clients, retry};
@@ -192,9 +193,10 @@ async fn acquire(
     let mut result = acquire_once().await;
     // A pair still resynchronizing (after a restart, or a previous run's
     // resync) cannot be split yet: wait for it, then try once more.
+    // db-server says so by the reason it attaches; the message is for the
+    // operator and may be reworded.
     if let Err(status) = &result
-        && status.code() == tonic::Code::FailedPrecondition
-        && status.message().contains("Resynchronizing")
+        && reason(status) == Some(Reason::Resynchronizing)
     {
         progress.phase(&format!(
             "waiting for volume {} to finish resynchronizing",

@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use splitmirror_proto::db::v1 as pb;
 use splitmirror_proto::db::v1::db_service_server::DbService;
+use splitmirror_proto::reason::Reason;
 use tonic::{Request, Response, Status};
 
 use crate::db::{Db, DbStatus};
@@ -30,25 +31,54 @@ impl DbGrpc {
     }
 }
 
+/// The code says what class of failure it is; the reason (metadata
+/// [`REASON_KEY`](splitmirror_proto::reason::REASON_KEY)) says what a caller
+/// can do about it, so that no caller has to read the message.
 impl From<DbError> for Status {
     fn from(error: DbError) -> Self {
         let message = error.to_string();
-        match error {
-            DbError::UnknownVolume(_) => Status::not_found(message),
-            DbError::InvalidArgument(_) => Status::invalid_argument(message),
-            DbError::OutOfRange(_) => Status::out_of_range(message),
-            DbError::WrongMode { .. } => Status::failed_precondition(message),
-            DbError::Undefined { .. } => Status::failed_precondition(message),
-            DbError::HeldByOther { .. } => Status::failed_precondition(message),
-            DbError::QuiesceTimeout(_) => Status::unavailable(message),
-            DbError::Array(ref port) if port.unavailable => Status::unavailable(message),
-            DbError::Array(_) => Status::internal(message),
-            DbError::Journal(_) => Status::internal(message),
-            DbError::Ledger(_) => Status::internal(message),
-            DbError::ShuttingDown => Status::unavailable(message),
-            DbError::LeaseOverCap { .. } => Status::invalid_argument(message),
-            DbError::TooLarge { .. } => Status::resource_exhausted(message),
-            DbError::InvalidRunId(_) => Status::invalid_argument(message),
+        let (status, reason) = match error {
+            DbError::UnknownVolume(_) => (Status::not_found(message), Some(Reason::UnknownVolume)),
+            DbError::InvalidArgument(_) => (Status::invalid_argument(message), None),
+            DbError::OutOfRange(_) => (Status::out_of_range(message), None),
+            DbError::WrongMode { mode, .. } => (
+                Status::failed_precondition(message),
+                Some(match mode {
+                    Mode::Resynchronizing => Reason::Resynchronizing,
+                    Mode::Snapshot => Reason::SnapshotHeld,
+                    Mode::Synchronized | Mode::Undefined => Reason::WrongMode,
+                }),
+            ),
+            DbError::Undefined { .. } => (
+                Status::failed_precondition(message),
+                Some(Reason::NoSnapshot),
+            ),
+            DbError::HeldByOther { .. } => (
+                Status::failed_precondition(message),
+                Some(Reason::SnapshotHeld),
+            ),
+            DbError::QuiesceTimeout(_) => {
+                (Status::unavailable(message), Some(Reason::QuiesceTimeout))
+            }
+            DbError::Array(ref port) if port.unavailable => {
+                (Status::unavailable(message), Some(Reason::ArrayUnavailable))
+            }
+            DbError::Array(_) => (Status::internal(message), Some(Reason::ArrayFailed)),
+            DbError::Journal(_) => (Status::internal(message), Some(Reason::JournalBroken)),
+            DbError::Ledger(_) => (Status::internal(message), Some(Reason::LedgerFailed)),
+            DbError::ShuttingDown => (Status::unavailable(message), Some(Reason::ShuttingDown)),
+            DbError::LeaseOverCap { .. } => (
+                Status::invalid_argument(message),
+                Some(Reason::LeaseOverCap),
+            ),
+            DbError::TooLarge { .. } => {
+                (Status::resource_exhausted(message), Some(Reason::TooLarge))
+            }
+            DbError::InvalidRunId(_) => (Status::invalid_argument(message), None),
+        };
+        match reason {
+            Some(reason) => reason.attach(status),
+            None => status,
         }
     }
 }
@@ -186,6 +216,7 @@ impl DbService for DbGrpc {
             already_held: a.already_held,
             block_size_bytes: a.block_size_bytes,
             block_count: a.block_count,
+            snapshot_id: a.snapshot_id,
         }))
     }
 
@@ -331,21 +362,22 @@ impl DbService for DbGrpc {
         let pair = self.db.manager.pair(volume)?;
         // No snapshot: the snapshot virtual LU is Undefined, which callers
         // already know as FAILED_PRECONDITION.
-        let (holder_run_id, ledger_sequence) =
-            self.db
-                .manager
-                .snapshot_of(volume)?
-                .ok_or(DbError::Undefined {
-                    volume,
-                    target: VirtualLu::Snapshot,
-                })?;
+        let held = self
+            .db
+            .manager
+            .snapshot_of(volume)?
+            .ok_or(DbError::Undefined {
+                volume,
+                target: VirtualLu::Snapshot,
+            })?;
         Ok(Response::new(pb::GetSnapshotResponse {
             volume,
-            holder_run_id,
+            holder_run_id: held.holder,
             mate_lu: pair.mate_lu,
-            ledger_sequence,
+            ledger_sequence: held.ledger_sequence,
             block_size_bytes: pair.block_size_bytes,
             block_count: pair.block_count,
+            snapshot_id: held.snapshot_id,
         }))
     }
 }
@@ -370,6 +402,40 @@ mod tests {
         assert_eq!(
             target_from_pb(pb::VirtualLu::Snapshot.into()).ok(),
             Some(VirtualLu::Snapshot)
+        );
+    }
+
+    #[test]
+    fn a_refusal_says_its_reason_in_metadata_whatever_the_mode() {
+        use splitmirror_proto::reason::reason;
+        let refusal = |mode| {
+            Status::from(DbError::WrongMode {
+                volume: 1,
+                action: "acquire a snapshot of",
+                mode,
+            })
+        };
+        let resync = refusal(Mode::Resynchronizing);
+        assert_eq!(resync.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(reason(&resync), Some(Reason::Resynchronizing));
+        assert_eq!(reason(&refusal(Mode::Snapshot)), Some(Reason::SnapshotHeld));
+        assert_eq!(
+            reason(&refusal(Mode::Synchronized)),
+            Some(Reason::WrongMode)
+        );
+        let held = Status::from(DbError::HeldByOther {
+            volume: 1,
+            holder: "a".into(),
+            requester: "b".into(),
+        });
+        assert_eq!(reason(&held), Some(Reason::SnapshotHeld));
+        assert_eq!(
+            reason(&Status::from(DbError::Journal("disk full".into()))),
+            Some(Reason::JournalBroken)
+        );
+        assert_eq!(
+            reason(&Status::from(DbError::InvalidArgument("x".into()))),
+            None
         );
     }
 }

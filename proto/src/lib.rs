@@ -10,10 +10,13 @@
 //! - [`pace`]: pacing bulk work (backups, resyncs) to a byte rate.
 //! - [`units`]: parsing of human sizes and durations for the command lines.
 //! - [`run_id`]: what a run id may be, checked alike by every node.
+//! - [`reason`]: why db-server refused a call, as metadata a program can
+//!   act on (never the message's text).
 
 pub mod node;
 pub mod pace;
 pub mod range_lock;
+pub mod reason;
 pub mod run_id;
 pub mod units;
 
