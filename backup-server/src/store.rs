@@ -199,9 +199,19 @@ impl BackupStore {
             .and_then(|()| file.sync_all())
             .map_err(io_error(format!("writing {}", path.display())))?;
         sync_dir(&dir)?;
-        fs::rename(&dir, self.backup_dir(id))
-            .map_err(io_error(format!("completing backup {id}")))?;
-        sync_dir(&self.root)
+        let complete = self.backup_dir(id);
+        fs::rename(&dir, &complete).map_err(io_error(format!("completing backup {id}")))?;
+        if let Err(error) = sync_dir(&self.root) {
+            // The job fails, so nothing may look complete: the backup goes
+            // back under its partial name (discarded with the job), or, if
+            // even that fails, it is removed.
+            if let Err(e) = fs::rename(&complete, &dir) {
+                tracing::error!("un-completing backup {id} after a failed store sync: {e}");
+                let _ = fs::remove_dir_all(&complete);
+            }
+            return Err(error);
+        }
+        Ok(())
     }
 
     /// Removes a partial backup (a failed or cancelled job).
