@@ -14,6 +14,17 @@
 //!   and the answer says it was a renewal. So the lease a caller is told is
 //!   always the one in force, and a console that needs a long quiesce keeps
 //!   it alive by renewing, which a lost console stops doing.
+//!
+//! An acquire ([`QuiesceGate::quiesce`]) while an operator's suspend is in
+//! force does not close the gate again: it takes a hold on the suspend's
+//! closed gate. The gate reopens only when the suspend is over (resumed, or
+//! its lease ran out) *and* every hold is released, so a snapshot is
+//! quiesced from the moment it reads the ledger sequence until the split is
+//! done, even if the lease runs out meanwhile or a renewal shortens it (a
+//! renewal still may: the suspend ends when the shortened lease runs out, as
+//! the operator asked; only the gate waits for the acquire). A hold lasts
+//! one acquire, which is bounded, so a lost console still never freezes the
+//! database.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -54,6 +65,10 @@ pub struct QuiesceGate {
 struct ManualSuspend {
     /// Tells the lease task which suspend is in the slot.
     generation: u64,
+    /// The closed gate, shared with the lease task and with the acquires
+    /// that hold it: it reopens when the last of them lets go, so taking a
+    /// clone under the slot's lock keeps it closed whatever the lease does.
+    closed: Arc<OwnedRwLockWriteGuard<()>>,
     resume: oneshot::Sender<()>,
     ended: oneshot::Receiver<Duration>,
     /// When the lease runs out; a renewal moves it.
@@ -72,9 +87,11 @@ pub struct Suspended {
 /// A transaction's pass through the gate, held for its whole duration.
 pub type Pass = OwnedRwLockReadGuard<()>;
 
-/// The gate closed with no transaction in flight; reopens when dropped.
+/// The gate closed with no transaction in flight; reopens when dropped
+/// (unless someone else holds it closed too: an operator's suspend, or an
+/// acquire holding that suspend's closed gate).
 pub struct Quiesced {
-    _guard: Option<OwnedRwLockWriteGuard<()>>,
+    _guard: Arc<OwnedRwLockWriteGuard<()>>,
     closed_at: Instant,
 }
 
@@ -125,18 +142,23 @@ impl QuiesceGate {
     /// Closes the gate and waits (at most `timeout`) for the transactions in
     /// flight. New transactions wait from the moment this is called. When an
     /// operator's suspend already holds the gate closed, the database is
-    /// quiesced already and this answers at once.
+    /// quiesced already and this answers at once with a hold on that closed
+    /// gate: it stays closed until this is dropped, even if the suspend's
+    /// lease runs out or the operator resumes meanwhile.
     pub async fn quiesce(&self, timeout: Duration) -> Result<Quiesced, DbError> {
         let closed_at = Instant::now();
-        if self.is_manually_suspended() {
+        // Under the slot's lock: the lease task and a resume take the
+        // suspend out under it, so the clone is taken while the gate is
+        // still closed.
+        if let Some(manual) = self.manual.lock().expect("gate poisoned").as_ref() {
             return Ok(Quiesced {
-                _guard: None,
+                _guard: manual.closed.clone(),
                 closed_at,
             });
         }
         match tokio::time::timeout(timeout, self.lock.clone().write_owned()).await {
             Ok(guard) => Ok(Quiesced {
-                _guard: Some(guard),
+                _guard: Arc::new(guard),
                 closed_at,
             }),
             Err(_) => Err(DbError::QuiesceTimeout(format!(
@@ -185,6 +207,7 @@ impl QuiesceGate {
         // In the slot before the task can look for it there.
         *self.manual.lock().expect("gate poisoned") = Some(ManualSuspend {
             generation,
+            closed: quiesced._guard.clone(),
             resume: resume_tx,
             ended: ended_rx,
             deadline: deadline_tx,
@@ -222,6 +245,8 @@ impl QuiesceGate {
                 tracing::warn!("suspend lease ran out without a resume; resuming the database");
             }
             let held = Duration::from_micros(quiesced.elapsed_us());
+            // The suspend is over; the gate reopens now unless an acquire
+            // still holds it (then when that acquire lets go).
             drop(quiesced);
             let _ = ended_tx.send(held);
         });
@@ -231,8 +256,10 @@ impl QuiesceGate {
         })
     }
 
-    /// Reopens a manually suspended gate. Answers how long it was closed, or
-    /// `None` when it was not suspended (or the lease had already run out).
+    /// Ends an operator's suspend and reopens the gate, or lets an acquire
+    /// holding it closed reopen it when that acquire is done. Answers how
+    /// long the suspend lasted, or `None` when it was not suspended (or the
+    /// lease had already run out).
     pub async fn resume(&self) -> Option<Duration> {
         let manual = self.manual.lock().expect("gate poisoned").take()?;
         // The lease task ends on this signal, or on finding the slot empty
@@ -397,6 +424,83 @@ mod tests {
         let suspended = gate.suspend(None).await.expect("default lease");
         assert_eq!(suspended.lease, Duration::from_secs(3));
         assert!(gate.resume().await.is_some());
+    }
+
+    /// An acquire under an operator's suspend holds the gate closed past
+    /// the lease: no transaction may start between its reading the ledger
+    /// sequence and its split, or the mate holds a torn transaction.
+    #[tokio::test]
+    async fn a_lease_running_out_under_an_acquire_waits_for_it() {
+        let gate = QuiesceGate::new(TaskTracker::new());
+        gate.suspend(Some(Duration::from_millis(50)))
+            .await
+            .expect("suspend");
+        let hold = gate
+            .quiesce(Duration::from_millis(1))
+            .await
+            .expect("quiesced by the suspend");
+        // Well past the lease.
+        let blocked = tokio::time::timeout(Duration::from_millis(400), gate.pass()).await;
+        assert!(blocked.is_err(), "a transaction passed under the acquire");
+        assert!(!gate.status().suspended, "the operator's suspend is over");
+        assert_eq!(gate.status().lease_expiries, 1);
+        drop(hold);
+        let _pass = tokio::time::timeout(Duration::from_secs(1), gate.pass())
+            .await
+            .expect("reopened once the acquire let go");
+    }
+
+    /// A renewal may shorten the lease under an acquire; the suspend ends
+    /// then, but the gate waits for the acquire.
+    #[tokio::test]
+    async fn a_shortening_renewal_under_an_acquire_waits_for_it() {
+        let gate = QuiesceGate::new(TaskTracker::new());
+        gate.suspend(Some(Duration::from_secs(30)))
+            .await
+            .expect("suspend");
+        let hold = gate
+            .quiesce(Duration::from_millis(1))
+            .await
+            .expect("quiesced by the suspend");
+        let renewed = gate
+            .suspend(Some(Duration::from_millis(20)))
+            .await
+            .expect("renew");
+        assert!(renewed.renewed);
+        let blocked = tokio::time::timeout(Duration::from_millis(400), gate.pass()).await;
+        assert!(blocked.is_err(), "a transaction passed under the acquire");
+        assert!(!gate.status().suspended);
+        assert_eq!(gate.status().lease_expiries, 1);
+        drop(hold);
+        let _pass = tokio::time::timeout(Duration::from_secs(1), gate.pass())
+            .await
+            .expect("reopened once the acquire let go");
+    }
+
+    /// A resume under an acquire ends the suspend at once but does not cut
+    /// the acquire's hold short.
+    #[tokio::test]
+    async fn a_resume_under_an_acquire_waits_for_it() {
+        let gate = QuiesceGate::new(TaskTracker::new());
+        gate.suspend(Some(Duration::from_secs(30)))
+            .await
+            .expect("suspend");
+        let hold = gate
+            .quiesce(Duration::from_millis(1))
+            .await
+            .expect("quiesced by the suspend");
+        let resumed = tokio::time::timeout(Duration::from_secs(1), gate.resume())
+            .await
+            .expect("a resume does not wait for the acquire");
+        assert!(resumed.is_some());
+        assert!(!gate.status().suspended);
+        let blocked = tokio::time::timeout(Duration::from_millis(100), gate.pass()).await;
+        assert!(blocked.is_err(), "a transaction passed under the acquire");
+        drop(hold);
+        let _pass = tokio::time::timeout(Duration::from_secs(1), gate.pass())
+            .await
+            .expect("reopened once the acquire let go");
+        assert_eq!(gate.status().lease_expiries, 0);
     }
 
     /// Renewals racing the expiry: each one either keeps the gate closed
