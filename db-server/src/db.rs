@@ -87,6 +87,9 @@ impl Db {
             let freeze_window_us = self.original_freeze_window_us(volume, run_id);
             return Ok(answer(freeze_window_us, ledger_sequence, true));
         }
+        // Held from reading the sequence until the split is done: under an
+        // operator's suspend this is a hold on its closed gate, which a
+        // lease running out or a resume meanwhile does not reopen.
         let quiesced = self.gate.quiesce(QUIESCE_TIMEOUT).await?;
         let ledger_sequence = self.ledger.as_ref().map_or(0, |l| l.sequence());
         let result = self.manager.acquire(volume, run_id, ledger_sequence).await;
