@@ -323,6 +323,7 @@ impl Backups {
                     volume: wanted.volume,
                     holder_run_id: wanted.holder_run_id.clone(),
                     ledger_sequence: before.ledger_sequence,
+                    snapshot_id: before.snapshot_id,
                     owner: String::new(),
                     confirmed_before_unix_ms: *confirmed_before_unix_ms,
                     confirmed_after_unix_ms: 0,

@@ -215,6 +215,7 @@ async fn copy(
                 volume: wanted.volume,
                 holder_run_id: wanted.holder_run_id.clone(),
                 ledger_sequence: before.ledger_sequence,
+                snapshot_id: before.snapshot_id,
                 owner: owner.describe(),
                 confirmed_before_unix_ms: *confirmed_before_unix_ms,
                 confirmed_after_unix_ms,

@@ -23,6 +23,10 @@ pub struct SnapshotRecord {
     pub holder_run_id: String,
     /// The ledger sequence at the snapshot, as db-server reported it.
     pub ledger_sequence: u64,
+    /// The id db-server gave the acquire, the same before the first read
+    /// and after the last one (0 in manifests written before ids existed).
+    #[serde(default)]
+    pub snapshot_id: u64,
     /// The db-server that confirmed it, as the backup server addressed it.
     pub owner: String,
     /// When db-server confirmed the snapshot before the first read and
@@ -35,8 +39,8 @@ pub struct SnapshotRecord {
 pub fn describe_consistency(snapshot: Option<&SnapshotRecord>, live: bool) -> String {
     match (snapshot, live) {
         (Some(s), _) => format!(
-            "frozen (snapshot of volume {} held by run {}, ledger sequence {})",
-            s.volume, s.holder_run_id, s.ledger_sequence
+            "frozen (snapshot of volume {} held by run {}, ledger sequence {}, snapshot id {:016x})",
+            s.volume, s.holder_run_id, s.ledger_sequence, s.snapshot_id
         ),
         (None, true) => "live (not frozen)".into(),
         (None, false) => "unconfirmed (made before backups recorded their snapshot)".into(),
@@ -61,8 +65,8 @@ pub struct Manifest {
     /// at the top for readers of format 1.
     pub ledger_sequence: Option<u64>,
     /// The snapshot the image was copied from, confirmed held by
-    /// `holder_run_id` with the same ledger sequence before the first read
-    /// and after the last one. `None` for a live backup.
+    /// `holder_run_id` with the same snapshot id before the first read and
+    /// after the last one. `None` for a live backup.
     #[serde(default)]
     pub snapshot: Option<SnapshotRecord>,
     /// True when the LU was copied without a snapshot, while it could be

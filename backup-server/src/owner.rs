@@ -33,6 +33,9 @@ pub struct HeldSnapshot {
     pub ledger_sequence: u64,
     pub block_size_bytes: u32,
     pub block_count: u64,
+    /// The acquire's id: unlike holder and sequence, never repeated by a
+    /// later acquire (0: a db-server that does not name its snapshots).
+    pub snapshot_id: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,12 +78,22 @@ pub fn check_held(wanted: &SnapshotRef, lu: u32, held: &HeldSnapshot) -> Result<
             wanted.volume, held.mate_lu
         ));
     }
+    // Without an id, a snapshot deleted and acquired again by the same run
+    // during the copy could not be told from the one confirmed before.
+    if held.snapshot_id == 0 {
+        return Err(format!(
+            "db-server names no snapshot id for the snapshot of volume {} held by run {:?}, so it cannot confirm after the copy that the snapshot was not replaced",
+            wanted.volume, held.holder_run_id
+        ));
+    }
     Ok(())
 }
 
 /// Checks, after the copy, that the snapshot is still the one confirmed
-/// before it: the same holder and the same ledger sequence (a snapshot
-/// deleted and acquired again in between would have a later one).
+/// before it: the same holder and the same snapshot id. The id is what
+/// counts: holder and ledger sequence repeat when the same run id acquires
+/// again after a forced delete (a normal retry) while the ledger is off or
+/// idle, and the mate was resynced in between all the same.
 pub fn check_unchanged(before: &HeldSnapshot, now: &HeldSnapshot) -> Result<(), String> {
     if now.holder_run_id != before.holder_run_id {
         return Err(format!(
@@ -88,10 +101,18 @@ pub fn check_unchanged(before: &HeldSnapshot, now: &HeldSnapshot) -> Result<(), 
             before.volume, now.holder_run_id
         ));
     }
-    if now.ledger_sequence != before.ledger_sequence || now.mate_lu != before.mate_lu {
+    if now.snapshot_id != before.snapshot_id
+        || now.ledger_sequence != before.ledger_sequence
+        || now.mate_lu != before.mate_lu
+    {
         return Err(format!(
-            "the snapshot of volume {} held by run {:?} was deleted and acquired again during the copy (ledger sequence {} before, {} after)",
-            before.volume, before.holder_run_id, before.ledger_sequence, now.ledger_sequence
+            "the snapshot of volume {} held by run {:?} was deleted and acquired again during the copy (snapshot {:016x} before, {:016x} after; ledger sequence {} before, {} after)",
+            before.volume,
+            before.holder_run_id,
+            before.snapshot_id,
+            now.snapshot_id,
+            before.ledger_sequence,
+            now.ledger_sequence
         ));
     }
     Ok(())
@@ -151,6 +172,7 @@ impl SnapshotOwner for GrpcOwner {
                 ledger_sequence: answer.ledger_sequence,
                 block_size_bytes: answer.block_size_bytes,
                 block_count: answer.block_count,
+                snapshot_id: answer.snapshot_id,
             })
         })
     }
@@ -168,6 +190,7 @@ mod tests {
             ledger_sequence,
             block_size_bytes: 4096,
             block_count: 256,
+            snapshot_id: 0xabc,
         }
     }
 
@@ -182,6 +205,12 @@ mod tests {
         assert!(other.contains("run-2"), "{other}");
         let origin = check_held(&wanted, 1, &held("run-1", 2, 7)).expect_err("origin LU");
         assert!(origin.contains("mate LU 2, not LU 1"), "{origin}");
+        let nameless = HeldSnapshot {
+            snapshot_id: 0,
+            ..held("run-1", 2, 7)
+        };
+        let nameless = check_held(&wanted, 2, &nameless).expect_err("no id");
+        assert!(nameless.contains("no snapshot id"), "{nameless}");
     }
 
     #[test]
@@ -190,5 +219,12 @@ mod tests {
         assert_eq!(check_unchanged(&before, &before.clone()), Ok(()));
         assert!(check_unchanged(&before, &held("run-2", 2, 7)).is_err());
         assert!(check_unchanged(&before, &held("run-1", 2, 9)).is_err());
+        // Same run, same sequence (ledger off or idle), new acquire.
+        let again = HeldSnapshot {
+            snapshot_id: 0xdef,
+            ..held("run-1", 2, 7)
+        };
+        let why = check_unchanged(&before, &again).expect_err("acquired again");
+        assert!(why.contains("deleted and acquired again"), "{why}");
     }
 }

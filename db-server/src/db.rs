@@ -13,7 +13,7 @@ use crate::error::DbError;
 use crate::gate::{GateStatus, QUIESCE_TIMEOUT, QuiesceGate, Suspended};
 use crate::ledger::{Ledger, LedgerStatus};
 use crate::lu_status::VirtualLu;
-use crate::manager::{DeleteOutcome, SnapshotManager, VolumeStatus};
+use crate::manager::{DeleteOutcome, HeldSnapshot, SnapshotManager, VolumeStatus};
 
 /// The answer to `AcquireSnapshot`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,8 @@ pub struct AcquiredSnapshot {
     pub already_held: bool,
     pub block_size_bytes: u32,
     pub block_count: u64,
+    /// The acquire's id (a retry answers the first acquire's).
+    pub snapshot_id: u64,
 }
 
 /// Everything `Status` reports.
@@ -70,39 +72,41 @@ impl Db {
     ) -> Result<AcquiredSnapshot, DbError> {
         validate_run_id(run_id)?;
         let pair = self.manager.pair(volume)?;
-        let answer = |freeze_window_us, ledger_sequence, already_held| AcquiredSnapshot {
+        let answer = |freeze_window_us, held: HeldSnapshot, already_held| AcquiredSnapshot {
             volume,
             mate_lu: pair.mate_lu,
             freeze_window_us,
-            ledger_sequence,
+            ledger_sequence: held.ledger_sequence,
             already_held,
             block_size_bytes: pair.block_size_bytes,
             block_count: pair.block_count,
+            snapshot_id: held.snapshot_id,
         };
-        // A retry: the sequence comes from the pair's state (journaled, so
-        // it survives a restart); the freeze window from memory, if known.
-        if let Some((holder, ledger_sequence)) = self.manager.snapshot_of(volume)?
-            && holder == run_id
+        // A retry: the sequence and the id come from the pair's state
+        // (journaled, so they survive a restart); the freeze window from
+        // memory, if known.
+        if let Some(held) = self.manager.snapshot_of(volume)?
+            && held.holder == run_id
         {
             let freeze_window_us = self.original_freeze_window_us(volume, run_id);
-            return Ok(answer(freeze_window_us, ledger_sequence, true));
+            return Ok(answer(freeze_window_us, held, true));
         }
         // Held from reading the sequence until the split is done: under an
         // operator's suspend this is a hold on its closed gate, which a
         // lease running out or a resume meanwhile does not reopen.
         let quiesced = self.gate.quiesce(QUIESCE_TIMEOUT).await?;
         let ledger_sequence = self.ledger.as_ref().map_or(0, |l| l.sequence());
-        let result = self.manager.acquire(volume, run_id, ledger_sequence).await;
+        let result = self
+            .manager
+            .acquire_snapshot(volume, run_id, ledger_sequence)
+            .await;
         let freeze_window_us = quiesced.elapsed_us();
         drop(quiesced);
-        if result? {
+        let outcome = result?;
+        if outcome.already_held {
             // A concurrent retry got there first: answer its snapshot.
-            let ledger_sequence = self
-                .manager
-                .snapshot_of(volume)?
-                .map_or(ledger_sequence, |(_, sequence)| sequence);
             let freeze_window_us = self.original_freeze_window_us(volume, run_id);
-            return Ok(answer(freeze_window_us, ledger_sequence, true));
+            return Ok(answer(freeze_window_us, outcome.snapshot, true));
         }
         self.freeze_windows
             .lock()
@@ -113,9 +117,10 @@ impl Db {
             run_id,
             freeze_window_us,
             ledger_sequence,
+            snapshot_id = outcome.snapshot.snapshot_id,
             "snapshot acquired"
         );
-        let answer = answer(freeze_window_us, ledger_sequence, false);
+        let answer = answer(freeze_window_us, outcome.snapshot, false);
         Ok(answer)
     }
 

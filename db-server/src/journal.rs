@@ -177,13 +177,14 @@ impl Record {
                 payload.extend_from_slice(&origin_lu.to_le_bytes());
                 payload.extend_from_slice(&mate_lu.to_le_bytes());
                 payload.extend_from_slice(&block_count.to_le_bytes());
-                let (code, holder, ledger_sequence) = match state {
-                    PairState::Synchronized => (0u8, "", 0),
+                let (code, holder, ledger_sequence, snapshot_id) = match state {
+                    PairState::Synchronized => (0u8, "", 0, 0),
                     PairState::Snapshot {
                         holder,
                         ledger_sequence,
-                    } => (1, holder.as_str(), *ledger_sequence),
-                    PairState::Resynchronizing => (2, "", 0),
+                        snapshot_id,
+                    } => (1, holder.as_str(), *ledger_sequence, *snapshot_id),
+                    PairState::Resynchronizing => (2, "", 0, 0),
                 };
                 payload.push(code);
                 payload.push(u8::from(*full_resync));
@@ -191,6 +192,7 @@ impl Record {
                 payload.extend_from_slice(&(holder.len() as u16).to_le_bytes());
                 payload.extend_from_slice(holder);
                 payload.extend_from_slice(&ledger_sequence.to_le_bytes());
+                payload.extend_from_slice(&snapshot_id.to_le_bytes());
             }
             Record::Intent { volume, blocks } => {
                 payload.push(2);
@@ -222,11 +224,19 @@ impl Record {
                 let full_resync = *payload.get(22)? != 0;
                 let holder_len = u16::from_le_bytes(payload.get(23..25)?.try_into().ok()?) as usize;
                 let holder = String::from_utf8(payload.get(25..25 + holder_len)?.to_vec()).ok()?;
+                // Strict: the record is exactly as long as its fields, and
+                // a snapshot has a non-zero id (0 is written for no snapshot).
+                let ledger_sequence = u64_at(25 + holder_len)?;
+                let snapshot_id = u64_at(33 + holder_len)?;
+                if payload.len() != 41 + holder_len {
+                    return None;
+                }
                 let state = match code {
                     0 => PairState::Synchronized,
-                    1 => PairState::Snapshot {
+                    1 if snapshot_id != 0 => PairState::Snapshot {
                         holder,
-                        ledger_sequence: u64_at(25 + holder_len)?,
+                        ledger_sequence,
+                        snapshot_id,
                     },
                     2 => PairState::Resynchronizing,
                     _ => return None,
@@ -948,6 +958,7 @@ mod tests {
         PairState::Snapshot {
             holder: holder.into(),
             ledger_sequence: 1,
+            snapshot_id: 0x5eed,
         }
     }
 
@@ -1034,6 +1045,7 @@ mod tests {
         let snapshot = PairState::Snapshot {
             holder: "run-7".into(),
             ledger_sequence: 4711,
+            snapshot_id: 0xfeed_f00d_dead_beef,
         };
         journal
             .record_state(&PAIR, &snapshot, false)
@@ -1063,6 +1075,66 @@ mod tests {
         assert_eq!(v.state, snapshot);
         // Rounded out to 16-block (64 KiB) regions.
         assert_eq!(regions(v), vec![0..16, 96..112]);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_acquired_again_by_the_same_run_keeps_its_new_id_across_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = Journal::open(dir.path(), 4096).expect("open");
+        let first = PairState::Snapshot {
+            holder: "run-r".into(),
+            ledger_sequence: 0,
+            snapshot_id: 11,
+        };
+        // Deleted by force and acquired again by the same run, ledger off:
+        // only the id tells the two snapshots apart.
+        let second = PairState::Snapshot {
+            holder: "run-r".into(),
+            ledger_sequence: 0,
+            snapshot_id: 12,
+        };
+        journal
+            .record_state(&PAIR, &first, false)
+            .await
+            .expect("first");
+        journal
+            .record_state(&PAIR, &PairState::Resynchronizing, false)
+            .await
+            .expect("delete");
+        journal
+            .record_state(&PAIR, &second, false)
+            .await
+            .expect("second");
+        journal.close();
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert!(journal.unusable_reason().is_none());
+        assert_eq!(state[&0].state.snapshot_id(), Some(12));
+        assert_eq!(state[&0].state, second);
+    }
+
+    #[test]
+    fn a_state_record_with_a_missing_or_extra_or_zero_snapshot_id_is_refused() {
+        let record = Record::State {
+            volume: 0,
+            origin_lu: 1,
+            mate_lu: 2,
+            block_count: 1024,
+            state: split("run"),
+            full_resync: false,
+        };
+        let mut framed = Vec::new();
+        record.encode(&mut framed);
+        // Frame: magic, u32 length, payload, digest.
+        let payload = framed[5..framed.len() - DIGEST_BYTES].to_vec();
+        assert_eq!(Record::decode(&payload), Some(record));
+        assert_eq!(Record::decode(&payload[..payload.len() - 8]), None);
+        let mut longer = payload.clone();
+        longer.push(0);
+        assert_eq!(Record::decode(&longer), None);
+        let mut zero = payload.clone();
+        let at = zero.len() - 8;
+        zero[at..].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(Record::decode(&zero), None);
     }
 
     #[tokio::test]

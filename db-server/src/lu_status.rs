@@ -19,11 +19,40 @@ pub enum PairState {
     /// The pair is split; `holder` is the run id that acquired it, and
     /// `ledger_sequence` the database's sequence at the split (kept so that
     /// a retried acquire after a restart answers the same snapshot).
+    /// `snapshot_id` names this acquire alone (random, non-zero, journaled):
+    /// the holder and the sequence can repeat — the same run id acquires
+    /// again after a forced delete, the sequence stands still while the
+    /// database is idle or has no ledger — so a backup compares the id to
+    /// know that the mate was not resynced while it read.
     Snapshot {
         holder: String,
         ledger_sequence: u64,
+        snapshot_id: u64,
     },
     Resynchronizing,
+}
+
+/// A new snapshot id: 64 random bits, never 0 (0 means "none" on the wire).
+/// The std hasher's keys come from the operating system's randomness once
+/// per process and move on with every `RandomState`, and the clock and a
+/// counter are mixed in, so ids do not repeat across acquires or restarts.
+pub fn new_snapshot_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(now_ns);
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        hasher.write_u32(std::process::id());
+        let id = hasher.finish();
+        if id != 0 {
+            return id;
+        }
+    }
 }
 
 /// Which virtual LU of a pair a request addresses.
@@ -78,6 +107,14 @@ impl PairState {
         }
     }
 
+    /// The snapshot id of the acquire that split the pair, if split.
+    pub fn snapshot_id(&self) -> Option<u64> {
+        match self {
+            PairState::Snapshot { snapshot_id, .. } => Some(*snapshot_id),
+            _ => None,
+        }
+    }
+
     pub fn holder(&self) -> Option<&str> {
         match self {
             PairState::Snapshot { holder, .. } => Some(holder),
@@ -106,6 +143,7 @@ mod tests {
         let split = PairState::Snapshot {
             holder: "run".into(),
             ledger_sequence: 7,
+            snapshot_id: 1,
         }
         .routing(&PAIR);
         assert_eq!((split.data_read_lu, split.data_write_lu), (1, 1));
@@ -117,5 +155,12 @@ mod tests {
         assert_eq!((resync.data_read_lu, resync.data_write_lu), (1, 0));
         assert_eq!(resync.data_mode, Mode::Resynchronizing);
         assert_eq!(resync.snapshot_lu, None);
+    }
+
+    #[test]
+    fn snapshot_ids_are_non_zero_and_do_not_repeat() {
+        let ids: std::collections::HashSet<u64> = (0..1000).map(|_| new_snapshot_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(!ids.contains(&0));
     }
 }

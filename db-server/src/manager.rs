@@ -29,7 +29,7 @@ use crate::array_port::{ArrayPort, PairInfo};
 use crate::crash;
 use crate::error::DbError;
 use crate::journal::{DurableVolume, Journal};
-use crate::lu_status::{Mode, PairState, Routing, VirtualLu};
+use crate::lu_status::{Mode, PairState, Routing, VirtualLu, new_snapshot_id};
 use crate::update_location_table::UpdateLocationTable;
 
 /// How the resync copies a recorded range from origin to mate.
@@ -122,6 +122,23 @@ pub struct VolumeStatus {
     pub dirty_blocks: u64,
     pub resync: ResyncProgress,
     pub full_resync_reason: Option<String>,
+}
+
+/// The snapshot a volume holds: who acquired it, the ledger sequence at
+/// the split, and the id of that acquire (never repeated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldSnapshot {
+    pub holder: String,
+    pub ledger_sequence: u64,
+    pub snapshot_id: u64,
+}
+
+/// What an acquire did: split the pair now, or found it held by the same
+/// run id (a retry); either way the snapshot held afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquireOutcome {
+    pub already_held: bool,
+    pub snapshot: HeldSnapshot,
 }
 
 /// The answer to a delete.
@@ -513,6 +530,21 @@ impl SnapshotManager {
         run_id: &str,
         ledger_sequence: u64,
     ) -> Result<bool, DbError> {
+        Ok(self
+            .acquire_snapshot(volume, run_id, ledger_sequence)
+            .await?
+            .already_held)
+    }
+
+    /// [`Self::acquire`], answering also the snapshot held afterwards (a
+    /// retry's, or the new one with its new id), read under the mode gate
+    /// so that no delete and re-acquire can slip in between.
+    pub async fn acquire_snapshot(
+        &self,
+        volume: u32,
+        run_id: &str,
+        ledger_sequence: u64,
+    ) -> Result<AcquireOutcome, DbError> {
         let vol = self.volume(volume)?;
         let _mode = vol.mode_gate.write().await;
         // The checks happen in a block of their own, so that the table's
@@ -521,7 +553,20 @@ impl SnapshotManager {
             let inner = vol.inner();
             match &inner.state {
                 PairState::Synchronized => {}
-                PairState::Snapshot { holder, .. } if holder == run_id => return Ok(true),
+                PairState::Snapshot {
+                    holder,
+                    ledger_sequence,
+                    snapshot_id,
+                } if holder == run_id => {
+                    return Ok(AcquireOutcome {
+                        already_held: true,
+                        snapshot: HeldSnapshot {
+                            holder: holder.clone(),
+                            ledger_sequence: *ledger_sequence,
+                            snapshot_id: *snapshot_id,
+                        },
+                    });
+                }
                 other => {
                     return Err(DbError::WrongMode {
                         volume,
@@ -537,17 +582,26 @@ impl SnapshotManager {
         }
         // Durability rule 2: the mode change is durable before it takes
         // effect. The mode gate keeps every write out meanwhile.
+        let snapshot_id = new_snapshot_id();
         let state = PairState::Snapshot {
             holder: run_id.to_string(),
             ledger_sequence,
+            snapshot_id,
         };
         self.journal_state(&vol.pair, &state).await?;
         crash::point("acquire.after_journal");
         let mut inner = vol.inner();
         inner.state = state;
         inner.last_deleted_by = None;
-        tracing::info!(volume, run_id, "snapshot acquired");
-        Ok(false)
+        tracing::info!(volume, run_id, snapshot_id, "snapshot acquired");
+        Ok(AcquireOutcome {
+            already_held: false,
+            snapshot: HeldSnapshot {
+                holder: run_id.to_string(),
+                ledger_sequence,
+                snapshot_id,
+            },
+        })
     }
 
     /// Releases the snapshot (Snapshot → Resynchronizing) and wakes the
@@ -620,12 +674,17 @@ impl SnapshotManager {
 
     /// The holder of the volume's snapshot and the ledger sequence it was
     /// taken at, if one is acquired.
-    pub fn snapshot_of(&self, volume: u32) -> Result<Option<(String, u64)>, DbError> {
+    pub fn snapshot_of(&self, volume: u32) -> Result<Option<HeldSnapshot>, DbError> {
         Ok(match &self.volume(volume)?.inner().state {
             PairState::Snapshot {
                 holder,
                 ledger_sequence,
-            } => Some((holder.clone(), *ledger_sequence)),
+                snapshot_id,
+            } => Some(HeldSnapshot {
+                holder: holder.clone(),
+                ledger_sequence: *ledger_sequence,
+                snapshot_id: *snapshot_id,
+            }),
             _ => None,
         })
     }
