@@ -781,6 +781,94 @@ async fn a_snapshot_deleted_during_the_copy_fails_the_job_and_leaves_nothing_com
     cluster.shutdown().await;
 }
 
+/// The regression: the same run id acquiring again after a forced delete,
+/// with no ledger (sequence 0 both times), used to pass the check after the
+/// copy, although the mate was resynced while it was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_acquired_again_by_the_same_run_during_the_copy_fails_the_job() {
+    let cluster = Cluster::start(8 << 20).await;
+    let mut client = backup_client(&cluster.backup.url()).await;
+    let mut db = db_client(&cluster.db.url()).await;
+    let acquire = dpb::AcquireSnapshotRequest {
+        volume: 0,
+        run_id: "again".into(),
+    };
+    let first = db
+        .acquire_snapshot(acquire.clone())
+        .await
+        .expect("acquire")
+        .into_inner();
+    assert_ne!(first.snapshot_id, 0, "every acquire is named");
+    let retried = db
+        .acquire_snapshot(acquire.clone())
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(retried.already_held);
+    assert_eq!(
+        retried.snapshot_id, first.snapshot_id,
+        "a retry answers the same id"
+    );
+    // 8 MiB at 4 MiB/s: about two seconds to delete and acquire again in.
+    let id = client
+        .start_backup(pb::StartBackupRequest {
+            max_bytes_per_s: Some(4 << 20),
+            ..frozen_request("again", 2, 0, "again")
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .backup_id;
+    wait_until_copying(&mut client, &id).await;
+    db.delete_snapshot(dpb::DeleteSnapshotRequest {
+        volume: 0,
+        run_id: "an operator".into(),
+        force: true,
+    })
+    .await
+    .expect("delete with force");
+    // Nothing was written, so the resync is short; acquire as soon as the
+    // pair is Synchronized again.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let second = loop {
+        match db.acquire_snapshot(acquire.clone()).await {
+            Ok(answer) => break answer.into_inner(),
+            Err(status) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(status) => panic!("acquire again: {status:?}"),
+        }
+    };
+    assert!(!second.already_held);
+    assert_eq!(
+        second.ledger_sequence, first.ledger_sequence,
+        "no ledger: the sequence cannot tell the two snapshots apart"
+    );
+    assert_ne!(second.snapshot_id, first.snapshot_id);
+    assert_eq!(
+        get(&mut client, &id).await.state(),
+        pb::BackupState::Running,
+        "the copy was still running when the snapshot was replaced"
+    );
+    let last = follow_backup(&mut client, &id).await;
+    assert_eq!(last.state(), pb::BackupState::Failed, "{last:?}");
+    assert!(
+        last.error
+            .contains("snapshot of volume 0 held by run \"again\" was deleted and acquired again")
+            && last.error.contains(&format!("{:016x}", first.snapshot_id))
+            && last.error.contains(&format!("{:016x}", second.snapshot_id)),
+        "reason: {}",
+        last.error
+    );
+    assert!(
+        complete_entries(&cluster.store).is_empty(),
+        "nothing that looks complete: {:?}",
+        complete_entries(&cluster.store)
+    );
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_answers_cancelled_and_verify_of_a_cancelled_backup_says_why() {
     let dir = tempfile::tempdir().expect("tempdir");
