@@ -147,7 +147,7 @@ fn main() -> ExitCode {
     };
     println!(
         "soak: seed {seed}; replay with: {}",
-        soak::replay_command(&config, config.rounds.unwrap_or(u64::MAX))
+        soak::replay_command(&config, None)
     );
     match runtime.block_on(soak::run(&config)) {
         Ok(summary) => {

@@ -21,7 +21,7 @@ pub mod cluster;
 pub mod sim;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -290,7 +290,8 @@ impl Summary {
 }
 
 /// The command that replays a run up to the round that failed.
-pub fn replay_command(config: &SoakConfig, rounds: u64) -> String {
+/// `rounds` = `None` repeats the run as configured (its rounds or minutes).
+pub fn replay_command(config: &SoakConfig, rounds: Option<u64>) -> String {
     let faults = if config.faults.is_empty() {
         "none".to_string()
     } else {
@@ -301,8 +302,13 @@ pub fn replay_command(config: &SoakConfig, rounds: u64) -> String {
             .collect::<Vec<_>>()
             .join(",")
     };
+    let length = match (rounds.or(config.rounds), config.duration) {
+        (Some(rounds), _) => format!("--rounds {rounds}"),
+        (None, Some(duration)) => format!("--minutes {}", duration.as_secs_f64() / 60.0),
+        (None, None) => String::new(),
+    };
     let mut command = format!(
-        "cargo run --release --bin soak -- --seed {} --rounds {rounds} --faults {faults} --lu-size {} --workload-tps {}",
+        "cargo run --release --bin soak -- --seed {} {length} --faults {faults} --lu-size {} --workload-tps {}",
         config.seed, config.lu_size, config.workload_tps
     );
     command.push_str(&format!(" --resync {}", config.resync_method));
@@ -422,7 +428,7 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
     if found {
         println!(
             "soak: replay with: {}",
-            replay_command(config, summary.rounds)
+            replay_command(config, Some(summary.rounds))
         );
     }
     Ok(summary)
@@ -532,7 +538,7 @@ async fn play_round(
                 // must be judged unusable and kept aside as evidence (not
                 // taken for a torn tail and cut), and the pairs compared
                 // whole.
-                let set_aside = set_aside_journals(cluster);
+                let set_aside = set_aside_journals(&cluster.db_dir());
                 if damaged && set_aside.is_empty() {
                     return Err(Violation::new(
                         round,
@@ -589,6 +595,16 @@ async fn play_round(
                 ));
             }
         }
+        // With no fault in the round, nothing excuses a failed run.
+        other if fault.is_none() => {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "a console run failed in a round without a fault ({status}): {}",
+                    other.map_or_else(|| text.trim().to_string(), |r| r["error"].to_string())
+                ),
+            ));
+        }
         _ => summary.runs_failed += 1,
     }
     if let Some(at) = lost_console_at {
@@ -608,6 +624,15 @@ async fn play_round(
     cluster
         .heal()
         .map_err(|e| Violation::new(round, format!("a node did not come back: {e}")))?;
+    // Only a journal damaged on purpose (handled above) may be set aside:
+    // a crash or a full filesystem never makes committed records unusable.
+    let set_aside = set_aside_journals(&cluster.db_dir());
+    if !set_aside.is_empty() {
+        return Err(Violation::new(
+            round,
+            format!("db-server found its journal unusable after no damage: {set_aside:?}"),
+        ));
+    }
     checker.after_round(cluster, round, summary).await
 }
 
@@ -625,29 +650,48 @@ fn damage_journal(
     rng: &mut SmallRng,
     round: u64,
 ) -> Result<bool, Violation> {
-    let path = cluster.db_dir().join("journal.log");
-    let mut bytes = std::fs::read(&path)
-        .map_err(|e| Violation::new(round, format!("reading {}: {e}", path.display())))?;
-    if bytes.len() < 64 {
+    damage_journal_file(
+        &cluster.db_dir().join("journal.log"),
+        fault == Fault::CorruptJournal,
+        rng,
+    )
+    .map_err(|e| Violation::new(round, e))
+}
+
+/// Where the journal's records start and end: its commit block (offset 8)
+/// names the committed length; records start at offset 24.
+const JOURNAL_RECORDS_AT: usize = 24;
+
+/// Damages what a journal file has committed — 8 bytes overwritten at a
+/// random place among its committed records, or the file cut to a random
+/// length below the committed one — so that the damage is always evidence
+/// of corruption, never a torn tail that was never acknowledged. Answers
+/// false (and changes nothing) when too little is committed to damage.
+pub fn damage_journal_file(path: &Path, corrupt: bool, rng: &mut SmallRng) -> Result<bool, String> {
+    let mut bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let committed = bytes
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .map_or(0, |len| (len as usize).min(bytes.len()));
+    if committed < JOURNAL_RECORDS_AT + 16 {
         return Ok(false);
     }
-    if fault == Fault::CorruptJournal {
-        let at = rng.random_range(bytes.len() / 4..bytes.len() * 3 / 4);
-        let end = (at + 8).min(bytes.len());
-        for byte in &mut bytes[at..end] {
+    if corrupt {
+        let at = rng.random_range(JOURNAL_RECORDS_AT..committed - 8);
+        for byte in &mut bytes[at..at + 8] {
             *byte ^= 0x5A;
         }
     } else {
-        bytes.truncate(bytes.len() / 2);
+        bytes.truncate(rng.random_range(JOURNAL_RECORDS_AT..committed));
     }
-    std::fs::write(&path, &bytes)
-        .map_err(|e| Violation::new(round, format!("writing {}: {e}", path.display())))?;
+    std::fs::write(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
     Ok(true)
 }
 
 /// The journals db-server has set aside as unusable (`journal.damaged-*`).
-fn set_aside_journals(cluster: &Cluster) -> Vec<PathBuf> {
-    std::fs::read_dir(cluster.db_dir())
+pub fn set_aside_journals(db_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(db_dir)
         .into_iter()
         .flatten()
         .filter_map(Result::ok)

@@ -354,15 +354,36 @@ pub async fn run_seed(
                 summary.crashes += 1;
                 summary.damaged_journals += 1;
                 crash(node).await;
-                damage(&dir.path().join("journal.log"), &mut rng)?;
+                let corrupt = rng.random_bool(0.5);
+                let damaged =
+                    super::damage_journal_file(&dir.path().join("journal.log"), corrupt, &mut rng)?;
                 node = start(&array, dir.path(), canary).await?;
+                if damaged {
+                    // Damage inside the committed part: the journal must be
+                    // judged unusable and kept aside, and a snapshot it held
+                    // cannot be trusted, so it is dropped (the pair is then
+                    // compared whole).
+                    let set_aside = super::set_aside_journals(dir.path());
+                    if set_aside.is_empty() {
+                        return Err(context(
+                            "a journal damaged inside its committed part was not set aside as unusable",
+                        ));
+                    }
+                    for path in set_aside {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    if node.manager.holder(0).map_err(|e| e.to_string())?.is_some() {
+                        return Err(context("a snapshot survived an unusable journal"));
+                    }
+                    model.snapshot = None;
+                }
             }
             _ => continue,
         }
-        // A snapshot the restarted manager no longer holds was dropped on
-        // purpose (an unusable journal): the model follows.
-        if node.manager.holder(0).map_err(|e| e.to_string())?.is_none() {
-            model.snapshot = None;
+        // Nothing but an unusable journal may make a snapshot disappear.
+        if model.snapshot.is_some() && node.manager.holder(0).map_err(|e| e.to_string())?.is_none()
+        {
+            return Err(context("a held snapshot was lost across a crash"));
         }
         check(&node, &array, &model)
             .await
@@ -417,24 +438,6 @@ async fn wait_synchronized(node: &Node, when: &str) -> Result<(), String> {
         .wait_synchronized(0, Duration::from_secs(20))
         .await
         .map_err(|e| format!("{when}: the pair did not become Synchronized: {e}"))
-}
-
-/// Overwrites 8 bytes in the middle of the journal, or cuts it to half.
-fn damage(path: &Path, rng: &mut SmallRng) -> Result<(), String> {
-    let mut bytes = std::fs::read(path).map_err(|e| format!("reading the journal: {e}"))?;
-    if bytes.len() < 64 {
-        return Ok(());
-    }
-    if rng.random_bool(0.5) {
-        let at = rng.random_range(bytes.len() / 4..bytes.len() * 3 / 4);
-        let end = (at + 8).min(bytes.len());
-        for byte in &mut bytes[at..end] {
-            *byte ^= 0x5A;
-        }
-    } else {
-        bytes.truncate(bytes.len() / 2);
-    }
-    std::fs::write(path, &bytes).map_err(|e| format!("writing the journal: {e}"))
 }
 
 /// The volume against the model.
