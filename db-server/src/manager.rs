@@ -161,6 +161,9 @@ struct VolumeInner {
     /// before the pair may be Synchronized: no journal said where origin and
     /// mate may differ ([0045]).
     full_resync_pending: bool,
+    /// The whole-volume resync is for a pair the journal never saw: normal
+    /// on first start, so only a difference found is worth a warning.
+    full_resync_new_pair: bool,
 }
 
 struct Volume {
@@ -215,11 +218,16 @@ impl SnapshotManager {
     ///
     /// A pair the journal knows comes back as it was: a snapshot is still
     /// acquired with its recorded regions; an interrupted resync goes on. A
-    /// pair it does not know (first start on this array, journal deleted or
-    /// unreadable) may differ anywhere, so it is resynchronized whole before
-    /// it is reported Synchronized — by comparing digests chunk by chunk and
-    /// copying what differs, which is how a fresh array (all zeros on both
-    /// sides) is known to need no copy.
+    /// pair it does not know may differ anywhere, so it is resynchronized
+    /// whole before it is reported Synchronized — by comparing digests chunk
+    /// by chunk and copying what differs, which is how a fresh array (all
+    /// zeros on both sides) is known to need no copy.
+    ///
+    /// A pair a usable journal has no record of is a new pair (first start
+    /// on this array): logged at INFO. A journal deleted since cannot be told
+    /// apart from that at start, so the compare warns if it finds the two
+    /// sides differ. An unusable journal, or a record that names another
+    /// origin, mate or size, is a lost journal: logged at WARN at once.
     pub async fn start(
         array: Arc<dyn ArrayPort>,
         pairs: Vec<PairInfo>,
@@ -248,6 +256,7 @@ impl SnapshotManager {
                 resync: ResyncProgress::default(),
                 full_resync_reason: None,
                 full_resync_pending: false,
+                full_resync_new_pair: false,
             };
             match (&journal, known) {
                 (None, _) => {}
@@ -272,19 +281,32 @@ impl SnapshotManager {
                     // An unusable journal was set aside: whatever it said
                     // about this pair (a snapshot included) cannot be
                     // trusted, and the reason says where it was damaged.
-                    let reason = match journal.unusable_reason() {
-                        Some(why) => {
-                            format!("journal unusable: {why}: origin and mate may differ anywhere")
-                        }
-                        None => "no usable journal record for this volume (first start on this \
-                                 array, or the journal was deleted): origin and mate may differ \
-                                 anywhere"
-                            .to_string(),
+                    let lost = match journal.unusable_reason() {
+                        Some(why) => Some(format!("journal unusable: {why}")),
+                        None if durable.contains_key(&pair.mirror_lu) => Some(
+                            "the journal's record of this volume names another origin, mate or \
+                             size"
+                                .to_string(),
+                        ),
+                        None => None,
                     };
-                    tracing::warn!(
-                        volume = pair.mirror_lu,
-                        "{reason}; resynchronizing the whole volume"
-                    );
+                    let reason = match lost {
+                        Some(lost) => {
+                            let reason = format!("{lost}: origin and mate may differ anywhere");
+                            tracing::warn!(
+                                volume = pair.mirror_lu,
+                                "{reason}; resynchronizing the whole volume"
+                            );
+                            reason
+                        }
+                        None => {
+                            let reason = "new pair: comparing origin and mate (no usable \
+                                          journal record for this volume)";
+                            tracing::info!(volume = pair.mirror_lu, "{reason}");
+                            inner.full_resync_new_pair = true;
+                            reason.to_string()
+                        }
+                    };
                     journal
                         .record_state(&pair, &PairState::Resynchronizing, true)
                         .await?;
@@ -942,11 +964,26 @@ impl SnapshotManager {
             vol.inner().resync.bytes_done += n * block_size_bytes;
             lba += n;
         }
-        tracing::info!(
-            volume = vol.volume(),
-            copied_chunks,
-            "whole-volume resync compared every chunk"
-        );
+        let new_pair = std::mem::take(&mut vol.inner().full_resync_new_pair);
+        if new_pair && copied_chunks > 0 {
+            // A new pair on a fresh array compares equal; one that differs
+            // was written before, so a journal that knew it was lost (or
+            // the array was written past db-server), and a snapshot held
+            // then is gone.
+            tracing::warn!(
+                volume = vol.volume(),
+                copied_chunks,
+                "origin and mate of a pair the journal had no record of differed in \
+                 {copied_chunks} chunks (a lost or deleted journal, or writes past db-server): \
+                 copied the origin over the mate"
+            );
+        } else {
+            tracing::info!(
+                volume = vol.volume(),
+                copied_chunks,
+                "whole-volume resync compared every chunk"
+            );
+        }
         Ok(())
     }
 

@@ -10,6 +10,9 @@
 //! - `crash`: kill -9 at named crash points, array loss, lost journal.
 //! - `journal_damage`: a corrupted or truncated journal, a full journal
 //!   filesystem.
+//! - `first_start`: a new pair is INFO, a lost journal WARN.
+//! - `resync_wait`: the console waits out a resync by db-server's reason
+//!   trailer.
 //! - `backup`: images, manifests, verification, node crashes.
 //! - `console_cli`: the console binary end to end, the demo, the CLI.
 //! - `compose`: the container scenario (when Docker is there).
@@ -42,8 +45,12 @@ mod db_model;
 #[cfg(test)]
 mod db_race;
 #[cfg(test)]
+mod first_start;
+#[cfg(test)]
 mod grpcurl;
 #[cfg(test)]
 mod journal_damage;
 #[cfg(test)]
 mod ledger_crash;
+#[cfg(test)]
+mod resync_wait;
