@@ -460,14 +460,11 @@ pub async fn wait_synchronized(
         }
         match volume_status.data_mode() {
             dpb::Mode::Synchronized => return Ok(()),
-            // Waiting on would never end: the pair was split again (by
-            // another run) before its resync finished.
-            dpb::Mode::Snapshot => {
-                return Err(format!(
-                    "volume {volume} was split again (snapshot held by {:?}) before its resync finished",
-                    volume_status.snapshot_holder
-                ));
-            }
+            // A pair is split only from Synchronized: split again (by another
+            // run, between two polls), the resync waited for has finished.
+            // Waiting for Synchronized instead would wait out that other
+            // run's whole snapshot, or for ever.
+            dpb::Mode::Snapshot => return Ok(()),
             _ => {}
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
