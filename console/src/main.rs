@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use console::clients::{Addresses, Clients, DEFAULT_ARRAY, DEFAULT_BACKUP, DEFAULT_DB};
-use console::demo::{DemoOptions, demo};
-use console::progress;
-use console::run::{RunOptions, backup_run};
-use console::status;
+use splitmirror_console::clients::{Addresses, Clients, DEFAULT_ARRAY, DEFAULT_BACKUP, DEFAULT_DB};
+use splitmirror_console::demo::{DemoOptions, demo};
+use splitmirror_console::progress;
+use splitmirror_console::run::{RunOptions, backup_run};
+use splitmirror_console::status;
 use splitmirror_proto::backup::v1 as bpb;
 use splitmirror_proto::db::v1 as dpb;
 use splitmirror_proto::node;
@@ -416,14 +416,14 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             quick,
             max_rate,
         } => {
-            let options = console::bench::BenchOptions {
+            let options = splitmirror_console::bench::BenchOptions {
                 size_bytes: size,
                 seconds,
                 quick,
                 plot,
                 max_rate,
             };
-            let output = console::bench::run(&scenario, &options).await?;
+            let output = splitmirror_console::bench::run(&scenario, &options).await?;
             outln!(
                 "bench {scenario} ({}):",
                 splitmirror_proto::units::format_bytes(size)
@@ -793,7 +793,7 @@ async fn schedule(
         }
     }
     let sink = progress::for_stderr();
-    console::run::wait_synchronized(clients, volume, sink.as_ref()).await?;
+    splitmirror_console::run::wait_synchronized(clients, volume, sink.as_ref()).await?;
     let mut failures = 0u32;
     let mut done = 0u32;
     loop {
@@ -825,7 +825,11 @@ async fn schedule(
 
 /// Prints a run's report: one JSON line, or the human-readable form under
 /// a heading that says whether the run succeeded.
-fn print_report(report: &console::run::RunReport, heading: &str, json: bool) -> Result<(), String> {
+fn print_report(
+    report: &splitmirror_console::run::RunReport,
+    heading: &str,
+    json: bool,
+) -> Result<(), String> {
     if json {
         outln!(
             "{}",

@@ -2,6 +2,8 @@
 //!
 //! - [`array`], [`db`], [`backup`]: the messages and services generated from
 //!   `proto/*.proto` (compiled by protox at build time, no system `protoc`).
+//! - [`client`]: one typed client per service, the one error type and the
+//!   one retry rule every caller uses.
 //! - [`node`]: how every node serves (health, reflection, HTTP/2 windows,
 //!   limits, graceful shutdown) and how every client connects, assembled once
 //!   so that a call gets the same treatment whichever node it reaches.
@@ -13,6 +15,7 @@
 //! - [`reason`]: why db-server refused a call, as metadata a program can
 //!   act on (never the message's text).
 
+pub mod client;
 pub mod node;
 pub mod pace;
 pub mod range_lock;

@@ -247,7 +247,7 @@ pub fn binary(name: &str) -> std::path::PathBuf {
         let release = profile_dir.ends_with("release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = std::process::Command::new(cargo);
-        build.args(["build", "--bin", name, "-p", name]);
+        build.args(["build", "--bin", name]);
         if release {
             build.arg("--release");
         }

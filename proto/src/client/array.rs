@@ -1,0 +1,276 @@
+//! The typed client of `splitmirror.array.v1.ArrayService`.
+
+use std::pin::Pin;
+
+use futures_util::{Stream, StreamExt};
+use tonic::transport::Channel;
+
+use super::{ClientError, ErrorKind, connect_lazy};
+use crate::array::v1 as pb;
+use crate::array::v1::array_service_client::ArrayServiceClient;
+use crate::node;
+
+const NODE: &str = "array";
+
+/// One LU as the array's mode-sense page describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LuPage {
+    pub lu: u32,
+    pub kind: pb::LuKind,
+    pub block_size_bytes: u32,
+    pub block_count: u64,
+    /// For a mirror LU: its origin and mate.
+    pub origin_lu: Option<u32>,
+    pub mate_lu: Option<u32>,
+}
+
+impl LuPage {
+    pub fn size_bytes(&self) -> u64 {
+        self.block_count * u64::from(self.block_size_bytes)
+    }
+}
+
+/// One row of the mirroring definition table (1108) as the array's
+/// mode-sense pages give it: a mirror LU and the pair behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairInfo {
+    pub mirror_lu: u32,
+    pub origin_lu: u32,
+    pub mate_lu: u32,
+    pub block_size_bytes: u32,
+    pub block_count: u64,
+}
+
+/// The blocks of a read, in order, as the array streams them.
+pub type BlockStream = Pin<Box<dyn Stream<Item = Result<Vec<u8>, ClientError>> + Send>>;
+
+/// The array over gRPC. Cloning is cheap (one shared connection); the
+/// connection is made at the first call and remade after the array
+/// restarts.
+#[derive(Clone)]
+pub struct ArrayClient {
+    inner: ArrayServiceClient<Channel>,
+    target: String,
+}
+
+impl ArrayClient {
+    /// A client of the array at `target` (`host:port` or a URL). Fails only
+    /// for an address that cannot be parsed.
+    pub fn new(target: &str) -> Result<Self, ClientError> {
+        Ok(Self {
+            inner: ArrayServiceClient::new(connect_lazy(NODE, target)?)
+                .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(node::MAX_MESSAGE_BYTES),
+            target: target.to_string(),
+        })
+    }
+
+    /// The address this client calls.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn error(&self, doing: impl Into<String>, status: &tonic::Status) -> ClientError {
+        ClientError::from_status(NODE, &self.target, doing, status)
+    }
+
+    /// Every LU the array defines.
+    pub async fn list_lus(&self) -> Result<Vec<pb::LuInfo>, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .list_lus(pb::ListLusRequest {})
+            .await
+            .map_err(|s| self.error("listing LUs", &s))?
+            .into_inner()
+            .lus)
+    }
+
+    /// The mode-sense page of one LU ([0054]).
+    pub async fn mode_sense(&self, lu: u32) -> Result<LuPage, ClientError> {
+        let page = self
+            .inner
+            .clone()
+            .mode_sense(pb::ModeSenseRequest { lu })
+            .await
+            .map_err(|s| self.error(format!("mode sense of LU {lu}"), &s))?
+            .into_inner();
+        Ok(LuPage {
+            lu,
+            kind: page.kind(),
+            block_size_bytes: page.block_size_bytes,
+            block_count: page.block_count,
+            origin_lu: page.origin_lu,
+            mate_lu: page.mate_lu,
+        })
+    }
+
+    /// The mirror pairs the array defines, learnt the patent's way: a
+    /// mode-sense page per mirror LU ([0054]).
+    pub async fn list_pairs(&self) -> Result<Vec<PairInfo>, ClientError> {
+        let mut pairs = Vec::new();
+        for lu in self.list_lus().await? {
+            if lu.kind() != pb::LuKind::Mirror {
+                continue;
+            }
+            let page = self.mode_sense(lu.id).await?;
+            if let (pb::LuKind::Mirror, Some(origin_lu), Some(mate_lu)) =
+                (page.kind, page.origin_lu, page.mate_lu)
+            {
+                pairs.push(PairInfo {
+                    mirror_lu: lu.id,
+                    origin_lu,
+                    mate_lu,
+                    block_size_bytes: page.block_size_bytes,
+                    block_count: page.block_count,
+                });
+            }
+        }
+        Ok(pairs)
+    }
+
+    /// `blocks` blocks of `lu` from `lba`, as the array streams them.
+    pub async fn read_stream(
+        &self,
+        lu: u32,
+        lba: u64,
+        blocks: u64,
+    ) -> Result<BlockStream, ClientError> {
+        let doing = format!("reading LU {lu} at LBA {lba}");
+        let stream = self
+            .inner
+            .clone()
+            .read(pb::ReadRequest { lu, lba, blocks })
+            .await
+            .map_err(|s| self.error(doing.clone(), &s))?
+            .into_inner();
+        let target = self.target.clone();
+        Ok(Box::pin(stream.map(move |chunk| {
+            chunk
+                .map(|c| c.data)
+                .map_err(|s| ClientError::from_status(NODE, &target, doing.clone(), &s))
+        })))
+    }
+
+    /// `blocks` blocks of `lu` from `lba`, in one buffer.
+    pub async fn read(&self, lu: u32, lba: u64, blocks: u64) -> Result<Vec<u8>, ClientError> {
+        let mut stream = self.read_stream(lu, lba, blocks).await?;
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if data.is_empty() {
+                data = chunk;
+            } else {
+                data.extend_from_slice(&chunk);
+            }
+        }
+        Ok(data)
+    }
+
+    /// Writes whole blocks at `lba`; a mirror LU writes both sides. With
+    /// `fua` the array makes the data durable before it answers.
+    pub async fn write_with(
+        &self,
+        lu: u32,
+        lba: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<u64, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .write(pb::WriteRequest { lu, lba, data, fua })
+            .await
+            .map_err(|s| self.error(format!("writing LU {lu} at LBA {lba}"), &s))?
+            .into_inner()
+            .blocks_written)
+    }
+
+    /// Writes whole blocks at `lba` (no FUA); answers the blocks written.
+    pub async fn write(&self, lu: u32, lba: u64, data: Vec<u8>) -> Result<u64, ClientError> {
+        self.write_with(lu, lba, data, false).await
+    }
+
+    /// Copies a block range from one LU to another inside the array (the
+    /// offload of claim 4).
+    pub async fn copy_range(
+        &self,
+        src_lu: u32,
+        dst_lu: u32,
+        lba: u64,
+        blocks: u64,
+    ) -> Result<u64, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .copy_range(pb::CopyRangeRequest {
+                src_lu,
+                dst_lu,
+                lba,
+                blocks,
+            })
+            .await
+            .map_err(|s| {
+                self.error(
+                    format!("copying LU {src_lu} to LU {dst_lu} at LBA {lba}"),
+                    &s,
+                )
+            })?
+            .into_inner()
+            .blocks_copied)
+    }
+
+    /// BLAKE3 digests of each `chunk_blocks`-block chunk of a range (the
+    /// last chunk may be shorter).
+    pub async fn checksums(
+        &self,
+        lu: u32,
+        lba: u64,
+        blocks: u64,
+        chunk_blocks: u64,
+    ) -> Result<Vec<[u8; 32]>, ClientError> {
+        let doing = format!("checksumming LU {lu} at LBA {lba}");
+        let digests = self
+            .inner
+            .clone()
+            .checksum_range(pb::ChecksumRangeRequest {
+                lu,
+                lba,
+                blocks,
+                chunk_blocks,
+            })
+            .await
+            .map_err(|s| self.error(doing.clone(), &s))?
+            .into_inner()
+            .digests;
+        digests
+            .iter()
+            .map(|d| <[u8; 32]>::try_from(d.as_slice()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                ClientError::local(
+                    ErrorKind::Internal,
+                    NODE,
+                    &self.target,
+                    doing,
+                    "the array answered a digest that is not 32 bytes",
+                )
+            })
+    }
+
+    /// Makes every acknowledged write to `lu` durable.
+    pub async fn flush(&self, lu: u32) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .flush(pb::FlushRequest { lu })
+            .await
+            .map_err(|s| self.error(format!("flushing LU {lu}"), &s))?;
+        Ok(())
+    }
+
+    /// The generated client, for tests that must send what this client
+    /// never would (a malformed request, a raw stream).
+    pub fn raw(&self) -> ArrayServiceClient<Channel> {
+        self.inner.clone()
+    }
+}
