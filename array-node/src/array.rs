@@ -11,7 +11,9 @@ use splitmirror_proto::range_lock::{LockMode, RangeGuard, RangeLock};
 
 use crate::config::{ArrayConfig, LuId};
 use crate::error::ArrayError;
-use crate::storage::{FileStorage, LuStorage, MemoryStorage};
+#[cfg(any(test, feature = "testing"))]
+use crate::storage::MemoryStorage;
+use crate::storage::{FileStorage, LuStorage};
 
 /// The largest payload one request may carry (a write's data, a copy or
 /// checksum chunk). Larger transfers are split by the client or streamed.
@@ -59,10 +61,25 @@ pub struct ModeSensePage {
 }
 
 /// Behaviour switches for tests that must show their checker can fail.
+/// Without the `testing` feature it has no fields: a production array
+/// cannot be told to break itself.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ArrayTestHooks {
     /// Lets writes and copies of the same blocks interleave.
+    #[cfg(any(test, feature = "testing"))]
     pub disable_range_lock: bool,
+}
+
+impl ArrayTestHooks {
+    /// The range lock each real LU gets: the real one, unless a test asked
+    /// for none.
+    fn range_lock(&self) -> RangeLock {
+        #[cfg(any(test, feature = "testing"))]
+        if self.disable_range_lock {
+            return RangeLock::disabled_for_tests();
+        }
+        RangeLock::new()
+    }
 }
 
 /// A real LU: storage plus the bookkeeping of requests on it.
@@ -108,6 +125,7 @@ impl Array {
     }
 
     /// An array whose LUs live in memory, for unit tests.
+    #[cfg(any(test, feature = "testing"))]
     pub fn in_memory(config: &ArrayConfig) -> Result<Self, ArrayError> {
         Self::build(config, ArrayTestHooks::default(), |_, size_bytes| {
             let size = usize::try_from(size_bytes)
@@ -134,14 +152,9 @@ impl Array {
                 LuKind::Plain
             };
             let size_bytes = lu.block_count * u64::from(lu.block_size_bytes);
-            let lock = if hooks.disable_range_lock {
-                RangeLock::disabled_for_tests()
-            } else {
-                RangeLock::new()
-            };
             let real = RealLu {
                 storage: open(lu.id, size_bytes)?,
-                lock,
+                lock: hooks.range_lock(),
                 in_flight: AtomicU64::new(0),
             };
             let info = LuInfo {

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use array::{Array, ArrayTestHooks};
 pub use config::ArrayConfig;
+pub use error::SpawnError;
 
 /// Everything an array node needs to start.
 #[derive(Debug, Clone)]
@@ -34,12 +35,13 @@ pub struct ArrayNodeConfig {
 }
 
 /// Opens the LUs and serves them on `listener` until `cancel` is cancelled.
-pub async fn spawn(config: ArrayNodeConfig, listener: TcpListener) -> Result<NodeHandle, String> {
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("reading the listener's address: {e}"))?;
+pub async fn spawn(
+    config: ArrayNodeConfig,
+    listener: TcpListener,
+) -> Result<NodeHandle, SpawnError> {
+    let addr = listener.local_addr().map_err(SpawnError::ListenerAddress)?;
     let array = Arc::new(
-        Array::open(&config.array, &config.data_dir, config.hooks).map_err(|e| e.to_string())?,
+        Array::open(&config.array, &config.data_dir, config.hooks).map_err(SpawnError::OpenLus)?,
     );
     let service = ArrayServiceServer::new(service::ArrayGrpc::new(array))
         .max_decoding_message_size(service::MAX_DECODING_BYTES)

@@ -38,7 +38,9 @@ struct Cli {
     #[arg(long, default_value = "64MiB", value_parser = parse_size_bytes)]
     lu_size: u64,
     /// Breaks the array on purpose (writes and copies of the same blocks
-    /// interleave), so that the nemesis can show it catches it.
+    /// interleave), so that the nemesis can show it catches it. Only in
+    /// builds with the `testing` feature.
+    #[cfg(feature = "testing")]
     #[arg(long, hide = true)]
     unsafe_test_no_range_lock: bool,
 }
@@ -48,6 +50,20 @@ enum Command {
     /// Exits 0 if the array at --listen answers its gRPC health check
     /// (for container healthchecks).
     HealthProbe,
+}
+
+/// The fault hooks the command line asks for (none without the `testing`
+/// feature).
+fn test_hooks(cli: &Cli) -> ArrayTestHooks {
+    #[cfg(feature = "testing")]
+    return ArrayTestHooks {
+        disable_range_lock: cli.unsafe_test_no_range_lock,
+    };
+    #[cfg(not(feature = "testing"))]
+    {
+        let _ = cli;
+        ArrayTestHooks::default()
+    }
 }
 
 #[tokio::main]
@@ -72,16 +88,13 @@ async fn run() -> anyhow::Result<()> {
         None => ArrayConfig::default_pairs(cli.lu_size)?,
     };
     let listener = node::bind(&cli.listen).await.map_err(anyhow::Error::msg)?;
+    let hooks = test_hooks(&cli);
     let config = ArrayNodeConfig {
         data_dir: cli.data_dir,
         array,
-        hooks: ArrayTestHooks {
-            disable_range_lock: cli.unsafe_test_no_range_lock,
-        },
+        hooks,
     };
-    let handle = array_node::spawn(config, listener)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let handle = array_node::spawn(config, listener).await?;
     node::serve_until_signal(handle, "array-node")
         .await
         .map_err(anyhow::Error::msg)?;

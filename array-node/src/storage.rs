@@ -5,7 +5,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Mutex;
 
 /// Byte-addressed storage of one real LU. Offsets and lengths are always
 /// whole blocks inside the LU; the array checks that before calling.
@@ -82,18 +81,21 @@ impl LuStorage for FileStorage {
 }
 
 /// An LU in memory, for unit tests.
+#[cfg(any(test, feature = "testing"))]
 pub struct MemoryStorage {
-    bytes: Mutex<Vec<u8>>,
+    bytes: std::sync::Mutex<Vec<u8>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl MemoryStorage {
     pub fn new(size_bytes: usize) -> Self {
         Self {
-            bytes: Mutex::new(vec![0; size_bytes]),
+            bytes: std::sync::Mutex::new(vec![0; size_bytes]),
         }
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl LuStorage for MemoryStorage {
     fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
         let bytes = self.bytes.lock().expect("memory LU poisoned");
