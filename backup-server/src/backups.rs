@@ -7,15 +7,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use splitmirror_proto::run_id::validate_run_id;
+use splitmirror_proto::client::{ClientError, ErrorKind};
+use splitmirror_proto::run_id::{RunIdError, validate_run_id};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::job::{self, FrozenBy, JobError, JobSpec, Progress};
 use crate::manifest::{self, Manifest, SnapshotRecord};
-use crate::owner::{OwnerErrorKind, SnapshotOwner, SnapshotRef, check_held};
-use crate::source::{LuSource, SourceErrorKind};
+use crate::owner::{NotFrozen, OwnerFailure, SnapshotOwner, SnapshotRef, check_held};
+use crate::source::LuSource;
 use crate::store::{BackupStore, StoreError, VerifyOutcome};
 
 /// How long `CancelBackup` waits for the job to stop before it answers.
@@ -81,38 +82,92 @@ impl BackupInfo {
     }
 }
 
+/// Why a call on the backups failed. Each variant says whose fault it is
+/// and whether trying again can help; the gRPC adapter maps each to one
+/// code (`From<BackupError> for Status`, no catch-all arm).
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    /// No job of this process and no complete backup has this id. Not
+    /// retryable.
     #[error("backup {0} does not exist")]
     NotFound(String),
+    /// The id cannot name a backup (not hex and dashes, or too long). Not
+    /// retryable: the caller's fault.
+    #[error("{0:?} is not a backup id")]
+    BadId(String),
+    /// A run id of the request breaks the run id rules. Not retryable: the
+    /// caller's fault.
+    #[error("{field}: {source}")]
+    BadRunId {
+        /// Which field: "run_id" or "the snapshot's holder_run_id".
+        field: &'static str,
+        #[source]
+        source: RunIdError,
+    },
+    /// The array does not define the LU. Not retryable.
     #[error("LU {0} does not exist on the array")]
     UnknownLu(u32),
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// db-server does not know the volume the request names.
-    #[error("{0}")]
-    UnknownVolume(String),
+    /// The array did not answer (a transient client error). Retryable.
+    #[error("the array is unavailable: {0}")]
+    ArrayUnavailable(#[source] ClientError),
+    /// The array answered with a failure that is not the caller's fault.
+    /// Not retryable as it is.
+    #[error("the array failed: {0}")]
+    ArrayFailed(#[source] ClientError),
+    /// db-server does not know the volume the request names. Not retryable.
+    #[error(
+        "cannot confirm that LU {lu} is frozen by the snapshot of volume {volume}: db-server does not know the volume ({source})"
+    )]
+    UnknownVolume {
+        volume: u32,
+        lu: u32,
+        #[source]
+        source: ClientError,
+    },
     /// The named snapshot does not freeze the LU (none is held, another
-    /// run holds it, or its mate is another LU).
+    /// run holds it, its mate is another LU, it has no id). Not retryable
+    /// until the caller names the snapshot that freezes the LU.
     #[error("{0}")]
-    NotFrozen(String),
-    /// Verify of a backup that is running, failed or was cancelled.
-    #[error("backup {id} is not complete: {reason}")]
-    NotComplete { id: String, reason: String },
+    NotFrozen(#[from] NotFrozen),
+    /// db-server did not answer whether the snapshot is held. Retryable.
+    #[error("db-server is unavailable: {0}")]
+    OwnerUnavailable(#[source] ClientError),
+    /// db-server failed the question. Not retryable as it is.
+    #[error("db-server failed: {0}")]
+    OwnerFailed(#[source] ClientError),
+    /// Verify of a backup that is running, failed or was cancelled. Not
+    /// retryable (a running one: once it completes).
+    #[error("backup {id} is not complete: {}", not_complete_reason(.state))]
+    NotComplete { id: String, state: JobState },
+    /// The store failed: an I/O error or a damaged manifest. Not retryable
+    /// until the store is fixed.
     #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Store(String),
+    Store(#[source] StoreError),
+    /// The manifest of a complete backup holds a digest that is not a
+    /// BLAKE3 digest in hex (it was edited or damaged). Not retryable.
+    #[error("the manifest of backup {id} is damaged: {what}")]
+    DamagedManifest { id: String, what: String },
+    /// A blocking task (verify's hashing) panicked or was dropped at
+    /// shutdown. Not retryable.
+    #[error("a blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn not_complete_reason(state: &JobState) -> String {
+    match state {
+        JobState::Running => "it is still running".to_string(),
+        JobState::Failed(why) => format!("it failed: {why}"),
+        JobState::Cancelled => "it was cancelled".to_string(),
+        JobState::Complete => "it is complete".to_string(),
+    }
 }
 
 impl From<StoreError> for BackupError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound(id) => BackupError::NotFound(id),
-            StoreError::BadId(id) => {
-                BackupError::InvalidArgument(format!("{id:?} is not a backup id"))
-            }
-            other => BackupError::Store(other.to_string()),
+            StoreError::BadId(id) => BackupError::BadId(id),
+            StoreError::Io { .. } | StoreError::BadManifest { .. } => BackupError::Store(error),
         }
     }
 }
@@ -170,11 +225,14 @@ impl Backups {
         let lu = request.lu;
         // The same rule as db-server's holders: no blank run id, no
         // control characters, a bounded length.
-        validate_run_id(run_id)
-            .map_err(|e| BackupError::InvalidArgument(format!("run_id: {e}")))?;
+        validate_run_id(run_id).map_err(|source| BackupError::BadRunId {
+            field: "run_id",
+            source,
+        })?;
         if let Wanted::Snapshot(wanted) = &request.wanted {
-            validate_run_id(&wanted.holder_run_id).map_err(|e| {
-                BackupError::InvalidArgument(format!("the snapshot's holder_run_id: {e}"))
+            validate_run_id(&wanted.holder_run_id).map_err(|source| BackupError::BadRunId {
+                field: "the snapshot's holder_run_id",
+                source,
             })?;
         }
         if let Some(id) = self.by_run.lock().expect("by_run").get(run_id) {
@@ -185,36 +243,44 @@ impl Backups {
         }
         // Unknown LUs and an unreachable array are answered now, not as a
         // job that fails later.
-        let geometry = self.source.geometry(lu).await.map_err(|e| match e.kind {
-            SourceErrorKind::NotFound => BackupError::UnknownLu(lu),
-            SourceErrorKind::Unavailable => {
-                BackupError::Unavailable(format!("the array is unavailable: {}", e.message))
-            }
-            SourceErrorKind::Other => BackupError::InvalidArgument(e.message),
-        })?;
+        let geometry = self
+            .source
+            .geometry(lu)
+            .await
+            .map_err(|e| array_error(lu, e))?;
         let mut expected_block_count = request.expected_block_count;
         let frozen_by = match request.wanted {
             Wanted::Live => FrozenBy::Live,
             Wanted::Snapshot(wanted) => {
-                let before = self.owner.snapshot(wanted.volume).await.map_err(|e| {
-                    let reason = format!(
-                        "cannot confirm that LU {lu} is frozen by the snapshot of volume {} held by run {:?}: {}",
-                        wanted.volume, wanted.holder_run_id, e.message
-                    );
-                    match e.kind {
-                        OwnerErrorKind::UnknownVolume => BackupError::UnknownVolume(reason),
-                        OwnerErrorKind::NoSnapshot | OwnerErrorKind::Other => {
-                            BackupError::NotFrozen(reason)
-                        }
-                        OwnerErrorKind::Unavailable => BackupError::Unavailable(reason),
-                    }
-                })?;
-                check_held(&wanted, lu, &before).map_err(BackupError::NotFrozen)?;
+                let before =
+                    self.owner.snapshot(wanted.volume).await.map_err(
+                        |e| match OwnerFailure::of(&e) {
+                            OwnerFailure::UnknownVolume => BackupError::UnknownVolume {
+                                volume: wanted.volume,
+                                lu,
+                                source: e,
+                            },
+                            OwnerFailure::NoSnapshot => {
+                                BackupError::NotFrozen(NotFrozen::NoSnapshot {
+                                    volume: wanted.volume,
+                                    holder_run_id: wanted.holder_run_id.clone(),
+                                    lu,
+                                    cause: Box::new(e),
+                                })
+                            }
+                            OwnerFailure::Unavailable => BackupError::OwnerUnavailable(e),
+                            OwnerFailure::Failed => BackupError::OwnerFailed(e),
+                        },
+                    )?;
+                check_held(&wanted, lu, &before)?;
                 if before.block_count != geometry.block_count {
-                    return Err(BackupError::NotFrozen(format!(
-                        "db-server says the mate of volume {} has {} blocks, the array says LU {lu} has {}",
-                        wanted.volume, before.block_count, geometry.block_count
-                    )));
+                    return Err(NotFrozen::SizeDiffers {
+                        volume: wanted.volume,
+                        lu,
+                        owner_block_count: before.block_count,
+                        array_block_count: geometry.block_count,
+                    }
+                    .into());
                 }
                 expected_block_count.get_or_insert(before.block_count);
                 FrozenBy::Snapshot {
@@ -425,24 +491,36 @@ impl Backups {
     /// process that did not complete is refused with the reason.
     pub async fn verify(&self, id: &str) -> Result<VerifyOutcome, BackupError> {
         if let Some(job) = self.job(id) {
-            let reason = match &*job.state.borrow() {
-                JobState::Complete => None,
-                JobState::Running => Some("it is still running".to_string()),
-                JobState::Failed(why) => Some(format!("it failed: {why}")),
-                JobState::Cancelled => Some("it was cancelled".to_string()),
-            };
-            if let Some(reason) = reason {
+            let state = job.state.borrow().clone();
+            if state != JobState::Complete {
                 return Err(BackupError::NotComplete {
                     id: id.to_string(),
-                    reason,
+                    state,
                 });
             }
         }
         let store = self.store.clone();
         let id = id.to_string();
-        tokio::task::spawn_blocking(move || store.verify(&id))
-            .await
-            .map_err(|e| BackupError::Store(e.to_string()))?
-            .map_err(Into::into)
+        Ok(tokio::task::spawn_blocking(move || store.verify(&id)).await??)
+    }
+}
+
+/// What a failed mode sense of the LU to copy means: the one mapping from
+/// the array's error kind to a backup error. An array fault is never the
+/// caller's INVALID_ARGUMENT.
+fn array_error(lu: u32, error: ClientError) -> BackupError {
+    match error.kind {
+        ErrorKind::NotFound => BackupError::UnknownLu(lu),
+        ErrorKind::Unavailable | ErrorKind::DeadlineExceeded | ErrorKind::Broken => {
+            BackupError::ArrayUnavailable(error)
+        }
+        ErrorKind::InvalidArgument
+        | ErrorKind::OutOfRange
+        | ErrorKind::FailedPrecondition
+        | ErrorKind::ResourceExhausted
+        | ErrorKind::AlreadyExists
+        | ErrorKind::Aborted
+        | ErrorKind::PermissionDenied
+        | ErrorKind::Internal => BackupError::ArrayFailed(error),
     }
 }

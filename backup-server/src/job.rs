@@ -8,18 +8,20 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::{StreamExt, TryStreamExt};
+use splitmirror_proto::client::{Backoff, ClientError};
 use splitmirror_proto::pace::RateLimit;
 use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{self, CHUNK_SIZE_BYTES, FORMAT_VERSION, Manifest, SnapshotRecord};
 use crate::owner::{
-    CONFIRM_DEADLINE, HeldSnapshot, OwnerErrorKind, SnapshotOwner, SnapshotRef, check_unchanged,
+    CONFIRM_DEADLINE, HeldSnapshot, NotFrozen, OwnerFailure, SnapshotOwner, SnapshotRef,
+    check_unchanged,
 };
-use crate::source::{LuSource, SourceErrorKind};
-use crate::store::BackupStore;
+use crate::source::LuSource;
+use crate::store::{BackupStore, StoreError};
 
 /// Read streams in flight at once.
 pub const READ_STREAMS: usize = 4;
@@ -86,32 +88,73 @@ impl Default for Progress {
     }
 }
 
+/// Why a job failed. [`JobError::is_unavailable`] says which failures a
+/// later job (a retry of the run) may not meet again.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
+    /// The array failed a mode sense or a read. Retryable when the client
+    /// says it is transient (the array did not answer); otherwise the array
+    /// failed, not the caller.
     #[error("{0}")]
-    Source(#[from] crate::source::SourceError),
+    Array(#[from] ClientError),
+    /// The LU is not the size the caller expected. Not retryable.
     #[error("LU {lu} has {actual} blocks, the caller expected {expected}")]
     WrongSize { lu: u32, expected: u64, actual: u64 },
+    /// A read stream ended before (or after) the end of its segment: the
+    /// array sent other than asked. Not retryable as it is (an array fault).
+    #[error(
+        "the array ended the stream of LU {lu} at byte {ended_at_byte} of a segment ending at {end_byte}"
+    )]
+    ShortRead {
+        lu: u32,
+        ended_at_byte: u64,
+        end_byte: u64,
+    },
+    /// The copy answered fewer chunks than the LU holds: the array sent less
+    /// than asked. Not retryable as it is (an array fault).
+    #[error("copied {copied} of {expected} chunks; the array sent less than asked")]
+    MissingChunks { copied: u64, expected: u64 },
+    /// Creating the partial backup or committing it failed (disk full, no
+    /// permission, I/O error). Not retryable until the store is fixed.
     #[error("writing the backup: {0}")]
-    Store(String),
+    Store(#[from] StoreError),
+    /// Writing or syncing the image file failed. Not retryable until the
+    /// store is fixed.
+    #[error("{doing} the image: {source}")]
+    Image {
+        doing: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blocking task (hashing, writing) panicked or was dropped at
+    /// shutdown. Not retryable: a bug or a stopping server.
+    #[error("a blocking task of the copy failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     /// The snapshot was not the one confirmed before the copy: the image
     /// may not be frozen. Retrying cannot help.
     #[error("FAILED_PRECONDITION: the image is not known to be frozen: {0}")]
-    SnapshotLost(String),
-    /// db-server did not answer the confirmation after the copy in time.
-    #[error("could not confirm the snapshot after the copy: {message}")]
-    NotConfirmed { message: String, unavailable: bool },
+    SnapshotLost(NotFrozen),
+    /// db-server did not confirm the snapshot after the copy: it did not
+    /// answer within [`CONFIRM_DEADLINE`] (transient) or failed the question.
+    #[error("could not confirm the snapshot after the copy: {0}")]
+    NotConfirmed(ClientError),
+    /// The job was cancelled. Not a failure of anything.
     #[error("cancelled")]
     Cancelled,
 }
 
 impl JobError {
+    /// True when the job failed because a node did not answer: the array
+    /// (a read) or db-server (the confirmation after the copy).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            JobError::Source(e) => e.kind == SourceErrorKind::Unavailable,
-            JobError::NotConfirmed { unavailable, .. } => *unavailable,
+            JobError::Array(e) | JobError::NotConfirmed(e) => e.is_transient(),
             JobError::WrongSize { .. }
+            | JobError::ShortRead { .. }
+            | JobError::MissingChunks { .. }
             | JobError::Store(_)
+            | JobError::Image { .. }
+            | JobError::Task(_)
             | JobError::SnapshotLost(_)
             | JobError::Cancelled => false,
         }
@@ -160,10 +203,7 @@ async fn copy(
     let image = {
         let store = store.clone();
         let id = spec.backup_id.clone();
-        tokio::task::spawn_blocking(move || store.create_partial(&id, size_bytes))
-            .await
-            .map_err(|e| JobError::Store(e.to_string()))?
-            .map_err(|e| JobError::Store(e.to_string()))?
+        tokio::task::spawn_blocking(move || store.create_partial(&id, size_bytes)).await??
     };
     let image = Arc::new(image);
     let chunk_count = size_bytes.div_ceil(CHUNK_SIZE_BYTES);
@@ -198,9 +238,10 @@ async fn copy(
         seen += 1;
     }
     if seen != chunk_count {
-        return Err(JobError::Store(format!(
-            "copied {seen} of {chunk_count} chunks; the array sent less than asked"
-        )));
+        return Err(JobError::MissingChunks {
+            copied: seen,
+            expected: chunk_count,
+        });
     }
     // The last read is done: the image is frozen only if the snapshot
     // confirmed before the first read still holds the mate now.
@@ -247,18 +288,15 @@ async fn copy(
     }
     let store = store.clone();
     let committed = manifest.clone();
-    tokio::task::spawn_blocking(move || store.commit(&image, &committed))
-        .await
-        .map_err(|e| JobError::Store(e.to_string()))?
-        .map_err(|e| JobError::Store(e.to_string()))?;
+    tokio::task::spawn_blocking(move || store.commit(&image, &committed)).await??;
     Ok(manifest)
 }
 
 /// Asks db-server, after the last read, whether the snapshot is still the
 /// one confirmed before the first: held by the same run, with the same
-/// ledger sequence. Retries a db-server that does not answer for
-/// [`CONFIRM_DEADLINE`] (a restart keeps its snapshots); answers when it
-/// confirmed.
+/// snapshot id. Retries a db-server that does not answer for
+/// [`CONFIRM_DEADLINE`] (a restart keeps its snapshots), waiting by the
+/// shared [`Backoff`]; answers when it confirmed.
 async fn confirm_after(
     owner: &dyn SnapshotOwner,
     wanted: &SnapshotRef,
@@ -266,7 +304,7 @@ async fn confirm_after(
     cancel: &CancellationToken,
 ) -> Result<u64, JobError> {
     let give_up = Instant::now() + CONFIRM_DEADLINE;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::standard();
     loop {
         let error = match owner.snapshot(wanted.volume).await {
             Ok(now) => {
@@ -275,31 +313,29 @@ async fn confirm_after(
             }
             Err(error) => error,
         };
-        match error.kind {
-            OwnerErrorKind::NoSnapshot | OwnerErrorKind::UnknownVolume => {
-                return Err(JobError::SnapshotLost(format!(
-                    "the snapshot of volume {} held by run {:?} was deleted during the copy ({})",
-                    wanted.volume, wanted.holder_run_id, error.message
-                )));
+        match OwnerFailure::of(&error) {
+            OwnerFailure::NoSnapshot | OwnerFailure::UnknownVolume => {
+                return Err(JobError::SnapshotLost(NotFrozen::Deleted {
+                    volume: wanted.volume,
+                    holder_run_id: wanted.holder_run_id.clone(),
+                    cause: Box::new(error),
+                }));
             }
-            OwnerErrorKind::Unavailable if Instant::now() + backoff < give_up => {
+            OwnerFailure::Unavailable => {
+                let wait = backoff.next_wait();
+                if Instant::now() + wait >= give_up {
+                    return Err(JobError::NotConfirmed(error));
+                }
                 tracing::warn!(
-                    "confirming the snapshot of volume {}: {} — retrying in {backoff:?}",
-                    wanted.volume,
-                    error.message
+                    "confirming the snapshot of volume {}: {error} — retrying in {wait:?}",
+                    wanted.volume
                 );
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(wait) => {}
                     () = cancel.cancelled() => return Err(JobError::Cancelled),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
-            OwnerErrorKind::Unavailable | OwnerErrorKind::Other => {
-                return Err(JobError::NotConfirmed {
-                    unavailable: error.kind == OwnerErrorKind::Unavailable,
-                    message: error.message,
-                });
-            }
+            OwnerFailure::Failed => return Err(JobError::NotConfirmed(error)),
         }
     }
 }
@@ -379,14 +415,17 @@ async fn copy_segment(
     // Flush this segment now, while the other streams keep copying, so that
     // the final fsync of the commit has little left to write.
     tokio::task::spawn_blocking(move || image.sync_data())
-        .await
-        .map_err(|e| JobError::Store(e.to_string()))?
-        .map_err(|e| JobError::Store(format!("syncing the image: {e}")))?;
+        .await?
+        .map_err(|source| JobError::Image {
+            doing: "syncing",
+            source,
+        })?;
     if chunk_offset != end || !chunk.is_empty() {
-        return Err(JobError::Store(format!(
-            "the array ended the stream at byte {} of a segment ending at {end}",
-            chunk_offset + chunk.len() as u64
-        )));
+        return Err(JobError::ShortRead {
+            lu,
+            ended_at_byte: chunk_offset + chunk.len() as u64,
+            end_byte: end,
+        });
     }
     Ok(digests
         .into_iter()
@@ -411,10 +450,10 @@ fn spawn_chunk(image: Arc<File>, data: Vec<u8>, at: u64) -> ChunkTask {
 type ChunkTask = tokio::task::JoinHandle<std::io::Result<(u64, [u8; 32])>>;
 
 async fn finish(task: ChunkTask, progress: &Progress) -> Result<(u64, [u8; 32]), JobError> {
-    let (at, digest) = task
-        .await
-        .map_err(|e| JobError::Store(e.to_string()))?
-        .map_err(|e| JobError::Store(format!("writing the image: {e}")))?;
+    let (at, digest) = task.await?.map_err(|source| JobError::Image {
+        doing: "writing",
+        source,
+    })?;
     let chunk_bytes = CHUNK_SIZE_BYTES.min(progress.bytes_total.load(Ordering::Relaxed) - at);
     progress
         .bytes_done

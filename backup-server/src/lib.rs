@@ -7,11 +7,14 @@
 //! - [`manifest`]: `manifest.json`, chunk digests, the image digest, and
 //!   the snapshot the image was copied from (or that it was copied live).
 //! - [`store`]: the backup store, partial names, commit, verify.
-//! - [`source`]: the array as a source of blocks (trait + gRPC client).
-//! - [`owner`]: db-server as the snapshot's owner (trait + gRPC client).
+//! - [`source`]: the array as a source of blocks (trait + an adapter over
+//!   the shared typed `ArrayClient`).
+//! - [`owner`]: db-server as the snapshot's owner (trait + an adapter over
+//!   the shared typed `DbClient`).
 //! - [`job`]: one copy — streams in flight, hashing, sparse writes.
 //! - [`backups`]: the jobs, idempotent by run id.
-//! - [`service`]: the thin gRPC adapter (`splitmirror.backup.v1`).
+//! - [`service`]: the thin gRPC adapter (`splitmirror.backup.v1`), with the
+//!   one conversion from `manifest.json` to the wire `Manifest`.
 
 pub mod backups;
 pub mod job;
@@ -25,6 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use splitmirror_proto::backup::v1::backup_service_server::BackupServiceServer;
+use splitmirror_proto::client::ClientError;
 use splitmirror_proto::node::{self, NodeHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use crate::backups::Backups;
 use crate::owner::GrpcOwner;
 use crate::source::GrpcSource;
-use crate::store::BackupStore;
+use crate::store::{BackupStore, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct BackupServerConfig {
@@ -45,15 +49,30 @@ pub struct BackupServerConfig {
     pub default_max_bytes_per_s: Option<u64>,
 }
 
+/// Why a backup server could not start ([`spawn`]). None is retryable as
+/// it is: the listener, the store or the configuration must be fixed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The listener's own address could not be read: the socket is
+    /// unusable.
+    #[error("reading the listener's address: {0}")]
+    ListenerAddress(#[source] std::io::Error),
+    /// The store directory could not be created, listed or cleaned of
+    /// partial backups (no permission, a full disk).
+    #[error("opening the backup store: {0}")]
+    Store(#[from] StoreError),
+    /// The address of the array or of db-server cannot be parsed.
+    #[error("{0}")]
+    Address(#[from] ClientError),
+}
+
 /// Opens the store (cleaning partial leftovers) and serves on `listener`.
 pub async fn spawn(
     config: BackupServerConfig,
     listener: TcpListener,
-) -> Result<NodeHandle, String> {
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("reading the listener's address: {e}"))?;
-    let store = BackupStore::open(&config.store_dir).map_err(|e| e.to_string())?;
+) -> Result<NodeHandle, SpawnError> {
+    let addr = listener.local_addr().map_err(SpawnError::ListenerAddress)?;
+    let store = BackupStore::open(&config.store_dir)?;
     let source = Arc::new(GrpcSource::new(&config.array_url)?);
     let owner = Arc::new(GrpcOwner::new(&config.db_url)?);
     let cancel = CancellationToken::new();

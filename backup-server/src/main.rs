@@ -137,7 +137,7 @@ async fn run() -> anyhow::Result<()> {
             };
             let handle = backup_server::spawn(config, listener)
                 .await
-                .map_err(anyhow::Error::msg)?;
+                .context("starting the backup server")?;
             node::serve_until_signal(handle, "backup-server")
                 .await
                 .map_err(anyhow::Error::msg)?;

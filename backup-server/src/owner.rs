@@ -5,10 +5,7 @@
 
 use std::time::Duration;
 
-use splitmirror_proto::db::v1 as pb;
-use splitmirror_proto::db::v1::db_service_client::DbServiceClient;
-use splitmirror_proto::node;
-use tonic::transport::Channel;
+use splitmirror_proto::client::{ClientError, DbClient, ErrorKind};
 
 use crate::source::BoxFuture;
 
@@ -38,53 +35,149 @@ pub struct HeldSnapshot {
     pub snapshot_id: u64,
 }
 
+/// What a failed question to db-server means for a backup, decided from
+/// the error's [`ErrorKind`] alone (never from its text) in
+/// [`OwnerFailure::of`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OwnerErrorKind {
-    /// db-server does not know the volume.
+pub enum OwnerFailure {
+    /// db-server does not know the volume (`NOT_FOUND`, reason
+    /// `unknown-volume`). Not retryable.
     UnknownVolume,
-    /// The volume holds no snapshot.
+    /// The volume holds no snapshot (`FAILED_PRECONDITION`, reason
+    /// `no-snapshot`, the only refusal of that code `GetSnapshot` makes), so
+    /// nothing freezes the LU. Not retryable until a snapshot is acquired.
     NoSnapshot,
-    /// db-server did not answer; a retry may help.
+    /// db-server did not answer, or is starting or stopping: a transient
+    /// kind ([`ErrorKind::is_transient`]). Retryable.
     Unavailable,
-    Other,
+    /// db-server failed the question (`INTERNAL`: its journal or array) or
+    /// refused it for a reason that is not about the snapshot. Not
+    /// retryable as it is.
+    Failed,
 }
 
+impl OwnerFailure {
+    /// The one mapping from a failed `GetSnapshot` to what it means here.
+    pub fn of(error: &ClientError) -> Self {
+        match error.kind {
+            ErrorKind::NotFound => Self::UnknownVolume,
+            ErrorKind::FailedPrecondition => Self::NoSnapshot,
+            ErrorKind::Unavailable | ErrorKind::DeadlineExceeded | ErrorKind::Broken => {
+                Self::Unavailable
+            }
+            ErrorKind::InvalidArgument
+            | ErrorKind::OutOfRange
+            | ErrorKind::ResourceExhausted
+            | ErrorKind::AlreadyExists
+            | ErrorKind::Aborted
+            | ErrorKind::PermissionDenied
+            | ErrorKind::Internal => Self::Failed,
+        }
+    }
+}
+
+/// Why the LU a backup copies is not known to be frozen by the snapshot it
+/// names. None is retryable as it is: the caller must name the snapshot
+/// that freezes the LU (before the copy), or the copy is not frozen (after).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct OwnerError {
-    pub kind: OwnerErrorKind,
-    pub message: String,
+pub enum NotFrozen {
+    /// Before the copy: the volume holds no snapshot.
+    #[error(
+        "cannot confirm that LU {lu} is frozen by the snapshot of volume {volume} held by run {holder_run_id:?}: {cause}"
+    )]
+    NoSnapshot {
+        volume: u32,
+        holder_run_id: String,
+        lu: u32,
+        cause: Box<ClientError>,
+    },
+    /// Before the copy: another run holds the snapshot.
+    #[error("the snapshot of volume {volume} is held by run {held_by:?}, not by run {wanted:?}")]
+    OtherHolder {
+        volume: u32,
+        held_by: String,
+        wanted: String,
+    },
+    /// Before the copy: the snapshot freezes another LU than the one named.
+    #[error("the snapshot of volume {volume} freezes mate LU {mate_lu}, not LU {lu}")]
+    OtherLu { volume: u32, mate_lu: u32, lu: u32 },
+    /// Before the copy: db-server gives no snapshot id, so a snapshot
+    /// deleted and acquired again during the copy could not be told apart.
+    #[error(
+        "db-server names no snapshot id for the snapshot of volume {volume} held by run {holder_run_id:?}, so it cannot confirm after the copy that the snapshot was not replaced"
+    )]
+    NoSnapshotId { volume: u32, holder_run_id: String },
+    /// Before the copy: db-server and the array disagree on the LU's size.
+    #[error(
+        "db-server says the mate of volume {volume} has {owner_block_count} blocks, the array says LU {lu} has {array_block_count}"
+    )]
+    SizeDiffers {
+        volume: u32,
+        lu: u32,
+        owner_block_count: u64,
+        array_block_count: u64,
+    },
+    /// After the copy: the snapshot is gone (or the volume is).
+    #[error(
+        "the snapshot of volume {volume} held by run {holder_run_id:?} was deleted during the copy ({cause})"
+    )]
+    Deleted {
+        volume: u32,
+        holder_run_id: String,
+        cause: Box<ClientError>,
+    },
+    /// After the copy: another run holds the volume's snapshot now.
+    #[error(
+        "the snapshot of volume {volume} was released during the copy: it is now held by run {held_by:?}"
+    )]
+    Released { volume: u32, held_by: String },
+    /// After the copy: the same run holds a snapshot, but not the one
+    /// confirmed before (another id, sequence or mate).
+    #[error(
+        "the snapshot of volume {volume} held by run {holder_run_id:?} was deleted and acquired again during the copy (snapshot {snapshot_id_before:016x} before, {snapshot_id_after:016x} after; ledger sequence {ledger_sequence_before} before, {ledger_sequence_after} after)"
+    )]
+    Replaced {
+        volume: u32,
+        holder_run_id: String,
+        snapshot_id_before: u64,
+        snapshot_id_after: u64,
+        ledger_sequence_before: u64,
+        ledger_sequence_after: u64,
+    },
 }
 
 pub trait SnapshotOwner: Send + Sync + 'static {
     /// Where the owner is, for messages.
     fn describe(&self) -> String;
-    /// The snapshot `volume` holds now.
-    fn snapshot(&self, volume: u32) -> BoxFuture<'_, Result<HeldSnapshot, OwnerError>>;
+    /// The snapshot `volume` holds now. What a failure means is
+    /// [`OwnerFailure::of`] it.
+    fn snapshot(&self, volume: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>>;
 }
 
 /// Checks that `held` is the snapshot `wanted` names and that its mate is
 /// the LU being copied; answers why not.
-pub fn check_held(wanted: &SnapshotRef, lu: u32, held: &HeldSnapshot) -> Result<(), String> {
+pub fn check_held(wanted: &SnapshotRef, lu: u32, held: &HeldSnapshot) -> Result<(), NotFrozen> {
     if held.holder_run_id != wanted.holder_run_id {
-        return Err(format!(
-            "the snapshot of volume {} is held by run {:?}, not by run {:?}",
-            wanted.volume, held.holder_run_id, wanted.holder_run_id
-        ));
+        return Err(NotFrozen::OtherHolder {
+            volume: wanted.volume,
+            held_by: held.holder_run_id.clone(),
+            wanted: wanted.holder_run_id.clone(),
+        });
     }
     if held.mate_lu != lu {
-        return Err(format!(
-            "the snapshot of volume {} freezes mate LU {}, not LU {lu}",
-            wanted.volume, held.mate_lu
-        ));
+        return Err(NotFrozen::OtherLu {
+            volume: wanted.volume,
+            mate_lu: held.mate_lu,
+            lu,
+        });
     }
     // Without an id, a snapshot deleted and acquired again by the same run
     // during the copy could not be told from the one confirmed before.
     if held.snapshot_id == 0 {
-        return Err(format!(
-            "db-server names no snapshot id for the snapshot of volume {} held by run {:?}, so it cannot confirm after the copy that the snapshot was not replaced",
-            wanted.volume, held.holder_run_id
-        ));
+        return Err(NotFrozen::NoSnapshotId {
+            volume: wanted.volume,
+            holder_run_id: held.holder_run_id.clone(),
+        });
     }
     Ok(())
 }
@@ -94,77 +187,52 @@ pub fn check_held(wanted: &SnapshotRef, lu: u32, held: &HeldSnapshot) -> Result<
 /// counts: holder and ledger sequence repeat when the same run id acquires
 /// again after a forced delete (a normal retry) while the ledger is off or
 /// idle, and the mate was resynced in between all the same.
-pub fn check_unchanged(before: &HeldSnapshot, now: &HeldSnapshot) -> Result<(), String> {
+pub fn check_unchanged(before: &HeldSnapshot, now: &HeldSnapshot) -> Result<(), NotFrozen> {
     if now.holder_run_id != before.holder_run_id {
-        return Err(format!(
-            "the snapshot of volume {} was released during the copy: it is now held by run {:?}",
-            before.volume, now.holder_run_id
-        ));
+        return Err(NotFrozen::Released {
+            volume: before.volume,
+            held_by: now.holder_run_id.clone(),
+        });
     }
     if now.snapshot_id != before.snapshot_id
         || now.ledger_sequence != before.ledger_sequence
         || now.mate_lu != before.mate_lu
     {
-        return Err(format!(
-            "the snapshot of volume {} held by run {:?} was deleted and acquired again during the copy (snapshot {:016x} before, {:016x} after; ledger sequence {} before, {} after)",
-            before.volume,
-            before.holder_run_id,
-            before.snapshot_id,
-            now.snapshot_id,
-            before.ledger_sequence,
-            now.ledger_sequence
-        ));
+        return Err(NotFrozen::Replaced {
+            volume: before.volume,
+            holder_run_id: before.holder_run_id.clone(),
+            snapshot_id_before: before.snapshot_id,
+            snapshot_id_after: now.snapshot_id,
+            ledger_sequence_before: before.ledger_sequence,
+            ledger_sequence_after: now.ledger_sequence,
+        });
     }
     Ok(())
 }
 
-/// db-server over gRPC.
+/// db-server over gRPC: a thin adapter over [`DbClient`].
 pub struct GrpcOwner {
-    client: DbServiceClient<Channel>,
-    url: String,
+    db: DbClient,
 }
 
 impl GrpcOwner {
-    pub fn new(url: &str) -> Result<Self, String> {
+    /// An owner at `url`. Fails only for an address that cannot be parsed;
+    /// the connection is made at the first question.
+    pub fn new(url: &str) -> Result<Self, ClientError> {
         Ok(Self {
-            client: DbServiceClient::new(node::channel(url)?),
-            url: url.to_string(),
+            db: DbClient::new(url)?,
         })
     }
 }
 
 impl SnapshotOwner for GrpcOwner {
     fn describe(&self) -> String {
-        self.url.clone()
+        self.db.target().to_string()
     }
 
-    fn snapshot(&self, volume: u32) -> BoxFuture<'_, Result<HeldSnapshot, OwnerError>> {
+    fn snapshot(&self, volume: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>> {
         Box::pin(async move {
-            let answer = self
-                .client
-                .clone()
-                .get_snapshot(pb::GetSnapshotRequest { volume })
-                .await
-                .map_err(|status| {
-                    let kind = match status.code() {
-                        tonic::Code::NotFound => OwnerErrorKind::UnknownVolume,
-                        tonic::Code::FailedPrecondition => OwnerErrorKind::NoSnapshot,
-                        tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Unknown => OwnerErrorKind::Unavailable,
-                        _ => OwnerErrorKind::Other,
-                    };
-                    OwnerError {
-                        kind,
-                        message: format!(
-                            "asking db-server at {} for the snapshot of volume {volume}: {:?}: {}",
-                            self.url,
-                            status.code(),
-                            status.message()
-                        ),
-                    }
-                })?
-                .into_inner();
+            let answer = self.db.get_snapshot(volume).await?;
             Ok(HeldSnapshot {
                 volume: answer.volume,
                 holder_run_id: answer.holder_run_id,
@@ -200,31 +268,90 @@ mod tests {
             volume: 0,
             holder_run_id: "run-1".into(),
         };
-        assert_eq!(check_held(&wanted, 2, &held("run-1", 2, 7)), Ok(()));
-        let other = check_held(&wanted, 2, &held("run-2", 2, 7)).expect_err("other holder");
-        assert!(other.contains("run-2"), "{other}");
-        let origin = check_held(&wanted, 1, &held("run-1", 2, 7)).expect_err("origin LU");
-        assert!(origin.contains("mate LU 2, not LU 1"), "{origin}");
+        assert!(check_held(&wanted, 2, &held("run-1", 2, 7)).is_ok());
+        let other = check_held(&wanted, 2, &held("run-2", 2, 7));
+        assert!(
+            matches!(&other, Err(NotFrozen::OtherHolder { held_by, .. }) if held_by == "run-2"),
+            "{other:?}"
+        );
+        assert!(matches!(
+            check_held(&wanted, 1, &held("run-1", 2, 7)),
+            Err(NotFrozen::OtherLu {
+                volume: 0,
+                mate_lu: 2,
+                lu: 1
+            })
+        ));
         let nameless = HeldSnapshot {
             snapshot_id: 0,
             ..held("run-1", 2, 7)
         };
-        let nameless = check_held(&wanted, 2, &nameless).expect_err("no id");
-        assert!(nameless.contains("no snapshot id"), "{nameless}");
+        assert!(matches!(
+            check_held(&wanted, 2, &nameless),
+            Err(NotFrozen::NoSnapshotId { .. })
+        ));
     }
 
     #[test]
     fn a_snapshot_acquired_again_is_not_the_one_confirmed_before() {
         let before = held("run-1", 2, 7);
-        assert_eq!(check_unchanged(&before, &before.clone()), Ok(()));
-        assert!(check_unchanged(&before, &held("run-2", 2, 7)).is_err());
-        assert!(check_unchanged(&before, &held("run-1", 2, 9)).is_err());
+        assert!(check_unchanged(&before, &before.clone()).is_ok());
+        assert!(matches!(
+            check_unchanged(&before, &held("run-2", 2, 7)),
+            Err(NotFrozen::Released { .. })
+        ));
+        assert!(matches!(
+            check_unchanged(&before, &held("run-1", 2, 9)),
+            Err(NotFrozen::Replaced { .. })
+        ));
         // Same run, same sequence (ledger off or idle), new acquire.
         let again = HeldSnapshot {
             snapshot_id: 0xdef,
             ..held("run-1", 2, 7)
         };
         let why = check_unchanged(&before, &again).expect_err("acquired again");
-        assert!(why.contains("deleted and acquired again"), "{why}");
+        assert!(
+            matches!(
+                why,
+                NotFrozen::Replaced {
+                    snapshot_id_before: 0xabc,
+                    snapshot_id_after: 0xdef,
+                    ..
+                }
+            ),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn what_a_failed_question_means_comes_from_the_code_not_the_text() {
+        let failure = |status: tonic::Status| {
+            OwnerFailure::of(&ClientError::from_status(
+                "db-server",
+                "x:1",
+                "asking",
+                &status,
+            ))
+        };
+        assert_eq!(
+            failure(tonic::Status::not_found("anything")),
+            OwnerFailure::UnknownVolume
+        );
+        assert_eq!(
+            failure(tonic::Status::failed_precondition("anything")),
+            OwnerFailure::NoSnapshot
+        );
+        assert_eq!(
+            failure(tonic::Status::unavailable("no snapshot")),
+            OwnerFailure::Unavailable
+        );
+        assert_eq!(
+            failure(tonic::Status::internal("unknown volume")),
+            OwnerFailure::Failed
+        );
+        assert_eq!(
+            failure(tonic::Status::invalid_argument("no snapshot")),
+            OwnerFailure::Failed
+        );
     }
 }

@@ -10,7 +10,7 @@ use splitmirror_proto::backup::v1::backup_service_server::BackupService;
 use tonic::{Request, Response, Status};
 
 use crate::backups::{BackupError, BackupInfo, Backups, JobState, StartRequest, Wanted};
-use crate::manifest::SnapshotRecord;
+use crate::manifest::{self, Manifest, SnapshotRecord};
 use crate::owner::SnapshotRef;
 
 /// How often `WatchBackup` reports progress while nothing else changes.
@@ -26,18 +26,29 @@ impl BackupGrpc {
     }
 }
 
+/// One code per error, decided here and nowhere else. A fault of the array,
+/// of db-server or of the store is INTERNAL (UNAVAILABLE when the node did
+/// not answer), never the caller's INVALID_ARGUMENT.
 impl From<BackupError> for Status {
     fn from(error: BackupError) -> Self {
         let message = error.to_string();
         match error {
-            BackupError::NotFound(_) => Status::not_found(message),
-            BackupError::UnknownLu(_) => Status::not_found(message),
-            BackupError::InvalidArgument(_) => Status::invalid_argument(message),
-            BackupError::UnknownVolume(_) => Status::not_found(message),
-            BackupError::NotFrozen(_) => Status::failed_precondition(message),
-            BackupError::NotComplete { .. } => Status::failed_precondition(message),
-            BackupError::Unavailable(_) => Status::unavailable(message),
-            BackupError::Store(_) => Status::internal(message),
+            BackupError::NotFound(_) | BackupError::UnknownLu(_) => Status::not_found(message),
+            BackupError::UnknownVolume { .. } => Status::not_found(message),
+            BackupError::BadId(_) | BackupError::BadRunId { .. } => {
+                Status::invalid_argument(message)
+            }
+            BackupError::NotFrozen(_) | BackupError::NotComplete { .. } => {
+                Status::failed_precondition(message)
+            }
+            BackupError::ArrayUnavailable(_) | BackupError::OwnerUnavailable(_) => {
+                Status::unavailable(message)
+            }
+            BackupError::ArrayFailed(_)
+            | BackupError::OwnerFailed(_)
+            | BackupError::Store(_)
+            | BackupError::DamagedManifest { .. }
+            | BackupError::Task(_) => Status::internal(message),
         }
     }
 }
@@ -80,7 +91,57 @@ fn snapshot_to_pb(s: &SnapshotRecord) -> pb::SnapshotRecord {
         volume: s.volume,
         holder_run_id: s.holder_run_id.clone(),
         ledger_sequence: s.ledger_sequence,
+        snapshot_id: s.snapshot_id,
+        owner: s.owner.clone(),
+        confirmed_before_unix_ms: s.confirmed_before_unix_ms,
+        confirmed_after_unix_ms: s.confirmed_after_unix_ms,
     }
+}
+
+/// The one conversion from the store's `manifest.json` to the wire
+/// `Manifest`: hex digests become 32-byte values, and the per-chunk
+/// digests are sent only with `include_digests`. A digest that is not hex
+/// BLAKE3 (an edited or damaged file) is [`BackupError::DamagedManifest`].
+pub fn manifest_to_pb(m: &Manifest, include_digests: bool) -> Result<pb::Manifest, BackupError> {
+    let damaged = |what: String| BackupError::DamagedManifest {
+        id: m.backup_id.clone(),
+        what,
+    };
+    let image_digest = manifest::from_hex(&m.image_digest)
+        .ok_or_else(|| damaged("the image digest is not a hex BLAKE3 digest".into()))?;
+    let chunk_digests = if include_digests {
+        m.chunk_digests
+            .iter()
+            .enumerate()
+            .map(|(index, hex)| {
+                manifest::from_hex(hex).map(|d| d.to_vec()).ok_or_else(|| {
+                    damaged(format!("chunk digest {index} is not a hex BLAKE3 digest"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    Ok(pb::Manifest {
+        format_version: m.format_version,
+        backup_id: m.backup_id.clone(),
+        run_id: m.run_id.clone(),
+        label: m.label.clone(),
+        source_array: m.source_array.clone(),
+        source_lu: m.source_lu,
+        block_size_bytes: m.block_size_bytes,
+        block_count: m.block_count,
+        size_bytes: m.size_bytes,
+        started_at_unix_ms: m.started_at_unix_ms,
+        completed_at_unix_ms: m.completed_at_unix_ms,
+        snapshot: m.snapshot.as_ref().map(snapshot_to_pb),
+        live: m.live,
+        ledger_sequence: m.ledger_sequence,
+        chunk_size_bytes: m.chunk_size_bytes,
+        chunk_count: m.chunk_digests.len() as u64,
+        chunk_digests,
+        image_digest: image_digest.to_vec(),
+    })
 }
 
 fn state_to_pb(state: &JobState) -> (pb::BackupState, String) {
@@ -92,10 +153,15 @@ fn state_to_pb(state: &JobState) -> (pb::BackupState, String) {
     }
 }
 
-fn info_to_pb(info: BackupInfo) -> pb::BackupInfo {
+fn info_to_pb(info: BackupInfo, include_digests: bool) -> Result<pb::BackupInfo, BackupError> {
     let (state, error) = state_to_pb(&info.state);
     let consistency = info.consistency();
-    pb::BackupInfo {
+    let manifest = info
+        .manifest
+        .as_ref()
+        .map(|m| manifest_to_pb(m, include_digests))
+        .transpose()?;
+    Ok(pb::BackupInfo {
         backup_id: info.backup_id,
         run_id: info.run_id,
         state: state.into(),
@@ -103,15 +169,12 @@ fn info_to_pb(info: BackupInfo) -> pb::BackupInfo {
         bytes_done: info.bytes_done,
         bytes_total: info.bytes_total,
         error,
-        manifest_json: info
-            .manifest
-            .map(|m| serde_json::to_string(&m).expect("a manifest always serializes"))
-            .unwrap_or_default(),
         label: info.label,
         live: info.live,
         snapshot: info.snapshot.as_ref().map(snapshot_to_pb),
         consistency,
-    }
+        manifest,
+    })
 }
 
 fn progress_of(info: &BackupInfo) -> pb::BackupProgress {
@@ -177,17 +240,31 @@ impl BackupService for BackupGrpc {
 
     async fn get_backup(
         &self,
-        request: Request<pb::BackupIdRequest>,
+        request: Request<pb::GetBackupRequest>,
     ) -> Result<Response<pb::BackupInfo>, Status> {
-        let info = self.backups.get(&request.into_inner().backup_id)?;
-        Ok(Response::new(info_to_pb(info)))
+        let request = request.into_inner();
+        let info = self.backups.get(&request.backup_id)?;
+        Ok(Response::new(info_to_pb(info, request.include_digests)?))
     }
 
     async fn list_backups(
         &self,
         _request: Request<pb::ListBackupsRequest>,
     ) -> Result<Response<pb::ListBackupsResponse>, Status> {
-        let backups = self.backups.list()?.into_iter().map(info_to_pb).collect();
+        // A backup whose manifest is damaged is left out with a warning, as
+        // the store leaves out one whose manifest.json is unreadable: one
+        // damaged backup does not hide the others.
+        let backups = self
+            .backups
+            .list()?
+            .into_iter()
+            .filter_map(|info| {
+                let id = info.backup_id.clone();
+                info_to_pb(info, false)
+                    .inspect_err(|e| tracing::warn!(backup_id = %id, "listing backups: {e}"))
+                    .ok()
+            })
+            .collect();
         Ok(Response::new(pb::ListBackupsResponse { backups }))
     }
 
@@ -196,7 +273,7 @@ impl BackupService for BackupGrpc {
         request: Request<pb::BackupIdRequest>,
     ) -> Result<Response<pb::BackupInfo>, Status> {
         let info = self.backups.cancel(&request.into_inner().backup_id).await?;
-        Ok(Response::new(info_to_pb(info)))
+        Ok(Response::new(info_to_pb(info, false)?))
     }
 
     async fn verify_backup(
@@ -215,5 +292,86 @@ impl BackupService for BackupGrpc {
             bad_chunks: outcome.bad_chunks,
             error: outcome.problem.unwrap_or_default(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(chunks: u64) -> Manifest {
+        let digests: Vec<[u8; 32]> = (0..chunks)
+            .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+            .collect();
+        Manifest {
+            format_version: manifest::FORMAT_VERSION,
+            backup_id: "0190d3c4-0000-7000-8000-000000000000".into(),
+            run_id: "run-1".into(),
+            label: String::new(),
+            source_array: "127.0.0.1:50051".into(),
+            source_lu: 2,
+            block_size_bytes: 4096,
+            block_count: chunks * 256,
+            size_bytes: chunks << 20,
+            started_at_unix_ms: 1,
+            completed_at_unix_ms: 2,
+            ledger_sequence: Some(42),
+            snapshot: Some(SnapshotRecord {
+                volume: 0,
+                holder_run_id: "run-1".into(),
+                ledger_sequence: 42,
+                snapshot_id: 0xabc,
+                owner: "127.0.0.1:50052".into(),
+                confirmed_before_unix_ms: 1,
+                confirmed_after_unix_ms: 2,
+            }),
+            live: false,
+            chunk_size_bytes: manifest::CHUNK_SIZE_BYTES,
+            image_digest: manifest::to_hex(&manifest::image_digest(&digests)),
+            chunk_digests: digests.iter().map(manifest::to_hex).collect(),
+        }
+    }
+
+    #[test]
+    fn the_wire_manifest_carries_chunk_digests_only_when_asked() {
+        let on_disk = manifest(5);
+        let summary = manifest_to_pb(&on_disk, false).expect("summary");
+        assert_eq!(summary.chunk_count, 5);
+        assert!(summary.chunk_digests.is_empty());
+        let image_digest = manifest::from_hex(&on_disk.image_digest).expect("hex");
+        assert_eq!(summary.image_digest, image_digest.to_vec());
+        let snapshot = summary.snapshot.clone().expect("snapshot");
+        assert_eq!(
+            (snapshot.snapshot_id, snapshot.ledger_sequence),
+            (0xabc, 42)
+        );
+        let full = manifest_to_pb(&on_disk, true).expect("with digests");
+        let expected: Vec<Vec<u8>> = on_disk
+            .chunk_digests
+            .iter()
+            .map(|hex| manifest::from_hex(hex).expect("hex").to_vec())
+            .collect();
+        assert_eq!(full.chunk_digests, expected);
+        assert_eq!(
+            pb::Manifest {
+                chunk_digests: Vec::new(),
+                ..full
+            },
+            summary
+        );
+    }
+
+    #[test]
+    fn a_damaged_digest_is_an_internal_error_not_a_wrong_answer() {
+        let mut damaged = manifest(3);
+        damaged.chunk_digests[1] = "not hex".into();
+        // The summary does not read the chunk digests.
+        assert!(manifest_to_pb(&damaged, false).is_ok());
+        let error = manifest_to_pb(&damaged, true).expect_err("damaged");
+        assert!(
+            matches!(&error, BackupError::DamagedManifest { what, .. } if what.contains("chunk digest 1")),
+            "{error}"
+        );
+        assert_eq!(Status::from(error).code(), tonic::Code::Internal);
     }
 }

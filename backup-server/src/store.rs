@@ -15,20 +15,33 @@ const PARTIAL_PREFIX: &str = ".partial-";
 pub const IMAGE_FILE: &str = "image.raw";
 pub const MANIFEST_FILE: &str = "manifest.json";
 
+/// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// No complete backup has this id. Not retryable.
     #[error("backup {0} does not exist")]
     NotFound(String),
+    /// The id cannot name a backup (it could escape the store). Not
+    /// retryable: the caller's fault.
     #[error("{0:?} is not a backup id")]
     BadId(String),
+    /// A file system call failed (`context` says which, on what path): no
+    /// permission, a full disk, an I/O error. Not retryable until the store
+    /// is fixed.
     #[error("{context}: {source}")]
     Io {
         context: String,
         #[source]
         source: io::Error,
     },
-    #[error("manifest of backup {id} is unreadable: {reason}")]
-    BadManifest { id: String, reason: String },
+    /// A `manifest.json` is not valid JSON of a manifest (edited or
+    /// damaged). Not retryable.
+    #[error("manifest of backup {id} is unreadable: {source}")]
+    BadManifest {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
@@ -234,9 +247,9 @@ impl BackupStore {
             }
             Err(e) => return Err(io_error(format!("reading {}", path.display()))(e)),
         };
-        serde_json::from_slice(&text).map_err(|e| StoreError::BadManifest {
+        serde_json::from_slice(&text).map_err(|source| StoreError::BadManifest {
             id: id.to_string(),
-            reason: e.to_string(),
+            source,
         })
     }
 

@@ -80,20 +80,28 @@ impl BackupClient {
         })))
     }
 
-    /// One backup: its state, and its manifest once complete.
-    pub async fn get_backup(&self, backup_id: &str) -> Result<pb::BackupInfo, ClientError> {
+    /// One backup: its state, and its manifest once complete. The
+    /// manifest's per-chunk digests (34 bytes per MiB of the image) are
+    /// answered only with `include_digests`; without them the answer is a
+    /// small summary (`Manifest.chunk_count` still says how many there are).
+    pub async fn get_backup(
+        &self,
+        backup_id: &str,
+        include_digests: bool,
+    ) -> Result<pb::BackupInfo, ClientError> {
         Ok(self
             .inner
             .clone()
-            .get_backup(pb::BackupIdRequest {
+            .get_backup(pb::GetBackupRequest {
                 backup_id: backup_id.to_string(),
+                include_digests,
             })
             .await
             .map_err(|s| self.error(format!("getting backup {backup_id}"), &s))?
             .into_inner())
     }
 
-    /// Every backup the store holds.
+    /// Every backup the store holds, without per-chunk digests.
     pub async fn list_backups(&self) -> Result<Vec<pb::BackupInfo>, ClientError> {
         Ok(self
             .inner
