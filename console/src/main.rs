@@ -1,34 +1,21 @@
-//! `console`: the operator's command line for splitmirror.
+//! `console`: the operator's command line for splitmirror. This file
+//! holds the command-line definitions and the dispatch; what each command
+//! does is in `cli/` and in the library.
 
-use std::path::PathBuf;
+mod cli;
+
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use cli::manual;
+use cli::output::{exit, print_report};
 use splitmirror_console::clients::{Addresses, Clients, DEFAULT_ARRAY, DEFAULT_BACKUP, DEFAULT_DB};
-use splitmirror_console::demo::{DemoOptions, demo};
 use splitmirror_console::progress;
 use splitmirror_console::run::{RunOptions, backup_run};
-use splitmirror_console::status;
-use splitmirror_proto::backup::v1 as bpb;
-use splitmirror_proto::db::v1 as dpb;
 use splitmirror_proto::node;
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 use tokio_util::sync::CancellationToken;
-
-/// `print!` through [`write_out`]: never a panic on a closed stdout.
-macro_rules! out {
-    ($($arg:tt)*) => {
-        write_out(&format!($($arg)*))
-    };
-}
-
-/// `println!` through [`write_out`].
-macro_rules! outln {
-    ($($arg:tt)*) => {
-        write_out(&format!("{}\n", format_args!($($arg)*)))
-    };
-}
 
 /// The management console of splitmirror: consistent online backups by
 /// splitting a mirror inside the disk array.
@@ -71,13 +58,14 @@ enum Command {
     /// verifier and the digest comparison, and prints the reports.
     ///
     /// Example: console demo --cycles 3
+    #[cfg(feature = "embedded")]
     Demo {
         /// Backup runs to perform.
         #[arg(long, default_value_t = 3)]
         cycles: u32,
         /// Keep the nodes' files here instead of a temporary directory.
         #[arg(long)]
-        dir: Option<PathBuf>,
+        dir: Option<std::path::PathBuf>,
         /// Size of each LU (volume 0 holds the ledger).
         #[arg(long, default_value = "64MiB", value_parser = parse_size_bytes)]
         lu_size: u64,
@@ -159,9 +147,10 @@ enum Command {
     /// overhead).
     ///
     /// Example: console bench freeze --size 256MiB --json freeze.json --plot freeze.svg
+    #[cfg(feature = "embedded")]
     Bench {
-        /// One of: array, backup, freeze, modes, resync, journal, timeline, run.
-        scenario: String,
+        #[arg(value_enum)]
+        scenario: splitmirror_console::bench::Scenario,
         /// Size of the LU or volume under test.
         #[arg(long, default_value = "1GiB", value_parser = parse_size_bytes)]
         size: u64,
@@ -170,10 +159,10 @@ enum Command {
         seconds: Duration,
         /// Also write the figures as JSON to this file.
         #[arg(long)]
-        json: Option<PathBuf>,
+        json: Option<std::path::PathBuf>,
         /// Draw an SVG plot here (freeze: histogram; timeline: tps over time).
         #[arg(long)]
-        plot: Option<PathBuf>,
+        plot: Option<std::path::PathBuf>,
         /// A tiny configuration, for smoke tests.
         #[arg(long)]
         quick: bool,
@@ -324,7 +313,7 @@ fn main() -> ExitCode {
         match execute(cli).await {
             Ok(code) => code,
             Err(error) => {
-                eprintln!("error: {error}");
+                eprintln!("error: {error:#}");
                 ExitCode::FAILURE
             }
         }
@@ -336,19 +325,20 @@ fn main() -> ExitCode {
     code
 }
 
-async fn execute(cli: Cli) -> Result<ExitCode, String> {
+async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let step_deadline = cli.addresses.step_deadline;
     let addresses = Addresses {
         array: cli.addresses.array,
         db: cli.addresses.db,
         backup: cli.addresses.backup,
     };
-    let connect = |addresses: Addresses| -> Result<Clients, String> {
+    let connect = move || -> anyhow::Result<Clients> {
         let mut clients = Clients::new(addresses)?;
         clients.step_deadline = step_deadline;
         Ok(clients)
     };
     match cli.command {
+        #[cfg(feature = "embedded")]
         Command::Demo {
             cycles,
             dir,
@@ -357,7 +347,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             workload_workers,
             json,
         } => {
-            let options = DemoOptions {
+            let options = splitmirror_console::demo::DemoOptions {
                 cycles,
                 dir,
                 lu_size_bytes: lu_size,
@@ -370,14 +360,42 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             } else {
                 progress::for_stderr()
             };
-            let summary = demo(&options, sink.as_ref()).await?;
+            let summary = splitmirror_console::demo::demo(&options, sink.as_ref()).await?;
             if json {
-                outln!(
-                    "{}",
-                    serde_json::to_string(&summary).map_err(|e| e.to_string())?
-                )?;
+                cli::output::print_json(&summary)?;
             }
             Ok(exit(summary.succeeded()))
+        }
+        #[cfg(feature = "embedded")]
+        Command::Bench {
+            scenario,
+            size,
+            seconds,
+            json,
+            plot,
+            quick,
+            max_rate,
+        } => {
+            use anyhow::Context as _;
+            let options = splitmirror_console::bench::BenchOptions {
+                size_bytes: size,
+                seconds,
+                quick,
+                plot,
+                max_rate,
+            };
+            let output = splitmirror_console::bench::run(scenario, &options).await?;
+            cli::output::println(&format!(
+                "bench {scenario} ({}):",
+                splitmirror_proto::units::format_bytes(size)
+            ))?;
+            cli::output::print(&output.table)?;
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&output.figures)?;
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run {
             volume,
@@ -386,7 +404,7 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             label,
             max_rate,
         } => {
-            let clients = connect(addresses)?;
+            let clients = connect()?;
             let cancel = CancellationToken::new();
             let on_signal = cancel.clone();
             let signal_task = tokio::spawn(async move {
@@ -407,36 +425,6 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             print_report(&report, "backup run", json)?;
             Ok(exit(report.succeeded()))
         }
-        Command::Bench {
-            scenario,
-            size,
-            seconds,
-            json,
-            plot,
-            quick,
-            max_rate,
-        } => {
-            let options = splitmirror_console::bench::BenchOptions {
-                size_bytes: size,
-                seconds,
-                quick,
-                plot,
-                max_rate,
-            };
-            let output = splitmirror_console::bench::run(&scenario, &options).await?;
-            outln!(
-                "bench {scenario} ({}):",
-                splitmirror_proto::units::format_bytes(size)
-            )?;
-            out!("{}", output.table)?;
-            if let Some(path) = json {
-                let text =
-                    serde_json::to_string_pretty(&output.figures).map_err(|e| e.to_string())?;
-                std::fs::write(&path, text)
-                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Schedule {
             volume,
             runs,
@@ -444,116 +432,30 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             json,
             max_rate,
         } => {
-            let clients = connect(addresses)?;
-            schedule(&clients, volume, runs, interval, json, max_rate).await
+            let schedule = cli::schedule::Schedule {
+                volume,
+                runs,
+                interval,
+                json,
+                max_bytes_per_s: max_rate,
+            };
+            cli::schedule::schedule(&connect()?, &schedule).await
         }
         Command::Status {
             json,
             watch,
             interval,
-        } => {
-            let clients = connect(addresses)?;
-            loop {
-                let snapshot = status::fetch(&clients).await?;
-                if json {
-                    outln!("{}", status::to_json(&snapshot))?;
-                } else {
-                    if watch {
-                        // Clear the screen and go home, as `watch` does.
-                        out!("\x1b[2J\x1b[H")?;
-                    }
-                    out!("{}", status::render(&snapshot))?;
-                }
-                if !watch || stdout_closed() {
-                    return Ok(ExitCode::SUCCESS);
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(interval) => {}
-                    () = node::shutdown_signal() => return Ok(ExitCode::SUCCESS),
-                }
-            }
-        }
+        } => manual::show_status(&connect()?, json, watch, interval).await,
         Command::Snapshot(SnapshotCommand::Acquire { volume, run_id }) => {
-            let mut db = connect(addresses)?.db;
-            let run_id = run_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-            let a = db
-                .acquire_snapshot(dpb::AcquireSnapshotRequest {
-                    volume,
-                    run_id: run_id.clone(),
-                })
-                .await
-                .map_err(|s| format!("acquiring: {}", s.message()))?
-                .into_inner();
-            outln!(
-                "snapshot of volume {volume} acquired by run {run_id}: mate LU {}, freeze window {} µs, ledger sequence {}{}",
-                a.mate_lu,
-                a.freeze_window_us,
-                a.ledger_sequence,
-                if a.already_held {
-                    " (already held)"
-                } else {
-                    ""
-                }
-            )?;
-            Ok(ExitCode::SUCCESS)
+            manual::snapshot_acquire(&connect()?, volume, run_id).await
         }
         Command::Snapshot(SnapshotCommand::Delete {
             volume,
             run_id,
             force,
-        }) => {
-            let mut db = connect(addresses)?.db;
-            let d = db
-                .delete_snapshot(dpb::DeleteSnapshotRequest {
-                    volume,
-                    run_id,
-                    force,
-                })
-                .await
-                .map_err(|s| format!("deleting: {}", s.message()))?
-                .into_inner();
-            outln!(
-                "snapshot of volume {volume} deleted; resyncing {} ranges ({} blocks){}",
-                d.ranges_to_resync,
-                d.blocks_to_resync,
-                if d.already_deleted {
-                    " (already deleted)"
-                } else {
-                    ""
-                }
-            )?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Db(DbCommand::Suspend { lease }) => {
-            let mut db = connect(addresses)?.db;
-            let s = db
-                .suspend(dpb::SuspendRequest {
-                    lease_ms: lease.as_millis().min(u128::from(u32::MAX)) as u32,
-                })
-                .await
-                .map_err(|s| format!("suspending: {}", s.message()))?
-                .into_inner();
-            outln!(
-                "database suspended at ledger sequence {}; it resumes by itself in {} ms",
-                s.ledger_sequence,
-                s.lease_ms
-            )?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Db(DbCommand::Resume) => {
-            let mut db = connect(addresses)?.db;
-            let r = db
-                .resume(dpb::ResumeRequest {})
-                .await
-                .map_err(|s| format!("resuming: {}", s.message()))?
-                .into_inner();
-            if r.was_suspended {
-                outln!("database resumed after {} µs", r.suspended_us)?;
-            } else {
-                outln!("the database was not suspended (a lease may have run out)")?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        }) => manual::snapshot_delete(&connect()?, volume, &run_id, force).await,
+        Command::Db(DbCommand::Suspend { lease }) => manual::db_suspend(&connect()?, lease).await,
+        Command::Db(DbCommand::Resume) => manual::db_resume(&connect()?).await,
         Command::Backup(BackupCommand::Start {
             lu,
             volume,
@@ -562,295 +464,25 @@ async fn execute(cli: Cli) -> Result<ExitCode, String> {
             label,
             max_rate,
         }) => {
-            let clients = connect(addresses)?;
-            let snapshot = volume
-                .zip(run_id)
-                .map(|(volume, holder_run_id)| bpb::SnapshotRef {
-                    volume,
-                    holder_run_id,
-                });
-            let request = bpb::StartBackupRequest {
-                // One backup per snapshot holder; a live copy gets its own.
-                run_id: snapshot.as_ref().map_or_else(
-                    || uuid::Uuid::now_v7().to_string(),
-                    |s| s.holder_run_id.clone(),
-                ),
+            let start = manual::BackupStart {
                 lu,
-                expected_block_count: None,
+                snapshot: volume.zip(run_id),
+                live,
                 label,
                 max_bytes_per_s: max_rate,
-                snapshot,
-                live,
             };
-            backup_start(&clients, request).await
+            manual::backup_start(&connect()?, start).await
         }
         Command::Backup(BackupCommand::List { json }) => {
-            let clients = connect(addresses)?;
-            let snapshot = status::Snapshot {
-                db: dpb::StatusResponse::default(),
-                backups: Some(
-                    clients
-                        .backup
-                        .clone()
-                        .list_backups(bpb::ListBackupsRequest {})
-                        .await
-                        .map_err(|s| format!("listing backups: {}", s.message()))?
-                        .into_inner()
-                        .backups,
-                ),
-            };
-            if json {
-                write_out(&format!("{}\n", status::to_json(&snapshot)["backups"]))?;
-            } else {
-                let text = status::render(&snapshot);
-                write_out(
-                    &text
-                        .split("\nBackups")
-                        .nth(1)
-                        .map(|t| format!("Backups{t}"))
-                        .unwrap_or(text),
-                )?;
-            }
-            Ok(ExitCode::SUCCESS)
+            manual::backup_list(&connect()?, json).await
         }
         Command::Backup(BackupCommand::Verify { backup_id }) => {
-            let mut backup = connect(addresses)?.backup;
-            let v = backup
-                .verify_backup(bpb::BackupIdRequest {
-                    backup_id: backup_id.clone(),
-                })
-                .await
-                .map_err(|s| format!("verifying: {}", s.message()))?
-                .into_inner();
-            let verdict = if v.ok { "OK" } else { "FAILED" };
-            write_out(&format!(
-                "{backup_id}: {verdict} ({} chunks, image digest {})\n  proved:      {}\n  not checked: {}\n",
-                v.chunks, v.image_digest, v.proved, v.not_checked
-            ))?;
-            Ok(exit(v.ok))
+            manual::backup_verify(&connect()?, &backup_id).await
         }
         Command::Pair(PairCommand::Verify {
             volume,
             quiesce,
             json,
-        }) => {
-            let clients = connect(addresses)?;
-            let report = status::pair_verify(&clients, volume, quiesce).await?;
-            if json {
-                outln!(
-                    "{}",
-                    serde_json::to_string(&report).map_err(|e| e.to_string())?
-                )?;
-            } else if report.differing_chunks.is_empty() {
-                outln!(
-                    "volume {volume}: origin LU {} == mate LU {} ({} chunks compared, {} skipped as recorded)",
-                    report.origin_lu,
-                    report.mate_lu,
-                    report.chunks - report.skipped_chunks,
-                    report.skipped_chunks
-                )?;
-            } else {
-                outln!(
-                    "volume {volume}: origin LU {} and mate LU {} differ in chunks {:?}",
-                    report.origin_lu,
-                    report.mate_lu,
-                    report.differing_chunks
-                )?;
-            }
-            Ok(exit(report.differing_chunks.is_empty()))
-        }
-    }
-}
-
-/// `console backup start`: starts the backup, follows it (Ctrl-C cancels
-/// it), and prints how it ended.
-async fn backup_start(
-    clients: &Clients,
-    request: bpb::StartBackupRequest,
-) -> Result<ExitCode, String> {
-    let lu = request.lu;
-    let started = clients
-        .backup
-        .clone()
-        .start_backup(request)
-        .await
-        .map_err(|s| {
-            format!(
-                "starting the backup of LU {lu}: {:?}: {}",
-                s.code(),
-                s.message()
-            )
-        })?
-        .into_inner();
-    let id = bpb::BackupIdRequest {
-        backup_id: started.backup_id.clone(),
-    };
-    let mut stream = clients
-        .backup
-        .clone()
-        .watch_backup(id.clone())
-        .await
-        .map_err(|s| format!("following the backup: {}", s.message()))?
-        .into_inner();
-    let sink = progress::for_stderr();
-    sink.phase(&format!("backing up LU {lu} as {}", started.backup_id));
-    loop {
-        let message = tokio::select! {
-            message = stream.message() => message,
-            () = node::shutdown_signal() => {
-                let info = clients.backup.clone().cancel_backup(id.clone()).await
-                    .map_err(|s| format!("cancelling the backup: {}", s.message()))?
-                    .into_inner();
-                sink.finish();
-                write_out(&format!("{}: {}\n", info.backup_id, info.state().as_str_name().trim_start_matches("BACKUP_STATE_")))?;
-                return Ok(ExitCode::FAILURE);
-            }
-        };
-        match message {
-            Ok(Some(p)) if p.bytes_total > 0 => {
-                sink.backup(p.bytes_done, p.bytes_total, p.throughput_bytes_per_s)
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(s) => return Err(format!("following the backup: {}", s.message())),
-        }
-    }
-    sink.finish();
-    let info = clients
-        .backup
-        .clone()
-        .get_backup(id)
-        .await
-        .map_err(|s| format!("reading the backup: {}", s.message()))?
-        .into_inner();
-    let state = info
-        .state()
-        .as_str_name()
-        .trim_start_matches("BACKUP_STATE_");
-    write_out(&format!(
-        "{}: {state}, LU {}, {}, {}{}\n",
-        info.backup_id,
-        info.lu,
-        splitmirror_proto::units::format_bytes(info.bytes_done),
-        info.consistency,
-        if info.error.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", info.error)
-        }
-    ))?;
-    Ok(exit(info.state() == bpb::BackupState::Complete))
-}
-
-/// Writes to stdout. A reader that went away (`console backup list | head
-/// -1`) ends the output quietly instead of a panic.
-fn write_out(text: &str) -> Result<(), String> {
-    use std::io::Write;
-    if stdout_closed() {
-        return Ok(());
-    }
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
-            Ok(())
-        }
-        Err(e) => Err(format!("writing to stdout: {e}")),
-        Ok(()) => Ok(()),
-    }
-}
-
-/// Set once a write to stdout found the reader gone; loops that only
-/// print (`status --watch`, `schedule`) stop then.
-static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-fn stdout_closed() -> bool {
-    STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// `console schedule`: waits until the nodes answer and the volume is
-/// Synchronized, then performs runs `interval` apart.
-async fn schedule(
-    clients: &Clients,
-    volume: u32,
-    runs: u32,
-    interval: Duration,
-    json: bool,
-    max_rate: Option<u64>,
-) -> Result<ExitCode, String> {
-    let addresses = &clients.addresses;
-    for (name, address) in [
-        ("array-node", &addresses.array),
-        ("db-server", &addresses.db),
-        ("backup-server", &addresses.backup),
-    ] {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while let Err(e) = node::probe_health(address, "").await {
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!("{name} at {address} is not serving: {e}"));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-    let sink = progress::for_stderr();
-    splitmirror_console::run::wait_synchronized(clients, volume, sink.as_ref()).await?;
-    let mut failures = 0u32;
-    let mut done = 0u32;
-    loop {
-        let started = tokio::time::Instant::now();
-        let options = RunOptions {
-            volume,
-            keep_snapshot: false,
-            label: format!("scheduled run {}", done + 1),
-            max_bytes_per_s: max_rate,
-            cancel: CancellationToken::new(),
-        };
-        let report = backup_run(clients, &options, sink.as_ref()).await;
-        done += 1;
-        if !report.succeeded() {
-            failures += 1;
-        }
-        print_report(&report, &format!("backup run {done}"), json)?;
-        if (runs != 0 && done >= runs) || stdout_closed() {
-            break;
-        }
-        tokio::select! {
-            () = tokio::time::sleep_until(started + interval) => {}
-            () = node::shutdown_signal() => break,
-        }
-    }
-    outln!("{done} runs, {failures} failed")?;
-    Ok(exit(failures == 0))
-}
-
-/// Prints a run's report: one JSON line, or the human-readable form under
-/// a heading that says whether the run succeeded.
-fn print_report(
-    report: &splitmirror_console::run::RunReport,
-    heading: &str,
-    json: bool,
-) -> Result<(), String> {
-    if json {
-        outln!(
-            "{}",
-            serde_json::to_string(report).map_err(|e| e.to_string())?
-        )?;
-    } else {
-        let outcome = if report.succeeded() {
-            "succeeded"
-        } else {
-            "FAILED"
-        };
-        outln!("{heading} {outcome}")?;
-        out!("{}", report.render())?;
-    }
-    Ok(())
-}
-
-fn exit(ok: bool) -> ExitCode {
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+        }) => manual::pair_verify(&connect()?, volume, quiesce, json).await,
     }
 }

@@ -5,45 +5,47 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use splitmirror_proto::array::v1 as apb;
 use splitmirror_proto::backup::v1 as bpb;
+use splitmirror_proto::client::{ClientError, retry};
 use splitmirror_proto::db::v1 as dpb;
 use splitmirror_proto::units::format_bytes;
 
-use crate::clients::{Clients, retry};
-use crate::run::CHUNK_SIZE_BYTES;
+use crate::clients::Clients;
+use crate::run::{CHUNK_SIZE_BYTES, state_name};
 
 /// Width of the one-line map of dirty blocks.
 const MAP_WIDTH: usize = 64;
 
+/// Why `status` or `pair verify` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// A call to a node failed for good (after retrying a node that does
+    /// not answer for the step deadline). Retryable later when
+    /// [`ClientError::is_transient`] says so.
+    #[error(transparent)]
+    Call(#[from] ClientError),
+    /// db-server has no such volume. Not retryable.
+    #[error("volume {0} does not exist")]
+    NoSuchVolume(u32),
+}
+
+/// What db-server and the backup server report, at one moment.
 pub struct Snapshot {
     pub db: dpb::StatusResponse,
     /// `None` when the backup server did not answer.
     pub backups: Option<Vec<bpb::BackupInfo>>,
 }
 
-pub async fn fetch(clients: &Clients) -> Result<Snapshot, String> {
-    let db = retry("Status", clients.step_deadline, || {
-        let mut db = clients.db.clone();
-        async move { db.status(dpb::StatusRequest::default()).await }
+/// db-server's status (retried for the step deadline) and the backup
+/// server's list (if it answers at once).
+pub async fn fetch(clients: &Clients) -> Result<Snapshot, StatusError> {
+    let db = &clients.db;
+    let status = retry("Status", clients.step_deadline, || db.status(false)).await?;
+    let backups = clients.backup.list_backups().await.ok();
+    Ok(Snapshot {
+        db: status,
+        backups,
     })
-    .await
-    .map_err(|s| {
-        format!(
-            "asking db-server at {} for its status: {}",
-            clients.addresses.db,
-            s.message()
-        )
-    })?
-    .into_inner();
-    let backups = clients
-        .backup
-        .clone()
-        .list_backups(bpb::ListBackupsRequest {})
-        .await
-        .ok()
-        .map(|r| r.into_inner().backups);
-    Ok(Snapshot { db, backups })
 }
 
 fn mode_name(mode: dpb::Mode) -> &'static str {
@@ -72,6 +74,8 @@ pub fn dirty_map(ranges: &[dpb::BlockRange], block_count: u64) -> String {
     cells.iter().map(|&d| if d { '#' } else { '.' }).collect()
 }
 
+/// The status for people: the LU status table, the update location
+/// tables, the ledger, the gate and the backups.
 pub fn render(snapshot: &Snapshot) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "LU status table (Fig. 10)");
@@ -167,15 +171,24 @@ pub fn render(snapshot: &Snapshot) -> String {
             g.lease_expiries
         );
     }
+    let _ = writeln!(out);
+    out.push_str(&render_backups(snapshot));
+    out
+}
+
+/// The backups section of [`render`]: one line per backup, frozen by its
+/// snapshot or "live (not frozen)".
+pub fn render_backups(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
     match &snapshot.backups {
         Some(backups) => {
-            let _ = writeln!(out, "\nBackups ({})", backups.len());
+            let _ = writeln!(out, "Backups ({})", backups.len());
             for b in backups {
                 let _ = writeln!(
                     out,
                     "  {}  {:<9} LU {}  {} / {}  {}  run {}{}",
                     b.backup_id,
-                    b.state().as_str_name().trim_start_matches("BACKUP_STATE_"),
+                    state_name(b.state()),
                     b.lu,
                     format_bytes(b.bytes_done),
                     format_bytes(b.bytes_total),
@@ -190,12 +203,13 @@ pub fn render(snapshot: &Snapshot) -> String {
             }
         }
         None => {
-            let _ = writeln!(out, "\nBackups: the backup server did not answer");
+            let _ = writeln!(out, "Backups: the backup server did not answer");
         }
     }
     out
 }
 
+/// The status as one JSON object (what `status --json` prints).
 pub fn to_json(snapshot: &Snapshot) -> Value {
     let volumes: Vec<Value> = snapshot
         .db
@@ -250,7 +264,7 @@ pub fn to_json(snapshot: &Snapshot) -> Value {
         "backups": snapshot.backups.as_ref().map(|bs| bs.iter().map(|b| json!({
             "backup_id": b.backup_id,
             "run_id": b.run_id,
-            "state": b.state().as_str_name().trim_start_matches("BACKUP_STATE_"),
+            "state": state_name(b.state()),
             "lu": b.lu,
             "bytes_done": b.bytes_done,
             "bytes_total": b.bytes_total,
@@ -287,19 +301,13 @@ pub async fn pair_verify(
     clients: &Clients,
     volume: u32,
     quiesce: bool,
-) -> Result<PairReport, String> {
+) -> Result<PairReport, StatusError> {
     if quiesce {
-        let mut db = clients.db.clone();
-        db.suspend(dpb::SuspendRequest { lease_ms: 30_000 })
-            .await
-            .map_err(|s| format!("suspending the database: {}", s.message()))?;
+        clients.db.suspend(30_000).await?;
     }
     let result = compare_pair(clients, volume, quiesce).await;
-    if quiesce {
-        let mut db = clients.db.clone();
-        if let Err(s) = db.resume(dpb::ResumeRequest {}).await {
-            tracing::warn!("resuming the database: {}", s.message());
-        }
+    if quiesce && let Err(error) = clients.db.resume().await {
+        tracing::warn!("{error}");
     }
     result
 }
@@ -308,14 +316,14 @@ async fn compare_pair(
     clients: &Clients,
     volume: u32,
     quiesced: bool,
-) -> Result<PairReport, String> {
+) -> Result<PairReport, StatusError> {
     let snapshot = fetch(clients).await?;
     let v = snapshot
         .db
         .volumes
         .iter()
         .find(|v| v.volume == volume)
-        .ok_or_else(|| format!("volume {volume} does not exist"))?;
+        .ok_or(StatusError::NoSuchVolume(volume))?;
     let chunk_blocks = CHUNK_SIZE_BYTES / u64::from(v.block_size_bytes.max(1));
     let chunks = v.block_count.div_ceil(chunk_blocks);
     let skipped: Vec<bool> = (0..chunks)
@@ -326,21 +334,8 @@ async fn compare_pair(
                 .any(|r| r.lba < end && start < r.lba + r.blocks)
         })
         .collect();
-    let sums = |lu: u32, lba: u64, blocks: u64| {
-        let mut array = clients.array.clone();
-        async move {
-            array
-                .checksum_range(apb::ChecksumRangeRequest {
-                    lu,
-                    lba,
-                    blocks,
-                    chunk_blocks,
-                })
-                .await
-                .map(|r| r.into_inner().digests)
-                .map_err(|s| format!("checksumming LU {lu}: {}", s.message()))
-        }
-    };
+    let array = &clients.array;
+    let sums = |lu: u32, lba: u64, blocks: u64| array.checksums(lu, lba, blocks, chunk_blocks);
     let (origin, mate) = tokio::join!(
         sums(v.origin_lu, 0, v.block_count),
         sums(v.mate_lu, 0, v.block_count)
