@@ -4,19 +4,21 @@
 //! each image with the ledger verifier and the digest comparison, and prints
 //! the reports.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use serde::Serialize;
-use splitmirror_proto::node::{self, NodeHandle};
 use splitmirror_proto::units::format_bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::clients::{Addresses, Clients};
+use crate::clients::Clients;
+use crate::cluster::{Cluster, ClusterBuilder};
 use crate::progress::ProgressSink;
 use crate::run::{RunOptions, RunReport, backup_run};
 use crate::status::pair_verify;
 
+/// What `console demo` runs.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub cycles: u32,
@@ -58,114 +60,13 @@ impl DemoSummary {
     }
 }
 
-/// The three nodes of the demo.
-pub struct LocalCluster {
-    pub array: NodeHandle,
-    pub db: NodeHandle,
-    pub backup: NodeHandle,
-    pub store_dir: PathBuf,
-}
-
-impl LocalCluster {
-    /// Starts the three nodes under `dir` on ephemeral loopback ports,
-    /// with the journal on.
-    pub async fn start(
-        dir: &Path,
-        lu_size_bytes: u64,
-        ledger: Option<db_server::ledger::LedgerConfig>,
-        manager: db_server::manager::ManagerConfig,
-    ) -> Result<Self, String> {
-        Self::start_with_journal(
-            dir,
-            lu_size_bytes,
-            ledger,
-            manager,
-            Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
-        )
-        .await
-    }
-
-    /// The same, choosing the journal (`None` = none, for measuring it).
-    pub async fn start_with_journal(
-        dir: &Path,
-        lu_size_bytes: u64,
-        ledger: Option<db_server::ledger::LedgerConfig>,
-        manager: db_server::manager::ManagerConfig,
-        journal_region_bytes: Option<u64>,
-    ) -> Result<Self, String> {
-        let array = array_node::spawn(
-            array_node::ArrayNodeConfig {
-                data_dir: dir.join("array"),
-                array: array_node::ArrayConfig::default_pairs(lu_size_bytes)
-                    .map_err(|e| e.to_string())?,
-                hooks: array_node::ArrayTestHooks::default(),
-            },
-            node::bind("127.0.0.1:0").await?,
-        )
-        .await?;
-        let db = db_server::spawn(
-            db_server::DbServerConfig {
-                array_url: array.url(),
-                data_dir: dir.join("db"),
-                manager,
-                ledger,
-                journal_region_bytes,
-                array_wait: Some(db_server::DEFAULT_ARRAY_WAIT),
-                max_suspend_lease: db_server::gate::DEFAULT_MAX_LEASE,
-            },
-            node::bind("127.0.0.1:0").await?,
-        )
-        .await?;
-        let store_dir = dir.join("backups");
-        let backup = backup_server::spawn(
-            backup_server::BackupServerConfig {
-                array_url: array.url(),
-                db_url: db.url(),
-                store_dir: store_dir.clone(),
-                default_max_bytes_per_s: None,
-            },
-            node::bind("127.0.0.1:0").await?,
-        )
-        .await?;
-        Ok(Self {
-            array,
-            db,
-            backup,
-            store_dir,
-        })
-    }
-
-    pub fn addresses(&self) -> Addresses {
-        Addresses {
-            array: self.array.url(),
-            db: self.db.url(),
-            backup: self.backup.url(),
-        }
-    }
-
-    /// Stops the nodes, the database first.
-    pub async fn shutdown(self) -> Result<(), String> {
-        self.db.shutdown().await?;
-        self.backup.shutdown().await?;
-        self.array.shutdown().await
-    }
-}
-
+/// Runs the demo: starts the cluster, performs the runs, stops the
+/// cluster, and answers the summary. It fails only when the demo could not
+/// run (a node did not start); failed runs are in the summary.
 pub async fn demo(
     options: &DemoOptions,
     progress: &dyn ProgressSink,
-) -> Result<DemoSummary, String> {
-    let temp;
-    let dir = match &options.dir {
-        Some(dir) => dir.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("splitmirror-demo-")
-                .tempdir()
-                .map_err(|e| format!("creating a temporary directory: {e}"))?;
-            temp.path().to_path_buf()
-        }
-    };
+) -> anyhow::Result<DemoSummary> {
     let say = |text: String| {
         if !options.json {
             // A reader that went away (`console demo | head`) must not
@@ -173,52 +74,57 @@ pub async fn demo(
             let _ = std::io::Write::write_fmt(&mut std::io::stdout(), format_args!("{text}\n"));
         }
     };
+    let mut builder = ClusterBuilder::new()
+        .lu_size_bytes(options.lu_size_bytes)
+        .ledger(Some(db_server::ledger::LedgerConfig {
+            target_tps: options.workload_tps,
+            workers: options.workload_workers,
+            ..db_server::ledger::LedgerConfig::default()
+        }))
+        // The pairs' first comparison is waited for below, with progress.
+        .wait_synchronized(false);
+    if let Some(dir) = &options.dir {
+        builder = builder.dir(dir);
+    }
+    say(
+        "splitmirror demo: array-node, db-server (ledger running) and backup-server on loopback"
+            .to_string(),
+    );
+    let cluster = builder.start().await.context("starting the nodes")?;
+    let data_dir = cluster.dir.display().to_string();
     say(format!(
-        "splitmirror demo: array-node, db-server (ledger running) and backup-server on loopback, data in {}",
-        dir.display()
-    ));
-    let ledger = db_server::ledger::LedgerConfig {
-        target_tps: options.workload_tps,
-        workers: options.workload_workers,
-        ..db_server::ledger::LedgerConfig::default()
-    };
-    let cluster = LocalCluster::start(
-        &dir,
-        options.lu_size_bytes,
-        Some(ledger),
-        db_server::manager::ManagerConfig::default(),
-    )
-    .await?;
-    let clients = Clients::new(cluster.addresses())?;
-    say(format!(
-        "nodes up: array {} · db {} · backup {}; volume 0 is {} with 4096-byte blocks",
+        "nodes up: array {} · db {} · backup {}; volume 0 is {} with 4096-byte blocks; data in {data_dir}",
         cluster.array.addr,
         cluster.db.addr,
         cluster.backup.addr,
         format_bytes(options.lu_size_bytes)
     ));
-    let result = run_cycles(options, &clients, &cluster, progress, &say).await;
+    let result = run_cycles(options, &cluster, progress, &say).await;
     let shutdown = cluster.shutdown().await;
     let summary = result?;
-    shutdown?;
+    shutdown.context("stopping the nodes")?;
     Ok(DemoSummary {
-        data_dir: dir.display().to_string(),
+        data_dir,
         ..summary
     })
 }
 
 async fn run_cycles(
     options: &DemoOptions,
-    clients: &Clients,
-    cluster: &LocalCluster,
+    cluster: &Cluster,
     progress: &dyn ProgressSink,
     say: &dyn Fn(String),
-) -> Result<DemoSummary, String> {
+) -> anyhow::Result<DemoSummary> {
+    let clients: &Clients = &cluster.clients;
     // A first start compares origin and mate of each pair (no journal knew
     // them) before the pair is Synchronized; then let the ledger get going,
     // so that the first snapshot freezes a busy database.
-    crate::run::wait_synchronized(clients, 0, progress).await?;
-    wait_for_transactions(clients, 100, Duration::from_secs(30)).await?;
+    crate::run::wait_synchronized(clients, 0, progress)
+        .await
+        .context("waiting for volume 0 to be Synchronized")?;
+    cluster
+        .wait_for_transactions(100, Duration::from_secs(30))
+        .await?;
     let mut cycles = Vec::new();
     for cycle in 1..=options.cycles {
         say(format!("\n== backup run {cycle} of {}", options.cycles));
@@ -268,7 +174,9 @@ async fn run_cycles(
         ));
         cycles.push(cycle_result);
     }
-    let pair = pair_verify(clients, 0, true).await?;
+    let pair = pair_verify(clients, 0, true)
+        .await
+        .context("comparing origin and mate at the end")?;
     let status = crate::status::fetch(clients).await?;
     let transactions_committed = status.db.ledger.map_or(0, |l| l.transactions_committed);
     let verified_runs = cycles.iter().filter(|c| c.succeeded()).count();
@@ -295,26 +203,4 @@ async fn run_cycles(
         transactions_committed,
         data_dir: String::new(),
     })
-}
-
-/// Waits until the ledger has committed `count` transactions.
-pub async fn wait_for_transactions(
-    clients: &Clients,
-    count: u64,
-    timeout: Duration,
-) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let status = crate::status::fetch(clients).await?;
-        let committed = status.db.ledger.map_or(0, |l| l.transactions_committed);
-        if committed >= count {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "the ledger committed only {committed} transactions in {timeout:?}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

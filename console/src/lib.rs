@@ -1,14 +1,31 @@
 //! console: the management console (1540) and its backup instruction
 //! program (1542). It holds no state of its own.
 //!
-//! - [`clients`]: connections to the three nodes and the retry rule.
+//! - [`clients`]: the typed clients of the three nodes.
 //! - [`run`]: one backup run, its failure policy and its report.
 //! - [`progress`]: bars on a terminal, plain lines elsewhere.
 //! - [`status`]: `console status` and `console pair verify`.
-//! - [`demo`]: the embedded demo (three nodes in-process on loopback).
+//!
+//! With the `embedded` feature (on by default), the parts that run the
+//! nodes in-process, and so depend on the node crates:
+//!
+//! - [`cluster`]: the one builder that starts array-node, db-server and
+//!   backup-server on loopback (the demo, the benchmarks and the tests).
+//! - [`demo`]: the embedded demo.
+//! - [`bench`]: the benchmarks.
+//!
+//! Errors: the modules other code builds on ([`run`], [`status`],
+//! [`cluster`]) answer typed errors, so that a caller decides on a variant
+//! or a [`ClientError`](splitmirror_proto::client::ClientError) kind;
+//! [`demo`] and [`bench`] are commands that only report to a person, and
+//! answer `anyhow::Error` as the binary does.
 
+#[cfg(feature = "embedded")]
 pub mod bench;
 pub mod clients;
+#[cfg(feature = "embedded")]
+pub mod cluster;
+#[cfg(feature = "embedded")]
 pub mod demo;
 pub mod progress;
 pub mod run;

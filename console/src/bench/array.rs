@@ -6,17 +6,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::{Context as _, anyhow};
+use futures_util::StreamExt;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use splitmirror_proto::array::v1 as pb;
-use splitmirror_proto::array::v1::array_service_client::ArrayServiceClient;
-use splitmirror_proto::node;
+use splitmirror_proto::client::ArrayClient;
 
 use super::common::{RandomLuArray, array_with_random_lu, f1, f2, mb_per_s, table};
 use super::{BenchOptions, BenchOutput, peer};
 
-pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let size = options.size_bytes;
     // LU 1 (an origin, read on its own) holds random data.
     let RandomLuArray {
@@ -24,12 +24,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
         array,
         lu_file,
     } = array_with_random_lu(1, size).await?;
-    let channel = node::endpoint(&array.url())?
-        .connect()
-        .await
-        .map_err(|e| format!("connecting: {e}"))?;
-    let client =
-        ArrayServiceClient::new(channel).max_decoding_message_size(node::MAX_MESSAGE_BYTES);
+    let client = ArrayClient::new(&array.url())?;
     let blocks = size / 4096;
 
     // Read to nowhere.
@@ -54,19 +49,19 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     read_lu(&client, blocks, |data| {
         sender
             .send(data)
-            .map_err(|_| "the file writer stopped".to_string())
+            .map_err(|_| anyhow!("the file writer stopped"))
     })
     .await?;
     drop(sender);
     writer
         .join()
-        .map_err(|_| "the file writer panicked".to_string())?
-        .map_err(|e| format!("writing {}: {e}", out.display()))?;
+        .map_err(|_| anyhow!("the file writer panicked"))?
+        .with_context(|| format!("writing {}", out.display()))?;
     let into_file = mb_per_s(size, started.elapsed());
     let _ = std::fs::remove_file(&out);
 
     // The peer, on the same file.
-    let peer_figures = match peer::missing() {
+    let peer_figures: Result<f64, String> = match peer::missing() {
         Some(reason) => Err(reason),
         None => {
             let export = peer::export(&lu_file)?;
@@ -81,7 +76,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     let seconds = options.seconds;
     let one = write_ops(&client, 1, seconds, blocks).await?;
     let many = write_ops(&client, 32, seconds, blocks).await?;
-    array.shutdown().await?;
+    array.shutdown().await.map_err(anyhow::Error::msg)?;
 
     let (peer_mb, ratio) = match &peer_figures {
         Ok(mb) => (json!(mb), json!(into_file / mb)),
@@ -132,28 +127,16 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
 /// Reads LU 1 whole with one `Read` stream, handing each chunk to `sink`;
 /// answers the bytes received.
 async fn read_lu(
-    client: &ArrayServiceClient<tonic::transport::Channel>,
+    client: &ArrayClient,
     blocks: u64,
-    mut sink: impl FnMut(Vec<u8>) -> Result<(), String>,
-) -> Result<u64, String> {
-    let mut stream = client
-        .clone()
-        .read(pb::ReadRequest {
-            lu: 1,
-            lba: 0,
-            blocks,
-        })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
+    mut sink: impl FnMut(Vec<u8>) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let mut stream = client.read_stream(1, 0, blocks).await?;
     let mut received = 0u64;
-    while let Some(chunk) = stream
-        .message()
-        .await
-        .map_err(|s| s.message().to_string())?
-    {
-        received += chunk.data.len() as u64;
-        sink(chunk.data)?;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        received += chunk.len() as u64;
+        sink(chunk)?;
     }
     Ok(received)
 }
@@ -161,16 +144,16 @@ async fn read_lu(
 /// 4 KiB writes to mirror LU 0 at random LBAs for `duration`, `in_flight`
 /// at a time; answers operations per second.
 async fn write_ops(
-    client: &ArrayServiceClient<tonic::transport::Channel>,
+    client: &ArrayClient,
     in_flight: u64,
     duration: Duration,
     blocks: u64,
-) -> Result<f64, String> {
+) -> anyhow::Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..in_flight {
-        let mut client = client.clone();
+        let client = client.clone();
         let done = done.clone();
         tasks.spawn(async move {
             let mut rng = SmallRng::seed_from_u64(worker);
@@ -178,22 +161,14 @@ async fn write_ops(
             rng.fill(&mut data[..]);
             while started.elapsed() < duration {
                 let lba = rng.random_range(0..blocks);
-                client
-                    .write(pb::WriteRequest {
-                        lu: 0,
-                        lba,
-                        data: data.clone(),
-                        fua: false,
-                    })
-                    .await
-                    .map_err(|s| s.message().to_string())?;
+                client.write(0, lba, data.clone()).await?;
                 done.fetch_add(1, Ordering::Relaxed);
             }
-            Ok::<_, String>(())
+            anyhow::Ok(())
         });
     }
     while let Some(result) = tasks.join_next().await {
-        result.map_err(|e| e.to_string())??;
+        result.context("a writer task")??;
     }
     Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }

@@ -4,9 +4,11 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt;
 use serde_json::json;
 use splitmirror_proto::backup::v1 as pb;
-use splitmirror_proto::backup::v1::backup_service_client::BackupServiceClient;
+use splitmirror_proto::client::BackupClient;
 use splitmirror_proto::node;
 
 use super::common::{
@@ -15,9 +17,9 @@ use super::common::{
 use super::{BenchOptions, BenchOutput, peer};
 
 /// This scenario starts no db-server; its live backup never asks one.
-const NO_DB: &str = "127.0.0.1:50052";
+const NO_DB: &str = crate::cluster::NO_DB;
 
-pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let size = options.size_bytes;
     let RandomLuArray {
         dir,
@@ -32,8 +34,9 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     let mut in_process = None;
     let backup_url = match sibling_binary("backup-server") {
         Some(binary) => {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let listener =
+                std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+            let addr = listener.local_addr()?;
             drop(listener);
             let process = std::process::Command::new(binary)
                 .args([
@@ -49,21 +52,12 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
                 .arg(&store)
                 .env("RUST_LOG", "warn")
                 .spawn()
-                .map_err(|e| format!("starting backup-server: {e}"))?;
+                .context("starting backup-server")?;
             child = Some(process);
             format!("http://{addr}")
         }
         None => {
-            let handle = backup_server::spawn(
-                backup_server::BackupServerConfig {
-                    array_url: array.url(),
-                    db_url: NO_DB.into(),
-                    store_dir: store.clone(),
-                    default_max_bytes_per_s: None,
-                },
-                node::bind("127.0.0.1:0").await?,
-            )
-            .await?;
+            let handle = crate::cluster::start_backup(&array.url(), NO_DB, &store, None).await?;
             let url = handle.url();
             in_process = Some(handle);
             url
@@ -72,11 +66,11 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while node::probe_health(&backup_url, "").await.is_err() {
         if Instant::now() > deadline {
-            return Err("backup-server did not start".into());
+            bail!("backup-server did not start");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut client = BackupServiceClient::new(node::channel(&backup_url)?);
+    let client = BackupClient::new(&backup_url)?;
     let cpu_before = child.as_ref().and_then(|c| cpu_seconds(c.id()));
     let started = Instant::now();
     let id = client
@@ -88,29 +82,17 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
             live: true,
             ..Default::default()
         })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner()
+        .await?
         .backup_id;
-    let mut stream = client
-        .watch_backup(pb::BackupIdRequest {
-            backup_id: id.clone(),
-        })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
+    let mut stream = client.watch_backup(&id).await?;
     let mut last = None;
-    while let Some(p) = stream
-        .message()
-        .await
-        .map_err(|s| s.message().to_string())?
-    {
-        last = Some(p);
+    while let Some(p) = stream.next().await {
+        last = Some(p?);
     }
     let elapsed = started.elapsed();
-    let last = last.ok_or("no progress")?;
+    let last = last.context("the backup server sent no progress")?;
     if last.state() != pb::BackupState::Complete {
-        return Err(format!("the backup failed: {}", last.error));
+        bail!("the backup failed: {}", last.error);
     }
     let cpu = match (cpu_before, child.as_ref().and_then(|c| cpu_seconds(c.id()))) {
         (Some(before), Some(after)) => Some((after - before) / (size as f64 / (1u64 << 30) as f64)),
@@ -122,10 +104,10 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
         let _ = process.wait();
     }
     if let Some(handle) = in_process {
-        handle.shutdown().await?;
+        handle.shutdown().await.map_err(anyhow::Error::msg)?;
     }
 
-    let peer = match peer::missing() {
+    let peer: Result<(f64, f64), String> = match peer::missing() {
         Some(reason) => Err(reason),
         None => {
             let export = peer::export(&mate_file)?;
@@ -134,7 +116,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
             Ok((mb_per_s(size, copied), mb_per_s(size, copied + synced)))
         }
     };
-    array.shutdown().await?;
+    array.shutdown().await.map_err(anyhow::Error::msg)?;
 
     let mut rows = vec![vec![
         "backup-server (image + manifest, fsynced)".into(),

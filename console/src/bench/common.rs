@@ -5,14 +5,14 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use splitmirror_proto::db::v1 as dpb;
 
 use crate::clients::Clients;
-use crate::demo::LocalCluster;
-use crate::progress::Quiet;
+use crate::cluster::{Cluster, ClusterBuilder};
 
 /// The machine the figures come from.
 pub fn machine() -> Value {
@@ -55,50 +55,43 @@ pub fn full_speed_ledger() -> db_server::ledger::LedgerConfig {
     }
 }
 
-/// A cluster and its clients, started and Synchronized.
+/// A cluster and its clients, started and Synchronized, in a temporary
+/// directory removed after it stops.
 pub struct Bench {
-    /// Where the nodes keep their files; removed after they stop.
-    _dir: tempfile::TempDir,
-    pub cluster: LocalCluster,
+    pub cluster: Cluster,
     pub clients: Clients,
 }
 
 impl Bench {
+    /// Starts the cluster and, with a ledger, waits until it has committed
+    /// its first 200 transactions (past its start-up).
     pub async fn start(
         lu_size_bytes: u64,
         ledger: Option<db_server::ledger::LedgerConfig>,
         manager: db_server::manager::ManagerConfig,
         journal_region_bytes: Option<u64>,
-    ) -> Result<Self, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("splitmirror-bench-")
-            .tempdir()
-            .map_err(|e| format!("creating a temporary directory: {e}"))?;
+    ) -> anyhow::Result<Self> {
         let has_ledger = ledger.is_some();
-        let cluster = LocalCluster::start_with_journal(
-            dir.path(),
-            lu_size_bytes,
-            ledger,
-            manager,
-            journal_region_bytes,
-        )
-        .await?;
-        let clients = Clients::new(cluster.addresses())?;
-        for volume in [0, 3] {
-            crate::run::wait_synchronized(&clients, volume, &Quiet).await?;
-        }
+        let cluster = ClusterBuilder::new()
+            .lu_size_bytes(lu_size_bytes)
+            .ledger(ledger)
+            .manager(manager)
+            .journal_region_bytes(journal_region_bytes)
+            .start()
+            .await?;
         if has_ledger {
-            crate::demo::wait_for_transactions(&clients, 200, Duration::from_secs(60)).await?;
+            cluster
+                .wait_for_transactions(200, Duration::from_secs(60))
+                .await?;
         }
         Ok(Self {
-            _dir: dir,
+            clients: cluster.clients.clone(),
             cluster,
-            clients,
         })
     }
 
     /// The default cluster with the ledger at full speed and the journal on.
-    pub async fn with_busy_ledger(lu_size_bytes: u64) -> Result<Self, String> {
+    pub async fn with_busy_ledger(lu_size_bytes: u64) -> anyhow::Result<Self> {
         Self::start(
             lu_size_bytes,
             Some(full_speed_ledger()),
@@ -108,22 +101,14 @@ impl Bench {
         .await
     }
 
-    pub async fn status(&self) -> Result<dpb::StatusResponse, String> {
-        self.clients
-            .db
-            .clone()
-            .status(dpb::StatusRequest {
-                // The bench computes percentiles over a window, from the
-                // difference of two histograms.
-                include_latency_histogram: true,
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| format!("status: {}", s.message()))
+    /// db-server's status with the latency histogram: the bench computes
+    /// percentiles over a window, from the difference of two histograms.
+    pub async fn status(&self) -> anyhow::Result<dpb::StatusResponse> {
+        Ok(self.clients.db.status(true).await?)
     }
 
-    pub async fn shutdown(self) -> Result<(), String> {
-        self.cluster.shutdown().await
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        Ok(self.cluster.shutdown().await?)
     }
 }
 
@@ -137,7 +122,7 @@ pub struct LedgerSample {
     pub journal: dpb::JournalStatus,
 }
 
-pub async fn sample(bench: &Bench) -> Result<LedgerSample, String> {
+pub async fn sample(bench: &Bench) -> anyhow::Result<LedgerSample> {
     let status = bench.status().await?;
     let ledger = status.ledger.unwrap_or_default();
     Ok(LedgerSample {
@@ -195,7 +180,7 @@ pub fn window(before: &LedgerSample, after: &LedgerSample, block_size_bytes: u64
 }
 
 /// Measures the ledger for `duration` (or until `stop` says so).
-pub async fn measure(bench: &Bench, duration: Duration) -> Result<LedgerWindow, String> {
+pub async fn measure(bench: &Bench, duration: Duration) -> anyhow::Result<LedgerWindow> {
     let before = sample(bench).await?;
     tokio::time::sleep(duration).await;
     let after = sample(bench).await?;
@@ -203,9 +188,9 @@ pub async fn measure(bench: &Bench, duration: Duration) -> Result<LedgerWindow, 
 }
 
 /// Writes `size_bytes` of random data to `path` (a whole LU file).
-pub fn random_file(path: &Path, size_bytes: u64, seed: u64) -> Result<(), String> {
+pub fn random_file(path: &Path, size_bytes: u64, seed: u64) -> anyhow::Result<()> {
     let mut file =
-        std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut buf = vec![0u8; 4 << 20];
     let mut left = size_bytes;
@@ -213,11 +198,11 @@ pub fn random_file(path: &Path, size_bytes: u64, seed: u64) -> Result<(), String
         let n = left.min(buf.len() as u64) as usize;
         rng.fill(&mut buf[..n]);
         file.write_all(&buf[..n])
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            .with_context(|| format!("writing {}", path.display()))?;
         left -= n as u64;
     }
     file.sync_all()
-        .map_err(|e| format!("syncing {}: {e}", path.display()))
+        .with_context(|| format!("syncing {}", path.display()))
 }
 
 /// An array node whose real LU `lu` holds random data (so that neither
@@ -229,22 +214,20 @@ pub struct RandomLuArray {
     pub lu_file: std::path::PathBuf,
 }
 
-pub async fn array_with_random_lu(lu: u32, size_bytes: u64) -> Result<RandomLuArray, String> {
+pub async fn array_with_random_lu(lu: u32, size_bytes: u64) -> anyhow::Result<RandomLuArray> {
     let dir = tempfile::Builder::new()
         .prefix("splitmirror-bench-")
         .tempdir()
-        .map_err(|e| format!("creating a temporary directory: {e}"))?;
+        .context("creating a temporary directory")?;
     let data_dir = dir.path().join("array");
-    std::fs::create_dir_all(&data_dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let lu_file = data_dir.join(format!("lu{lu}.img"));
     random_file(&lu_file, size_bytes, u64::from(lu))?;
-    let array = array_node::spawn(
-        array_node::ArrayNodeConfig {
-            data_dir,
-            array: array_node::ArrayConfig::default_pairs(size_bytes).map_err(|e| e.to_string())?,
-            hooks: array_node::ArrayTestHooks::default(),
-        },
-        splitmirror_proto::node::bind("127.0.0.1:0").await?,
+    let array = crate::cluster::start_array(
+        &data_dir,
+        array_node::ArrayConfig::default_pairs(size_bytes)?,
+        array_node::ArrayTestHooks::default(),
     )
     .await?;
     Ok(RandomLuArray {

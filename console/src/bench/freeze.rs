@@ -3,36 +3,22 @@
 //! client of the ledger saw meanwhile.
 
 use serde_json::json;
-use splitmirror_proto::db::v1 as dpb;
 
 use super::common::{Bench, f1, percentile, sample, table, window};
 use super::{BenchOptions, BenchOutput, plot};
 use crate::progress::Quiet;
 
-pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let cycles = if options.quick { 5 } else { 100 };
     let bench = Bench::with_busy_ledger(options.size_bytes).await?;
     let before = sample(&bench).await?;
     let mut windows_us = Vec::with_capacity(cycles);
     for cycle in 0..cycles {
         let run_id = format!("freeze-{cycle}");
-        let mut db = bench.clients.db.clone();
-        let acquired = db
-            .acquire_snapshot(dpb::AcquireSnapshotRequest {
-                volume: 0,
-                run_id: run_id.clone(),
-            })
-            .await
-            .map_err(|s| format!("acquire: {}", s.message()))?
-            .into_inner();
+        let db = &bench.clients.db;
+        let acquired = db.acquire_snapshot(0, &run_id).await?;
         windows_us.push(acquired.freeze_window_us as f64);
-        db.delete_snapshot(dpb::DeleteSnapshotRequest {
-            volume: 0,
-            run_id,
-            force: false,
-        })
-        .await
-        .map_err(|s| format!("delete: {}", s.message()))?;
+        db.delete_snapshot(0, &run_id, false).await?;
         crate::run::wait_synchronized(&bench.clients, 0, &Quiet).await?;
     }
     let after = sample(&bench).await?;

@@ -3,12 +3,11 @@
 //! 1,000 transactions.
 
 use serde_json::json;
-use splitmirror_proto::db::v1 as dpb;
 
 use super::common::{Bench, LedgerWindow, f1, f2, full_speed_ledger, measure, table};
 use super::{BenchOptions, BenchOutput};
 
-pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let with = snapshot_mode(options, Some(db_server::DEFAULT_JOURNAL_REGION_BYTES)).await?;
     let without = snapshot_mode(options, None).await?;
     let ratio = with.tps / without.tps.max(1e-9);
@@ -54,7 +53,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
 async fn snapshot_mode(
     options: &BenchOptions,
     journal: Option<u64>,
-) -> Result<LedgerWindow, String> {
+) -> anyhow::Result<LedgerWindow> {
     let bench = Bench::start(
         options.size_bytes,
         Some(full_speed_ledger()),
@@ -62,16 +61,7 @@ async fn snapshot_mode(
         journal,
     )
     .await?;
-    bench
-        .clients
-        .db
-        .clone()
-        .acquire_snapshot(dpb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: "journal".into(),
-        })
-        .await
-        .map_err(|s| s.message().to_string())?;
+    bench.clients.db.acquire_snapshot(0, "journal").await?;
     let window = measure(&bench, options.seconds).await?;
     bench.shutdown().await?;
     Ok(window)

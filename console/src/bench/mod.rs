@@ -26,10 +26,48 @@ use serde_json::{Value, json};
 
 pub use common::machine;
 
-/// The scenarios, by name.
-pub const SCENARIOS: [&str; 8] = [
-    "array", "backup", "freeze", "modes", "resync", "journal", "timeline", "run",
-];
+/// The scenarios of `console bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Read and Write of the array, next to qemu-nbd + qemu-img convert.
+    Array,
+    /// A backup of a mate LU, next to qemu-img convert.
+    Backup,
+    /// The freeze window of acquire/delete cycles, ledger at full speed.
+    Freeze,
+    /// Ledger throughput per mode; array against host mirroring.
+    Modes,
+    /// Resync time and bytes per dirty size.
+    Resync,
+    /// What the journal costs.
+    Journal,
+    /// Ledger throughput during one backup run (--plot).
+    Timeline,
+    /// The orchestration overhead of `console run`.
+    Run,
+}
+
+impl Scenario {
+    /// The name on the command line and in the figures.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Array => "array",
+            Self::Backup => "backup",
+            Self::Freeze => "freeze",
+            Self::Modes => "modes",
+            Self::Resync => "resync",
+            Self::Journal => "journal",
+            Self::Timeline => "timeline",
+            Self::Run => "run",
+        }
+    }
+}
+
+impl std::fmt::Display for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -52,27 +90,21 @@ pub struct BenchOutput {
 }
 
 /// Runs one scenario and answers its output with the machine attached.
-pub async fn run(scenario: &str, options: &BenchOptions) -> Result<BenchOutput, String> {
+pub async fn run(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let output = match scenario {
-        "array" => array::run(options).await?,
-        "backup" => backup::run(options).await?,
-        "freeze" => freeze::run(options).await?,
-        "modes" => modes::run(options).await?,
-        "resync" => resync::run(options).await?,
-        "journal" => journal::run(options).await?,
-        "timeline" => timeline::run(options).await?,
-        "run" => run_overhead::run(options).await?,
-        other => {
-            return Err(format!(
-                "unknown scenario {other:?}; one of: {}",
-                SCENARIOS.join(", ")
-            ));
-        }
+        Scenario::Array => array::run(options).await?,
+        Scenario::Backup => backup::run(options).await?,
+        Scenario::Freeze => freeze::run(options).await?,
+        Scenario::Modes => modes::run(options).await?,
+        Scenario::Resync => resync::run(options).await?,
+        Scenario::Journal => journal::run(options).await?,
+        Scenario::Timeline => timeline::run(options).await?,
+        Scenario::Run => run_overhead::run(options).await?,
     };
     Ok(BenchOutput {
         table: output.table,
         figures: json!({
-            "scenario": scenario,
+            "scenario": scenario.name(),
             "machine": machine(),
             "size_bytes": options.size_bytes,
             "seconds": options.seconds.as_secs_f64(),

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use serde_json::json;
 use splitmirror_proto::db::v1 as dpb;
 
@@ -23,7 +24,7 @@ fn bulk_bytes(options: &BenchOptions) -> u64 {
     (options.size_bytes / 2).min(512 << 20)
 }
 
-pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let seconds = options.seconds;
     let array = per_mode(options, false, None, seconds).await?;
     let host = per_mode(options, true, None, seconds).await?;
@@ -31,7 +32,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     let capped_resync = capped
         .last()
         .map(|(_, w)| w.clone())
-        .ok_or("no resync window")?;
+        .context("no resync window")?;
     let sync = &array[0].1;
     let host_sync = &host[0].1;
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -109,7 +110,7 @@ async fn per_mode(
     host_mirroring: bool,
     resync_cap: Option<u64>,
     seconds: Duration,
-) -> Result<Vec<(String, LedgerWindow)>, String> {
+) -> anyhow::Result<Vec<(String, LedgerWindow)>> {
     let manager = db_server::manager::ManagerConfig {
         host_mirroring,
         resync_max_bytes_per_s: resync_cap,
@@ -127,13 +128,8 @@ async fn per_mode(
         bench.shutdown().await?;
         return Ok(results);
     }
-    let mut db = bench.clients.db.clone();
-    db.acquire_snapshot(dpb::AcquireSnapshotRequest {
-        volume: 0,
-        run_id: "modes".into(),
-    })
-    .await
-    .map_err(|s| s.message().to_string())?;
+    let db = &bench.clients.db;
+    db.acquire_snapshot(0, "modes").await?;
     results.push(("Snapshot".to_string(), measure(&bench, seconds).await?));
     // Dirty the second half of the volume, so that the resync has enough to
     // copy while the ledger is measured.
@@ -141,23 +137,16 @@ async fn per_mode(
     let chunk = 1 << 20;
     let mut offset = 0;
     while offset < bulk_bytes(options) {
-        db.write(dpb::VolumeWriteRequest {
-            volume: 0,
-            target: dpb::VirtualLu::Data.into(),
-            lba: start_lba + offset / 4096,
-            data: vec![0x5A; chunk as usize],
-        })
-        .await
-        .map_err(|s| s.message().to_string())?;
+        db.write(
+            0,
+            dpb::VirtualLu::Data,
+            start_lba + offset / 4096,
+            vec![0x5A; chunk as usize],
+        )
+        .await?;
         offset += chunk;
     }
-    db.delete_snapshot(dpb::DeleteSnapshotRequest {
-        volume: 0,
-        run_id: "modes".into(),
-        force: false,
-    })
-    .await
-    .map_err(|s| s.message().to_string())?;
+    db.delete_snapshot(0, "modes", false).await?;
     // Measured while the pair is Resynchronizing, up to `seconds`.
     let before = sample(&bench).await?;
     let deadline = Instant::now() + seconds;

@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use anyhow::{Context as _, bail};
+
 /// A running `qemu-nbd`; stopped when dropped.
 pub struct NbdExport {
     child: Child,
@@ -38,10 +40,11 @@ pub fn missing() -> Option<String> {
 }
 
 /// Exports `file` read-only on an ephemeral loopback port.
-pub fn export(file: &Path) -> Result<NbdExport, String> {
+pub fn export(file: &Path) -> anyhow::Result<NbdExport> {
     let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        listener.local_addr().map_err(|e| e.to_string())?.port()
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+        listener.local_addr()?.port()
     };
     let child = Command::new("qemu-nbd")
         .args([
@@ -56,12 +59,12 @@ pub fn export(file: &Path) -> Result<NbdExport, String> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("starting qemu-nbd: {e}"))?;
+        .context("starting qemu-nbd")?;
     let export = NbdExport { child, port };
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
-            return Err("qemu-nbd did not start listening".into());
+            bail!("qemu-nbd did not start listening");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -70,21 +73,21 @@ pub fn export(file: &Path) -> Result<NbdExport, String> {
 
 /// Copies the export into `out` with `qemu-img convert`; answers the time
 /// the copy took and, separately, the time to fsync the result.
-pub fn convert(export: &NbdExport, out: &Path) -> Result<(Duration, Duration), String> {
+pub fn convert(export: &NbdExport, out: &Path) -> anyhow::Result<(Duration, Duration)> {
     let started = Instant::now();
     let status = Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "raw"])
         .arg(format!("nbd://127.0.0.1:{}/lu", export.port))
         .arg(out)
         .status()
-        .map_err(|e| format!("running qemu-img convert: {e}"))?;
+        .context("running qemu-img convert")?;
     let copied = started.elapsed();
     if !status.success() {
-        return Err(format!("qemu-img convert failed: {status}"));
+        bail!("qemu-img convert failed: {status}");
     }
     let started = Instant::now();
     std::fs::File::open(out)
         .and_then(|f| f.sync_all())
-        .map_err(|e| format!("syncing {}: {e}", out.display()))?;
+        .with_context(|| format!("syncing {}", out.display()))?;
     Ok((copied, started.elapsed()))
 }

@@ -4,12 +4,14 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-fn draw_error(e: impl std::fmt::Display) -> String {
-    format!("drawing the plot: {e}")
+/// A plotters error, as text: its error types hold the backend's error,
+/// which need not be `Send`.
+fn draw_error(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("drawing the plot: {e}")
 }
 
 /// A histogram of `values` in 30 equal bins.
-pub fn histogram(path: &Path, title: &str, x_label: &str, values: &[f64]) -> Result<(), String> {
+pub fn histogram(path: &Path, title: &str, x_label: &str, values: &[f64]) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_error)?;
     let max = values.iter().copied().fold(1.0, f64::max);
@@ -47,7 +49,7 @@ pub fn timeline(
     path: &Path,
     series: &[(f64, f64)],
     phases: &[(String, f64, f64)],
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (1000, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_error)?;
     let t_max = series.last().map_or(1.0, |(t, _)| *t);

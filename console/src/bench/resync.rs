@@ -27,7 +27,7 @@ struct Outcome {
     wire_bytes: u64,
 }
 
-pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let (sizes, dirty_mibs): (Vec<u64>, Vec<u64>) = if options.quick {
         (vec![options.size_bytes, options.size_bytes * 4], vec![1])
     } else {
@@ -101,7 +101,7 @@ async fn once(
     method: db_server::manager::ResyncMethod,
     name: &'static str,
     dirty_mib: u64,
-) -> Result<Outcome, String> {
+) -> anyhow::Result<Outcome> {
     let manager = db_server::manager::ManagerConfig {
         resync_method: method,
         ..db_server::manager::ManagerConfig::default()
@@ -113,13 +113,8 @@ async fn once(
         Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
     )
     .await?;
-    let mut db = bench.clients.db.clone();
-    db.acquire_snapshot(dpb::AcquireSnapshotRequest {
-        volume: 0,
-        run_id: "resync".into(),
-    })
-    .await
-    .map_err(|s| s.message().to_string())?;
+    let db = &bench.clients.db;
+    db.acquire_snapshot(0, "resync").await?;
     // Scattered writes of 1–16 blocks until exactly the wanted number of
     // distinct blocks is dirty (the last write is cut to fit).
     let blocks = size / BLOCK;
@@ -145,35 +140,23 @@ async fn once(
         }
         writes.push((lba, taken));
     }
-    let client = db.clone();
     let mut results = futures_util::stream::iter(writes)
         .map(|(lba, n)| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .write(dpb::VolumeWriteRequest {
-                        volume: 0,
-                        target: dpb::VirtualLu::Data.into(),
-                        lba,
-                        data: vec![0xD1; (n * BLOCK) as usize],
-                    })
-                    .await
-            }
+            db.write(
+                0,
+                dpb::VirtualLu::Data,
+                lba,
+                vec![0xD1; (n * BLOCK) as usize],
+            )
         })
         .buffer_unordered(16);
     while let Some(result) = results.next().await {
-        result.map_err(|s| s.message().to_string())?;
+        result?;
     }
     drop(results);
     let traffic_before = bench.status().await?.array_traffic.unwrap_or_default();
     let started = Instant::now();
-    db.delete_snapshot(dpb::DeleteSnapshotRequest {
-        volume: 0,
-        run_id: "resync".into(),
-        force: false,
-    })
-    .await
-    .map_err(|s| s.message().to_string())?;
+    db.delete_snapshot(0, "resync", false).await?;
     crate::run::wait_synchronized(&bench.clients, 0, &Quiet).await?;
     let seconds = started.elapsed().as_secs_f64();
     let status = bench.status().await?;

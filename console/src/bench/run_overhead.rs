@@ -4,9 +4,10 @@
 
 use std::time::Instant;
 
+use anyhow::bail;
+use futures_util::StreamExt;
 use serde_json::json;
 use splitmirror_proto::backup::v1 as bpb;
-use splitmirror_proto::db::v1 as dpb;
 use tokio_util::sync::CancellationToken;
 
 use super::common::{Bench, f1, f2, table};
@@ -14,7 +15,7 @@ use super::{BenchOptions, BenchOutput};
 use crate::progress::Quiet;
 use crate::run::{RunOptions, backup_run};
 
-pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let bench = Bench::with_busy_ledger(options.size_bytes).await?;
     let clients = &bench.clients;
     // Parts and whole runs alternate, so that neither gains from going
@@ -37,7 +38,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
         )
         .await;
         if !report.succeeded() {
-            return Err(format!("the run failed: {:?}", report.error));
+            bail!("the run failed: {:?}", report.error);
         }
         runs.push(report);
     }
@@ -110,25 +111,15 @@ struct Parts {
 }
 
 /// The steps of a run called one by one, with nothing around them.
-async fn parts_alone(clients: &crate::clients::Clients, round: u32) -> Result<Parts, String> {
+async fn parts_alone(clients: &crate::clients::Clients, round: u32) -> anyhow::Result<Parts> {
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
     let run_id = format!("parts-{round}");
     let t = Instant::now();
-    let acquired = clients
-        .db
-        .clone()
-        .acquire_snapshot(dpb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: run_id.clone(),
-        })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
+    let acquired = clients.db.acquire_snapshot(0, &run_id).await?;
     let acquire_ms = ms(t);
     let t = Instant::now();
     let id = clients
         .backup
-        .clone()
         .start_backup(bpb::StartBackupRequest {
             run_id: run_id.clone(),
             lu: acquired.mate_lu,
@@ -138,35 +129,15 @@ async fn parts_alone(clients: &crate::clients::Clients, round: u32) -> Result<Pa
             }),
             ..Default::default()
         })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner()
+        .await?
         .backup_id;
-    let mut stream = clients
-        .backup
-        .clone()
-        .watch_backup(bpb::BackupIdRequest { backup_id: id })
-        .await
-        .map_err(|s| s.message().to_string())?
-        .into_inner();
-    while stream
-        .message()
-        .await
-        .map_err(|s| s.message().to_string())?
-        .is_some()
-    {}
+    let mut stream = clients.backup.watch_backup(&id).await?;
+    while let Some(progress) = stream.next().await {
+        progress?;
+    }
     let backup_ms = ms(t);
     let t = Instant::now();
-    clients
-        .db
-        .clone()
-        .delete_snapshot(dpb::DeleteSnapshotRequest {
-            volume: 0,
-            run_id,
-            force: false,
-        })
-        .await
-        .map_err(|s| s.message().to_string())?;
+    clients.db.delete_snapshot(0, &run_id, false).await?;
     let delete_ms = ms(t);
     let t = Instant::now();
     crate::run::wait_synchronized(clients, 0, &Quiet).await?;

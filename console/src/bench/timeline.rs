@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::{Context as _, bail};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +16,7 @@ use crate::run::{RunOptions, backup_run};
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
-pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let bench = Bench::with_busy_ledger(options.size_bytes).await?;
     let origin = Instant::now();
     let stop = CancellationToken::new();
@@ -30,15 +31,8 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
                     _ = ticker.tick() => {}
                     () = stop.cancelled() => return samples,
                 }
-                let mut db = clients.db.clone();
-                if let Ok(status) = db
-                    .status(splitmirror_proto::db::v1::StatusRequest::default())
-                    .await
-                {
-                    let committed = status
-                        .into_inner()
-                        .ledger
-                        .map_or(0, |l| l.transactions_committed);
+                if let Ok(status) = clients.db.status(false).await {
+                    let committed = status.ledger.map_or(0, |l| l.transactions_committed);
                     samples.push((origin.elapsed().as_secs_f64(), committed));
                 }
             }
@@ -61,10 +55,10 @@ pub async fn run(options: &BenchOptions) -> Result<BenchOutput, String> {
     let report = backup_run(&bench.clients, &run_options, &Quiet).await;
     tokio::time::sleep(lead).await;
     stop.cancel();
-    let samples = sampler.await.map_err(|e| e.to_string())?;
+    let samples = sampler.await.context("the status sampler")?;
     bench.shutdown().await?;
     if !report.succeeded() {
-        return Err(format!("the run failed: {:?}", report.error));
+        bail!("the run failed: {:?}", report.error);
     }
 
     // tps between consecutive samples, at the later sample's time.

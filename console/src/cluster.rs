@@ -1,0 +1,481 @@
+//! Starts splitmirror's three nodes in-process, on ephemeral loopback
+//! ports: the one way `console demo`, the benchmarks and the test harness
+//! start them (feature `embedded`).
+//!
+//! A whole cluster:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), splitmirror_console::cluster::ClusterError> {
+//! use splitmirror_console::cluster::ClusterBuilder;
+//!
+//! let cluster = ClusterBuilder::new()
+//!     .lu_size_bytes(16 << 20)
+//!     .ledger(Some(db_server::ledger::LedgerConfig::default()))
+//!     .start()
+//!     .await?;
+//! let pairs = cluster.clients.array.list_pairs().await?;
+//! cluster.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Single nodes, for scenarios that restart or replace one of them:
+//! [`start_array`], [`start_db`], [`start_backup`]. Every start waits until
+//! the node answers its health check.
+//!
+//! Files live under one directory: `array/` (the LU files), `db/` (the
+//! journal), `backups/` (the store). Without [`ClusterBuilder::dir`] it is a
+//! temporary directory, removed when the [`Cluster`] is dropped.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use array_node::{ArrayConfig, ArrayTestHooks};
+use db_server::ledger::LedgerConfig;
+use db_server::manager::ManagerConfig;
+use splitmirror_proto::client::ClientError;
+use splitmirror_proto::node::{self, NodeHandle};
+
+use crate::clients::{Addresses, Clients};
+use crate::progress::Quiet;
+use crate::run::{RunError, wait_synchronized};
+
+/// The LU size of a cluster that names none: small enough for a test,
+/// large enough for a ledger.
+pub const DEFAULT_LU_SIZE_BYTES: u64 = 64 << 20;
+
+/// How long a start waits for a node to answer its health check.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A db-server address for a backup server started without a db-server:
+/// only live backups, which never ask it, can succeed there.
+pub const NO_DB: &str = "http://127.0.0.1:9";
+
+/// Why a cluster or a node did not start or stop. None is retryable as it
+/// is: each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The array configuration is invalid (an LU size that is not whole
+    /// blocks, a mirror naming a missing LU).
+    #[error("the array configuration: {0}")]
+    ArrayConfig(String),
+    /// The data directory (or the temporary one) could not be created.
+    #[error("creating {path}: {source}")]
+    Directory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No loopback port could be bound.
+    #[error("binding a loopback port for the {node}: {message}")]
+    Bind { node: &'static str, message: String },
+    /// The node failed to start: its files, its configuration, the array
+    /// it waits for (db-server).
+    #[error("starting the {node}: {message}")]
+    Start { node: &'static str, message: String },
+    /// The node started but did not answer its health check in time.
+    #[error("the {node} at {url} did not answer its health check within {timeout:?}: {message}")]
+    NotHealthy {
+        node: &'static str,
+        url: String,
+        timeout: Duration,
+        message: String,
+    },
+    /// A call made while starting failed (the first status, a client that
+    /// could not be built).
+    #[error(transparent)]
+    Call(#[from] ClientError),
+    /// Waiting for a volume to be Synchronized failed.
+    #[error("waiting for the pairs to be Synchronized: {0}")]
+    Synchronizing(#[from] RunError),
+    /// The ledger did not commit the transactions waited for in time.
+    #[error("the ledger committed only {committed} of {wanted} transactions in {timeout:?}")]
+    LedgerSlow {
+        committed: u64,
+        wanted: u64,
+        timeout: Duration,
+    },
+    /// A node did not stop cleanly.
+    #[error("stopping the {node}: {message}")]
+    Stop { node: &'static str, message: String },
+}
+
+/// What [`start_db`] starts db-server with; `Default` is a production
+/// db-server without a ledger.
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    pub manager: ManagerConfig,
+    /// `None` runs the snapshot manager without a database.
+    pub ledger: Option<LedgerConfig>,
+    /// `None` runs without a journal (only to measure what it costs).
+    pub journal_region_bytes: Option<u64>,
+    /// How long start-up waits for the array; `None` waits for ever.
+    pub array_wait: Option<Duration>,
+    pub max_suspend_lease: Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        Self {
+            manager: ManagerConfig::default(),
+            ledger: None,
+            journal_region_bytes: Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
+            array_wait: Some(db_server::DEFAULT_ARRAY_WAIT),
+            max_suspend_lease: db_server::gate::DEFAULT_MAX_LEASE,
+        }
+    }
+}
+
+/// Builds a [`Cluster`]: every option has the default a production node
+/// has, except the directory (temporary) and the ports (ephemeral).
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    dir: Option<PathBuf>,
+    lu_size_bytes: u64,
+    array: Option<ArrayConfig>,
+    array_hooks: ArrayTestHooks,
+    db: DbOptions,
+    store_dir: Option<PathBuf>,
+    backup_max_bytes_per_s: Option<u64>,
+    wait_synchronized: bool,
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClusterBuilder {
+    /// Two mirror pairs of [`DEFAULT_LU_SIZE_BYTES`] LUs (mirror LU 0 =
+    /// origin 1 + mate 2, mirror LU 3 = 4 + 5), no ledger, the journal on,
+    /// in a temporary directory; [`ClusterBuilder::start`] answers once
+    /// every pair is Synchronized.
+    pub fn new() -> Self {
+        Self {
+            dir: None,
+            lu_size_bytes: DEFAULT_LU_SIZE_BYTES,
+            array: None,
+            array_hooks: ArrayTestHooks::default(),
+            db: DbOptions::default(),
+            store_dir: None,
+            backup_max_bytes_per_s: None,
+            wait_synchronized: true,
+        }
+    }
+
+    /// Keeps the nodes' files under `dir` (created if missing, kept after).
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// The size of each LU of the default two pairs.
+    pub fn lu_size_bytes(mut self, lu_size_bytes: u64) -> Self {
+        self.lu_size_bytes = lu_size_bytes;
+        self
+    }
+
+    /// The array's LUs and mirrors, instead of the default two pairs.
+    pub fn array_config(mut self, array: ArrayConfig) -> Self {
+        self.array = Some(array);
+        self
+    }
+
+    /// The array's fault hooks (their switches need array-node's `testing`
+    /// feature).
+    pub fn array_hooks(mut self, hooks: ArrayTestHooks) -> Self {
+        self.array_hooks = hooks;
+        self
+    }
+
+    /// The snapshot manager's configuration (resync method and rate, host
+    /// mirroring, test hooks).
+    pub fn manager(mut self, manager: ManagerConfig) -> Self {
+        self.db.manager = manager;
+        self
+    }
+
+    /// The ledger db-server runs on volume 0; `None` (the default) runs
+    /// none.
+    pub fn ledger(mut self, ledger: Option<LedgerConfig>) -> Self {
+        self.db.ledger = ledger;
+        self
+    }
+
+    /// The journal's region size; `None` runs without a journal.
+    pub fn journal_region_bytes(mut self, journal_region_bytes: Option<u64>) -> Self {
+        self.db.journal_region_bytes = journal_region_bytes;
+        self
+    }
+
+    /// Every db-server option at once.
+    pub fn db_options(mut self, db: DbOptions) -> Self {
+        self.db = db;
+        self
+    }
+
+    /// Where the backup server keeps its store (default: `backups/` under
+    /// the directory).
+    pub fn store_dir(mut self, store_dir: impl Into<PathBuf>) -> Self {
+        self.store_dir = Some(store_dir.into());
+        self
+    }
+
+    /// The backup server's rate cap for jobs that ask for none.
+    pub fn backup_max_bytes_per_s(mut self, max_bytes_per_s: Option<u64>) -> Self {
+        self.backup_max_bytes_per_s = max_bytes_per_s;
+        self
+    }
+
+    /// Whether [`ClusterBuilder::start`] waits until every volume is
+    /// Synchronized (default yes: a first start compares origin and mate of
+    /// each pair before it is).
+    pub fn wait_synchronized(mut self, wait: bool) -> Self {
+        self.wait_synchronized = wait;
+        self
+    }
+
+    /// Starts array-node, db-server and backup-server, in that order, each
+    /// answering its health check before the next starts.
+    pub async fn start(self) -> Result<Cluster, ClusterError> {
+        let (temp, dir) = match self.dir {
+            Some(dir) => (None, dir),
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("splitmirror-")
+                    .tempdir()
+                    .map_err(|source| ClusterError::Directory {
+                        path: std::env::temp_dir(),
+                        source,
+                    })?;
+                let dir = temp.path().to_path_buf();
+                (Some(temp), dir)
+            }
+        };
+        let array_config = match self.array {
+            Some(config) => config,
+            None => ArrayConfig::default_pairs(self.lu_size_bytes)
+                .map_err(|e| ClusterError::ArrayConfig(e.to_string()))?,
+        };
+        let array = start_array(&dir.join("array"), array_config, self.array_hooks).await?;
+        let db = match start_db(&array.url(), &dir.join("db"), &self.db).await {
+            Ok(db) => db,
+            Err(error) => {
+                let _ = array.shutdown().await;
+                return Err(error);
+            }
+        };
+        let store_dir = self.store_dir.unwrap_or_else(|| dir.join("backups"));
+        let backup = match start_backup(
+            &array.url(),
+            &db.url(),
+            &store_dir,
+            self.backup_max_bytes_per_s,
+        )
+        .await
+        {
+            Ok(backup) => backup,
+            Err(error) => {
+                let _ = db.shutdown().await;
+                let _ = array.shutdown().await;
+                return Err(error);
+            }
+        };
+        let addresses = Addresses {
+            array: array.url(),
+            db: db.url(),
+            backup: backup.url(),
+        };
+        let cluster = Cluster {
+            clients: Clients::new(addresses)?,
+            array,
+            db,
+            backup,
+            dir,
+            store_dir,
+            _temp: temp,
+        };
+        if self.wait_synchronized {
+            let volumes: Vec<u32> = cluster
+                .clients
+                .db
+                .status(false)
+                .await?
+                .volumes
+                .iter()
+                .map(|v| v.volume)
+                .collect();
+            for volume in volumes {
+                wait_synchronized(&cluster.clients, volume, &Quiet).await?;
+            }
+        }
+        Ok(cluster)
+    }
+}
+
+/// Three running nodes, their addresses and clients. Stop it with
+/// [`Cluster::shutdown`]; a cluster merely dropped leaves its nodes running
+/// until the runtime ends.
+pub struct Cluster {
+    pub array: NodeHandle,
+    pub db: NodeHandle,
+    pub backup: NodeHandle,
+    /// Clients of the three nodes (`clients.addresses` holds their URLs).
+    pub clients: Clients,
+    /// Where the nodes keep their files.
+    pub dir: PathBuf,
+    /// The backup server's store: `<store>/<backup id>/image.raw`.
+    pub store_dir: PathBuf,
+    /// The temporary directory, removed when the cluster is dropped.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    /// The nodes' URLs.
+    pub fn addresses(&self) -> &Addresses {
+        &self.clients.addresses
+    }
+
+    /// Waits until the ledger has committed `count` transactions.
+    pub async fn wait_for_transactions(
+        &self,
+        count: u64,
+        timeout: Duration,
+    ) -> Result<(), ClusterError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.clients.db.status(false).await?;
+            let committed = status.ledger.map_or(0, |l| l.transactions_committed);
+            if committed >= count {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ClusterError::LedgerSlow {
+                    committed,
+                    wanted: count,
+                    timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the nodes, the database first (so that its last writes reach
+    /// the array), and answers the first failure.
+    pub async fn shutdown(self) -> Result<(), ClusterError> {
+        let stop = |node: &'static str, message: String| ClusterError::Stop { node, message };
+        let db = (self.db.shutdown().await).map_err(|e| stop("db-server", e.to_string()));
+        let backup =
+            (self.backup.shutdown().await).map_err(|e| stop("backup server", e.to_string()));
+        let array = (self.array.shutdown().await).map_err(|e| stop("array", e.to_string()));
+        db.and(backup).and(array)
+    }
+}
+
+/// Binds an ephemeral loopback port for `node`.
+async fn bind_loopback(node: &'static str) -> Result<tokio::net::TcpListener, ClusterError> {
+    node::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| ClusterError::Bind {
+            node,
+            message: e.to_string(),
+        })
+}
+
+/// Waits (at most [`HEALTH_TIMEOUT`]) until the node at `url` answers its
+/// health check.
+pub async fn wait_healthy(node: &'static str, url: &str) -> Result<(), ClusterError> {
+    let deadline = tokio::time::Instant::now() + HEALTH_TIMEOUT;
+    loop {
+        match node::probe_health(url, "").await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(ClusterError::NotHealthy {
+                    node,
+                    url: url.to_string(),
+                    timeout: HEALTH_TIMEOUT,
+                    message: e.to_string(),
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Starts an array node over the LU files in `data_dir` (created as
+/// needed).
+pub async fn start_array(
+    data_dir: &Path,
+    array: ArrayConfig,
+    hooks: ArrayTestHooks,
+) -> Result<NodeHandle, ClusterError> {
+    const NODE: &str = "array";
+    let config = array_node::ArrayNodeConfig {
+        data_dir: data_dir.to_path_buf(),
+        array,
+        hooks,
+    };
+    let handle = array_node::spawn(config, bind_loopback(NODE).await?)
+        .await
+        .map_err(|e| ClusterError::Start {
+            node: NODE,
+            message: e.to_string(),
+        })?;
+    wait_healthy(NODE, &handle.url()).await?;
+    Ok(handle)
+}
+
+/// Starts a db-server against the array at `array_url`, its journal in
+/// `data_dir`. It answers once db-server is ready; a first start may leave
+/// pairs Resynchronizing a moment longer (see
+/// [`crate::run::wait_synchronized`]).
+pub async fn start_db(
+    array_url: &str,
+    data_dir: &Path,
+    options: &DbOptions,
+) -> Result<NodeHandle, ClusterError> {
+    const NODE: &str = "db-server";
+    let config = db_server::DbServerConfig {
+        array_url: array_url.to_string(),
+        data_dir: data_dir.to_path_buf(),
+        manager: options.manager.clone(),
+        ledger: options.ledger.clone(),
+        journal_region_bytes: options.journal_region_bytes,
+        array_wait: options.array_wait,
+        max_suspend_lease: options.max_suspend_lease,
+    };
+    let handle = db_server::spawn(config, bind_loopback(NODE).await?)
+        .await
+        .map_err(|e| ClusterError::Start {
+            node: NODE,
+            message: e.to_string(),
+        })?;
+    wait_healthy(NODE, &handle.url()).await?;
+    Ok(handle)
+}
+
+/// Starts a backup server reading from the array at `array_url` and
+/// confirming snapshots with the db-server at `db_url` ([`NO_DB`] for live
+/// backups alone), its store in `store_dir`.
+pub async fn start_backup(
+    array_url: &str,
+    db_url: &str,
+    store_dir: &Path,
+    default_max_bytes_per_s: Option<u64>,
+) -> Result<NodeHandle, ClusterError> {
+    const NODE: &str = "backup server";
+    let config = backup_server::BackupServerConfig {
+        array_url: array_url.to_string(),
+        db_url: db_url.to_string(),
+        store_dir: store_dir.to_path_buf(),
+        default_max_bytes_per_s,
+    };
+    let handle = backup_server::spawn(config, bind_loopback(NODE).await?)
+        .await
+        .map_err(|e| ClusterError::Start {
+            node: NODE,
+            message: e.to_string(),
+        })?;
+    wait_healthy(NODE, &handle.url()).await?;
+    Ok(handle)
+}
