@@ -1,16 +1,14 @@
-//! How a backup run shows its progress: a bar on a terminal, plain lines on
-//! stderr otherwise, or nothing.
-//!
-//! The bar is drawn by hand rather than with indicatif: indicatif depends on
-//! a crate named `console`, which makes `cargo run -p console` ambiguous in
-//! this workspace, and one redrawn line is all a run needs.
+//! How a backup run shows its progress: a bar (indicatif) on a terminal,
+//! plain lines on stderr otherwise, or nothing.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use splitmirror_proto::units::format_bytes;
 
+/// Where a run reports its phases and the progress of its copies.
 pub trait ProgressSink: Send + Sync {
     /// A new phase starts ("acquire", "backup", "resync", …).
     fn phase(&self, name: &str);
@@ -41,55 +39,49 @@ impl ProgressSink for Quiet {
     fn finish(&self) {}
 }
 
-/// One bar on stderr, redrawn in place at most ten times a second.
+/// One bar on stderr at a time (the backup's, then the resync's), drawn
+/// by indicatif; phases are printed above it as lines.
 #[derive(Default)]
 struct Bars {
-    /// The kind of bar on screen and when it was last drawn.
-    drawn: Mutex<Option<(String, Instant)>>,
+    /// The kind of the bar on screen ("backup", "resync") and the bar.
+    current: Mutex<Option<(&'static str, ProgressBar)>>,
 }
 
-const BAR_WIDTH: usize = 32;
-
 impl Bars {
-    fn draw(&self, kind: &str, done: u64, total: u64, extra: String) {
-        let mut drawn = self.drawn.lock().expect("progress bar");
-        let due = match drawn.as_ref() {
-            Some((k, at)) => {
-                k != kind || at.elapsed() >= Duration::from_millis(100) || done >= total
+    fn style() -> ProgressStyle {
+        ProgressStyle::with_template("{prefix:>7} [{bar:32}] {percent:>3}% {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ")
+    }
+
+    fn draw(&self, kind: &'static str, done: u64, total: u64, extra: String) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = match current.as_ref() {
+            Some((k, bar)) if *k == kind => bar.clone(),
+            _ => {
+                if let Some((_, old)) = current.take() {
+                    old.finish_and_clear();
+                }
+                let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
+                    .with_style(Self::style())
+                    .with_prefix(kind);
+                *current = Some((kind, bar.clone()));
+                bar
             }
-            None => true,
         };
-        if !due {
-            return;
-        }
-        let fraction = if total == 0 {
-            1.0
-        } else {
-            (done as f64 / total as f64).min(1.0)
-        };
-        let filled = (fraction * BAR_WIDTH as f64) as usize;
-        let bar: String = (0..BAR_WIDTH)
-            .map(|i| match i.cmp(&filled) {
-                std::cmp::Ordering::Less => '=',
-                std::cmp::Ordering::Equal => '>',
-                std::cmp::Ordering::Greater => ' ',
-            })
-            .collect();
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r\x1b[2K{kind:>7} [{bar}] {:>3.0}% {} of {}{extra}",
-            fraction * 100.0,
+        bar.set_length(total);
+        bar.set_position(done.min(total));
+        bar.set_message(format!(
+            "{} of {}{extra}",
             format_bytes(done),
             format_bytes(total)
-        );
-        let _ = err.flush();
-        *drawn = Some((kind.to_string(), Instant::now()));
+        ));
     }
 
     fn clear(&self) {
-        if self.drawn.lock().expect("progress bar").take().is_some() {
-            eprint!("\r\x1b[2K");
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, bar)) = current.take() {
+            bar.finish_and_clear();
         }
     }
 }
@@ -126,7 +118,7 @@ struct Lines {
 
 impl Lines {
     fn line(&self, kind: &str, done: u64, total: u64, extra: String) {
-        let mut last = self.last.lock().expect("progress lines");
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let due = match last.as_ref() {
             Some((k, at)) => k != kind || at.elapsed() >= Duration::from_secs(1) || done == total,
             None => true,
