@@ -6,7 +6,9 @@ use array_node::config::RealLuConfig;
 use splitmirror_proto::array::v1 as pb;
 use tonic::Code;
 
-use crate::harness::{self, ArrayClient, array_client, lu_digests, read_lu, start_array};
+use crate::harness::{
+    self, ArrayClient, ClientError, array_client, lu_digests, read_lu, start_array,
+};
 
 const BLOCK: usize = 4096;
 
@@ -16,21 +18,8 @@ fn pattern(seed: u8, blocks: usize) -> Vec<u8> {
         .collect()
 }
 
-async fn write(
-    client: &mut ArrayClient,
-    lu: u32,
-    lba: u64,
-    data: Vec<u8>,
-) -> Result<u64, tonic::Status> {
-    client
-        .write(pb::WriteRequest {
-            lu,
-            lba,
-            data,
-            fua: false,
-        })
-        .await
-        .map(|r| r.into_inner().blocks_written)
+async fn write(client: &ArrayClient, lu: u32, lba: u64, data: Vec<u8>) -> Result<u64, ClientError> {
+    client.write(lu, lba, data).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,19 +31,16 @@ async fn mirror_writes_reach_origin_and_mate_and_sides_are_addressable() {
         ArrayTestHooks::default(),
     )
     .await;
-    let mut client = array_client(&node.url()).await;
+    let client = array_client(&node.url());
 
-    let lus = client
-        .list_lus(pb::ListLusRequest {})
-        .await
-        .expect("list")
-        .into_inner()
-        .lus;
+    let lus = client.list_lus().await.expect("list");
     let mirror = lus.iter().find(|lu| lu.id == 0).expect("LU 0");
     assert_eq!(mirror.kind(), pb::LuKind::Mirror);
     assert_eq!((mirror.origin_lu, mirror.mate_lu), (Some(1), Some(2)));
     assert_eq!(lus.len(), 6);
+    // The raw page: its Fig. 11 classification is not in the typed page.
     let sense = client
+        .raw()
         .mode_sense(pb::ModeSenseRequest { lu: 3 })
         .await
         .expect("sense")
@@ -69,6 +55,7 @@ async fn mirror_writes_reach_origin_and_mate_and_sides_are_addressable() {
         (pb::LuKind::Mirror, 0, Some(4), Some(5))
     );
     let sense = client
+        .raw()
         .mode_sense(pb::ModeSenseRequest { lu: 4 })
         .await
         .expect("sense")
@@ -82,24 +69,15 @@ async fn mirror_writes_reach_origin_and_mate_and_sides_are_addressable() {
         ),
         (pb::LuKind::Origin, 1, None, None)
     );
-    let sense = client
-        .mode_sense(pb::ModeSenseRequest { lu: 5 })
-        .await
-        .expect("sense")
-        .into_inner();
-    assert_eq!(sense.kind(), pb::LuKind::Mate);
+    let sense = client.mode_sense(5).await.expect("sense");
+    assert_eq!(sense.kind, pb::LuKind::Mate);
 
     // A mirror write lands on both sides, byte for byte in the files.
     let data = pattern(1, 8);
-    assert_eq!(
-        write(&mut client, 0, 10, data.clone())
-            .await
-            .expect("write"),
-        8
-    );
-    assert_eq!(read_lu(&mut client, 1, 10, 8).await, data);
-    assert_eq!(read_lu(&mut client, 2, 10, 8).await, data);
-    assert_eq!(read_lu(&mut client, 0, 10, 8).await, data);
+    assert_eq!(write(&client, 0, 10, data.clone()).await.expect("write"), 8);
+    assert_eq!(read_lu(&client, 1, 10, 8).await, data);
+    assert_eq!(read_lu(&client, 2, 10, 8).await, data);
+    assert_eq!(read_lu(&client, 0, 10, 8).await, data);
     let origin_file = std::fs::read(dir.path().join("lu1.img")).expect("origin file");
     let mate_file = std::fs::read(dir.path().join("lu2.img")).expect("mate file");
     assert_eq!(origin_file, mate_file);
@@ -107,19 +85,20 @@ async fn mirror_writes_reach_origin_and_mate_and_sides_are_addressable() {
 
     // Origin and mate are addressable alone.
     let origin_only = pattern(2, 2);
-    write(&mut client, 1, 0, origin_only.clone())
+    write(&client, 1, 0, origin_only.clone())
         .await
         .expect("origin write");
-    assert_eq!(read_lu(&mut client, 1, 0, 2).await, origin_only);
-    assert_eq!(read_lu(&mut client, 2, 0, 2).await, vec![0; 2 * BLOCK]);
+    assert_eq!(read_lu(&client, 1, 0, 2).await, origin_only);
+    assert_eq!(read_lu(&client, 2, 0, 2).await, vec![0; 2 * BLOCK]);
     let mate_only = pattern(3, 1);
-    write(&mut client, 2, 255, mate_only.clone())
+    write(&client, 2, 255, mate_only.clone())
         .await
         .expect("mate write (last block)");
-    assert_eq!(read_lu(&mut client, 2, 255, 1).await, mate_only);
-    assert_eq!(read_lu(&mut client, 1, 255, 1).await, vec![0; BLOCK]);
+    assert_eq!(read_lu(&client, 2, 255, 1).await, mate_only);
+    assert_eq!(read_lu(&client, 1, 255, 1).await, vec![0; BLOCK]);
 
-    // Streaming writes, and a multi-chunk read of the whole LU.
+    // Streaming writes (no typed client sends a write stream), and a
+    // multi-chunk read of the whole LU.
     let stream = futures_util::stream::iter((0..4u64).map(|i| pb::WriteRequest {
         lu: 3,
         lba: i * 64,
@@ -127,19 +106,17 @@ async fn mirror_writes_reach_origin_and_mate_and_sides_are_addressable() {
         fua: i == 3,
     }));
     let written = client
+        .raw()
         .write_stream(stream)
         .await
         .expect("stream")
         .into_inner();
     assert_eq!(written.blocks_written, 256);
-    let whole = read_lu(&mut client, 4, 0, 256).await;
+    let whole = read_lu(&client, 4, 0, 256).await;
     assert_eq!(whole.len(), 256 * BLOCK);
     assert_eq!(&whole[64 * BLOCK..128 * BLOCK], &pattern(1, 64)[..]);
-    assert_eq!(whole, read_lu(&mut client, 5, 0, 256).await);
-    client
-        .flush(pb::FlushRequest { lu: 3 })
-        .await
-        .expect("flush");
+    assert_eq!(whole, read_lu(&client, 5, 0, 256).await);
+    client.flush(3).await.expect("flush");
     node.shutdown().await.expect("shutdown");
 }
 
@@ -152,32 +129,16 @@ async fn copy_range_and_checksum_range() {
         ArrayTestHooks::default(),
     )
     .await;
-    let mut client = array_client(&node.url()).await;
+    let client = array_client(&node.url());
     // Origin diverges from mate in two places; copy only one of them.
-    write(&mut client, 1, 5, pattern(7, 3))
-        .await
-        .expect("write");
-    write(&mut client, 1, 900, pattern(8, 1))
-        .await
-        .expect("write");
-    assert_ne!(
-        lu_digests(&mut client, 1).await,
-        lu_digests(&mut client, 2).await
-    );
-    let copied = client
-        .copy_range(pb::CopyRangeRequest {
-            src_lu: 1,
-            dst_lu: 2,
-            lba: 0,
-            blocks: 600,
-        })
-        .await
-        .expect("copy")
-        .into_inner();
-    assert_eq!(copied.blocks_copied, 600);
-    assert_eq!(read_lu(&mut client, 2, 5, 3).await, pattern(7, 3));
-    let origin = lu_digests(&mut client, 1).await;
-    let mate = lu_digests(&mut client, 2).await;
+    write(&client, 1, 5, pattern(7, 3)).await.expect("write");
+    write(&client, 1, 900, pattern(8, 1)).await.expect("write");
+    assert_ne!(lu_digests(&client, 1).await, lu_digests(&client, 2).await);
+    let copied = client.copy_range(1, 2, 0, 600).await.expect("copy");
+    assert_eq!(copied, 600);
+    assert_eq!(read_lu(&client, 2, 5, 3).await, pattern(7, 3));
+    let origin = lu_digests(&client, 1).await;
+    let mate = lu_digests(&client, 2).await;
     assert_eq!(origin.len(), 4);
     assert_eq!(origin[..3], mate[..3]);
     assert_ne!(origin[3], mate[3], "block 900 was not copied");
@@ -185,31 +146,19 @@ async fn copy_range_and_checksum_range() {
     // Digests are BLAKE3 of each chunk, checked against an independent hash
     // of the file; the last chunk may be short.
     let file = std::fs::read(dir.path().join("lu1.img")).expect("file");
-    let sums = client
-        .checksum_range(pb::ChecksumRangeRequest {
-            lu: 1,
-            lba: 4,
-            blocks: 10,
-            chunk_blocks: 4,
-        })
-        .await
-        .expect("checksum")
-        .into_inner()
-        .digests;
-    let expected: Vec<Vec<u8>> = [(4, 8), (8, 12), (12, 14)]
+    let sums = client.checksums(1, 4, 10, 4).await.expect("checksum");
+    let expected: Vec<[u8; 32]> = [(4, 8), (8, 12), (12, 14)]
         .iter()
-        .map(|&(a, b)| {
-            blake3::hash(&file[a * BLOCK..b * BLOCK])
-                .as_bytes()
-                .to_vec()
-        })
+        .map(|&(a, b)| *blake3::hash(&file[a * BLOCK..b * BLOCK]).as_bytes())
         .collect();
     assert_eq!(sums, expected);
     node.shutdown().await.expect("shutdown");
 }
 
 /// A request that must fail, the code it must fail with, and no byte of any
-/// LU may change.
+/// LU may change. Sent raw: the point is the server's answer to requests a
+/// typed client would refuse to build or would split (an empty write, a
+/// write over the limit), down to the exact gRPC code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_the_right_code_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -225,14 +174,12 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
         block_count: 128,
     });
     let node = start_array(dir.path(), config, ArrayTestHooks::default()).await;
-    let mut client = array_client(&node.url()).await;
-    write(&mut client, 0, 0, pattern(9, 256))
-        .await
-        .expect("fill");
+    let client = array_client(&node.url());
+    write(&client, 0, 0, pattern(9, 256)).await.expect("fill");
     let lus = [1, 2, 4, 5, 6, 7];
     let mut before = Vec::new();
     for lu in lus {
-        before.push(lu_digests(&mut client, lu).await);
+        before.push(lu_digests(&client, lu).await);
     }
 
     let w = |lu: u32, lba: u64, bytes: usize| pb::WriteRequest {
@@ -367,7 +314,10 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
         ("mode sense of an unknown LU", Sense(77), Code::NotFound),
         ("flush of an unknown LU", Flush(77), Code::NotFound),
     ];
+    let typed = client.clone();
+    let mut raw = client.raw();
     for (name, call, expected) in cases {
+        let client = &mut raw;
         let result = match call {
             Write(request) => client.write(request).await.map(drop),
             Read(request) => client.read(request).await.map(drop),
@@ -384,16 +334,16 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
         assert!(!status.message().is_empty(), "{name}: the error says why");
         for (lu, digests) in lus.iter().zip(&before) {
             assert_eq!(
-                &lu_digests(&mut client, *lu).await,
+                &lu_digests(&typed, *lu).await,
                 digests,
                 "{name} changed LU {lu}"
             );
         }
     }
     // The next valid request still works.
-    write(&mut client, 0, 255, pattern(4, 1))
+    write(&client, 0, 255, pattern(4, 1))
         .await
         .expect("valid write after bad ones");
-    assert_eq!(read_lu(&mut client, 2, 255, 1).await, pattern(4, 1));
+    assert_eq!(read_lu(&client, 2, 255, 1).await, pattern(4, 1));
     node.shutdown().await.expect("shutdown");
 }

@@ -5,7 +5,6 @@
 use array_node::ArrayTestHooks;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use splitmirror_proto::array::v1 as pb;
 
 use crate::harness::{self, array_client, lu_digests, start_array};
 
@@ -29,7 +28,7 @@ async fn race(seed: u64, hooks: ArrayTestHooks) -> usize {
     let url = node.url();
     let mut tasks = tokio::task::JoinSet::new();
     for writer in 0..WRITERS {
-        let mut client = array_client(&url).await;
+        let client = array_client(&url);
         let mut rng = SmallRng::seed_from_u64(seed ^ (writer + 1).wrapping_mul(0x9E37_79B9));
         tasks.spawn(async move {
             for _ in 0..WRITES_PER_WRITER {
@@ -37,43 +36,27 @@ async fn race(seed: u64, hooks: ArrayTestHooks) -> usize {
                 let lba = rng.random_range(0..=LU_BLOCKS - blocks);
                 let mut data = vec![0u8; blocks as usize * BLOCK];
                 rng.fill(&mut data[..]);
-                client
-                    .write(pb::WriteRequest {
-                        lu: 0,
-                        lba,
-                        data,
-                        fua: false,
-                    })
-                    .await
-                    .expect("mirror write");
+                client.write(0, lba, data).await.expect("mirror write");
             }
         });
     }
     for copier in 0..COPIERS {
-        let mut client = array_client(&url).await;
+        let client = array_client(&url);
         let mut rng = SmallRng::seed_from_u64(seed ^ (copier + 100).wrapping_mul(0x85EB_CA6B));
         tasks.spawn(async move {
             for _ in 0..COPIES_PER_COPIER {
                 let blocks = rng.random_range(1..=256u64);
                 let lba = rng.random_range(0..=LU_BLOCKS - blocks);
-                client
-                    .copy_range(pb::CopyRangeRequest {
-                        src_lu: 1,
-                        dst_lu: 2,
-                        lba,
-                        blocks,
-                    })
-                    .await
-                    .expect("copy");
+                client.copy_range(1, 2, lba, blocks).await.expect("copy");
             }
         });
     }
     while let Some(result) = tasks.join_next().await {
         result.expect("race task");
     }
-    let mut client = array_client(&url).await;
-    let origin = lu_digests(&mut client, 1).await;
-    let mate = lu_digests(&mut client, 2).await;
+    let client = array_client(&url);
+    let origin = lu_digests(&client, 1).await;
+    let mate = lu_digests(&client, 2).await;
     // Compare at a finer grain too: the files themselves.
     let origin_file = std::fs::read(dir.path().join("lu1.img")).expect("origin");
     let mate_file = std::fs::read(dir.path().join("lu2.img")).expect("mate");

@@ -104,8 +104,8 @@ async fn console_run_backs_up_verifies_and_resynchronizes() {
 
     // Synchronized afterwards, and origin == mate (compared with the
     // database suspended, as the ledger keeps writing).
-    let mut client = db_client(&db.url()).await;
-    let status = harness::volume_status(&mut client, 0).await;
+    let client = db_client(&db.url());
+    let status = harness::volume_status(&client, 0).await;
     assert_eq!(status.data_mode(), pb::Mode::Synchronized);
     let out = console_with(
         &addrs,
@@ -167,8 +167,8 @@ async fn a_failed_backup_still_deletes_the_snapshot_unless_told_to_keep_it() {
         "{report}"
     );
     assert_eq!(report["snapshot_deleted"], true);
-    let mut client = db_client(&db.url()).await;
-    harness::wait_synchronized(&mut client, 0).await;
+    let client = db_client(&db.url());
+    harness::wait_synchronized(&client, 0).await;
 
     let out = console_with(
         &base,
@@ -178,7 +178,7 @@ async fn a_failed_backup_still_deletes_the_snapshot_unless_told_to_keep_it() {
     assert!(!out.status.success());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     assert_eq!(report["snapshot_deleted"], false);
-    let status = harness::volume_status(&mut client, 0).await;
+    let status = harness::volume_status(&client, 0).await;
     assert_eq!(
         status.data_mode(),
         pb::Mode::Snapshot,

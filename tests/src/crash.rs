@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use splitmirror_proto::array::v1 as apb;
 use splitmirror_proto::db::v1 as pb;
 
-use crate::harness::{self, DbClient, NodeProcess, array_client, db_client, read_volume};
+use crate::harness::{
+    self, DbClient, NodeProcess, array_client, array_process, db_client, db_process, read_volume,
+};
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 1024;
@@ -45,45 +46,10 @@ impl Expected {
     }
 }
 
-fn start_array(dir: &std::path::Path, listen: &str) -> NodeProcess {
-    let data = dir.join("array");
-    NodeProcess::start(
-        "array-node",
-        &[
-            "--listen",
-            listen,
-            "--data-dir",
-            data.to_str().expect("utf-8"),
-            "--lu-size",
-            LU_SIZE,
-        ],
-    )
-}
-
-fn start_db(
-    dir: &std::path::Path,
-    array: &str,
-    env: &[(&str, &str)],
-    extra: &[&str],
-) -> NodeProcess {
-    let data = dir.join("db");
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--array",
-        array,
-        "--data-dir",
-        data.to_str().expect("utf-8"),
-        "--no-ledger",
-    ];
-    args.extend(extra);
-    NodeProcess::start_with_env("db-server", &args, env)
-}
-
 /// Writes random ranges, remembering what was acknowledged; stops at the
 /// first failure (the node died) and remembers the write in flight.
 async fn write_some(
-    client: &mut DbClient,
+    client: &DbClient,
     rng: &mut SmallRng,
     expected: &mut Expected,
     target: pb::VirtualLu,
@@ -94,14 +60,7 @@ async fn write_some(
         let lba = rng.random_range(0..BLOCKS - blocks);
         let mut data = vec![0u8; blocks as usize * BLOCK];
         rng.fill(&mut data[..]);
-        let result = client
-            .write(pb::VolumeWriteRequest {
-                volume: 0,
-                target: target.into(),
-                lba,
-                data: data.clone(),
-            })
-            .await;
+        let result = client.write(0, target, lba, data.clone()).await;
         if result.is_err() {
             expected.in_flight = Some((target, lba, data));
             return false;
@@ -128,17 +87,12 @@ async fn write_some(
 
 /// The scenario: writes, acquire, writes to both virtual LUs, delete,
 /// writes during the resync. Answers false as soon as the node dies.
-async fn scenario(client: &mut DbClient, rng: &mut SmallRng, expected: &mut Expected) -> bool {
+async fn scenario(client: &DbClient, rng: &mut SmallRng, expected: &mut Expected) -> bool {
     if !write_some(client, rng, expected, pb::VirtualLu::Data, 20).await {
         return false;
     }
     expected.snapshot = Some(expected.data.clone());
-    let acquired = client
-        .acquire_snapshot(pb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: "crash-run".into(),
-        })
-        .await;
+    let acquired = client.acquire_snapshot(0, "crash-run").await;
     if acquired.is_err() {
         return false;
     }
@@ -148,13 +102,7 @@ async fn scenario(client: &mut DbClient, rng: &mut SmallRng, expected: &mut Expe
     {
         return false;
     }
-    let deleted = client
-        .delete_snapshot(pb::DeleteSnapshotRequest {
-            volume: 0,
-            run_id: "crash-run".into(),
-            force: false,
-        })
-        .await;
+    let deleted = client.delete_snapshot(0, "crash-run", false).await;
     if deleted.is_err() {
         return false;
     }
@@ -165,8 +113,8 @@ async fn scenario(client: &mut DbClient, rng: &mut SmallRng, expected: &mut Expe
     // Let the resync finish, unless the node dies first.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::time::Instant::now() < deadline {
-        match client.status(pb::StatusRequest::default()).await {
-            Ok(s) if s.get_ref().volumes[0].data_mode() == pb::Mode::Synchronized => return true,
+        match client.status(false).await {
+            Ok(s) if s.volumes[0].data_mode() == pb::Mode::Synchronized => return true,
             Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             Err(_) => return false,
         }
@@ -183,14 +131,14 @@ async fn check_after_restart(
     expected: &Expected,
 ) -> Vec<String> {
     let mut mismatches = Vec::new();
-    let mut client = db_client(&db.url()).await;
-    let status = harness::volume_status(&mut client, 0).await;
+    let client = db_client(&db.url());
+    let status = harness::volume_status(&client, 0).await;
     if status.data_mode() == pb::Mode::Snapshot {
         assert_eq!(
             status.snapshot_holder, "crash-run",
             "the holder survives the restart"
         );
-        let snapshot = read_volume(&mut client, 0, pb::VirtualLu::Snapshot, 0, BLOCKS).await;
+        let snapshot = read_volume(&client, 0, pb::VirtualLu::Snapshot, 0, BLOCKS).await;
         if let Some(want) = &expected.snapshot {
             for lba in 0..BLOCKS {
                 let got = &snapshot[lba as usize * BLOCK..(lba as usize + 1) * BLOCK];
@@ -201,16 +149,12 @@ async fn check_after_restart(
             }
         }
         client
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                volume: 0,
-                run_id: "crash-run".into(),
-                force: false,
-            })
+            .delete_snapshot(0, "crash-run", false)
             .await
             .expect("delete after restart");
     }
-    harness::wait_synchronized(&mut client, 0).await;
-    let volume = read_volume(&mut client, 0, pb::VirtualLu::Data, 0, BLOCKS).await;
+    harness::wait_synchronized(&client, 0).await;
+    let volume = read_volume(&client, 0, pb::VirtualLu::Data, 0, BLOCKS).await;
     for lba in 0..BLOCKS {
         let got = &volume[lba as usize * BLOCK..(lba as usize + 1) * BLOCK];
         let acked = expected
@@ -221,8 +165,8 @@ async fn check_after_restart(
             mismatches.push(format!("block {lba}: an acknowledged write is missing"));
         }
     }
-    let mut array = array_client(array_url).await;
-    if harness::lu_digests(&mut array, 1).await != harness::lu_digests(&mut array, 2).await {
+    let array = array_client(array_url);
+    if harness::lu_digests(&array, 1).await != harness::lu_digests(&array, 2).await {
         mismatches.push("origin != mate after the resync".into());
     }
     mismatches
@@ -232,19 +176,20 @@ async fn check_after_restart(
 /// scenario until the process aborts, restarts and checks.
 async fn crash_once(point: &str, nth: u64, seed: u64, extra: &[&str]) -> (bool, Vec<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let array = start_array(dir.path(), "127.0.0.1:0");
+    let array = array_process(&dir.path().join("array"), LU_SIZE, "127.0.0.1:0");
     let armed = format!("{point}:{nth}");
-    let mut db = start_db(
-        dir.path(),
+    let args: Vec<&str> = ["--no-ledger"].iter().chain(extra).copied().collect();
+    let mut db = db_process(
+        &dir.path().join("db"),
         &array.addr,
+        &args,
         &[("SPLITMIRROR_CRASH_AT", &armed)],
-        extra,
     );
-    let mut client = db_client(&db.url()).await;
-    harness::wait_synchronized(&mut client, 0).await;
+    let client = db_client(&db.url());
+    harness::wait_synchronized(&client, 0).await;
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut expected = Expected::default();
-    let completed = scenario(&mut client, &mut rng, &mut expected).await;
+    let completed = scenario(&client, &mut rng, &mut expected).await;
     let crashed = !completed;
     if crashed {
         assert!(
@@ -258,7 +203,7 @@ async fn crash_once(point: &str, nth: u64, seed: u64, extra: &[&str]) -> (bool, 
         );
     }
     db.kill9();
-    let db = start_db(dir.path(), &array.addr, &[], extra);
+    let db = db_process(&dir.path().join("db"), &array.addr, &args, &[]);
     let mismatches = check_after_restart(&db, &array.url(), &expected).await;
     (crashed, mismatches)
 }
@@ -329,18 +274,18 @@ async fn canary_intent_after_write_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_array_killed_mid_writes_is_resynchronized_after_it_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut array = start_array(dir.path(), "127.0.0.1:0");
+    let mut array = array_process(&dir.path().join("array"), LU_SIZE, "127.0.0.1:0");
     let array_addr = array.addr.clone();
-    let db = start_db(dir.path(), &array_addr, &[], &[]);
-    let mut client = db_client(&db.url()).await;
-    harness::wait_synchronized(&mut client, 0).await;
+    let db = db_process(&dir.path().join("db"), &array_addr, &["--no-ledger"], &[]);
+    let client = db_client(&db.url());
+    harness::wait_synchronized(&client, 0).await;
     let mut rng = SmallRng::seed_from_u64(harness::seed("the_array_killed_mid_writes"));
     let mut expected = Expected::default();
     // Kill the array while a writer is busy (Synchronized mode).
-    let mut writer_client = client.clone();
+    let writer_client = client.clone();
     let writer = tokio::spawn(async move {
         let completed = write_some(
-            &mut writer_client,
+            &writer_client,
             &mut rng,
             &mut expected,
             pb::VirtualLu::Data,
@@ -358,9 +303,9 @@ async fn the_array_killed_mid_writes_is_resynchronized_after_it_returns() {
         "writes were acknowledged before the kill"
     );
     // The pair is not Synchronized while the array is away.
-    let status = harness::volume_status(&mut client, 0).await;
+    let status = harness::volume_status(&client, 0).await;
     assert_ne!(status.data_mode(), pb::Mode::Synchronized, "{status:?}");
-    let array = start_array(dir.path(), &array_addr);
+    let array = array_process(&dir.path().join("array"), LU_SIZE, &array_addr);
     let mismatches = check_after_restart(&db, &array.url(), &expected).await;
     assert!(mismatches.is_empty(), "{mismatches:?}");
 }
@@ -368,10 +313,10 @@ async fn the_array_killed_mid_writes_is_resynchronized_after_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_journal_means_a_full_resync() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let array = start_array(dir.path(), "127.0.0.1:0");
-    let mut db = start_db(dir.path(), &array.addr, &[], &[]);
-    let mut client = db_client(&db.url()).await;
-    harness::wait_synchronized(&mut client, 0).await;
+    let array = array_process(&dir.path().join("array"), LU_SIZE, "127.0.0.1:0");
+    let mut db = db_process(&dir.path().join("db"), &array.addr, &["--no-ledger"], &[]);
+    let client = db_client(&db.url());
+    harness::wait_synchronized(&client, 0).await;
     assert!(
         db.logged("no usable journal record"),
         "a first start compares the whole volume"
@@ -379,37 +324,32 @@ async fn a_deleted_journal_means_a_full_resync() {
     db.kill9();
     // Make origin and mate differ behind db-server's back, then lose the
     // journal that would not have known anyway.
-    let mut array_client = array_client(&array.url()).await;
+    let array_client = array_client(&array.url());
     for lba in [0u64, 500, 1023] {
         array_client
-            .write(apb::WriteRequest {
-                lu: 1,
-                lba,
-                data: vec![0xEE; BLOCK],
-                fua: true,
-            })
+            .write_with(1, lba, vec![0xEE; BLOCK], true)
             .await
             .expect("write origin");
     }
     assert_ne!(
-        harness::lu_digests(&mut array_client, 1).await,
-        harness::lu_digests(&mut array_client, 2).await
+        harness::lu_digests(&array_client, 1).await,
+        harness::lu_digests(&array_client, 2).await
     );
     std::fs::remove_file(dir.path().join("db").join("journal.log")).expect("delete the journal");
-    let db = start_db(dir.path(), &array.addr, &[], &[]);
-    let mut client = db_client(&db.url()).await;
-    harness::wait_synchronized(&mut client, 0).await;
+    let db = db_process(&dir.path().join("db"), &array.addr, &["--no-ledger"], &[]);
+    let client = db_client(&db.url());
+    harness::wait_synchronized(&client, 0).await;
     assert!(db.logged("no usable journal record"), "{:?}", db.log);
     assert_eq!(
-        harness::lu_digests(&mut array_client, 1).await,
-        harness::lu_digests(&mut array_client, 2).await,
+        harness::lu_digests(&array_client, 1).await,
+        harness::lu_digests(&array_client, 2).await,
         "origin == mate after the full resync"
     );
     // A restart with the journal intact needs no full resync.
     drop(db);
-    let db = start_db(dir.path(), &array.addr, &[], &[]);
-    let mut client = db_client(&db.url()).await;
-    harness::wait_synchronized(&mut client, 0).await;
+    let db = db_process(&dir.path().join("db"), &array.addr, &["--no-ledger"], &[]);
+    let client = db_client(&db.url());
+    harness::wait_synchronized(&client, 0).await;
     assert!(
         !db.logged("no usable journal record"),
         "the journal knew the pair"

@@ -7,7 +7,6 @@ use array_node::ArrayTestHooks;
 use db_server::ledger::LedgerConfig;
 use db_server::ledger_format;
 use db_server::manager::ManagerConfig;
-use splitmirror_proto::db::v1 as pb;
 
 use crate::harness::{self, array_client, db_client, read_lu, start_array, start_db};
 
@@ -41,27 +40,20 @@ async fn twenty_snapshots_of_a_busy_ledger_all_verify() {
         Some(ledger_config()),
     )
     .await;
-    let mut client = db_client(&db.url()).await;
-    let mut array_client = array_client(&array.url()).await;
+    let client = db_client(&db.url());
+    let array_client = array_client(&array.url());
     let mut freeze_windows_us = Vec::new();
     let mut last_sequence = 0;
     for i in 0..20 {
         let run_id = format!("e2e-{i}");
-        let acquired = client
-            .acquire_snapshot(pb::AcquireSnapshotRequest {
-                volume: 0,
-                run_id: run_id.clone(),
-            })
-            .await
-            .expect("acquire")
-            .into_inner();
+        let acquired = client.acquire_snapshot(0, &run_id).await.expect("acquire");
         freeze_windows_us.push(acquired.freeze_window_us);
         assert!(
             acquired.ledger_sequence >= last_sequence,
             "the ledger only moves forward"
         );
         last_sequence = acquired.ledger_sequence;
-        let image = read_lu(&mut array_client, acquired.mate_lu, 0, acquired.block_count).await;
+        let image = read_lu(&array_client, acquired.mate_lu, 0, acquired.block_count).await;
         let report = ledger_format::verify_image(&image, Some(acquired.ledger_sequence));
         assert!(
             report.ok,
@@ -73,30 +65,18 @@ async fn twenty_snapshots_of_a_busy_ledger_all_verify() {
         }
         // A retried acquire answers the same snapshot.
         let again = client
-            .acquire_snapshot(pb::AcquireSnapshotRequest {
-                volume: 0,
-                run_id: run_id.clone(),
-            })
+            .acquire_snapshot(0, &run_id)
             .await
-            .expect("retried acquire")
-            .into_inner();
+            .expect("retried acquire");
         assert!(again.already_held);
         assert_eq!(again.ledger_sequence, acquired.ledger_sequence);
         client
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                volume: 0,
-                run_id,
-                force: false,
-            })
+            .delete_snapshot(0, &run_id, false)
             .await
             .expect("delete");
-        harness::wait_synchronized(&mut client, 0).await;
+        harness::wait_synchronized(&client, 0).await;
     }
-    let status = client
-        .status(pb::StatusRequest::default())
-        .await
-        .expect("status")
-        .into_inner();
+    let status = client.status(false).await.expect("status");
     let ledger = status.ledger.expect("ledger status");
     assert!(ledger.transactions_committed > 0, "the ledger ran");
     freeze_windows_us.sort_unstable();
@@ -114,12 +94,8 @@ async fn twenty_snapshots_of_a_busy_ledger_all_verify() {
         Some(ledger_config()),
     )
     .await;
-    let mut client = db_client(&db.url()).await;
-    let status = client
-        .status(pb::StatusRequest::default())
-        .await
-        .expect("status")
-        .into_inner();
+    let client = db_client(&db.url());
+    let status = client.status(false).await.expect("status");
     assert!(
         status.ledger.expect("ledger").sequence >= last_sequence,
         "reopened, not reformatted"
@@ -127,27 +103,19 @@ async fn twenty_snapshots_of_a_busy_ledger_all_verify() {
     // A snapshot held across a restart: the retried acquire answers the
     // same snapshot, at the same sequence, and the mate still verifies.
     let held = client
-        .acquire_snapshot(pb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: "across-restart".into(),
-        })
+        .acquire_snapshot(0, "across-restart")
         .await
-        .expect("acquire")
-        .into_inner();
+        .expect("acquire");
     db.shutdown().await.expect("db shutdown");
     let db = start_db_holding_snapshots(&array.url(), &dir.path().join("db")).await;
-    let mut client = db_client(&db.url()).await;
+    let client = db_client(&db.url());
     let retried = client
-        .acquire_snapshot(pb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: "across-restart".into(),
-        })
+        .acquire_snapshot(0, "across-restart")
         .await
-        .expect("retried acquire after the restart")
-        .into_inner();
+        .expect("retried acquire after the restart");
     assert!(retried.already_held);
     assert_eq!(retried.ledger_sequence, held.ledger_sequence);
-    let image = read_lu(&mut array_client, retried.mate_lu, 0, retried.block_count).await;
+    let image = read_lu(&array_client, retried.mate_lu, 0, retried.block_count).await;
     let report = ledger_format::verify_image(&image, Some(retried.ledger_sequence));
     assert!(report.ok, "{:?}", report.violations);
     db.shutdown().await.expect("db shutdown");

@@ -12,7 +12,9 @@ use splitmirror_proto::db::v1 as pb;
 use splitmirror_proto::node::{self, MAX_ARRAY_REQUEST_BYTES, MAX_MESSAGE_BYTES};
 use tonic::Code;
 
-use crate::harness::{self, DbClient, db_client, start_array, start_db};
+use splitmirror_proto::reason::Reason;
+
+use crate::harness::{self, ClientError, DbClient, ErrorKind, db_client, start_array, start_db};
 
 const LU_BYTES: u64 = 64 << 20;
 
@@ -31,10 +33,18 @@ async fn cluster(dir: &std::path::Path) -> (node::NodeHandle, node::NodeHandle, 
         None,
     )
     .await;
-    let client = db_client(&db.url()).await;
+    let client = db_client(&db.url());
     (array, db, client)
 }
 
+/// Writes `bytes` of a pattern to volume 0's data LU at `lba`.
+async fn write(client: &DbClient, lba: u64, bytes: u64) -> Result<u64, ClientError> {
+    client
+        .write(0, pb::VirtualLu::Data, lba, vec![0xa5; bytes as usize])
+        .await
+}
+
+/// A raw request of `bytes` bytes, for messages no typed client sends.
 fn write_request(lba: u64, bytes: u64) -> pb::VolumeWriteRequest {
     pb::VolumeWriteRequest {
         volume: 0,
@@ -44,14 +54,11 @@ fn write_request(lba: u64, bytes: u64) -> pb::VolumeWriteRequest {
     }
 }
 
-async fn status(client: &mut DbClient, include_latency_histogram: bool) -> pb::StatusResponse {
+async fn status(client: &DbClient, include_latency_histogram: bool) -> pb::StatusResponse {
     client
-        .status(pb::StatusRequest {
-            include_latency_histogram,
-        })
+        .status(include_latency_histogram)
         .await
         .expect("status")
-        .into_inner()
 }
 
 /// A write over the array's limit is refused by db-server with
@@ -62,35 +69,29 @@ async fn status(client: &mut DbClient, include_latency_histogram: bool) -> pb::S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_over_the_arrays_limit_is_refused_before_it_is_recorded() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_array, _db, mut client) = cluster(dir.path()).await;
-    client
-        .acquire_snapshot(pb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: "limits".into(),
-        })
-        .await
-        .expect("acquire");
-    let before = status(&mut client, false).await;
+    let (_array, _db, client) = cluster(dir.path()).await;
+    client.acquire_snapshot(0, "limits").await.expect("acquire");
+    let before = status(&client, false).await;
     let writes_before = before.array_traffic.expect("traffic").write_calls;
     for bytes in [MAX_ARRAY_REQUEST_BYTES + 4096, 17 << 20, 40 << 20] {
-        let refused = client
-            .write(write_request(0, bytes))
+        let refused = write(&client, 0, bytes)
             .await
             .expect_err("a write over the limit must be refused");
         assert_eq!(
-            refused.code(),
-            Code::ResourceExhausted,
+            (refused.kind, refused.reason),
+            (ErrorKind::ResourceExhausted, Some(Reason::TooLarge)),
             "{bytes} bytes: {refused:?}"
         );
+        // The wording is the point here: the operator is told the limit.
         assert!(
             refused
-                .message()
+                .message
                 .contains(&MAX_ARRAY_REQUEST_BYTES.to_string()),
             "the answer names the limit: {}",
-            refused.message()
+            refused.message
         );
     }
-    let after = status(&mut client, false).await;
+    let after = status(&client, false).await;
     let volume = &after.volumes[0];
     assert!(
         volume.dirty_ranges.is_empty() && volume.dirty_blocks == 0,
@@ -103,23 +104,17 @@ async fn a_write_over_the_arrays_limit_is_refused_before_it_is_recorded() {
         "a refused write reached the array"
     );
     let deleted = client
-        .delete_snapshot(pb::DeleteSnapshotRequest {
-            volume: 0,
-            run_id: "limits".into(),
-            force: false,
-        })
+        .delete_snapshot(0, "limits", false)
         .await
-        .expect("delete")
-        .into_inner();
+        .expect("delete");
     assert_eq!(deleted.ranges_to_resync, 0, "nothing to resync");
-    harness::wait_synchronized(&mut client, 0).await;
-    let resync = status(&mut client, false).await.volumes[0]
+    harness::wait_synchronized(&client, 0).await;
+    let resync = status(&client, false).await.volumes[0]
         .resync
         .expect("resync progress");
     assert_eq!(resync.bytes_done, 0, "a resync ran: {resync:?}");
     // Exactly at the limit is a write like any other.
-    client
-        .write(write_request(0, MAX_ARRAY_REQUEST_BYTES))
+    write(&client, 0, MAX_ARRAY_REQUEST_BYTES)
         .await
         .expect("a write at the limit");
 }
@@ -131,8 +126,10 @@ async fn a_write_over_the_arrays_limit_is_refused_before_it_is_recorded() {
 async fn a_message_over_the_grpc_limit_is_resource_exhausted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (array, _db, client) = cluster(dir.path()).await;
-    let mut client = client.max_encoding_message_size(usize::MAX);
-    let refused = client
+    // Raw: a typed client refuses to encode a message over the limit, and
+    // the point is what the server answers to one.
+    let mut raw = client.raw().max_encoding_message_size(usize::MAX);
+    let refused = raw
         .write(write_request(0, 70 << 20))
         .await
         .expect_err("70 MiB must be refused");
@@ -143,7 +140,7 @@ async fn a_message_over_the_grpc_limit_is_resource_exhausted() {
         refused.message()
     );
     let mut array_client = harness::array_client(&array.url())
-        .await
+        .raw()
         .max_encoding_message_size(usize::MAX);
     let refused = array_client
         .write(splitmirror_proto::array::v1::WriteRequest {
@@ -156,7 +153,7 @@ async fn a_message_over_the_grpc_limit_is_resource_exhausted() {
         .expect_err("40 MiB must be refused by the array");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     // The node still serves afterwards.
-    let _ = status(&mut client, false).await;
+    let _ = status(&client, false).await;
 }
 
 /// A lease over the cap is INVALID_ARGUMENT naming the cap and changes
@@ -164,46 +161,39 @@ async fn a_message_over_the_grpc_limit_is_resource_exhausted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_leases_are_capped_and_a_second_suspend_renews() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_array, _db, mut client) = cluster(dir.path()).await;
+    let (_array, _db, client) = cluster(dir.path()).await;
     for lease_ms in [u32::MAX, 60_001] {
         let refused = client
-            .suspend(pb::SuspendRequest { lease_ms })
+            .suspend(lease_ms)
             .await
             .expect_err("a lease over the cap");
-        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert_eq!(
+            (refused.kind, refused.reason),
+            (ErrorKind::InvalidArgument, Some(Reason::LeaseOverCap)),
+            "{refused:?}"
+        );
+        // The wording is the point here: the operator is told the cap.
         assert!(
-            refused.message().contains("60000 ms"),
+            refused.message.contains("60000 ms"),
             "names the cap: {}",
-            refused.message()
+            refused.message
         );
     }
-    let gate = status(&mut client, false).await.gate.expect("gate");
+    let gate = status(&client, false).await.gate.expect("gate");
     assert!(!gate.suspended && gate.suspends == 0, "{gate:?}");
 
-    let first = client
-        .suspend(pb::SuspendRequest { lease_ms: 1_000 })
-        .await
-        .expect("suspend")
-        .into_inner();
+    let first = client.suspend(1_000).await.expect("suspend");
     assert_eq!((first.lease_ms, first.already_suspended), (1_000, false));
-    let second = client
-        .suspend(pb::SuspendRequest { lease_ms: 20_000 })
-        .await
-        .expect("renew")
-        .into_inner();
+    let second = client.suspend(20_000).await.expect("renew");
     assert_eq!((second.lease_ms, second.already_suspended), (20_000, true));
     // Past the first lease: the lease answered last is the one in force.
     tokio::time::sleep(Duration::from_millis(1_800)).await;
-    let gate = status(&mut client, false).await.gate.expect("gate");
+    let gate = status(&client, false).await.gate.expect("gate");
     assert!(
         gate.suspended && gate.lease_expiries == 0,
         "the first lease ended the suspend: {gate:?}"
     );
-    let resumed = client
-        .resume(pb::ResumeRequest {})
-        .await
-        .expect("resume")
-        .into_inner();
+    let resumed = client.resume().await.expect("resume");
     assert!(resumed.was_suspended);
 }
 
@@ -212,49 +202,36 @@ async fn suspend_leases_are_capped_and_a_second_suspend_renews() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blank_control_and_overlong_run_ids_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_array, _db, mut client) = cluster(dir.path()).await;
+    let (_array, _db, client) = cluster(dir.path()).await;
     let long = "r".repeat(splitmirror_proto::run_id::MAX_RUN_ID_BYTES + 1);
     for run_id in ["", "   ", "\t", "run\n2", "run\u{1b}[2J", long.as_str()] {
         let refused = client
-            .acquire_snapshot(pb::AcquireSnapshotRequest {
-                volume: 0,
-                run_id: run_id.into(),
-            })
+            .acquire_snapshot(0, run_id)
             .await
             .expect_err("a bad run id must be refused");
         assert_eq!(
-            refused.code(),
-            Code::InvalidArgument,
+            refused.kind,
+            ErrorKind::InvalidArgument,
             "{run_id:?}: {refused:?}"
         );
-        let volume = harness::volume_status(&mut client, 0).await;
+        let volume = harness::volume_status(&client, 0).await;
         assert_eq!(volume.data_mode(), pb::Mode::Synchronized, "{run_id:?}");
         assert!(volume.snapshot_holder.is_empty());
     }
-    client
-        .acquire_snapshot(pb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: "holder".into(),
-        })
-        .await
-        .expect("acquire");
+    client.acquire_snapshot(0, "holder").await.expect("acquire");
     for run_id in ["   ", "hold\ner"] {
         let refused = client
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                volume: 0,
-                run_id: run_id.into(),
-                force: true,
-            })
+            .delete_snapshot(0, run_id, true)
             .await
             .expect_err("a bad run id must be refused, even forced");
         assert_eq!(
-            refused.code(),
-            Code::InvalidArgument,
+            refused.kind,
+            ErrorKind::InvalidArgument,
             "{run_id:?}: {refused:?}"
         );
     }
     assert_eq!(
-        harness::volume_status(&mut client, 0).await.data_mode(),
+        harness::volume_status(&client, 0).await.data_mode(),
         pb::Mode::Snapshot
     );
 }
@@ -282,10 +259,10 @@ async fn status_answers_percentiles_and_the_histogram_only_on_request() {
         Some(ledger),
     )
     .await;
-    let mut client = db_client(&db.url()).await;
+    let client = db_client(&db.url());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let ledger = loop {
-        let ledger = status(&mut client, false).await.ledger.expect("ledger");
+        let ledger = status(&client, false).await.ledger.expect("ledger");
         if ledger.transactions_committed >= 20 {
             break ledger;
         }
@@ -304,7 +281,7 @@ async fn status_answers_percentiles_and_the_histogram_only_on_request() {
             && ledger.latency_p99_us <= ledger.latency_max_us,
         "{ledger:?}"
     );
-    let full = status(&mut client, true).await.ledger.expect("ledger");
+    let full = status(&client, true).await.ledger.expect("ledger");
     assert_eq!(full.latency_histogram.len(), db_server::latency::BUCKETS);
     assert!(full.latency_histogram.iter().sum::<u64>() >= 20);
 }
@@ -368,14 +345,10 @@ async fn each_node_reflects_only_its_own_service() {
         );
     }
     // The array does not serve DbService: the answer says who does.
-    let mut wrong = DbClient::new(
-        node::endpoint(&array.url())
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect"),
-    );
-    let refused = wrong
+    // Raw: the exact code and the wording shown to a person who pointed a
+    // tool at the wrong node are the point.
+    let refused = harness::db_client(&array.url())
+        .raw()
         .status(pb::StatusRequest::default())
         .await
         .expect_err("the array does not serve DbService");
@@ -454,18 +427,21 @@ async fn db_server_serves_not_serving_until_the_array_comes() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut client = db_client(&db_url).await;
+    let client = db_client(&db_url);
     let refused = client
-        .status(pb::StatusRequest::default())
+        .status(false)
         .await
         .expect_err("no status without the array");
-    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(refused.kind, ErrorKind::Unavailable, "{refused:?}");
+    assert!(refused.is_transient(), "a caller waits and retries");
+    // The wording is the point here: the operator is told what db-server
+    // waits for.
     assert!(
         refused
-            .message()
+            .message
             .contains(&format!("waiting for the array at {array_addr}")),
         "{}",
-        refused.message()
+        refused.message
     );
     // The array comes up on the address db-server waits for.
     let listener = node::bind(&array_addr)
@@ -482,13 +458,11 @@ async fn db_server_serves_not_serving_until_the_array_comes() {
     .await
     .expect("start array");
     harness::wait_healthy(&db_url).await;
-    harness::wait_synchronized(&mut client, 0).await;
-    let written = client
-        .write(write_request(8, 4096))
+    harness::wait_synchronized(&client, 0).await;
+    let written = write(&client, 8, 4096)
         .await
-        .expect("write once the array is there")
-        .into_inner();
-    assert_eq!(written.blocks_written, 1);
+        .expect("write once the array is there");
+    assert_eq!(written, 1);
     drop(db);
     array.shutdown().await.expect("array shutdown");
 }

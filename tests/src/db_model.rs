@@ -12,7 +12,12 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use splitmirror_proto::db::v1 as pb;
 
-use crate::harness::{self, DbClient, array_client, db_client, read_volume, start_array, start_db};
+use splitmirror_proto::reason::Reason;
+
+use crate::harness::{
+    self, ClientError, DbClient, ErrorKind, array_client, db_client, read_volume, start_array,
+    start_db,
+};
 
 const BLOCK: usize = 512;
 const BLOCKS: u64 = 256;
@@ -98,23 +103,21 @@ fn aimed_range(rng: &mut SmallRng, model: &Model) -> (u64, u64) {
 }
 
 async fn write(
-    client: &mut DbClient,
+    client: &DbClient,
     target: pb::VirtualLu,
     lba: u64,
     data: Vec<u8>,
-) -> Result<(), tonic::Status> {
-    client
-        .write(pb::VolumeWriteRequest {
-            volume: 0,
-            target: target.into(),
-            lba,
-            data,
-        })
-        .await
-        .map(drop)
+) -> Result<(), ClientError> {
+    client.write(0, target, lba, data).await.map(drop)
 }
 
-async fn check(client: &mut DbClient, model: &Model, step: usize) -> Result<(), String> {
+/// Whether `error` is db-server's refusal with `reason` (a
+/// `FAILED_PRECONDITION` with that machine-readable reason).
+fn refused(error: &ClientError, reason: Reason) -> bool {
+    error.kind == ErrorKind::FailedPrecondition && error.reason == Some(reason)
+}
+
+async fn check(client: &DbClient, model: &Model, step: usize) -> Result<(), String> {
     let data = read_volume(client, 0, pb::VirtualLu::Data, 0, BLOCKS).await;
     ensure!(
         data == model.data,
@@ -157,8 +160,8 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
         ..ManagerConfig::default()
     };
     let db = start_db(&array.url(), &dir.path().join("db"), manager, None).await;
-    let mut client = db_client(&db.url()).await;
-    let mut array_client = array_client(&array.url()).await;
+    let client = db_client(&db.url());
+    let array_client = array_client(&array.url());
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut model = Model {
         data: vec![0; BLOCKS as usize * BLOCK],
@@ -176,9 +179,9 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
                     let (lba, blocks) = aimed_range(&mut rng, &model);
                     let fill: u8 = rng.random();
                     let bytes = vec![fill; blocks as usize * BLOCK];
-                    write(&mut client, pb::VirtualLu::Data, lba, bytes.clone())
+                    write(&client, pb::VirtualLu::Data, lba, bytes.clone())
                         .await
-                        .map_err(|s| format!("step {step}: data write failed: {s}"))?;
+                        .map_err(|e| format!("step {step}: data write failed: {e}"))?;
                     let at = lba as usize * BLOCK;
                     model.data[at..at + bytes.len()].copy_from_slice(&bytes);
                     if model.mode == ModelMode::Snapshot {
@@ -188,15 +191,14 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
                 50..=64 => {
                     let (lba, blocks) = aimed_range(&mut rng, &model);
                     let bytes = vec![rng.random::<u8>(); blocks as usize * BLOCK];
-                    let result =
-                        write(&mut client, pb::VirtualLu::Snapshot, lba, bytes.clone()).await;
+                    let result = write(&client, pb::VirtualLu::Snapshot, lba, bytes.clone()).await;
                     match (&mut model.snapshot, result) {
                         (Some(snapshot), Ok(())) => {
                             let at = lba as usize * BLOCK;
                             snapshot[at..at + bytes.len()].copy_from_slice(&bytes);
                             model.dirty[lba as usize..(lba + blocks) as usize].fill(true);
                         }
-                        (None, Err(s)) if s.code() == tonic::Code::FailedPrecondition => {}
+                        (None, Err(e)) if refused(&e, Reason::NoSnapshot) => {}
                         (snapshot, result) => {
                             return Err(format!(
                                 "step {step}: snapshot write with snapshot={} answered {result:?}",
@@ -207,22 +209,18 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
                 }
                 65..=76 => {
                     if model.mode == ModelMode::Resynchronizing {
-                        harness::wait_synchronized(&mut client, 0).await;
+                        harness::wait_synchronized(&client, 0).await;
                         model.mode = ModelMode::Synchronized;
                     }
                     model.run += 1;
                     let run_id = format!("run-{}", model.run);
-                    let result = client
-                        .acquire_snapshot(pb::AcquireSnapshotRequest { volume: 0, run_id })
-                        .await;
+                    let result = client.acquire_snapshot(0, &run_id).await;
                     match (model.mode, result) {
                         (ModelMode::Synchronized, Ok(_)) => {
                             model.mode = ModelMode::Snapshot;
                             model.snapshot = Some(model.data.clone());
                         }
-                        (ModelMode::Snapshot, Err(s))
-                            if s.code() == tonic::Code::FailedPrecondition =>
-                        {
+                        (ModelMode::Snapshot, Err(e)) if refused(&e, Reason::SnapshotHeld) => {
                             model.run -= 1;
                         }
                         (mode, result) => {
@@ -235,23 +233,13 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
                 77..=88 => {
                     let run_id = format!("run-{}", model.run);
                     let result = client
-                        .delete_snapshot(pb::DeleteSnapshotRequest {
-                            volume: 0,
-                            run_id: format!("other-{run_id}"),
-                            force: false,
-                        })
+                        .delete_snapshot(0, &format!("other-{run_id}"), false)
                         .await;
                     ensure!(
                         result.is_err(),
                         "step {step}: a delete by another run succeeded"
                     );
-                    let result = client
-                        .delete_snapshot(pb::DeleteSnapshotRequest {
-                            volume: 0,
-                            run_id,
-                            force: false,
-                        })
-                        .await;
+                    let result = client.delete_snapshot(0, &run_id, false).await;
                     match (model.mode, result) {
                         (ModelMode::Snapshot, Ok(_)) => {
                             model.mode = ModelMode::Resynchronizing;
@@ -260,10 +248,9 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
                             model.last_deleted = Some(model.run);
                         }
                         (ModelMode::Synchronized | ModelMode::Resynchronizing, Ok(r))
-                            if r.get_ref().already_deleted
-                                && model.last_deleted == Some(model.run) => {}
-                        (ModelMode::Synchronized, Err(s))
-                            if s.code() == tonic::Code::FailedPrecondition
+                            if r.already_deleted && model.last_deleted == Some(model.run) => {}
+                        (ModelMode::Synchronized, Err(e))
+                            if refused(&e, Reason::WrongMode)
                                 && model.last_deleted != Some(model.run) => {}
                         (mode, result) => {
                             return Err(format!(
@@ -274,15 +261,15 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
                 }
                 _ => {
                     if model.mode == ModelMode::Resynchronizing {
-                        harness::wait_synchronized(&mut client, 0).await;
+                        harness::wait_synchronized(&client, 0).await;
                         model.mode = ModelMode::Synchronized;
-                        let origin = harness::lu_digests(&mut array_client, 1).await;
-                        let mate = harness::lu_digests(&mut array_client, 2).await;
+                        let origin = harness::lu_digests(&array_client, 1).await;
+                        let mate = harness::lu_digests(&array_client, 2).await;
                         ensure!(
                             origin == mate,
                             "step {step}: origin != mate after the resync completed"
                         );
-                        let status = harness::volume_status(&mut client, 0).await;
+                        let status = harness::volume_status(&client, 0).await;
                         ensure!(
                             status.dirty_ranges.is_empty(),
                             "step {step}: table not empty after resync"
@@ -290,25 +277,21 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
                     }
                 }
             }
-            check(&mut client, &model, step).await?;
+            check(&client, &model, step).await?;
         }
         // End synchronized, and prove the pair equal.
         if model.mode == ModelMode::Snapshot {
             client
-                .delete_snapshot(pb::DeleteSnapshotRequest {
-                    volume: 0,
-                    run_id: format!("run-{}", model.run),
-                    force: false,
-                })
+                .delete_snapshot(0, &format!("run-{}", model.run), false)
                 .await
-                .map_err(|s| format!("final delete: {s}"))?;
+                .map_err(|e| format!("final delete: {e}"))?;
             model.snapshot = None;
         }
-        harness::wait_synchronized(&mut client, 0).await;
-        let origin = harness::lu_digests(&mut array_client, 1).await;
-        let mate = harness::lu_digests(&mut array_client, 2).await;
+        harness::wait_synchronized(&client, 0).await;
+        let origin = harness::lu_digests(&array_client, 1).await;
+        let mate = harness::lu_digests(&array_client, 2).await;
         ensure!(origin == mate, "end: origin != mate after the final resync");
-        check(&mut client, &model, STEPS).await
+        check(&client, &model, STEPS).await
     }
     .await;
     db.shutdown().await.expect("db shutdown");

@@ -35,37 +35,22 @@ async fn race(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> usize
         ..ManagerConfig::default()
     };
     let db = start_db(&array.url(), &dir.path().join("db"), manager, None).await;
-    let mut client = db_client(&db.url()).await;
-    client
-        .acquire_snapshot(pb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: "race".into(),
-        })
-        .await
-        .expect("acquire");
+    let client = db_client(&db.url());
+    client.acquire_snapshot(0, "race").await.expect("acquire");
     // Dirty the whole volume, so the resync has the hot blocks to copy.
     for chunk in 0..BLOCKS / 256 {
         client
-            .write(pb::VolumeWriteRequest {
-                volume: 0,
-                target: pb::VirtualLu::Data.into(),
-                lba: chunk * 256,
-                data: vec![0xA0; 256 * BLOCK],
-            })
+            .write(0, pb::VirtualLu::Data, chunk * 256, vec![0xA0; 256 * BLOCK])
             .await
             .expect("dirtying write");
     }
     client
-        .delete_snapshot(pb::DeleteSnapshotRequest {
-            volume: 0,
-            run_id: "race".into(),
-            force: false,
-        })
+        .delete_snapshot(0, "race", false)
         .await
         .expect("delete");
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..WRITERS {
-        let mut client = db_client(&db.url()).await;
+        let client = db_client(&db.url());
         let mut rng =
             SmallRng::seed_from_u64(seed ^ (writer + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         writers.spawn(async move {
@@ -82,12 +67,7 @@ async fn race(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> usize
                 data[..8].copy_from_slice(&lba.to_le_bytes());
                 data[8] = 0x5E;
                 client
-                    .write(pb::VolumeWriteRequest {
-                        volume: 0,
-                        target: pb::VirtualLu::Data.into(),
-                        lba,
-                        data: data.clone(),
-                    })
+                    .write(0, pb::VirtualLu::Data, lba, data.clone())
                     .await
                     .expect("hammering write");
                 last.insert(lba, data);
@@ -99,8 +79,8 @@ async fn race(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> usize
     while let Some(last) = writers.join_next().await {
         expected.extend(last.expect("writer"));
     }
-    harness::wait_synchronized(&mut client, 0).await;
-    let volume = read_volume(&mut client, 0, pb::VirtualLu::Data, 0, BLOCKS).await;
+    harness::wait_synchronized(&client, 0).await;
+    let volume = read_volume(&client, 0, pb::VirtualLu::Data, 0, BLOCKS).await;
     let mut lost = expected
         .iter()
         .filter(|&(&lba, data)| {
@@ -108,8 +88,8 @@ async fn race(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> usize
             &volume[at..at + BLOCK] != data.as_slice()
         })
         .count();
-    let mut array = array_client(&array.url()).await;
-    if harness::lu_digests(&mut array, 1).await != harness::lu_digests(&mut array, 2).await {
+    let array = array_client(&array.url());
+    if harness::lu_digests(&array, 1).await != harness::lu_digests(&array, 2).await {
         lost += 1;
     }
     db.shutdown().await.expect("db shutdown");

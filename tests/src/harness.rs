@@ -1,88 +1,63 @@
-//! What every scenario needs: nodes on ephemeral ports, clients, seeds.
+//! What every scenario needs: nodes on ephemeral ports (in-process or as
+//! processes), the shared typed clients, seeds.
+//!
+//! Normal calls go through `splitmirror_proto::client`; a test that must
+//! send what those never would uses the client's `raw()`.
 
 use std::path::Path;
 use std::time::Duration;
 
-use array_node::{ArrayConfig, ArrayNodeConfig, ArrayTestHooks};
-use splitmirror_proto::array::v1 as pb;
-use splitmirror_proto::array::v1::array_service_client::ArrayServiceClient;
-use splitmirror_proto::node::{self, NodeHandle};
-use tonic::transport::Channel;
+use array_node::{ArrayConfig, ArrayTestHooks};
+use splitmirror_console::cluster::{self, DbOptions};
+use splitmirror_proto::backup::v1 as bpb;
+use splitmirror_proto::db::v1 as dpb;
+use splitmirror_proto::node::NodeHandle;
 
-pub type ArrayClient = ArrayServiceClient<Channel>;
+pub use splitmirror_proto::client::{ArrayClient, BackupClient, ClientError, DbClient, ErrorKind};
 
-/// Starts an array node over `data_dir` on an ephemeral loopback port.
+/// Starts an array node over `data_dir` on an ephemeral loopback port
+/// (through the console's cluster builder, as the demo and the benchmarks
+/// do).
 pub async fn start_array(data_dir: &Path, array: ArrayConfig, hooks: ArrayTestHooks) -> NodeHandle {
-    let listener = node::bind("127.0.0.1:0").await.expect("bind loopback");
-    let config = ArrayNodeConfig {
-        data_dir: data_dir.to_path_buf(),
-        array,
-        hooks,
-    };
-    let handle = array_node::spawn(config, listener)
+    cluster::start_array(data_dir, array, hooks)
         .await
-        .expect("start array node");
-    wait_healthy(&handle.url()).await;
-    handle
+        .expect("start array node")
 }
 
 /// Waits (bounded) until a node answers its health check.
 pub async fn wait_healthy(url: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match node::probe_health(url, "").await {
-            Ok(()) => return,
-            Err(e) if tokio::time::Instant::now() > deadline => {
-                panic!("{url} did not become healthy: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    cluster::wait_healthy("node", url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
-pub async fn array_client(url: &str) -> ArrayClient {
-    let channel = node::endpoint(url)
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect to array");
-    ArrayServiceClient::new(channel)
-        .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(node::MAX_MESSAGE_BYTES)
+/// A client of the array at `url` (connecting at its first call).
+pub fn array_client(url: &str) -> ArrayClient {
+    ArrayClient::new(url).expect("array address")
 }
 
-/// Reads a whole LU through the array.
-pub async fn read_lu(client: &mut ArrayClient, lu: u32, lba: u64, blocks: u64) -> Vec<u8> {
-    let mut stream = client
-        .read(pb::ReadRequest { lu, lba, blocks })
-        .await
-        .expect("read")
-        .into_inner();
-    let mut data = Vec::new();
-    while let Some(chunk) = stream.message().await.expect("read chunk") {
-        data.extend_from_slice(&chunk.data);
-    }
-    data
+/// A client of db-server at `url` (connecting at its first call).
+pub fn db_client(url: &str) -> DbClient {
+    DbClient::new(url).expect("db-server address")
+}
+
+/// A client of the backup server at `url` (connecting at its first call).
+pub fn backup_client(url: &str) -> BackupClient {
+    BackupClient::new(url).expect("backup server address")
+}
+
+/// Reads blocks of an LU through the array.
+pub async fn read_lu(client: &ArrayClient, lu: u32, lba: u64, blocks: u64) -> Vec<u8> {
+    client.read(lu, lba, blocks).await.expect("read")
 }
 
 /// BLAKE3 digests of a whole LU in 256-block chunks.
-pub async fn lu_digests(client: &mut ArrayClient, lu: u32) -> Vec<Vec<u8>> {
-    let info = client
-        .mode_sense(pb::ModeSenseRequest { lu })
-        .await
-        .expect("mode sense")
-        .into_inner();
+pub async fn lu_digests(client: &ArrayClient, lu: u32) -> Vec<[u8; 32]> {
+    let page = client.mode_sense(lu).await.expect("mode sense");
     client
-        .checksum_range(pb::ChecksumRangeRequest {
-            lu,
-            lba: 0,
-            blocks: info.block_count,
-            chunk_blocks: 256,
-        })
+        .checksums(lu, 0, page.block_count, 256)
         .await
         .expect("checksum")
-        .into_inner()
-        .digests
 }
 
 /// The seed of a randomised test: `SPLITMIRROR_SEED` to replay one, else
@@ -106,80 +81,53 @@ pub fn small_array(lu_size_bytes: u64) -> ArrayConfig {
     ArrayConfig::default_pairs(lu_size_bytes).expect("valid config")
 }
 
-pub type DbClient = splitmirror_proto::db::v1::db_service_client::DbServiceClient<Channel>;
-
-/// Starts a db-server against the array at `array_url`.
+/// Starts a db-server against the array at `array_url`, and waits until
+/// every pair is Synchronized (a first start compares origin and mate of
+/// each; tests start from Synchronized pairs).
 pub async fn start_db(
     array_url: &str,
     data_dir: &Path,
     manager: db_server::manager::ManagerConfig,
     ledger: Option<db_server::ledger::LedgerConfig>,
 ) -> NodeHandle {
-    let listener = node::bind("127.0.0.1:0").await.expect("bind loopback");
-    let config = db_server::DbServerConfig {
-        array_url: array_url.to_string(),
-        data_dir: data_dir.to_path_buf(),
+    let options = DbOptions {
         manager,
         ledger,
-        journal_region_bytes: Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
-        array_wait: Some(db_server::DEFAULT_ARRAY_WAIT),
-        max_suspend_lease: db_server::gate::DEFAULT_MAX_LEASE,
+        ..DbOptions::default()
     };
-    let handle = db_server::spawn(config, listener)
+    let handle = cluster::start_db(array_url, data_dir, &options)
         .await
         .expect("start db-server");
-    wait_healthy(&handle.url()).await;
-    // A first start compares origin and mate of every pair (no journal
-    // knew them); tests start from Synchronized pairs.
-    let mut client = db_client(&handle.url()).await;
+    wait_all_synchronized(&db_client(&handle.url())).await;
+    handle
+}
+
+/// Waits (bounded) until every volume db-server knows is Synchronized.
+pub async fn wait_all_synchronized(client: &DbClient) {
     let volumes: Vec<u32> = client
-        .status(splitmirror_proto::db::v1::StatusRequest::default())
+        .status(false)
         .await
         .expect("status")
-        .into_inner()
         .volumes
         .iter()
         .map(|v| v.volume)
         .collect();
     for volume in volumes {
-        wait_synchronized(&mut client, volume).await;
+        wait_synchronized(client, volume).await;
     }
-    handle
-}
-
-pub async fn db_client(url: &str) -> DbClient {
-    let channel = node::endpoint(url)
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect to db-server");
-    DbClient::new(channel)
-        .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(node::MAX_MESSAGE_BYTES)
 }
 
 /// The status of one volume.
-pub async fn volume_status(
-    client: &mut DbClient,
-    volume: u32,
-) -> splitmirror_proto::db::v1::VolumeStatus {
-    client
-        .status(splitmirror_proto::db::v1::StatusRequest::default())
-        .await
-        .expect("status")
-        .into_inner()
-        .volumes
-        .into_iter()
-        .find(|v| v.volume == volume)
-        .expect("volume in status")
+pub async fn volume_status(client: &DbClient, volume: u32) -> dpb::VolumeStatus {
+    client.volume_status(volume).await.expect("volume status")
 }
 
 /// Waits (bounded) until the volume is Synchronized.
-pub async fn wait_synchronized(client: &mut DbClient, volume: u32) {
+pub async fn wait_synchronized(client: &DbClient, volume: u32) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let status = volume_status(client, volume).await;
-        if status.data_mode() == splitmirror_proto::db::v1::Mode::Synchronized {
+        if status.data_mode() == dpb::Mode::Synchronized {
             return;
         }
         assert!(
@@ -192,27 +140,16 @@ pub async fn wait_synchronized(client: &mut DbClient, volume: u32) {
 
 /// Reads a volume's virtual LU through db-server.
 pub async fn read_volume(
-    client: &mut DbClient,
+    client: &DbClient,
     volume: u32,
-    target: splitmirror_proto::db::v1::VirtualLu,
+    target: dpb::VirtualLu,
     lba: u64,
     blocks: u64,
 ) -> Vec<u8> {
-    let mut stream = client
-        .read(splitmirror_proto::db::v1::VolumeReadRequest {
-            volume,
-            target: target.into(),
-            lba,
-            blocks,
-        })
+    client
+        .read(volume, target, lba, blocks)
         .await
         .expect("volume read")
-        .into_inner();
-    let mut data = Vec::new();
-    while let Some(chunk) = stream.message().await.expect("volume read chunk") {
-        data.extend_from_slice(&chunk.data);
-    }
-    data
 }
 
 /// One real pair of 512-byte blocks, for fine-grained model tests:
@@ -369,60 +306,69 @@ impl Drop for NodeProcess {
     }
 }
 
+/// Starts `array-node` as a process serving the default two pairs of
+/// `lu_size` LUs (e.g. "4MiB") from `data_dir`, listening on `listen`
+/// ("127.0.0.1:0" for an ephemeral port; a fixed address to restart it
+/// where clients already point).
+pub fn array_process(data_dir: &Path, lu_size: &str, listen: &str) -> NodeProcess {
+    NodeProcess::start(
+        "array-node",
+        &[
+            "--listen",
+            listen,
+            "--data-dir",
+            data_dir.to_str().expect("utf-8 path"),
+            "--lu-size",
+            lu_size,
+        ],
+    )
+}
+
+/// Starts `db-server` as a process on an ephemeral port, against the
+/// array at `array`, its journal in `data_dir`, with `extra` arguments
+/// (e.g. `--no-ledger`) and `env` (e.g. a crash point).
+pub fn db_process(
+    data_dir: &Path,
+    array: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> NodeProcess {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--array",
+        array,
+        "--data-dir",
+        data_dir.to_str().expect("utf-8 path"),
+    ];
+    args.extend(extra);
+    NodeProcess::start_with_env("db-server", &args, env)
+}
+
 /// A db-server address for backup servers of tests that start none: only
 /// live backups, which never ask it, can succeed there.
-pub const NO_DB: &str = "http://127.0.0.1:9";
-
-pub type BackupClient =
-    splitmirror_proto::backup::v1::backup_service_client::BackupServiceClient<Channel>;
+pub use splitmirror_console::cluster::NO_DB;
 
 /// Starts a backup-server in-process, reading from the array at
 /// `array_url` and confirming snapshots with the db-server at `db_url`
 /// (tests of live backups alone may pass [`NO_DB`]).
 pub async fn start_backup(array_url: &str, db_url: &str, store: &Path) -> NodeHandle {
-    let listener = node::bind("127.0.0.1:0").await.expect("bind loopback");
-    let config = backup_server::BackupServerConfig {
-        array_url: array_url.to_string(),
-        db_url: db_url.to_string(),
-        store_dir: store.to_path_buf(),
-        default_max_bytes_per_s: None,
-    };
-    let handle = backup_server::spawn(config, listener)
+    cluster::start_backup(array_url, db_url, store, None)
         .await
-        .expect("start backup-server");
-    wait_healthy(&handle.url()).await;
-    handle
-}
-
-pub async fn backup_client(url: &str) -> BackupClient {
-    let channel = node::endpoint(url)
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect to backup-server");
-    BackupClient::new(channel).max_decoding_message_size(node::MAX_MESSAGE_BYTES)
+        .expect("start backup-server")
 }
 
 /// Follows a backup until it ends and answers its last progress.
-pub async fn follow_backup(
-    client: &mut BackupClient,
-    backup_id: &str,
-) -> splitmirror_proto::backup::v1::BackupProgress {
-    let mut stream = client
-        .watch_backup(splitmirror_proto::backup::v1::BackupIdRequest {
-            backup_id: backup_id.to_string(),
-        })
-        .await
-        .expect("watch backup")
-        .into_inner();
+pub async fn follow_backup(client: &BackupClient, backup_id: &str) -> bpb::BackupProgress {
+    use futures_util::StreamExt;
+    let mut stream = client.watch_backup(backup_id).await.expect("watch backup");
     let mut last = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while let Some(progress) = tokio::time::timeout_at(deadline, stream.message())
+    while let Some(progress) = tokio::time::timeout_at(deadline, stream.next())
         .await
         .expect("backup ended in time")
-        .expect("progress")
     {
-        last = Some(progress);
+        last = Some(progress.expect("progress"));
     }
     last.expect("at least one progress message")
 }

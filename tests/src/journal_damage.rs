@@ -16,42 +16,14 @@ use std::path::{Path, PathBuf};
 
 use splitmirror_proto::db::v1 as pb;
 
-use crate::harness::{self, DbClient, NodeProcess, array_client, db_client};
+use crate::harness::{
+    self, ClientError, DbClient, array_client, array_process, db_client, db_process,
+};
 
 const BLOCK: usize = 4096;
 /// Blocks in one journal region (db-server's default 64 KiB regions).
 const REGION_BLOCKS: u64 = 16;
 const RUN_ID: &str = "journal-damage-run";
-
-fn start_array(dir: &Path, lu_size: &str) -> NodeProcess {
-    let data = dir.join("array");
-    NodeProcess::start(
-        "array-node",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().expect("utf-8"),
-            "--lu-size",
-            lu_size,
-        ],
-    )
-}
-
-fn start_db(db_dir: &Path, array: &str) -> NodeProcess {
-    NodeProcess::start(
-        "db-server",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--array",
-            array,
-            "--data-dir",
-            db_dir.to_str().expect("utf-8"),
-            "--no-ledger",
-        ],
-    )
-}
 
 /// A block's content, different for every LBA and never all zeros.
 fn block_for(lba: u64) -> Vec<u8> {
@@ -63,40 +35,25 @@ fn block_for(lba: u64) -> Vec<u8> {
     data
 }
 
-async fn write_block(client: &mut DbClient, lba: u64) -> Result<(), tonic::Status> {
+async fn write_block(client: &DbClient, lba: u64) -> Result<(), ClientError> {
     client
-        .write(pb::VolumeWriteRequest {
-            volume: 0,
-            target: pb::VirtualLu::Data.into(),
-            lba,
-            data: block_for(lba),
-        })
+        .write(0, pb::VirtualLu::Data, lba, block_for(lba))
         .await
         .map(drop)
 }
 
-async fn acquire(client: &mut DbClient) {
-    client
-        .acquire_snapshot(pb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: RUN_ID.into(),
-        })
-        .await
-        .expect("acquire");
+async fn acquire(client: &DbClient) {
+    client.acquire_snapshot(0, RUN_ID).await.expect("acquire");
 }
 
 /// What an operator does after the restart: delete the snapshot if one is
 /// still held, wait for Synchronized. Answers whether a snapshot was held.
-async fn delete_and_wait(client: &mut DbClient) -> bool {
+async fn delete_and_wait(client: &DbClient) -> bool {
     let status = harness::volume_status(client, 0).await;
     let held = status.data_mode() == pb::Mode::Snapshot;
     if held {
         client
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                volume: 0,
-                run_id: RUN_ID.into(),
-                force: false,
-            })
+            .delete_snapshot(0, RUN_ID, false)
             .await
             .expect("delete");
     }
@@ -108,9 +65,9 @@ async fn delete_and_wait(client: &mut DbClient) -> bool {
 /// the first byte where they differ, if any; checks that every acknowledged
 /// block is on the origin.
 async fn compare_origin_and_mate(array_url: &str, blocks: u64, acknowledged: &[u64]) {
-    let mut array = array_client(array_url).await;
-    let origin = harness::read_lu(&mut array, 1, 0, blocks).await;
-    let mate = harness::read_lu(&mut array, 2, 0, blocks).await;
+    let array = array_client(array_url);
+    let origin = harness::read_lu(&array, 1, 0, blocks).await;
+    let mate = harness::read_lu(&array, 2, 0, blocks).await;
     assert_eq!(
         origin.len(),
         blocks as usize * BLOCK,
@@ -158,26 +115,26 @@ async fn damaged_journal_is_not_a_torn_tail(damage: impl FnOnce(&Path) -> Vec<u8
     const BLOCKS: u64 = 1024;
     let dir = tempfile::tempdir().expect("tempdir");
     let db_dir = dir.path().join("db");
-    let array = start_array(dir.path(), "4MiB");
-    let mut db = start_db(&db_dir, &array.addr);
-    let mut client = db_client(&db.url()).await;
-    harness::wait_synchronized(&mut client, 0).await;
-    acquire(&mut client).await;
+    let array = array_process(&dir.path().join("array"), "4MiB", "127.0.0.1:0");
+    let mut db = db_process(&db_dir, &array.addr, &["--no-ledger"], &[]);
+    let client = db_client(&db.url());
+    harness::wait_synchronized(&client, 0).await;
+    acquire(&client).await;
     // One write per region, so that the intents make up most of the file
     // and its middle falls among them: the records before the damage hold
     // the snapshot, the ones after it regions that must not be forgotten.
     let acknowledged: Vec<u64> = (0..40u64).map(|i| i * REGION_BLOCKS + i % 7).collect();
     for &lba in &acknowledged {
-        write_block(&mut client, lba)
+        write_block(&client, lba)
             .await
             .expect("write in Snapshot mode");
     }
     db.kill9();
     let damaged = damage(&db_dir.join("journal.log"));
 
-    let db = start_db(&db_dir, &array.addr);
-    let mut client = db_client(&db.url()).await;
-    let snapshot_held = delete_and_wait(&mut client).await;
+    let db = db_process(&db_dir, &array.addr, &["--no-ledger"], &[]);
+    let client = db_client(&db.url());
+    let snapshot_held = delete_and_wait(&client).await;
     compare_origin_and_mate(&array.url(), BLOCKS, &acknowledged).await;
 
     assert!(
@@ -303,11 +260,11 @@ async fn intents_acknowledged_after_a_full_journal_filesystem_survive_a_crash() 
             return;
         }
     };
-    let array = start_array(dir.path(), "32MiB");
-    let mut db = start_db(&db_dir, &array.addr);
-    let mut client = db_client(&db.url()).await;
-    harness::wait_synchronized(&mut client, 0).await;
-    acquire(&mut client).await;
+    let array = array_process(&dir.path().join("array"), "32MiB", "127.0.0.1:0");
+    let mut db = db_process(&db_dir, &array.addr, &["--no-ledger"], &[]);
+    let client = db_client(&db.url());
+    harness::wait_synchronized(&client, 0).await;
+    acquire(&client).await;
 
     let filler = db_dir.join("filler");
     fill(&filler);
@@ -315,7 +272,7 @@ async fn intents_acknowledged_after_a_full_journal_filesystem_survive_a_crash() 
     let mut refused_region = None;
     for region in 0..BLOCKS / REGION_BLOCKS {
         let lba = region * REGION_BLOCKS;
-        match write_block(&mut client, lba).await {
+        match write_block(&client, lba).await {
             Ok(()) => acknowledged.push(lba),
             Err(status) => {
                 eprintln!("write to new region {region} refused: {status:?}");
@@ -326,7 +283,7 @@ async fn intents_acknowledged_after_a_full_journal_filesystem_survive_a_crash() 
     }
     let refused_region = refused_region.expect("a full filesystem refuses new intents");
     // A write inside an already-journaled region needs no journal space.
-    write_block(&mut client, 1)
+    write_block(&client, 1)
         .await
         .expect("a write inside a journaled region");
     acknowledged.push(1);
@@ -338,16 +295,16 @@ async fn intents_acknowledged_after_a_full_journal_filesystem_survive_a_crash() 
         .collect();
     assert!(later.iter().all(|&lba| lba < BLOCKS), "{later:?}");
     for &lba in &later {
-        write_block(&mut client, lba)
+        write_block(&client, lba)
             .await
             .expect("a write once space has returned");
         acknowledged.push(lba);
     }
     db.kill9();
 
-    let db = start_db(&db_dir, &array.addr);
-    let mut client = db_client(&db.url()).await;
-    let snapshot_held = delete_and_wait(&mut client).await;
+    let db = db_process(&db_dir, &array.addr, &["--no-ledger"], &[]);
+    let client = db_client(&db.url());
+    let snapshot_held = delete_and_wait(&client).await;
     compare_origin_and_mate(&array.url(), BLOCKS, &acknowledged).await;
     assert!(
         snapshot_held,

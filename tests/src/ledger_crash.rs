@@ -22,7 +22,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use splitmirror_proto::db::v1 as pb;
 
-use crate::harness::{self, NodeProcess, array_client, db_client, read_lu};
+use crate::harness::{self, NodeProcess, array_client, array_process, db_client, read_lu};
 
 const LU_SIZE: &str = "4MiB";
 /// With 4 KiB blocks and 100 accounts the log ring holds 923 records, so
@@ -44,59 +44,28 @@ struct Outcome {
     failures: Vec<String>,
 }
 
-fn start_array(dir: &std::path::Path) -> NodeProcess {
-    let data = dir.join("array");
-    NodeProcess::start(
-        "array-node",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().expect("utf-8"),
-            "--lu-size",
-            LU_SIZE,
-        ],
-    )
-}
-
+/// db-server running the ledger at full speed, with `extra` arguments.
 fn start_db(dir: &std::path::Path, array: &str, extra: &[&str]) -> NodeProcess {
-    let data = dir.join("db");
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--array",
-        array,
-        "--data-dir",
-        data.to_str().expect("utf-8"),
-        "--workload-tps",
-        "0",
-        "--accounts",
-        ACCOUNTS,
-    ];
+    let mut args = vec!["--workload-tps", "0", "--accounts", ACCOUNTS];
     args.extend(extra);
-    NodeProcess::start("db-server", &args)
+    harness::db_process(&dir.join("db"), array, &args, &[])
 }
 
-async fn ledger_status(client: &mut harness::DbClient) -> pb::LedgerStatus {
+async fn ledger_status(client: &harness::DbClient) -> pb::LedgerStatus {
     client
-        .status(pb::StatusRequest::default())
+        .status(false)
         .await
         .expect("status")
-        .into_inner()
         .ledger
         .expect("the ledger runs")
 }
 
 /// Waits (bounded) until volume 0 is Synchronized: after a restart the
 /// journal may have a resync to finish before a snapshot can be acquired.
-async fn wait_synchronized(client: &mut harness::DbClient) {
+async fn wait_synchronized(client: &harness::DbClient) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = client
-            .status(pb::StatusRequest::default())
-            .await
-            .expect("status")
-            .into_inner();
+        let status = client.status(false).await.expect("status");
         if status
             .volumes
             .iter()
@@ -192,8 +161,8 @@ fn verify_with_the_command(
 /// snapshot, verify. Stops early at the first failure if asked to.
 async fn kill_loop(seed: u64, cycles: u32, extra: &[&str], stop_at_failure: bool) -> Outcome {
     let dir = tempfile::tempdir().expect("tempdir");
-    let array = start_array(dir.path());
-    let mut array_client = array_client(&array.url()).await;
+    let array = array_process(&dir.path().join("array"), LU_SIZE, "127.0.0.1:0");
+    let array_client = array_client(&array.url());
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut outcome = Outcome::default();
     let mut uncertain = Vec::new();
@@ -202,17 +171,17 @@ async fn kill_loop(seed: u64, cycles: u32, extra: &[&str], stop_at_failure: bool
         panic!("the first start: {why}");
     }
     for cycle in 0..cycles {
-        let mut client = db_client(&db.url()).await;
+        let client = db_client(&db.url());
         let run_ms = rng.random_range(20..300u64);
         tokio::time::sleep(Duration::from_millis(run_ms)).await;
-        let before = ledger_status(&mut client).await;
+        let before = ledger_status(&client).await;
         db.kill9();
         // Writes the array had already taken finish by themselves; give
         // them a moment, then read the crash image before anyone repairs
         // it.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let block_count = (4u64 << 20) / 4096;
-        let crash_image = read_lu(&mut array_client, 1, 0, block_count).await;
+        let crash_image = read_lu(&array_client, 1, 0, block_count).await;
         let mut failures = Vec::new();
         let needed_redo = check_crash_image(
             &crash_image,
@@ -252,18 +221,11 @@ async fn kill_loop(seed: u64, cycles: u32, extra: &[&str], stop_at_failure: bool
                 break;
             }
         }
-        let mut client = db_client(&db.url()).await;
-        wait_synchronized(&mut client).await;
+        let client = db_client(&db.url());
+        wait_synchronized(&client).await;
         let run_id = format!("ledger-crash-{cycle}");
-        let acquired = client
-            .acquire_snapshot(pb::AcquireSnapshotRequest {
-                volume: 0,
-                run_id: run_id.clone(),
-            })
-            .await
-            .expect("acquire")
-            .into_inner();
-        let image = read_lu(&mut array_client, acquired.mate_lu, 0, acquired.block_count).await;
+        let acquired = client.acquire_snapshot(0, &run_id).await.expect("acquire");
+        let image = read_lu(&array_client, acquired.mate_lu, 0, acquired.block_count).await;
         if let Err(report) = verify_with_the_command(&image, acquired.ledger_sequence, dir.path()) {
             failures.push(format!(
                 "the snapshot at sequence {} fails verify-image: {report}",
@@ -271,11 +233,7 @@ async fn kill_loop(seed: u64, cycles: u32, extra: &[&str], stop_at_failure: bool
             ));
         }
         client
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                volume: 0,
-                run_id,
-                ..Default::default()
-            })
+            .delete_snapshot(0, &run_id, false)
             .await
             .expect("delete");
         eprintln!(

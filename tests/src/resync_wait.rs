@@ -11,9 +11,9 @@ use std::process::Command;
 use array_node::ArrayTestHooks;
 use db_server::manager::ManagerConfig;
 use splitmirror_proto::db::v1 as pb;
-use splitmirror_proto::reason::{Reason, reason};
+use splitmirror_proto::reason::Reason;
 
-use crate::harness::{self, db_client, start_array, start_backup, start_db};
+use crate::harness::{self, ErrorKind, db_client, start_array, start_backup, start_db};
 
 /// Bytes written while the first snapshot is held: the resync to copy.
 const DIRTY_BYTES: u64 = 8 << 20;
@@ -42,58 +42,42 @@ async fn console_run_waits_out_a_running_resync_by_its_reason() {
     )
     .await;
     let backup = start_backup(&array.url(), &db.url(), &dir.path().join("store")).await;
-    let mut client = db_client(&db.url()).await;
+    let client = db_client(&db.url());
 
     // An earlier run: acquire, write 8 MiB to the origin, delete → a resync
     // of 8 MiB at 2 MiB/s.
     client
-        .acquire_snapshot(pb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: "earlier-run".into(),
-        })
+        .acquire_snapshot(0, "earlier-run")
         .await
         .expect("acquire");
-    let block_size_bytes = u64::from(
-        harness::volume_status(&mut client, 0)
-            .await
-            .block_size_bytes,
-    );
+    let block_size_bytes = u64::from(harness::volume_status(&client, 0).await.block_size_bytes);
     for i in 0..DIRTY_BYTES / WRITE_BYTES {
         client
-            .write(pb::VolumeWriteRequest {
-                volume: 0,
-                target: pb::VirtualLu::Data.into(),
-                lba: i * WRITE_BYTES / block_size_bytes,
-                data: vec![0xA5 ^ i as u8; WRITE_BYTES as usize],
-            })
+            .write(
+                0,
+                pb::VirtualLu::Data,
+                i * WRITE_BYTES / block_size_bytes,
+                vec![0xA5 ^ i as u8; WRITE_BYTES as usize],
+            )
             .await
             .expect("write while split");
     }
     client
-        .delete_snapshot(pb::DeleteSnapshotRequest {
-            volume: 0,
-            run_id: "earlier-run".into(),
-            force: false,
-        })
+        .delete_snapshot(0, "earlier-run", false)
         .await
         .expect("delete");
 
     // The refusal says why in its trailer, through the real server.
     let refused = client
-        .acquire_snapshot(pb::AcquireSnapshotRequest {
-            volume: 0,
-            run_id: "too-early".into(),
-        })
+        .acquire_snapshot(0, "too-early")
         .await
         .expect_err("a resynchronizing pair cannot be split");
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert_eq!(
-        reason(&refused),
-        Some(Reason::Resynchronizing),
-        "{:?}",
-        refused.metadata()
+        (refused.kind, refused.reason),
+        (ErrorKind::FailedPrecondition, Some(Reason::Resynchronizing)),
+        "{refused:?}"
     );
-    let status = harness::volume_status(&mut client, 0).await;
+    let status = harness::volume_status(&client, 0).await;
     assert_eq!(status.data_mode(), pb::Mode::Resynchronizing, "{status:?}");
 
     let addresses = [

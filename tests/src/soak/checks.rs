@@ -19,14 +19,11 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use splitmirror_proto::array::v1 as apb;
-use splitmirror_proto::array::v1::array_service_client::ArrayServiceClient;
+use futures_util::StreamExt;
 use splitmirror_proto::backup::v1 as bpb;
-use splitmirror_proto::backup::v1::backup_service_client::BackupServiceClient;
+use splitmirror_proto::client::{ArrayClient, BackupClient, ClientError, DbClient};
 use splitmirror_proto::db::v1 as pb;
-use splitmirror_proto::db::v1::db_service_client::DbServiceClient;
 use splitmirror_proto::node;
-use tonic::transport::Channel;
 
 use super::Summary;
 use super::cluster::{Cluster, Node};
@@ -59,9 +56,9 @@ impl Violation {
 }
 
 pub struct Checker {
-    db: DbServiceClient<Channel>,
-    array: ArrayServiceClient<Channel>,
-    backup: BackupServiceClient<Channel>,
+    db: DbClient,
+    array: ArrayClient,
+    backup: BackupClient,
     urls: [String; 3],
     /// The highest ledger sequence reported at a quiesce: every
     /// transaction up to it was acknowledged.
@@ -69,34 +66,26 @@ pub struct Checker {
     checked_backups: BTreeSet<String>,
 }
 
-/// Runs a call with [`CALL_TIMEOUT`], flattening both failures into text.
+/// Runs a call with [`CALL_TIMEOUT`], flattening both failures into text
+/// (a violation's description, for a person).
 async fn call<T>(
     what: &str,
-    future: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    future: impl Future<Output = Result<T, ClientError>>,
 ) -> Result<T, String> {
     match tokio::time::timeout(CALL_TIMEOUT, future).await {
-        Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(format!("{what}: {:?}: {}", status.code(), status.message())),
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(error)) => Err(format!("{what}: {error}")),
         Err(_) => Err(format!("{what}: no answer within {CALL_TIMEOUT:?}")),
     }
 }
 
-fn lazy_channel(url: &str) -> Result<Channel, String> {
-    Ok(node::endpoint(url)?.connect_lazy())
-}
-
 impl Checker {
     pub async fn new(cluster: &Cluster) -> Result<Self, String> {
-        let max = node::MAX_MESSAGE_BYTES;
+        let text = |e: ClientError| e.to_string();
         Ok(Self {
-            db: DbServiceClient::new(lazy_channel(&cluster.url(Node::Db))?)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-            array: ArrayServiceClient::new(lazy_channel(&cluster.url(Node::Array))?)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-            backup: BackupServiceClient::new(lazy_channel(&cluster.url(Node::Backup))?)
-                .max_decoding_message_size(max),
+            db: DbClient::new(&cluster.url(Node::Db)).map_err(text)?,
+            array: ArrayClient::new(&cluster.url(Node::Array)).map_err(text)?,
+            backup: BackupClient::new(&cluster.url(Node::Backup)).map_err(text)?,
             urls: Node::ALL.map(|n| cluster.url(n)),
             committed_sequence: 0,
             checked_backups: BTreeSet::new(),
@@ -104,7 +93,7 @@ impl Checker {
     }
 
     async fn status(&mut self) -> Result<pb::StatusResponse, String> {
-        call("Status", self.db.status(pb::StatusRequest::default())).await
+        call("Status", self.db.status(false)).await
     }
 
     /// What volume 0 is doing, to say where a kill landed.
@@ -128,10 +117,7 @@ impl Checker {
     /// resumes. Answers when it suspended (`None` if the database refused,
     /// e.g. because another suspend is in force).
     pub async fn suspend_and_vanish(&mut self) -> Option<Instant> {
-        let request = pb::SuspendRequest {
-            lease_ms: LOST_CONSOLE_LEASE_MS,
-        };
-        call("Suspend", self.db.suspend(request))
+        call("Suspend", self.db.suspend(LOST_CONSOLE_LEASE_MS))
             .await
             .ok()
             .map(|_| Instant::now())
@@ -218,15 +204,8 @@ impl Checker {
                 .iter()
                 .filter(|v| !v.snapshot_holder.is_empty())
             {
-                let request = pb::DeleteSnapshotRequest {
-                    volume: volume.volume,
-                    run_id: "soak-cleanup".into(),
-                    force: true,
-                };
-                if call("DeleteSnapshot", self.db.delete_snapshot(request))
-                    .await
-                    .is_ok()
-                {
+                let delete = self.db.delete_snapshot(volume.volume, "soak-cleanup", true);
+                if call("DeleteSnapshot", delete).await.is_ok() {
                     deleted += 1;
                 }
             }
@@ -279,8 +258,7 @@ impl Checker {
     async fn check_quiesced(&mut self, round: u64) -> Result<(), Violation> {
         let started = Instant::now();
         let sequence = loop {
-            let request = pb::SuspendRequest { lease_ms: 30_000 };
-            match call("Suspend", self.db.suspend(request)).await {
+            match call("Suspend", self.db.suspend(30_000)).await {
                 Ok(answer) => break answer.ledger_sequence,
                 Err(e) if started.elapsed() > Duration::from_secs(30) => {
                     return Err(Violation::new(
@@ -292,7 +270,7 @@ impl Checker {
             }
         };
         let result = self.compare_quiesced(round, sequence).await;
-        let _ = call("Resume", self.db.resume(pb::ResumeRequest::default())).await;
+        let _ = call("Resume", self.db.resume()).await;
         result
     }
 
@@ -359,27 +337,20 @@ impl Checker {
         Ok(())
     }
 
-    async fn digests(&mut self, lu: u32, blocks: u64) -> Result<Vec<Vec<u8>>, String> {
-        let request = apb::ChecksumRangeRequest {
-            lu,
-            lba: 0,
-            blocks,
-            chunk_blocks: COMPARE_CHUNK_BLOCKS,
-        };
-        Ok(call("ChecksumRange", self.array.checksum_range(request))
-            .await?
-            .digests)
+    async fn digests(&mut self, lu: u32, blocks: u64) -> Result<Vec<[u8; 32]>, String> {
+        let checksums = self.array.checksums(lu, 0, blocks, COMPARE_CHUNK_BLOCKS);
+        call("ChecksumRange", checksums).await
     }
 
+    /// The whole LU, each chunk within [`CALL_TIMEOUT`].
     async fn read_lu(&mut self, lu: u32, blocks: u64) -> Result<Vec<u8>, String> {
-        let request = apb::ReadRequest { lu, lba: 0, blocks };
-        let mut stream = call("Read", self.array.read(request)).await?;
+        let mut stream = call("Read", self.array.read_stream(lu, 0, blocks)).await?;
         let mut data = Vec::new();
         loop {
-            match tokio::time::timeout(CALL_TIMEOUT, stream.message()).await {
-                Ok(Ok(Some(chunk))) => data.extend_from_slice(&chunk.data),
-                Ok(Ok(None)) => return Ok(data),
-                Ok(Err(status)) => return Err(format!("Read LU {lu}: {}", status.message())),
+            match tokio::time::timeout(CALL_TIMEOUT, stream.next()).await {
+                Ok(Some(Ok(chunk))) => data.extend_from_slice(&chunk),
+                Ok(None) => return Ok(data),
+                Ok(Some(Err(error))) => return Err(format!("Read LU {lu}: {error}")),
                 Err(_) => return Err(format!("Read LU {lu}: no data within {CALL_TIMEOUT:?}")),
             }
         }
@@ -394,13 +365,10 @@ impl Checker {
         round: u64,
         summary: &mut Summary,
     ) -> Result<(), Violation> {
-        let list = call(
-            "ListBackups",
-            self.backup.list_backups(bpb::ListBackupsRequest::default()),
-        )
-        .await
-        .map_err(|e| Violation::new(round, e))?;
-        for backup in list.backups {
+        let backups = call("ListBackups", self.backup.list_backups())
+            .await
+            .map_err(|e| Violation::new(round, e))?;
+        for backup in backups {
             if backup.state() != bpb::BackupState::Complete
                 || self.checked_backups.contains(&backup.backup_id)
             {
@@ -439,14 +407,9 @@ impl Checker {
                     ),
                 ));
             }
-            let verified = call(
-                "VerifyBackup",
-                self.backup.verify_backup(bpb::BackupIdRequest {
-                    backup_id: backup.backup_id.clone(),
-                }),
-            )
-            .await
-            .map_err(|e| Violation::new(round, e))?;
+            let verified = call("VerifyBackup", self.backup.verify_backup(&backup.backup_id))
+                .await
+                .map_err(|e| Violation::new(round, e))?;
             if !verified.ok {
                 return Err(Violation::new(
                     round,

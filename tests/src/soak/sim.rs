@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use db_server::array_port::{ArrayPort, BoxFuture, MemoryArray, PairInfo, PortError};
+use db_server::array_port::{ArrayPort, BoxFuture, ClientError, MemoryArray, PairInfo};
 use db_server::journal::Journal;
 use db_server::lu_status::VirtualLu;
 use db_server::manager::{ManagerConfig, ManagerTestHooks, ResyncMethod, SnapshotManager};
@@ -50,15 +50,15 @@ struct SimArray {
 }
 
 impl ArrayPort for SimArray {
-    fn list_pairs(&self) -> BoxFuture<'_, Result<Vec<PairInfo>, PortError>> {
+    fn list_pairs(&self) -> BoxFuture<'_, Result<Vec<PairInfo>, ClientError>> {
         self.memory.list_pairs()
     }
 
-    fn read(&self, lu: u32, lba: u64, blocks: u64) -> BoxFuture<'_, Result<Vec<u8>, PortError>> {
+    fn read(&self, lu: u32, lba: u64, blocks: u64) -> BoxFuture<'_, Result<Vec<u8>, ClientError>> {
         self.memory.read(lu, lba, blocks)
     }
 
-    fn write(&self, lu: u32, lba: u64, data: Vec<u8>) -> BoxFuture<'_, Result<(), PortError>> {
+    fn write(&self, lu: u32, lba: u64, data: Vec<u8>) -> BoxFuture<'_, Result<(), ClientError>> {
         Box::pin(async move {
             let result = self.memory.write(lu, lba, data).await;
             if self.hang_after_next_write.swap(false, Ordering::SeqCst) {
@@ -75,11 +75,11 @@ impl ArrayPort for SimArray {
         dst_lu: u32,
         lba: u64,
         blocks: u64,
-    ) -> BoxFuture<'_, Result<(), PortError>> {
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
         self.memory.copy_range(src_lu, dst_lu, lba, blocks)
     }
 
-    fn flush(&self, lu: u32) -> BoxFuture<'_, Result<(), PortError>> {
+    fn flush(&self, lu: u32) -> BoxFuture<'_, Result<(), ClientError>> {
         self.memory.flush(lu)
     }
 
@@ -89,7 +89,7 @@ impl ArrayPort for SimArray {
         lba: u64,
         blocks: u64,
         chunk_blocks: u64,
-    ) -> BoxFuture<'_, Result<Vec<[u8; 32]>, PortError>> {
+    ) -> BoxFuture<'_, Result<Vec<[u8; 32]>, ClientError>> {
         self.memory.checksums(lu, lba, blocks, chunk_blocks)
     }
 }
