@@ -7,11 +7,18 @@
 //! once — no destructors, no flushing — as `kill -9` would. Unarmed, a point
 //! costs one comparison. Written by hand rather than with the `fail` crate:
 //! its `panic` action would only end one tokio task, not the process.
+//!
+//! Armed points exist only in a build with the `testing` feature (and in
+//! unit tests); in a production build [`point`] does nothing and the
+//! environment variable is not read.
 
+#[cfg(any(test, feature = "testing"))]
 use std::sync::OnceLock;
+#[cfg(any(test, feature = "testing"))]
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Every point there is, for the tests and `--help`.
+/// Every point there is, for the crash tests.
+#[cfg(any(test, feature = "testing"))]
 pub const POINTS: [&str; 6] = [
     "write.after_intent",
     "write.after_array",
@@ -21,9 +28,12 @@ pub const POINTS: [&str; 6] = [
     "resync.after_remove",
 ];
 
+#[cfg(any(test, feature = "testing"))]
 static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+#[cfg(any(test, feature = "testing"))]
 static HITS: AtomicU64 = AtomicU64::new(0);
 
+#[cfg(any(test, feature = "testing"))]
 fn armed() -> &'static Option<(String, u64)> {
     ARMED.get_or_init(|| {
         let text = std::env::var("SPLITMIRROR_CRASH_AT").ok()?;
@@ -36,7 +46,13 @@ fn armed() -> &'static Option<(String, u64)> {
     })
 }
 
+/// Does nothing: a production build has no crash points.
+#[cfg(not(any(test, feature = "testing")))]
+#[inline(always)]
+pub fn point(_name: &'static str) {}
+
 /// Aborts the process if `name` is the armed point and this is its N-th hit.
+#[cfg(any(test, feature = "testing"))]
 pub fn point(name: &'static str) {
     if let Some((armed, nth)) = armed()
         && armed == name

@@ -71,15 +71,14 @@ impl Db {
         run_id: &str,
     ) -> Result<AcquiredSnapshot, DbError> {
         validate_run_id(run_id)?;
-        let pair = self.manager.pair(volume)?;
         let answer = |freeze_window_us, held: HeldSnapshot, already_held| AcquiredSnapshot {
             volume,
-            mate_lu: pair.mate_lu,
+            mate_lu: held.pair.mate_lu,
             freeze_window_us,
             ledger_sequence: held.ledger_sequence,
             already_held,
-            block_size_bytes: pair.block_size_bytes,
-            block_count: pair.block_count,
+            block_size_bytes: held.pair.block_size_bytes,
+            block_count: held.pair.block_count,
             snapshot_id: held.snapshot_id,
         };
         // A retry: the sequence and the id come from the pair's state
@@ -96,10 +95,7 @@ impl Db {
         // lease running out or a resume meanwhile does not reopen.
         let quiesced = self.gate.quiesce(QUIESCE_TIMEOUT).await?;
         let ledger_sequence = self.ledger.as_ref().map_or(0, |l| l.sequence());
-        let result = self
-            .manager
-            .acquire_snapshot(volume, run_id, ledger_sequence)
-            .await;
+        let result = self.manager.acquire(volume, run_id, ledger_sequence).await;
         let freeze_window_us = quiesced.elapsed_us();
         drop(quiesced);
         let outcome = result?;

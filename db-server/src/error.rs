@@ -1,24 +1,48 @@
 //! What can go wrong in the snapshot manager and the database.
+//!
+//! Each variant says its cause and whether the same call can succeed if
+//! tried again; `service.rs` maps each to one gRPC code and, where a caller
+//! must tell refusals of one code apart, a
+//! [`Reason`](splitmirror_proto::reason::Reason).
 
-use crate::array_port::PortError;
+use std::time::Duration;
+
+use splitmirror_proto::client::ClientError;
+
+use crate::journal::JournalError;
+use crate::ledger::LedgerError;
 use crate::lu_status::{Mode, VirtualLu};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// The caller named a volume (mirror LU) the array does not define.
+    /// Not retryable.
     #[error("volume {0} does not exist")]
     UnknownVolume(u32),
+    /// The request is malformed (zero blocks, data that is not whole
+    /// blocks, a transfer between one account). Not retryable; the caller's
+    /// fault.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A block range past the end of the volume. Not retryable.
     #[error("{0}")]
     OutOfRange(String),
+    /// The pair is in another mode than the call needs (an acquire while a
+    /// snapshot is held or the pair resynchronizes, a delete while
+    /// Synchronized). Retryable only once the mode changes: waiting helps
+    /// for `Resynchronizing`, not for a snapshot another run holds.
     #[error("cannot {action} volume {volume}: it is in {mode:?} mode")]
     WrongMode {
         volume: u32,
         action: &'static str,
         mode: Mode,
     },
+    /// The virtual LU has no destination in this mode: the snapshot LU
+    /// while no snapshot is acquired. Not retryable until one is.
     #[error("the {target:?} virtual LU of volume {volume} is Undefined (no snapshot is acquired)")]
     Undefined { volume: u32, target: VirtualLu },
+    /// Another run holds the snapshot and the delete was not forced. Not
+    /// retryable as it is.
     #[error(
         "the snapshot of volume {volume} is held by run {holder}; deleting it from run {requester} needs --force"
     )]
@@ -27,14 +51,27 @@ pub enum DbError {
         holder: String,
         requester: String,
     },
-    #[error("the database did not quiesce: {0}")]
-    QuiesceTimeout(String),
+    /// Transactions were still in flight when the quiesce timed out.
+    /// Retryable.
+    #[error("the database did not quiesce: transactions still in flight after {timeout:?}")]
+    QuiesceTimeout { timeout: Duration },
+    /// The pair was not Synchronized within the time waited for it (its
+    /// resync is still running, or the array keeps failing). Retryable.
+    #[error("volume {volume} not synchronized after {timeout:?}")]
+    NotSynchronized { volume: u32, timeout: Duration },
+    /// An array call failed. Retryable when the array was unreachable
+    /// ([`ClientError::is_transient`]); otherwise the array failed, which
+    /// is not the caller's fault and not retryable as it is.
     #[error("the array failed: {0}")]
-    Array(#[from] PortError),
+    Array(#[from] ClientError),
+    /// The journal could not record a state change or an intent; nothing
+    /// took effect. Retryable only once the disk is fixed.
     #[error("the journal failed: {0}")]
-    Journal(String),
+    Journal(#[from] JournalError),
+    /// The ledger database refused or failed (see [`LedgerError`]).
     #[error("the ledger: {0}")]
-    Ledger(String),
+    Ledger(#[from] LedgerError),
+    /// db-server is stopping. Retry against the restarted server.
     #[error("db-server is shutting down")]
     ShuttingDown,
     /// A suspend asked for a lease over the cap (DESIGN §3: a lost console
@@ -50,6 +87,8 @@ pub enum DbError {
         "a write of {bytes} bytes is over the limit of {limit_bytes} bytes per write (the array's request limit); split it"
     )]
     TooLarge { bytes: u64, limit_bytes: u64 },
+    /// The run id is not one a run could have (empty, too long, not
+    /// printable ASCII). Not retryable; the caller's fault.
     #[error("{0}")]
     InvalidRunId(#[from] splitmirror_proto::run_id::RunIdError),
 }

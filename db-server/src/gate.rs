@@ -161,9 +161,7 @@ impl QuiesceGate {
                 _guard: Arc::new(guard),
                 closed_at,
             }),
-            Err(_) => Err(DbError::QuiesceTimeout(format!(
-                "transactions still in flight after {timeout:?}"
-            ))),
+            Err(_) => Err(DbError::QuiesceTimeout { timeout }),
         }
     }
 

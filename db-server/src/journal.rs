@@ -131,6 +131,33 @@ const COMPACT_AT_BYTES: u64 = 1 << 20;
 /// The journal's file name inside the data directory.
 const FILE_NAME: &str = "journal.log";
 
+/// Why the journal could not be opened or could not record.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// Reading, creating, cutting back or setting aside the journal file at
+    /// open failed (a missing or read-only data directory, an I/O error).
+    /// Not retryable until the disk or the directory is fixed.
+    #[error("{}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The journal's writer thread could not be started. Not retryable.
+    #[error("starting the journal thread: {0}")]
+    StartThread(#[source] io::Error),
+    /// An append failed (a full disk, an I/O error, or a journal broken by
+    /// an earlier failure that could not be undone): nothing was recorded.
+    /// Retryable once the disk is fixed; a broken journal only after a
+    /// restart.
+    #[error("appending: {0}")]
+    Append(#[source] io::Error),
+    /// The journal's writer thread has stopped (db-server is stopping).
+    /// Not retryable against this process.
+    #[error("the journal thread has stopped")]
+    Stopped,
+}
+
 /// A volume's durable state as replayed from the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DurableVolume {
@@ -464,7 +491,7 @@ impl Journal {
     pub fn open(
         dir: &Path,
         region_bytes: u64,
-    ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), DbError> {
+    ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), JournalError> {
         Self::open_compacting_at(dir, region_bytes, COMPACT_AT_BYTES)
     }
 
@@ -473,7 +500,7 @@ impl Journal {
         dir: &Path,
         region_bytes: u64,
         compact_at_bytes: u64,
-    ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), DbError> {
+    ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), JournalError> {
         Self::open_with(
             dir,
             region_bytes,
@@ -487,9 +514,12 @@ impl Journal {
         region_bytes: u64,
         compact_at_bytes: u64,
         wrap: WrapFile,
-    ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), DbError> {
+    ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), JournalError> {
         let path = dir.join(FILE_NAME);
-        let journal_error = |e: io::Error| DbError::Journal(format!("{}: {e}", path.display()));
+        let journal_error = |source: io::Error| JournalError::Open {
+            path: path.clone(),
+            source,
+        };
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -561,7 +591,7 @@ impl Journal {
         let thread = std::thread::Builder::new()
             .name("journal".into())
             .spawn(move || writer.run(receiver))
-            .map_err(|e| DbError::Journal(format!("starting the journal thread: {e}")))?;
+            .map_err(JournalError::StartThread)?;
         let journal = Arc::new(Self {
             queue: Mutex::new(Some(sender)),
             thread: Mutex::new(Some(thread)),
@@ -659,11 +689,11 @@ impl Journal {
         queue
             .send(Append { records, done })
             .await
-            .map_err(|_| DbError::Journal("the journal thread has stopped".into()))?;
+            .map_err(|_| JournalError::Stopped)?;
         answer
             .await
-            .map_err(|_| DbError::Journal("the journal thread has stopped".into()))?
-            .map_err(|e| DbError::Journal(format!("appending: {e}")))
+            .map_err(|_| JournalError::Stopped)?
+            .map_err(|e| JournalError::Append(e).into())
     }
 
     pub fn stats(&self) -> JournalStats {
@@ -940,6 +970,87 @@ fn set_aside(dir: &Path, path: &Path) -> io::Result<PathBuf> {
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// A journal on a disk that can be made full, for the tests of what the
+/// journal's callers do while appends fail.
+#[cfg(test)]
+pub(crate) mod full_disk {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// The disk under the journal: while full, an append (a write past the
+    /// committed length) fails with `ENOSPC` and writes nothing, and is
+    /// counted; rewriting the commit block in place, cutting back and
+    /// syncing still work, as on a real full disk. So every refused append
+    /// is undone cleanly and the next one is tried again.
+    #[derive(Default)]
+    pub(crate) struct Disk {
+        full: AtomicBool,
+        refused_appends: AtomicU64,
+    }
+
+    impl Disk {
+        pub(crate) fn fill(&self) {
+            self.full.store(true, Ordering::SeqCst);
+        }
+
+        pub(crate) fn free(&self) {
+            self.full.store(false, Ordering::SeqCst);
+        }
+
+        /// Appends refused since the journal was opened.
+        pub(crate) fn refused_appends(&self) -> u64 {
+            self.refused_appends.load(Ordering::SeqCst)
+        }
+    }
+
+    struct FileOnDisk {
+        file: File,
+        disk: Arc<Disk>,
+    }
+
+    impl JournalFile for FileOnDisk {
+        fn write_all_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
+            if offset != COMMIT_BLOCK_AT && self.disk.full.load(Ordering::SeqCst) {
+                self.disk.refused_appends.fetch_add(1, Ordering::SeqCst);
+                return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            FileExt::write_all_at(&self.file, bytes, offset)
+        }
+
+        fn set_len(&mut self, len_bytes: u64) -> io::Result<()> {
+            self.file.set_len(len_bytes)
+        }
+
+        fn sync_data(&mut self) -> io::Result<()> {
+            self.file.sync_data()
+        }
+    }
+
+    /// Opens (or creates) the journal under `dir` on a [`Disk`] that is not
+    /// full yet.
+    pub(crate) fn open(
+        dir: &Path,
+        region_bytes: u64,
+    ) -> (Arc<Journal>, BTreeMap<u32, DurableVolume>, Arc<Disk>) {
+        let disk = Arc::new(Disk::default());
+        let shared = disk.clone();
+        let (journal, state) = Journal::open_with(
+            dir,
+            region_bytes,
+            COMPACT_AT_BYTES,
+            Box::new(move |file| {
+                Box::new(FileOnDisk {
+                    file,
+                    disk: shared.clone(),
+                })
+            }),
+        )
+        .expect("open the journal");
+        (journal, state, disk)
+    }
 }
 
 #[cfg(test)]

@@ -79,6 +79,45 @@ use crate::ledger_format::{self, Account, Layout, LedgerBlocks, LogRecord, Super
 use crate::lu_status::VirtualLu;
 use crate::manager::SnapshotManager;
 
+/// Why the ledger would not open or would not take a transaction.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The volume is too small for the accounts and a log (or fewer than
+    /// two accounts were asked for). Not retryable; configure less.
+    #[error("{accounts} accounts and a log do not fit on volume {volume} ({block_count} blocks)")]
+    DoesNotFit {
+        accounts: u32,
+        volume: u32,
+        block_count: u64,
+    },
+    /// The volume holds data that is not a ledger: never formatted over.
+    /// Not retryable.
+    #[error(
+        "volume {volume} holds something that is not a valid ledger; refusing to format over it"
+    )]
+    Foreign { volume: u32 },
+    /// After redo the ledger fails its own check (balance, checksums): a
+    /// damaged image. Not retryable; db-server refuses to run on it.
+    #[error(
+        "the ledger on volume {volume} fails its own check after redoing {redone} transactions; \
+         refusing to run on it: {}",
+        violations.join("; ")
+    )]
+    FailsCheck {
+        volume: u32,
+        redone: u64,
+        violations: Vec<String>,
+    },
+    /// An account block failed its checksum at open. Not retryable.
+    #[error("account {account} on volume {volume} has a bad checksum")]
+    BadAccount { volume: u32, account: usize },
+    /// A write of a transaction could not be completed, so the ledger
+    /// stopped taking transactions (the reason says which write). Not
+    /// retryable until db-server is restarted and redoes the log.
+    #[error("the ledger has stopped taking transactions: {why}")]
+    Stopped { why: String },
+}
+
 /// The ledger's settings.
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
@@ -90,6 +129,8 @@ pub struct LedgerConfig {
     pub initial_balance: i64,
     /// Log ring size in blocks (capped to what fits on the volume).
     pub log_blocks: u64,
+    /// Switches that break the ledger on purpose (tests only).
+    #[cfg(any(test, feature = "testing"))]
     pub hooks: LedgerTestHooks,
 }
 
@@ -102,13 +143,28 @@ impl Default for LedgerConfig {
             workers: 8,
             initial_balance: 1_000_000,
             log_blocks: 4096,
+            #[cfg(any(test, feature = "testing"))]
             hooks: LedgerTestHooks::default(),
         }
     }
 }
 
+impl LedgerConfig {
+    /// Whether a transaction's log and account blocks are written side by
+    /// side, with no redo and no check on open: never, unless a test hook
+    /// breaks the ledger on purpose.
+    fn writes_side_by_side(&self) -> bool {
+        #[cfg(any(test, feature = "testing"))]
+        if self.hooks.writes_side_by_side {
+            return true;
+        }
+        false
+    }
+}
+
 /// Switches that break the ledger on purpose, so that the crash tests can
-/// show they catch it. Only tests set them.
+/// show they catch it. Compiled only for tests and the `testing` feature.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LedgerTestHooks {
     /// The order before crash consistency: the log block and both account
@@ -143,7 +199,9 @@ pub struct Ledger {
     gate: Arc<QuiesceGate>,
     volume: u32,
     layout: Layout,
-    hooks: LedgerTestHooks,
+    /// The broken order of a test hook (see `LedgerConfig::hooks`); always
+    /// false in a production build.
+    writes_side_by_side: bool,
     accounts: Vec<Mutex<Account>>,
     /// The last sequence handed out. Once the gate is quiesced every handed
     /// out sequence is committed, so this is the sequence of a snapshot.
@@ -179,8 +237,13 @@ impl Ledger {
         let superblock = ledger_format::decode_superblock(&read(0, 1).await?);
         let (layout, accounts, sequence, redone_at_open) = match superblock {
             Superblock::Ledger(layout) => {
-                let (accounts, sequence, redone) =
-                    Self::recover(&manager, config.volume, &layout, config.hooks).await?;
+                let (accounts, sequence, redone) = Self::recover(
+                    &manager,
+                    config.volume,
+                    &layout,
+                    config.writes_side_by_side(),
+                )
+                .await?;
                 tracing::info!(
                     volume = config.volume,
                     accounts = layout.accounts,
@@ -200,10 +263,12 @@ impl Ledger {
                     log_blocks: config.log_blocks.min(room),
                 };
                 if layout.log_blocks == 0 || config.accounts < 2 {
-                    return Err(DbError::Ledger(format!(
-                        "{} accounts and a log do not fit on volume {} ({} blocks)",
-                        config.accounts, config.volume, pair.block_count
-                    )));
+                    return Err(LedgerError::DoesNotFit {
+                        accounts: config.accounts,
+                        volume: config.volume,
+                        block_count: pair.block_count,
+                    }
+                    .into());
                 }
                 let accounts = Self::format(&manager, config.volume, &layout).await?;
                 tracing::info!(
@@ -214,10 +279,10 @@ impl Ledger {
                 (layout, accounts, 0, 0)
             }
             Superblock::Foreign => {
-                return Err(DbError::Ledger(format!(
-                    "volume {} holds something that is not a valid ledger; refusing to format over it",
-                    config.volume
-                )));
+                return Err(LedgerError::Foreign {
+                    volume: config.volume,
+                }
+                .into());
             }
         };
         Ok(Arc::new(Self {
@@ -225,7 +290,7 @@ impl Ledger {
             gate,
             volume: config.volume,
             layout,
-            hooks: config.hooks,
+            writes_side_by_side: config.writes_side_by_side(),
             accounts: accounts.into_iter().map(Mutex::new).collect(),
             sequence: AtomicU64::new(sequence),
             durable: Watermark::new(sequence),
@@ -285,7 +350,7 @@ impl Ledger {
         manager: &SnapshotManager,
         volume: u32,
         layout: &Layout,
-        hooks: LedgerTestHooks,
+        writes_side_by_side: bool,
     ) -> Result<(Vec<Account>, u64, u64), DbError> {
         let account_bytes = manager
             .read(
@@ -305,7 +370,7 @@ impl Ledger {
             .await?;
         let mut blocks = LedgerBlocks::decode(*layout, &account_bytes, &log_bytes);
         let mut redone = 0;
-        if !hooks.writes_side_by_side {
+        if !writes_side_by_side {
             let redo = blocks.redo();
             let bs = layout.block_size_bytes;
             // Any order will do: the log records stay until these are
@@ -323,11 +388,12 @@ impl Ledger {
             redone = redo.transactions;
             let report = blocks.check(None);
             if !report.ok {
-                return Err(DbError::Ledger(format!(
-                    "the ledger on volume {volume} fails its own check after redoing {redone} \
-                     transactions; refusing to run on it: {}",
-                    report.violations.join("; ")
-                )));
+                return Err(LedgerError::FailsCheck {
+                    volume,
+                    redone,
+                    violations: report.violations,
+                }
+                .into());
             }
         }
         let sequence = blocks.highest_sequence();
@@ -336,11 +402,10 @@ impl Ledger {
             .iter()
             .enumerate()
             .map(|(id, account)| {
-                account.ok_or_else(|| {
-                    DbError::Ledger(format!(
-                        "account {id} on volume {volume} has a bad checksum"
-                    ))
-                })
+                account.ok_or(DbError::Ledger(LedgerError::BadAccount {
+                    volume,
+                    account: id,
+                }))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok((accounts, sequence, redone))
@@ -381,9 +446,7 @@ impl Ledger {
 
     fn refuse_if_stopped(&self) -> Result<(), DbError> {
         match self.stopped.get() {
-            Some(why) => Err(DbError::Ledger(format!(
-                "the ledger has stopped taking transactions: {why}"
-            ))),
+            Some(why) => Err(LedgerError::Stopped { why: why.clone() }.into()),
             None => Ok(()),
         }
     }
@@ -477,7 +540,7 @@ impl Ledger {
             cancel,
         );
         in_flight.stage = Stage::LogSent;
-        if self.hooks.writes_side_by_side {
+        if self.writes_side_by_side {
             let (l, a, b) = tokio::join!(log, from_write, to_write);
             l?;
             a?;

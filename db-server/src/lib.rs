@@ -4,11 +4,18 @@
 //!
 //! - [`update_location_table`]: the Fig. 3 table, ranges that merge and split.
 //! - [`lu_status`]: the Fig. 10 table, modes and routing.
-//! - [`array_port`]: the manager's view of the array (trait + gRPC client).
-//! - [`manager`]: the write path (Fig. 5), acquire/delete, the resync (Fig. 7).
+//! - [`array_port`]: the manager's view of the array (a trait, and
+//!   `GrpcArray` over the shared `ArrayClient`; the in-memory array only
+//!   with the `testing` feature).
+//! - [`manager`]: the write path (Fig. 5), acquire/delete; its submodule
+//!   `manager::resync` the resync (Fig. 7) with its one backoff.
+//! - [`journal`]: what makes the manager's tables survive a crash.
+//! - [`error`]: `DbError`, every refusal and failure, each variant saying
+//!   whether a retry can help.
 //! - [`gate`]: the quiesce gate with its suspend lease.
 //! - [`ledger_format`], [`ledger`]: the toy database and its image verifier.
 //! - [`db`]: the operations that span them (`AcquireSnapshot`).
+//! - [`crash`]: named crash points (armed only with the `testing` feature).
 //! - [`service`]: the thin gRPC adapter (`splitmirror.db.v1`).
 //!
 //! [`spawn`] starts a node on a listener; the binary, the tests and the
@@ -32,6 +39,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use splitmirror_proto::client::{ClientError, ErrorKind};
 use splitmirror_proto::db::v1::db_service_server::{self, DbServiceServer};
 use splitmirror_proto::node::{self, NodeHandle};
 use tokio::net::TcpListener;
@@ -40,6 +48,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::array_port::{ArrayPort, GrpcArray};
 use crate::db::Db;
+use crate::error::DbError;
 use crate::gate::QuiesceGate;
 use crate::ledger::{Ledger, LedgerConfig};
 use crate::manager::{ManagerConfig, SnapshotManager};
@@ -70,19 +79,85 @@ pub struct DbServerConfig {
 /// The journal's default region: intents are rounded out to this.
 pub const DEFAULT_JOURNAL_REGION_BYTES: u64 = 64 << 10;
 
+/// Why a db-server did not start (or stopped before it was ready).
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Reading the listener's address or creating the data directory
+    /// failed. Not retryable as configured.
+    #[error("{doing}: {source}")]
+    Io {
+        doing: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The array's address cannot be parsed. Not retryable.
+    #[error("the array address: {0}")]
+    ArrayAddress(#[source] ClientError),
+    /// The array did not answer within `--array-wait`. Retryable: start
+    /// again once the array is up.
+    #[error("gave up waiting for the array at {target} after {waited}: {last_error}")]
+    ArrayWait {
+        target: String,
+        /// How long start-up waited, e.g. "60s (--array-wait)".
+        waited: String,
+        #[source]
+        last_error: ClientError,
+    },
+    /// The array answered the pair discovery with a failure (not
+    /// unavailability). Not retryable as it is.
+    #[error("discovering mirror pairs: {0}")]
+    DiscoverPairs(#[source] ClientError),
+    /// The array defines no mirror LU: nothing to manage. Not retryable.
+    #[error("the array at {0} defines no mirror LU")]
+    NoMirrorLu(String),
+    /// The journal could not be opened. Not retryable until the disk or the
+    /// data directory is fixed.
+    #[error("opening the journal: {0}")]
+    Journal(#[source] journal::JournalError),
+    /// The snapshot manager could not start (a new pair's state could not
+    /// be journaled). Not retryable until the disk is fixed.
+    #[error("starting the snapshot manager: {0}")]
+    Manager(#[source] DbError),
+    /// The ledger could not be opened (see
+    /// [`LedgerError`](ledger::LedgerError), or an array failure). Not
+    /// retryable as it is.
+    #[error("opening the ledger: {0}")]
+    Ledger(#[source] DbError),
+    /// Asked to stop while waiting for the array.
+    #[error("shut down while waiting for the array at {0}")]
+    ShutDown(String),
+    /// The gRPC server failed (its message comes from the shared node
+    /// code). Not retryable as it is.
+    #[error("{0}")]
+    Serve(String),
+    /// The server task panicked.
+    #[error("db-server ended abnormally: {0}")]
+    Ended(#[source] tokio::task::JoinError),
+    /// The server stopped before it was ready, without saying why.
+    #[error("db-server stopped before it was ready")]
+    StoppedBeforeReady,
+}
+
 /// Serves on `listener` at once, connects to the array (waiting for it up
 /// to `array_wait`), builds the tables, opens the ledger, and answers the
 /// handle once the node is ready (health `SERVING`). Until then the port
 /// answers `NOT_SERVING` and `UNAVAILABLE`; if the array does not come in
 /// time, or anything else fails at start, the node stops serving and the
 /// error is answered.
-pub async fn spawn(config: DbServerConfig, listener: TcpListener) -> Result<NodeHandle, String> {
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("reading the listener's address: {e}"))?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| format!("creating {}: {e}", config.data_dir.display()))?;
-    let array: Arc<dyn ArrayPort> = Arc::new(GrpcArray::new(&config.array_url)?);
+pub async fn spawn(
+    config: DbServerConfig,
+    listener: TcpListener,
+) -> Result<NodeHandle, SpawnError> {
+    let addr = listener.local_addr().map_err(|source| SpawnError::Io {
+        doing: "reading the listener's address".into(),
+        source,
+    })?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| SpawnError::Io {
+        doing: format!("creating {}", config.data_dir.display()),
+        source,
+    })?;
+    let array: Arc<dyn ArrayPort> =
+        Arc::new(GrpcArray::new(&config.array_url).map_err(SpawnError::ArrayAddress)?);
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let service = node::Starting::new(format!(
@@ -93,15 +168,28 @@ pub async fn spawn(config: DbServerConfig, listener: TcpListener) -> Result<Node
     // The manager, once started, so that shutdown closes its journal.
     let started_manager: Arc<OnceLock<Arc<SnapshotManager>>> = Arc::default();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    let start = start(
-        config,
-        addr,
-        array,
-        service,
-        cancel.clone(),
-        tasks.clone(),
-        started_manager.clone(),
-    );
+    // The node code passes a failed start on as text; the typed error waits
+    // here for `spawn` to answer it.
+    let start_error: Arc<std::sync::Mutex<Option<SpawnError>>> = Arc::default();
+    let start = {
+        let start = start(
+            config,
+            addr,
+            array,
+            service,
+            cancel.clone(),
+            tasks.clone(),
+            started_manager.clone(),
+        );
+        let start_error = start_error.clone();
+        async move {
+            start.await.map_err(|error| {
+                let text = error.to_string();
+                *start_error.lock().expect("start error poisoned") = Some(error);
+                text
+            })
+        }
+    };
     let serve_cancel = cancel.clone();
     let handle_cancel = cancel.clone();
     let task = tokio::spawn(async move {
@@ -124,20 +212,27 @@ pub async fn spawn(config: DbServerConfig, listener: TcpListener) -> Result<Node
         }
         served
     });
+    let typed = |text: String| {
+        start_error
+            .lock()
+            .expect("start error poisoned")
+            .take()
+            .unwrap_or(SpawnError::Serve(text))
+    };
     match started_rx.await {
         Ok(Ok(())) => {
             tracing::info!(%addr, "db-server listening on {addr}");
             Ok(NodeHandle::new(addr, handle_cancel, task))
         }
-        Ok(Err(e)) => {
+        Ok(Err(text)) => {
             // The node stops serving by itself; wait until it has.
             let _ = task.await;
-            Err(e)
+            Err(typed(text))
         }
         Err(_) => match task.await {
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(())) => Err("db-server stopped before it was ready".into()),
-            Err(join_error) => Err(format!("db-server ended abnormally: {join_error}")),
+            Ok(Err(text)) => Err(typed(text)),
+            Ok(Ok(())) => Err(SpawnError::StoppedBeforeReady),
+            Err(join_error) => Err(SpawnError::Ended(join_error)),
         },
     }
 }
@@ -153,20 +248,14 @@ async fn start(
     cancel: CancellationToken,
     tasks: TaskTracker,
     started_manager: Arc<OnceLock<Arc<SnapshotManager>>>,
-) -> Result<(), String> {
+) -> Result<(), SpawnError> {
     let pairs = tokio::select! {
         pairs = wait_for_pairs(array.as_ref(), &config.array_url, addr, config.array_wait) => pairs?,
-        () = cancel.cancelled() => {
-            return Err(format!(
-                "shut down while waiting for the array at {}",
-                config.array_url
-            ));
-        }
+        () = cancel.cancelled() => return Err(SpawnError::ShutDown(config.array_url.clone())),
     };
     let journal = match config.journal_region_bytes {
         Some(region_bytes) => Some(
-            journal::Journal::open(&config.data_dir, region_bytes)
-                .map_err(|e| format!("opening the journal: {e}"))?,
+            journal::Journal::open(&config.data_dir, region_bytes).map_err(SpawnError::Journal)?,
         ),
         None => None,
     };
@@ -179,7 +268,7 @@ async fn start(
         tasks.clone(),
     )
     .await
-    .map_err(|e| format!("starting the snapshot manager: {e}"))?;
+    .map_err(SpawnError::Manager)?;
     let _ = started_manager.set(manager.clone());
     let gate = Arc::new(QuiesceGate::with_max_lease(
         tasks.clone(),
@@ -189,7 +278,7 @@ async fn start(
         Some(ledger_config) => {
             let ledger = Ledger::open(manager.clone(), gate.clone(), ledger_config)
                 .await
-                .map_err(|e| format!("opening the ledger: {e}"))?;
+                .map_err(SpawnError::Ledger)?;
             ledger.start_workload(ledger_config, cancel.clone(), &tasks);
             Some(ledger)
         }
@@ -211,7 +300,7 @@ async fn wait_for_pairs(
     url: &str,
     addr: std::net::SocketAddr,
     wait: Option<Duration>,
-) -> Result<Vec<array_port::PairInfo>, String> {
+) -> Result<Vec<array_port::PairInfo>, SpawnError> {
     let deadline = wait.map(|wait| tokio::time::Instant::now() + wait);
     let waited = || match wait {
         Some(wait) => format!("{wait:?} (--array-wait)"),
@@ -224,31 +313,33 @@ async fn wait_for_pairs(
             Some(deadline) => tokio::time::timeout_at(deadline, array.list_pairs())
                 .await
                 .unwrap_or_else(|_| {
-                    Err(array_port::PortError {
-                        unavailable: true,
-                        message: format!("no answer from the array at {url}"),
-                    })
+                    Err(ClientError::local(
+                        ErrorKind::DeadlineExceeded,
+                        "array",
+                        url,
+                        "listing mirror pairs",
+                        "no answer before the wait ran out",
+                    ))
                 }),
             None => array.list_pairs().await,
         };
         match attempt {
-            Ok(pairs) if pairs.is_empty() => {
-                return Err(format!("the array at {url} defines no mirror LU"));
-            }
+            Ok(pairs) if pairs.is_empty() => return Err(SpawnError::NoMirrorLu(url.to_string())),
             Ok(pairs) => {
                 if logged {
                     tracing::info!("the array at {url} answers; starting");
                 }
                 return Ok(pairs);
             }
-            Err(e) if e.unavailable => {
+            Err(e) if e.is_transient() => {
                 if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                    let reason = format!(
-                        "gave up waiting for the array at {url} after {}: {e}",
-                        waited()
-                    );
-                    tracing::error!("{reason}");
-                    return Err(reason);
+                    let error = SpawnError::ArrayWait {
+                        target: url.to_string(),
+                        waited: waited(),
+                        last_error: e,
+                    };
+                    tracing::error!("{error}");
+                    return Err(error);
                 }
                 if !logged {
                     tracing::warn!(
@@ -259,7 +350,7 @@ async fn wait_for_pairs(
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(format!("discovering mirror pairs: {e}")),
+            Err(e) => return Err(SpawnError::DiscoverPairs(e)),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use db_server::ledger::LedgerConfig;
-use db_server::manager::{ManagerConfig, ManagerTestHooks, ResyncMethod};
+use db_server::manager::{ManagerConfig, ResyncMethod};
 use db_server::{DbServerConfig, ledger_format};
 use splitmirror_proto::node;
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
@@ -82,6 +82,19 @@ struct ServeArgs {
     /// Only for measuring what the journal costs.
     #[arg(long)]
     no_journal: bool,
+    /// Switches that break db-server on purpose (only in a build with the
+    /// `testing` feature).
+    #[cfg(feature = "testing")]
+    #[command(flatten)]
+    unsafe_test: UnsafeTestArgs,
+}
+
+/// Flags that break db-server on purpose, so that the crash tests and the
+/// nemesis can show they catch what they look for. Hidden from `--help`,
+/// and absent from a production build (no `testing` feature).
+#[cfg(feature = "testing")]
+#[derive(Args)]
+struct UnsafeTestArgs {
     /// Breaks durability on purpose (journal the write intent after the
     /// array write), so that the crash tests can show they catch it.
     #[arg(long, hide = true)]
@@ -99,6 +112,23 @@ struct ServeArgs {
     /// the ledger crash test can show it catches it.
     #[arg(long, hide = true)]
     unsafe_test_ledger_writes_side_by_side: bool,
+}
+
+#[cfg(feature = "testing")]
+impl UnsafeTestArgs {
+    /// The hooks these flags set in the manager and the ledger.
+    fn apply(&self, manager: &mut ManagerConfig, ledger: Option<&mut LedgerConfig>) {
+        manager.hooks = db_server::manager::ManagerTestHooks {
+            journal_intent_after_write: self.unsafe_test_intent_after_write,
+            forget_snapshot_writes: self.unsafe_test_forget_snapshot_writes,
+            resync_skips_recheck: self.unsafe_test_resync_skips_recheck,
+        };
+        if let Some(ledger) = ledger {
+            ledger.hooks = db_server::ledger::LedgerTestHooks {
+                writes_side_by_side: self.unsafe_test_ledger_writes_side_by_side,
+            };
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -145,29 +175,27 @@ async fn run() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     node::init_tracing();
+    #[cfg_attr(not(feature = "testing"), expect(unused_mut))]
+    let mut manager = ManagerConfig {
+        resync_method: args.resync,
+        resync_max_bytes_per_s: args.resync_max_rate,
+        ..ManagerConfig::default()
+    };
+    #[cfg_attr(not(feature = "testing"), expect(unused_mut))]
+    let mut ledger = (!args.no_ledger).then(|| LedgerConfig {
+        volume: args.ledger_volume,
+        accounts: args.accounts,
+        target_tps: args.workload_tps,
+        workers: args.workload_workers,
+        ..LedgerConfig::default()
+    });
+    #[cfg(feature = "testing")]
+    args.unsafe_test.apply(&mut manager, ledger.as_mut());
     let config = DbServerConfig {
         array_url: args.array,
         data_dir: args.data_dir,
-        manager: ManagerConfig {
-            resync_method: args.resync,
-            resync_max_bytes_per_s: args.resync_max_rate,
-            hooks: ManagerTestHooks {
-                journal_intent_after_write: args.unsafe_test_intent_after_write,
-                forget_snapshot_writes: args.unsafe_test_forget_snapshot_writes,
-                resync_skips_recheck: args.unsafe_test_resync_skips_recheck,
-            },
-            ..ManagerConfig::default()
-        },
-        ledger: (!args.no_ledger).then(|| LedgerConfig {
-            volume: args.ledger_volume,
-            accounts: args.accounts,
-            target_tps: args.workload_tps,
-            workers: args.workload_workers,
-            hooks: db_server::ledger::LedgerTestHooks {
-                writes_side_by_side: args.unsafe_test_ledger_writes_side_by_side,
-            },
-            ..LedgerConfig::default()
-        }),
+        manager,
+        ledger,
         journal_region_bytes: (!args.no_journal).then_some(args.journal_region),
         array_wait: (!args.array_wait.is_zero()).then_some(args.array_wait),
         max_suspend_lease: args.max_suspend_lease,
@@ -175,7 +203,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = node::bind(&args.listen).await.map_err(anyhow::Error::msg)?;
     let handle = db_server::spawn(config, listener)
         .await
-        .map_err(anyhow::Error::msg)?;
+        .context("starting db-server")?;
     node::serve_until_signal(handle, "db-server")
         .await
         .map_err(anyhow::Error::msg)?;

@@ -1,6 +1,8 @@
 //! The snapshot management program (1517): per mirror pair, the LU status
 //! table (Fig. 10) and the update location table (Fig. 3), the write path of
-//! Fig. 5, and the background resync of Fig. 7.
+//! Fig. 5, acquire and delete. The background resync of Fig. 7 is in
+//! the submodule `resync` (`manager/resync.rs`), which works on the same
+//! volumes.
 //!
 //! Three locks, each for one reason:
 //! - `Volume::mode_gate` (async RwLock): a write holds it shared from the
@@ -32,31 +34,13 @@ use crate::journal::{DurableVolume, Journal};
 use crate::lu_status::{Mode, PairState, Routing, VirtualLu, new_snapshot_id};
 use crate::update_location_table::UpdateLocationTable;
 
-/// How the resync copies a recorded range from origin to mate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ResyncMethod {
-    /// Read the range from the origin LU, write it to the mirror LU
-    /// (claim 3): the data crosses the network twice.
-    WriteBack,
-    /// `CopyRange` origin → mate inside the array (claim 4).
-    #[default]
-    Offload,
-}
-
-impl std::str::FromStr for ResyncMethod {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        match text {
-            "writeback" | "write-back" => Ok(Self::WriteBack),
-            "offload" => Ok(Self::Offload),
-            other => Err(format!(
-                "unknown resync method {other:?} (writeback or offload)"
-            )),
-        }
-    }
-}
+mod resync;
+pub use resync::{ResyncMethod, ResyncProgress, UnknownResyncMethod};
 
 /// Behaviour switches for tests that must show their checker can fail.
+/// Compiled only for tests and the `testing` feature: a production build
+/// cannot be broken this way.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ManagerTestHooks {
     /// The resync copies the range it picked without taking the range lock
@@ -83,6 +67,8 @@ pub struct ManagerConfig {
     /// sent twice, to origin and mate (the prior art of [0006]/[0009]).
     /// Only for the benchmark that measures what array mirroring saves.
     pub host_mirroring: bool,
+    /// Switches that break the manager on purpose (tests only).
+    #[cfg(any(test, feature = "testing"))]
     pub hooks: ManagerTestHooks,
 }
 
@@ -93,22 +79,42 @@ impl Default for ManagerConfig {
             resync_chunk_bytes: 1 << 20,
             resync_max_bytes_per_s: None,
             host_mirroring: false,
+            #[cfg(any(test, feature = "testing"))]
             hooks: ManagerTestHooks::default(),
         }
     }
 }
 
-/// Recorded ranges one resync step copies side by side.
-const RESYNC_RANGES_IN_FLIGHT: usize = 8;
+impl ManagerConfig {
+    /// Whether a write in Snapshot mode is recorded in the update location
+    /// table: always, unless a test hook breaks it.
+    fn records_snapshot_writes(&self) -> bool {
+        #[cfg(any(test, feature = "testing"))]
+        if self.hooks.forget_snapshot_writes {
+            return false;
+        }
+        true
+    }
 
-/// Resync progress of one volume since the snapshot was deleted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ResyncProgress {
-    pub running: bool,
-    pub ranges_done: u64,
-    pub bytes_done: u64,
-    pub ranges_total: u64,
-    pub bytes_total: u64,
+    /// Whether a write's intent is journaled before the array write
+    /// (durability rule 1): always, unless a test hook breaks it.
+    fn journals_intent_first(&self) -> bool {
+        #[cfg(any(test, feature = "testing"))]
+        if self.hooks.journal_intent_after_write {
+            return false;
+        }
+        true
+    }
+
+    /// Whether the resync copies without the range lock and the re-check:
+    /// never, unless a test hook breaks it.
+    fn resync_skips_recheck(&self) -> bool {
+        #[cfg(any(test, feature = "testing"))]
+        if self.hooks.resync_skips_recheck {
+            return true;
+        }
+        false
+    }
 }
 
 /// Everything `Status` reports about one volume.
@@ -125,12 +131,15 @@ pub struct VolumeStatus {
 }
 
 /// The snapshot a volume holds: who acquired it, the ledger sequence at
-/// the split, and the id of that acquire (never repeated).
+/// the split, the id of that acquire (never repeated), and the pair whose
+/// mate LU is the frozen image (its LU number and size), so that no caller
+/// reads the pair again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldSnapshot {
     pub holder: String,
     pub ledger_sequence: u64,
     pub snapshot_id: u64,
+    pub pair: PairInfo,
 }
 
 /// What an acquire did: split the pair now, or found it held by the same
@@ -453,7 +462,7 @@ impl SnapshotManager {
         let (lu, mode) = {
             let mut inner = vol.inner();
             let routing = inner.state.routing(&vol.pair);
-            let record = !self.config.hooks.forget_snapshot_writes;
+            let record = self.config.records_snapshot_writes();
             match (target, &inner.state) {
                 (VirtualLu::Data, PairState::Snapshot { .. }) => {
                     if record {
@@ -475,7 +484,7 @@ impl SnapshotManager {
         // Durability rule 1: the range is durable before the write that
         // dirties it reaches the array.
         let dirties = mode == Mode::Snapshot;
-        let intent_first = !self.config.hooks.journal_intent_after_write;
+        let intent_first = self.config.journals_intent_first();
         if dirties && intent_first {
             self.journal_intent(&vol.pair, range.clone()).await?;
             crash::point("write.after_intent");
@@ -506,7 +515,7 @@ impl SnapshotManager {
         &self,
         vol: &Volume,
         range: Range<u64>,
-        error: &crate::array_port::PortError,
+        error: &crate::array_port::ClientError,
     ) {
         let was_synchronized = {
             let mut inner = vol.inner();
@@ -544,24 +553,11 @@ impl SnapshotManager {
 
     /// Splits the pair (Synchronized → Snapshot): from now on writes go to
     /// the origin alone and the mate LU is the frozen image, taken at
-    /// `ledger_sequence`. Answers `true` when `run_id` already held the
-    /// snapshot (a retry).
+    /// `ledger_sequence`. Answers the snapshot held afterwards — the new one
+    /// with its new id, or, when `run_id` already held it (a retry), that
+    /// one — read under the mode gate so that no delete and re-acquire can
+    /// slip in between.
     pub async fn acquire(
-        &self,
-        volume: u32,
-        run_id: &str,
-        ledger_sequence: u64,
-    ) -> Result<bool, DbError> {
-        Ok(self
-            .acquire_snapshot(volume, run_id, ledger_sequence)
-            .await?
-            .already_held)
-    }
-
-    /// [`Self::acquire`], answering also the snapshot held afterwards (a
-    /// retry's, or the new one with its new id), read under the mode gate
-    /// so that no delete and re-acquire can slip in between.
-    pub async fn acquire_snapshot(
         &self,
         volume: u32,
         run_id: &str,
@@ -586,6 +582,7 @@ impl SnapshotManager {
                             holder: holder.clone(),
                             ledger_sequence: *ledger_sequence,
                             snapshot_id: *snapshot_id,
+                            pair: vol.pair,
                         },
                     });
                 }
@@ -622,6 +619,7 @@ impl SnapshotManager {
                 holder: run_id.to_string(),
                 ledger_sequence,
                 snapshot_id,
+                pair: vol.pair,
             },
         })
     }
@@ -694,10 +692,10 @@ impl SnapshotManager {
         Ok(outcome)
     }
 
-    /// The holder of the volume's snapshot and the ledger sequence it was
-    /// taken at, if one is acquired.
+    /// The snapshot the volume holds, if one is acquired.
     pub fn snapshot_of(&self, volume: u32) -> Result<Option<HeldSnapshot>, DbError> {
-        Ok(match &self.volume(volume)?.inner().state {
+        let vol = self.volume(volume)?;
+        Ok(match &vol.inner().state {
             PairState::Snapshot {
                 holder,
                 ledger_sequence,
@@ -706,6 +704,7 @@ impl SnapshotManager {
                 holder: holder.clone(),
                 ledger_sequence: *ledger_sequence,
                 snapshot_id: *snapshot_id,
+                pair: vol.pair,
             }),
             _ => None,
         })
@@ -749,253 +748,10 @@ impl SnapshotManager {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(DbError::QuiesceTimeout(format!(
-                    "volume {volume} not synchronized after {timeout:?}"
-                )));
+                return Err(DbError::NotSynchronized { volume, timeout });
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-
-    /// One task per volume: sleeps until woken, copies while the pair is
-    /// Resynchronizing, ends on shutdown.
-    async fn resync_loop(self: Arc<Self>, vol: Arc<Volume>) {
-        loop {
-            let woken = vol.resync_wakeup.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            if vol.inner().state == PairState::Resynchronizing {
-                self.resync_pass(&vol).await;
-            }
-            tokio::select! {
-                () = &mut woken => {}
-                () = self.cancel.cancelled() => return,
-            }
-        }
-    }
-
-    /// Copies recorded ranges until the table is empty, then marks the pair
-    /// Synchronized. Array failures are retried with backoff.
-    async fn resync_pass(&self, vol: &Volume) {
-        let block_size_bytes = u64::from(vol.pair.block_size_bytes);
-        let chunk_blocks = (self.config.resync_chunk_bytes / block_size_bytes).max(1);
-        let mut backoff = Duration::from_millis(50);
-        vol.inner().resync.running = true;
-        loop {
-            if self.cancel.is_cancelled() {
-                return;
-            }
-            let batch = vol
-                .inner()
-                .table
-                .first_ranges(chunk_blocks, RESYNC_RANGES_IN_FLIGHT);
-            if vol.inner().full_resync_pending {
-                match self.compare_whole_volume(vol).await {
-                    Ok(()) => {
-                        vol.inner().full_resync_pending = false;
-                        continue;
-                    }
-                    Err(error) => {
-                        tracing::warn!(
-                            volume = vol.volume(),
-                            "whole-volume resync failed, retrying in {backoff:?}: {error}"
-                        );
-                        tokio::select! {
-                            () = tokio::time::sleep(backoff) => {}
-                            () = self.cancel.cancelled() => return,
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                        continue;
-                    }
-                }
-            }
-            if batch.is_empty() {
-                // Nothing recorded: the pair is synchronized once no write is
-                // in flight (a failing one could still record a range).
-                let _mode = vol.mode_gate.write().await;
-                let finished = {
-                    let inner = vol.inner();
-                    inner.table.is_empty() && inner.state == PairState::Resynchronizing
-                };
-                if finished
-                    && let Err(error) = self
-                        .journal_state(&vol.pair, &PairState::Synchronized)
-                        .await
-                {
-                    // A full or broken journal fails at once: wait before
-                    // trying again rather than spin on it.
-                    tracing::warn!(
-                        volume = vol.volume(),
-                        "journaling Synchronized failed, retrying in {backoff:?}: {error}"
-                    );
-                    drop(_mode);
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = self.cancel.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-                let mut inner = vol.inner();
-                if inner.table.is_empty() {
-                    if inner.state == PairState::Resynchronizing {
-                        inner.state = PairState::Synchronized;
-
-                        inner.full_resync_reason = None;
-                        tracing::info!(
-                            volume = vol.volume(),
-                            ranges = inner.resync.ranges_done,
-                            bytes = inner.resync.bytes_done,
-                            "resync complete, pair synchronized"
-                        );
-                    }
-                    inner.resync.running = false;
-                    return;
-                }
-                continue;
-            }
-            let copied = if self.config.hooks.resync_skips_recheck {
-                // The broken variant: no lock, no re-check.
-                let mut result = Ok(());
-                for range in batch {
-                    result = self.copy(vol, range.clone()).await;
-                    if result.is_err() {
-                        break;
-                    }
-                    self.record_copied(vol, range);
-                }
-                result
-            } else {
-                // Disjoint ranges, each under its own lock: copied side by
-                // side, so that many small ranges do not wait on one
-                // round trip each.
-                let copies = batch
-                    .into_iter()
-                    .map(|range| self.copy_recorded(vol, range));
-                futures_util::future::join_all(copies)
-                    .await
-                    .into_iter()
-                    .collect::<Result<Vec<()>, DbError>>()
-                    .map(drop)
-            };
-            match copied {
-                Ok(()) => {
-                    backoff = Duration::from_millis(50);
-                }
-                Err(error) => {
-                    tracing::warn!(
-                        volume = vol.volume(),
-                        "resync copy failed, retrying in {backoff:?}: {error}"
-                    );
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = self.cancel.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-    }
-
-    /// Holds `range` against writes, re-checks what in it is still
-    /// recorded (a write may have copied and removed part of it since it was
-    /// picked), copies that, and removes it before letting writes in again.
-    async fn copy_recorded(&self, vol: &Volume, range: Range<u64>) -> Result<(), DbError> {
-        let _blocks = vol.blocks.lock(range.clone(), LockMode::Exclusive).await;
-        let recorded = vol.inner().table.recorded_within(range);
-        for sub in recorded {
-            self.copy(vol, sub.clone()).await?;
-            crash::point("resync.after_copy");
-            self.record_copied(vol, sub);
-            crash::point("resync.after_remove");
-        }
-        Ok(())
-    }
-
-    /// The whole-volume resync. Digests of origin and mate are asked for
-    /// in batches (the array hashes holes without reading them); a chunk
-    /// whose digests differ is locked against writes, compared again, and
-    /// copied if it still differs. A chunk that compared equal needs no lock:
-    /// writes in Resynchronizing mode go to the mirror LU (both sides), and a
-    /// write caught half-done shows as a difference and is re-checked.
-    async fn compare_whole_volume(&self, vol: &Volume) -> Result<(), DbError> {
-        /// Chunks asked for in one `ChecksumRange` call per side.
-        const BATCH_CHUNKS: u64 = 256;
-        let pair = vol.pair;
-        let block_size_bytes = u64::from(pair.block_size_bytes);
-        let chunk_blocks = (self.config.resync_chunk_bytes / block_size_bytes).max(1);
-        {
-            let mut inner = vol.inner();
-            inner.resync.running = true;
-            inner.resync.bytes_total = inner.resync.bytes_done
-                + (pair.block_count + inner.table.block_count()) * block_size_bytes;
-        }
-        let mut copied_chunks = 0u64;
-        let mut lba = 0;
-        while lba < pair.block_count {
-            if self.cancel.is_cancelled() {
-                return Err(DbError::ShuttingDown);
-            }
-            let n = (chunk_blocks * BATCH_CHUNKS).min(pair.block_count - lba);
-            let (origin, mate) = tokio::join!(
-                self.array.checksums(pair.origin_lu, lba, n, chunk_blocks),
-                self.array.checksums(pair.mate_lu, lba, n, chunk_blocks)
-            );
-            let (origin, mate) = (origin?, mate?);
-            for (index, (o, m)) in origin.iter().zip(&mate).enumerate() {
-                if o == m {
-                    continue;
-                }
-                let start = lba + index as u64 * chunk_blocks;
-                let blocks = chunk_blocks.min(pair.block_count - start);
-                let _blocks = vol
-                    .blocks
-                    .lock(start..start + blocks, LockMode::Exclusive)
-                    .await;
-                let (o, m) = tokio::join!(
-                    self.array.checksums(pair.origin_lu, start, blocks, blocks),
-                    self.array.checksums(pair.mate_lu, start, blocks, blocks)
-                );
-                if o? != m? {
-                    self.copy(vol, start..start + blocks).await?;
-                    copied_chunks += 1;
-                }
-            }
-            vol.inner().resync.bytes_done += n * block_size_bytes;
-            lba += n;
-        }
-        let new_pair = std::mem::take(&mut vol.inner().full_resync_new_pair);
-        if new_pair && copied_chunks > 0 {
-            // A new pair on a fresh array compares equal; one that differs
-            // was written before, so a journal that knew it was lost (or
-            // the array was written past db-server), and a snapshot held
-            // then is gone.
-            tracing::warn!(
-                volume = vol.volume(),
-                copied_chunks,
-                "origin and mate of a pair the journal had no record of differed in \
-                 {copied_chunks} chunks (a lost or deleted journal, or writes past db-server): \
-                 copied the origin over the mate"
-            );
-        } else {
-            tracing::info!(
-                volume = vol.volume(),
-                copied_chunks,
-                "whole-volume resync compared every chunk"
-            );
-        }
-        Ok(())
-    }
-
-    fn record_copied(&self, vol: &Volume, blocks: Range<u64>) {
-        let bytes = (blocks.end - blocks.start) * u64::from(vol.pair.block_size_bytes);
-        let mut inner = vol.inner();
-        inner.table.remove(blocks);
-        inner.resync.ranges_done += 1;
-        inner.resync.bytes_done += bytes;
-        let remaining_bytes = inner.table.block_count() * u64::from(vol.pair.block_size_bytes);
-        inner.resync.bytes_total = inner.resync.bytes_done + remaining_bytes;
-        inner.resync.ranges_total = inner.resync.ranges_done + inner.table.range_count() as u64;
     }
 
     /// Writes one LU; with host mirroring, a write to the mirror LU goes to
@@ -1006,7 +762,7 @@ impl SnapshotManager {
         lu: u32,
         lba: u64,
         data: Vec<u8>,
-    ) -> Result<(), crate::array_port::PortError> {
+    ) -> Result<(), crate::array_port::ClientError> {
         if self.config.host_mirroring && lu == pair.mirror_lu {
             let (origin, mate) = tokio::join!(
                 self.array.write(pair.origin_lu, lba, data.clone()),
@@ -1015,27 +771,6 @@ impl SnapshotManager {
             return origin.and(mate);
         }
         self.array.write(lu, lba, data).await
-    }
-
-    async fn copy(&self, vol: &Volume, blocks: Range<u64>) -> Result<(), DbError> {
-        let pair = vol.pair;
-        let count = blocks.end - blocks.start;
-        if let Some(pace) = &self.resync_pace {
-            pace.take(count * u64::from(pair.block_size_bytes)).await;
-        }
-        match self.config.resync_method {
-            ResyncMethod::Offload => {
-                self.array
-                    .copy_range(pair.origin_lu, pair.mate_lu, blocks.start, count)
-                    .await?
-            }
-            ResyncMethod::WriteBack => {
-                let data = self.array.read(pair.origin_lu, blocks.start, count).await?;
-                self.write_lu(&pair, pair.mirror_lu, blocks.start, data)
-                    .await?
-            }
-        }
-        Ok(())
     }
 }
 
@@ -1130,7 +865,11 @@ mod tests {
             Err(DbError::WrongMode { .. })
         ));
         assert!(
-            manager.acquire(0, "run-a", 0).await.expect("retry"),
+            manager
+                .acquire(0, "run-a", 0)
+                .await
+                .expect("retry")
+                .already_held,
             "same run: already held"
         );
         assert!(matches!(

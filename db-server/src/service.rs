@@ -57,10 +57,15 @@ impl From<DbError> for Status {
                 Status::failed_precondition(message),
                 Some(Reason::SnapshotHeld),
             ),
-            DbError::QuiesceTimeout(_) => {
+            DbError::QuiesceTimeout { .. } => {
                 (Status::unavailable(message), Some(Reason::QuiesceTimeout))
             }
-            DbError::Array(ref port) if port.unavailable => {
+            DbError::NotSynchronized { .. } => {
+                (Status::unavailable(message), Some(Reason::Resynchronizing))
+            }
+            // The array refused or failed a call db-server made: never the
+            // caller's fault, whatever code the array answered.
+            DbError::Array(ref array) if array.is_transient() => {
                 (Status::unavailable(message), Some(Reason::ArrayUnavailable))
             }
             DbError::Array(_) => (Status::internal(message), Some(Reason::ArrayFailed)),
@@ -359,7 +364,6 @@ impl DbService for DbGrpc {
         request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
         let volume = request.into_inner().volume;
-        let pair = self.db.manager.pair(volume)?;
         // No snapshot: the snapshot virtual LU is Undefined, which callers
         // already know as FAILED_PRECONDITION.
         let held = self
@@ -373,10 +377,10 @@ impl DbService for DbGrpc {
         Ok(Response::new(pb::GetSnapshotResponse {
             volume,
             holder_run_id: held.holder,
-            mate_lu: pair.mate_lu,
+            mate_lu: held.pair.mate_lu,
             ledger_sequence: held.ledger_sequence,
-            block_size_bytes: pair.block_size_bytes,
-            block_count: pair.block_count,
+            block_size_bytes: held.pair.block_size_bytes,
+            block_count: held.pair.block_count,
             snapshot_id: held.snapshot_id,
         }))
     }
@@ -406,6 +410,42 @@ mod tests {
     }
 
     #[test]
+    fn an_array_fault_is_unavailable_or_internal_never_the_callers_fault() {
+        use splitmirror_proto::client::{ClientError, ErrorKind};
+        use splitmirror_proto::reason::reason;
+        let array_error = |kind| {
+            Status::from(DbError::Array(ClientError::local(
+                kind,
+                "array",
+                "x:1",
+                "writing LU 1 at LBA 0",
+                "anything",
+            )))
+        };
+        for kind in [
+            ErrorKind::Unavailable,
+            ErrorKind::DeadlineExceeded,
+            ErrorKind::Broken,
+        ] {
+            let status = array_error(kind);
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{kind}");
+            assert_eq!(reason(&status), Some(Reason::ArrayUnavailable));
+        }
+        // The array refusing db-server's own request is db-server's
+        // problem, not a malformed request of the caller's.
+        for kind in [
+            ErrorKind::InvalidArgument,
+            ErrorKind::OutOfRange,
+            ErrorKind::NotFound,
+            ErrorKind::Internal,
+        ] {
+            let status = array_error(kind);
+            assert_eq!(status.code(), tonic::Code::Internal, "{kind}");
+            assert_eq!(reason(&status), Some(Reason::ArrayFailed));
+        }
+    }
+
+    #[test]
     fn a_refusal_says_its_reason_in_metadata_whatever_the_mode() {
         use splitmirror_proto::reason::reason;
         let refusal = |mode| {
@@ -429,8 +469,9 @@ mod tests {
             requester: "b".into(),
         });
         assert_eq!(reason(&held), Some(Reason::SnapshotHeld));
+        let disk_full = crate::journal::JournalError::Append(std::io::Error::from_raw_os_error(28));
         assert_eq!(
-            reason(&Status::from(DbError::Journal("disk full".into()))),
+            reason(&Status::from(DbError::Journal(disk_full))),
             Some(Reason::JournalBroken)
         );
         assert_eq!(
