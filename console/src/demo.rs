@@ -122,6 +122,7 @@ async fn run_cycles(
     crate::run::wait_synchronized(clients, 0, progress)
         .await
         .context("waiting for volume 0 to be Synchronized")?;
+    progress.finish();
     cluster
         .wait_for_transactions(100, Duration::from_secs(30))
         .await?;

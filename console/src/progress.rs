@@ -48,8 +48,10 @@ struct Bars {
 }
 
 impl Bars {
+    /// The bar fills the terminal's width; the figures after it are one
+    /// message, so that they always agree with each other.
     fn style() -> ProgressStyle {
-        ProgressStyle::with_template("{prefix:>7} [{bar:32}] {percent:>3}% {msg}")
+        ProgressStyle::with_template("{prefix:>7} [{wide_bar}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ")
     }
@@ -69,10 +71,17 @@ impl Bars {
                 bar
             }
         };
-        bar.set_length(total);
+        let percent = if total == 0 {
+            100.0
+        } else {
+            done.min(total) as f64 * 100.0 / total as f64
+        };
+        if bar.length() != Some(total) {
+            bar.set_length(total);
+        }
         bar.set_position(done.min(total));
         bar.set_message(format!(
-            "{} of {}{extra}",
+            "{percent:>3.0}% {} of {}{extra}",
             format_bytes(done),
             format_bytes(total)
         ));

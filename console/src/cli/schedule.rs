@@ -48,6 +48,7 @@ pub async fn schedule(clients: &Clients, schedule: &Schedule) -> anyhow::Result<
     wait_synchronized(clients, schedule.volume, sink.as_ref())
         .await
         .with_context(|| format!("waiting for volume {} to be Synchronized", schedule.volume))?;
+    sink.finish();
     let mut failures = 0u32;
     let mut done = 0u32;
     loop {
