@@ -172,26 +172,29 @@ pub fn small_512_pair(block_count: u64) -> ArrayConfig {
 }
 
 /// Path of one of the workspace's binaries, built with the same profile as
-/// this test binary (building it first if it is missing).
+/// this test binary. The first call in a test process runs `cargo build
+/// --workspace --bins` (nothing to do when they are up to date): built with
+/// the whole workspace, the nodes get the `testing` features this package
+/// turns on, which the canaries' `--unsafe-test-*` flags need — a binary
+/// left by a root `cargo build` has none.
 pub fn binary(name: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>");
-    let path = profile_dir.join(name);
-    if !path.exists() {
-        let release = profile_dir.ends_with("release");
+    BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = std::process::Command::new(cargo);
-        build.args(["build", "--bin", name]);
-        if release {
+        build.args(["build", "--workspace", "--bins"]);
+        if profile_dir.ends_with("release") {
             build.arg("--release");
         }
         let status = build.status().expect("run cargo build");
-        assert!(status.success(), "building {name} failed");
-    }
-    path
+        assert!(status.success(), "building the workspace's binaries failed");
+    });
+    profile_dir.join(name)
 }
 
 /// A node running as its own process, so that a test can `kill -9` it.
