@@ -139,12 +139,8 @@ enum Command {
         interval: Duration,
     },
     /// Measures speed, next to the peer a user would pick where one exists.
-    /// Each scenario starts its own nodes on loopback. Scenarios: array
-    /// (Read/Write vs qemu-nbd), backup (vs qemu-img convert), freeze
-    /// (freeze window), modes (ledger tps per mode, array vs host
-    /// mirroring), resync (time and bytes per dirty size), journal (its
-    /// cost), timeline (tps during one run, --plot), run (orchestration
-    /// overhead).
+    /// Each scenario starts its own nodes on loopback (see `console bench
+    /// --help` for the scenarios).
     ///
     /// Example: console bench freeze --size 256MiB --json freeze.json --plot freeze.svg
     #[cfg(feature = "embedded")]
