@@ -7,18 +7,58 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde::Serialize;
-use splitmirror_proto::array::v1 as apb;
 use splitmirror_proto::backup::v1 as bpb;
+use splitmirror_proto::client::{ClientError, retry};
 use splitmirror_proto::db::v1 as dpb;
-use splitmirror_proto::reason::{Reason, reason};
+use splitmirror_proto::reason::Reason;
 use tokio_util::sync::CancellationToken;
 
-use crate::clients::{Clients, retry};
+use crate::clients::Clients;
 use crate::progress::ProgressSink;
 
-/// The chunk size the comparison uses; the same as every backup manifest.
-pub const CHUNK_SIZE_BYTES: u64 = backup_server::manifest::CHUNK_SIZE_BYTES;
+/// The chunk size the mate LU is checksummed with while the backup runs:
+/// what every backup manifest has said so far (`Manifest.chunk_size_bytes`
+/// on the wire). The comparison goes by the manifest's own chunk size: a
+/// manifest with another one has the mate checksummed again with it.
+pub const CHUNK_SIZE_BYTES: u64 = 1 << 20;
+
+/// Why a run (or one of its steps) failed. The run's report holds it as
+/// text; the steps answer it typed so that callers decide on the variant
+/// and the call's [`ClientError::kind`], never on the words.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A call to a node failed for good: a permanent kind, or a transient
+    /// one (the node unreachable) past the step deadline. Running again
+    /// later may succeed when [`ClientError::is_transient`] says so.
+    #[error(transparent)]
+    Call(#[from] ClientError),
+    /// The backup job ended in another state than Complete (failed on the
+    /// backup server, or cancelled there). Not retryable as it is: the
+    /// message says why.
+    #[error("the backup {state}: {message}")]
+    BackupEnded { state: String, message: String },
+    /// The operator cancelled the run (Ctrl-C). Not an error to retry.
+    #[error("cancelled by the operator")]
+    Cancelled,
+    /// The backup's manifest is missing or does not describe the LU that
+    /// was copied. The image must not be trusted.
+    #[error("the backup's manifest is unusable: {0}")]
+    Manifest(String),
+    /// The image differs from the frozen mate LU in these chunks: the backup
+    /// is not a copy of the snapshot. Never retried automatically.
+    #[error("the backup differs from the frozen mate LU in {} chunks", .0.len())]
+    Mismatch(Vec<u64>),
+}
+
+/// Whether a failed acquire must wait for the volume's resync and then be
+/// tried again: db-server says so by the reason it attaches
+/// ([`Reason::Resynchronizing`]); the message is for the operator and may
+/// be reworded.
+pub fn must_wait_for_resync(error: &ClientError) -> bool {
+    error.reason == Some(Reason::Resynchronizing)
+}
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -153,14 +193,14 @@ pub async fn backup_run(
     if let Some(acquired) = acquired {
         let backup_result = back_up(clients, options, progress, &acquired, &mut report).await;
         if let Err(error) = backup_result {
-            report.error = Some(error);
+            report.error = Some(error.to_string());
         }
         if options.keep_snapshot {
             progress.phase("keeping the snapshot (--keep-snapshot)");
         } else if let Err(error) =
             delete_and_resync(clients, options, progress, &acquired, &mut report).await
         {
-            report.error.get_or_insert(error);
+            report.error.get_or_insert(error.to_string());
         }
     }
     progress.finish();
@@ -179,46 +219,38 @@ async fn acquire(
         options.volume
     ));
     let t = Instant::now();
-    let request = dpb::AcquireSnapshotRequest {
-        volume: options.volume,
-        run_id: report.run_id.clone(),
-    };
+    let (db, volume, run_id) = (&clients.db, options.volume, report.run_id.as_str());
     let acquire_once = || {
-        retry("AcquireSnapshot", clients.step_deadline, || {
-            let mut db = clients.db.clone();
-            let request = request.clone();
-            async move { db.acquire_snapshot(request).await }
+        retry("AcquireSnapshot", clients.step_deadline, move || {
+            db.acquire_snapshot(volume, run_id)
         })
     };
     let mut result = acquire_once().await;
     // A pair still resynchronizing (after a restart, or a previous run's
     // resync) cannot be split yet: wait for it, then try once more.
-    // db-server says so by the reason it attaches; the message is for the
-    // operator and may be reworded.
-    if let Err(status) = &result
-        && reason(status) == Some(Reason::Resynchronizing)
+    if let Err(error) = &result
+        && must_wait_for_resync(error)
     {
         progress.phase(&format!(
             "waiting for volume {} to finish resynchronizing",
             options.volume
         ));
         if let Err(error) = wait_synchronized(clients, options.volume, progress).await {
-            report.error = Some(error);
+            report.error = Some(error.to_string());
             return None;
         }
         result = acquire_once().await;
     }
     report.phases_ms.acquire = ms(t);
     match result {
-        Ok(response) => {
-            let acquired = response.into_inner();
+        Ok(acquired) => {
             report.mate_lu = Some(acquired.mate_lu);
             report.freeze_window_us = Some(acquired.freeze_window_us);
             report.ledger_sequence = Some(acquired.ledger_sequence);
             Some(acquired)
         }
-        Err(status) => {
-            report.error = Some(format!("acquiring the snapshot: {}", status.message()));
+        Err(error) => {
+            report.error = Some(error.to_string());
             None
         }
     }
@@ -232,7 +264,7 @@ async fn back_up(
     progress: &dyn ProgressSink,
     acquired: &dpb::AcquireSnapshotResponse,
     report: &mut RunReport,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     progress.phase(&format!("backing up mate LU {}", acquired.mate_lu));
     let t = Instant::now();
     // The backup names the snapshot this run holds: the backup server
@@ -250,14 +282,11 @@ async fn back_up(
         }),
         live: false,
     };
+    let backup = &clients.backup;
     let started = retry("StartBackup", clients.step_deadline, || {
-        let mut backup = clients.backup.clone();
-        let request = request.clone();
-        async move { backup.start_backup(request).await }
+        backup.start_backup(request.clone())
     })
-    .await
-    .map_err(|s| format!("starting the backup: {}", s.message()))?
-    .into_inner();
+    .await?;
     report.backup_id = Some(started.backup_id.clone());
     let (followed, mate_digests) = tokio::join!(
         follow_backup(clients, &started.backup_id, progress, &options.cancel),
@@ -269,72 +298,83 @@ async fn back_up(
     let seconds = report.phases_ms.backup.max(1) as f64 / 1000.0;
     report.throughput_mb_per_s = last.bytes_done as f64 / 1e6 / seconds;
     if last.state() != bpb::BackupState::Complete {
-        return Err(format!(
-            "the backup {}: {}",
-            last.state().as_str_name(),
-            last.error
-        ));
+        return Err(RunError::BackupEnded {
+            state: state_name(last.state()).to_string(),
+            message: last.error,
+        });
     }
     let t = Instant::now();
-    let mate_digests =
-        mate_digests.map_err(|s| format!("checksumming the mate LU: {}", s.message()))?;
+    let mate_digests = mate_digests?;
+    let backup_id = started.backup_id.as_str();
     let info = retry("GetBackup", clients.step_deadline, || {
-        let mut backup = clients.backup.clone();
-        let backup_id = started.backup_id.clone();
-        async move { backup.get_backup(bpb::BackupIdRequest { backup_id }).await }
+        backup.get_backup(backup_id, true)
     })
-    .await
-    .map_err(|s| format!("reading the manifest: {}", s.message()))?
-    .into_inner();
-    let manifest: backup_server::manifest::Manifest = serde_json::from_str(&info.manifest_json)
-        .map_err(|e| format!("the backup's manifest is unreadable: {e}"))?;
+    .await?;
+    let manifest = info
+        .manifest
+        .ok_or_else(|| RunError::Manifest("the complete backup answered no manifest".into()))?;
+    if manifest.chunk_digests.len() as u64 != manifest.chunk_count {
+        return Err(RunError::Manifest(format!(
+            "it lists {} chunk digests of {}",
+            manifest.chunk_digests.len(),
+            manifest.chunk_count
+        )));
+    }
+    // The digests are comparable only when both sides cut the LU the same
+    // way: the manifest's chunk size decides.
+    let mate_digests = if manifest.chunk_size_bytes == CHUNK_SIZE_BYTES {
+        mate_digests
+    } else {
+        mate_digests_in_chunks_of(clients, acquired, manifest.chunk_size_bytes).await?
+    };
     report.mismatched_chunks = compare(&manifest, &mate_digests);
-    report.verified = report.mismatched_chunks.is_empty()
-        && manifest.chunk_digests.len() == mate_digests.len()
-        && manifest.chunk_size_bytes == CHUNK_SIZE_BYTES;
+    report.verified =
+        report.mismatched_chunks.is_empty() && manifest.chunk_digests.len() == mate_digests.len();
     report.phases_ms.compare = ms(t);
     if !report.verified {
-        return Err(format!(
-            "the backup differs from the frozen mate LU in {} chunks",
-            report.mismatched_chunks.len()
-        ));
+        return Err(RunError::Mismatch(report.mismatched_chunks.clone()));
     }
     Ok(())
 }
 
-/// Indexes of the chunks whose manifest digest differs from the array's.
-pub fn compare(manifest: &backup_server::manifest::Manifest, digests: &[Vec<u8>]) -> Vec<u64> {
+/// Indexes of the chunks whose manifest digest (the wire manifest, asked
+/// with its digests) differs from the array's; a chunk only one side lists
+/// differs.
+pub fn compare(manifest: &bpb::Manifest, digests: &[Vec<u8>]) -> Vec<u64> {
     let longest = manifest.chunk_digests.len().max(digests.len());
     (0..longest)
-        .filter(|&i| {
-            let ours = manifest
-                .chunk_digests
-                .get(i)
-                .and_then(|hex| backup_server::manifest::from_hex(hex));
-            let theirs = digests.get(i).map(Vec::as_slice);
-            ours.as_ref().map(|d| &d[..]) != theirs
-        })
+        .filter(|&i| manifest.chunk_digests.get(i) != digests.get(i))
         .map(|i| i as u64)
         .collect()
 }
 
+/// The mate LU's chunk digests, as the array computes them.
 async fn mate_digests(
     clients: &Clients,
     acquired: &dpb::AcquireSnapshotResponse,
-) -> Result<Vec<Vec<u8>>, tonic::Status> {
-    let chunk_blocks = CHUNK_SIZE_BYTES / u64::from(acquired.block_size_bytes.max(1));
-    let request = apb::ChecksumRangeRequest {
-        lu: acquired.mate_lu,
-        lba: 0,
-        blocks: acquired.block_count,
-        chunk_blocks,
-    };
-    retry("ChecksumRange", clients.step_deadline, || {
-        let mut array = clients.array.clone();
-        async move { array.checksum_range(request).await }
+) -> Result<Vec<Vec<u8>>, ClientError> {
+    mate_digests_in_chunks_of(clients, acquired, CHUNK_SIZE_BYTES).await
+}
+
+/// The mate LU's digests in chunks of `chunk_size_bytes`.
+async fn mate_digests_in_chunks_of(
+    clients: &Clients,
+    acquired: &dpb::AcquireSnapshotResponse,
+    chunk_size_bytes: u64,
+) -> Result<Vec<Vec<u8>>, ClientError> {
+    let chunk_blocks = (chunk_size_bytes / u64::from(acquired.block_size_bytes.max(1))).max(1);
+    let array = &clients.array;
+    let (lu, blocks) = (acquired.mate_lu, acquired.block_count);
+    let digests = retry("ChecksumRange", clients.step_deadline, || {
+        array.checksums(lu, 0, blocks, chunk_blocks)
     })
-    .await
-    .map(|r| r.into_inner().digests)
+    .await?;
+    Ok(digests.iter().map(|d| d.to_vec()).collect())
+}
+
+/// A backup state's name without its prefix: "COMPLETE", "FAILED", ….
+pub fn state_name(state: bpb::BackupState) -> &'static str {
+    state.as_str_name().trim_start_matches("BACKUP_STATE_")
 }
 
 /// Follows a backup until it ends, re-subscribing after a lost stream. On
@@ -344,44 +384,37 @@ async fn follow_backup(
     backup_id: &str,
     progress: &dyn ProgressSink,
     cancel: &CancellationToken,
-) -> Result<bpb::BackupProgress, String> {
+) -> Result<bpb::BackupProgress, RunError> {
     let mut cancelled = false;
+    let backup = &clients.backup;
     loop {
-        let request = bpb::BackupIdRequest {
-            backup_id: backup_id.to_string(),
-        };
         let mut stream = retry("WatchBackup", clients.step_deadline, || {
-            let mut backup = clients.backup.clone();
-            let request = request.clone();
-            async move { backup.watch_backup(request).await }
+            backup.watch_backup(backup_id)
         })
-        .await
-        .map_err(|s| format!("following the backup: {}", s.message()))?
-        .into_inner();
+        .await?;
         let mut last = None;
         loop {
             let message = tokio::select! {
-                message = stream.message() => message,
+                message = stream.next() => message,
                 () = cancel.cancelled(), if !cancelled => {
                     cancelled = true;
                     progress.phase("cancelling the backup");
-                    let mut backup = clients.backup.clone();
-                    if let Err(s) = backup.cancel_backup(request.clone()).await {
-                        tracing::warn!("cancelling backup {backup_id}: {}", s.message());
+                    if let Err(error) = backup.cancel_backup(backup_id).await {
+                        tracing::warn!("{error}");
                     }
                     continue;
                 }
             };
             match message {
-                Ok(Some(p)) => {
+                Some(Ok(p)) => {
                     if p.bytes_total > 0 {
                         progress.backup(p.bytes_done, p.bytes_total, p.throughput_bytes_per_s);
                     }
                     last = Some(p);
                 }
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::warn!("the backup progress stream broke: {}", status.message());
+                None => break,
+                Some(Err(error)) => {
+                    tracing::warn!("the backup progress stream broke: {error}");
                     break;
                 }
             }
@@ -390,7 +423,7 @@ async fn follow_backup(
             && last.state() != bpb::BackupState::Running
         {
             if cancelled && last.state() == bpb::BackupState::Cancelled {
-                return Err("cancelled by the operator".into());
+                return Err(RunError::Cancelled);
             }
             return Ok(last);
         }
@@ -404,25 +437,17 @@ async fn delete_and_resync(
     progress: &dyn ProgressSink,
     acquired: &dpb::AcquireSnapshotResponse,
     report: &mut RunReport,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     progress.phase(&format!(
         "deleting the snapshot of volume {}",
         options.volume
     ));
     let t = Instant::now();
-    let request = dpb::DeleteSnapshotRequest {
-        volume: options.volume,
-        run_id: report.run_id.clone(),
-        force: false,
-    };
+    let (db, volume, run_id) = (&clients.db, options.volume, report.run_id.as_str());
     let deleted = retry("DeleteSnapshot", clients.step_deadline, || {
-        let mut db = clients.db.clone();
-        let request = request.clone();
-        async move { db.delete_snapshot(request).await }
+        db.delete_snapshot(volume, run_id, false)
     })
-    .await
-    .map_err(|s| format!("deleting the snapshot: {}", s.message()))?
-    .into_inner();
+    .await?;
     report.phases_ms.delete = ms(t);
     report.snapshot_deleted = true;
     report.resync_ranges = deleted.ranges_to_resync;
@@ -436,25 +461,17 @@ async fn delete_and_resync(
 }
 
 /// Polls the db-server until the volume is Synchronized, reporting resync
-/// progress.
+/// progress. A volume db-server does not know fails with
+/// [`ErrorKind::NotFound`](splitmirror_proto::client::ErrorKind::NotFound).
 pub async fn wait_synchronized(
     clients: &Clients,
     volume: u32,
     progress: &dyn ProgressSink,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
+    let db = &clients.db;
     loop {
-        let status = retry("Status", clients.step_deadline, || {
-            let mut db = clients.db.clone();
-            async move { db.status(dpb::StatusRequest::default()).await }
-        })
-        .await
-        .map_err(|s| format!("following the resync: {}", s.message()))?
-        .into_inner();
-        let volume_status = status
-            .volumes
-            .iter()
-            .find(|v| v.volume == volume)
-            .ok_or_else(|| format!("volume {volume} vanished from the status"))?;
+        let volume_status =
+            retry("Status", clients.step_deadline, || db.volume_status(volume)).await?;
         if let Some(resync) = &volume_status.resync {
             progress.resync(resync.bytes_done, resync.bytes_total);
         }
@@ -468,5 +485,44 @@ pub async fn wait_synchronized(
             _ => {}
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use splitmirror_proto::client::ErrorKind;
+
+    use super::*;
+
+    /// An acquire refused by db-server with `message` and `reason`.
+    fn refused(message: &str, reason: Option<Reason>) -> ClientError {
+        let mut error = ClientError::local(
+            ErrorKind::FailedPrecondition,
+            "db-server",
+            "127.0.0.1:50052",
+            "acquiring a snapshot of volume 0",
+            message,
+        );
+        error.reason = reason;
+        error
+    }
+
+    #[test]
+    fn the_resync_wait_follows_the_reason_whatever_the_message_says() {
+        for message in [
+            "volume 0 is Resynchronizing",
+            "la paire se resynchronise",
+            "",
+        ] {
+            assert!(must_wait_for_resync(&refused(
+                message,
+                Some(Reason::Resynchronizing)
+            )));
+            assert!(!must_wait_for_resync(&refused(message, None)));
+            assert!(!must_wait_for_resync(&refused(
+                message,
+                Some(Reason::SnapshotHeld)
+            )));
+        }
     }
 }
