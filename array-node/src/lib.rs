@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use array::{Array, ArrayTestHooks};
-pub use config::ArrayConfig;
+pub use config::{ArrayConfig, ConfigError};
 pub use error::SpawnError;
 
 /// Everything an array node needs to start.

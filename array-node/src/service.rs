@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures_util::{Stream, StreamExt};
 use splitmirror_proto::array::v1 as pb;
 use splitmirror_proto::array::v1::array_service_server::ArrayService;
+use splitmirror_proto::reason::Reason;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::array::{Array, LuInfo, LuKind, MAX_REQUEST_BYTES};
@@ -33,7 +34,7 @@ impl From<ArrayError> for Status {
         match error {
             ArrayError::UnknownLu(_) => Status::not_found(message),
             ArrayError::InvalidArgument(_) => Status::invalid_argument(message),
-            ArrayError::OutOfRange(_) => Status::out_of_range(message),
+            ArrayError::OutOfRange(_) => Reason::BeyondEnd.attach(Status::out_of_range(message)),
             ArrayError::TooLarge { .. } => Status::resource_exhausted(message),
             ArrayError::Io { .. } => Status::internal(message),
         }

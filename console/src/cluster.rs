@@ -33,7 +33,7 @@ use array_node::{ArrayConfig, ArrayTestHooks};
 use db_server::ledger::LedgerConfig;
 use db_server::manager::ManagerConfig;
 use splitmirror_proto::client::ClientError;
-use splitmirror_proto::node::{self, NodeHandle};
+use splitmirror_proto::node::{self, NodeError, NodeHandle};
 
 use crate::clients::{Addresses, Clients};
 use crate::progress::Quiet;
@@ -57,7 +57,7 @@ pub enum ClusterError {
     /// The array configuration is invalid (an LU size that is not whole
     /// blocks, a mirror naming a missing LU).
     #[error("the array configuration: {0}")]
-    ArrayConfig(String),
+    ArrayConfig(#[source] array_node::ConfigError),
     /// The data directory (or the temporary one) could not be created.
     #[error("creating {path}: {source}")]
     Directory {
@@ -66,19 +66,28 @@ pub enum ClusterError {
         source: std::io::Error,
     },
     /// No loopback port could be bound.
-    #[error("binding a loopback port for the {node}: {message}")]
-    Bind { node: &'static str, message: String },
+    #[error("binding a loopback port for the {node}: {source}")]
+    Bind {
+        node: &'static str,
+        #[source]
+        source: NodeError,
+    },
     /// The node failed to start: its files, its configuration, the array
-    /// it waits for (db-server).
-    #[error("starting the {node}: {message}")]
-    Start { node: &'static str, message: String },
+    /// it waits for (db-server). The source is the node's own typed error.
+    #[error("starting the {node}: {source}")]
+    Start {
+        node: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The node started but did not answer its health check in time.
-    #[error("the {node} at {url} did not answer its health check within {timeout:?}: {message}")]
+    #[error("the {node} at {url} did not answer its health check within {timeout:?}: {source}")]
     NotHealthy {
         node: &'static str,
         url: String,
         timeout: Duration,
-        message: String,
+        #[source]
+        source: NodeError,
     },
     /// A call made while starting failed (the first status, a client that
     /// could not be built).
@@ -95,8 +104,12 @@ pub enum ClusterError {
         timeout: Duration,
     },
     /// A node did not stop cleanly.
-    #[error("stopping the {node}: {message}")]
-    Stop { node: &'static str, message: String },
+    #[error("stopping the {node}: {source}")]
+    Stop {
+        node: &'static str,
+        #[source]
+        source: NodeError,
+    },
 }
 
 /// What [`start_db`] starts db-server with; `Default` is a production
@@ -254,8 +267,9 @@ impl ClusterBuilder {
         };
         let array_config = match self.array {
             Some(config) => config,
-            None => ArrayConfig::default_pairs(self.lu_size_bytes)
-                .map_err(|e| ClusterError::ArrayConfig(e.to_string()))?,
+            None => {
+                ArrayConfig::default_pairs(self.lu_size_bytes).map_err(ClusterError::ArrayConfig)?
+            }
         };
         let array = start_array(&dir.join("array"), array_config, self.array_hooks).await?;
         let db = match start_db(&array.url(), &dir.join("db"), &self.db).await {
@@ -363,11 +377,10 @@ impl Cluster {
     /// Stops the nodes, the database first (so that its last writes reach
     /// the array), and answers the first failure.
     pub async fn shutdown(self) -> Result<(), ClusterError> {
-        let stop = |node: &'static str, message: String| ClusterError::Stop { node, message };
-        let db = (self.db.shutdown().await).map_err(|e| stop("db-server", e.to_string()));
-        let backup =
-            (self.backup.shutdown().await).map_err(|e| stop("backup server", e.to_string()));
-        let array = (self.array.shutdown().await).map_err(|e| stop("array", e.to_string()));
+        let stop = |node: &'static str| move |source| ClusterError::Stop { node, source };
+        let db = (self.db.shutdown().await).map_err(stop("db-server"));
+        let backup = (self.backup.shutdown().await).map_err(stop("backup server"));
+        let array = (self.array.shutdown().await).map_err(stop("array"));
         db.and(backup).and(array)
     }
 }
@@ -376,10 +389,7 @@ impl Cluster {
 async fn bind_loopback(node: &'static str) -> Result<tokio::net::TcpListener, ClusterError> {
     node::bind("127.0.0.1:0")
         .await
-        .map_err(|e| ClusterError::Bind {
-            node,
-            message: e.to_string(),
-        })
+        .map_err(|source| ClusterError::Bind { node, source })
 }
 
 /// Waits (at most [`HEALTH_TIMEOUT`]) until the node at `url` answers its
@@ -389,12 +399,12 @@ pub async fn wait_healthy(node: &'static str, url: &str) -> Result<(), ClusterEr
     loop {
         match node::probe_health(url, "").await {
             Ok(()) => return Ok(()),
-            Err(e) if tokio::time::Instant::now() > deadline => {
+            Err(source) if tokio::time::Instant::now() > deadline => {
                 return Err(ClusterError::NotHealthy {
                     node,
                     url: url.to_string(),
                     timeout: HEALTH_TIMEOUT,
-                    message: e.to_string(),
+                    source,
                 });
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -417,9 +427,9 @@ pub async fn start_array(
     };
     let handle = array_node::spawn(config, bind_loopback(NODE).await?)
         .await
-        .map_err(|e| ClusterError::Start {
+        .map_err(|source| ClusterError::Start {
             node: NODE,
-            message: e.to_string(),
+            source: Box::new(source),
         })?;
     wait_healthy(NODE, &handle.url()).await?;
     Ok(handle)
@@ -446,9 +456,9 @@ pub async fn start_db(
     };
     let handle = db_server::spawn(config, bind_loopback(NODE).await?)
         .await
-        .map_err(|e| ClusterError::Start {
+        .map_err(|source| ClusterError::Start {
             node: NODE,
-            message: e.to_string(),
+            source: Box::new(source),
         })?;
     wait_healthy(NODE, &handle.url()).await?;
     Ok(handle)
@@ -472,9 +482,9 @@ pub async fn start_backup(
     };
     let handle = backup_server::spawn(config, bind_loopback(NODE).await?)
         .await
-        .map_err(|e| ClusterError::Start {
+        .map_err(|source| ClusterError::Start {
             node: NODE,
-            message: e.to_string(),
+            source: Box::new(source),
         })?;
     wait_healthy(NODE, &handle.url()).await?;
     Ok(handle)

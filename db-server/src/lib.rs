@@ -126,13 +126,10 @@ pub enum SpawnError {
     /// Asked to stop while waiting for the array.
     #[error("shut down while waiting for the array at {0}")]
     ShutDown(String),
-    /// The gRPC server failed (its message comes from the shared node
-    /// code). Not retryable as it is.
+    /// The gRPC server failed, or its task panicked (see
+    /// [`NodeError`](node::NodeError)). Not retryable as it is.
     #[error("{0}")]
-    Serve(String),
-    /// The server task panicked.
-    #[error("db-server ended abnormally: {0}")]
-    Ended(#[source] tokio::task::JoinError),
+    Serve(#[source] node::NodeError),
     /// The server stopped before it was ready, without saying why.
     #[error("db-server stopped before it was ready")]
     StoppedBeforeReady,
@@ -168,28 +165,15 @@ pub async fn spawn(
     // The manager, once started, so that shutdown closes its journal.
     let started_manager: Arc<OnceLock<Arc<SnapshotManager>>> = Arc::default();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    // The node code passes a failed start on as text; the typed error waits
-    // here for `spawn` to answer it.
-    let start_error: Arc<std::sync::Mutex<Option<SpawnError>>> = Arc::default();
-    let start = {
-        let start = start(
-            config,
-            addr,
-            array,
-            service,
-            cancel.clone(),
-            tasks.clone(),
-            started_manager.clone(),
-        );
-        let start_error = start_error.clone();
-        async move {
-            start.await.map_err(|error| {
-                let text = error.to_string();
-                *start_error.lock().expect("start error poisoned") = Some(error);
-                text
-            })
-        }
-    };
+    let start = start(
+        config,
+        addr,
+        array,
+        service,
+        cancel.clone(),
+        tasks.clone(),
+        started_manager.clone(),
+    );
     let serve_cancel = cancel.clone();
     let handle_cancel = cancel.clone();
     let task = tokio::spawn(async move {
@@ -212,27 +196,20 @@ pub async fn spawn(
         }
         served
     });
-    let typed = |text: String| {
-        start_error
-            .lock()
-            .expect("start error poisoned")
-            .take()
-            .unwrap_or(SpawnError::Serve(text))
-    };
     match started_rx.await {
         Ok(Ok(())) => {
             tracing::info!(%addr, "db-server listening on {addr}");
             Ok(NodeHandle::new(addr, handle_cancel, task))
         }
-        Ok(Err(text)) => {
+        Ok(Err(start_error)) => {
             // The node stops serving by itself; wait until it has.
             let _ = task.await;
-            Err(typed(text))
+            Err(start_error)
         }
         Err(_) => match task.await {
-            Ok(Err(text)) => Err(typed(text)),
+            Ok(Err(serve_error)) => Err(SpawnError::Serve(serve_error)),
             Ok(Ok(())) => Err(SpawnError::StoppedBeforeReady),
-            Err(join_error) => Err(SpawnError::Ended(join_error)),
+            Err(join_error) => Err(SpawnError::Serve(join_error.into())),
         },
     }
 }

@@ -40,7 +40,7 @@ impl From<DbError> for Status {
         let (status, reason) = match error {
             DbError::UnknownVolume(_) => (Status::not_found(message), Some(Reason::UnknownVolume)),
             DbError::InvalidArgument(_) => (Status::invalid_argument(message), None),
-            DbError::OutOfRange(_) => (Status::out_of_range(message), None),
+            DbError::OutOfRange(_) => (Status::out_of_range(message), Some(Reason::BeyondEnd)),
             DbError::WrongMode { mode, .. } => (
                 Status::failed_precondition(message),
                 Some(match mode {

@@ -73,6 +73,61 @@ const MAX_FRAME_BYTES: u32 = 1 << 20;
 /// with `DEADLINE_EXCEEDED` (streams are bounded by their own progress).
 const SERVER_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Why a node could not start, serve or be reached. Each variant says
+/// whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The listening address could not be bound (in use, no permission).
+    /// Retryable once the address is free.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// A peer address that is not a valid URI. Not retryable.
+    #[error("{target:?} is not a valid address: {source}")]
+    Address {
+        target: String,
+        source: tonic::transport::Error,
+    },
+    /// The compiled-in descriptor set does not hold what the node serves:
+    /// a build defect, not retryable.
+    #[error("the file descriptor set {problem}")]
+    Descriptors { problem: String },
+    /// The descriptor set could not be decoded: a build defect.
+    #[error("decoding the file descriptor set: {0}")]
+    DescriptorDecode(#[from] prost::DecodeError),
+    /// Building gRPC reflection failed: a build defect.
+    #[error("building gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed while serving (the listener broke).
+    #[error("serving gRPC: {0}")]
+    Serve(#[source] tonic::transport::Error),
+    /// The node never became ready; its starter was told why (see
+    /// [`serve_when_ready`]).
+    #[error("the node stopped before it became ready")]
+    NotReady,
+    /// The node's task panicked or was aborted.
+    #[error("the node's task ended abnormally: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// A health probe could not connect. Retryable: the node may be
+    /// starting.
+    #[error("connecting to {target}: {source}")]
+    Connect {
+        target: String,
+        source: tonic::transport::Error,
+    },
+    /// A health probe's call failed.
+    #[error("health check of {target}: {}", status.message())]
+    HealthCheck {
+        target: String,
+        status: Box<tonic::Status>,
+    },
+    /// The node answered that it is not serving (yet). Retryable.
+    #[error("{target} is {state}")]
+    NotServing { target: String, state: &'static str },
+}
+
 /// The largest number of concurrent streams one client connection may open.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
@@ -80,14 +135,14 @@ const MAX_CONCURRENT_STREAMS: u32 = 1024;
 pub struct NodeHandle {
     pub addr: SocketAddr,
     cancel: CancellationToken,
-    task: JoinHandle<Result<(), String>>,
+    task: JoinHandle<Result<(), NodeError>>,
 }
 
 impl NodeHandle {
     pub fn new(
         addr: SocketAddr,
         cancel: CancellationToken,
-        task: JoinHandle<Result<(), String>>,
+        task: JoinHandle<Result<(), NodeError>>,
     ) -> Self {
         Self { addr, cancel, task }
     }
@@ -104,17 +159,14 @@ impl NodeHandle {
 
     /// Stops the node and waits until it has stopped serving and its
     /// background work has ended.
-    pub async fn shutdown(self) -> Result<(), String> {
+    pub async fn shutdown(self) -> Result<(), NodeError> {
         self.cancel.cancel();
         self.wait().await
     }
 
     /// Waits until the node stops by itself (or is cancelled elsewhere).
-    pub async fn wait(self) -> Result<(), String> {
-        match self.task.await {
-            Ok(result) => result,
-            Err(join_error) => Err(format!("node task ended abnormally: {join_error}")),
-        }
+    pub async fn wait(self) -> Result<(), NodeError> {
+        self.task.await?
     }
 }
 
@@ -132,23 +184,20 @@ pub fn server_builder() -> NodeServer {
         ))
 }
 
-/// The start of the message tonic (0.14) gives a request message over the
-/// service's decoding limit, with the code `OUT_OF_RANGE`.
-const TONIC_DECODE_TOO_LARGE: &str = "Error, decoded message length too large";
-
 /// gRPC and DESIGN §6 answer a message over the size limit with
 /// `RESOURCE_EXHAUSTED`; tonic answers `OUT_OF_RANGE`, the code splitmirror
 /// keeps for "beyond the end of the LU". The refusal comes before the
 /// handler runs, as a trailers-only response, so its code is in the
-/// headers and can be corrected here, once for every node. (A tonic upgrade
-/// that rewords the message makes the 70 MiB test in `db_limits` fail.)
+/// headers and can be corrected here, once for every node. A node's own
+/// `OUT_OF_RANGE` always carries [`Reason::BeyondEnd`]; one without it
+/// came from tonic, which answers that code for nothing else a node
+/// receives (the message is not read; the 70 MiB test in `db_limits` and
+/// the bad-input table in `array_io` hold both halves).
 fn oversized_is_resource_exhausted(mut response: http::Response<Body>) -> http::Response<Body> {
     let Some(status) = tonic::Status::from_header_map(response.headers()) else {
         return response;
     };
-    if status.code() == tonic::Code::OutOfRange
-        && status.message().starts_with(TONIC_DECODE_TOO_LARGE)
-    {
+    if status.code() == tonic::Code::OutOfRange && crate::reason::reason(&status).is_none() {
         let corrected = tonic::Status::resource_exhausted(format!(
             "the request message is over this service's size limit: {}",
             status.message()
@@ -168,8 +217,8 @@ pub async fn serve(
     service_names: &[&str],
     listener: TcpListener,
     cancel: CancellationToken,
-) -> Result<(), String> {
-    let (started, _) = tokio::sync::oneshot::channel();
+) -> Result<(), NodeError> {
+    let (started, _) = tokio::sync::oneshot::channel::<Result<(), std::convert::Infallible>>();
     serve_when_ready(
         router,
         service_names,
@@ -185,18 +234,19 @@ pub async fn serve(
 /// until then health answers `NOT_SERVING` for the node (`""`) and for each
 /// of `service_names` (whose calls should answer `UNAVAILABLE`, see
 /// [`Starting`]). Once health says `SERVING`, `started` is told so. If
-/// `ready` fails, `started` is told why, the node stops serving (cancelling
-/// `cancel`) and the error is answered.
-pub async fn serve_when_ready<F>(
+/// `ready` fails, `started` is given its error (typed as the node made it),
+/// the node stops serving (cancelling `cancel`) and answers
+/// [`NodeError::NotReady`].
+pub async fn serve_when_ready<F, E>(
     router: NodeRouter,
     service_names: &[&str],
     listener: TcpListener,
     cancel: CancellationToken,
     ready: F,
-    started: tokio::sync::oneshot::Sender<Result<(), String>>,
-) -> Result<(), String>
+    started: tokio::sync::oneshot::Sender<Result<(), E>>,
+) -> Result<(), NodeError>
 where
-    F: Future<Output = Result<(), String>>,
+    F: Future<Output = Result<(), E>>,
 {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for name in std::iter::once(&"").chain(service_names) {
@@ -208,13 +258,11 @@ where
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(&own_files)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| format!("building reflection v1: {e}"))?;
+        .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(&own_files)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| format!("building reflection v1alpha: {e}"))?;
+        .build_v1alpha()?;
     let router = add_unserved(router, service_names)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -230,7 +278,7 @@ where
     tokio::pin!(serving);
     tokio::select! {
         served = &mut serving => {
-            return served.map_err(|e| format!("serving gRPC: {e}"));
+            return served.map_err(NodeError::Serve);
         }
         outcome = ready => match outcome {
             Ok(()) => {
@@ -242,16 +290,16 @@ where
                 let _ = started.send(Ok(()));
             }
             Err(e) => {
-                let _ = started.send(Err(e.clone()));
+                let _ = started.send(Err(e));
                 cancel.cancel();
                 if let Err(serve_error) = serving.await {
                     tracing::warn!("stopping the gRPC server: {serve_error}");
                 }
-                return Err(e);
+                return Err(NodeError::NotReady);
             }
         },
     }
-    serving.await.map_err(|e| format!("serving gRPC: {e}"))
+    serving.await.map_err(NodeError::Serve)
 }
 
 /// A node's own service while the node starts: every call answers
@@ -460,16 +508,14 @@ struct ServiceHead {
 /// The files of `encoded_set` that define one of `service_names`, with the
 /// files they import, as an encoded `FileDescriptorSet`: what one node's
 /// reflection serves, so that it lists only its own services.
-pub fn descriptor_set_of(encoded_set: &[u8], service_names: &[&str]) -> Result<Vec<u8>, String> {
+pub fn descriptor_set_of(encoded_set: &[u8], service_names: &[&str]) -> Result<Vec<u8>, NodeError> {
     use prost::Message as _;
-    let set = RawFileSet::decode(encoded_set)
-        .map_err(|e| format!("decoding the file descriptor set: {e}"))?;
+    let set = RawFileSet::decode(encoded_set)?;
     let heads = set
         .file
         .iter()
         .map(|raw| FileHead::decode(raw.as_slice()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("decoding a file descriptor: {e}"))?;
+        .collect::<Result<Vec<_>, _>>()?;
     let mut wanted: Vec<&str> = Vec::new();
     for service in service_names {
         let file = heads
@@ -479,7 +525,9 @@ pub fn descriptor_set_of(encoded_set: &[u8], service_names: &[&str]) -> Result<V
                     .iter()
                     .any(|s| format!("{}.{}", head.package, s.name) == *service)
             })
-            .ok_or_else(|| format!("no file of the descriptor set defines {service}"))?;
+            .ok_or_else(|| NodeError::Descriptors {
+                problem: format!("defines no {service}"),
+            })?;
         wanted.push(&file.name);
     }
     // The files they import, transitively.
@@ -506,28 +554,34 @@ pub fn descriptor_set_of(encoded_set: &[u8], service_names: &[&str]) -> Result<V
 }
 
 /// Binds `addr` (use port 0 for an ephemeral port).
-pub async fn bind(addr: &str) -> Result<TcpListener, String> {
+pub async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("binding {addr}: {e}"))
+        .map_err(|source| NodeError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// A lazily connecting channel to `target` (`host:port` or a URL), with the
 /// same HTTP/2 windows as the servers. It reconnects by itself after the
 /// peer restarts.
-pub fn channel(target: &str) -> Result<Channel, String> {
+pub fn channel(target: &str) -> Result<Channel, NodeError> {
     Ok(endpoint(target)?.connect_lazy())
 }
 
 /// The endpoint behind [`channel`], for callers that want to connect eagerly.
-pub fn endpoint(target: &str) -> Result<Endpoint, String> {
+pub fn endpoint(target: &str) -> Result<Endpoint, NodeError> {
     let url = if target.contains("://") {
         target.to_string()
     } else {
         format!("http://{target}")
     };
     Ok(Endpoint::from_shared(url.clone())
-        .map_err(|e| format!("{url:?} is not a valid address: {e}"))?
+        .map_err(|source| NodeError::Address {
+            target: url.clone(),
+            source,
+        })?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
@@ -539,22 +593,31 @@ pub fn endpoint(target: &str) -> Result<Endpoint, String> {
 
 /// Asks a node's `grpc.health.v1.Health` whether `service` ("" = the whole
 /// node) is serving. Used by tests, the console and container healthchecks.
-pub async fn probe_health(target: &str, service: &str) -> Result<(), String> {
+pub async fn probe_health(target: &str, service: &str) -> Result<(), NodeError> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let channel = endpoint(target)?
         .connect()
         .await
-        .map_err(|e| format!("connecting to {target}: {e}"))?;
+        .map_err(|source| NodeError::Connect {
+            target: target.to_string(),
+            source,
+        })?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_string(),
         })
         .await
-        .map_err(|status| format!("health check of {target}: {}", status.message()))?;
+        .map_err(|status| NodeError::HealthCheck {
+            target: target.to_string(),
+            status: Box::new(status),
+        })?;
     match response.into_inner().status() {
         ServingStatus::Serving => Ok(()),
-        other => Err(format!("{target} is {}", other.as_str_name())),
+        other => Err(NodeError::NotServing {
+            target: target.to_string(),
+            state: other.as_str_name(),
+        }),
     }
 }
 
@@ -599,7 +662,7 @@ pub async fn cancel_on_signal(cancel: CancellationToken) {
 
 /// Serves until SIGINT or SIGTERM, then shuts the node down cleanly: what
 /// every node binary does once its node is started.
-pub async fn serve_until_signal(handle: NodeHandle, name: &str) -> Result<(), String> {
+pub async fn serve_until_signal(handle: NodeHandle, name: &str) -> Result<(), NodeError> {
     cancel_on_signal(handle.cancel_token()).await;
     handle.shutdown().await?;
     tracing::info!("{name} stopped");

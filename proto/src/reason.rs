@@ -1,10 +1,10 @@
-//! Why db-server refused a call, said so that a program can act on it.
+//! Why a node refused a call, said so that a program can act on it.
 //!
 //! A `tonic::Status` code says what class of failure it is; the message is
 //! for the operator and may be reworded at any time. When a caller must
 //! tell two refusals of the same code apart (a `FAILED_PRECONDITION`
 //! because the pair is still resynchronizing — wait and retry — or because
-//! another run holds the snapshot — do not), db-server adds a reason as
+//! another run holds the snapshot — do not), the node adds a reason as
 //! ASCII metadata under [`REASON_KEY`]: a trailer on the wire, visible with
 //! `grpcurl -v`. Callers decide with [`reason`], never with the message.
 
@@ -50,11 +50,16 @@ pub enum Reason {
     LeaseOverCap,
     /// A write over the per-request limit: split it.
     TooLarge,
+    /// The block range runs past the end of the LU or volume (the array's
+    /// and db-server's `OUT_OF_RANGE`). Not retryable. It also tells the
+    /// node's own `OUT_OF_RANGE` apart from tonic's refusal of an oversized
+    /// message, which has the same code (see `node::server_builder`).
+    BeyondEnd,
 }
 
 impl Reason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Resynchronizing,
         Reason::SnapshotHeld,
         Reason::WrongMode,
@@ -68,6 +73,7 @@ impl Reason {
         Reason::ShuttingDown,
         Reason::LeaseOverCap,
         Reason::TooLarge,
+        Reason::BeyondEnd,
     ];
 
     /// The wire form: lower-case ASCII words joined by `-`.
@@ -86,6 +92,7 @@ impl Reason {
             Reason::ShuttingDown => "shutting-down",
             Reason::LeaseOverCap => "lease-over-cap",
             Reason::TooLarge => "too-large",
+            Reason::BeyondEnd => "beyond-end",
         }
     }
 

@@ -417,7 +417,10 @@ async fn db_server_serves_not_serving_until_the_array_comes() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         match node::probe_health(&db_url, "").await {
-            Err(e) if e.contains("NOT_SERVING") => break,
+            Err(node::NodeError::NotServing {
+                state: "NOT_SERVING",
+                ..
+            }) => break,
             Ok(()) => panic!("SERVING without an array"),
             Err(e) => assert!(
                 tokio::time::Instant::now() < deadline,

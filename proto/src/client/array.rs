@@ -1,16 +1,12 @@
 //! The typed client of `splitmirror.array.v1.ArrayService`.
 
-use std::pin::Pin;
-
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use tonic::transport::Channel;
 
-use super::{ClientError, ErrorKind, connect_lazy};
+use super::{AnswerStream, ClientError, ErrorKind, Peer};
 use crate::array::v1 as pb;
 use crate::array::v1::array_service_client::ArrayServiceClient;
 use crate::node;
-
-const NODE: &str = "array";
 
 /// One LU as the array's mode-sense page describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,60 +37,47 @@ pub struct PairInfo {
     pub block_count: u64,
 }
 
-/// The blocks of a read, in order, as the array streams them.
-pub type BlockStream = Pin<Box<dyn Stream<Item = Result<Vec<u8>, ClientError>> + Send>>;
-
 /// The array over gRPC. Cloning is cheap (one shared connection); the
 /// connection is made at the first call and remade after the array
 /// restarts.
 #[derive(Clone)]
 pub struct ArrayClient {
     inner: ArrayServiceClient<Channel>,
-    target: String,
+    peer: Peer,
 }
 
 impl ArrayClient {
     /// A client of the array at `target` (`host:port` or a URL). Fails only
     /// for an address that cannot be parsed.
     pub fn new(target: &str) -> Result<Self, ClientError> {
-        Ok(Self {
-            inner: ArrayServiceClient::new(connect_lazy(NODE, target)?)
-                .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(node::MAX_MESSAGE_BYTES),
-            target: target.to_string(),
-        })
+        let (peer, channel) = Peer::connect("array", target)?;
+        let inner = ArrayServiceClient::new(channel)
+            .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(node::MAX_MESSAGE_BYTES);
+        Ok(Self { inner, peer })
     }
 
     /// The address this client calls.
     pub fn target(&self) -> &str {
-        &self.target
-    }
-
-    fn error(&self, doing: impl Into<String>, status: &tonic::Status) -> ClientError {
-        ClientError::from_status(NODE, &self.target, doing, status)
+        &self.peer.target
     }
 
     /// Every LU the array defines.
     pub async fn list_lus(&self) -> Result<Vec<pb::LuInfo>, ClientError> {
-        Ok(self
-            .inner
-            .clone()
-            .list_lus(pb::ListLusRequest {})
-            .await
-            .map_err(|s| self.error("listing LUs", &s))?
-            .into_inner()
-            .lus)
+        let answer = self.inner.clone().list_lus(pb::ListLusRequest {}).await;
+        Ok(self.peer.answer(answer, || "listing LUs".into())?.lus)
     }
 
     /// The mode-sense page of one LU ([0054]).
     pub async fn mode_sense(&self, lu: u32) -> Result<LuPage, ClientError> {
-        let page = self
+        let answer = self
             .inner
             .clone()
             .mode_sense(pb::ModeSenseRequest { lu })
-            .await
-            .map_err(|s| self.error(format!("mode sense of LU {lu}"), &s))?
-            .into_inner();
+            .await;
+        let page = self
+            .peer
+            .answer(answer, || format!("mode sense of LU {lu}"))?;
         Ok(LuPage {
             lu,
             kind: page.kind(),
@@ -135,21 +118,15 @@ impl ArrayClient {
         lu: u32,
         lba: u64,
         blocks: u64,
-    ) -> Result<BlockStream, ClientError> {
-        let doing = format!("reading LU {lu} at LBA {lba}");
-        let stream = self
+    ) -> Result<AnswerStream<Vec<u8>>, ClientError> {
+        let doing = || format!("reading LU {lu} at LBA {lba}");
+        let answer = self
             .inner
             .clone()
             .read(pb::ReadRequest { lu, lba, blocks })
-            .await
-            .map_err(|s| self.error(doing.clone(), &s))?
-            .into_inner();
-        let target = self.target.clone();
-        Ok(Box::pin(stream.map(move |chunk| {
-            chunk
-                .map(|c| c.data)
-                .map_err(|s| ClientError::from_status(NODE, &target, doing.clone(), &s))
-        })))
+            .await;
+        let stream = self.peer.stream(self.peer.answer(answer, doing)?, doing());
+        Ok(Box::pin(stream.map(|chunk| chunk.map(|c| c.data))))
     }
 
     /// `blocks` blocks of `lu` from `lba`, in one buffer.
@@ -168,7 +145,8 @@ impl ArrayClient {
     }
 
     /// Writes whole blocks at `lba`; a mirror LU writes both sides. With
-    /// `fua` the array makes the data durable before it answers.
+    /// `fua` the array makes the data durable before it answers. Answers
+    /// the blocks written.
     pub async fn write_with(
         &self,
         lu: u32,
@@ -176,14 +154,12 @@ impl ArrayClient {
         data: Vec<u8>,
         fua: bool,
     ) -> Result<u64, ClientError> {
-        Ok(self
-            .inner
-            .clone()
-            .write(pb::WriteRequest { lu, lba, data, fua })
-            .await
-            .map_err(|s| self.error(format!("writing LU {lu} at LBA {lba}"), &s))?
-            .into_inner()
-            .blocks_written)
+        let request = pb::WriteRequest { lu, lba, data, fua };
+        let answer = self.inner.clone().write(request).await;
+        let written = self
+            .peer
+            .answer(answer, || format!("writing LU {lu} at LBA {lba}"))?;
+        Ok(written.blocks_written)
     }
 
     /// Writes whole blocks at `lba` (no FUA); answers the blocks written.
@@ -192,7 +168,7 @@ impl ArrayClient {
     }
 
     /// Copies a block range from one LU to another inside the array (the
-    /// offload of claim 4).
+    /// offload of claim 4); answers the blocks copied.
     pub async fn copy_range(
         &self,
         src_lu: u32,
@@ -200,24 +176,17 @@ impl ArrayClient {
         lba: u64,
         blocks: u64,
     ) -> Result<u64, ClientError> {
-        Ok(self
-            .inner
-            .clone()
-            .copy_range(pb::CopyRangeRequest {
-                src_lu,
-                dst_lu,
-                lba,
-                blocks,
-            })
-            .await
-            .map_err(|s| {
-                self.error(
-                    format!("copying LU {src_lu} to LU {dst_lu} at LBA {lba}"),
-                    &s,
-                )
-            })?
-            .into_inner()
-            .blocks_copied)
+        let request = pb::CopyRangeRequest {
+            src_lu,
+            dst_lu,
+            lba,
+            blocks,
+        };
+        let answer = self.inner.clone().copy_range(request).await;
+        let copied = self.peer.answer(answer, || {
+            format!("copying LU {src_lu} to LU {dst_lu} at LBA {lba}")
+        })?;
+        Ok(copied.blocks_copied)
     }
 
     /// BLAKE3 digests of each `chunk_blocks`-block chunk of a range (the
@@ -229,20 +198,15 @@ impl ArrayClient {
         blocks: u64,
         chunk_blocks: u64,
     ) -> Result<Vec<[u8; 32]>, ClientError> {
-        let doing = format!("checksumming LU {lu} at LBA {lba}");
-        let digests = self
-            .inner
-            .clone()
-            .checksum_range(pb::ChecksumRangeRequest {
-                lu,
-                lba,
-                blocks,
-                chunk_blocks,
-            })
-            .await
-            .map_err(|s| self.error(doing.clone(), &s))?
-            .into_inner()
-            .digests;
+        let doing = || format!("checksumming LU {lu} at LBA {lba}");
+        let request = pb::ChecksumRangeRequest {
+            lu,
+            lba,
+            blocks,
+            chunk_blocks,
+        };
+        let answer = self.inner.clone().checksum_range(request).await;
+        let digests = self.peer.answer(answer, doing)?.digests;
         digests
             .iter()
             .map(|d| <[u8; 32]>::try_from(d.as_slice()))
@@ -250,9 +214,9 @@ impl ArrayClient {
             .map_err(|_| {
                 ClientError::local(
                     ErrorKind::Internal,
-                    NODE,
-                    &self.target,
-                    doing,
+                    self.peer.node,
+                    &self.peer.target,
+                    doing(),
                     "the array answered a digest that is not 32 bytes",
                 )
             })
@@ -260,11 +224,8 @@ impl ArrayClient {
 
     /// Makes every acknowledged write to `lu` durable.
     pub async fn flush(&self, lu: u32) -> Result<(), ClientError> {
-        self.inner
-            .clone()
-            .flush(pb::FlushRequest { lu })
-            .await
-            .map_err(|s| self.error(format!("flushing LU {lu}"), &s))?;
+        let answer = self.inner.clone().flush(pb::FlushRequest { lu }).await;
+        self.peer.answer(answer, || format!("flushing LU {lu}"))?;
         Ok(())
     }
 

@@ -1,47 +1,40 @@
 //! The typed client of `splitmirror.backup.v1.BackupService`.
 
-use std::pin::Pin;
-
-use futures_util::{Stream, StreamExt};
 use tonic::transport::Channel;
 
-use super::{ClientError, connect_lazy};
+use super::{AnswerStream, ClientError, Peer};
 use crate::backup::v1 as pb;
 use crate::backup::v1::backup_service_client::BackupServiceClient;
 use crate::node;
-
-const NODE: &str = "backup server";
-
-/// Progress of one backup job, as `WatchBackup` streams it.
-pub type ProgressStream =
-    Pin<Box<dyn Stream<Item = Result<pb::BackupProgress, ClientError>> + Send>>;
 
 /// The backup server over gRPC. Cloning is cheap; the connection is made
 /// at the first call and remade after the server restarts.
 #[derive(Clone)]
 pub struct BackupClient {
     inner: BackupServiceClient<Channel>,
-    target: String,
+    peer: Peer,
 }
 
 impl BackupClient {
     /// A client of the backup server at `target`. Fails only for an
     /// address that cannot be parsed.
     pub fn new(target: &str) -> Result<Self, ClientError> {
-        Ok(Self {
-            inner: BackupServiceClient::new(connect_lazy(NODE, target)?)
-                .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(node::MAX_MESSAGE_BYTES),
-            target: target.to_string(),
-        })
+        let (peer, channel) = Peer::connect("backup server", target)?;
+        let inner = BackupServiceClient::new(channel)
+            .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(node::MAX_MESSAGE_BYTES);
+        Ok(Self { inner, peer })
     }
 
+    /// The address this client calls.
     pub fn target(&self) -> &str {
-        &self.target
+        &self.peer.target
     }
 
-    fn error(&self, doing: impl Into<String>, status: &tonic::Status) -> ClientError {
-        ClientError::from_status(NODE, &self.target, doing, status)
+    fn id(backup_id: &str) -> pb::BackupIdRequest {
+        pb::BackupIdRequest {
+            backup_id: backup_id.to_string(),
+        }
     }
 
     /// Starts (or, for a run id already started, finds) a backup job.
@@ -53,31 +46,19 @@ impl BackupClient {
             "starting a backup of LU {} for run {}",
             request.lu, request.run_id
         );
-        Ok(self
-            .inner
-            .clone()
-            .start_backup(request)
-            .await
-            .map_err(|s| self.error(doing, &s))?
-            .into_inner())
+        let answer = self.inner.clone().start_backup(request).await;
+        self.peer.answer(answer, || doing)
     }
 
     /// The job's progress until it ends.
-    pub async fn watch_backup(&self, backup_id: &str) -> Result<ProgressStream, ClientError> {
-        let doing = format!("watching backup {backup_id}");
-        let stream = self
-            .inner
-            .clone()
-            .watch_backup(pb::BackupIdRequest {
-                backup_id: backup_id.to_string(),
-            })
-            .await
-            .map_err(|s| self.error(doing.clone(), &s))?
-            .into_inner();
-        let target = self.target.clone();
-        Ok(Box::pin(stream.map(move |progress| {
-            progress.map_err(|s| ClientError::from_status(NODE, &target, doing.clone(), &s))
-        })))
+    pub async fn watch_backup(
+        &self,
+        backup_id: &str,
+    ) -> Result<AnswerStream<pb::BackupProgress>, ClientError> {
+        let doing = || format!("watching backup {backup_id}");
+        let answer = self.inner.clone().watch_backup(Self::id(backup_id)).await;
+        let stream = self.peer.answer(answer, doing)?;
+        Ok(self.peer.stream(stream, doing()))
     }
 
     /// One backup: its state, and its manifest once complete. The
@@ -89,41 +70,33 @@ impl BackupClient {
         backup_id: &str,
         include_digests: bool,
     ) -> Result<pb::BackupInfo, ClientError> {
-        Ok(self
-            .inner
-            .clone()
-            .get_backup(pb::GetBackupRequest {
-                backup_id: backup_id.to_string(),
-                include_digests,
-            })
-            .await
-            .map_err(|s| self.error(format!("getting backup {backup_id}"), &s))?
-            .into_inner())
+        let request = pb::GetBackupRequest {
+            backup_id: backup_id.to_string(),
+            include_digests,
+        };
+        let answer = self.inner.clone().get_backup(request).await;
+        self.peer
+            .answer(answer, || format!("getting backup {backup_id}"))
     }
 
     /// Every backup the store holds, without per-chunk digests.
     pub async fn list_backups(&self) -> Result<Vec<pb::BackupInfo>, ClientError> {
-        Ok(self
+        let answer = self
             .inner
             .clone()
             .list_backups(pb::ListBackupsRequest {})
-            .await
-            .map_err(|s| self.error("listing backups", &s))?
-            .into_inner()
+            .await;
+        Ok(self
+            .peer
+            .answer(answer, || "listing backups".into())?
             .backups)
     }
 
     /// Stops a running job (its partial image is removed).
     pub async fn cancel_backup(&self, backup_id: &str) -> Result<pb::BackupInfo, ClientError> {
-        Ok(self
-            .inner
-            .clone()
-            .cancel_backup(pb::BackupIdRequest {
-                backup_id: backup_id.to_string(),
-            })
-            .await
-            .map_err(|s| self.error(format!("cancelling backup {backup_id}"), &s))?
-            .into_inner())
+        let answer = self.inner.clone().cancel_backup(Self::id(backup_id)).await;
+        self.peer
+            .answer(answer, || format!("cancelling backup {backup_id}"))
     }
 
     /// Re-reads a stored image against its manifest.
@@ -131,15 +104,9 @@ impl BackupClient {
         &self,
         backup_id: &str,
     ) -> Result<pb::VerifyBackupResponse, ClientError> {
-        Ok(self
-            .inner
-            .clone()
-            .verify_backup(pb::BackupIdRequest {
-                backup_id: backup_id.to_string(),
-            })
-            .await
-            .map_err(|s| self.error(format!("verifying backup {backup_id}"), &s))?
-            .into_inner())
+        let answer = self.inner.clone().verify_backup(Self::id(backup_id)).await;
+        self.peer
+            .answer(answer, || format!("verifying backup {backup_id}"))
     }
 
     /// The generated client, for tests that must send what this client

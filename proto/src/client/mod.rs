@@ -11,9 +11,10 @@
 //! - [`ErrorKind::is_transient`] is the one retry rule, and [`Backoff`] /
 //!   [`retry`] the one backoff policy (the console's steps and db-server's
 //!   resync both use it).
-//! - Every client is built by [`connect_lazy`]: the HTTP/2 windows of
-//!   [`node::endpoint`] and the message-size limits of
-//!   [`node::MAX_MESSAGE_BYTES`] are set there once. A later layer (TLS,
+//! - Every client is built on one channel builder (`Peer::connect`): the
+//!   HTTP/2 windows of
+//!   [`node::endpoint`] are set there once, and every client sets the
+//!   message-size limits of [`node::MAX_MESSAGE_BYTES`]. A later layer (TLS,
 //!   trace context) is added there too.
 //!
 //! The generated clients stay available (`proto::array::v1::…`) for the few
@@ -26,7 +27,10 @@ mod db;
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
 
 use tonic::transport::Channel;
 
@@ -267,22 +271,69 @@ where
     }
 }
 
-/// The channel every typed client is built on: lazily connecting,
-/// reconnecting after the peer restarts, with the windows of
-/// [`node::endpoint`]. The one place a client-side layer is added.
-pub fn connect_lazy(node: &'static str, target: &str) -> Result<Channel, ClientError> {
-    node::endpoint(target)
-        .map(|endpoint| endpoint.connect_lazy())
-        .map_err(|message| {
-            ClientError::local(
-                ErrorKind::InvalidArgument,
-                node,
-                target,
-                "connecting",
-                message,
-            )
-        })
+/// What every typed client holds besides its generated client: which node
+/// it calls and where, and the one way its answers become values or
+/// [`ClientError`]s.
+#[derive(Debug, Clone)]
+struct Peer {
+    node: &'static str,
+    target: String,
 }
+
+impl Peer {
+    /// The channel every typed client is built on: lazily connecting,
+    /// reconnecting after the peer restarts, with the windows of
+    /// [`node::endpoint`]. The one place a client-side layer is added.
+    fn connect(node: &'static str, target: &str) -> Result<(Self, Channel), ClientError> {
+        let channel = node::endpoint(target)
+            .map(|endpoint| endpoint.connect_lazy())
+            .map_err(|error| {
+                ClientError::local(
+                    ErrorKind::InvalidArgument,
+                    node,
+                    target,
+                    "connecting",
+                    error.to_string(),
+                )
+            })?;
+        let peer = Self {
+            node,
+            target: target.to_string(),
+        };
+        Ok((peer, channel))
+    }
+
+    fn error(&self, doing: impl Into<String>, status: &tonic::Status) -> ClientError {
+        ClientError::from_status(self.node, &self.target, doing, status)
+    }
+
+    /// The message of a unary answer, or the error, saying what was being
+    /// done (only built on failure).
+    fn answer<T>(
+        &self,
+        result: Result<tonic::Response<T>, tonic::Status>,
+        doing: impl FnOnce() -> String,
+    ) -> Result<T, ClientError> {
+        result
+            .map(tonic::Response::into_inner)
+            .map_err(|status| self.error(doing(), &status))
+    }
+
+    /// A server stream's messages, each failure an error saying `doing`.
+    fn stream<T: Send + 'static>(
+        &self,
+        stream: tonic::Streaming<T>,
+        doing: String,
+    ) -> AnswerStream<T> {
+        let peer = self.clone();
+        Box::pin(
+            stream.map(move |message| message.map_err(|status| peer.error(doing.clone(), &status))),
+        )
+    }
+}
+
+/// The messages of a server stream, as a typed client answers them.
+pub type AnswerStream<T> = Pin<Box<dyn Stream<Item = Result<T, ClientError>> + Send>>;
 
 #[cfg(test)]
 mod tests {
@@ -355,7 +406,13 @@ mod tests {
             async move { Err(ClientError::local(kind, "array", "x:1", "test", "no")) }
         })
         .await;
-        assert_eq!(result.map_err(|e| e.kind).unwrap_err(), ErrorKind::NotFound);
+        assert!(matches!(
+            result,
+            Err(ClientError {
+                kind: ErrorKind::NotFound,
+                ..
+            })
+        ));
         assert_eq!(calls, 3);
     }
 }
