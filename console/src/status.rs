@@ -171,6 +171,14 @@ pub fn render(snapshot: &Snapshot) -> String {
             g.lease_expiries
         );
     }
+    if let Some(j) = snapshot.db.journal.as_ref().filter(|j| j.broken) {
+        let _ = writeln!(
+            out,
+            "Journal: BROKEN — new snapshot writes and state changes are refused until \
+             db-server restarts on a repaired disk: {}",
+            j.broken_reason
+        );
+    }
     let _ = writeln!(out);
     out.push_str(&render_backups(snapshot));
     out
@@ -260,6 +268,12 @@ pub fn to_json(snapshot: &Snapshot) -> Value {
             "suspended": g.suspended,
             "suspends": g.suspends,
             "lease_expiries": g.lease_expiries,
+        })),
+        "journal": snapshot.db.journal.as_ref().map(|j| json!({
+            "enabled": j.enabled,
+            "records": j.records,
+            "broken": j.broken,
+            "broken_reason": j.broken_reason,
         })),
         "backups": snapshot.backups.as_ref().map(|bs| bs.iter().map(|b| json!({
             "backup_id": b.backup_id,

@@ -450,12 +450,16 @@ impl JournalFile for File {
 /// failing one).
 type WrapFile = Box<dyn Fn(File) -> Box<dyn JournalFile> + Send>;
 
-/// What the journal has cost so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What the journal has cost so far, and whether it still accepts appends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JournalStats {
     pub records: u64,
     pub bytes_written: u64,
     pub fsyncs: u64,
+    /// Why every append is refused until db-server restarts (a failed
+    /// append that could not be cut back, a compaction not made durable);
+    /// `None` while the journal accepts appends.
+    pub broken: Option<String>,
 }
 
 struct Append {
@@ -480,6 +484,8 @@ struct Stats {
     records: AtomicU64,
     bytes_written: AtomicU64,
     fsyncs: AtomicU64,
+    /// The writer's first reason for refusing appends, for `Status`.
+    broken: std::sync::OnceLock<String>,
 }
 
 impl Journal {
@@ -701,6 +707,7 @@ impl Journal {
             records: self.stats.records.load(Ordering::Relaxed),
             bytes_written: self.stats.bytes_written.load(Ordering::Relaxed),
             fsyncs: self.stats.fsyncs.load(Ordering::Relaxed),
+            broken: self.stats.broken.get().cloned(),
         }
     }
 
@@ -733,6 +740,14 @@ struct Writer {
 }
 
 impl Writer {
+    /// From now on every append is refused, and `Status` says why.
+    fn mark_broken(&mut self, why: String) {
+        // The first reason is the one that matters; a later one cannot
+        // happen (nothing is written once broken).
+        let _ = self.stats.broken.set(why.clone());
+        self.broken = Some(why);
+    }
+
     fn run(mut self, mut receiver: mpsc::Receiver<Append>) {
         while let Some(first) = receiver.blocking_recv() {
             // Group commit: everything that queued up while the last batch
@@ -836,7 +851,7 @@ impl Writer {
                     "journal broken: {broken}; snapshot writes needing a new intent and state \
                      changes are refused until db-server is restarted"
                 );
-                self.broken = Some(broken);
+                self.mark_broken(broken);
             }
         }
     }
@@ -887,7 +902,7 @@ impl Writer {
                 tracing::error!("journal broken: {broken}");
                 self.file = (self.wrap)(file);
                 self.committed_len_bytes = RECORDS_AT + records.len() as u64;
-                self.broken = Some(broken);
+                self.mark_broken(broken);
             }
         }
     }
@@ -1579,6 +1594,10 @@ mod tests {
             .await
             .expect_err("a broken journal refuses appends");
         assert!(refused.to_string().contains("broken"), "{refused}");
+        assert!(
+            journal.stats().broken.is_some(),
+            "Status must say the journal is broken"
+        );
         journal
             .record_state(&PAIR, &PairState::Resynchronizing, false)
             .await

@@ -189,6 +189,8 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
                 records: j.records,
                 bytes_written: j.bytes_written,
                 fsyncs: j.fsyncs,
+                broken: j.broken.is_some(),
+                broken_reason: j.broken.unwrap_or_default(),
             }
         })),
         array_traffic: Some(pb::ArrayTraffic {
