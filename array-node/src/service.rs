@@ -8,6 +8,7 @@ use futures_util::{Stream, StreamExt};
 use splitmirror_proto::array::v1 as pb;
 use splitmirror_proto::array::v1::array_service_server::ArrayService;
 use splitmirror_proto::reason::Reason;
+use splitmirror_proto::telemetry;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::array::{Array, LuInfo, LuKind, MAX_REQUEST_BYTES};
@@ -116,6 +117,7 @@ impl ArrayService for ArrayGrpc {
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         let pb::ReadRequest { lu, lba, blocks } = request.into_inner();
+        telemetry::record_blocks(lu, lba, blocks, None);
         // The whole range is checked before the first byte is sent.
         self.array.check_read(lu, lba, blocks)?;
         let block_size_bytes = u64::from(self.array.lu_info(lu)?.block_size_bytes);
@@ -146,7 +148,10 @@ impl ArrayService for ArrayGrpc {
         request: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let pb::WriteRequest { lu, lba, data, fua } = request.into_inner();
+        let bytes = data.len() as u64;
         let blocks_written = self.array.write(lu, lba, data, fua).await?;
+        telemetry::record_blocks(lu, lba, blocks_written, Some(bytes));
+        telemetry::record_array_write(bytes);
         Ok(Response::new(pb::WriteResponse { blocks_written }))
     }
 
@@ -158,7 +163,9 @@ impl ArrayService for ArrayGrpc {
         let mut blocks_written = 0;
         while let Some(message) = stream.message().await? {
             let pb::WriteRequest { lu, lba, data, fua } = message;
+            let bytes = data.len() as u64;
             blocks_written += self.array.write(lu, lba, data, fua).await?;
+            telemetry::record_array_write(bytes);
         }
         Ok(Response::new(pb::WriteResponse { blocks_written }))
     }
@@ -173,6 +180,7 @@ impl ArrayService for ArrayGrpc {
             lba,
             blocks,
         } = request.into_inner();
+        telemetry::record_blocks(dst_lu, lba, blocks, None);
         let blocks_copied = self.array.copy_range(src_lu, dst_lu, lba, blocks).await?;
         Ok(Response::new(pb::CopyRangeResponse { blocks_copied }))
     }
@@ -187,6 +195,7 @@ impl ArrayService for ArrayGrpc {
             blocks,
             chunk_blocks,
         } = request.into_inner();
+        telemetry::record_blocks(lu, lba, blocks, None);
         let digests = self
             .array
             .checksum_range(lu, lba, blocks, chunk_blocks)

@@ -320,9 +320,15 @@ impl Backups {
                 .insert(backup_id.clone(), job.clone());
         }
         let backups = self.clone();
-        self.tasks.spawn(async move {
-            backups.run(job).await;
-        });
+        // The job's span is a child of the StartBackup call's, so the job
+        // belongs to the run's trace though it outlives the call.
+        let span = tracing::info_span!("backup job", %backup_id, run_id, lu);
+        self.tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                backups.run(job).await;
+            },
+            span,
+        ));
         if live {
             tracing::warn!(%backup_id, run_id, lu, "live backup started: LU {lu} is copied unfrozen, as asked");
         } else {
@@ -332,6 +338,7 @@ impl Backups {
     }
 
     async fn run(&self, job: Arc<Job>) {
+        let started = std::time::Instant::now();
         let result = job::run(
             &self.store,
             self.source.as_ref(),
@@ -345,6 +352,11 @@ impl Backups {
         let state = match result {
             Ok(manifest) => {
                 tracing::info!(backup_id = %id, bytes = manifest.size_bytes, image_digest = %manifest.image_digest, "backup complete");
+                splitmirror_proto::telemetry::record_backup_finished(
+                    manifest.size_bytes,
+                    started.elapsed(),
+                    None,
+                );
                 *job.manifest.lock().expect("manifest") = Some(manifest);
                 JobState::Complete
             }

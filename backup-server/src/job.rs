@@ -458,5 +458,6 @@ async fn finish(task: ChunkTask, progress: &Progress) -> Result<(u64, [u8; 32]),
     progress
         .bytes_done
         .fetch_add(chunk_bytes, Ordering::Relaxed);
+    splitmirror_proto::telemetry::record_backup_bytes(chunk_bytes);
     Ok((at, digest))
 }

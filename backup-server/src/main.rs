@@ -8,6 +8,7 @@ use backup_server::BackupServerConfig;
 use backup_server::store::BackupStore;
 use clap::{Parser, Subcommand};
 use splitmirror_proto::node;
+use splitmirror_proto::telemetry::{self, LogFormat, TelemetryConfig};
 use splitmirror_proto::units::{format_bytes, parse_size_bytes};
 
 /// The backup server of splitmirror: reads a frozen mate LU straight from
@@ -30,6 +31,16 @@ struct Cli {
         default_value = "127.0.0.1:50053"
     )]
     listen: String,
+    /// How log lines are written to stderr: text (readable) or json (one
+    /// object a line). Traces and metrics are exported over OTLP when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(
+        long,
+        global = true,
+        env = "SPLITMIRROR_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     /// The array-node to read from.
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
     array: String,
@@ -127,23 +138,29 @@ async fn run() -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)
         }
         None => {
-            node::init_tracing();
-            let listener = node::bind(&cli.listen).await.map_err(anyhow::Error::msg)?;
-            let config = BackupServerConfig {
-                array_url: cli.array,
-                db_url: cli.db,
-                store_dir: cli.store,
-                default_max_bytes_per_s: cli.max_rate,
-            };
-            let handle = backup_server::spawn(config, listener)
-                .await
-                .context("starting the backup server")?;
-            node::serve_until_signal(handle, "backup-server")
-                .await
-                .map_err(anyhow::Error::msg)?;
-            Ok(())
+            let telemetry = telemetry::init(TelemetryConfig::new("backup-server", cli.log_format))?;
+            let served = serve(cli).await;
+            telemetry.shutdown().await;
+            served
         }
     }
+}
+
+async fn serve(cli: Cli) -> anyhow::Result<()> {
+    let listener = node::bind(&cli.listen).await.map_err(anyhow::Error::msg)?;
+    let config = BackupServerConfig {
+        array_url: cli.array,
+        db_url: cli.db,
+        store_dir: cli.store,
+        default_max_bytes_per_s: cli.max_rate,
+    };
+    let handle = backup_server::spawn(config, listener)
+        .await
+        .context("starting the backup server")?;
+    node::serve_until_signal(handle, "backup-server")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(())
 }
 
 /// A reader that went away (`backup-server list | head -1`) ends the output

@@ -198,7 +198,11 @@ impl BackupService for BackupGrpc {
         request: Request<pb::StartBackupRequest>,
     ) -> Result<Response<pb::StartBackupResponse>, Status> {
         let request = StartRequest::try_from(request.into_inner())?;
+        let span = tracing::Span::current();
+        span.record("run_id", request.run_id.as_str());
+        span.record("lu", request.lu);
         let (backup_id, already_started) = self.backups.start(request).await?;
+        span.record("backup_id", backup_id.as_str());
         Ok(Response::new(pb::StartBackupResponse {
             backup_id,
             already_started,

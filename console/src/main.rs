@@ -14,6 +14,7 @@ use splitmirror_console::clients::{Addresses, Clients, DEFAULT_ARRAY, DEFAULT_BA
 use splitmirror_console::progress;
 use splitmirror_console::run::{RunOptions, backup_run};
 use splitmirror_proto::node;
+use splitmirror_proto::telemetry::{self, LogFormat};
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +30,17 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(flatten)]
     addresses: AddressArgs,
+    /// How log lines are written to stderr: text (readable) or json (one
+    /// object a line). Traces and metrics are exported over OTLP when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set; the run report then shows the
+    /// run's trace id.
+    #[arg(
+        long,
+        global = true,
+        env = "SPLITMIRROR_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -291,9 +303,6 @@ enum PairCommand {
 const EXIT_GRACE: Duration = Duration::from_millis(500);
 
 fn main() -> ExitCode {
-    // The console's output is its reports: it logs warnings only unless
-    // RUST_LOG says otherwise.
-    node::init_tracing_with_default("warn");
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -306,19 +315,50 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async {
-        match execute(cli).await {
+        // The console's output is its reports: it logs warnings only unless
+        // RUST_LOG says otherwise.
+        let telemetry = match start_telemetry(&cli).await {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let code = match execute(cli).await {
             Ok(code) => code,
             Err(error) => {
                 eprintln!("error: {error:#}");
                 ExitCode::FAILURE
             }
-        }
+        };
+        telemetry.shutdown().await;
+        code
     });
     // Dropping a runtime waits without limit for every blocking task it
     // started; once the answer is out, nothing may keep the console from
     // exiting, least of all a node that has stopped answering.
     runtime.shutdown_timeout(EXIT_GRACE);
     code
+}
+
+/// Logging, and export when OTEL_EXPORTER_OTLP_ENDPOINT is set. `bench
+/// export` without an endpoint exports to a collector of its own, so that
+/// it measures real export.
+async fn start_telemetry(cli: &Cli) -> anyhow::Result<telemetry::Telemetry> {
+    #[cfg_attr(not(feature = "embedded"), expect(unused_mut))]
+    let mut config = telemetry::TelemetryConfig {
+        default_filter: "warn",
+        ..telemetry::TelemetryConfig::new("console", cli.log_format)
+    };
+    #[cfg(feature = "embedded")]
+    if let Command::Bench {
+        scenario: splitmirror_console::bench::Scenario::Export,
+        ..
+    } = &cli.command
+    {
+        config.endpoint = Some(splitmirror_console::bench::export_endpoint().await?);
+    }
+    Ok(telemetry::init(config)?)
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -13,7 +13,9 @@ use splitmirror_proto::backup::v1 as bpb;
 use splitmirror_proto::client::{ClientError, retry};
 use splitmirror_proto::db::v1 as dpb;
 use splitmirror_proto::reason::Reason;
+use splitmirror_proto::telemetry;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::clients::Clients;
 use crate::progress::ProgressSink;
@@ -87,6 +89,9 @@ pub struct PhasesMs {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunReport {
     pub run_id: String,
+    /// The W3C trace id of this run, shared by the spans of every node it
+    /// called; `None` when traces are not exported.
+    pub trace_id: Option<String>,
     pub volume: u32,
     pub backup_id: Option<String>,
     pub mate_lu: Option<u32>,
@@ -117,6 +122,9 @@ impl RunReport {
         let mut out = String::new();
         let mut line = |key: &str, value: String| out.push_str(&format!("  {key:<18} {value}\n"));
         line("run id", self.run_id.clone());
+        if let Some(trace_id) = &self.trace_id {
+            line("trace id", trace_id.clone());
+        }
         line("volume", self.volume.to_string());
         line(
             "backup id",
@@ -184,25 +192,48 @@ pub async fn backup_run(
     progress: &dyn ProgressSink,
 ) -> RunReport {
     let started = Instant::now();
+    let run_id = uuid::Uuid::now_v7().to_string();
+    // The root of the run's trace: every call below, and every span the
+    // nodes open for them, belongs to it.
+    let run_span = tracing::info_span!(
+        "backup run",
+        run_id = %run_id,
+        volume = options.volume,
+        otel.status_code = tracing::field::Empty,
+    );
     let mut report = RunReport {
-        run_id: uuid::Uuid::now_v7().to_string(),
+        run_id,
+        trace_id: telemetry::trace_id(&run_span),
         volume: options.volume,
         ..RunReport::default()
     };
-    let acquired = acquire(clients, options, progress, &mut report).await;
-    if let Some(acquired) = acquired {
-        let backup_result = back_up(clients, options, progress, &acquired, &mut report).await;
-        if let Err(error) = backup_result {
-            report.error = Some(error.to_string());
+    async {
+        let acquired = acquire(clients, options, progress, &mut report)
+            .instrument(tracing::info_span!("acquire"))
+            .await;
+        if let Some(acquired) = acquired {
+            let backup_result = back_up(clients, options, progress, &acquired, &mut report)
+                .instrument(tracing::info_span!("back up", lu = acquired.mate_lu))
+                .await;
+            if let Err(error) = backup_result {
+                report.error = Some(error.to_string());
+            }
+            if options.keep_snapshot {
+                progress.phase("keeping the snapshot (--keep-snapshot)");
+            } else if let Err(error) =
+                delete_and_resync(clients, options, progress, &acquired, &mut report)
+                    .instrument(tracing::info_span!("delete and resync"))
+                    .await
+            {
+                report.error.get_or_insert(error.to_string());
+            }
         }
-        if options.keep_snapshot {
-            progress.phase("keeping the snapshot (--keep-snapshot)");
-        } else if let Err(error) =
-            delete_and_resync(clients, options, progress, &acquired, &mut report).await
-        {
-            report.error.get_or_insert(error.to_string());
+        if report.error.is_some() {
+            tracing::Span::current().record("otel.status_code", "ERROR");
         }
     }
+    .instrument(run_span)
+    .await;
     progress.finish();
     report.phases_ms.total = ms(started);
     report

@@ -93,9 +93,17 @@ impl Db {
         // Held from reading the sequence until the split is done: under an
         // operator's suspend this is a hold on its closed gate, which a
         // lease running out or a resume meanwhile does not reopen.
-        let quiesced = self.gate.quiesce(QUIESCE_TIMEOUT).await?;
+        let quiesced = tracing::Instrument::instrument(
+            self.gate.quiesce(QUIESCE_TIMEOUT),
+            tracing::info_span!("quiesce", volume),
+        )
+        .await?;
         let ledger_sequence = self.ledger.as_ref().map_or(0, |l| l.sequence());
-        let result = self.manager.acquire(volume, run_id, ledger_sequence).await;
+        let result = tracing::Instrument::instrument(
+            self.manager.acquire(volume, run_id, ledger_sequence),
+            tracing::info_span!("split", volume, run_id, ledger_sequence),
+        )
+        .await;
         let freeze_window_us = quiesced.elapsed_us();
         drop(quiesced);
         let outcome = result?;
@@ -108,6 +116,7 @@ impl Db {
             .lock()
             .expect("freeze windows poisoned")
             .insert(volume, (run_id.to_string(), freeze_window_us));
+        splitmirror_proto::telemetry::record_freeze_window(Duration::from_micros(freeze_window_us));
         tracing::info!(
             volume,
             run_id,

@@ -556,6 +556,7 @@ impl Ledger {
         *to_account = new_to;
         in_flight.applied();
         self.committed.fetch_add(1, Ordering::Relaxed);
+        splitmirror_proto::telemetry::record_ledger_transactions(1);
         self.latency.record(asked.elapsed().as_micros() as u64);
         Ok(sequence)
     }

@@ -8,6 +8,7 @@ use db_server::ledger::LedgerConfig;
 use db_server::manager::{ManagerConfig, ResyncMethod};
 use db_server::{DbServerConfig, ledger_format};
 use splitmirror_proto::node;
+use splitmirror_proto::telemetry::{self, LogFormat, TelemetryConfig};
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 
 /// The database server of splitmirror: runs the snapshot manager (the LU
@@ -34,6 +35,16 @@ struct ServeArgs {
         default_value = "127.0.0.1:50052"
     )]
     listen: String,
+    /// How log lines are written to stderr: text (readable) or json (one
+    /// object a line). Traces and metrics are exported over OTLP when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(
+        long,
+        global = true,
+        env = "SPLITMIRROR_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     /// The array-node to use.
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
     array: String,
@@ -174,7 +185,13 @@ async fn run() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    node::init_tracing();
+    let telemetry = telemetry::init(TelemetryConfig::new("db-server", args.log_format))?;
+    let served = serve_until_signal(args).await;
+    telemetry.shutdown().await;
+    served
+}
+
+async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<()> {
     #[cfg_attr(not(feature = "testing"), expect(unused_mut))]
     let mut manager = ManagerConfig {
         resync_method: args.resync,

@@ -173,6 +173,8 @@ struct VolumeInner {
     /// The whole-volume resync is for a pair the journal never saw: normal
     /// on first start, so only a difference found is worth a warning.
     full_resync_new_pair: bool,
+    /// The trace of the delete that asked for the next resync pass.
+    resync_parent: splitmirror_proto::telemetry::TraceParent,
 }
 
 struct Volume {
@@ -266,6 +268,7 @@ impl SnapshotManager {
                 full_resync_reason: None,
                 full_resync_pending: false,
                 full_resync_new_pair: false,
+                resync_parent: Default::default(),
             };
             match (&journal, known) {
                 (None, _) => {}
@@ -668,6 +671,7 @@ impl SnapshotManager {
         let mut inner = vol.inner();
         inner.state = PairState::Resynchronizing;
         inner.last_deleted_by = Some(run_id.to_string());
+        inner.resync_parent = splitmirror_proto::telemetry::TraceParent::current();
         inner.resync = ResyncProgress {
             running: true,
             ranges_done: 0,

@@ -211,6 +211,9 @@ impl DbService for DbGrpc {
         request: Request<pb::AcquireSnapshotRequest>,
     ) -> Result<Response<pb::AcquireSnapshotResponse>, Status> {
         let request = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("volume", request.volume);
+        span.record("run_id", request.run_id.as_str());
         let a = self
             .db
             .acquire_snapshot(request.volume, &request.run_id)
@@ -232,6 +235,9 @@ impl DbService for DbGrpc {
         request: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let request = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("volume", request.volume);
+        span.record("run_id", request.run_id.as_str());
         if request.run_id.is_empty() && !request.force {
             return Err(Status::invalid_argument(
                 "run_id must not be empty (or set force)",
@@ -318,6 +324,11 @@ impl DbService for DbGrpc {
             blocks,
         } = request.into_inner();
         let target = target_from_pb(target)?;
+        let span = tracing::Span::current();
+        span.record("volume", volume);
+        span.record("mode", tracing::field::debug(target));
+        span.record("lba", lba);
+        span.record("blocks", blocks);
         let pair = self.db.manager.pair(volume)?;
         if blocks == 0
             || lba
@@ -357,6 +368,11 @@ impl DbService for DbGrpc {
             data,
         } = request.into_inner();
         let target = target_from_pb(target)?;
+        let span = tracing::Span::current();
+        span.record("volume", volume);
+        span.record("mode", tracing::field::debug(target));
+        span.record("lba", lba);
+        span.record("bytes", data.len() as u64);
         let blocks_written = self.db.write(volume, target, lba, data).await?;
         Ok(Response::new(pb::VolumeWriteResponse { blocks_written }))
     }

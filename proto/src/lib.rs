@@ -9,6 +9,8 @@
 //!   so that a call gets the same treatment whichever node it reaches.
 //! - [`range_lock`]: ordering of overlapping block ranges, used by the array
 //!   and the snapshot manager.
+//! - [`telemetry`]: logs, traces and metrics set up once for every
+//!   program; W3C trace context on every call between nodes.
 //! - [`pace`]: pacing bulk work (backups, resyncs) to a byte rate.
 //! - [`units`]: parsing of human sizes and durations for the command lines.
 //! - [`run_id`]: what a run id may be, checked alike by every node.
@@ -21,6 +23,7 @@ pub mod pace;
 pub mod range_lock;
 pub mod reason;
 pub mod run_id;
+pub mod telemetry;
 pub mod units;
 
 /// `splitmirror.array.v1`: the disk array.

@@ -178,7 +178,10 @@ pub fn server_builder() -> NodeServer {
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_frame_size(MAX_FRAME_BYTES)
         .timeout(SERVER_REQUEST_TIMEOUT)
-        .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
+        // The span of every call served: it continues the caller's W3C
+        // trace context (see `telemetry`), and handlers record their fields
+        // (run id, volume, LU, LBA range, bytes, mode) on it.
+        .trace_fn(crate::telemetry::server_span)
         .layer(MapResponseLayer::new(
             oversized_is_resource_exhausted as fn(http::Response<Body>) -> http::Response<Body>,
         ))
@@ -681,28 +684,23 @@ pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::E
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+/// Logs to stderr as text, filtered by `RUST_LOG` (default `info`), with
+/// no export: for tests and tools. Programs use [`crate::telemetry::init`].
 pub fn init_tracing() {
     init_tracing_with_default("info");
 }
 
-/// Logs to stderr, filtered by `RUST_LOG`, else by `default_filter`.
-/// Coloured only on a terminal: escape codes in a log file or a pipe are
-/// noise to every reader and tool that comes after.
-pub fn init_tracing_with_default(default_filter: &str) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let ansi = log_colour(
-        std::io::stderr().is_terminal(),
-        std::env::var_os("NO_COLOR").as_deref(),
-    );
-    // A second initialisation (tests, the embedded demo) is harmless.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
+/// Logs to stderr as text, filtered by `RUST_LOG`, else by
+/// `default_filter`. Coloured only on a terminal. A second initialisation
+/// (tests, the embedded demo) is harmless.
+pub fn init_tracing_with_default(default_filter: &'static str) {
+    let config = crate::telemetry::TelemetryConfig {
+        default_filter,
+        endpoint: Some(String::new()),
+        ..crate::telemetry::TelemetryConfig::new("splitmirror", Default::default())
+    };
+    // Without an endpoint nothing can fail.
+    let _ = crate::telemetry::init(config);
 }
 
 /// Whether logs on stderr are coloured: only on a terminal, and never when

@@ -17,6 +17,9 @@
 //! - `console_cli`: the console binary end to end, the demo, the CLI.
 //! - `compose`: the container scenario (when Docker is there).
 //! - `bench_smoke`: every benchmark scenario once, tiny.
+//! - `tracing_otlp`: one `console run` is one trace across the four
+//!   programs (an in-process OTLP collector); nothing exported without an
+//!   endpoint.
 //! - [`soak`]: the nemesis (the `soak` binary) and its in-process model.
 
 pub mod harness;
@@ -54,3 +57,5 @@ mod journal_damage;
 mod ledger_crash;
 #[cfg(test)]
 mod resync_wait;
+#[cfg(test)]
+mod tracing_otlp;

@@ -10,6 +10,7 @@
 mod array;
 mod backup;
 mod common;
+mod export;
 mod freeze;
 mod journal;
 mod modes;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 pub use common::machine;
+pub use export::export_endpoint;
 
 /// The scenarios of `console bench`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,6 +47,8 @@ pub enum Scenario {
     Timeline,
     /// The orchestration overhead of `console run`.
     Run,
+    /// Ledger tps and backup MB/s with OTLP export off and on.
+    Export,
 }
 
 impl Scenario {
@@ -59,6 +63,7 @@ impl Scenario {
             Self::Journal => "journal",
             Self::Timeline => "timeline",
             Self::Run => "run",
+            Self::Export => "export",
         }
     }
 }
@@ -100,6 +105,7 @@ pub async fn run(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<B
         Scenario::Journal => journal::run(options).await?,
         Scenario::Timeline => timeline::run(options).await?,
         Scenario::Run => run_overhead::run(options).await?,
+        Scenario::Export => export::run(options).await?,
     };
     Ok(BenchOutput {
         table: output.table,

@@ -89,7 +89,10 @@ impl SnapshotManager {
             tokio::pin!(woken);
             woken.as_mut().enable();
             if vol.inner().state == PairState::Resynchronizing {
-                self.resync_pass(&vol).await;
+                // The pass continues the trace of the delete that woke it.
+                let span = tracing::info_span!("resync", volume = vol.volume());
+                std::mem::take(&mut vol.inner().resync_parent).adopt(&span);
+                tracing::Instrument::instrument(self.resync_pass(&vol), span).await;
             }
             tokio::select! {
                 () = &mut woken => {}
@@ -294,6 +297,7 @@ impl SnapshotManager {
         let bytes = (blocks.end - blocks.start) * u64::from(vol.pair.block_size_bytes);
         let mut inner = vol.inner();
         inner.table.remove(blocks);
+        splitmirror_proto::telemetry::record_resync_progress(bytes, inner.table.block_count());
         inner.resync.ranges_done += 1;
         inner.resync.bytes_done += bytes;
         let remaining_bytes = inner.table.block_count() * u64::from(vol.pair.block_size_bytes);

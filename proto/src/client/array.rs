@@ -1,7 +1,7 @@
 //! The typed client of `splitmirror.array.v1.ArrayService`.
 
+use crate::telemetry::TracedChannel;
 use futures_util::StreamExt;
-use tonic::transport::Channel;
 
 use super::{AnswerStream, ClientError, ErrorKind, Peer};
 use crate::array::v1 as pb;
@@ -42,7 +42,7 @@ pub struct PairInfo {
 /// restarts.
 #[derive(Clone)]
 pub struct ArrayClient {
-    inner: ArrayServiceClient<Channel>,
+    inner: ArrayServiceClient<TracedChannel>,
     peer: Peer,
 }
 
@@ -231,7 +231,7 @@ impl ArrayClient {
 
     /// The generated client, for tests that must send what this client
     /// never would (a malformed request, a raw stream).
-    pub fn raw(&self) -> ArrayServiceClient<Channel> {
+    pub fn raw(&self) -> ArrayServiceClient<TracedChannel> {
         self.inner.clone()
     }
 }

@@ -1,6 +1,6 @@
 //! The typed client of `splitmirror.backup.v1.BackupService`.
 
-use tonic::transport::Channel;
+use crate::telemetry::TracedChannel;
 
 use super::{AnswerStream, ClientError, Peer};
 use crate::backup::v1 as pb;
@@ -11,7 +11,7 @@ use crate::node;
 /// at the first call and remade after the server restarts.
 #[derive(Clone)]
 pub struct BackupClient {
-    inner: BackupServiceClient<Channel>,
+    inner: BackupServiceClient<TracedChannel>,
     peer: Peer,
 }
 
@@ -111,7 +111,7 @@ impl BackupClient {
 
     /// The generated client, for tests that must send what this client
     /// never would.
-    pub fn raw(&self) -> BackupServiceClient<Channel> {
+    pub fn raw(&self) -> BackupServiceClient<TracedChannel> {
         self.inner.clone()
     }
 }

@@ -1,7 +1,7 @@
 //! The typed client of `splitmirror.db.v1.DbService`.
 
+use crate::telemetry::TracedChannel;
 use futures_util::StreamExt;
-use tonic::transport::Channel;
 
 use super::{AnswerStream, ClientError, ErrorKind, Peer};
 use crate::db::v1 as pb;
@@ -13,7 +13,7 @@ use crate::node;
 /// remade after db-server restarts.
 #[derive(Clone)]
 pub struct DbClient {
-    inner: DbServiceClient<Channel>,
+    inner: DbServiceClient<TracedChannel>,
     peer: Peer,
 }
 
@@ -188,7 +188,7 @@ impl DbClient {
 
     /// The generated client, for tests that must send what this client
     /// never would.
-    pub fn raw(&self) -> DbServiceClient<Channel> {
+    pub fn raw(&self) -> DbServiceClient<TracedChannel> {
         self.inner.clone()
     }
 }

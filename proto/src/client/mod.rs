@@ -14,8 +14,9 @@
 //! - Every client is built on one channel builder (`Peer::connect`): the
 //!   HTTP/2 windows of
 //!   [`node::endpoint`] are set there once, and every client sets the
-//!   message-size limits of [`node::MAX_MESSAGE_BYTES`]. A later layer (TLS,
-//!   trace context) is added there too.
+//!   message-size limits of [`node::MAX_MESSAGE_BYTES`]. Every call opens a
+//!   client span and carries its W3C trace context there
+//!   ([`TracedChannel`]); a later layer (TLS) is added there too.
 //!
 //! The generated clients stay available (`proto::array::v1::…`) for the few
 //! tests that must send what a typed client never would (malformed
@@ -32,7 +33,7 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 
-use tonic::transport::Channel;
+use crate::telemetry::TracedChannel;
 
 pub use array::{ArrayClient, LuPage, PairInfo};
 pub use backup::BackupClient;
@@ -283,8 +284,10 @@ struct Peer {
 impl Peer {
     /// The channel every typed client is built on: lazily connecting,
     /// reconnecting after the peer restarts, with the windows of
-    /// [`node::endpoint`]. The one place a client-side layer is added.
-    fn connect(node: &'static str, target: &str) -> Result<(Self, Channel), ClientError> {
+    /// [`node::endpoint`], opening a client span per call and sending its
+    /// trace context ([`TracedChannel`]). The one place a client-side layer
+    /// is added.
+    fn connect(node: &'static str, target: &str) -> Result<(Self, TracedChannel), ClientError> {
         let channel = node::endpoint(target)
             .map(|endpoint| endpoint.connect_lazy())
             .map_err(|error| {
@@ -300,7 +303,7 @@ impl Peer {
             node,
             target: target.to_string(),
         };
-        Ok((peer, channel))
+        Ok((peer, TracedChannel::new(channel, node)))
     }
 
     fn error(&self, doing: impl Into<String>, status: &tonic::Status) -> ClientError {
