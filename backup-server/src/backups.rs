@@ -352,10 +352,18 @@ impl Backups {
         let state = match result {
             Ok(manifest) => {
                 tracing::info!(backup_id = %id, bytes = manifest.size_bytes, image_digest = %manifest.image_digest, "backup complete");
+                let store_bytes = if splitmirror_proto::telemetry::export_enabled() {
+                    self.store
+                        .stored_bytes()
+                        .inspect_err(|e| tracing::warn!("measuring the store: {e}"))
+                        .ok()
+                } else {
+                    None
+                };
                 splitmirror_proto::telemetry::record_backup_finished(
                     manifest.size_bytes,
                     started.elapsed(),
-                    None,
+                    store_bytes,
                 );
                 *job.manifest.lock().expect("manifest") = Some(manifest);
                 JobState::Complete

@@ -163,7 +163,8 @@ fn start_nodes(env: &[(&str, &str)]) -> Nodes {
         ],
         env,
     );
-    // The ledger runs, slowly: its transactions are traces of their own.
+    // The ledger runs, slowly; its own transactions are not traced (a node
+    // traces only what a traced caller asks).
     let db = NodeProcess::start_with_env(
         "db-server",
         &[
@@ -396,6 +397,8 @@ async fn one_console_run_is_one_trace_across_the_four_programs() {
         "splitmirror.ledger.transactions",
         "splitmirror.freeze_window",
         "splitmirror.backup.bytes",
+        "splitmirror.backup.throughput",
+        "splitmirror.backup.store.bytes",
     ] {
         assert!(metrics.contains(name), "no {name} among {metrics:?}");
     }
