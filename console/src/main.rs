@@ -15,6 +15,7 @@ use splitmirror_console::progress;
 use splitmirror_console::run::{RunOptions, backup_run};
 use splitmirror_proto::node;
 use splitmirror_proto::telemetry::{self, LogFormat};
+use tracing::Instrument as _;
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 use tokio_util::sync::CancellationToken;
 
@@ -481,17 +482,35 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             watch,
             interval,
-        } => manual::show_status(&connect()?, json, watch, interval).await,
+        } => {
+            manual::show_status(&connect()?, json, watch, interval)
+                .instrument(command_span("status"))
+                .await
+        }
         Command::Snapshot(SnapshotCommand::Acquire { volume, run_id }) => {
-            manual::snapshot_acquire(&connect()?, volume, run_id).await
+            manual::snapshot_acquire(&connect()?, volume, run_id)
+                .instrument(command_span("snapshot acquire"))
+                .await
         }
         Command::Snapshot(SnapshotCommand::Delete {
             volume,
             run_id,
             force,
-        }) => manual::snapshot_delete(&connect()?, volume, &run_id, force).await,
-        Command::Db(DbCommand::Suspend { lease }) => manual::db_suspend(&connect()?, lease).await,
-        Command::Db(DbCommand::Resume) => manual::db_resume(&connect()?).await,
+        }) => {
+            manual::snapshot_delete(&connect()?, volume, &run_id, force)
+                .instrument(command_span("snapshot delete"))
+                .await
+        }
+        Command::Db(DbCommand::Suspend { lease }) => {
+            manual::db_suspend(&connect()?, lease)
+                .instrument(command_span("db suspend"))
+                .await
+        }
+        Command::Db(DbCommand::Resume) => {
+            manual::db_resume(&connect()?)
+                .instrument(command_span("db resume"))
+                .await
+        }
         Command::Backup(BackupCommand::Start {
             lu,
             volume,
@@ -507,18 +526,34 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 label,
                 max_bytes_per_s: max_rate,
             };
-            manual::backup_start(&connect()?, start).await
+            manual::backup_start(&connect()?, start)
+                .instrument(command_span("backup start"))
+                .await
         }
         Command::Backup(BackupCommand::List { json }) => {
-            manual::backup_list(&connect()?, json).await
+            manual::backup_list(&connect()?, json)
+                .instrument(command_span("backup list"))
+                .await
         }
         Command::Backup(BackupCommand::Verify { backup_id }) => {
-            manual::backup_verify(&connect()?, &backup_id).await
+            manual::backup_verify(&connect()?, &backup_id)
+                .instrument(command_span("backup verify"))
+                .await
         }
         Command::Pair(PairCommand::Verify {
             volume,
             quiesce,
             json,
-        }) => manual::pair_verify(&connect()?, volume, quiesce, json).await,
+        }) => {
+            manual::pair_verify(&connect()?, volume, quiesce, json)
+                .instrument(command_span("pair verify"))
+                .await
+        }
     }
+}
+
+/// The root span of one manual command: with export on, the command and
+/// the calls it makes are one trace (a `run` opens its own, `backup run`).
+fn command_span(command: &'static str) -> tracing::Span {
+    tracing::info_span!("console command", command)
 }

@@ -320,6 +320,19 @@ async fn one_console_run_is_one_trace_across_the_four_programs() {
     );
     raw.status(request).await.expect("status");
 
+    // A manual command is a trace of its own too.
+    let mut status = Command::new(harness::binary("console"));
+    status
+        .args(["--array", &nodes.array.addr])
+        .args(["--db", &nodes.db.addr])
+        .args(["--backup", &nodes.backup.addr])
+        .args(["status", "--json"])
+        .envs(env);
+    let out = tokio::task::spawn_blocking(move || status.output().expect("console status"))
+        .await
+        .expect("console task");
+    assert!(out.status.success(), "console status failed: {out:?}");
+
     // A clean stop flushes what the exporters hold (their batch delay is
     // 5 s; the nodes are stopped at once).
     nodes.stop();
@@ -389,6 +402,18 @@ async fn one_console_run_is_one_trace_across_the_four_programs() {
             && s.parent_span_id == caller_span
             && s.service == "db-server"),
         "db-server's span of the call with a traceparent is not under it"
+    );
+    // The status command's root span has db-server's span under it.
+    let command = spans
+        .iter()
+        .find(|s| s.service == "console" && s.name == "console command")
+        .expect("no span of the console's status command");
+    assert!(command.parent_span_id.is_empty(), "a command is a root");
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.trace_id == command.trace_id && s.service == "db-server"),
+        "db-server's spans of the status command are not in its trace"
     );
     // And metrics came too, flushed on shutdown.
     let metrics = collector.metric_names();
