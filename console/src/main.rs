@@ -15,9 +15,9 @@ use splitmirror_console::progress;
 use splitmirror_console::run::{RunOptions, backup_run};
 use splitmirror_proto::node;
 use splitmirror_proto::telemetry::{self, LogFormat};
-use tracing::Instrument as _;
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 /// The management console of splitmirror: consistent online backups by
 /// splitting a mirror inside the disk array.
