@@ -46,8 +46,29 @@ pub struct StartRequest {
 pub enum JobState {
     Running,
     Complete,
-    Failed(String),
+    /// The job failed: why, as a program acts on it, and as people read it.
+    Failed {
+        kind: FailureKind,
+        message: String,
+    },
     Cancelled,
+}
+
+/// Why a job failed, for a program to act on (the wire's `BackupFailure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The array or db-server did not answer: retryable by a new run.
+    NodeUnavailable,
+    /// The snapshot was lost, replaced or not confirmed: not retryable.
+    NotFrozen,
+    /// The array failed or sent other than asked.
+    ArrayFailed,
+    /// The LU is not the size the request expected.
+    WrongSize,
+    /// The store could not be written or synced.
+    StoreFailed,
+    /// db-server failed the confirmation, or this server failed.
+    Internal,
 }
 
 impl JobState {
@@ -156,7 +177,7 @@ pub enum BackupError {
 fn not_complete_reason(state: &JobState) -> String {
     match state {
         JobState::Running => "it is still running".to_string(),
-        JobState::Failed(why) => format!("it failed: {why}"),
+        JobState::Failed { message, .. } => format!("it failed: {message}"),
         JobState::Cancelled => "it was cancelled".to_string(),
         JobState::Complete => "it is complete".to_string(),
     }
@@ -373,13 +394,12 @@ impl Backups {
                 JobState::Cancelled
             }
             Err(error) => {
-                let reason = if error.is_unavailable() {
-                    format!("UNAVAILABLE: {error}")
-                } else {
-                    error.to_string()
-                };
-                tracing::warn!(backup_id = %id, "backup failed: {reason}");
-                JobState::Failed(reason)
+                let kind = error.failure_kind();
+                tracing::warn!(backup_id = %id, ?kind, "backup failed: {error}");
+                JobState::Failed {
+                    kind,
+                    message: error.to_string(),
+                }
             }
         };
         job.state.send_replace(state);

@@ -15,6 +15,7 @@ use splitmirror_proto::client::{Backoff, ClientError};
 use splitmirror_proto::pace::RateLimit;
 use tokio_util::sync::CancellationToken;
 
+use crate::backups::FailureKind;
 use crate::manifest::{self, CHUNK_SIZE_BYTES, FORMAT_VERSION, Manifest, SnapshotRecord};
 use crate::owner::{
     CONFIRM_DEADLINE, HeldSnapshot, NotFrozen, OwnerFailure, SnapshotOwner, SnapshotRef,
@@ -132,7 +133,7 @@ pub enum JobError {
     Task(#[from] tokio::task::JoinError),
     /// The snapshot was not the one confirmed before the copy: the image
     /// may not be frozen. Retrying cannot help.
-    #[error("FAILED_PRECONDITION: the image is not known to be frozen: {0}")]
+    #[error("the image is not known to be frozen: {0}")]
     SnapshotLost(NotFrozen),
     /// db-server did not confirm the snapshot after the copy: it did not
     /// answer within [`CONFIRM_DEADLINE`] (transient) or failed the question.
@@ -144,6 +145,24 @@ pub enum JobError {
 }
 
 impl JobError {
+    /// What kind of failure this is, for the job's answer.
+    pub fn failure_kind(&self) -> FailureKind {
+        if self.is_unavailable() {
+            return FailureKind::NodeUnavailable;
+        }
+        match self {
+            JobError::Array(_) | JobError::ShortRead { .. } | JobError::MissingChunks { .. } => {
+                FailureKind::ArrayFailed
+            }
+            JobError::WrongSize { .. } => FailureKind::WrongSize,
+            JobError::Store(_) | JobError::Image { .. } => FailureKind::StoreFailed,
+            JobError::SnapshotLost(_) => FailureKind::NotFrozen,
+            JobError::NotConfirmed(_) | JobError::Task(_) | JobError::Cancelled => {
+                FailureKind::Internal
+            }
+        }
+    }
+
     /// True when the job failed because a node did not answer: the array
     /// (a read) or db-server (the confirmation after the copy).
     pub fn is_unavailable(&self) -> bool {

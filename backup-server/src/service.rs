@@ -9,7 +9,9 @@ use splitmirror_proto::backup::v1 as pb;
 use splitmirror_proto::backup::v1::backup_service_server::BackupService;
 use tonic::{Request, Response, Status};
 
-use crate::backups::{BackupError, BackupInfo, Backups, JobState, StartRequest, Wanted};
+use crate::backups::{
+    BackupError, BackupInfo, Backups, FailureKind, JobState, StartRequest, Wanted,
+};
 use crate::manifest::{self, Manifest, SnapshotRecord};
 use crate::owner::SnapshotRef;
 
@@ -144,17 +146,34 @@ pub fn manifest_to_pb(m: &Manifest, include_digests: bool) -> Result<pb::Manifes
     })
 }
 
-fn state_to_pb(state: &JobState) -> (pb::BackupState, String) {
+/// The state, the failure kind (unspecified unless failed) and the text.
+fn state_to_pb(state: &JobState) -> (pb::BackupState, pb::BackupFailure, String) {
+    let none = pb::BackupFailure::Unspecified;
     match state {
-        JobState::Running => (pb::BackupState::Running, String::new()),
-        JobState::Complete => (pb::BackupState::Complete, String::new()),
-        JobState::Failed(reason) => (pb::BackupState::Failed, reason.clone()),
-        JobState::Cancelled => (pb::BackupState::Cancelled, "cancelled".into()),
+        JobState::Running => (pb::BackupState::Running, none, String::new()),
+        JobState::Complete => (pb::BackupState::Complete, none, String::new()),
+        JobState::Failed { kind, message } => (
+            pb::BackupState::Failed,
+            failure_to_pb(*kind),
+            message.clone(),
+        ),
+        JobState::Cancelled => (pb::BackupState::Cancelled, none, "cancelled".into()),
+    }
+}
+
+fn failure_to_pb(kind: FailureKind) -> pb::BackupFailure {
+    match kind {
+        FailureKind::NodeUnavailable => pb::BackupFailure::NodeUnavailable,
+        FailureKind::NotFrozen => pb::BackupFailure::NotFrozen,
+        FailureKind::ArrayFailed => pb::BackupFailure::ArrayFailed,
+        FailureKind::WrongSize => pb::BackupFailure::WrongSize,
+        FailureKind::StoreFailed => pb::BackupFailure::StoreFailed,
+        FailureKind::Internal => pb::BackupFailure::Internal,
     }
 }
 
 fn info_to_pb(info: BackupInfo, include_digests: bool) -> Result<pb::BackupInfo, BackupError> {
-    let (state, error) = state_to_pb(&info.state);
+    let (state, failure, error) = state_to_pb(&info.state);
     let consistency = info.consistency();
     let manifest = info
         .manifest
@@ -174,11 +193,12 @@ fn info_to_pb(info: BackupInfo, include_digests: bool) -> Result<pb::BackupInfo,
         snapshot: info.snapshot.as_ref().map(snapshot_to_pb),
         consistency,
         manifest,
+        failure: failure.into(),
     })
 }
 
 fn progress_of(info: &BackupInfo) -> pb::BackupProgress {
-    let (state, error) = state_to_pb(&info.state);
+    let (state, failure, error) = state_to_pb(&info.state);
     pb::BackupProgress {
         backup_id: info.backup_id.clone(),
         state: state.into(),
@@ -186,6 +206,7 @@ fn progress_of(info: &BackupInfo) -> pb::BackupProgress {
         bytes_total: info.bytes_total,
         throughput_bytes_per_s: info.throughput_bytes_per_s,
         error,
+        failure: failure.into(),
     }
 }
 

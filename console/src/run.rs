@@ -37,10 +37,15 @@ pub enum RunError {
     #[error(transparent)]
     Call(#[from] ClientError),
     /// The backup job ended in another state than Complete (failed on the
-    /// backup server, or cancelled there). Not retryable as it is: the
-    /// message says why.
+    /// backup server, or cancelled there). `failure` says why for a program
+    /// (a node that did not answer: a new run may succeed; a snapshot lost:
+    /// the image was not frozen), the message for people.
     #[error("the backup {state}: {message}")]
-    BackupEnded { state: String, message: String },
+    BackupEnded {
+        state: String,
+        failure: bpb::BackupFailure,
+        message: String,
+    },
     /// The operator cancelled the run (Ctrl-C). Not an error to retry.
     #[error("cancelled by the operator")]
     Cancelled,
@@ -331,6 +336,7 @@ async fn back_up(
     if last.state() != bpb::BackupState::Complete {
         return Err(RunError::BackupEnded {
             state: state_name(last.state()).to_string(),
+            failure: last.failure(),
             message: last.error,
         });
     }

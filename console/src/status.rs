@@ -290,6 +290,8 @@ pub fn to_json(snapshot: &Snapshot) -> Value {
             })),
             "consistency": b.consistency,
             "error": b.error,
+            "failure": (b.failure() != bpb::BackupFailure::Unspecified)
+                .then(|| b.failure().as_str_name()),
         })).collect::<Vec<_>>()),
     })
 }

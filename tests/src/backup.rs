@@ -255,7 +255,12 @@ async fn killing_the_array_mid_backup_fails_the_job_as_unavailable() {
     array.kill9();
     let last = follow_backup(&client, &id).await;
     assert_eq!(last.state(), pb::BackupState::Failed);
-    assert!(last.error.contains("UNAVAILABLE"), "reason: {}", last.error);
+    assert_eq!(
+        last.failure(),
+        pb::BackupFailure::NodeUnavailable,
+        "reason: {}",
+        last.error
+    );
     let listed = client.list_backups().await.expect("list");
     assert!(
         listed
@@ -679,11 +684,11 @@ async fn a_snapshot_deleted_during_the_copy_fails_the_job_and_leaves_nothing_com
         .expect("delete with force");
     let last = follow_backup(&client, &id).await;
     assert_eq!(last.state(), pb::BackupState::Failed, "{last:?}");
+    assert_eq!(last.failure(), pb::BackupFailure::NotFrozen, "{last:?}");
+    // The text names the snapshot for a person.
     assert!(
-        last.error.starts_with("FAILED_PRECONDITION")
-            && last
-                .error
-                .contains("snapshot of volume 0 held by run \"doomed\""),
+        last.error
+            .contains("snapshot of volume 0 held by run \"doomed\""),
         "reason: {}",
         last.error
     );
@@ -759,6 +764,8 @@ async fn a_snapshot_acquired_again_by_the_same_run_during_the_copy_fails_the_job
     );
     let last = follow_backup(&client, &id).await;
     assert_eq!(last.state(), pb::BackupState::Failed, "{last:?}");
+    assert_eq!(last.failure(), pb::BackupFailure::NotFrozen, "{last:?}");
+    // The text tells a person which snapshots: both ids.
     assert!(
         last.error
             .contains("snapshot of volume 0 held by run \"again\" was deleted and acquired again")
