@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The chunk size of every manifest (and of the console's comparison).
-pub const CHUNK_SIZE_BYTES: u64 = 1 << 20;
+pub const CHUNK_SIZE_BYTES: u64 = splitmirror_proto::BACKUP_CHUNK_SIZE_BYTES;
 
 /// 2: the manifest records the snapshot the image was copied from, or that
 /// it was copied live.

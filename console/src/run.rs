@@ -21,10 +21,11 @@ use crate::clients::Clients;
 use crate::progress::ProgressSink;
 
 /// The chunk size the mate LU is checksummed with while the backup runs:
-/// what every backup manifest has said so far (`Manifest.chunk_size_bytes`
-/// on the wire). The comparison goes by the manifest's own chunk size: a
-/// manifest with another one has the mate checksummed again with it.
-pub const CHUNK_SIZE_BYTES: u64 = 1 << 20;
+/// the backup server's ([`splitmirror_proto::BACKUP_CHUNK_SIZE_BYTES`]).
+/// The comparison goes by the manifest's own chunk size
+/// (`Manifest.chunk_size_bytes`): a manifest with another one (an older or
+/// newer server) has the mate checksummed again with it.
+pub const CHUNK_SIZE_BYTES: u64 = splitmirror_proto::BACKUP_CHUNK_SIZE_BYTES;
 
 /// Why a run (or one of its steps) failed. The run's report holds it as
 /// text; the steps answer it typed so that callers decide on the variant

@@ -47,6 +47,12 @@ pub mod backup {
     }
 }
 
+/// The chunk size of backup images: each manifest digest covers one chunk
+/// of this many bytes (the last may be shorter). In the shared crate so that
+/// the backup server hashes and the console checksums the frozen mate with
+/// the same size.
+pub const BACKUP_CHUNK_SIZE_BYTES: u64 = 1 << 20;
+
 /// The encoded `FileDescriptorSet` of every splitmirror service, served by
 /// gRPC reflection so that grpcurl needs no `.proto` files.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

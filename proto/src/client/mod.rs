@@ -295,7 +295,7 @@ impl Peer {
                     ErrorKind::InvalidArgument,
                     node,
                     target,
-                    "connecting",
+                    "calling",
                     error.to_string(),
                 )
             })?;
