@@ -210,7 +210,7 @@ async fn fast(seed: u64, seeds: u64, canary: Option<Canary>, json: Option<PathBu
         Some((failed, what)) => {
             println!("soak --fast: VIOLATION at seed {failed}: {what}");
             println!(
-                "soak: replay with: cargo run --release --bin soak -- --fast --seed {failed} --seeds 1"
+                "soak: replay with: cargo run --release -p splitmirror-tests --bin soak -- --fast --seed {failed} --seeds 1"
             );
             println!("soak: {} seeds, 1 violations", summary.seeds);
             ExitCode::FAILURE

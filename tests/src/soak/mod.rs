@@ -308,7 +308,7 @@ pub fn replay_command(config: &SoakConfig, rounds: Option<u64>) -> String {
         (None, None) => String::new(),
     };
     let mut command = format!(
-        "cargo run --release --bin soak -- --seed {} {length} --faults {faults} --lu-size {} --workload-tps {}",
+        "cargo run --release -p splitmirror-tests --bin soak -- --seed {} {length} --faults {faults} --lu-size {} --workload-tps {}",
         config.seed, config.lu_size, config.workload_tps
     );
     command.push_str(&format!(" --resync {}", config.resync_method));

@@ -508,7 +508,7 @@ mod tests {
         );
         if let Some((seed, what)) = &summary.failure {
             panic!(
-                "seed {seed}: {what} (replay: cargo run --release --bin soak -- --fast --seed {seed} --seeds 1)"
+                "seed {seed}: {what} (replay: cargo run --release -p splitmirror-tests --bin soak -- --fast --seed {seed} --seeds 1)"
             );
         }
         for canary in [Canary::ForgetSnapshotWrites, Canary::IntentAfterWrite] {
