@@ -6,7 +6,7 @@ use anyhow::Context;
 use array_node::{ArrayConfig, ArrayNodeConfig, ArrayTestHooks};
 use clap::{Parser, Subcommand};
 use splitmirror_proto::node;
-use splitmirror_proto::telemetry::{self, LogFormat, TelemetryConfig};
+use splitmirror_proto::telemetry::{self, LogArgs, TelemetryConfig};
 use splitmirror_proto::units::parse_size_bytes;
 
 /// The disk array of splitmirror: stores real LUs as sparse files and
@@ -29,16 +29,8 @@ struct Cli {
         default_value = "127.0.0.1:50051"
     )]
     listen: String,
-    /// How log lines are written to stderr: text (readable) or json (one
-    /// object a line). Traces and metrics are exported over OTLP when
-    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    #[arg(
-        long,
-        global = true,
-        env = "SPLITMIRROR_LOG_FORMAT",
-        default_value = "text"
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     /// Directory holding the LU files (lu<ID>.img).
     #[arg(long, env = "SPLITMIRROR_ARRAY_DATA_DIR", default_value = "array-data")]
     data_dir: PathBuf,
@@ -89,7 +81,7 @@ async fn run() -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg);
     }
-    let telemetry = telemetry::init(TelemetryConfig::new("array-node", cli.log_format))?;
+    let telemetry = telemetry::init(TelemetryConfig::new("array-node", cli.log.log_format))?;
     let served = serve(cli).await;
     telemetry.shutdown().await;
     served

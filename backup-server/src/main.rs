@@ -8,7 +8,7 @@ use backup_server::BackupServerConfig;
 use backup_server::store::BackupStore;
 use clap::{Parser, Subcommand};
 use splitmirror_proto::node;
-use splitmirror_proto::telemetry::{self, LogFormat, TelemetryConfig};
+use splitmirror_proto::telemetry::{self, LogArgs, TelemetryConfig};
 use splitmirror_proto::units::{format_bytes, parse_size_bytes};
 
 /// The backup server of splitmirror: reads a frozen mate LU straight from
@@ -31,16 +31,8 @@ struct Cli {
         default_value = "127.0.0.1:50053"
     )]
     listen: String,
-    /// How log lines are written to stderr: text (readable) or json (one
-    /// object a line). Traces and metrics are exported over OTLP when
-    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    #[arg(
-        long,
-        global = true,
-        env = "SPLITMIRROR_LOG_FORMAT",
-        default_value = "text"
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     /// The array-node to read from.
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
     array: String,
@@ -138,7 +130,8 @@ async fn run() -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)
         }
         None => {
-            let telemetry = telemetry::init(TelemetryConfig::new("backup-server", cli.log_format))?;
+            let telemetry =
+                telemetry::init(TelemetryConfig::new("backup-server", cli.log.log_format))?;
             let served = serve(cli).await;
             telemetry.shutdown().await;
             served

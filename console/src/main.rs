@@ -14,7 +14,7 @@ use splitmirror_console::clients::{Addresses, Clients, DEFAULT_ARRAY, DEFAULT_BA
 use splitmirror_console::progress;
 use splitmirror_console::run::{RunOptions, backup_run};
 use splitmirror_proto::node;
-use splitmirror_proto::telemetry::{self, LogFormat};
+use splitmirror_proto::telemetry::{self, LogArgs};
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -31,17 +31,8 @@ use tracing::Instrument as _;
 struct Cli {
     #[command(flatten)]
     addresses: AddressArgs,
-    /// How log lines are written to stderr: text (readable) or json (one
-    /// object a line). Traces and metrics are exported over OTLP when
-    /// OTEL_EXPORTER_OTLP_ENDPOINT is set; the run report then shows the
-    /// run's trace id.
-    #[arg(
-        long,
-        global = true,
-        env = "SPLITMIRROR_LOG_FORMAT",
-        default_value = "text"
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -349,7 +340,7 @@ async fn start_telemetry(cli: &Cli) -> anyhow::Result<telemetry::Telemetry> {
     #[cfg_attr(not(feature = "embedded"), expect(unused_mut))]
     let mut config = telemetry::TelemetryConfig {
         default_filter: "warn",
-        ..telemetry::TelemetryConfig::new("console", cli.log_format)
+        ..telemetry::TelemetryConfig::new("console", cli.log.log_format)
     };
     #[cfg(feature = "embedded")]
     if let Command::Bench {

@@ -8,7 +8,7 @@ use db_server::ledger::LedgerConfig;
 use db_server::manager::{ManagerConfig, ResyncMethod};
 use db_server::{DbServerConfig, ledger_format};
 use splitmirror_proto::node;
-use splitmirror_proto::telemetry::{self, LogFormat, TelemetryConfig};
+use splitmirror_proto::telemetry::{self, LogArgs, TelemetryConfig};
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 
 /// The database server of splitmirror: runs the snapshot manager (the LU
@@ -35,16 +35,8 @@ struct ServeArgs {
         default_value = "127.0.0.1:50052"
     )]
     listen: String,
-    /// How log lines are written to stderr: text (readable) or json (one
-    /// object a line). Traces and metrics are exported over OTLP when
-    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    #[arg(
-        long,
-        global = true,
-        env = "SPLITMIRROR_LOG_FORMAT",
-        default_value = "text"
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     /// The array-node to use.
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
     array: String,
@@ -185,7 +177,7 @@ async fn run() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let telemetry = telemetry::init(TelemetryConfig::new("db-server", args.log_format))?;
+    let telemetry = telemetry::init(TelemetryConfig::new("db-server", args.log.log_format))?;
     let served = serve_until_signal(args).await;
     telemetry.shutdown().await;
     served

@@ -78,6 +78,23 @@ impl fmt::Display for LogFormat {
     }
 }
 
+/// The `--log-format` option every program takes, the same everywhere
+/// (`#[command(flatten)]` it into a binary's arguments).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// How log lines are written to stderr: text (readable) or json (one
+    /// object a line). Traces and metrics are exported over OTLP when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set (the console's run report then
+    /// shows the run's trace id).
+    #[arg(
+        long,
+        global = true,
+        env = "SPLITMIRROR_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
 /// What a program sets up at start.
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
