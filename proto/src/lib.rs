@@ -11,6 +11,7 @@
 //!   and the snapshot manager.
 //! - [`telemetry`]: logs, traces and metrics set up once for every
 //!   program; W3C trace context on every call between nodes.
+//! - [`security`]: mutual TLS, node identities and who may call what.
 //! - [`pace`]: pacing bulk work (backups, resyncs) to a byte rate.
 //! - [`units`]: parsing of human sizes and durations for the command lines.
 //! - [`run_id`]: what a run id may be, checked alike by every node.
@@ -23,6 +24,7 @@ pub mod pace;
 pub mod range_lock;
 pub mod reason;
 pub mod run_id;
+pub mod security;
 pub mod telemetry;
 pub mod units;
 

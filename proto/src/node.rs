@@ -37,6 +37,8 @@ use tower::ServiceExt as _;
 use tower::layer::util::{Identity, Stack};
 use tower::util::MapResponseLayer;
 
+use crate::security::{AccessPolicy, AuthorizeLayer, Security};
+
 /// The largest gRPC message any node encodes or decodes. Services check
 /// their own, smaller request limits first, so that an oversized request
 /// gets `RESOURCE_EXHAUSTED` with a reason rather than a transport error; a
@@ -55,10 +57,13 @@ pub const MAX_ARRAY_REQUEST_BYTES: u64 = 16 << 20;
 
 /// The layer every node's server stack carries (see [`server_builder`]).
 pub type NodeLayer = MapResponseLayer<fn(http::Response<Body>) -> http::Response<Body>>;
+/// The layers of every node's server stack: who may call what, then the
+/// correction of oversized-message answers.
+pub type NodeLayers = Stack<AuthorizeLayer, Stack<NodeLayer, Identity>>;
 /// The server builder every node uses.
-pub type NodeServer = Server<Stack<NodeLayer, Identity>>;
+pub type NodeServer = Server<NodeLayers>;
 /// A router built from [`server_builder`].
-pub type NodeRouter = Router<Stack<NodeLayer, Identity>>;
+pub type NodeRouter = Router<NodeLayers>;
 
 /// HTTP/2 flow-control windows. The defaults (64 KiB) cap a single stream
 /// at a few hundred MB/s on loopback; bulk block streams need far more.
@@ -123,6 +128,10 @@ pub enum NodeError {
         target: String,
         status: Box<tonic::Status>,
     },
+    /// The node's certificate or key could not be used for TLS. Not
+    /// retryable.
+    #[error("setting up TLS: {0}")]
+    Tls(#[source] tonic::transport::Error),
     /// The node answered that it is not serving (yet). Retryable.
     #[error("{target} is {state}")]
     NotServing { target: String, state: &'static str },
@@ -170,9 +179,15 @@ impl NodeHandle {
     }
 }
 
-/// A server builder with the settings every node uses.
-pub fn server_builder() -> NodeServer {
-    Server::builder()
+/// A server builder with the settings every node uses: TLS with client
+/// certificates of the cluster's CA (unless `security` is insecure), and
+/// `policy` decided for every call before its handler runs.
+pub fn server_builder(security: &Security, policy: AccessPolicy) -> Result<NodeServer, NodeError> {
+    let mut builder = Server::builder();
+    if let Some(tls) = security.server_tls() {
+        builder = builder.tls_config(tls).map_err(NodeError::Tls)?;
+    }
+    Ok(builder
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -185,6 +200,7 @@ pub fn server_builder() -> NodeServer {
         .layer(MapResponseLayer::new(
             oversized_is_resource_exhausted as fn(http::Response<Body>) -> http::Response<Body>,
         ))
+        .layer(AuthorizeLayer::new(policy, security)))
 }
 
 /// gRPC and DESIGN §6 answer a message over the size limit with
@@ -595,11 +611,19 @@ pub fn endpoint(target: &str) -> Result<Endpoint, NodeError> {
 }
 
 /// Asks a node's `grpc.health.v1.Health` whether `service` ("" = the whole
-/// node) is serving. Used by tests, the console and container healthchecks.
-pub async fn probe_health(target: &str, service: &str) -> Result<(), NodeError> {
+/// node) is serving, verifying that the node is `server_role` when
+/// `security` is TLS. Used by tests, the console and container
+/// healthchecks.
+pub async fn probe_health(
+    target: &str,
+    service: &str,
+    security: &Security,
+    server_role: &str,
+) -> Result<(), NodeError> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = endpoint(target)?
+    let channel = security
+        .endpoint(target, server_role)?
         .connect()
         .await
         .map_err(|source| NodeError::Connect {

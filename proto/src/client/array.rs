@@ -3,6 +3,7 @@
 use crate::telemetry::TracedChannel;
 use futures_util::StreamExt;
 
+use crate::security::{Security, role};
 use super::{AnswerStream, ClientError, ErrorKind, Peer};
 use crate::array::v1 as pb;
 use crate::array::v1::array_service_client::ArrayServiceClient;
@@ -49,8 +50,8 @@ pub struct ArrayClient {
 impl ArrayClient {
     /// A client of the array at `target` (`host:port` or a URL). Fails only
     /// for an address that cannot be parsed.
-    pub fn new(target: &str) -> Result<Self, ClientError> {
-        let (peer, channel) = Peer::connect("array", target)?;
+    pub fn new(target: &str, security: &Security) -> Result<Self, ClientError> {
+        let (peer, channel) = Peer::connect("array", role::ARRAY, target, security)?;
         let inner = ArrayServiceClient::new(channel)
             .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(node::MAX_MESSAGE_BYTES);

@@ -2,6 +2,7 @@
 
 use crate::telemetry::TracedChannel;
 
+use crate::security::{Security, role};
 use super::{AnswerStream, ClientError, Peer};
 use crate::backup::v1 as pb;
 use crate::backup::v1::backup_service_client::BackupServiceClient;
@@ -18,8 +19,8 @@ pub struct BackupClient {
 impl BackupClient {
     /// A client of the backup server at `target`. Fails only for an
     /// address that cannot be parsed.
-    pub fn new(target: &str) -> Result<Self, ClientError> {
-        let (peer, channel) = Peer::connect("backup server", target)?;
+    pub fn new(target: &str, security: &Security) -> Result<Self, ClientError> {
+        let (peer, channel) = Peer::connect("backup server", role::BACKUP, target, security)?;
         let inner = BackupServiceClient::new(channel)
             .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(node::MAX_MESSAGE_BYTES);

@@ -3,6 +3,7 @@
 use crate::telemetry::TracedChannel;
 use futures_util::StreamExt;
 
+use crate::security::{Security, role};
 use super::{AnswerStream, ClientError, ErrorKind, Peer};
 use crate::db::v1 as pb;
 use crate::db::v1::db_service_client::DbServiceClient;
@@ -20,8 +21,8 @@ pub struct DbClient {
 impl DbClient {
     /// A client of db-server at `target`. Fails only for an address that
     /// cannot be parsed.
-    pub fn new(target: &str) -> Result<Self, ClientError> {
-        let (peer, channel) = Peer::connect("db-server", target)?;
+    pub fn new(target: &str, security: &Security) -> Result<Self, ClientError> {
+        let (peer, channel) = Peer::connect("db-server", role::DB, target, security)?;
         let inner = DbServiceClient::new(channel)
             .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(node::MAX_MESSAGE_BYTES);

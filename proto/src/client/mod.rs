@@ -13,10 +13,10 @@
 //!   resync both use it).
 //! - Every client is built on one channel builder (`Peer::connect`): the
 //!   HTTP/2 windows of
-//!   [`node::endpoint`] are set there once, and every client sets the
-//!   message-size limits of [`node::MAX_MESSAGE_BYTES`]. Every call opens a
+//!   [`crate::node::endpoint`] are set there once, and every client sets the
+//!   message-size limits of [`crate::node::MAX_MESSAGE_BYTES`]. Every call opens a
 //!   client span and carries its W3C trace context there
-//!   ([`TracedChannel`]); a later layer (TLS) is added there too.
+//!   ([`TracedChannel`]), and mutual TLS is set up there ([`Security`]).
 //!
 //! The generated clients stay available (`proto::array::v1::…`) for the few
 //! tests that must send what a typed client never would (malformed
@@ -39,8 +39,8 @@ pub use array::{ArrayClient, LuPage, PairInfo};
 pub use backup::BackupClient;
 pub use db::DbClient;
 
-use crate::node;
 use crate::reason::{self, Reason};
+use crate::security::Security;
 
 /// What class of failure a call met, decided from the gRPC code in
 /// [`ErrorKind::from_code`]. Each variant says whether trying the same call
@@ -284,11 +284,21 @@ struct Peer {
 impl Peer {
     /// The channel every typed client is built on: lazily connecting,
     /// reconnecting after the peer restarts, with the windows of
-    /// [`node::endpoint`], opening a client span per call and sending its
+    /// [`crate::node::endpoint`], opening a client span per call and sending its
     /// trace context ([`TracedChannel`]). The one place a client-side layer
     /// is added.
-    fn connect(node: &'static str, target: &str) -> Result<(Self, TracedChannel), ClientError> {
-        let channel = node::endpoint(target)
+    ///
+    /// With TLS the server must prove it is `server_role` with a
+    /// certificate of the cluster's CA, and this program proves its own
+    /// identity with its certificate (see [`crate::security`]).
+    fn connect(
+        node: &'static str,
+        server_role: &'static str,
+        target: &str,
+        security: &Security,
+    ) -> Result<(Self, TracedChannel), ClientError> {
+        let channel = security
+            .endpoint(target, server_role)
             .map(|endpoint| endpoint.connect_lazy())
             .map_err(|error| {
                 ClientError::local(
