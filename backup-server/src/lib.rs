@@ -30,6 +30,7 @@ use std::sync::Arc;
 use splitmirror_proto::backup::v1::backup_service_server::BackupServiceServer;
 use splitmirror_proto::client::ClientError;
 use splitmirror_proto::node::{self, NodeHandle};
+use splitmirror_proto::security::{AccessPolicy, Security};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,6 +42,12 @@ use crate::store::{BackupStore, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct BackupServerConfig {
+    /// Its certificates (for serving, and for calling the array and
+    /// db-server), or `--insecure`.
+    pub security: Security,
+    /// The identities that may start, cancel and verify backups
+    /// ([`service::CONTROL_METHODS`]); default: the console.
+    pub control_identities: Vec<String>,
     pub array_url: String,
     /// The db-server that owns the snapshots backups copy.
     pub db_url: String,
@@ -64,6 +71,10 @@ pub enum SpawnError {
     /// The address of the array or of db-server cannot be parsed.
     #[error("{0}")]
     Address(#[from] ClientError),
+    /// The server stack could not be built (the certificate or key is
+    /// unusable for TLS).
+    #[error("{0}")]
+    Serve(#[source] node::NodeError),
 }
 
 /// Opens the store (cleaning partial leftovers) and serves on `listener`.
@@ -73,8 +84,8 @@ pub async fn spawn(
 ) -> Result<NodeHandle, SpawnError> {
     let addr = listener.local_addr().map_err(SpawnError::ListenerAddress)?;
     let store = BackupStore::open(&config.store_dir)?;
-    let source = Arc::new(GrpcSource::new(&config.array_url)?);
-    let owner = Arc::new(GrpcOwner::new(&config.db_url)?);
+    let source = Arc::new(GrpcSource::new(&config.array_url, &config.security)?);
+    let owner = Arc::new(GrpcOwner::new(&config.db_url, &config.security)?);
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let backups = Arc::new(Backups::new(
@@ -87,7 +98,13 @@ pub async fn spawn(
     ));
     let service = BackupServiceServer::new(service::BackupGrpc::new(backups))
         .max_encoding_message_size(node::MAX_MESSAGE_BYTES);
-    let router = node::server_builder().add_service(service);
+    let policy = AccessPolicy::with_control(
+        service::CONTROL_METHODS,
+        config.control_identities.iter().cloned(),
+    );
+    let router = node::server_builder(&config.security, policy)
+        .map_err(SpawnError::Serve)?
+        .add_service(service);
     let handle_cancel = cancel.clone();
     let task = tokio::spawn(async move {
         let served = node::serve(

@@ -8,6 +8,7 @@ use backup_server::BackupServerConfig;
 use backup_server::store::BackupStore;
 use clap::{Parser, Subcommand};
 use splitmirror_proto::node;
+use splitmirror_proto::security::{Security, SecurityArgs, role};
 use splitmirror_proto::telemetry::{self, LogArgs, TelemetryConfig};
 use splitmirror_proto::units::{format_bytes, parse_size_bytes};
 
@@ -33,6 +34,13 @@ struct Cli {
     listen: String,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    security: SecurityArgs,
+    /// Identities that may start, cancel and verify backups (repeat for
+    /// several); any other identity of the cluster's CA may only list,
+    /// get and watch them.
+    #[arg(long = "control-identity", value_name = "NAME", default_value = role::CONSOLE)]
+    control_identities: Vec<String>,
     /// The array-node to read from.
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
     array: String,
@@ -125,9 +133,15 @@ async fn run() -> anyhow::Result<()> {
             }
         }
         Some(Command::HealthProbe) => {
-            node::probe_health(&cli.listen.replace("0.0.0.0", "127.0.0.1"), "")
-                .await
-                .map_err(anyhow::Error::msg)
+            let security = Security::from_args(&cli.security, role::BACKUP)?;
+            node::probe_health(
+                &cli.listen.replace("0.0.0.0", "127.0.0.1"),
+                "",
+                &security,
+                role::BACKUP,
+            )
+            .await
+            .map_err(anyhow::Error::msg)
         }
         None => {
             let telemetry =
@@ -141,7 +155,10 @@ async fn run() -> anyhow::Result<()> {
 
 async fn serve(cli: Cli) -> anyhow::Result<()> {
     let listener = node::bind(&cli.listen).await.map_err(anyhow::Error::msg)?;
+    let security = Security::from_args(&cli.security, role::BACKUP)?;
     let config = BackupServerConfig {
+        security,
+        control_identities: cli.control_identities,
         array_url: cli.array,
         db_url: cli.db,
         store_dir: cli.store,

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use splitmirror_proto::client::{ClientError, DbClient, ErrorKind};
+use splitmirror_proto::security::Security;
 
 use crate::source::BoxFuture;
 
@@ -218,9 +219,9 @@ pub struct GrpcOwner {
 impl GrpcOwner {
     /// An owner at `url`. Fails only for an address that cannot be parsed;
     /// the connection is made at the first question.
-    pub fn new(url: &str) -> Result<Self, ClientError> {
+    pub fn new(url: &str, security: &Security) -> Result<Self, ClientError> {
         Ok(Self {
-            db: DbClient::new(url)?,
+            db: DbClient::new(url, security)?,
         })
     }
 }

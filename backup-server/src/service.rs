@@ -9,6 +9,16 @@ use splitmirror_proto::backup::v1 as pb;
 use splitmirror_proto::backup::v1::backup_service_server::BackupService;
 use tonic::{Request, Response, Status};
 
+/// The methods only the control identities (`--control-identity`, the
+/// console by default) may call: they start work that reads the array or
+/// the store for a long time, or stop it. Get, List and Watch answer any
+/// identity of the cluster's CA.
+pub const CONTROL_METHODS: &[&str] = &[
+    "/splitmirror.backup.v1.BackupService/StartBackup",
+    "/splitmirror.backup.v1.BackupService/CancelBackup",
+    "/splitmirror.backup.v1.BackupService/VerifyBackup",
+];
+
 use crate::backups::{
     BackupError, BackupInfo, Backups, FailureKind, JobState, StartRequest, Wanted,
 };

@@ -10,6 +10,7 @@ use std::pin::Pin;
 
 use futures_util::Stream;
 use splitmirror_proto::client::{ArrayClient, ClientError};
+use splitmirror_proto::security::Security;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -46,9 +47,9 @@ pub struct GrpcSource {
 impl GrpcSource {
     /// A source reading from the array at `url`. Fails only for an address
     /// that cannot be parsed; the connection is made at the first read.
-    pub fn new(url: &str) -> Result<Self, ClientError> {
+    pub fn new(url: &str, security: &Security) -> Result<Self, ClientError> {
         Ok(Self {
-            array: ArrayClient::new(url)?,
+            array: ArrayClient::new(url, security)?,
         })
     }
 }

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::StreamExt;
 use splitmirror_proto::client::ArrayClient;
+use splitmirror_proto::security::Security;
 
 /// The mirror pair row (1108) and the array error are the shared client's.
 pub use splitmirror_proto::client::{ClientError, PairInfo};
@@ -85,9 +86,9 @@ struct Counters {
 impl GrpcArray {
     /// A client that connects lazily and reconnects after the array
     /// restarts. Fails only for an address that cannot be parsed.
-    pub fn new(target: &str) -> Result<Self, ClientError> {
+    pub fn new(target: &str, security: &Security) -> Result<Self, ClientError> {
         Ok(Self {
-            client: ArrayClient::new(target)?,
+            client: ArrayClient::new(target, security)?,
             counters: Arc::default(),
         })
     }

@@ -42,6 +42,7 @@ use std::time::Duration;
 use splitmirror_proto::client::{ClientError, ErrorKind};
 use splitmirror_proto::db::v1::db_service_server::{self, DbServiceServer};
 use splitmirror_proto::node::{self, NodeHandle};
+use splitmirror_proto::security::{AccessPolicy, Security};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -60,6 +61,12 @@ pub const DEFAULT_ARRAY_WAIT: Duration = Duration::from_secs(60);
 /// Everything a db-server needs to start.
 #[derive(Debug, Clone)]
 pub struct DbServerConfig {
+    /// Its certificates (for serving and for calling the array), or
+    /// `--insecure`.
+    pub security: Security,
+    /// The identities that may call the control methods
+    /// ([`service::CONTROL_METHODS`]); default: the console.
+    pub control_identities: Vec<String>,
     pub array_url: String,
     pub data_dir: PathBuf,
     pub manager: ManagerConfig,
@@ -153,15 +160,22 @@ pub async fn spawn(
         doing: format!("creating {}", config.data_dir.display()),
         source,
     })?;
-    let array: Arc<dyn ArrayPort> =
-        Arc::new(GrpcArray::new(&config.array_url).map_err(SpawnError::ArrayAddress)?);
+    let array: Arc<dyn ArrayPort> = Arc::new(
+        GrpcArray::new(&config.array_url, &config.security).map_err(SpawnError::ArrayAddress)?,
+    );
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let service = node::Starting::new(format!(
         "db-server is starting: waiting for the array at {}",
         config.array_url
     ));
-    let router = node::server_builder().add_service(service.clone());
+    let policy = AccessPolicy::with_control(
+        service::CONTROL_METHODS,
+        config.control_identities.iter().cloned(),
+    );
+    let router = node::server_builder(&config.security, policy)
+        .map_err(SpawnError::Serve)?
+        .add_service(service.clone());
     // The manager, once started, so that shutdown closes its journal.
     let started_manager: Arc<OnceLock<Arc<SnapshotManager>>> = Arc::default();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();

@@ -8,6 +8,7 @@ use db_server::ledger::LedgerConfig;
 use db_server::manager::{ManagerConfig, ResyncMethod};
 use db_server::{DbServerConfig, ledger_format};
 use splitmirror_proto::node;
+use splitmirror_proto::security::{Security, SecurityArgs, role};
 use splitmirror_proto::telemetry::{self, LogArgs, TelemetryConfig};
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 
@@ -37,6 +38,13 @@ struct ServeArgs {
     listen: String,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    security: SecurityArgs,
+    /// Identities that may call Suspend, Resume, AcquireSnapshot,
+    /// DeleteSnapshot and the volume Read/Write (repeat for several); any
+    /// other identity of the cluster's CA may only read status.
+    #[arg(long = "control-identity", value_name = "NAME", default_value = role::CONSOLE)]
+    control_identities: Vec<String>,
     /// The array-node to use.
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
     array: String,
@@ -168,9 +176,15 @@ async fn run() -> anyhow::Result<()> {
             json,
         }) => verify_image(&file, expect_sequence, json),
         Some(Command::HealthProbe) => {
-            node::probe_health(&cli.serve.listen.replace("0.0.0.0", "127.0.0.1"), "")
-                .await
-                .map_err(anyhow::Error::msg)
+            let security = Security::from_args(&cli.serve.security, role::DB)?;
+            node::probe_health(
+                &cli.serve.listen.replace("0.0.0.0", "127.0.0.1"),
+                "",
+                &security,
+                role::DB,
+            )
+            .await
+            .map_err(anyhow::Error::msg)
         }
         None => serve(cli.serve).await,
     }
@@ -200,7 +214,10 @@ async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<()> {
     });
     #[cfg(feature = "testing")]
     args.unsafe_test.apply(&mut manager, ledger.as_mut());
+    let security = Security::from_args(&args.security, role::DB)?;
     let config = DbServerConfig {
+        security,
+        control_identities: args.control_identities,
         array_url: args.array,
         data_dir: args.data_dir,
         manager,

@@ -10,6 +10,19 @@ use splitmirror_proto::db::v1::db_service_server::DbService;
 use splitmirror_proto::reason::Reason;
 use tonic::{Request, Response, Status};
 
+/// The methods only the control identities (`--control-identity`, the
+/// console by default) may call: they freeze, split, resynchronize, or read
+/// and write the volumes. Status, WatchStatus and GetSnapshot answer any
+/// identity of the cluster's CA (the backup server asks GetSnapshot).
+pub const CONTROL_METHODS: &[&str] = &[
+    "/splitmirror.db.v1.DbService/AcquireSnapshot",
+    "/splitmirror.db.v1.DbService/DeleteSnapshot",
+    "/splitmirror.db.v1.DbService/Suspend",
+    "/splitmirror.db.v1.DbService/Resume",
+    "/splitmirror.db.v1.DbService/Read",
+    "/splitmirror.db.v1.DbService/Write",
+];
+
 use crate::db::{Db, DbStatus};
 use crate::error::DbError;
 use crate::latency::quantile_us;
