@@ -22,6 +22,7 @@
 
 #[cfg(feature = "embedded")]
 pub mod bench;
+pub mod certs;
 pub mod clients;
 #[cfg(feature = "embedded")]
 pub mod cluster;
