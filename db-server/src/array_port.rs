@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::StreamExt;
+use splitmirror_proto::array::v1 as pb;
 use splitmirror_proto::client::ArrayClient;
 use splitmirror_proto::security::Security;
 
@@ -55,6 +56,32 @@ pub trait ArrayPort: Send + Sync + 'static {
     fn traffic(&self) -> Traffic {
         Traffic::default()
     }
+    /// The identity the array knows this port's calls by (the first DNS
+    /// name of db-server's certificate), or `None` when the array masks
+    /// nothing (`--insecure`): then [`ArrayPort::set_own_access`] must not be
+    /// called.
+    fn identity(&self) -> Option<&str>;
+    /// LUN masking: this port's own access to `lu` from now on (the
+    /// array's `SetAccess` for [`ArrayPort::identity`]). Idempotent: setting
+    /// what is in force already changes nothing. `purpose` is for the
+    /// array's log and `ListAccess`.
+    fn set_own_access(
+        &self,
+        lu: u32,
+        access: OwnAccess,
+        purpose: &str,
+    ) -> BoxFuture<'_, Result<(), ClientError>>;
+}
+
+/// What db-server asks the array to let itself do with an LU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnAccess {
+    /// Read only: the mate LU under a snapshot, so that nobody, db-server
+    /// included, writes the frozen image while it is held.
+    Read,
+    /// What the array's configuration grants (read-write on db-server's
+    /// pairs): the grant set for a snapshot is withdrawn.
+    Configured,
 }
 
 /// Data bytes that crossed the network between db-server and the array
@@ -73,6 +100,9 @@ pub struct Traffic {
 pub struct GrpcArray {
     client: ArrayClient,
     counters: Arc<Counters>,
+    /// db-server's identity, as the array knows it (none with
+    /// `--insecure`).
+    identity: Option<String>,
 }
 
 #[derive(Default)]
@@ -90,6 +120,7 @@ impl GrpcArray {
         Ok(Self {
             client: ArrayClient::new(target, security)?,
             counters: Arc::default(),
+            identity: security.identity().map(str::to_string),
         })
     }
 
@@ -162,6 +193,49 @@ impl ArrayPort for GrpcArray {
         Box::pin(self.client.checksums(lu, lba, blocks, chunk_blocks))
     }
 
+    fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
+    }
+
+    fn set_own_access(
+        &self,
+        lu: u32,
+        access: OwnAccess,
+        purpose: &str,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        let purpose = purpose.to_string();
+        Box::pin(async move {
+            let Some(identity) = self.identity.as_deref() else {
+                // Masking is off on an insecure cluster: there is nothing to
+                // set, and an insecure array would refuse to be asked.
+                return Ok(());
+            };
+            let access = match access {
+                OwnAccess::Read => Some(pb::Access::Read),
+                OwnAccess::Configured => None,
+            };
+            let request = pb::SetAccessRequest {
+                identity: identity.to_string(),
+                lu,
+                access: access.map(i32::from),
+                purpose,
+            };
+            self.client
+                .raw()
+                .set_access(request)
+                .await
+                .map_err(|status| {
+                    ClientError::from_status(
+                        "array",
+                        self.client.target(),
+                        format!("setting {identity}'s access to LU {lu}"),
+                        &status,
+                    )
+                })?;
+            Ok(())
+        })
+    }
+
     fn traffic(&self) -> Traffic {
         Traffic {
             bytes_sent: self.counters.bytes_sent.load(Ordering::Relaxed),
@@ -175,4 +249,4 @@ impl ArrayPort for GrpcArray {
 #[cfg(any(test, feature = "testing"))]
 mod memory;
 #[cfg(any(test, feature = "testing"))]
-pub use memory::MemoryArray;
+pub use memory::{GrantCall, MemoryArray};

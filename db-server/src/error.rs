@@ -41,6 +41,14 @@ pub enum DbError {
     /// while no snapshot is acquired. Not retryable until one is.
     #[error("the {target:?} virtual LU of volume {volume} is Undefined (no snapshot is acquired)")]
     Undefined { volume: u32, target: VirtualLu },
+    /// A write to the snapshot virtual LU while the array masks the frozen
+    /// mate read-only (every TLS cluster): the mate under a snapshot may
+    /// only be read, by db-server too. Refused before anything is recorded
+    /// or sent. Not retryable.
+    #[error(
+        "the snapshot of volume {volume} is read-only: the array masks its mate LU {mate_lu} read-only while the snapshot is held"
+    )]
+    SnapshotReadOnly { volume: u32, mate_lu: u32 },
     /// Another run holds the snapshot and the delete was not forced. Not
     /// retryable as it is.
     #[error(

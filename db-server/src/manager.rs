@@ -27,7 +27,7 @@ use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::array_port::{ArrayPort, PairInfo};
+use crate::array_port::{ArrayPort, OwnAccess, PairInfo};
 use crate::crash;
 use crate::error::DbError;
 use crate::journal::{DurableVolume, Journal};
@@ -175,6 +175,18 @@ struct VolumeInner {
     full_resync_new_pair: bool,
     /// The trace of the delete that asked for the next resync pass.
     resync_parent: splitmirror_proto::telemetry::TraceParent,
+    /// What the array is known to let db-server do with the mate LU
+    /// (LUN masking; always `Configured` when the array masks nothing).
+    mate_access: MateAccess,
+}
+
+/// db-server's access to a pair's mate LU as far as it knows: set by the
+/// last `SetAccess` that succeeded, unknown after one that failed (it may
+/// or may not have taken effect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MateAccess {
+    Known(OwnAccess),
+    Unknown,
 }
 
 struct Volume {
@@ -212,6 +224,9 @@ impl Volume {
 /// The snapshot manager. Shared behind an `Arc`.
 pub struct SnapshotManager {
     array: Arc<dyn ArrayPort>,
+    /// Whether the array masks LUs by db-server's identity (every TLS
+    /// cluster): then the mate of a held snapshot is set read-only.
+    masking: bool,
     /// `None` runs without crash safety (benchmarks only).
     journal: Option<Arc<Journal>>,
     volumes: BTreeMap<u32, Arc<Volume>>,
@@ -269,6 +284,7 @@ impl SnapshotManager {
                 full_resync_pending: false,
                 full_resync_new_pair: false,
                 resync_parent: Default::default(),
+                mate_access: MateAccess::Unknown,
             };
             match (&journal, known) {
                 (None, _) => {}
@@ -337,7 +353,9 @@ impl SnapshotManager {
             volumes.insert(pair.mirror_lu, Arc::new(volume));
         }
         let resync_pace = config.resync_max_bytes_per_s.map(RateLimit::new);
+        let masking = array.identity().is_some();
         let manager = Arc::new(Self {
+            masking,
             array,
             journal,
             volumes,
@@ -346,6 +364,7 @@ impl SnapshotManager {
             cancel,
             tasks,
         });
+        manager.reconcile_mate_access().await?;
         for volume in manager.volumes.values() {
             let manager = manager.clone();
             let volume = volume.clone();
@@ -370,6 +389,107 @@ impl SnapshotManager {
     pub fn close_journal(&self) {
         if let Some(journal) = &self.journal {
             journal.close();
+        }
+    }
+
+    /// Makes the array's masking of every mate agree with the journal, at
+    /// start-up before anything is written: a held snapshot's mate
+    /// read-only, every other mate as configured. So a crash between a
+    /// `SetAccess` and the journal record it goes with (either order)
+    /// leaves neither a held snapshot writable nor a resync unable to write
+    /// the mate. A failure stops the start: an array that refuses db-server
+    /// its own masking is misconfigured, better found now than at the
+    /// first backup.
+    async fn reconcile_mate_access(&self) -> Result<(), DbError> {
+        if !self.masking {
+            for vol in self.volumes.values() {
+                vol.inner().mate_access = MateAccess::Known(OwnAccess::Configured);
+            }
+            return Ok(());
+        }
+        for vol in self.volumes.values() {
+            let holder = vol.inner().state.holder().map(str::to_string);
+            match holder {
+                Some(holder) => {
+                    let purpose = format!("snapshot of run {holder} (restored at start-up)");
+                    self.set_mate_access(vol, OwnAccess::Read, &purpose).await?;
+                }
+                None => {
+                    self.set_mate_access(vol, OwnAccess::Configured, "no snapshot held")
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the array for db-server's own `access` to the pair's mate and
+    /// remembers the outcome (unknown after a failure). Nothing to do
+    /// when the array masks nothing.
+    async fn set_mate_access(
+        &self,
+        vol: &Volume,
+        access: OwnAccess,
+        purpose: &str,
+    ) -> Result<(), DbError> {
+        if !self.masking {
+            return Ok(());
+        }
+        let result = self
+            .array
+            .set_own_access(vol.pair.mate_lu, access, purpose)
+            .await;
+        vol.inner().mate_access = match &result {
+            Ok(()) => MateAccess::Known(access),
+            Err(_) => MateAccess::Unknown,
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    volume = vol.volume(),
+                    mate_lu = vol.pair.mate_lu,
+                    ?access,
+                    purpose,
+                    "mate access set"
+                );
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(
+                    volume = vol.volume(),
+                    mate_lu = vol.pair.mate_lu,
+                    ?access,
+                    purpose,
+                    "setting the mate's access failed: {error}"
+                );
+                Err(error.into())
+            }
+        }
+    }
+
+    /// [`Self::set_mate_access`] unless the array is known to hold `access`
+    /// already (a retried acquire, a resync after a delete that set it).
+    async fn ensure_mate_access(
+        &self,
+        vol: &Volume,
+        access: OwnAccess,
+        purpose: &str,
+    ) -> Result<(), DbError> {
+        if vol.inner().mate_access == MateAccess::Known(access) {
+            return Ok(());
+        }
+        self.set_mate_access(vol, access, purpose).await
+    }
+
+    /// Undoes a `SetAccess` whose step failed afterwards, as far as the
+    /// array lets it; a failure leaves the access unknown, which the next
+    /// acquire, delete or resync step sets again.
+    async fn undo_mate_access(&self, vol: &Volume, access: OwnAccess, purpose: &str) {
+        if let Err(error) = self.set_mate_access(vol, access, purpose).await {
+            tracing::error!(
+                volume = vol.volume(),
+                "undoing the mate's access after a failed mode change: {error}"
+            );
         }
     }
 
@@ -474,6 +594,14 @@ impl SnapshotManager {
                     (routing.data_write_lu, Mode::Snapshot)
                 }
                 (VirtualLu::Data, _) => (routing.data_write_lu, routing.data_mode),
+                (VirtualLu::Snapshot, PairState::Snapshot { .. }) if self.masking => {
+                    // The array masks the frozen mate read-only: refused
+                    // here, before anything is recorded or sent.
+                    return Err(DbError::SnapshotReadOnly {
+                        volume,
+                        mate_lu: vol.pair.mate_lu,
+                    });
+                }
                 (VirtualLu::Snapshot, PairState::Snapshot { .. }) => {
                     // Writes to the snapshot also make origin and mate differ.
                     if record {
@@ -568,27 +696,32 @@ impl SnapshotManager {
     ) -> Result<AcquireOutcome, DbError> {
         let vol = self.volume(volume)?;
         let _mode = vol.mode_gate.write().await;
+        let purpose = format!("snapshot of run {run_id}");
         // The checks happen in a block of their own, so that the table's
-        // lock is not held across the journal write below.
-        {
+        // lock is not held across the array and journal calls below.
+        let retried = {
             let inner = vol.inner();
             match &inner.state {
-                PairState::Synchronized => {}
+                PairState::Synchronized => {
+                    debug_assert!(
+                        inner.table.is_empty(),
+                        "a Synchronized pair has no recorded ranges"
+                    );
+                    None
+                }
                 PairState::Snapshot {
                     holder,
                     ledger_sequence,
                     snapshot_id,
-                } if holder == run_id => {
-                    return Ok(AcquireOutcome {
-                        already_held: true,
-                        snapshot: HeldSnapshot {
-                            holder: holder.clone(),
-                            ledger_sequence: *ledger_sequence,
-                            snapshot_id: *snapshot_id,
-                            pair: vol.pair,
-                        },
-                    });
-                }
+                } if holder == run_id => Some(AcquireOutcome {
+                    already_held: true,
+                    snapshot: HeldSnapshot {
+                        holder: holder.clone(),
+                        ledger_sequence: *ledger_sequence,
+                        snapshot_id: *snapshot_id,
+                        pair: vol.pair,
+                    },
+                }),
                 other => {
                     return Err(DbError::WrongMode {
                         volume,
@@ -597,10 +730,23 @@ impl SnapshotManager {
                     });
                 }
             }
-            debug_assert!(
-                inner.table.is_empty(),
-                "a Synchronized pair has no recorded ranges"
-            );
+        };
+        if let Some(retried) = retried {
+            // A retry also repairs a mate whose masking was lost (a
+            // SetAccess that failed to be undone).
+            self.ensure_mate_access(vol, OwnAccess::Read, &purpose)
+                .await?;
+            return Ok(retried);
+        }
+        // The mate is masked read-only before the split is journaled: a
+        // refusal leaves nothing to undo in the journal, and a crash
+        // between the two is repaired at start-up (the journal decides).
+        // The mode gate keeps every write out meanwhile, so no write to
+        // the mirror LU meets the read-only mate.
+        if let Err(error) = self.set_mate_access(vol, OwnAccess::Read, &purpose).await {
+            self.undo_mate_access(vol, OwnAccess::Configured, "the acquire failed")
+                .await;
+            return Err(error);
         }
         // Durability rule 2: the mode change is durable before it takes
         // effect. The mode gate keeps every write out meanwhile.
@@ -610,7 +756,11 @@ impl SnapshotManager {
             ledger_sequence,
             snapshot_id,
         };
-        self.journal_state(&vol.pair, &state).await?;
+        if let Err(error) = self.journal_state(&vol.pair, &state).await {
+            self.undo_mate_access(vol, OwnAccess::Configured, "the acquire failed")
+                .await;
+            return Err(error);
+        }
         crash::point("acquire.after_journal");
         let mut inner = vol.inner();
         inner.state = state;
@@ -637,7 +787,7 @@ impl SnapshotManager {
     ) -> Result<DeleteOutcome, DbError> {
         let vol = self.volume(volume)?;
         let _mode = vol.mode_gate.write().await;
-        {
+        let holder = {
             let inner = vol.inner();
             match &inner.state {
                 PairState::Snapshot { holder, .. } => {
@@ -648,6 +798,7 @@ impl SnapshotManager {
                             requester: run_id.to_string(),
                         });
                     }
+                    holder.clone()
                 }
                 _ if inner.last_deleted_by.as_deref() == Some(run_id) => {
                     return Ok(DeleteOutcome {
@@ -664,9 +815,30 @@ impl SnapshotManager {
                     });
                 }
             }
+        };
+        // The mate is writable again before the pair resynchronizes: every
+        // write to the mirror LU and every copy of the resync writes it. Set
+        // before the journal record, so that a refusal leaves the snapshot
+        // held and unchanged; a crash between the two is repaired at
+        // start-up.
+        let held_purpose = format!("snapshot of run {holder}");
+        let purpose = format!("{held_purpose} deleted: resynchronizing");
+        if let Err(error) = self
+            .set_mate_access(vol, OwnAccess::Configured, &purpose)
+            .await
+        {
+            self.undo_mate_access(vol, OwnAccess::Read, &held_purpose)
+                .await;
+            return Err(error);
         }
-        self.journal_state(&vol.pair, &PairState::Resynchronizing)
-            .await?;
+        if let Err(error) = self
+            .journal_state(&vol.pair, &PairState::Resynchronizing)
+            .await
+        {
+            self.undo_mate_access(vol, OwnAccess::Read, &held_purpose)
+                .await;
+            return Err(error);
+        }
         crash::point("delete.after_journal");
         let mut inner = vol.inner();
         inner.state = PairState::Resynchronizing;
@@ -950,6 +1122,242 @@ mod tests {
             .wait_synchronized(0, Duration::from_secs(5))
             .await
             .expect("copied, then synchronized");
+    }
+
+    /// A manager over `array` (which masks for db-server), with a journal
+    /// in `dir`, started and synchronized.
+    async fn start_masked(
+        array: Arc<MemoryArray>,
+        dir: &std::path::Path,
+        cancel: CancellationToken,
+    ) -> Arc<SnapshotManager> {
+        let journal = Journal::open(dir, 4096).expect("journal");
+        let manager = SnapshotManager::start(
+            array,
+            vec![PAIR],
+            Some(journal),
+            ManagerConfig::default(),
+            cancel,
+            TaskTracker::new(),
+        )
+        .await
+        .expect("start");
+        manager
+            .wait_synchronized(0, Duration::from_secs(5))
+            .await
+            .expect("synchronized");
+        manager
+    }
+
+    fn grant(access: OwnAccess, purpose: &str) -> crate::array_port::GrantCall {
+        crate::array_port::GrantCall {
+            lu: PAIR.mate_lu,
+            access,
+            purpose: purpose.to_string(),
+        }
+    }
+
+    /// With masking, the mate of a held snapshot is read-only for db-server
+    /// itself (set before the split takes effect), the snapshot virtual LU
+    /// refuses writes before recording anything, and the delete gives the
+    /// mate back before the resync copies into it: no copy is ever refused.
+    #[tokio::test]
+    async fn a_held_snapshot_masks_the_mate_until_its_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let array = Arc::new(MemoryArray::new(vec![PAIR]).with_identity("db-server"));
+        let manager = start_masked(array.clone(), dir.path(), CancellationToken::new()).await;
+        assert_eq!(
+            array.grants(),
+            vec![grant(OwnAccess::Configured, "no snapshot held")]
+        );
+        manager.acquire(0, "run-a", 0).await.expect("acquire");
+        assert!(array.is_read_only(PAIR.mate_lu));
+        // A retry changes nothing at the array: the access is known.
+        assert!(
+            manager
+                .acquire(0, "run-a", 0)
+                .await
+                .expect("retry")
+                .already_held
+        );
+        manager
+            .write(0, VirtualLu::Data, 8, vec![2; 1024])
+            .await
+            .expect("a data write goes to the origin");
+        let refused = manager
+            .write(0, VirtualLu::Snapshot, 20, vec![3; 512])
+            .await
+            .expect_err("the snapshot is read-only");
+        assert!(matches!(
+            refused,
+            DbError::SnapshotReadOnly {
+                volume: 0,
+                mate_lu: 2
+            }
+        ));
+        assert_eq!(
+            manager.status()[0].dirty_ranges,
+            vec![8..10],
+            "nothing recorded"
+        );
+        assert!(
+            array.write(PAIR.mate_lu, 0, vec![9; 512]).await.is_err(),
+            "the array refuses db-server a write to the frozen mate"
+        );
+        manager.delete(0, "run-a", false).await.expect("delete");
+        manager
+            .wait_synchronized(0, Duration::from_secs(5))
+            .await
+            .expect("resync");
+        assert_eq!(array.lu(1), array.lu(2), "origin == mate after resync");
+        assert_eq!(array.refused_writes.load(Ordering::SeqCst), 1, "only ours");
+        assert!(!array.is_read_only(PAIR.mate_lu));
+        assert_eq!(
+            array.grants(),
+            vec![
+                grant(OwnAccess::Configured, "no snapshot held"),
+                grant(OwnAccess::Read, "snapshot of run run-a"),
+                grant(
+                    OwnAccess::Configured,
+                    "snapshot of run run-a deleted: resynchronizing"
+                ),
+            ]
+        );
+    }
+
+    /// A SetAccess the array refuses fails the acquire or the delete, and
+    /// the pair stays as it was; once the array answers again both work.
+    #[tokio::test]
+    async fn a_refused_set_access_fails_the_mode_change_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let array = Arc::new(MemoryArray::new(vec![PAIR]).with_identity("db-server"));
+        let manager = start_masked(array.clone(), dir.path(), CancellationToken::new()).await;
+        array.fail_set_access.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            manager.acquire(0, "run-a", 0).await,
+            Err(DbError::Array(_))
+        ));
+        assert_eq!(mode(&manager), Mode::Synchronized);
+        assert!(!array.is_read_only(PAIR.mate_lu));
+        array.fail_set_access.store(false, Ordering::SeqCst);
+        manager
+            .write(0, VirtualLu::Data, 0, vec![1; 512])
+            .await
+            .expect("the mirror is writable");
+        manager.acquire(0, "run-a", 0).await.expect("acquire");
+        assert!(array.is_read_only(PAIR.mate_lu));
+
+        array.fail_set_access.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            manager.delete(0, "run-a", false).await,
+            Err(DbError::Array(_))
+        ));
+        assert_eq!(mode(&manager), Mode::Snapshot, "still held");
+        assert!(array.is_read_only(PAIR.mate_lu), "still frozen");
+        array.fail_set_access.store(false, Ordering::SeqCst);
+        manager.delete(0, "run-a", false).await.expect("delete");
+        manager
+            .wait_synchronized(0, Duration::from_secs(5))
+            .await
+            .expect("resync");
+        assert_eq!(array.lu(1), array.lu(2));
+    }
+
+    /// At start-up the journal decides: a crash after the SetAccess but
+    /// before the journal record (or the other way round) leaves neither a
+    /// held snapshot writable nor a synchronized mate read-only.
+    #[tokio::test]
+    async fn start_up_makes_the_arrays_masking_agree_with_the_journal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Arc::new(MemoryArray::new(vec![PAIR]).with_identity("db-server"));
+        let cancel = CancellationToken::new();
+        let manager = start_masked(first.clone(), dir.path(), cancel.clone()).await;
+        manager.acquire(0, "run-a", 0).await.expect("acquire");
+        cancel.cancel();
+        manager.close_journal();
+        drop(manager);
+
+        // The journal holds the snapshot; this array never heard of it.
+        let second = Arc::new(MemoryArray::new(vec![PAIR]).with_identity("db-server"));
+        let cancel = CancellationToken::new();
+        let manager = start_masked_held(second.clone(), dir.path(), cancel.clone()).await;
+        assert!(
+            second.is_read_only(PAIR.mate_lu),
+            "the held snapshot's mate is frozen again"
+        );
+        assert_eq!(
+            second.grants(),
+            vec![grant(
+                OwnAccess::Read,
+                "snapshot of run run-a (restored at start-up)"
+            )]
+        );
+        manager.delete(0, "run-a", false).await.expect("delete");
+        manager
+            .wait_synchronized(0, Duration::from_secs(5))
+            .await
+            .expect("resync");
+        cancel.cancel();
+        manager.close_journal();
+        drop(manager);
+
+        // The journal says Synchronized; this array still masks the mate.
+        let third = Arc::new(MemoryArray::new(vec![PAIR]).with_identity("db-server"));
+        third
+            .set_own_access(PAIR.mate_lu, OwnAccess::Read, "a crash before the journal")
+            .await
+            .expect("set");
+        let manager = start_masked(third.clone(), dir.path(), CancellationToken::new()).await;
+        assert!(
+            !third.is_read_only(PAIR.mate_lu),
+            "the mate is writable again"
+        );
+        manager
+            .write(0, VirtualLu::Data, 0, vec![5; 512])
+            .await
+            .expect("a mirror write reaches both sides");
+        assert_eq!(third.refused_writes.load(Ordering::SeqCst), 0);
+    }
+
+    /// Like [`start_masked`], for a journal that holds a snapshot (the pair
+    /// is not synchronized).
+    async fn start_masked_held(
+        array: Arc<MemoryArray>,
+        dir: &std::path::Path,
+        cancel: CancellationToken,
+    ) -> Arc<SnapshotManager> {
+        let journal = Journal::open(dir, 4096).expect("journal");
+        let manager = SnapshotManager::start(
+            array,
+            vec![PAIR],
+            Some(journal),
+            ManagerConfig::default(),
+            cancel,
+            TaskTracker::new(),
+        )
+        .await
+        .expect("start");
+        assert_eq!(mode(&manager), Mode::Snapshot);
+        manager
+    }
+
+    /// An array that refuses db-server its own masking at start-up stops
+    /// the start with the array's error.
+    #[tokio::test]
+    async fn an_array_that_refuses_masking_at_start_up_stops_the_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let array = Arc::new(MemoryArray::new(vec![PAIR]).with_identity("db-server"));
+        array.fail_set_access.store(true, Ordering::SeqCst);
+        let started = SnapshotManager::start(
+            array,
+            vec![PAIR],
+            Some(Journal::open(dir.path(), 4096).expect("journal")),
+            ManagerConfig::default(),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        )
+        .await;
+        assert!(matches!(started, Err(DbError::Array(_))));
     }
 
     #[tokio::test]

@@ -66,6 +66,9 @@ impl From<DbError> for Status {
                 Status::failed_precondition(message),
                 Some(Reason::NoSnapshot),
             ),
+            // Masking, as the array would answer it: nobody may write the
+            // frozen mate.
+            DbError::SnapshotReadOnly { .. } => (Status::permission_denied(message), None),
             DbError::HeldByOther { .. } => (
                 Status::failed_precondition(message),
                 Some(Reason::SnapshotHeld),

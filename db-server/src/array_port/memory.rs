@@ -1,19 +1,43 @@
 //! An array in memory, for the unit tests of the snapshot manager and the
 //! in-process nemesis (compiled only for tests and the `testing` feature).
 
-use super::{ArrayPort, BoxFuture, ClientError, PairInfo};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::{ArrayPort, BoxFuture, ClientError, OwnAccess, PairInfo};
 use splitmirror_proto::client::ErrorKind;
 
 /// An array in memory with one mirror pair per entry of `pairs`, for unit
 /// tests of the snapshot manager. Writes and copies can be made to fail, to
 /// stand in for an array that is down.
+///
+/// With an identity ([`MemoryArray::with_identity`]) it masks as the real
+/// array does for db-server: an LU set to [`OwnAccess::Read`] refuses
+/// writes and copies into it (a write to a mirror LU whose side is
+/// read-only too), and every `SetAccess` is recorded in order.
 pub struct MemoryArray {
     pairs: Vec<PairInfo>,
     lus: std::sync::Mutex<std::collections::BTreeMap<u32, Vec<u8>>>,
     /// While set, every write fails as if the array were unreachable.
-    pub fail_writes: std::sync::atomic::AtomicBool,
+    pub fail_writes: AtomicBool,
     /// While set, every `CopyRange` fails as if the array were unreachable.
-    pub fail_copies: std::sync::atomic::AtomicBool,
+    pub fail_copies: AtomicBool,
+    /// While set, every `SetAccess` fails as if the array were unreachable
+    /// (and changes nothing).
+    pub fail_set_access: AtomicBool,
+    /// Writes and copies refused because their destination was read-only.
+    pub refused_writes: AtomicU64,
+    identity: Option<String>,
+    /// The LUs set read-only for the identity (absent = configured).
+    read_only: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    grants: std::sync::Mutex<Vec<GrantCall>>,
+}
+
+/// One `SetAccess` the memory array was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantCall {
+    pub lu: u32,
+    pub access: OwnAccess,
+    pub purpose: String,
 }
 
 impl MemoryArray {
@@ -30,7 +54,45 @@ impl MemoryArray {
             lus: std::sync::Mutex::new(lus),
             fail_writes: Default::default(),
             fail_copies: Default::default(),
+            fail_set_access: Default::default(),
+            refused_writes: Default::default(),
+            identity: None,
+            read_only: Default::default(),
+            grants: Default::default(),
         }
+    }
+
+    /// The same array, masking for `identity` (as a TLS array does).
+    pub fn with_identity(mut self, identity: &str) -> Self {
+        self.identity = Some(identity.to_string());
+        self
+    }
+
+    /// Every `SetAccess` asked for so far, in order (those
+    /// `fail_set_access` refused included).
+    pub fn grants(&self) -> Vec<GrantCall> {
+        self.grants.lock().expect("grants").clone()
+    }
+
+    /// Whether `lu` is read-only for the identity now.
+    pub fn is_read_only(&self, lu: u32) -> bool {
+        self.read_only.lock().expect("read only").contains(&lu)
+    }
+
+    /// Refuses a write into `lu` (any side of it) while it is read-only.
+    fn check_writable(&self, lu: u32, what: &str) -> Result<(), ClientError> {
+        let read_only = self.read_only.lock().expect("read only");
+        if self.sides(lu).iter().any(|side| read_only.contains(side)) {
+            self.refused_writes.fetch_add(1, Ordering::SeqCst);
+            return Err(ClientError::local(
+                ErrorKind::PermissionDenied,
+                "array",
+                "memory",
+                what,
+                format!("LU {lu} is read-only for this identity"),
+            ));
+        }
+        Ok(())
     }
 
     /// The bytes of a real LU.
@@ -80,9 +142,10 @@ impl ArrayPort for MemoryArray {
 
     fn write(&self, lu: u32, lba: u64, data: Vec<u8>) -> BoxFuture<'_, Result<(), ClientError>> {
         Box::pin(async move {
-            if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.fail_writes.load(Ordering::SeqCst) {
                 return Err(Self::failure("write"));
             }
+            self.check_writable(lu, "write")?;
             let start = (lba * self.block_size(lu)) as usize;
             let mut lus = self.lus.lock().expect("memory array");
             for side in self.sides(lu) {
@@ -102,9 +165,10 @@ impl ArrayPort for MemoryArray {
         blocks: u64,
     ) -> BoxFuture<'_, Result<(), ClientError>> {
         Box::pin(async move {
-            if self.fail_copies.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.fail_copies.load(Ordering::SeqCst) {
                 return Err(Self::failure("copy"));
             }
+            self.check_writable(dst_lu, "copy")?;
             let bs = self.block_size(src_lu);
             let (start, end) = ((lba * bs) as usize, ((lba + blocks) * bs) as usize);
             let mut lus = self.lus.lock().expect("memory array");
@@ -112,6 +176,39 @@ impl ArrayPort for MemoryArray {
             if let Some(bytes) = lus.get_mut(&dst_lu) {
                 bytes[start..end].copy_from_slice(&data);
             }
+            Ok(())
+        })
+    }
+
+    fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
+    }
+
+    fn set_own_access(
+        &self,
+        lu: u32,
+        access: OwnAccess,
+        purpose: &str,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        let call = GrantCall {
+            lu,
+            access,
+            purpose: purpose.to_string(),
+        };
+        Box::pin(async move {
+            assert!(
+                self.identity.is_some(),
+                "SetAccess asked of an array that masks nothing"
+            );
+            self.grants.lock().expect("grants").push(call);
+            if self.fail_set_access.load(Ordering::SeqCst) {
+                return Err(Self::failure("set access"));
+            }
+            let mut read_only = self.read_only.lock().expect("read only");
+            match access {
+                OwnAccess::Read => read_only.insert(lu),
+                OwnAccess::Configured => read_only.remove(&lu),
+            };
             Ok(())
         })
     }

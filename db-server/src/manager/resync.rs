@@ -15,6 +15,7 @@ use splitmirror_proto::client::Backoff;
 use splitmirror_proto::range_lock::LockMode;
 
 use super::{SnapshotManager, Volume};
+use crate::array_port::OwnAccess;
 use crate::crash;
 use crate::error::DbError;
 use crate::lu_status::PairState;
@@ -78,6 +79,8 @@ enum StepError {
     Copy(#[source] DbError),
     #[error("journaling Synchronized failed: {0}")]
     JournalSynchronized(#[source] DbError),
+    #[error("making the mate writable again failed: {0}")]
+    MateAccess(#[source] DbError),
 }
 
 impl SnapshotManager {
@@ -134,6 +137,12 @@ impl SnapshotManager {
     /// failing one could still record a range), the switch to
     /// Synchronized, journaled before it takes effect (durability rule 2).
     async fn resync_step(&self, vol: &Volume) -> Result<Step, StepError> {
+        // Nothing is copied into the mate before the array lets db-server
+        // write it again: normally the delete did, but a SetAccess that
+        // failed to be undone, or a crash, can leave it read-only.
+        self.ensure_mate_access(vol, OwnAccess::Configured, "resynchronizing")
+            .await
+            .map_err(StepError::MateAccess)?;
         if vol.inner().full_resync_pending {
             self.compare_whole_volume(vol)
                 .await
