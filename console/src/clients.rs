@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use splitmirror_proto::client::{ArrayClient, BackupClient, ClientError, DbClient};
+use splitmirror_proto::security::Security;
 
 /// Default addresses (DESIGN.md §6).
 pub const DEFAULT_ARRAY: &str = "127.0.0.1:50051";
@@ -41,6 +42,8 @@ pub struct Clients {
     pub array: ArrayClient,
     pub db: DbClient,
     pub backup: BackupClient,
+    /// How the clients prove who they are (for health probes too).
+    pub security: Security,
     /// How long a step keeps retrying a node that does not answer.
     pub step_deadline: Duration,
 }
@@ -48,11 +51,12 @@ pub struct Clients {
 impl Clients {
     /// Clients of the nodes at `addresses`, retrying for [`STEP_DEADLINE`].
     /// Fails only for an address that cannot be parsed (no call is made).
-    pub fn new(addresses: Addresses) -> Result<Self, ClientError> {
+    pub fn new(addresses: Addresses, security: &Security) -> Result<Self, ClientError> {
         Ok(Self {
-            array: ArrayClient::new(&addresses.array)?,
-            db: DbClient::new(&addresses.db)?,
-            backup: BackupClient::new(&addresses.backup)?,
+            array: ArrayClient::new(&addresses.array, security)?,
+            db: DbClient::new(&addresses.db, security)?,
+            backup: BackupClient::new(&addresses.backup, security)?,
+            security: security.clone(),
             addresses,
             step_deadline: STEP_DEADLINE,
         })

@@ -23,8 +23,14 @@
 //! the node answers its health check.
 //!
 //! Files live under one directory: `array/` (the LU files), `db/` (the
-//! journal), `backups/` (the store). Without [`ClusterBuilder::dir`] it is a
-//! temporary directory, removed when the [`Cluster`] is dropped.
+//! journal), `backups/` (the store), `certs/` (the certificates). Without
+//! [`ClusterBuilder::dir`] it is a temporary directory, removed when the
+//! [`Cluster`] is dropped.
+//!
+//! Calls are mutual TLS, as in production: without
+//! [`ClusterBuilder::credentials`] the cluster creates a CA and the four
+//! roles' certificates in `certs/` (as `console certs init` does) and each
+//! node uses its role's; [`Credentials::Insecure`] runs plain text.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,6 +40,7 @@ use db_server::ledger::LedgerConfig;
 use db_server::manager::ManagerConfig;
 use splitmirror_proto::client::ClientError;
 use splitmirror_proto::node::{self, NodeError, NodeHandle};
+use splitmirror_proto::security::{Security, SecurityError, role};
 
 use crate::clients::{Addresses, Clients};
 use crate::progress::Quiet;
@@ -96,6 +103,9 @@ pub enum ClusterError {
     /// Waiting for a volume to be Synchronized failed.
     #[error("waiting for the pairs to be Synchronized: {0}")]
     Synchronizing(#[from] RunError),
+    /// The certificates could not be created or read.
+    #[error("the certificates: {0}")]
+    Certificates(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The ledger did not commit the transactions waited for in time.
     #[error("the ledger committed only {committed} of {wanted} transactions in {timeout:?}")]
     LedgerSlow {
@@ -110,6 +120,42 @@ pub enum ClusterError {
         #[source]
         source: NodeError,
     },
+}
+
+/// How a cluster's nodes and its console prove who they are.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// The certificates in this directory, as `console certs init` writes
+    /// them: each program uses its role's.
+    Certificates(PathBuf),
+    /// Plain text without authentication (`--insecure`).
+    Insecure,
+}
+
+impl Credentials {
+    /// Creates a CA and the four roles' certificates in `dir` (reusing
+    /// them when `dir` already holds a set).
+    pub fn create_in(dir: &Path) -> Result<Self, ClusterError> {
+        if !dir.join(splitmirror_proto::security::CA_FILE).exists() {
+            crate::certs::init(dir, &crate::certs::InitOptions::default())
+                .map_err(|e| ClusterError::Certificates(Box::new(e)))?;
+        }
+        Ok(Self::Certificates(dir.to_path_buf()))
+    }
+
+    /// The security of the program of `role` (its certificate, or none).
+    pub fn security(&self, role: &str) -> Result<Security, SecurityError> {
+        match self {
+            Self::Certificates(dir) => Security::from_dir(dir, role),
+            Self::Insecure => Ok(Security::Insecure),
+        }
+    }
+
+    /// The same, as a [`ClusterError`].
+    fn security_of(&self, role: &str) -> Result<Security, ClusterError> {
+        self.security(role)
+            .map_err(|e| ClusterError::Certificates(Box::new(e)))
+    }
 }
 
 /// What [`start_db`] starts db-server with; `Default` is a production
@@ -150,6 +196,7 @@ pub struct ClusterBuilder {
     store_dir: Option<PathBuf>,
     backup_max_bytes_per_s: Option<u64>,
     wait_synchronized: bool,
+    credentials: Option<Credentials>,
 }
 
 impl Default for ClusterBuilder {
@@ -173,7 +220,15 @@ impl ClusterBuilder {
             store_dir: None,
             backup_max_bytes_per_s: None,
             wait_synchronized: true,
+            credentials: None,
         }
+    }
+
+    /// How the nodes and the console prove who they are (default: new
+    /// certificates in `certs/` under the directory).
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = Some(credentials);
+        self
     }
 
     /// Keeps the nodes' files under `dir` (created if missing, kept after).
@@ -271,8 +326,25 @@ impl ClusterBuilder {
                 ArrayConfig::default_pairs(self.lu_size_bytes).map_err(ClusterError::ArrayConfig)?
             }
         };
-        let array = start_array(&dir.join("array"), array_config, self.array_hooks).await?;
-        let db = match start_db(&array.url(), &dir.join("db"), &self.db).await {
+        let credentials = match self.credentials {
+            Some(credentials) => credentials,
+            None => Credentials::create_in(&dir.join("certs"))?,
+        };
+        let array = start_array(
+            &dir.join("array"),
+            array_config,
+            self.array_hooks,
+            &credentials.security_of(role::ARRAY)?,
+        )
+        .await?;
+        let db = match start_db(
+            &array.url(),
+            &dir.join("db"),
+            &self.db,
+            &credentials.security_of(role::DB)?,
+        )
+        .await
+        {
             Ok(db) => db,
             Err(error) => {
                 let _ = array.shutdown().await;
@@ -285,6 +357,7 @@ impl ClusterBuilder {
             &db.url(),
             &store_dir,
             self.backup_max_bytes_per_s,
+            &credentials.security_of(role::BACKUP)?,
         )
         .await
         {
@@ -301,7 +374,8 @@ impl ClusterBuilder {
             backup: backup.url(),
         };
         let cluster = Cluster {
-            clients: Clients::new(addresses)?,
+            clients: Clients::new(addresses, &credentials.security_of(role::CONSOLE)?)?,
+            credentials,
             array,
             db,
             backup,
@@ -334,8 +408,11 @@ pub struct Cluster {
     pub array: NodeHandle,
     pub db: NodeHandle,
     pub backup: NodeHandle,
-    /// Clients of the three nodes (`clients.addresses` holds their URLs).
+    /// Clients of the three nodes (`clients.addresses` holds their URLs),
+    /// as the console.
     pub clients: Clients,
+    /// The certificates the nodes and the clients use.
+    pub credentials: Credentials,
     /// Where the nodes keep their files.
     pub dir: PathBuf,
     /// The backup server's store: `<store>/<backup id>/image.raw`.
@@ -392,12 +469,17 @@ async fn bind_loopback(node: &'static str) -> Result<tokio::net::TcpListener, Cl
         .map_err(|source| ClusterError::Bind { node, source })
 }
 
-/// Waits (at most [`HEALTH_TIMEOUT`]) until the node at `url` answers its
-/// health check.
-pub async fn wait_healthy(node: &'static str, url: &str) -> Result<(), ClusterError> {
+/// Waits (at most [`HEALTH_TIMEOUT`]) until the node of `server_role` at
+/// `url` answers its health check.
+pub async fn wait_healthy(
+    node: &'static str,
+    url: &str,
+    security: &Security,
+    server_role: &str,
+) -> Result<(), ClusterError> {
     let deadline = tokio::time::Instant::now() + HEALTH_TIMEOUT;
     loop {
-        match node::probe_health(url, "").await {
+        match node::probe_health(url, "", security, server_role).await {
             Ok(()) => return Ok(()),
             Err(source) if tokio::time::Instant::now() > deadline => {
                 return Err(ClusterError::NotHealthy {
@@ -418,12 +500,14 @@ pub async fn start_array(
     data_dir: &Path,
     array: ArrayConfig,
     hooks: ArrayTestHooks,
+    security: &Security,
 ) -> Result<NodeHandle, ClusterError> {
     const NODE: &str = "array";
     let config = array_node::ArrayNodeConfig {
         data_dir: data_dir.to_path_buf(),
         array,
         hooks,
+        security: security.clone(),
     };
     let handle = array_node::spawn(config, bind_loopback(NODE).await?)
         .await
@@ -431,7 +515,7 @@ pub async fn start_array(
             node: NODE,
             source: Box::new(source),
         })?;
-    wait_healthy(NODE, &handle.url()).await?;
+    wait_healthy(NODE, &handle.url(), security, role::ARRAY).await?;
     Ok(handle)
 }
 
@@ -443,9 +527,12 @@ pub async fn start_db(
     array_url: &str,
     data_dir: &Path,
     options: &DbOptions,
+    security: &Security,
 ) -> Result<NodeHandle, ClusterError> {
     const NODE: &str = "db-server";
     let config = db_server::DbServerConfig {
+        security: security.clone(),
+        control_identities: vec![role::CONSOLE.to_string()],
         array_url: array_url.to_string(),
         data_dir: data_dir.to_path_buf(),
         manager: options.manager.clone(),
@@ -460,7 +547,7 @@ pub async fn start_db(
             node: NODE,
             source: Box::new(source),
         })?;
-    wait_healthy(NODE, &handle.url()).await?;
+    wait_healthy(NODE, &handle.url(), security, role::DB).await?;
     Ok(handle)
 }
 
@@ -472,9 +559,12 @@ pub async fn start_backup(
     db_url: &str,
     store_dir: &Path,
     default_max_bytes_per_s: Option<u64>,
+    security: &Security,
 ) -> Result<NodeHandle, ClusterError> {
     const NODE: &str = "backup server";
     let config = backup_server::BackupServerConfig {
+        security: security.clone(),
+        control_identities: vec![role::CONSOLE.to_string()],
         array_url: array_url.to_string(),
         db_url: db_url.to_string(),
         store_dir: store_dir.to_path_buf(),
@@ -486,6 +576,6 @@ pub async fn start_backup(
             node: NODE,
             source: Box::new(source),
         })?;
-    wait_healthy(NODE, &handle.url()).await?;
+    wait_healthy(NODE, &handle.url(), security, role::BACKUP).await?;
     Ok(handle)
 }

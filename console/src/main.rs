@@ -14,6 +14,7 @@ use splitmirror_console::clients::{Addresses, Clients, DEFAULT_ARRAY, DEFAULT_BA
 use splitmirror_console::progress;
 use splitmirror_console::run::{RunOptions, backup_run};
 use splitmirror_proto::node;
+use splitmirror_proto::security::{Security, SecurityArgs, role};
 use splitmirror_proto::telemetry::{self, LogArgs};
 use splitmirror_proto::units::{parse_duration, parse_size_bytes};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,8 @@ struct Cli {
     addresses: AddressArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    security: SecurityArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -182,6 +185,39 @@ enum Command {
     /// Compare the two sides of a mirror pair.
     #[command(subcommand)]
     Pair(PairCommand),
+    /// Create the certificates of a cluster.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Creates a certificate authority and a certificate for each of the
+    /// four roles in DIR: ca.pem, ca.key and array-node, db-server,
+    /// backup-server, console (.pem and .key; keys readable by the owner
+    /// only). Each certificate names its role first (the node's identity),
+    /// then localhost, 127.0.0.1 and ::1, then every --san. Give each
+    /// program the directory with --tls-dir (or SPLITMIRROR_TLS_DIR).
+    /// Refuses to replace existing files without --force.
+    ///
+    /// Example: console certs init ./certs --san backup.example.net --san 10.0.0.7
+    Init {
+        dir: std::path::PathBuf,
+        /// A further DNS name or IP address for every certificate
+        /// (repeatable), e.g. the hosts the nodes are reached at.
+        #[arg(long = "san", value_name = "NAME_OR_IP")]
+        sans: Vec<String>,
+        /// How long the certificates are valid.
+        #[arg(long, default_value_t = splitmirror_console::certs::DEFAULT_VALIDITY_DAYS)]
+        days: u32,
+        /// Replace certificates already in DIR.
+        #[arg(long, conflicts_with = "if_missing")]
+        force: bool,
+        /// Do nothing (and succeed) when DIR already holds a CA: for an
+        /// init container that runs at every start.
+        #[arg(long)]
+        if_missing: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -360,8 +396,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         db: cli.addresses.db,
         backup: cli.addresses.backup,
     };
+    let security_args = cli.security.clone();
     let connect = move || -> anyhow::Result<Clients> {
-        let mut clients = Clients::new(addresses)?;
+        let security = Security::from_args(&security_args, role::CONSOLE)?;
+        let mut clients = Clients::new(addresses, &security)?;
         clients.step_deadline = step_deadline;
         Ok(clients)
     };
@@ -469,6 +507,13 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             cli::schedule::schedule(&connect()?, &schedule).await
         }
+        Command::Certs(CertsCommand::Init {
+            dir,
+            sans,
+            days,
+            force,
+            if_missing,
+        }) => cli::certs::init(&dir, sans, days, force, if_missing),
         Command::Status {
             json,
             watch,

@@ -61,8 +61,9 @@ pub struct SecurityArgs {
     pub identity: Option<String>,
     /// Plain text instead of TLS: nothing is encrypted, no caller is
     /// authenticated and every caller may do everything (no LUN masking).
-    /// For tests on loopback only; logs a warning.
-    #[arg(long, env = "SPLITMIRROR_INSECURE", global = true, conflicts_with = "tls_dir")]
+    /// For tests on loopback only; logs a warning. Takes precedence over
+    /// --tls-dir.
+    #[arg(long, env = "SPLITMIRROR_INSECURE", global = true)]
     pub insecure: bool,
 }
 
@@ -231,12 +232,14 @@ impl Security {
     ) -> Result<Endpoint, crate::node::NodeError> {
         let endpoint = crate::node::endpoint(&self.url(target))?;
         match self.client_tls(server_role) {
-            Some(tls) => endpoint
-                .tls_config(tls)
-                .map_err(|source| crate::node::NodeError::Address {
-                    target: target.to_string(),
-                    source,
-                }),
+            Some(tls) => {
+                endpoint
+                    .tls_config(tls)
+                    .map_err(|source| crate::node::NodeError::Address {
+                        target: target.to_string(),
+                        source,
+                    })
+            }
             None => Ok(endpoint),
         }
     }
@@ -503,7 +506,9 @@ mod tests {
         let backup = Caller::Identified("backup-server".into());
         assert!(policy.decide(health, &Caller::Anonymous).is_ok());
         assert_eq!(
-            policy.decide(status, &Caller::Anonymous).map_err(|s| s.code()),
+            policy
+                .decide(status, &Caller::Anonymous)
+                .map_err(|s| s.code()),
             Err(tonic::Code::Unauthenticated)
         );
         assert!(policy.decide(status, &backup).is_ok());

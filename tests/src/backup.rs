@@ -189,7 +189,7 @@ async fn a_backup_equals_its_lu_and_its_manifest_equals_checksum_range() {
     assert!(!verified.ok, "a flipped byte must fail verification");
     assert_eq!(verified.bad_chunks, vec![5]);
     // The offline verifier agrees.
-    let out = std::process::Command::new(harness::binary("backup-server"))
+    let out = harness::command("backup-server")
         .args(["verify", "--store"])
         .arg(dir.path().join("store"))
         .arg(&id)
@@ -566,7 +566,7 @@ async fn a_backup_without_a_snapshot_is_refused_unless_it_asks_to_be_live() {
             .iter()
             .all(|b| b.live && b.consistency == "live (not frozen)")
     );
-    let out = std::process::Command::new(harness::binary("backup-server"))
+    let out = harness::command("backup-server")
         .args(["list", "--store"])
         .arg(&cluster.store)
         .output()
@@ -866,7 +866,7 @@ fn backup_server_list_exits_quietly_when_its_reader_goes_away() {
         .expect("manifest");
     }
     for round in 0..20 {
-        let mut child = std::process::Command::new(harness::binary("backup-server"))
+        let mut child = harness::command("backup-server")
             .args(["list", "--store"])
             .arg(dir.path())
             .stdout(std::process::Stdio::piped())
@@ -1028,7 +1028,8 @@ fn grpcurl_get_backup_is_small(addr: &str, id: &str) {
     let get = |include_digests: bool| {
         let request = format!(r#"{{"backup_id":"{id}","include_digests":{include_digests}}}"#);
         let out = std::process::Command::new("grpcurl")
-            .args(["-plaintext", "-d", &request, addr])
+            .args(harness::grpcurl_tls_args("console"))
+            .args(["-d", &request, addr])
             .arg("splitmirror.backup.v1.BackupService/GetBackup")
             .output()
             .expect("run grpcurl");

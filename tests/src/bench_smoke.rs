@@ -13,7 +13,7 @@ fn bench(scenario: &str, plot: bool) -> Value {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("figures.json");
     let svg = dir.path().join("plot.svg");
-    let mut command = Command::new(harness::binary("console"));
+    let mut command = harness::command("console");
     command
         .args([
             "bench",

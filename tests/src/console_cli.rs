@@ -1,7 +1,7 @@
 //! The console binary against real nodes: a backup run end to end, the
 //! failure policy, the demo, and the CLI's help and parsing.
 
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::{ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use array_node::ArrayTestHooks;
@@ -12,7 +12,7 @@ use splitmirror_proto::db::v1 as pb;
 use crate::harness::{self, db_client, start_array, start_backup, start_db};
 
 fn console(args: &[&str]) -> Output {
-    Command::new(harness::binary("console"))
+    harness::command("console")
         .args(args)
         .env_remove("SPLITMIRROR_DB")
         .env_remove("SPLITMIRROR_BACKUP")
@@ -95,7 +95,7 @@ async fn console_run_backs_up_verifies_and_resynchronizes() {
     // The image is a consistent ledger at the reported sequence, checked by
     // the real `db-server verify-image`.
     let image = store.join(&backup_id).join("image.raw");
-    let verify = Command::new(harness::binary("db-server"))
+    let verify = harness::command("db-server")
         .args(["verify-image", "--expect-sequence", &sequence.to_string()])
         .arg(&image)
         .output()
@@ -337,7 +337,7 @@ fn logs_on_a_pipe_carry_no_colour_codes() {
         ),
     ];
     for (binary, args, awaited) in runs {
-        let mut command = Command::new(harness::binary(binary));
+        let mut command = harness::command(binary);
         if binary != "console" {
             command.args(["--listen", "127.0.0.1:0"]);
         }
@@ -402,7 +402,7 @@ async fn the_console_exits_promptly_after_its_report_while_the_array_is_stopped(
     let addrs = address_args(&array.addr, &db.addr.to_string(), &backup.addr.to_string());
     let array_pid = Pid::from_child(&array.child);
     let outcome = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(harness::binary("console"))
+        let mut child = harness::command("console")
             .args(&addrs)
             .args(["run", "--volume", "0", "--json"])
             .stdout(Stdio::piped())
@@ -465,7 +465,7 @@ fn run_with_stdout_closed(
     args: &[String],
     after_first_line: bool,
 ) -> (ExitStatus, String) {
-    let mut child = Command::new(harness::binary(binary))
+    let mut child = harness::command(binary)
         .args(args)
         .env_remove("SPLITMIRROR_DB")
         .env_remove("SPLITMIRROR_BACKUP")

@@ -1,8 +1,6 @@
 //! The ledger end to end: running at full speed while snapshots are taken;
 //! each frozen mate LU is a consistent ledger at the reported sequence.
 
-use std::process::Command;
-
 use array_node::ArrayTestHooks;
 use db_server::ledger::LedgerConfig;
 use db_server::ledger_format;
@@ -131,6 +129,8 @@ async fn start_db_holding_snapshots(
         .await
         .expect("bind");
     let config = db_server::DbServerConfig {
+        security: harness::security(splitmirror_proto::security::role::DB),
+        control_identities: vec![splitmirror_proto::security::role::CONSOLE.to_string()],
         array_url: array_url.to_string(),
         data_dir: data_dir.to_path_buf(),
         manager: ManagerConfig::default(),
@@ -142,7 +142,7 @@ async fn start_db_holding_snapshots(
     let handle = db_server::spawn(config, listener)
         .await
         .expect("start db-server");
-    harness::wait_healthy(&handle.url()).await;
+    harness::wait_healthy(&handle.url(), splitmirror_proto::security::role::DB).await;
     handle
 }
 
@@ -151,9 +151,8 @@ async fn start_db_holding_snapshots(
 fn check_the_verify_image_command(image: &[u8], sequence: u64, dir: &std::path::Path) {
     let good = dir.join("good.raw");
     std::fs::write(&good, image).expect("write image");
-    let db_server = harness::binary("db-server");
     let run = |path: &std::path::Path| {
-        Command::new(&db_server)
+        harness::command("db-server")
             .args([
                 "verify-image",
                 "--json",

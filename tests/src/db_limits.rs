@@ -3,13 +3,14 @@
 //! start-up while the array is down, run ids, `Status` without its
 //! histogram, and reflection that lists only a node's own services.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use array_node::{ArrayNodeConfig, ArrayTestHooks};
 use db_server::manager::ManagerConfig;
 use splitmirror_proto::db::v1 as pb;
 use splitmirror_proto::node::{self, MAX_ARRAY_REQUEST_BYTES, MAX_MESSAGE_BYTES};
+use splitmirror_proto::security::role;
 use tonic::Code;
 
 use splitmirror_proto::reason::Reason;
@@ -287,12 +288,13 @@ async fn status_answers_percentiles_and_the_histogram_only_on_request() {
 }
 
 /// The services a node lists in reflection (v1).
-async fn reflected_services(url: &str) -> Vec<String> {
+async fn reflected_services(url: &str, server_role: &str) -> Vec<String> {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let channel = node::endpoint(url)
+    let channel = harness::security(role::CONSOLE)
+        .endpoint(url, server_role)
         .expect("endpoint")
         .connect()
         .await
@@ -328,12 +330,20 @@ async fn each_node_reflects_only_its_own_service() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (array, db, _client) = cluster(dir.path()).await;
     let backup = harness::start_backup(&array.url(), &db.url(), &dir.path().join("store")).await;
-    for (url, own) in [
-        (array.url(), "splitmirror.array.v1.ArrayService"),
-        (db.url(), "splitmirror.db.v1.DbService"),
-        (backup.url(), "splitmirror.backup.v1.BackupService"),
+    for (url, own, role) in [
+        (
+            array.url(),
+            "splitmirror.array.v1.ArrayService",
+            role::ARRAY,
+        ),
+        (db.url(), "splitmirror.db.v1.DbService", role::DB),
+        (
+            backup.url(),
+            "splitmirror.backup.v1.BackupService",
+            role::BACKUP,
+        ),
     ] {
-        let services = reflected_services(&url).await;
+        let services = reflected_services(&url, role).await;
         let splitmirror: Vec<&String> = services
             .iter()
             .filter(|s| s.starts_with("splitmirror."))
@@ -376,7 +386,7 @@ impl DbProcess {
     fn start(listen: &str, array: &str, data_dir: &std::path::Path, extra: &[&str]) -> Self {
         let log = data_dir.with_extension("log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(harness::binary("db-server"))
+        let child = harness::command("db-server")
             .args(["--listen", listen, "--array", array, "--data-dir"])
             .arg(data_dir)
             .args(["--no-ledger"])
@@ -416,7 +426,14 @@ async fn db_server_serves_not_serving_until_the_array_comes() {
     // Health answers (NOT_SERVING) while the array is down.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        match node::probe_health(&db_url, "").await {
+        match node::probe_health(
+            &db_url,
+            "",
+            &harness::security(splitmirror_proto::security::role::CONSOLE),
+            splitmirror_proto::security::role::DB,
+        )
+        .await
+        {
             Err(node::NodeError::NotServing {
                 state: "NOT_SERVING",
                 ..
@@ -455,12 +472,13 @@ async fn db_server_serves_not_serving_until_the_array_comes() {
             data_dir: dir.path().join("array"),
             array: harness::small_array(LU_BYTES),
             hooks: ArrayTestHooks::default(),
+            security: harness::security(role::ARRAY),
         },
         listener,
     )
     .await
     .expect("start array");
-    harness::wait_healthy(&db_url).await;
+    harness::wait_healthy(&db_url, splitmirror_proto::security::role::DB).await;
     harness::wait_synchronized(&client, 0).await;
     let written = write(&client, 8, 4096)
         .await
@@ -506,7 +524,7 @@ async fn db_server_gives_up_waiting_for_the_array_and_says_why() {
 /// `--array-wait` is documented in `--help`.
 #[test]
 fn array_wait_and_the_lease_cap_are_documented() {
-    let output = Command::new(harness::binary("db-server"))
+    let output = harness::command("db-server")
         .arg("--help")
         .output()
         .expect("db-server --help");

@@ -1,5 +1,7 @@
-//! grpcurl against a real array node, as an operator would use it: list the
-//! services, describe ArrayService, check health, write then read a block.
+//! grpcurl against a real array node, as an operator would use it, with
+//! the certificates the README shows: list the services, describe
+//! ArrayService, check health, write then read a block; and without a
+//! certificate: health answers, everything else is refused.
 //! `.ci/run` installs grpcurl; elsewhere the test skips, saying so, when the
 //! tool is missing (and fails under CI, where it must be present).
 
@@ -16,8 +18,11 @@ fn grpcurl_available() -> bool {
         .is_ok_and(|out| out.status.success())
 }
 
+/// grpcurl as db-server (the identity that may write the pairs), with
+/// mutual TLS.
 fn grpcurl(args: &[&str]) -> String {
     let output = Command::new("grpcurl")
+        .args(harness::grpcurl_tls_args("db-server"))
         .args(args)
         .output()
         .expect("run grpcurl");
@@ -53,7 +58,7 @@ async fn grpcurl_lists_describes_checks_health_writes_and_reads() {
     let addr = node.addr.to_string();
     let addr = addr.as_str();
 
-    let services = grpcurl(&["-plaintext", addr, "list"]);
+    let services = grpcurl(&[addr, "list"]);
     for service in [
         "splitmirror.array.v1.ArrayService",
         "grpc.health.v1.Health",
@@ -64,12 +69,7 @@ async fn grpcurl_lists_describes_checks_health_writes_and_reads() {
             "{service} missing from {services}"
         );
     }
-    let described = grpcurl(&[
-        "-plaintext",
-        addr,
-        "describe",
-        "splitmirror.array.v1.ArrayService",
-    ]);
+    let described = grpcurl(&[addr, "describe", "splitmirror.array.v1.ArrayService"]);
     for rpc in [
         "ListLus",
         "ModeSense",
@@ -84,14 +84,13 @@ async fn grpcurl_lists_describes_checks_health_writes_and_reads() {
             "{rpc} missing: {described}"
         );
     }
-    let health = grpcurl(&["-plaintext", addr, "grpc.health.v1.Health/Check"]);
+    let health = grpcurl(&[addr, "grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
 
     // 4096 bytes of 0x5A, base64 (proto3 JSON encodes bytes as base64).
     let block = "Wlpa".repeat(4096 / 3) + "Wg==";
     let request = format!(r#"{{"lu": 0, "lba": "7", "data": "{block}", "fua": true}}"#);
     let written = grpcurl(&[
-        "-plaintext",
         "-d",
         &request,
         addr,
@@ -99,7 +98,6 @@ async fn grpcurl_lists_describes_checks_health_writes_and_reads() {
     ]);
     assert!(written.contains(r#""blocksWritten": "1""#), "{written}");
     let read = grpcurl(&[
-        "-plaintext",
         "-d",
         r#"{"lu": 2, "lba": "7", "blocks": "1"}"#,
         addr,
@@ -111,5 +109,50 @@ async fn grpcurl_lists_describes_checks_health_writes_and_reads() {
         Some(block.as_str()),
         "mate holds the block"
     );
+
+    // Without a client certificate (the CA only, to trust the server):
+    // health answers, as container healthchecks need; listing, describing
+    // and calling are refused.
+    let ca = harness::certs_dir().join("ca.pem");
+    let ca = ca.to_str().expect("utf-8 path");
+    let anonymous = |args: &[&str]| {
+        Command::new("grpcurl")
+            .args(["-cacert", ca])
+            .args(args)
+            .output()
+            .expect("run grpcurl")
+    };
+    let health = anonymous(&[addr, "grpc.health.v1.Health/Check"]);
+    assert!(
+        health.status.success(),
+        "health without a certificate: {}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    for args in [
+        vec![addr, "list"],
+        vec![
+            "-d",
+            r#"{"lu": 2, "lba": "7", "blocks": "1"}"#,
+            addr,
+            "splitmirror.array.v1.ArrayService/Read",
+        ],
+    ] {
+        let refused = anonymous(&args);
+        let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+        assert!(
+            !refused.status.success(),
+            "{args:?} succeeded without a certificate"
+        );
+        assert!(
+            said.contains("client certificate"),
+            "{args:?} without a certificate: {said}"
+        );
+    }
+    // Plain text to a TLS node gets no answer at all.
+    let plaintext = Command::new("grpcurl")
+        .args(["-plaintext", addr, "list"])
+        .output()
+        .expect("run grpcurl");
+    assert!(!plaintext.status.success(), "plain text was served");
     node.shutdown().await.expect("shutdown");
 }

@@ -3,15 +3,23 @@
 //!
 //! Normal calls go through `splitmirror_proto::client`; a test that must
 //! send what those never would uses the client's `raw()`.
+//!
+//! Every node and client of a test process uses mutual TLS, as in
+//! production: [`certs_dir`] holds one CA and the four roles' certificates
+//! for the whole process, in-process nodes get their role's, processes get
+//! `SPLITMIRROR_TLS_DIR` ([`command`]), and the clients act as the role a
+//! test plays: the array's client as db-server (the identity that may read
+//! and write every LU of the pairs), the others as the console.
 
 use std::path::Path;
 use std::time::Duration;
 
 use array_node::{ArrayConfig, ArrayTestHooks};
-use splitmirror_console::cluster::{self, DbOptions};
+use splitmirror_console::cluster::{self, Credentials, DbOptions};
 use splitmirror_proto::backup::v1 as bpb;
 use splitmirror_proto::db::v1 as dpb;
 use splitmirror_proto::node::NodeHandle;
+use splitmirror_proto::security::{Security, role};
 
 pub use splitmirror_proto::client::{ArrayClient, BackupClient, ClientError, DbClient, ErrorKind};
 
@@ -19,31 +27,86 @@ pub use splitmirror_proto::client::{ArrayClient, BackupClient, ClientError, DbCl
 /// (through the console's cluster builder, as the demo and the benchmarks
 /// do).
 pub async fn start_array(data_dir: &Path, array: ArrayConfig, hooks: ArrayTestHooks) -> NodeHandle {
-    cluster::start_array(data_dir, array, hooks)
+    cluster::start_array(data_dir, array, hooks, &security(role::ARRAY))
         .await
         .expect("start array node")
 }
 
-/// Waits (bounded) until a node answers its health check.
-pub async fn wait_healthy(url: &str) {
-    cluster::wait_healthy("node", url)
+/// The directory of this test process's certificates: a CA and the four
+/// roles' certificates, created at the first call.
+pub fn certs_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("splitmirror-test-certs-")
+            .tempdir()
+            .expect("temporary directory for certificates");
+        splitmirror_console::certs::init(dir.path(), &Default::default())
+            .expect("creating the test certificates");
+        dir
+    })
+    .path()
+}
+
+/// The certificates every node and client of this test process uses.
+pub fn credentials() -> Credentials {
+    Credentials::Certificates(certs_dir().to_path_buf())
+}
+
+/// The security of the program of `role` (`security::role::*`).
+pub fn security(role: &str) -> Security {
+    credentials()
+        .security(role)
+        .unwrap_or_else(|e| panic!("the {role} certificate: {e}"))
+}
+
+/// A command running one of the workspace's binaries with this process's
+/// certificates (`SPLITMIRROR_TLS_DIR`; each program takes its role's).
+pub fn command(binary_name: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(binary(binary_name));
+    command.env("SPLITMIRROR_TLS_DIR", certs_dir());
+    command
+}
+
+/// grpcurl's arguments for mutual TLS as `identity` (`-cacert`, `-cert`,
+/// `-key`), as the README shows them.
+pub fn grpcurl_tls_args(identity: &str) -> Vec<String> {
+    let dir = certs_dir();
+    let path = |file: String| dir.join(file).to_string_lossy().into_owned();
+    vec![
+        "-cacert".into(),
+        path("ca.pem".into()),
+        "-cert".into(),
+        path(format!("{identity}.pem")),
+        "-key".into(),
+        path(format!("{identity}.key")),
+    ]
+}
+
+/// Waits (bounded) until the node of `server_role` answers its health
+/// check.
+pub async fn wait_healthy(url: &str, server_role: &str) {
+    cluster::wait_healthy("node", url, &security(role::CONSOLE), server_role)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// A client of the array at `url` (connecting at its first call).
+/// A client of the array at `url` (connecting at its first call), as
+/// db-server: the identity that may read and write every LU of the pairs.
 pub fn array_client(url: &str) -> ArrayClient {
-    ArrayClient::new(url).expect("array address")
+    ArrayClient::new(url, &security(role::DB)).expect("array address")
 }
 
-/// A client of db-server at `url` (connecting at its first call).
+/// A client of db-server at `url` (connecting at its first call), as the
+/// console.
 pub fn db_client(url: &str) -> DbClient {
-    DbClient::new(url).expect("db-server address")
+    DbClient::new(url, &security(role::CONSOLE)).expect("db-server address")
 }
 
-/// A client of the backup server at `url` (connecting at its first call).
+/// A client of the backup server at `url` (connecting at its first call),
+/// as the console.
 pub fn backup_client(url: &str) -> BackupClient {
-    BackupClient::new(url).expect("backup server address")
+    BackupClient::new(url, &security(role::CONSOLE)).expect("backup server address")
 }
 
 /// Reads blocks of an LU through the array.
@@ -95,7 +158,7 @@ pub async fn start_db(
         ledger,
         ..DbOptions::default()
     };
-    let handle = cluster::start_db(array_url, data_dir, &options)
+    let handle = cluster::start_db(array_url, data_dir, &options, &security(role::DB))
         .await
         .expect("start db-server");
     wait_all_synchronized(&db_client(&handle.url())).await;
@@ -168,6 +231,8 @@ pub fn small_512_pair(block_count: u64) -> ArrayConfig {
             origin: 1,
             mate: 2,
         }],
+        access: Default::default(),
+        grants: Vec::new(),
     }
 }
 
@@ -216,7 +281,7 @@ impl NodeProcess {
     /// The same, with extra environment variables.
     pub fn start_with_env(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
-        let mut command = std::process::Command::new(binary(binary_name));
+        let mut command = command(binary_name);
         command
             .args(args)
             .env("RUST_LOG", "info")
@@ -356,7 +421,7 @@ pub use splitmirror_console::cluster::NO_DB;
 /// `array_url` and confirming snapshots with the db-server at `db_url`
 /// (tests of live backups alone may pass [`NO_DB`]).
 pub async fn start_backup(array_url: &str, db_url: &str, store: &Path) -> NodeHandle {
-    cluster::start_backup(array_url, db_url, store, None)
+    cluster::start_backup(array_url, db_url, store, None, &security(role::BACKUP))
         .await
         .expect("start backup-server")
 }

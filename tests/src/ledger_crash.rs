@@ -144,7 +144,7 @@ fn verify_with_the_command(
 ) -> Result<(), String> {
     let path = dir.join("snapshot.raw");
     std::fs::write(&path, image).expect("write the image");
-    let out = std::process::Command::new(harness::binary("db-server"))
+    let out = harness::command("db-server")
         .args(["verify-image", "--json", "--expect-sequence"])
         .arg(sequence.to_string())
         .arg(&path)

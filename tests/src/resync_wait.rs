@@ -6,8 +6,6 @@
 //! test `reason::tests::the_decision_reads_the_reason_not_the_message` in
 //! the shared crate.)
 
-use std::process::Command;
-
 use array_node::ArrayTestHooks;
 use db_server::manager::ManagerConfig;
 use splitmirror_proto::db::v1 as pb;
@@ -89,7 +87,7 @@ async fn console_run_waits_out_a_running_resync_by_its_reason() {
         backup.addr.to_string(),
     ];
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(harness::binary("console"))
+        harness::command("console")
             .args(&addresses)
             .args(["run", "--volume", "0", "--json"])
             .env_remove("SPLITMIRROR_DB")

@@ -5,7 +5,6 @@
 //! exported and no export thread runs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -247,7 +246,7 @@ fn export_threads(pid: u32) -> Vec<String> {
 
 /// `console run --json` against `nodes`, with `env`; answers the report.
 async fn console_run(nodes: &Nodes, env: &[(&str, &str)]) -> serde_json::Value {
-    let mut command = Command::new(harness::binary("console"));
+    let mut command = harness::command("console");
     command
         .args(["--array", &nodes.array.addr])
         .args(["--db", &nodes.db.addr])
@@ -309,7 +308,10 @@ async fn one_console_run_is_one_trace_across_the_four_programs() {
     let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
     let mut raw = splitmirror_proto::db::v1::db_service_client::DbServiceClient::new(
-        splitmirror_proto::node::channel(&nodes.db.addr).expect("channel"),
+        harness::security(splitmirror_proto::security::role::CONSOLE)
+            .endpoint(&nodes.db.addr, splitmirror_proto::security::role::DB)
+            .expect("endpoint")
+            .connect_lazy(),
     );
     let mut request = tonic::Request::new(splitmirror_proto::db::v1::StatusRequest::default());
     request.metadata_mut().insert(
@@ -321,7 +323,7 @@ async fn one_console_run_is_one_trace_across_the_four_programs() {
     raw.status(request).await.expect("status");
 
     // A manual command is a trace of its own too.
-    let mut status = Command::new(harness::binary("console"));
+    let mut status = harness::command("console");
     status
         .args(["--array", &nodes.array.addr])
         .args(["--db", &nodes.db.addr])
@@ -463,7 +465,7 @@ async fn without_an_endpoint_nothing_is_exported_and_no_export_thread_runs() {
 fn bench_export_reports_both_modes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("figures.json");
-    let out = Command::new(harness::binary("console"))
+    let out = harness::command("console")
         .args([
             "bench",
             "export",

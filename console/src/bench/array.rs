@@ -13,6 +13,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use splitmirror_proto::client::ArrayClient;
 
+use splitmirror_proto::security::role;
+
 use super::common::{RandomLuArray, array_with_random_lu, f1, f2, mb_per_s, table};
 use super::{BenchOptions, BenchOutput, peer};
 
@@ -23,8 +25,10 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
         dir,
         array,
         lu_file,
-    } = array_with_random_lu(1, size).await?;
-    let client = ArrayClient::new(&array.url())?;
+        credentials,
+    } = array_with_random_lu(1, size, true).await?;
+    // LU 1 is an origin: db-server's identity may read it.
+    let client = ArrayClient::new(&array.url(), &credentials.security(role::DB)?)?;
     // The client connects at its first call: make that call before the
     // clock starts.
     client.list_lus().await?;

@@ -11,6 +11,10 @@ use splitmirror_proto::backup::v1 as pb;
 use splitmirror_proto::client::BackupClient;
 use splitmirror_proto::node;
 
+use splitmirror_proto::security::role;
+
+use crate::cluster::Credentials;
+
 use super::common::{
     RandomLuArray, array_with_random_lu, cpu_seconds, f1, f2, mb_per_s, sibling_binary, table,
 };
@@ -25,7 +29,12 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
         dir,
         array,
         lu_file: mate_file,
-    } = array_with_random_lu(2, size).await?;
+        credentials,
+    } = array_with_random_lu(2, size, true).await?;
+    let tls_args: Vec<std::ffi::OsString> = match &credentials {
+        Credentials::Certificates(certs) => vec!["--tls-dir".into(), certs.into()],
+        Credentials::Insecure => vec!["--insecure".into()],
+    };
     let store = dir.path().join("store");
 
     // The backup server runs as its own process when its binary is next to
@@ -50,6 +59,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
                     "--store",
                 ])
                 .arg(&store)
+                .args(&tls_args)
                 .env("RUST_LOG", "warn")
                 .spawn()
                 .context("starting backup-server")?;
@@ -57,20 +67,31 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
             format!("http://{addr}")
         }
         None => {
-            let handle = crate::cluster::start_backup(&array.url(), NO_DB, &store, None).await?;
+            let handle = crate::cluster::start_backup(
+                &array.url(),
+                NO_DB,
+                &store,
+                None,
+                &credentials.security(role::BACKUP)?,
+            )
+            .await?;
             let url = handle.url();
             in_process = Some(handle);
             url
         }
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while node::probe_health(&backup_url, "").await.is_err() {
+    let console = credentials.security(role::CONSOLE)?;
+    while node::probe_health(&backup_url, "", &console, role::BACKUP)
+        .await
+        .is_err()
+    {
         if Instant::now() > deadline {
             bail!("backup-server did not start");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let client = BackupClient::new(&backup_url)?;
+    let client = BackupClient::new(&backup_url, &console)?;
     let cpu_before = child.as_ref().and_then(|c| cpu_seconds(c.id()));
     let started = Instant::now();
     let id = client

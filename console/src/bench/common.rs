@@ -212,9 +212,18 @@ pub struct RandomLuArray {
     pub array: splitmirror_proto::node::NodeHandle,
     /// The LU's file, for the peer to export.
     pub lu_file: std::path::PathBuf,
+    /// The certificates the array serves with (in `certs/` under `dir`),
+    /// or plain text.
+    pub credentials: crate::cluster::Credentials,
 }
 
-pub async fn array_with_random_lu(lu: u32, size_bytes: u64) -> anyhow::Result<RandomLuArray> {
+/// An array whose LU `lu` holds random data, serving with new certificates
+/// (`secure`) or plain text.
+pub async fn array_with_random_lu(
+    lu: u32,
+    size_bytes: u64,
+    secure: bool,
+) -> anyhow::Result<RandomLuArray> {
     let dir = tempfile::Builder::new()
         .prefix("splitmirror-bench-")
         .tempdir()
@@ -224,16 +233,23 @@ pub async fn array_with_random_lu(lu: u32, size_bytes: u64) -> anyhow::Result<Ra
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let lu_file = data_dir.join(format!("lu{lu}.img"));
     random_file(&lu_file, size_bytes, u64::from(lu))?;
+    let credentials = if secure {
+        crate::cluster::Credentials::create_in(&dir.path().join("certs"))?
+    } else {
+        crate::cluster::Credentials::Insecure
+    };
     let array = crate::cluster::start_array(
         &data_dir,
         array_node::ArrayConfig::default_pairs(size_bytes)?,
         array_node::ArrayTestHooks::default(),
+        &credentials.security(splitmirror_proto::security::role::ARRAY)?,
     )
     .await?;
     Ok(RandomLuArray {
         dir,
         array,
         lu_file,
+        credentials,
     })
 }
 

@@ -3,6 +3,7 @@
 //! `anyhow` here, the top of the binary; the library modules below answer
 //! typed errors.
 
+pub mod certs;
 pub mod manual;
 pub mod output;
 pub mod schedule;

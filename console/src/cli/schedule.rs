@@ -37,7 +37,7 @@ pub async fn schedule(clients: &Clients, schedule: &Schedule) -> anyhow::Result<
         ("backup-server", &addresses.backup),
     ] {
         let deadline = tokio::time::Instant::now() + NODE_WAIT;
-        while let Err(e) = node::probe_health(address, "").await {
+        while let Err(e) = node::probe_health(address, "", &clients.security, name).await {
             if tokio::time::Instant::now() > deadline {
                 bail!("{name} at {address} is not serving: {e}");
             }

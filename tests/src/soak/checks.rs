@@ -24,6 +24,7 @@ use splitmirror_proto::backup::v1 as bpb;
 use splitmirror_proto::client::{ArrayClient, BackupClient, ClientError, DbClient};
 use splitmirror_proto::db::v1 as pb;
 use splitmirror_proto::node;
+use splitmirror_proto::security::{Security, role};
 
 use super::Summary;
 use super::cluster::{Cluster, Node};
@@ -59,6 +60,8 @@ pub struct Checker {
     db: DbClient,
     array: ArrayClient,
     backup: BackupClient,
+    /// The console's certificate, for health probes.
+    console: Security,
     urls: [String; 3],
     /// The highest ledger sequence reported at a quiesce: every
     /// transaction up to it was acknowledged.
@@ -82,10 +85,16 @@ async fn call<T>(
 impl Checker {
     pub async fn new(cluster: &Cluster) -> Result<Self, String> {
         let text = |e: ClientError| e.to_string();
+        // The checker acts as the console towards db-server and the backup
+        // server, and as db-server towards the array (the identity that may
+        // read every LU of the pairs).
+        let console = cluster.security(role::CONSOLE)?;
+        let as_db = cluster.security(role::DB)?;
         Ok(Self {
-            db: DbClient::new(&cluster.url(Node::Db)).map_err(text)?,
-            array: ArrayClient::new(&cluster.url(Node::Array)).map_err(text)?,
-            backup: BackupClient::new(&cluster.url(Node::Backup)).map_err(text)?,
+            db: DbClient::new(&cluster.url(Node::Db), &console).map_err(text)?,
+            array: ArrayClient::new(&cluster.url(Node::Array), &as_db).map_err(text)?,
+            backup: BackupClient::new(&cluster.url(Node::Backup), &console).map_err(text)?,
+            console,
             urls: Node::ALL.map(|n| cluster.url(n)),
             committed_sequence: 0,
             checked_backups: BTreeSet::new(),
@@ -158,7 +167,8 @@ impl Checker {
     ) -> Result<u64, Violation> {
         for (i, url) in self.urls.clone().iter().enumerate() {
             let started = Instant::now();
-            while let Err(e) = node::probe_health(url, "").await {
+            let role = Node::ALL[i].role();
+            while let Err(e) = node::probe_health(url, "", &self.console, role).await {
                 if started.elapsed() > HEAL_TIMEOUT {
                     return Err(Violation::new(
                         round,

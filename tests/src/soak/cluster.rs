@@ -35,6 +35,11 @@ impl Node {
             Node::Backup => "backup-server",
         }
     }
+
+    /// Its identity in the certificates (the role's name is the binary's).
+    pub fn role(self) -> &'static str {
+        self.binary()
+    }
 }
 
 impl std::fmt::Display for Node {
@@ -96,6 +101,10 @@ impl Cluster {
             std::fs::create_dir_all(dir.join(sub))
                 .map_err(|e| format!("creating {}: {e}", dir.join(sub).display()))?;
         }
+        // Mutual TLS between the nodes and for the console, as in
+        // production: one CA and the four roles' certificates.
+        splitmirror_console::cluster::Credentials::create_in(&dir.join("certs"))
+            .map_err(|e| format!("creating the certificates: {e}"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             bin_dir,
@@ -129,6 +138,17 @@ impl Cluster {
 
     pub fn console_binary(&self) -> PathBuf {
         self.bin_dir.join("console")
+    }
+
+    /// The certificates of the nodes and the console (`--tls-dir`).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    /// The security of the program of `role`.
+    pub fn security(&self, role: &str) -> Result<splitmirror_proto::security::Security, String> {
+        splitmirror_proto::security::Security::from_dir(&self.certs_dir(), role)
+            .map_err(|e| format!("the {role} certificate: {e}"))
     }
 
     /// Mounts a tmpfs of `size` over the db or store directory, so that
@@ -211,6 +231,7 @@ impl Cluster {
             .args(self.args(node))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .env("SPLITMIRROR_TLS_DIR", self.certs_dir())
             .env_remove("SPLITMIRROR_CRASH_AT")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -464,6 +464,7 @@ async fn play_round(
             .map_err(|e| Violation::new(round, format!("restarting db-server: {e}")))?;
     }
     let mut console = Command::new(cluster.console_binary())
+        .env("SPLITMIRROR_TLS_DIR", cluster.certs_dir())
         .args([
             "run",
             "--volume",

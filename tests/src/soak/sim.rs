@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use db_server::array_port::{ArrayPort, BoxFuture, ClientError, MemoryArray, PairInfo};
+use db_server::array_port::{ArrayPort, BoxFuture, ClientError, MemoryArray, OwnAccess, PairInfo};
 use db_server::journal::Journal;
 use db_server::lu_status::VirtualLu;
 use db_server::manager::{ManagerConfig, ManagerTestHooks, ResyncMethod, SnapshotManager};
@@ -91,6 +91,19 @@ impl ArrayPort for SimArray {
         chunk_blocks: u64,
     ) -> BoxFuture<'_, Result<Vec<[u8; 32]>, ClientError>> {
         self.memory.checksums(lu, lba, blocks, chunk_blocks)
+    }
+
+    fn identity(&self) -> Option<&str> {
+        self.memory.identity()
+    }
+
+    fn set_own_access(
+        &self,
+        lu: u32,
+        access: OwnAccess,
+        purpose: &str,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        self.memory.set_own_access(lu, access, purpose)
     }
 }
 
