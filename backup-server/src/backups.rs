@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use splitmirror_proto::client::{ClientError, ErrorKind};
-use splitmirror_proto::run_id::{RunIdError, validate_run_id};
+use splitmirror_proto::run_id::RunIdError;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,7 +31,8 @@ pub enum Wanted {
     Live,
 }
 
-/// A request to start a backup.
+/// A request to start a backup, checked by
+/// [`validate::start_backup`](crate::service::validate::start_backup).
 #[derive(Debug, Clone)]
 pub struct StartRequest {
     pub run_id: String,
@@ -40,6 +41,7 @@ pub struct StartRequest {
     pub label: String,
     pub max_bytes_per_s: Option<u64>,
     pub wanted: Wanted,
+    pub checked: crate::service::validate::Checked,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +114,11 @@ pub enum BackupError {
     /// retryable.
     #[error("backup {0} does not exist")]
     NotFound(String),
+    /// The request contradicts itself or lacks what it needs (a start that
+    /// names a snapshot and asks for a live copy). Not retryable: the
+    /// caller's fault.
+    #[error("{0}")]
+    Malformed(String),
     /// The id cannot name a backup (not hex and dashes, or too long). Not
     /// retryable: the caller's fault.
     #[error("{0:?} is not a backup id")]
@@ -244,18 +251,6 @@ impl Backups {
     ) -> Result<(String, bool), BackupError> {
         let run_id = request.run_id.as_str();
         let lu = request.lu;
-        // The same rule as db-server's holders: no blank run id, no
-        // control characters, a bounded length.
-        validate_run_id(run_id).map_err(|source| BackupError::BadRunId {
-            field: "run_id",
-            source,
-        })?;
-        if let Wanted::Snapshot(wanted) = &request.wanted {
-            validate_run_id(&wanted.holder_run_id).map_err(|source| BackupError::BadRunId {
-                field: "the snapshot's holder_run_id",
-                source,
-            })?;
-        }
         if let Some(id) = self.by_run.lock().expect("by_run").get(run_id) {
             return Ok((id.clone(), true));
         }

@@ -27,7 +27,6 @@ pub mod store;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use splitmirror_proto::backup::v1::backup_service_server::BackupServiceServer;
 use splitmirror_proto::client::ClientError;
 use splitmirror_proto::node::{self, NodeHandle};
 use splitmirror_proto::security::{AccessPolicy, Security};
@@ -96,8 +95,7 @@ pub async fn spawn(
         cancel.clone(),
         config.default_max_bytes_per_s,
     ));
-    let service = BackupServiceServer::new(service::BackupGrpc::new(backups))
-        .max_encoding_message_size(node::MAX_MESSAGE_BYTES);
+    let service = service::server(backups);
     let policy = AccessPolicy::with_control(
         service::CONTROL_METHODS,
         config.control_identities.iter().cloned(),

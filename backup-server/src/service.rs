@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use splitmirror_proto::backup::v1 as pb;
-use splitmirror_proto::backup::v1::backup_service_server::BackupService;
+use splitmirror_proto::backup::v1::backup_service_server::{BackupService, BackupServiceServer};
+use splitmirror_proto::node;
 use tonic::{Request, Response, Status};
 
 /// The methods only the control identities (`--control-identity`, the
@@ -19,14 +20,22 @@ pub const CONTROL_METHODS: &[&str] = &[
     "/splitmirror.backup.v1.BackupService/VerifyBackup",
 ];
 
-use crate::backups::{
-    BackupError, BackupInfo, Backups, FailureKind, JobState, StartRequest, Wanted,
-};
+pub mod validate;
+
+use crate::backups::{BackupError, BackupInfo, Backups, FailureKind, JobState};
 use crate::manifest::{self, Manifest, SnapshotRecord};
-use crate::owner::SnapshotRef;
 
 /// How often `WatchBackup` reports progress while nothing else changes.
 const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The largest request message the backup server decodes. Its requests
+/// are small: ids, run ids, a label, a snapshot reference — a few hundred
+/// bytes; 64 KiB leaves room for any label an operator types and refuses
+/// anything bigger with `RESOURCE_EXHAUSTED` before it is decoded.
+pub const MAX_REQUEST_MESSAGE_BYTES: usize = 64 << 10;
+/// The largest answer it encodes: `GetBackup` with every chunk digest
+/// (32 bytes per 1 MiB chunk) of a large image.
+pub const MAX_ANSWER_MESSAGE_BYTES: usize = node::MAX_MESSAGE_BYTES;
 
 pub struct BackupGrpc {
     backups: Arc<Backups>,
@@ -38,6 +47,14 @@ impl BackupGrpc {
     }
 }
 
+/// The gRPC service over `backups`, with its message limits. No
+/// compression is enabled (tonic compresses nothing unless asked).
+pub fn server(backups: Arc<Backups>) -> BackupServiceServer<BackupGrpc> {
+    BackupServiceServer::new(BackupGrpc::new(backups))
+        .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_ANSWER_MESSAGE_BYTES)
+}
+
 /// One code per error, decided here and nowhere else. A fault of the array,
 /// of db-server or of the store is INTERNAL (UNAVAILABLE when the node did
 /// not answer), never the caller's INVALID_ARGUMENT.
@@ -47,7 +64,7 @@ impl From<BackupError> for Status {
         match error {
             BackupError::NotFound(_) | BackupError::UnknownLu(_) => Status::not_found(message),
             BackupError::UnknownVolume { .. } => Status::not_found(message),
-            BackupError::BadId(_) | BackupError::BadRunId { .. } => {
+            BackupError::Malformed(_) | BackupError::BadId(_) | BackupError::BadRunId { .. } => {
                 Status::invalid_argument(message)
             }
             BackupError::NotFrozen(_) | BackupError::NotComplete { .. } => {
@@ -62,39 +79,6 @@ impl From<BackupError> for Status {
             | BackupError::DamagedManifest { .. }
             | BackupError::Task(_) => Status::internal(message),
         }
-    }
-}
-
-impl TryFrom<pb::StartBackupRequest> for StartRequest {
-    type Error = Status;
-
-    fn try_from(r: pb::StartBackupRequest) -> Result<Self, Status> {
-        let wanted = match (r.snapshot, r.live) {
-            (Some(s), false) => Wanted::Snapshot(SnapshotRef {
-                volume: s.volume,
-                holder_run_id: s.holder_run_id,
-            }),
-            (None, true) => Wanted::Live,
-            (Some(_), true) => {
-                return Err(Status::invalid_argument(
-                    "name a snapshot or ask for a live backup, not both",
-                ));
-            }
-            (None, false) => {
-                return Err(Status::invalid_argument(format!(
-                    "LU {} would be copied while it may be written: name the snapshot that freezes it (snapshot: volume and holder_run_id), or set live to copy it unfrozen",
-                    r.lu
-                )));
-            }
-        };
-        Ok(StartRequest {
-            run_id: r.run_id,
-            lu: r.lu,
-            expected_block_count: r.expected_block_count,
-            label: r.label,
-            max_bytes_per_s: r.max_bytes_per_s,
-            wanted,
-        })
     }
 }
 
@@ -228,7 +212,7 @@ impl BackupService for BackupGrpc {
         &self,
         request: Request<pb::StartBackupRequest>,
     ) -> Result<Response<pb::StartBackupResponse>, Status> {
-        let request = StartRequest::try_from(request.into_inner())?;
+        let request = validate::start_backup(request.into_inner())?;
         let span = tracing::Span::current();
         span.record("run_id", request.run_id.as_str());
         span.record("lu", request.lu);
@@ -246,7 +230,7 @@ impl BackupService for BackupGrpc {
         &self,
         request: Request<pb::BackupIdRequest>,
     ) -> Result<Response<Self::WatchBackupStream>, Status> {
-        let id = request.into_inner().backup_id;
+        let id = validate::backup_id(request.into_inner().backup_id)?.id;
         let receiver = self.backups.subscribe(&id)?;
         let backups = self.backups.clone();
         // Sends the progress now, then on every state change or interval,
@@ -278,7 +262,8 @@ impl BackupService for BackupGrpc {
         request: Request<pb::GetBackupRequest>,
     ) -> Result<Response<pb::BackupInfo>, Status> {
         let request = request.into_inner();
-        let info = self.backups.get(&request.backup_id)?;
+        let id = validate::backup_id(request.backup_id)?;
+        let info = self.backups.get(&id.id)?;
         Ok(Response::new(info_to_pb(info, request.include_digests)?))
     }
 
@@ -307,7 +292,8 @@ impl BackupService for BackupGrpc {
         &self,
         request: Request<pb::BackupIdRequest>,
     ) -> Result<Response<pb::BackupInfo>, Status> {
-        let info = self.backups.cancel(&request.into_inner().backup_id).await?;
+        let id = validate::backup_id(request.into_inner().backup_id)?;
+        let info = self.backups.cancel(&id.id).await?;
         Ok(Response::new(info_to_pb(info, false)?))
     }
 
@@ -315,7 +301,8 @@ impl BackupService for BackupGrpc {
         &self,
         request: Request<pb::BackupIdRequest>,
     ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
-        let outcome = self.backups.verify(&request.into_inner().backup_id).await?;
+        let id = validate::backup_id(request.into_inner().backup_id)?;
+        let outcome = self.backups.verify(&id.id).await?;
         Ok(Response::new(pb::VerifyBackupResponse {
             ok: outcome.ok,
             chunks: outcome.chunks,

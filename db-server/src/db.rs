@@ -6,14 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use splitmirror_proto::node::MAX_ARRAY_REQUEST_BYTES;
-use splitmirror_proto::run_id::validate_run_id;
-
 use crate::error::DbError;
 use crate::gate::{GateStatus, QUIESCE_TIMEOUT, QuiesceGate, Suspended};
 use crate::ledger::{Ledger, LedgerStatus};
-use crate::lu_status::VirtualLu;
 use crate::manager::{DeleteOutcome, HeldSnapshot, SnapshotManager, VolumeStatus};
+use crate::service::validate;
 
 /// The answer to `AcquireSnapshot`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,10 +64,9 @@ impl Db {
     /// the snapshot. A retry with the same run id answers the same snapshot.
     pub async fn acquire_snapshot(
         &self,
-        volume: u32,
-        run_id: &str,
+        request: &validate::AcquireSnapshot,
     ) -> Result<AcquiredSnapshot, DbError> {
-        validate_run_id(run_id)?;
+        let (volume, run_id) = (request.volume, request.run_id.as_str());
         let answer = |freeze_window_us, held: HeldSnapshot, already_held| AcquiredSnapshot {
             volume,
             mate_lu: held.pair.mate_lu,
@@ -142,44 +138,26 @@ impl Db {
 
     pub async fn delete_snapshot(
         &self,
-        volume: u32,
-        run_id: &str,
-        force: bool,
+        request: &validate::DeleteSnapshot,
     ) -> Result<DeleteOutcome, DbError> {
-        // A forced delete needs no holder's name; any name given must be
-        // one a holder could have.
-        if !(force && run_id.is_empty()) {
-            validate_run_id(run_id)?;
-        }
-        self.manager.delete(volume, run_id, force).await
+        self.manager
+            .delete(request.volume, &request.run_id, request.force)
+            .await
     }
 
-    /// Writes through the snapshot manager. A write the array would refuse
-    /// for its size is refused here first: sent, its refusal would look
-    /// like a write whose outcome is unknown, and its range would stay
-    /// recorded and be resynced for nothing.
-    pub async fn write(
-        &self,
-        volume: u32,
-        target: VirtualLu,
-        lba: u64,
-        data: Vec<u8>,
-    ) -> Result<u64, DbError> {
-        let bytes = data.len() as u64;
-        if bytes > MAX_ARRAY_REQUEST_BYTES {
-            return Err(DbError::TooLarge {
-                bytes,
-                limit_bytes: MAX_ARRAY_REQUEST_BYTES,
-            });
-        }
-        self.manager.write(volume, target, lba, data).await
+    /// Writes through the snapshot manager (a write the array would refuse
+    /// for its size never gets here, see [`validate::write`]).
+    pub async fn write(&self, request: validate::VolumeWrite) -> Result<u64, DbError> {
+        self.manager
+            .write(request.volume, request.target, request.lba, request.data)
+            .await
     }
 
     /// Suspends the database (or renews the suspend's lease, see
     /// [`QuiesceGate::suspend`]) and answers the lease in force and the
     /// ledger sequence.
-    pub async fn suspend(&self, lease: Option<Duration>) -> Result<(Suspended, u64), DbError> {
-        let suspended = self.gate.suspend(lease).await?;
+    pub async fn suspend(&self, request: validate::Suspend) -> Result<(Suspended, u64), DbError> {
+        let suspended = self.gate.suspend(Some(request.lease)).await?;
         Ok((suspended, self.ledger.as_ref().map_or(0, |l| l.sequence())))
     }
 

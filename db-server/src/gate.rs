@@ -130,6 +130,20 @@ impl QuiesceGate {
     }
 
     /// The longest lease a suspend may ask for.
+    /// The lease a suspend asking for `lease` gets (`None`:
+    /// [`DEFAULT_LEASE`], at most the cap), or the refusal of a lease over
+    /// the cap. Request validation asks it too, before anything happens.
+    pub fn lease_for(&self, lease: Option<Duration>) -> Result<Duration, DbError> {
+        let lease = lease.unwrap_or(DEFAULT_LEASE.min(self.max_lease));
+        if lease > self.max_lease {
+            return Err(DbError::LeaseOverCap {
+                lease_ms: lease.as_millis() as u64,
+                max_lease_ms: self.max_lease.as_millis() as u64,
+            });
+        }
+        Ok(lease)
+    }
+
     pub fn max_lease(&self) -> Duration {
         self.max_lease
     }
@@ -175,13 +189,7 @@ impl QuiesceGate {
     /// out. While suspended, renews the lease to `lease` from now instead.
     /// A lease over the cap is refused and changes nothing.
     pub async fn suspend(&self, lease: Option<Duration>) -> Result<Suspended, DbError> {
-        let lease = lease.unwrap_or(DEFAULT_LEASE.min(self.max_lease));
-        if lease > self.max_lease {
-            return Err(DbError::LeaseOverCap {
-                lease_ms: lease.as_millis() as u64,
-                max_lease_ms: self.max_lease.as_millis() as u64,
-            });
-        }
+        let lease = self.lease_for(lease)?;
         let _one_at_a_time = self.suspending.lock().await;
         if let Some(manual) = self.manual.lock().expect("gate poisoned").as_ref() {
             // Under the slot's lock: the lease task decides an expiry under

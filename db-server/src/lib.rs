@@ -276,11 +276,7 @@ async fn start(
         None => None,
     };
     let db = Arc::new(Db::new(manager, gate, ledger));
-    service.ready(
-        DbServiceServer::new(service::DbGrpc::new(db))
-            .max_decoding_message_size(node::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(node::MAX_MESSAGE_BYTES),
-    );
+    service.ready(service::server(db));
     Ok(())
 }
 

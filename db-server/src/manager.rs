@@ -206,6 +206,16 @@ impl Volume {
         self.pair.mirror_lu
     }
 
+    fn check_write(&self, lba: u64, data_bytes: usize) -> Result<Range<u64>, DbError> {
+        let block_size_bytes = self.pair.block_size_bytes as usize;
+        if data_bytes == 0 || !data_bytes.is_multiple_of(block_size_bytes) {
+            return Err(DbError::InvalidArgument(format!(
+                "{data_bytes} bytes of data is not a positive whole number of {block_size_bytes}-byte blocks"
+            )));
+        }
+        self.check_range(lba, (data_bytes / block_size_bytes) as u64)
+    }
+
     fn check_range(&self, lba: u64, blocks: u64) -> Result<Range<u64>, DbError> {
         if blocks == 0 {
             return Err(DbError::InvalidArgument("zero blocks requested".into()));
@@ -530,6 +540,24 @@ impl SnapshotManager {
             .ok_or(DbError::UnknownVolume(volume))
     }
 
+    /// The blocks `lba..lba + blocks` of `volume`: an existing volume, at
+    /// least one block, none past its end.
+    pub fn check_range(&self, volume: u32, lba: u64, blocks: u64) -> Result<Range<u64>, DbError> {
+        self.volume(volume)?.check_range(lba, blocks)
+    }
+
+    /// The blocks a write of `data_bytes` bytes at `lba` covers: an
+    /// existing volume, a positive whole number of its blocks, none past
+    /// its end.
+    pub fn check_write(
+        &self,
+        volume: u32,
+        lba: u64,
+        data_bytes: usize,
+    ) -> Result<Range<u64>, DbError> {
+        self.volume(volume)?.check_write(lba, data_bytes)
+    }
+
     /// Reads from the READ destination of the virtual LU.
     pub async fn read(
         &self,
@@ -571,15 +599,8 @@ impl SnapshotManager {
         data: Vec<u8>,
     ) -> Result<u64, DbError> {
         let vol = self.volume(volume)?;
-        let block_size_bytes = vol.pair.block_size_bytes as usize;
-        if data.is_empty() || !data.len().is_multiple_of(block_size_bytes) {
-            return Err(DbError::InvalidArgument(format!(
-                "{} bytes of data is not a positive whole number of {block_size_bytes}-byte blocks",
-                data.len()
-            )));
-        }
-        let blocks = (data.len() / block_size_bytes) as u64;
-        let range = vol.check_range(lba, blocks)?;
+        let range = vol.check_write(lba, data.len())?;
+        let blocks = range.end - range.start;
         let _mode = vol.mode_gate.read().await;
         let _blocks = vol.blocks.lock(range.clone(), LockMode::Shared).await;
         let (lu, mode) = {

@@ -2,11 +2,11 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use splitmirror_proto::db::v1 as pb;
-use splitmirror_proto::db::v1::db_service_server::DbService;
+use splitmirror_proto::db::v1::db_service_server::{DbService, DbServiceServer};
+use splitmirror_proto::node;
 use splitmirror_proto::reason::Reason;
 use tonic::{Request, Response, Status};
 
@@ -23,6 +23,8 @@ pub const CONTROL_METHODS: &[&str] = &[
     "/splitmirror.db.v1.DbService/Write",
 ];
 
+pub mod validate;
+
 use crate::db::{Db, DbStatus};
 use crate::error::DbError;
 use crate::latency::quantile_us;
@@ -30,9 +32,20 @@ use crate::lu_status::{Mode, VirtualLu};
 
 /// Volume reads are streamed in chunks of this many bytes.
 const READ_CHUNK_BYTES: u64 = 1 << 20;
-/// `WatchStatus` never sends more often than this.
-const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(50);
-const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The largest request message db-server decodes. Only `Write` carries
+/// much (volume data); its own per-request cap is the array's request
+/// limit ([`MAX_ARRAY_REQUEST_BYTES`](splitmirror_proto::node::MAX_ARRAY_REQUEST_BYTES),
+/// 16 MiB), checked by [`validate::write`] with `RESOURCE_EXHAUSTED` and
+/// a reason naming it. Messages are decoded up to what every typed client
+/// may encode ([`node::MAX_MESSAGE_BYTES`], 64 MiB), so that any write a
+/// client can send gets that reasoned answer, not a transport error; the
+/// memory this can hold at once is bounded by the streams a connection
+/// may open.
+pub const MAX_REQUEST_MESSAGE_BYTES: usize = node::MAX_MESSAGE_BYTES;
+/// The largest answer db-server encodes: a `Read` chunk is 1 MiB, a
+/// `Status` with its histogram a few KiB; the shared cap leaves room.
+pub const MAX_ANSWER_MESSAGE_BYTES: usize = node::MAX_MESSAGE_BYTES;
 
 pub struct DbGrpc {
     db: Arc<Db>,
@@ -42,6 +55,15 @@ impl DbGrpc {
     pub fn new(db: Arc<Db>) -> Self {
         Self { db }
     }
+}
+
+/// The gRPC service over `db`, with its message limits. No compression is
+/// enabled (tonic compresses nothing unless asked): volume data does not
+/// compress well enough to pay for the CPU on the data path.
+pub fn server(db: Arc<Db>) -> DbServiceServer<DbGrpc> {
+    DbServiceServer::new(DbGrpc::new(db))
+        .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_ANSWER_MESSAGE_BYTES)
 }
 
 /// The code says what class of failure it is; the reason (metadata
@@ -110,21 +132,6 @@ fn mode_to_pb(mode: Mode) -> pb::Mode {
         Mode::Snapshot => pb::Mode::Snapshot,
         Mode::Resynchronizing => pb::Mode::Resynchronizing,
         Mode::Undefined => pb::Mode::Undefined,
-    }
-}
-
-fn target_from_pb(target: i32) -> Result<VirtualLu, Status> {
-    match pb::VirtualLu::try_from(target) {
-        Ok(pb::VirtualLu::Data) => Ok(VirtualLu::Data),
-        Ok(pb::VirtualLu::Snapshot) => Ok(VirtualLu::Snapshot),
-        // Not defaulted to the data LU: a request that forgets its target
-        // must not touch the volume.
-        Ok(pb::VirtualLu::Unspecified) => Err(Status::invalid_argument(
-            "target is VIRTUAL_LU_UNSPECIFIED: name VIRTUAL_LU_DATA or VIRTUAL_LU_SNAPSHOT",
-        )),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "unknown virtual LU {target}"
-        ))),
     }
 }
 
@@ -230,10 +237,8 @@ impl DbService for DbGrpc {
         let span = tracing::Span::current();
         span.record("volume", request.volume);
         span.record("run_id", request.run_id.as_str());
-        let a = self
-            .db
-            .acquire_snapshot(request.volume, &request.run_id)
-            .await?;
+        let request = validate::acquire_snapshot(&self.db, request)?;
+        let a = self.db.acquire_snapshot(&request).await?;
         Ok(Response::new(pb::AcquireSnapshotResponse {
             volume: a.volume,
             mate_lu: a.mate_lu,
@@ -254,15 +259,8 @@ impl DbService for DbGrpc {
         let span = tracing::Span::current();
         span.record("volume", request.volume);
         span.record("run_id", request.run_id.as_str());
-        if request.run_id.is_empty() && !request.force {
-            return Err(Status::invalid_argument(
-                "run_id must not be empty (or set force)",
-            ));
-        }
-        let outcome = self
-            .db
-            .delete_snapshot(request.volume, &request.run_id, request.force)
-            .await?;
+        let request = validate::delete_snapshot(&self.db, request)?;
+        let outcome = self.db.delete_snapshot(&request).await?;
         Ok(Response::new(pb::DeleteSnapshotResponse {
             ranges_to_resync: outcome.ranges_to_resync,
             blocks_to_resync: outcome.blocks_to_resync,
@@ -287,12 +285,11 @@ impl DbService for DbGrpc {
         &self,
         request: Request<pb::WatchStatusRequest>,
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
-        let request = request.into_inner();
-        let interval = match request.interval_ms {
-            0 => DEFAULT_WATCH_INTERVAL,
-            ms => Duration::from_millis(u64::from(ms)).max(MIN_WATCH_INTERVAL),
-        };
-        let include_latency_histogram = request.include_latency_histogram;
+        let validate::WatchStatus {
+            interval,
+            include_latency_histogram,
+            ..
+        } = validate::watch_status(request.into_inner());
         let db = self.db.clone();
         let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(interval));
         let stream = ticks.map(move |_| Ok(status_to_pb(db.status(), include_latency_histogram)));
@@ -303,11 +300,8 @@ impl DbService for DbGrpc {
         &self,
         request: Request<pb::SuspendRequest>,
     ) -> Result<Response<pb::SuspendResponse>, Status> {
-        let lease = match request.into_inner().lease_ms {
-            0 => None,
-            ms => Some(Duration::from_millis(u64::from(ms))),
-        };
-        let (suspended, ledger_sequence) = self.db.suspend(lease).await?;
+        let request = validate::suspend(&self.db, request.into_inner())?;
+        let (suspended, ledger_sequence) = self.db.suspend(request).await?;
         Ok(Response::new(pb::SuspendResponse {
             ledger_sequence,
             // The cap keeps a lease far below u32::MAX milliseconds.
@@ -333,28 +327,21 @@ impl DbService for DbGrpc {
         &self,
         request: Request<pb::VolumeReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
-        let pb::VolumeReadRequest {
+        let request = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("volume", request.volume);
+        span.record("lba", request.lba);
+        span.record("blocks", request.blocks);
+        let validate::VolumeRead {
             volume,
             target,
-            lba,
-            blocks,
-        } = request.into_inner();
-        let target = target_from_pb(target)?;
-        let span = tracing::Span::current();
-        span.record("volume", volume);
+            blocks: range,
+            block_size_bytes,
+            ..
+        } = validate::read(&self.db, request)?;
         span.record("mode", tracing::field::debug(target));
-        span.record("lba", lba);
-        span.record("blocks", blocks);
-        let pair = self.db.manager.pair(volume)?;
-        if blocks == 0
-            || lba
-                .checked_add(blocks)
-                .is_none_or(|end| end > pair.block_count)
-        {
-            // Let the manager phrase the error.
-            self.db.manager.read(volume, target, lba, blocks).await?;
-        }
-        let chunk_blocks = (READ_CHUNK_BYTES / u64::from(pair.block_size_bytes)).max(1);
+        let (lba, blocks) = (range.start, range.end - range.start);
+        let chunk_blocks = (READ_CHUNK_BYTES / u64::from(block_size_bytes)).max(1);
         let db = self.db.clone();
         let chunks = (0..blocks.div_ceil(chunk_blocks)).map(move |i| {
             let chunk_lba = lba + i * chunk_blocks;
@@ -377,19 +364,14 @@ impl DbService for DbGrpc {
         &self,
         request: Request<pb::VolumeWriteRequest>,
     ) -> Result<Response<pb::VolumeWriteResponse>, Status> {
-        let pb::VolumeWriteRequest {
-            volume,
-            target,
-            lba,
-            data,
-        } = request.into_inner();
-        let target = target_from_pb(target)?;
+        let request = request.into_inner();
         let span = tracing::Span::current();
-        span.record("volume", volume);
-        span.record("mode", tracing::field::debug(target));
-        span.record("lba", lba);
-        span.record("bytes", data.len() as u64);
-        let blocks_written = self.db.write(volume, target, lba, data).await?;
+        span.record("volume", request.volume);
+        span.record("lba", request.lba);
+        span.record("bytes", request.data.len() as u64);
+        let request = validate::write(&self.db, request)?;
+        span.record("mode", tracing::field::debug(request.target));
+        let blocks_written = self.db.write(request).await?;
         Ok(Response::new(pb::VolumeWriteResponse { blocks_written }))
     }
 
@@ -397,7 +379,8 @@ impl DbService for DbGrpc {
         &self,
         request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
-        let volume = request.into_inner().volume;
+        let validate::GetSnapshot { volume, .. } =
+            validate::get_snapshot(&self.db, request.into_inner())?;
         // No snapshot: the snapshot virtual LU is Undefined, which callers
         // already know as FAILED_PRECONDITION.
         let held = self
@@ -426,19 +409,20 @@ mod tests {
 
     #[test]
     fn an_unspecified_or_unknown_target_is_refused_not_defaulted() {
-        let refused = target_from_pb(pb::VirtualLu::Unspecified.into()).expect_err("unspecified");
+        let target = |target| validate::target(target).map_err(Status::from);
+        let refused = target(pb::VirtualLu::Unspecified.into()).expect_err("unspecified");
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         assert!(refused.message().contains("VIRTUAL_LU_DATA"));
         assert_eq!(
-            target_from_pb(99).expect_err("unknown").code(),
+            target(99).expect_err("unknown").code(),
             tonic::Code::InvalidArgument
         );
         assert_eq!(
-            target_from_pb(pb::VirtualLu::Data.into()).ok(),
+            target(pb::VirtualLu::Data.into()).ok(),
             Some(VirtualLu::Data)
         );
         assert_eq!(
-            target_from_pb(pb::VirtualLu::Snapshot.into()).ok(),
+            target(pb::VirtualLu::Snapshot.into()).ok(),
             Some(VirtualLu::Snapshot)
         );
     }

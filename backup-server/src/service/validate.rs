@@ -1,0 +1,150 @@
+//! Every request of `splitmirror.backup.v1`, checked in one place before
+//! any side effect: one function per request kind turns the decoded
+//! message into a checked value, and the handlers act only on those
+//! values, so that nothing reaches the array, db-server or the store
+//! unchecked.
+//!
+//! What is checked, in the order a caller sees the refusals (all
+//! `INVALID_ARGUMENT`): a start names a snapshot or asks for a live copy
+//! (not both, not neither); its run id and the snapshot's holder run id
+//! follow the run id rules every node shares ([`validate_run_id`]); a
+//! backup id is one the store could hold (hex and dashes, at most 64
+//! bytes), so that it can never name a path outside the store.
+//! `ListBackups` carries nothing to check. What needs the array or
+//! db-server (the LU exists, the snapshot is held) is asked when the
+//! backup starts.
+
+use splitmirror_proto::backup::v1 as pb;
+use splitmirror_proto::run_id::validate_run_id;
+
+use crate::backups::{BackupError, StartRequest, Wanted};
+use crate::owner::SnapshotRef;
+use crate::store::BackupStore;
+
+/// Proof that a value came out of this module's checks: only this module
+/// can make one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked(());
+
+/// A checked backup id (`GetBackup`, `WatchBackup`, `CancelBackup`,
+/// `VerifyBackup`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupId {
+    pub id: String,
+    pub checked: Checked,
+}
+
+pub fn start_backup(request: pb::StartBackupRequest) -> Result<StartRequest, BackupError> {
+    let wanted = match (request.snapshot, request.live) {
+        (Some(s), false) => Wanted::Snapshot(SnapshotRef {
+            volume: s.volume,
+            holder_run_id: s.holder_run_id,
+        }),
+        (None, true) => Wanted::Live,
+        (Some(_), true) => {
+            return Err(BackupError::Malformed(
+                "name a snapshot or ask for a live backup, not both".into(),
+            ));
+        }
+        (None, false) => {
+            return Err(BackupError::Malformed(format!(
+                "LU {} would be copied while it may be written: name the snapshot that freezes it (snapshot: volume and holder_run_id), or set live to copy it unfrozen",
+                request.lu
+            )));
+        }
+    };
+    // The same rule as db-server's holders: no blank run id, no control
+    // characters, a bounded length.
+    validate_run_id(&request.run_id).map_err(|source| BackupError::BadRunId {
+        field: "run_id",
+        source,
+    })?;
+    if let Wanted::Snapshot(wanted) = &wanted {
+        validate_run_id(&wanted.holder_run_id).map_err(|source| BackupError::BadRunId {
+            field: "the snapshot's holder_run_id",
+            source,
+        })?;
+    }
+    Ok(StartRequest {
+        run_id: request.run_id,
+        lu: request.lu,
+        expected_block_count: request.expected_block_count,
+        label: request.label,
+        max_bytes_per_s: request.max_bytes_per_s,
+        wanted,
+        checked: Checked(()),
+    })
+}
+
+/// The backup id of `GetBackup`, `WatchBackup`, `CancelBackup` and
+/// `VerifyBackup`.
+pub fn backup_id(id: String) -> Result<BackupId, BackupError> {
+    BackupStore::check_id(&id)?;
+    Ok(BackupId {
+        id,
+        checked: Checked(()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(
+        snapshot: Option<pb::SnapshotRef>,
+        live: bool,
+        run_id: &str,
+    ) -> pb::StartBackupRequest {
+        pb::StartBackupRequest {
+            run_id: run_id.into(),
+            lu: 2,
+            snapshot,
+            live,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(holder_run_id: &str) -> Option<pb::SnapshotRef> {
+        Some(pb::SnapshotRef {
+            volume: 0,
+            holder_run_id: holder_run_id.into(),
+        })
+    }
+
+    #[test]
+    fn a_start_names_a_snapshot_or_live_and_valid_run_ids() {
+        let code = |request| {
+            start_backup(request)
+                .map(drop)
+                .map_err(|e| tonic::Status::from(e).code())
+        };
+        assert_eq!(code(start(snapshot("run-1"), false, "run-1")), Ok(()));
+        assert_eq!(code(start(None, true, "run-1")), Ok(()));
+        for refused in [
+            start(snapshot("run-1"), true, "run-1"),
+            start(None, false, "run-1"),
+            start(None, true, ""),
+            start(None, true, "a\nb"),
+            start(snapshot(" "), false, "run-1"),
+        ] {
+            assert_eq!(
+                code(refused.clone()),
+                Err(tonic::Code::InvalidArgument),
+                "{refused:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_backup_id_cannot_name_a_path() {
+        assert!(backup_id("0190d3c4-0000-7000-8000-000000000000".into()).is_ok());
+        for bad in ["", "../etc", "a/b", &"a".repeat(65)] {
+            let refused = backup_id(bad.to_string()).expect_err(bad);
+            assert_eq!(
+                tonic::Status::from(refused).code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+    }
+}
