@@ -2,6 +2,7 @@
 //! to `qemu-nbd` + `qemu-img convert` of the same file into a file, plus
 //! the backup server's CPU seconds per GiB.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -23,20 +24,44 @@ use super::{BenchOptions, BenchOutput, peer};
 /// This scenario starts no db-server; its live backup never asks one.
 const NO_DB: &str = crate::cluster::NO_DB;
 
-pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
-    let size = options.size_bytes;
+/// A backup-server process, killed when dropped: also when the backup fails
+/// and the bench returns early, so that no server outlives it.
+struct StopOnDrop(std::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One backup through the backup server: how fast, and at what CPU cost to
+/// the server when it ran as its own process.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BackupMeasurement {
+    pub mb_per_s: f64,
+    pub seconds: f64,
+    /// The backup server's CPU seconds per GiB copied; `None` when it ran
+    /// in-process (its binary not built next to the console's).
+    pub cpu_seconds_per_gib: Option<f64>,
+}
+
+/// Backs up LU 2 of `source` (live, `size_bytes` of random data) through a
+/// backup server started for this one backup with the array's credentials
+/// (`--tls-dir` or `--insecure`), into `store`, and stops the server.
+pub(super) async fn backup_through_server(
+    source: &RandomLuArray,
+    size_bytes: u64,
+    store: &Path,
+) -> anyhow::Result<BackupMeasurement> {
     let RandomLuArray {
-        dir,
-        array,
-        lu_file: mate_file,
-        credentials,
-    } = array_with_random_lu(2, size, true).await?;
-    let tls_args: Vec<std::ffi::OsString> = match &credentials {
+        array, credentials, ..
+    } = source;
+    let size = size_bytes;
+    let tls_args: Vec<std::ffi::OsString> = match credentials {
         Credentials::Certificates(certs) => vec!["--tls-dir".into(), certs.into()],
         Credentials::Insecure => vec!["--insecure".into()],
     };
-    let store = dir.path().join("store");
-
     // The backup server runs as its own process when its binary is next to
     // this one, so that its CPU time can be read on its own.
     let mut child = None;
@@ -58,19 +83,19 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
                     NO_DB,
                     "--store",
                 ])
-                .arg(&store)
+                .arg(store)
                 .args(&tls_args)
                 .env("RUST_LOG", "warn")
                 .spawn()
                 .context("starting backup-server")?;
-            child = Some(process);
+            child = Some(StopOnDrop(process));
             format!("http://{addr}")
         }
         None => {
             let handle = crate::cluster::start_backup(
                 &array.url(),
                 NO_DB,
-                &store,
+                store,
                 None,
                 &credentials.security(role::BACKUP)?,
             )
@@ -92,7 +117,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let client = BackupClient::new(&backup_url, &console)?;
-    let cpu_before = child.as_ref().and_then(|c| cpu_seconds(c.id()));
+    let cpu_before = child.as_ref().and_then(|c| cpu_seconds(c.0.id()));
     let started = Instant::now();
     let id = client
         .start_backup(pb::StartBackupRequest {
@@ -115,18 +140,41 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     if last.state() != pb::BackupState::Complete {
         bail!("the backup failed: {}", last.error);
     }
-    let cpu = match (cpu_before, child.as_ref().and_then(|c| cpu_seconds(c.id()))) {
+    let cpu = match (
+        cpu_before,
+        child.as_ref().and_then(|c| cpu_seconds(c.0.id())),
+    ) {
         (Some(before), Some(after)) => Some((after - before) / (size as f64 / (1u64 << 30) as f64)),
         _ => None,
     };
     let ours = mb_per_s(size, elapsed);
-    if let Some(mut process) = child {
-        let _ = process.kill();
-        let _ = process.wait();
-    }
+    drop(child);
     if let Some(handle) = in_process {
         handle.shutdown().await.map_err(anyhow::Error::msg)?;
     }
+
+    Ok(BackupMeasurement {
+        mb_per_s: ours,
+        seconds: elapsed.as_secs_f64(),
+        cpu_seconds_per_gib: cpu,
+    })
+}
+
+pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
+    let size = options.size_bytes;
+    let source = array_with_random_lu(2, size, true).await?;
+    let store = source.dir.path().join("store");
+    let BackupMeasurement {
+        mb_per_s: ours,
+        seconds,
+        cpu_seconds_per_gib: cpu,
+    } = backup_through_server(&source, size, &store).await?;
+    let RandomLuArray {
+        dir,
+        array,
+        lu_file: mate_file,
+        ..
+    } = source;
 
     let peer: Result<(f64, f64), String> = match peer::missing() {
         Some(reason) => Err(reason),
@@ -188,7 +236,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
         ),
         figures: json!({
             "backup_mb_per_s": ours,
-            "backup_seconds": elapsed.as_secs_f64(),
+            "backup_seconds": seconds,
             "peer": peer_json,
             "ratio": ratio_json,
             "backup_server_cpu_seconds_per_gib": cpu,

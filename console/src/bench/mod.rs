@@ -19,6 +19,7 @@ mod plot;
 mod resync;
 mod run_overhead;
 mod timeline;
+mod tls;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,6 +50,8 @@ pub enum Scenario {
     Run,
     /// Ledger tps and backup MB/s with OTLP export off and on.
     Export,
+    /// Backup MB/s and ledger tps with mutual TLS and with --insecure.
+    Tls,
 }
 
 impl Scenario {
@@ -64,6 +67,7 @@ impl Scenario {
             Self::Timeline => "timeline",
             Self::Run => "run",
             Self::Export => "export",
+            Self::Tls => "tls",
         }
     }
 }
@@ -106,6 +110,7 @@ pub async fn run(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<B
         Scenario::Timeline => timeline::run(options).await?,
         Scenario::Run => run_overhead::run(options).await?,
         Scenario::Export => export::run(options).await?,
+        Scenario::Tls => tls::run(options).await?,
     };
     Ok(BenchOutput {
         table: output.table,
