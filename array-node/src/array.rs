@@ -8,12 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use splitmirror_proto::range_lock::{LockMode, RangeGuard, RangeLock};
+use splitmirror_proto::security::Caller;
 
+use crate::access::{Access, AccessTable};
 use crate::config::{ArrayConfig, LuId};
 use crate::error::ArrayError;
 #[cfg(any(test, feature = "testing"))]
 use crate::storage::MemoryStorage;
 use crate::storage::{FileStorage, LuStorage};
+use crate::validate::{self, ValidChecksum, ValidCopy, ValidFlush, ValidRead, ValidWrite};
 
 /// The largest payload one request may carry (a write's data, a copy or
 /// checksum chunk). Larger transfers are split by the client or streamed.
@@ -49,6 +52,18 @@ pub struct LuInfo {
     pub kind: LuKind,
     pub block_size_bytes: u32,
     pub block_count: u64,
+}
+
+/// An LU as one caller sees it: its description and the access the caller
+/// has through it (see [`Array::visible`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Visible<'a> {
+    pub info: &'a LuInfo,
+    /// Never [`Access::None`]: such an LU is not visible.
+    pub access: Access,
+    /// For a mirror LU whose origin or mate grant is lower than the rest:
+    /// that side.
+    pub through: Option<LuId>,
 }
 
 /// The Fig. 11 mode-sense page.
@@ -101,22 +116,27 @@ struct LuEntry {
 }
 
 /// The array. Cheap to share behind an `Arc`; every method takes `&self`.
+///
+/// The I/O methods take only `Valid…` requests, which [`crate::validate`]
+/// alone makes: the range, size and access checks all happen there.
 pub struct Array {
     lus: BTreeMap<LuId, LuEntry>,
+    access: AccessTable,
     bulk_io: tokio::sync::Semaphore,
 }
 
 impl Array {
     /// Opens (creating where missing) `lu<ID>.img` for each real LU in
-    /// `data_dir`.
+    /// `data_dir`, masked by `access` (see [`AccessTable::open`]).
     pub fn open(
         config: &ArrayConfig,
         data_dir: &Path,
         hooks: ArrayTestHooks,
+        access: AccessTable,
     ) -> Result<Self, ArrayError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| ArrayError::io(format!("creating {}", data_dir.display()), e))?;
-        Self::build(config, hooks, |id, size_bytes| {
+        Self::build(config, hooks, access, |id, size_bytes| {
             let path = data_dir.join(format!("lu{id}.img"));
             let storage = FileStorage::open_or_create(&path, size_bytes)
                 .map_err(|e| ArrayError::io(format!("opening {}", path.display()), e))?;
@@ -126,17 +146,25 @@ impl Array {
 
     /// An array whose LUs live in memory, for unit tests.
     #[cfg(any(test, feature = "testing"))]
+    /// Its LUN masking is the configured one, set grants kept in memory.
     pub fn in_memory(config: &ArrayConfig) -> Result<Self, ArrayError> {
-        Self::build(config, ArrayTestHooks::default(), |_, size_bytes| {
-            let size = usize::try_from(size_bytes)
-                .map_err(|_| ArrayError::InvalidArgument("LU too large for memory".into()))?;
-            Ok(Arc::new(MemoryStorage::new(size)) as Arc<dyn LuStorage>)
-        })
+        let access = AccessTable::in_memory(config);
+        Self::build(
+            config,
+            ArrayTestHooks::default(),
+            access,
+            |_, size_bytes| {
+                let size = usize::try_from(size_bytes)
+                    .map_err(|_| ArrayError::InvalidArgument("LU too large for memory".into()))?;
+                Ok(Arc::new(MemoryStorage::new(size)) as Arc<dyn LuStorage>)
+            },
+        )
     }
 
     fn build(
         config: &ArrayConfig,
         hooks: ArrayTestHooks,
+        access: AccessTable,
         mut open: impl FnMut(LuId, u64) -> Result<Arc<dyn LuStorage>, ArrayError>,
     ) -> Result<Self, ArrayError> {
         config
@@ -190,46 +218,75 @@ impl Array {
         }
         Ok(Self {
             lus,
+            access,
             bulk_io: tokio::sync::Semaphore::new(BULK_IO_SLOTS),
         })
     }
 
-    /// Every LU, in id order.
-    pub fn list_lus(&self) -> Vec<LuInfo> {
-        self.lus.values().map(|entry| entry.info.clone()).collect()
+    /// The grants of LUN masking.
+    pub fn access(&self) -> &AccessTable {
+        &self.access
     }
 
-    pub fn lu_info(&self, lu: LuId) -> Result<&LuInfo, ArrayError> {
-        self.entry(lu).map(|entry| &entry.info)
+    /// Every LU `caller` sees, in id order.
+    pub fn list_lus(&self, caller: &Caller) -> Vec<Visible<'_>> {
+        self.lus
+            .keys()
+            .filter_map(|&lu| self.visible(caller, lu).ok())
+            .collect()
     }
 
-    pub fn mode_sense(&self, lu: LuId) -> Result<ModeSensePage, ArrayError> {
-        let info = self.lu_info(lu)?;
+    /// `lu` as `caller` sees it: the least of its grants on the LU and, for
+    /// a mirror LU, on its origin and mate (a write lands on both sides and
+    /// a read may come from either). `UnknownLu` when the LU does not exist
+    /// or that access is none: the same answer, so that masking does not
+    /// reveal the LU.
+    pub fn visible(&self, caller: &Caller, lu: LuId) -> Result<Visible<'_>, ArrayError> {
+        let entry = self.entry(lu)?;
+        let mut access = self.access.access(caller, lu);
+        let mut through = None;
+        if let Lu::Mirror { origin, mate } = entry.lu {
+            for side in [origin, mate] {
+                let side_access = self.access.access(caller, side);
+                if side_access < access {
+                    access = side_access;
+                    through = Some(side);
+                }
+            }
+        }
+        if access == Access::None {
+            return Err(ArrayError::UnknownLu(lu));
+        }
+        Ok(Visible {
+            info: &entry.info,
+            access,
+            through,
+        })
+    }
+
+    /// The Fig. 11 page of an LU (validated with
+    /// [`validate::mode_sense`]).
+    pub fn mode_sense(info: &LuInfo) -> ModeSensePage {
         let pair = match info.kind {
             LuKind::Mirror { origin, mate } => Some((origin, mate)),
             _ => None,
         };
-        Ok(ModeSensePage {
+        ModeSensePage {
             pair,
             block_size_bytes: info.block_size_bytes,
             block_count: info.block_count,
-        })
+        }
     }
 
-    /// Checks a read of `blocks` blocks at `lba` and answers its size in
-    /// bytes. Reads are streamed in chunks, so only the range is limited.
-    pub fn check_read(&self, lu: LuId, lba: u64, blocks: u64) -> Result<u64, ArrayError> {
-        let info = self.lu_info(lu)?;
-        check_range(info, lba, blocks)?;
-        Ok(blocks * u64::from(info.block_size_bytes))
-    }
-
-    /// Reads `blocks` blocks at `lba`. A read of a mirror LU is served by
-    /// whichever of origin and mate has fewer requests in flight ([0058]).
-    pub async fn read(&self, lu: LuId, lba: u64, blocks: u64) -> Result<Vec<u8>, ArrayError> {
-        let bytes = self.check_read(lu, lba, blocks)?;
-        check_request_size(bytes)?;
-        let block_size_bytes = u64::from(self.lu_info(lu)?.block_size_bytes);
+    /// Reads a validated range in one buffer (at most one request's cap:
+    /// larger reads are streamed in [`ValidRead::chunks`]). A read of a
+    /// mirror LU is served by whichever of origin and mate has fewer
+    /// requests in flight ([0058]).
+    pub async fn read(&self, read: &ValidRead) -> Result<Vec<u8>, ArrayError> {
+        let (lu, lba, blocks) = (read.lu(), read.lba(), read.blocks());
+        let bytes = read.bytes();
+        validate::check_request_size(bytes)?;
+        let block_size_bytes = read.block_size_bytes();
         let source = self.read_source(lu)?;
         let real = self.real(source)?;
         let _busy = InFlight::enter(&real.in_flight);
@@ -246,21 +303,13 @@ impl Array {
         Ok(buf)
     }
 
-    /// Writes whole blocks at `lba`. A write to a mirror LU lands on origin
-    /// and mate concurrently and returns when both hold it ([0058]). With
-    /// `fua`, the data is durable before this returns.
-    pub async fn write(
-        &self,
-        lu: LuId,
-        lba: u64,
-        data: Vec<u8>,
-        fua: bool,
-    ) -> Result<u64, ArrayError> {
-        let info = self.lu_info(lu)?;
-        check_request_size(data.len() as u64)?;
-        let blocks = check_data(info, &data)?;
-        check_range(info, lba, blocks)?;
-        let offset_bytes = lba * u64::from(info.block_size_bytes);
+    /// Writes a validated write. A write to a mirror LU lands on origin and
+    /// mate concurrently and returns when both hold it ([0058]). With `fua`,
+    /// the data is durable before this returns. Answers the blocks written.
+    pub async fn write(&self, write: ValidWrite) -> Result<u64, ArrayError> {
+        let (lu, lba, blocks, fua) = (write.lu(), write.lba(), write.blocks(), write.fua());
+        let offset_bytes = lba * write.block_size_bytes();
+        let data = write.into_data();
         let targets = self.write_targets(lu)?;
         let _guards = self.lock_all(&targets, lba..lba + blocks).await?;
         let data = Arc::new(data);
@@ -289,44 +338,14 @@ impl Array {
         Ok(blocks)
     }
 
-    /// Copies `blocks` blocks at `lba` from `src` to `dst` inside the array
+    /// Copies a validated range from one LU to another inside the array
     /// (the offload of [0049]); each chunk is read and written under one
     /// range lock, so it never interleaves with a write to those blocks.
-    pub async fn copy_range(
-        &self,
-        src: LuId,
-        dst: LuId,
-        lba: u64,
-        blocks: u64,
-    ) -> Result<u64, ArrayError> {
-        let src_info = self.lu_info(src)?;
-        let dst_info = self.lu_info(dst)?;
-        if src == dst {
-            return Err(ArrayError::InvalidArgument(format!(
-                "CopyRange from LU {src} to itself"
-            )));
-        }
-        if (src_info.block_size_bytes, src_info.block_count)
-            != (dst_info.block_size_bytes, dst_info.block_count)
-        {
-            return Err(ArrayError::InvalidArgument(format!(
-                "CopyRange between LU {src} ({} blocks of {} bytes) and LU {dst} \
-                 ({} blocks of {} bytes): geometries differ",
-                src_info.block_count,
-                src_info.block_size_bytes,
-                dst_info.block_count,
-                dst_info.block_size_bytes
-            )));
-        }
-        check_range(src_info, lba, blocks)?;
-        let block_size_bytes = u64::from(src_info.block_size_bytes);
+    pub async fn copy_range(&self, copy: &ValidCopy) -> Result<u64, ArrayError> {
+        let (src, dst, lba, blocks) = (copy.src(), copy.dst(), copy.lba(), copy.blocks());
+        let block_size_bytes = copy.block_size_bytes();
         let source = self.read_source(src)?;
         let targets = self.write_targets(dst)?;
-        if targets.contains(&source) {
-            return Err(ArrayError::InvalidArgument(format!(
-                "CopyRange from LU {src} to LU {dst}: they share LU {source}"
-            )));
-        }
         let chunk_blocks = (COPY_CHUNK_BYTES / block_size_bytes).max(1);
         let mut buf = vec![0u8; (chunk_blocks * block_size_bytes) as usize];
         let mut done_blocks = 0;
@@ -369,31 +388,16 @@ impl Array {
         Ok(blocks)
     }
 
-    /// BLAKE3 digests of each `chunk_blocks`-block chunk of the range, in
-    /// order; the last chunk may be shorter.
+    /// BLAKE3 digests of each `chunk_blocks`-block chunk of a validated
+    /// range, in order; the last chunk may be shorter.
     pub async fn checksum_range(
         &self,
-        lu: LuId,
-        lba: u64,
-        blocks: u64,
-        chunk_blocks: u64,
+        checksum: &ValidChecksum,
     ) -> Result<Vec<[u8; 32]>, ArrayError> {
-        let info = self.lu_info(lu)?;
-        check_range(info, lba, blocks)?;
-        if chunk_blocks == 0 {
-            return Err(ArrayError::InvalidArgument(
-                "chunk_blocks must be positive".into(),
-            ));
-        }
-        let block_size_bytes = u64::from(info.block_size_bytes);
-        let chunk_bytes =
-            chunk_blocks
-                .checked_mul(block_size_bytes)
-                .ok_or(ArrayError::TooLarge {
-                    bytes: u64::MAX,
-                    limit_bytes: MAX_REQUEST_BYTES,
-                })?;
-        check_request_size(chunk_bytes)?;
+        let (lu, lba, blocks) = (checksum.lu(), checksum.lba(), checksum.blocks());
+        let chunk_blocks = checksum.chunk_blocks();
+        let block_size_bytes = checksum.block_size_bytes();
+        let chunk_bytes = chunk_blocks * block_size_bytes;
         let source = self.read_source(lu)?;
         let real = self.real(source)?;
         let _busy = InFlight::enter(&real.in_flight);
@@ -431,9 +435,10 @@ impl Array {
         Ok(digests)
     }
 
-    /// Makes every acknowledged write to `lu` (both sides of a mirror LU)
+    /// Makes every acknowledged write to the LU (both sides of a mirror LU)
     /// durable.
-    pub async fn flush(&self, lu: LuId) -> Result<(), ArrayError> {
+    pub async fn flush(&self, flush: &ValidFlush) -> Result<(), ArrayError> {
+        let lu = flush.lu();
         for target in self.write_targets(lu)? {
             let storage = self.real(target)?.storage.clone();
             blocking(move || storage.sync_data())
@@ -526,51 +531,6 @@ impl Array {
     }
 }
 
-/// Checks that `blocks` blocks at `lba` are a non-empty range inside the LU.
-pub fn check_range(info: &LuInfo, lba: u64, blocks: u64) -> Result<(), ArrayError> {
-    if blocks == 0 {
-        return Err(ArrayError::InvalidArgument(format!(
-            "zero blocks requested at LBA {lba} of LU {}",
-            info.id
-        )));
-    }
-    if lba >= info.block_count {
-        return Err(ArrayError::OutOfRange(format!(
-            "LBA {lba} is at or past the end of LU {} ({} blocks)",
-            info.id, info.block_count
-        )));
-    }
-    match lba.checked_add(blocks) {
-        Some(end) if end <= info.block_count => Ok(()),
-        _ => Err(ArrayError::OutOfRange(format!(
-            "{blocks} blocks at LBA {lba} run past the end of LU {} ({} blocks)",
-            info.id, info.block_count
-        ))),
-    }
-}
-
-/// Checks that `data` is a positive whole number of blocks and answers it.
-pub fn check_data(info: &LuInfo, data: &[u8]) -> Result<u64, ArrayError> {
-    let block_size_bytes = info.block_size_bytes as usize;
-    if data.is_empty() || !data.len().is_multiple_of(block_size_bytes) {
-        return Err(ArrayError::InvalidArgument(format!(
-            "{} bytes of data is not a positive whole number of {block_size_bytes}-byte blocks",
-            data.len()
-        )));
-    }
-    Ok((data.len() / block_size_bytes) as u64)
-}
-
-fn check_request_size(bytes: u64) -> Result<(), ArrayError> {
-    if bytes > MAX_REQUEST_BYTES {
-        return Err(ArrayError::TooLarge {
-            bytes,
-            limit_bytes: MAX_REQUEST_BYTES,
-        });
-    }
-    Ok(())
-}
-
 /// The BLAKE3 digest of `len` zero bytes, computed once per length.
 fn zeros_digest(len: usize) -> [u8; 32] {
     static CACHE: std::sync::Mutex<BTreeMap<usize, [u8; 32]>> =
@@ -608,8 +568,11 @@ impl Drop for InFlight<'_> {
 
 #[cfg(test)]
 mod tests {
+    use splitmirror_proto::array::v1 as pb;
+
     use super::*;
     use crate::config::DEFAULT_LU_SIZE_BYTES;
+    use crate::test_ops::{self, ANYONE};
 
     fn array() -> Array {
         let config = ArrayConfig::default_pairs(1 << 20).expect("config");
@@ -623,22 +586,32 @@ mod tests {
     #[tokio::test]
     async fn mirror_write_lands_on_origin_and_mate() {
         let array = array();
-        array.write(0, 3, block(7), false).await.expect("write");
-        assert_eq!(array.read(1, 3, 1).await.expect("origin"), block(7));
-        assert_eq!(array.read(2, 3, 1).await.expect("mate"), block(7));
-        assert_eq!(array.read(0, 3, 1).await.expect("mirror"), block(7));
+        test_ops::write(&array, &ANYONE, 0, 3, block(7))
+            .await
+            .expect("write");
+        for lu in [1, 2, 0] {
+            let read = test_ops::read(&array, &ANYONE, lu, 3, 1).await;
+            assert_eq!(read.expect("read"), block(7), "LU {lu}");
+        }
     }
 
     #[tokio::test]
     async fn origin_write_leaves_mate_alone_until_copied() {
         let array = array();
-        array.write(1, 0, block(9), false).await.expect("write");
-        assert_eq!(array.read(2, 0, 1).await.expect("mate"), block(0));
-        array.copy_range(1, 2, 0, 256).await.expect("copy");
-        assert_eq!(array.read(2, 0, 1).await.expect("mate"), block(9));
-        let origin = array.checksum_range(1, 0, 256, 16).await.expect("sum");
-        let mate = array.checksum_range(2, 0, 256, 16).await.expect("sum");
-        assert_eq!(origin, mate);
+        test_ops::write(&array, &ANYONE, 1, 0, block(9))
+            .await
+            .expect("write");
+        let mate = test_ops::read(&array, &ANYONE, 2, 0, 1).await;
+        assert_eq!(mate.expect("mate"), block(0));
+        test_ops::copy_range(&array, &ANYONE, 1, 2, 0, 256)
+            .await
+            .expect("copy");
+        let mate = test_ops::read(&array, &ANYONE, 2, 0, 1).await;
+        assert_eq!(mate.expect("mate"), block(9));
+        let origin = test_ops::checksums(&array, &ANYONE, 1, 0, 256, 16).await;
+        let mate = test_ops::checksums(&array, &ANYONE, 2, 0, 256, 16).await;
+        let origin = origin.expect("sum");
+        assert_eq!(origin, mate.expect("sum"));
         assert_eq!(origin.len(), 16);
     }
 
@@ -646,50 +619,42 @@ mod tests {
     async fn validation() {
         let array = array();
         let n = 256;
+        let read = |lu, lba, blocks| {
+            crate::validate::read(&array, &ANYONE, &pb::ReadRequest { lu, lba, blocks })
+        };
+        assert!(matches!(read(0, n, 1), Err(ArrayError::OutOfRange(_))));
+        assert!(matches!(read(0, n - 1, 2), Err(ArrayError::OutOfRange(_))));
         assert!(matches!(
-            check_read(&array, 0, n, 1),
+            read(0, 1, u64::MAX),
             Err(ArrayError::OutOfRange(_))
         ));
-        assert!(matches!(
-            check_read(&array, 0, n - 1, 2),
-            Err(ArrayError::OutOfRange(_))
-        ));
-        assert!(matches!(
-            check_read(&array, 0, 1, u64::MAX),
-            Err(ArrayError::OutOfRange(_))
-        ));
-        assert!(matches!(
-            check_read(&array, 0, 0, 0),
-            Err(ArrayError::InvalidArgument(_))
-        ));
-        assert!(matches!(
-            check_read(&array, 42, 0, 1),
-            Err(ArrayError::UnknownLu(42))
-        ));
-        assert!(check_read(&array, 0, n - 1, 1).is_ok());
-        let odd = array.write(0, 0, vec![1; 100], false).await;
+        assert!(matches!(read(0, 0, 0), Err(ArrayError::InvalidArgument(_))));
+        assert!(matches!(read(42, 0, 1), Err(ArrayError::UnknownLu(42))));
+        assert!(read(0, n - 1, 1).is_ok());
+        let odd = test_ops::write(&array, &ANYONE, 0, 0, vec![1; 100]).await;
         assert!(matches!(odd, Err(ArrayError::InvalidArgument(_))));
-        let empty = array.write(0, 0, Vec::new(), false).await;
+        let empty = test_ops::write(&array, &ANYONE, 0, 0, Vec::new()).await;
         assert!(matches!(empty, Err(ArrayError::InvalidArgument(_))));
-        let huge = Array::in_memory(&ArrayConfig::default_pairs(DEFAULT_LU_SIZE_BYTES).expect("c"))
-            .expect("array")
-            .write(0, 0, vec![0; (MAX_REQUEST_BYTES + 4096) as usize], false)
-            .await;
+        let large =
+            Array::in_memory(&ArrayConfig::default_pairs(DEFAULT_LU_SIZE_BYTES).expect("c"))
+                .expect("array");
+        let huge = vec![0; (MAX_REQUEST_BYTES + 4096) as usize];
+        let huge = test_ops::write(&large, &ANYONE, 0, 0, huge).await;
         assert!(matches!(huge, Err(ArrayError::TooLarge { .. })));
-    }
-
-    fn check_read(array: &Array, lu: LuId, lba: u64, blocks: u64) -> Result<u64, ArrayError> {
-        array.check_read(lu, lba, blocks)
     }
 
     #[tokio::test]
     async fn mode_sense_reports_the_pair() {
         let array = array();
-        assert_eq!(array.mode_sense(0).expect("sense").pair, Some((1, 2)));
-        assert_eq!(array.mode_sense(2).expect("sense").pair, None);
-        assert!(
-            array.copy_range(0, 1, 0, 1).await.is_err(),
-            "mirror shares origin"
-        );
+        let sense = |lu| Array::mode_sense(array.visible(&ANYONE, lu).expect("visible").info);
+        assert_eq!(sense(0).pair, Some((1, 2)));
+        assert_eq!(sense(2).pair, None);
+        for (src, dst) in [(0, 1), (0, 2), (1, 0), (2, 0)] {
+            let copy = test_ops::copy_range(&array, &ANYONE, src, dst, 0, 1).await;
+            assert!(
+                matches!(copy, Err(ArrayError::InvalidArgument(ref m)) if m.contains("share")),
+                "{src} -> {dst}: {copy:?}"
+            );
+        }
     }
 }

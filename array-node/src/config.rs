@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
+use crate::access::{AccessConfig, GrantConfig};
+
 /// An LU number, as on the SAN.
 pub type LuId = u32;
 
@@ -14,7 +16,8 @@ pub const BLOCK_SIZES_BYTES: [u32; 2] = [512, 4096];
 /// The default LU size when no config is given.
 pub const DEFAULT_LU_SIZE_BYTES: u64 = 64 << 20;
 
-/// The whole array: real LUs and mirror LUs over them.
+/// The whole array: real LUs, mirror LUs over them, and who may access
+/// them (LUN masking, see [`crate::access`]).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArrayConfig {
@@ -22,6 +25,13 @@ pub struct ArrayConfig {
     pub lus: Vec<RealLuConfig>,
     #[serde(default, rename = "mirror")]
     pub mirrors: Vec<MirrorConfig>,
+    /// The owner and backup identities (defaults: db-server and
+    /// backup-server).
+    #[serde(default)]
+    pub access: AccessConfig,
+    /// Explicit grants, overriding the defaults for their (identity, LU).
+    #[serde(default, rename = "grant")]
+    pub grants: Vec<GrantConfig>,
 }
 
 /// One real LU, stored as `lu<ID>.img`.
@@ -49,6 +59,22 @@ pub enum ConfigError {
     Parse(String),
     #[error("the array config is invalid: {0}")]
     Invalid(String),
+    /// The `[access]` table names no owner or backup identity, or the same
+    /// identity for both (the backup identity's read-only default would
+    /// take the owner's write access away).
+    #[error("the array config is invalid: [access]: {0}")]
+    Access(String),
+    /// A `[[grant]]` entry (counted from 1) is unusable.
+    #[error(
+        "the array config is invalid: [[grant]] number {number} \
+         (identity {identity:?}, LU {lu}): {reason}"
+    )]
+    Grant {
+        number: usize,
+        identity: String,
+        lu: LuId,
+        reason: String,
+    },
 }
 
 impl ArrayConfig {
@@ -69,6 +95,8 @@ impl ArrayConfig {
             block_count,
         };
         let config = Self {
+            access: AccessConfig::default(),
+            grants: Vec::new(),
             lus: vec![lu(1), lu(2), lu(4), lu(5)],
             mirrors: vec![
                 MirrorConfig {
@@ -99,6 +127,17 @@ impl ArrayConfig {
     /// mirror = 0
     /// origin = 1
     /// mate = 2
+    ///
+    /// # Optional: LUN masking (these two are the defaults).
+    /// [access]
+    /// owner = "db-server"
+    /// backup = "backup-server"
+    ///
+    /// # Optional, any number: none, read or read-write.
+    /// [[grant]]
+    /// identity = "reporting"
+    /// lu = 1
+    /// access = "read"
     /// ```
     ///
     /// Parse errors name the line and column.
@@ -110,7 +149,7 @@ impl ArrayConfig {
 
     /// Checks that the table makes sense: known block sizes, unique ids,
     /// each mirror over two distinct real LUs of one geometry, no real LU in
-    /// two mirrors.
+    /// two mirrors, grants naming defined LUs.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| Err(ConfigError::Invalid(message));
         if self.lus.is_empty() {
@@ -174,6 +213,42 @@ impl ArrayConfig {
                 ));
             }
         }
+        self.validate_access(|lu| real.contains_key(&lu) || mirror_ids.contains(&lu))
+    }
+
+    /// Checks `[access]` and every `[[grant]]`.
+    fn validate_access(&self, defined: impl Fn(LuId) -> bool) -> Result<(), ConfigError> {
+        let AccessConfig { owner, backup } = &self.access;
+        if owner.is_empty() || backup.is_empty() {
+            return Err(ConfigError::Access(
+                "owner and backup must be non-empty identities".into(),
+            ));
+        }
+        if owner == backup {
+            return Err(ConfigError::Access(format!(
+                "owner and backup are both {owner:?}; they must be different identities"
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        for (index, grant) in self.grants.iter().enumerate() {
+            let refuse = |reason: String| {
+                Err(ConfigError::Grant {
+                    number: index + 1,
+                    identity: grant.identity.clone(),
+                    lu: grant.lu,
+                    reason,
+                })
+            };
+            if grant.identity.is_empty() {
+                return refuse("the identity is empty".into());
+            }
+            if !defined(grant.lu) {
+                return refuse(format!("LU {} is not defined", grant.lu));
+            }
+            if !seen.insert((grant.identity.as_str(), grant.lu)) {
+                return refuse("an earlier [[grant]] names the same identity and LU".into());
+            }
+        }
         Ok(())
     }
 }
@@ -221,6 +296,72 @@ mod tests {
         let config = ArrayConfig::from_toml(text).expect("valid");
         assert_eq!(config.lus.len(), 3);
         assert_eq!(config.mirrors[0].mate, 8);
+        assert_eq!(config.access, AccessConfig::default());
+        assert!(config.grants.is_empty());
+    }
+
+    #[test]
+    fn parses_access_and_grants() {
+        let text = r#"
+            [[lu]]
+            id = 9
+            block_size_bytes = 4096
+            block_count = 1
+            [access]
+            owner = "db-a"
+            backup = "tape"
+            [[grant]]
+            identity = "reporting"
+            lu = 9
+            access = "read-write"
+        "#;
+        let config = ArrayConfig::from_toml(text).expect("valid");
+        assert_eq!(config.access.owner, "db-a");
+        assert_eq!(config.access.backup, "tape");
+        assert_eq!(
+            config.grants,
+            vec![GrantConfig {
+                identity: "reporting".into(),
+                lu: 9,
+                access: crate::access::Access::ReadWrite,
+            }]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_access_tables_naming_the_entry() {
+        let lu = "[[lu]]\nid = 9\nblock_size_bytes = 4096\nblock_count = 1\n";
+        let grant = |identity: &str, lu: u32, access: &str| {
+            format!("[[grant]]\nidentity = {identity:?}\nlu = {lu}\naccess = {access:?}\n")
+        };
+        let cases = [
+            (
+                format!("{lu}{}", grant("reporting", 7, "read")),
+                "[[grant]] number 1 (identity \"reporting\", LU 7): LU 7 is not defined",
+            ),
+            (
+                format!("{lu}{}", grant("reporting", 9, "write")),
+                "unknown variant `write`, expected one of `none`, `read`, `read-write`",
+            ),
+            (
+                format!("{lu}{}{}", grant("a", 9, "read"), grant("a", 9, "none")),
+                "[[grant]] number 2 (identity \"a\", LU 9): an earlier [[grant]]",
+            ),
+            (
+                format!("{lu}{}", grant("", 9, "read")),
+                "the identity is empty",
+            ),
+            (
+                format!("{lu}[access]\nowner = \"x\"\nbackup = \"x\"\n"),
+                "owner and backup are both \"x\"",
+            ),
+            (format!("{lu}[access]\nowner = \"\"\n"), "non-empty"),
+            (format!("{lu}[access]\nreader = \"x\"\n"), "reader"),
+        ];
+        for (text, expected) in cases {
+            let error = ArrayConfig::from_toml(&text).expect_err(&text);
+            assert!(error.to_string().contains(expected), "{text}: {error}");
+        }
     }
 
     #[test]

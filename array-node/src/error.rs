@@ -1,5 +1,6 @@
 //! What can go wrong inside the array, and the gRPC code each case gets.
 
+use crate::access::{Access, AccessFileError};
 use crate::config::LuId;
 
 /// A failed array operation. The service maps each variant to one gRPC
@@ -7,9 +8,33 @@ use crate::config::LuId;
 /// clear once the disk does.
 #[derive(Debug, thiserror::Error)]
 pub enum ArrayError {
-    /// The request names an LU the array does not define (`NOT_FOUND`).
+    /// The request names an LU the array does not define, or one the
+    /// caller has no access to (`NOT_FOUND`). One variant for both, so that
+    /// a masked LU answers exactly as a missing one and masking does not
+    /// reveal which LUs exist.
     #[error("LU {0} does not exist")]
     UnknownLu(LuId),
+    /// The caller sees the LU but the request needs more access than it
+    /// has (`PERMISSION_DENIED`): a write to a read-only LU, or to a mirror
+    /// LU whose origin or mate is read-only for the caller (`through`).
+    #[error(
+        "{identity} has {has} access to LU {lu}{}; this request needs {needs} access",
+        through_side(*.through)
+    )]
+    PermissionDenied {
+        identity: String,
+        lu: LuId,
+        has: Access,
+        needs: Access,
+        /// The side of a mirror LU whose grant limits the access.
+        through: Option<LuId>,
+    },
+    /// `SetAccess` from an identity other than the owner of the pairs
+    /// (`PERMISSION_DENIED`).
+    #[error(
+        "{identity} may not change LUN masking: only the owner of the array's pairs, {owner}, may"
+    )]
+    NotOwner { identity: String, owner: String },
     /// The request is malformed: no blocks, data that is not whole blocks,
     /// a copy between LUs of different sizes (`INVALID_ARGUMENT`).
     #[error("{0}")]
@@ -29,6 +54,13 @@ pub enum ArrayError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// How a [`ArrayError::PermissionDenied`] names the side that limits it.
+fn through_side(through: Option<LuId>) -> String {
+    through.map_or_else(String::new, |side| {
+        format!(" (its grant on LU {side}, a side of this mirror LU, limits it)")
+    })
 }
 
 impl ArrayError {
@@ -52,4 +84,11 @@ pub enum SpawnError {
     /// created (a missing directory, no permission, a full disk).
     #[error("opening the LUs: {0}")]
     OpenLus(#[source] ArrayError),
+    /// The file of LUN masking set by `SetAccess` is unreadable or damaged.
+    #[error("loading the LUN masking: {0}")]
+    Access(#[source] AccessFileError),
+    /// The server stack could not be built (the certificate or key is
+    /// unusable for TLS).
+    #[error("{0}")]
+    Serve(#[source] splitmirror_proto::node::NodeError),
 }

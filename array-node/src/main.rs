@@ -6,6 +6,7 @@ use anyhow::Context;
 use array_node::{ArrayConfig, ArrayNodeConfig, ArrayTestHooks};
 use clap::{Parser, Subcommand};
 use splitmirror_proto::node;
+use splitmirror_proto::security::{Security, SecurityArgs, role};
 use splitmirror_proto::telemetry::{self, LogArgs, TelemetryConfig};
 use splitmirror_proto::units::parse_size_bytes;
 
@@ -31,6 +32,8 @@ struct Cli {
     listen: String,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    security: SecurityArgs,
     /// Directory holding the LU files (lu<ID>.img).
     #[arg(long, env = "SPLITMIRROR_ARRAY_DATA_DIR", default_value = "array-data")]
     data_dir: PathBuf,
@@ -77,9 +80,15 @@ async fn main() -> std::process::ExitCode {
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Command::HealthProbe) = cli.command {
-        return node::probe_health(&cli.listen.replace("0.0.0.0", "127.0.0.1"), "")
-            .await
-            .map_err(anyhow::Error::msg);
+        let security = Security::from_args(&cli.security, role::ARRAY)?;
+        return node::probe_health(
+            &cli.listen.replace("0.0.0.0", "127.0.0.1"),
+            "",
+            &security,
+            role::ARRAY,
+        )
+        .await
+        .map_err(anyhow::Error::msg);
     }
     let telemetry = telemetry::init(TelemetryConfig::new("array-node", cli.log.log_format))?;
     let served = serve(cli).await;
@@ -96,12 +105,14 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         }
         None => ArrayConfig::default_pairs(cli.lu_size)?,
     };
+    let security = Security::from_args(&cli.security, role::ARRAY)?;
     let listener = node::bind(&cli.listen).await.map_err(anyhow::Error::msg)?;
     let hooks = test_hooks(&cli);
     let config = ArrayNodeConfig {
         data_dir: cli.data_dir,
         array,
         hooks,
+        security,
     };
     let handle = array_node::spawn(config, listener).await?;
     node::serve_until_signal(handle, "array-node")

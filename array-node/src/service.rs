@@ -1,5 +1,6 @@
-//! The gRPC adapter: converts `splitmirror.array.v1` requests into calls on
-//! the [`Array`] core and its errors into status codes.
+//! The gRPC adapter: validates each `splitmirror.array.v1` request with its
+//! caller ([`crate::validate`]), runs it on the [`Array`] core, and turns
+//! its errors into status codes.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,11 +9,14 @@ use futures_util::{Stream, StreamExt};
 use splitmirror_proto::array::v1 as pb;
 use splitmirror_proto::array::v1::array_service_server::ArrayService;
 use splitmirror_proto::reason::Reason;
+use splitmirror_proto::security::Caller;
 use splitmirror_proto::telemetry;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::array::{Array, LuInfo, LuKind, MAX_REQUEST_BYTES};
+use crate::access::{Access, Grant, GrantSource};
+use crate::array::{Array, LuKind, MAX_REQUEST_BYTES, Visible};
 use crate::error::ArrayError;
+use crate::validate;
 
 /// A read is streamed in chunks of this size, with this many chunks read
 /// ahead of the one being sent.
@@ -34,6 +38,9 @@ impl From<ArrayError> for Status {
         let message = error.to_string();
         match error {
             ArrayError::UnknownLu(_) => Status::not_found(message),
+            ArrayError::PermissionDenied { .. } | ArrayError::NotOwner { .. } => {
+                Status::permission_denied(message)
+            }
             ArrayError::InvalidArgument(_) => Status::invalid_argument(message),
             ArrayError::OutOfRange(_) => Reason::BeyondEnd.attach(Status::out_of_range(message)),
             ArrayError::TooLarge { .. } => Status::resource_exhausted(message),
@@ -55,7 +62,30 @@ fn lu_kind_to_pb(kind: &LuKind) -> pb::LuKind {
     }
 }
 
-fn lu_info_to_pb(info: LuInfo) -> pb::LuInfo {
+fn access_to_pb(access: Access) -> pb::Access {
+    match access {
+        Access::None => pb::Access::None,
+        Access::Read => pb::Access::Read,
+        Access::ReadWrite => pb::Access::ReadWrite,
+    }
+}
+
+fn grant_to_pb(grant: Grant) -> pb::Grant {
+    let source = match grant.source {
+        GrantSource::Configured => pb::GrantSource::Configured,
+        GrantSource::Set => pb::GrantSource::Set,
+    };
+    pb::Grant {
+        identity: grant.identity,
+        lu: grant.lu,
+        access: access_to_pb(grant.access).into(),
+        source: source.into(),
+        purpose: grant.purpose,
+    }
+}
+
+fn lu_info_to_pb(visible: Visible<'_>) -> pb::LuInfo {
+    let info = visible.info;
     let (origin_lu, mate_lu) = match info.kind {
         LuKind::Mirror { origin, mate } => (Some(origin), Some(mate)),
         LuKind::Origin | LuKind::Mate | LuKind::Plain => (None, None),
@@ -67,6 +97,16 @@ fn lu_info_to_pb(info: LuInfo) -> pb::LuInfo {
         block_count: info.block_count,
         origin_lu,
         mate_lu,
+        access: access_to_pb(visible.access).into(),
+    }
+}
+
+/// How the log names a caller.
+fn caller_name(caller: &Caller) -> &str {
+    match caller {
+        Caller::Identified(identity) => identity,
+        Caller::Unauthenticated => "anyone (--insecure)",
+        Caller::Anonymous => "a caller without a certificate",
     }
 }
 
@@ -76,11 +116,12 @@ type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadChunk, Status>> + Sen
 impl ArrayService for ArrayGrpc {
     async fn list_lus(
         &self,
-        _request: Request<pb::ListLusRequest>,
+        request: Request<pb::ListLusRequest>,
     ) -> Result<Response<pb::ListLusResponse>, Status> {
+        let caller = Caller::of(&request);
         let lus = self
             .array
-            .list_lus()
+            .list_lus(&caller)
             .into_iter()
             .map(lu_info_to_pb)
             .collect();
@@ -91,11 +132,12 @@ impl ArrayService for ArrayGrpc {
         &self,
         request: Request<pb::ModeSenseRequest>,
     ) -> Result<Response<pb::ModeSenseResponse>, Status> {
-        let lu = request.into_inner().lu;
-        let page = self.array.mode_sense(lu)?;
+        let caller = Caller::of(&request);
+        let visible = validate::mode_sense(&self.array, &caller, request.get_ref())?;
+        let page = Array::mode_sense(visible.info);
         // The same kind ListLus answers; the page itself only knows mirror
         // or not.
-        let kind = lu_kind_to_pb(&self.array.lu_info(lu)?.kind);
+        let kind = lu_kind_to_pb(&visible.info.kind);
         let (fig11_classification, origin_lu, mate_lu) = match page.pair {
             Some((origin, mate)) => (FIG11_MIRROR_LU, Some(origin), Some(mate)),
             None => (FIG11_OTHER_LU, None, None),
@@ -116,25 +158,20 @@ impl ArrayService for ArrayGrpc {
         &self,
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
-        let pb::ReadRequest { lu, lba, blocks } = request.into_inner();
-        telemetry::record_blocks(lu, lba, blocks, None);
-        // The whole range is checked before the first byte is sent.
-        self.array.check_read(lu, lba, blocks)?;
-        let block_size_bytes = u64::from(self.array.lu_info(lu)?.block_size_bytes);
-        let chunk_blocks = (READ_CHUNK_BYTES / block_size_bytes).max(1);
+        let caller = Caller::of(&request);
+        let request = request.get_ref();
+        telemetry::record_blocks(request.lu, request.lba, request.blocks, None);
+        // The whole range (and the caller's access) is checked before the
+        // first byte is sent.
+        let read = validate::read(&self.array, &caller, request)?;
         let array = self.array.clone();
-        let chunks = (0..blocks.div_ceil(chunk_blocks)).map(move |index| {
-            let chunk_lba = lba + index * chunk_blocks;
-            let n = chunk_blocks.min(lba + blocks - chunk_lba);
-            (chunk_lba, n)
-        });
-        let stream = futures_util::stream::iter(chunks)
-            .map(move |(chunk_lba, n)| {
+        let stream = futures_util::stream::iter(read.chunks(READ_CHUNK_BYTES))
+            .map(move |chunk| {
                 let array = array.clone();
                 async move {
-                    let data = array.read(lu, chunk_lba, n).await?;
+                    let data = array.read(&chunk).await?;
                     Ok(pb::ReadChunk {
-                        lba: chunk_lba,
+                        lba: chunk.lba(),
                         data,
                     })
                 }
@@ -147,9 +184,10 @@ impl ArrayService for ArrayGrpc {
         &self,
         request: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let pb::WriteRequest { lu, lba, data, fua } = request.into_inner();
-        let bytes = data.len() as u64;
-        let blocks_written = self.array.write(lu, lba, data, fua).await?;
+        let caller = Caller::of(&request);
+        let write = validate::write(&self.array, &caller, request.into_inner())?;
+        let (lu, lba, bytes) = (write.lu(), write.lba(), write.data().len() as u64);
+        let blocks_written = self.array.write(write).await?;
         telemetry::record_blocks(lu, lba, blocks_written, Some(bytes));
         telemetry::record_array_write(bytes);
         Ok(Response::new(pb::WriteResponse { blocks_written }))
@@ -159,12 +197,13 @@ impl ArrayService for ArrayGrpc {
         &self,
         request: Request<Streaming<pb::WriteRequest>>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        let caller = Caller::of(&request);
         let mut stream = request.into_inner();
         let mut blocks_written = 0;
         while let Some(message) = stream.message().await? {
-            let pb::WriteRequest { lu, lba, data, fua } = message;
-            let bytes = data.len() as u64;
-            blocks_written += self.array.write(lu, lba, data, fua).await?;
+            let write = validate::write(&self.array, &caller, message)?;
+            let bytes = write.data().len() as u64;
+            blocks_written += self.array.write(write).await?;
             telemetry::record_array_write(bytes);
         }
         Ok(Response::new(pb::WriteResponse { blocks_written }))
@@ -174,14 +213,11 @@ impl ArrayService for ArrayGrpc {
         &self,
         request: Request<pb::CopyRangeRequest>,
     ) -> Result<Response<pb::CopyRangeResponse>, Status> {
-        let pb::CopyRangeRequest {
-            src_lu,
-            dst_lu,
-            lba,
-            blocks,
-        } = request.into_inner();
-        telemetry::record_blocks(dst_lu, lba, blocks, None);
-        let blocks_copied = self.array.copy_range(src_lu, dst_lu, lba, blocks).await?;
+        let caller = Caller::of(&request);
+        let request = request.get_ref();
+        telemetry::record_blocks(request.dst_lu, request.lba, request.blocks, None);
+        let copy = validate::copy_range(&self.array, &caller, request)?;
+        let blocks_copied = self.array.copy_range(&copy).await?;
         Ok(Response::new(pb::CopyRangeResponse { blocks_copied }))
     }
 
@@ -189,16 +225,13 @@ impl ArrayService for ArrayGrpc {
         &self,
         request: Request<pb::ChecksumRangeRequest>,
     ) -> Result<Response<pb::ChecksumRangeResponse>, Status> {
-        let pb::ChecksumRangeRequest {
-            lu,
-            lba,
-            blocks,
-            chunk_blocks,
-        } = request.into_inner();
-        telemetry::record_blocks(lu, lba, blocks, None);
+        let caller = Caller::of(&request);
+        let request = request.get_ref();
+        telemetry::record_blocks(request.lu, request.lba, request.blocks, None);
+        let checksum = validate::checksum_range(&self.array, &caller, request)?;
         let digests = self
             .array
-            .checksum_range(lu, lba, blocks, chunk_blocks)
+            .checksum_range(&checksum)
             .await?
             .into_iter()
             .map(|digest| digest.to_vec())
@@ -210,8 +243,69 @@ impl ArrayService for ArrayGrpc {
         &self,
         request: Request<pb::FlushRequest>,
     ) -> Result<Response<pb::FlushResponse>, Status> {
-        self.array.flush(request.into_inner().lu).await?;
+        let caller = Caller::of(&request);
+        let flush = validate::flush(&self.array, &caller, request.get_ref())?;
+        self.array.flush(&flush).await?;
         Ok(Response::new(pb::FlushResponse {}))
+    }
+
+    async fn set_access(
+        &self,
+        request: Request<pb::SetAccessRequest>,
+    ) -> Result<Response<pb::SetAccessResponse>, Status> {
+        let caller = Caller::of(&request);
+        let change = validate::set_access(&self.array, &caller, request.get_ref())?;
+        let array = self.array.clone();
+        let applied = {
+            let change = change.clone();
+            tokio::task::spawn_blocking(move || array.access().set(&change))
+                .await
+                .map_err(|e| Status::internal(format!("changing LUN masking: task failed: {e}")))?
+        };
+        let (previous, access) = match applied {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::error!(
+                    caller = caller_name(&caller),
+                    identity = %change.identity,
+                    lu = change.lu,
+                    "changing LUN masking: {error}"
+                );
+                return Err(error.into());
+            }
+        };
+        tracing::info!(
+            caller = caller_name(&caller),
+            identity = %change.identity,
+            lu = change.lu,
+            %previous,
+            %access,
+            purpose = %change.purpose,
+            "LUN masking: {}'s access to LU {} is now {access} (was {previous}){}: {}",
+            change.identity,
+            change.lu,
+            if change.access.is_none() { ", as configured" } else { "" },
+            if change.purpose.is_empty() { "no purpose given" } else { &change.purpose },
+        );
+        Ok(Response::new(pb::SetAccessResponse {
+            previous: access_to_pb(previous).into(),
+            access: access_to_pb(access).into(),
+        }))
+    }
+
+    async fn list_access(
+        &self,
+        request: Request<pb::ListAccessRequest>,
+    ) -> Result<Response<pb::ListAccessResponse>, Status> {
+        let caller = Caller::of(&request);
+        let grants = self
+            .array
+            .access()
+            .list(&caller)
+            .into_iter()
+            .map(grant_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListAccessResponse { grants }))
     }
 }
 
@@ -219,3 +313,161 @@ impl ArrayService for ArrayGrpc {
 /// array accepts, so that an oversized write reaches the array's own check
 /// and gets `RESOURCE_EXHAUSTED` with a reason.
 pub const MAX_DECODING_BYTES: usize = (MAX_REQUEST_BYTES as usize) * 2;
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+    use crate::config::ArrayConfig;
+
+    fn service() -> ArrayGrpc {
+        let config = ArrayConfig::default_pairs(16 * 4096).expect("config");
+        ArrayGrpc::new(Arc::new(Array::in_memory(&config).expect("array")))
+    }
+
+    /// A request as the server stack hands it on: its caller in the
+    /// extensions.
+    fn from<T>(identity: &str, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .extensions_mut()
+            .insert(Caller::Identified(identity.to_string()));
+        request
+    }
+
+    fn write(lu: u32) -> pb::WriteRequest {
+        pb::WriteRequest {
+            lu,
+            lba: 0,
+            data: vec![1; 4096],
+            fua: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn list_lus_shows_each_identity_its_own_lus_and_access() {
+        let service = service();
+        let listed = |identity: &'static str| {
+            let service = &service;
+            async move {
+                let lus = service
+                    .list_lus(from(identity, pb::ListLusRequest {}))
+                    .await
+                    .expect("list")
+                    .into_inner()
+                    .lus;
+                lus.iter()
+                    .map(|lu| (lu.id, lu.access()))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let rw = pb::Access::ReadWrite;
+        assert_eq!(
+            listed("db-server").await,
+            vec![(0, rw), (1, rw), (2, rw), (3, rw), (4, rw), (5, rw)]
+        );
+        let read = pb::Access::Read;
+        assert_eq!(listed("backup-server").await, vec![(2, read), (5, read)]);
+        assert!(listed("console").await.is_empty());
+        // A request without a caller (no layer) sees nothing.
+        let bare = service
+            .list_lus(Request::new(pb::ListLusRequest {}))
+            .await
+            .expect("list");
+        assert!(bare.into_inner().lus.is_empty());
+    }
+
+    #[tokio::test]
+    async fn masked_is_not_found_with_the_text_of_missing_and_too_little_is_denied() {
+        let service = service();
+        let masked = service
+            .write(from("console", write(0)))
+            .await
+            .expect_err("masked");
+        let missing = service
+            .write(from("db-server", write(7)))
+            .await
+            .expect_err("missing");
+        assert_eq!(
+            (masked.code(), missing.code()),
+            (Code::NotFound, Code::NotFound)
+        );
+        assert_eq!(masked.message(), "LU 0 does not exist");
+        assert_eq!(missing.message(), "LU 7 does not exist");
+        let denied = service
+            .write(from("backup-server", write(2)))
+            .await
+            .expect_err("read-only");
+        assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+        let sense = service
+            .mode_sense(from("backup-server", pb::ModeSenseRequest { lu: 0 }))
+            .await
+            .expect_err("the mirror is masked");
+        assert_eq!(sense.code(), Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn set_access_answers_before_and_after_and_list_access_shows_it() {
+        let service = service();
+        let request = |access: Option<pb::Access>| pb::SetAccessRequest {
+            identity: "db-server".into(),
+            lu: 2,
+            access: access.map(Into::into),
+            purpose: "snapshot of run R".into(),
+        };
+        let refused = service
+            .set_access(from("backup-server", request(Some(pb::Access::Read))))
+            .await
+            .expect_err("not the owner");
+        assert_eq!(refused.code(), Code::PermissionDenied);
+        let answer = service
+            .set_access(from("db-server", request(Some(pb::Access::Read))))
+            .await
+            .expect("set")
+            .into_inner();
+        assert_eq!(
+            (answer.previous(), answer.access()),
+            (pb::Access::ReadWrite, pb::Access::Read)
+        );
+        let denied = service
+            .write(from("db-server", write(0)))
+            .await
+            .expect_err("the mate is read-only now");
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        let grants = service
+            .list_access(from("db-server", pb::ListAccessRequest {}))
+            .await
+            .expect("list")
+            .into_inner()
+            .grants;
+        let mate = grants
+            .iter()
+            .find(|g| g.identity == "db-server" && g.lu == 2)
+            .expect("listed");
+        assert_eq!(
+            (mate.access(), mate.source(), mate.purpose.as_str()),
+            (pb::Access::Read, pb::GrantSource::Set, "snapshot of run R")
+        );
+        let own = service
+            .list_access(from("backup-server", pb::ListAccessRequest {}))
+            .await
+            .expect("list")
+            .into_inner()
+            .grants;
+        assert!(own.iter().all(|g| g.identity == "backup-server"), "{own:?}");
+        let answer = service
+            .set_access(from("db-server", request(None)))
+            .await
+            .expect("unset")
+            .into_inner();
+        assert_eq!(
+            (answer.previous(), answer.access()),
+            (pb::Access::Read, pb::Access::ReadWrite)
+        );
+        service
+            .write(from("db-server", write(0)))
+            .await
+            .expect("writable again");
+    }
+}

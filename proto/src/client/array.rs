@@ -3,11 +3,11 @@
 use crate::telemetry::TracedChannel;
 use futures_util::StreamExt;
 
-use crate::security::{Security, role};
 use super::{AnswerStream, ClientError, ErrorKind, Peer};
 use crate::array::v1 as pb;
 use crate::array::v1::array_service_client::ArrayServiceClient;
 use crate::node;
+use crate::security::{Security, role};
 
 /// One LU as the array's mode-sense page describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,8 @@ impl ArrayClient {
         &self.peer.target
     }
 
-    /// Every LU the array defines.
+    /// Every LU the array shows this client (LUN masking leaves out the
+    /// LUs this identity has no access to), with the access it has.
     pub async fn list_lus(&self) -> Result<Vec<pb::LuInfo>, ClientError> {
         let answer = self.inner.clone().list_lus(pb::ListLusRequest {}).await;
         Ok(self.peer.answer(answer, || "listing LUs".into())?.lus)
@@ -90,7 +91,8 @@ impl ArrayClient {
     }
 
     /// The mirror pairs the array defines, learnt the patent's way: a
-    /// mode-sense page per mirror LU ([0054]).
+    /// mode-sense page per mirror LU ([0054]). Only the pairs whose mirror
+    /// LU this identity may at least read (the pairs' owner sees them all).
     pub async fn list_pairs(&self) -> Result<Vec<PairInfo>, ClientError> {
         let mut pairs = Vec::new();
         for lu in self.list_lus().await? {
@@ -228,6 +230,49 @@ impl ArrayClient {
         let answer = self.inner.clone().flush(pb::FlushRequest { lu }).await;
         self.peer.answer(answer, || format!("flushing LU {lu}"))?;
         Ok(())
+    }
+
+    /// LUN masking: sets what `identity` may do with `lu` (an LU of a
+    /// pair) from now on, until set again; `None` returns it to what the
+    /// array's configuration grants. Only the pairs' owner (db-server by
+    /// default) may call it: others get `PermissionDenied`. The array has
+    /// made the change durable when this answers; `purpose` goes to its
+    /// log and to [`ArrayClient::list_access`]. Answers the identity's
+    /// access to the LU before and after.
+    pub async fn set_access(
+        &self,
+        identity: &str,
+        lu: u32,
+        access: Option<pb::Access>,
+        purpose: &str,
+    ) -> Result<(pb::Access, pb::Access), ClientError> {
+        let request = pb::SetAccessRequest {
+            identity: identity.to_string(),
+            lu,
+            access: access.map(Into::into),
+            purpose: purpose.to_string(),
+        };
+        let answer = self.inner.clone().set_access(request).await;
+        let answer = self.peer.answer(answer, || {
+            let access = access.map_or("the configured access", |a| a.as_str_name());
+            format!("setting {identity}'s access to LU {lu} to {access}")
+        })?;
+        Ok((answer.previous(), answer.access()))
+    }
+
+    /// The grants in force that this identity may see: the pairs' owner
+    /// sees every identity's grants on its pairs' LUs, any other identity
+    /// its own. Configured and set ones, one per (identity, LU).
+    pub async fn list_access(&self) -> Result<Vec<pb::Grant>, ClientError> {
+        let answer = self
+            .inner
+            .clone()
+            .list_access(pb::ListAccessRequest {})
+            .await;
+        Ok(self
+            .peer
+            .answer(answer, || "listing LUN masking".into())?
+            .grants)
     }
 
     /// The generated client, for tests that must send what this client
