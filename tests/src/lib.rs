@@ -4,7 +4,8 @@
 //!
 //! - [`harness`]: starting nodes, clients, seeds, reading LUs back.
 //! - `array_*`, `grpcurl`: the disk array (mirror I/O, bad input, the
-//!   copy/write race, grpcurl as an operator uses it).
+//!   copy/write race, LUN masking over mTLS, grpcurl as an operator uses
+//!   it).
 //! - `db_*`: the snapshot manager (model test, resync race, the ledger,
 //!   codes, limits and answers).
 //! - `crash`: kill -9 at named crash points, array loss, lost journal.
@@ -25,6 +26,8 @@
 pub mod harness;
 pub mod soak;
 
+#[cfg(test)]
+mod array_access;
 #[cfg(test)]
 mod array_io;
 #[cfg(test)]
