@@ -178,3 +178,18 @@ fn bench_run() {
     positive(&f, "/run_total_ms");
     positive(&f, "/parts_ms/sum");
 }
+
+#[test]
+fn bench_tls() {
+    let f = bench("tls", false);
+    for figure in ["backup_mb_per_s", "ledger_tps"] {
+        for key in ["mutual_tls", "insecure", "ratio"] {
+            positive(&f, &format!("/{figure}/{key}"));
+        }
+    }
+    assert_eq!(
+        f["samples"].as_array().map(Vec::len),
+        Some(2),
+        "one round: mutual TLS, then --insecure"
+    );
+}
