@@ -52,8 +52,21 @@ impl Clients {
     /// Clients of the nodes at `addresses`, retrying for [`STEP_DEADLINE`].
     /// Fails only for an address that cannot be parsed (no call is made).
     pub fn new(addresses: Addresses, security: &Security) -> Result<Self, ClientError> {
+        Self::with_array_security(addresses, security, security)
+    }
+
+    /// The same, calling the array with another certificate than the other
+    /// nodes: the array shows each identity only the LUs granted to it
+    /// (LUN masking), and the console's own certificate is granted none by
+    /// default — `pair verify` reads origin and mate with db-server's (see
+    /// `--array-identity`).
+    pub fn with_array_security(
+        addresses: Addresses,
+        security: &Security,
+        array_security: &Security,
+    ) -> Result<Self, ClientError> {
         Ok(Self {
-            array: ArrayClient::new(&addresses.array, security)?,
+            array: ArrayClient::new(&addresses.array, array_security)?,
             db: DbClient::new(&addresses.db, security)?,
             backup: BackupClient::new(&addresses.backup, security)?,
             security: security.clone(),

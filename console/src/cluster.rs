@@ -374,7 +374,14 @@ impl ClusterBuilder {
             backup: backup.url(),
         };
         let cluster = Cluster {
-            clients: Clients::new(addresses, &credentials.security_of(role::CONSOLE)?)?,
+            // The console's clients, except the array's, which acts as
+            // db-server: the owner of the pairs may read and write every
+            // LU, as the demo's pair comparison and the tests need.
+            clients: Clients::with_array_security(
+                addresses,
+                &credentials.security_of(role::CONSOLE)?,
+                &credentials.security_of(role::DB)?,
+            )?,
             credentials,
             array,
             db,
@@ -409,7 +416,7 @@ pub struct Cluster {
     pub db: NodeHandle,
     pub backup: NodeHandle,
     /// Clients of the three nodes (`clients.addresses` holds their URLs),
-    /// as the console.
+    /// as the console, and of the array as db-server.
     pub clients: Clients,
     /// The certificates the nodes and the clients use.
     pub credentials: Credentials,

@@ -51,6 +51,19 @@ struct AddressArgs {
     /// The backup-server.
     #[arg(long, global = true, env = "SPLITMIRROR_BACKUP", default_value = DEFAULT_BACKUP)]
     backup: String,
+    /// The certificate (in --tls-dir) the console calls the array with.
+    /// The array shows each identity only the LUs granted to it, and the
+    /// console's own is granted none by default: `pair verify` needs one
+    /// that may read origin and mate, e.g. `--array-identity db-server`.
+    /// `run` needs none: db-server lets the console read the frozen mate
+    /// while its snapshot is held.
+    #[arg(
+        long,
+        global = true,
+        env = "SPLITMIRROR_ARRAY_IDENTITY",
+        value_name = "NAME"
+    )]
+    array_identity: Option<String>,
     /// How long a step retries a node that does not answer before the run
     /// reports it.
     #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
@@ -397,9 +410,20 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         backup: cli.addresses.backup,
     };
     let security_args = cli.security.clone();
+    let array_identity = cli.addresses.array_identity.clone();
     let connect = move || -> anyhow::Result<Clients> {
         let security = Security::from_args(&security_args, role::CONSOLE)?;
-        let mut clients = Clients::new(addresses, &security)?;
+        let array_security = match &array_identity {
+            Some(identity) => Security::from_args(
+                &SecurityArgs {
+                    identity: Some(identity.clone()),
+                    ..security_args.clone()
+                },
+                role::CONSOLE,
+            )?,
+            None => security.clone(),
+        };
+        let mut clients = Clients::with_array_security(addresses, &security, &array_security)?;
         clients.step_deadline = step_deadline;
         Ok(clients)
     };

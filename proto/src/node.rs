@@ -7,6 +7,13 @@
 //! the same on every node. Clients connect through [`channel`], which applies
 //! the matching window sizes.
 //!
+//! Limits every node has: the message sizes below (each service sets its
+//! own, smaller decoding limit), at most [`MAX_CONCURRENT_STREAMS`] streams
+//! and [`CONCURRENT_CALLS_PER_CONNECTION`] calls in progress per
+//! connection, a [`SERVER_REQUEST_TIMEOUT`] per unary call, and no
+//! compression (no codec is enabled on either side: block data does not
+//! compress enough to pay for the CPU on the data path).
+//!
 //! A node lists in reflection only the services it serves; a call to
 //! another splitmirror service answers `UNIMPLEMENTED` naming the node that
 //! serves it. A node that must wait for a peer before it can serve (db-server
@@ -140,6 +147,13 @@ pub enum NodeError {
 /// The largest number of concurrent streams one client connection may open.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
+/// The most calls of one connection a node works on at once; the rest wait
+/// their turn (they are not refused). The busiest caller, db-server, has at
+/// most a few dozen calls in flight to the array (ledger workers, the
+/// journal's writes, the resync's copies), so this only bounds a peer that
+/// floods one connection.
+const CONCURRENT_CALLS_PER_CONNECTION: usize = 256;
+
 /// Where a running node can be reached and how to stop it.
 pub struct NodeHandle {
     pub addr: SocketAddr,
@@ -191,6 +205,7 @@ pub fn server_builder(security: &Security, policy: AccessPolicy) -> Result<NodeS
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .concurrency_limit_per_connection(CONCURRENT_CALLS_PER_CONNECTION)
         .max_frame_size(MAX_FRAME_BYTES)
         .timeout(SERVER_REQUEST_TIMEOUT)
         // The span of every call served: it continues the caller's W3C
