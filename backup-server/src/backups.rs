@@ -257,16 +257,13 @@ impl Backups {
         if let Some(done) = self.store.list()?.into_iter().find(|m| m.run_id == run_id) {
             return Ok((done.backup_id, true));
         }
-        // Unknown LUs and an unreachable array are answered now, not as a
-        // job that fails later.
-        let geometry = self
-            .source
-            .geometry(lu)
-            .await
-            .map_err(|e| array_error(lu, e))?;
-        let mut expected_block_count = request.expected_block_count;
-        let frozen_by = match request.wanted {
-            Wanted::Live => FrozenBy::Live,
+        // A snapshot is confirmed with its owner first: whether the LU is
+        // its mate is a better answer than the array's NOT_FOUND for an LU
+        // this server's identity is not granted (LUN masking shows it only
+        // the mates). Then unknown LUs and an unreachable array are
+        // answered now, not as a job that fails later.
+        let held = match request.wanted {
+            Wanted::Live => None,
             Wanted::Snapshot(wanted) => {
                 let before =
                     self.owner.snapshot(wanted.volume).await.map_err(
@@ -289,6 +286,17 @@ impl Backups {
                         },
                     )?;
                 check_held(&wanted, lu, &before)?;
+                Some((wanted, before))
+            }
+        };
+        let geometry = self
+            .source
+            .geometry(lu)
+            .await
+            .map_err(|e| array_error(lu, e))?;
+        let mut expected_block_count = request.expected_block_count;
+        let frozen_by = match held {
+            Some((wanted, before)) => {
                 if before.block_count != geometry.block_count {
                     return Err(NotFrozen::SizeDiffers {
                         volume: wanted.volume,
@@ -305,6 +313,7 @@ impl Backups {
                     confirmed_before_unix_ms: manifest::now_unix_ms(),
                 }
             }
+            None => FrozenBy::Live,
         };
         let backup_id = uuid::Uuid::now_v7().to_string();
         let live = frozen_by == FrozenBy::Live;

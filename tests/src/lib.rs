@@ -43,6 +43,8 @@ mod console_cli;
 #[cfg(test)]
 mod crash;
 #[cfg(test)]
+mod db_control;
+#[cfg(test)]
 mod db_ledger;
 #[cfg(test)]
 mod db_limits;
