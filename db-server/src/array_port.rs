@@ -214,24 +214,9 @@ impl ArrayPort for GrpcArray {
                 OwnAccess::Read => Some(pb::Access::Read),
                 OwnAccess::Configured => None,
             };
-            let request = pb::SetAccessRequest {
-                identity: identity.to_string(),
-                lu,
-                access: access.map(i32::from),
-                purpose,
-            };
             self.client
-                .raw()
-                .set_access(request)
-                .await
-                .map_err(|status| {
-                    ClientError::from_status(
-                        "array",
-                        self.client.target(),
-                        format!("setting {identity}'s access to LU {lu}"),
-                        &status,
-                    )
-                })?;
+                .set_access(identity, lu, access, &purpose)
+                .await?;
             Ok(())
         })
     }
