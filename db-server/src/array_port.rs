@@ -103,6 +103,11 @@ pub struct GrpcArray {
     /// db-server's identity, as the array knows it (none with
     /// `--insecure`).
     identity: Option<String>,
+    /// The identities that may read the frozen mate while a snapshot is
+    /// held (the control identities: the console compares the backup
+    /// with the frozen mate's digests itself); withdrawn with db-server's
+    /// own grant.
+    snapshot_readers: Vec<String>,
 }
 
 #[derive(Default)]
@@ -121,7 +126,17 @@ impl GrpcArray {
             client: ArrayClient::new(target, security)?,
             counters: Arc::default(),
             identity: security.identity().map(str::to_string),
+            snapshot_readers: Vec::new(),
         })
+    }
+
+    /// The identities that may read the frozen mate while a snapshot is
+    /// held, besides the backup server (which the array's configuration
+    /// lets read every mate): db-server grants them `read` on the mate with
+    /// its own read-only grant and withdraws both together.
+    pub fn with_snapshot_readers(mut self, readers: Vec<String>) -> Self {
+        self.snapshot_readers = readers;
+        self
     }
 
     /// The address of the array.
@@ -214,6 +229,13 @@ impl ArrayPort for GrpcArray {
                 OwnAccess::Read => Some(pb::Access::Read),
                 OwnAccess::Configured => None,
             };
+            // The readers first: once db-server's own grant says "held",
+            // they can read; once it says "configured", they no longer
+            // matter, and a failure here fails the whole step, which the
+            // manager retries or undoes as it does for its own grant.
+            for reader in self.snapshot_readers.iter().filter(|r| *r != identity) {
+                self.client.set_access(reader, lu, access, &purpose).await?;
+            }
             self.client
                 .set_access(identity, lu, access, &purpose)
                 .await?;

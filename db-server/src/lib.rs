@@ -161,7 +161,9 @@ pub async fn spawn(
         source,
     })?;
     let array: Arc<dyn ArrayPort> = Arc::new(
-        GrpcArray::new(&config.array_url, &config.security).map_err(SpawnError::ArrayAddress)?,
+        GrpcArray::new(&config.array_url, &config.security)
+            .map_err(SpawnError::ArrayAddress)?
+            .with_snapshot_readers(config.control_identities.clone()),
     );
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();

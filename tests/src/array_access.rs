@@ -3,9 +3,10 @@
 //! an independent model of the grants allows succeed; a masked LU answers
 //! NOT_FOUND like a missing one, a visible LU used beyond its access
 //! PERMISSION_DENIED; every refused write or copy leaves every byte of
-//! every real LU as it was. Certificates of another CA, none, or an expired
-//! one are refused by the TLS layer before the array sees the call; they
-//! belong to the shared stack's tests.
+//! every real LU as it was. A certificate of another CA (claiming to be
+//! db-server) or an expired one (the console's) gets no connection, and a
+//! caller without a certificate gets `UNAUTHENTICATED` for every call:
+//! those cells are checked too, against the same bytes.
 
 use std::collections::BTreeMap;
 
@@ -152,6 +153,79 @@ async fn run(client: &ArrayClient, op: Op, lu: u32) -> Result<(), ClientError> {
     }
 }
 
+/// A client of the array that trusts the CA but presents no certificate.
+async fn anonymous_client(
+    url: &str,
+) -> pb::array_service_client::ArrayServiceClient<tonic::transport::Channel> {
+    let ca = std::fs::read(harness::certs_dir().join("ca.pem")).expect("ca.pem");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name(role::ARRAY);
+    let url = splitmirror_proto::security::Security::Insecure
+        .url(url)
+        .replacen("http://", "https://", 1);
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("TLS")
+        .connect()
+        .await
+        .expect("a TLS connection without a client certificate");
+    pb::array_service_client::ArrayServiceClient::new(channel)
+}
+
+/// [`run`] on a generated client: the gRPC code of a refusal.
+async fn run_raw(
+    client: &pb::array_service_client::ArrayServiceClient<tonic::transport::Channel>,
+    op: Op,
+    lu: u32,
+) -> Result<(), tonic::Code> {
+    let mut client = client.clone();
+    let answer = match op {
+        Op::Read => client
+            .read(pb::ReadRequest {
+                lu,
+                lba: 0,
+                blocks: 1,
+            })
+            .await
+            .map(drop),
+        Op::Write => client
+            .write(pb::WriteRequest {
+                lu,
+                lba: 3,
+                data: vec![0xEE; BLOCK_BYTES],
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Op::Copy => client
+            .copy_range(pb::CopyRangeRequest {
+                src_lu: lu,
+                dst_lu: counterpart(lu),
+                lba: 0,
+                blocks: BLOCKS,
+            })
+            .await
+            .map(drop),
+        Op::Checksum => client
+            .checksum_range(pb::ChecksumRangeRequest {
+                lu,
+                lba: 0,
+                blocks: BLOCKS,
+                chunk_blocks: 4,
+            })
+            .await
+            .map(drop),
+        Op::Flush => client.flush(pb::FlushRequest { lu }).await.map(drop),
+        Op::ModeSense => client
+            .mode_sense(pb::ModeSenseRequest { lu })
+            .await
+            .map(drop),
+    };
+    answer.map_err(|status| status.code())
+}
+
 /// Every real LU's digest, as db-server (which may read them all) sees it.
 async fn digests(owner: &ArrayClient) -> Vec<Vec<[u8; 32]>> {
     let mut all = Vec::new();
@@ -290,6 +364,65 @@ async fn every_identity_gets_exactly_what_it_was_granted() {
                 .set_access(role::BACKUP, 4, None, "matrix: back to configured")
                 .await
                 .expect("unset");
+        }
+    }
+    // Refused before the array sees the call: a certificate of another CA
+    // (claiming db-server, who may write everything), an expired one of
+    // this CA (the console's), and no certificate at all.
+    let no_certificate = anonymous_client(&node.url()).await;
+    for (who, caller) in [
+        ("other-ca", Some(client("other-ca"))),
+        ("expired", Some(client("expired"))),
+        ("no certificate", None),
+    ] {
+        for lu in LUS {
+            for op in OPS {
+                cells += 1;
+                let before = digests(&owner).await;
+                let refused = match &caller {
+                    // The handshake fails (the transport reports it), or
+                    // the certificate is not sent and the call is refused
+                    // as one without: either way, nothing is done.
+                    Some(caller) => run(caller, op, lu).await.is_err(),
+                    None => {
+                        run_raw(&no_certificate, op, lu).await == Err(tonic::Code::Unauthenticated)
+                    }
+                };
+                if !refused {
+                    failures.push(format!(
+                        "{who} {op:?} LU {lu} ({}) was not refused",
+                        kind(lu)
+                    ));
+                }
+                if matches!(op, Op::Write | Op::Copy) {
+                    assert_eq!(
+                        digests(&owner).await,
+                        before,
+                        "a refused {op:?} by {who} of LU {lu} changed bytes"
+                    );
+                }
+            }
+        }
+        cells += 1;
+        let set = match &caller {
+            Some(caller) => caller
+                .set_access(role::BACKUP, 4, Some(pb::Access::ReadWrite), "matrix")
+                .await
+                .is_ok(),
+            None => {
+                let mut raw = no_certificate.clone();
+                raw.set_access(pb::SetAccessRequest {
+                    identity: role::BACKUP.into(),
+                    lu: 4,
+                    access: Some(pb::Access::ReadWrite as i32),
+                    purpose: "matrix".into(),
+                })
+                .await
+                .is_ok()
+            }
+        };
+        if set {
+            failures.push(format!("{who} SetAccess was not refused"));
         }
     }
     println!(

@@ -173,6 +173,15 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
         block_size_bytes: 4096,
         block_count: 128,
     });
+    // Plain LUs are reachable only through a grant (LUN masking): the
+    // client acts as db-server.
+    for lu in [6, 7] {
+        config.grants.push(array_node::access::GrantConfig {
+            identity: splitmirror_proto::security::role::DB.into(),
+            lu,
+            access: array_node::Access::ReadWrite,
+        });
+    }
     let node = start_array(dir.path(), config, ArrayTestHooks::default()).await;
     let client = array_client(&node.url());
     write(&client, 0, 0, pattern(9, 256)).await.expect("fill");

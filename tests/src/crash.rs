@@ -131,7 +131,7 @@ async fn check_after_restart(
     expected: &Expected,
 ) -> Vec<String> {
     let mut mismatches = Vec::new();
-    let client = db_client(&db.url());
+    let client = DbClient::new(&db.url(), &harness::INSECURE).expect("db-server address");
     let status = harness::volume_status(&client, 0).await;
     if status.data_mode() == pb::Mode::Snapshot {
         assert_eq!(
@@ -165,7 +165,7 @@ async fn check_after_restart(
             mismatches.push(format!("block {lba}: an acknowledged write is missing"));
         }
     }
-    let array = array_client(array_url);
+    let array = harness::ArrayClient::new(array_url, &harness::INSECURE).expect("array address");
     if harness::lu_digests(&array, 1).await != harness::lu_digests(&array, 2).await {
         mismatches.push("origin != mate after the resync".into());
     }
@@ -174,18 +174,38 @@ async fn check_after_restart(
 
 /// One crash: starts the nodes, arms `point` at hit `nth`, runs the
 /// scenario until the process aborts, restarts and checks.
+///
+/// The scenario writes the snapshot virtual LU, which only an array
+/// without LUN masking lets db-server write: both nodes run `--insecure`
+/// (see `harness::INSECURE`).
 async fn crash_once(point: &str, nth: u64, seed: u64, extra: &[&str]) -> (bool, Vec<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let array = array_process(&dir.path().join("array"), LU_SIZE, "127.0.0.1:0");
+    let array_dir = dir.path().join("array");
+    let array = NodeProcess::start(
+        "array-node",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            array_dir.to_str().expect("utf-8 path"),
+            "--lu-size",
+            LU_SIZE,
+            "--insecure",
+        ],
+    );
     let armed = format!("{point}:{nth}");
-    let args: Vec<&str> = ["--no-ledger"].iter().chain(extra).copied().collect();
+    let args: Vec<&str> = ["--no-ledger", "--insecure"]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
     let mut db = db_process(
         &dir.path().join("db"),
         &array.addr,
         &args,
         &[("SPLITMIRROR_CRASH_AT", &armed)],
     );
-    let client = db_client(&db.url());
+    let client = DbClient::new(&db.url(), &harness::INSECURE).expect("db-server address");
     harness::wait_synchronized(&client, 0).await;
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut expected = Expected::default();

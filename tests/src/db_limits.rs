@@ -357,8 +357,13 @@ async fn each_node_reflects_only_its_own_service() {
     // The array does not serve DbService: the answer says who does.
     // Raw: the exact code and the wording shown to a person who pointed a
     // tool at the wrong node are the point.
-    let refused = harness::db_client(&array.url())
-        .raw()
+    // With TLS the client checks it reached the array (its certificate),
+    // as a tool pointed at the wrong port with the right CA would.
+    let channel = harness::security(role::CONSOLE)
+        .endpoint(&array.url(), role::ARRAY)
+        .expect("endpoint")
+        .connect_lazy();
+    let refused = pb::db_service_client::DbServiceClient::new(channel)
         .status(pb::StatusRequest::default())
         .await
         .expect_err("the array does not serve DbService");

@@ -14,10 +14,7 @@ use splitmirror_proto::db::v1 as pb;
 
 use splitmirror_proto::reason::Reason;
 
-use crate::harness::{
-    self, ClientError, DbClient, ErrorKind, array_client, db_client, read_volume, start_array,
-    start_db,
-};
+use crate::harness::{self, ClientError, DbClient, ErrorKind, read_volume};
 
 const BLOCK: usize = 512;
 const BLOCKS: u64 = 256;
@@ -147,10 +144,13 @@ async fn check(client: &DbClient, model: &Model, step: usize) -> Result<(), Stri
 /// Runs one random sequence; answers the first discrepancy.
 async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> Result<(), String> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let array = start_array(
+    // The model writes the snapshot virtual LU, which only an array
+    // without LUN masking lets db-server write (see harness::INSECURE).
+    let array = harness::start_array_with(
         &dir.path().join("array"),
         harness::small_512_pair(BLOCKS),
         ArrayTestHooks::default(),
+        &harness::INSECURE,
     )
     .await;
     let manager = ManagerConfig {
@@ -159,9 +159,18 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
         hooks,
         ..ManagerConfig::default()
     };
-    let db = start_db(&array.url(), &dir.path().join("db"), manager, None).await;
-    let client = db_client(&db.url());
-    let array_client = array_client(&array.url());
+    let db = harness::start_db_with(
+        &array.url(),
+        &dir.path().join("db"),
+        manager,
+        None,
+        &harness::INSECURE,
+    )
+    .await;
+    let client = DbClient::new(&db.url(), &harness::INSECURE).expect("db-server address");
+    harness::wait_all_synchronized(&client).await;
+    let array_client =
+        harness::ArrayClient::new(&array.url(), &harness::INSECURE).expect("array address");
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut model = Model {
         data: vec![0; BLOCKS as usize * BLOCK],

@@ -32,17 +32,37 @@ pub async fn start_array(data_dir: &Path, array: ArrayConfig, hooks: ArrayTestHo
         .expect("start array node")
 }
 
-/// The directory of this test process's certificates: a CA and the four
-/// roles' certificates, created at the first call.
+/// The directory of this test process's certificates, created at the
+/// first call: a CA and the four roles' certificates (as `console certs
+/// init` writes them), plus two that must be refused at the handshake:
+/// `expired` (the console's identity, from this CA, valid only in 2000)
+/// and `other-ca` (db-server's identity, from another CA).
 pub fn certs_dir() -> &'static Path {
+    use splitmirror_console::certs::{self, Authority, Validity};
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::Builder::new()
             .prefix("splitmirror-test-certs-")
             .tempdir()
             .expect("temporary directory for certificates");
-        splitmirror_console::certs::init(dir.path(), &Default::default())
-            .expect("creating the test certificates");
+        let ca = Authority::new(certs::CA_COMMON_NAME).expect("a CA");
+        std::fs::write(
+            certs::cert_path(dir.path(), certs::CA_NAME),
+            ca.ca_cert_pem(),
+        )
+        .expect("writing ca.pem");
+        for role in certs::ROLES {
+            ca.issue(role, &[], Validity::default())
+                .and_then(|issued| issued.write(dir.path(), role))
+                .unwrap_or_else(|e| panic!("the {role} certificate: {e}"));
+        }
+        ca.issue(role::CONSOLE, &[], Validity::long_expired())
+            .and_then(|issued| issued.write(dir.path(), "expired"))
+            .expect("the expired certificate");
+        Authority::new("another CA")
+            .and_then(|other| other.issue(role::DB, &[], Validity::default()))
+            .and_then(|issued| issued.write(dir.path(), "other-ca"))
+            .expect("the other CA's certificate");
         dir
     })
     .path()
@@ -95,6 +115,24 @@ pub async fn wait_healthy(url: &str, server_role: &str) {
 /// db-server: the identity that may read and write every LU of the pairs.
 pub fn array_client(url: &str) -> ArrayClient {
     ArrayClient::new(url, &security(role::DB)).expect("array address")
+}
+
+/// Plain text, no masking: for the tests of the writable snapshot virtual
+/// LU (DESIGN §3), which only an array without LUN masking lets db-server
+/// write (with masking the mate is read-only while a snapshot is held; see
+/// `db_control`). Their nodes run `--insecure` and their clients use this.
+pub const INSECURE: Security = Security::Insecure;
+
+/// Starts an array node with `security` (see [`start_array`]).
+pub async fn start_array_with(
+    data_dir: &Path,
+    array: ArrayConfig,
+    hooks: ArrayTestHooks,
+    security: &Security,
+) -> NodeHandle {
+    cluster::start_array(data_dir, array, hooks, security)
+        .await
+        .expect("start array node")
 }
 
 /// A client of db-server at `url` (connecting at its first call), as the
@@ -153,16 +191,28 @@ pub async fn start_db(
     manager: db_server::manager::ManagerConfig,
     ledger: Option<db_server::ledger::LedgerConfig>,
 ) -> NodeHandle {
+    let handle = start_db_with(array_url, data_dir, manager, ledger, &security(role::DB)).await;
+    wait_all_synchronized(&db_client(&handle.url())).await;
+    handle
+}
+
+/// [`start_db`] with `security` (it does not wait for the pairs: the
+/// caller's clients must match `security`).
+pub async fn start_db_with(
+    array_url: &str,
+    data_dir: &Path,
+    manager: db_server::manager::ManagerConfig,
+    ledger: Option<db_server::ledger::LedgerConfig>,
+    security: &Security,
+) -> NodeHandle {
     let options = DbOptions {
         manager,
         ledger,
         ..DbOptions::default()
     };
-    let handle = cluster::start_db(array_url, data_dir, &options, &security(role::DB))
+    cluster::start_db(array_url, data_dir, &options, security)
         .await
-        .expect("start db-server");
-    wait_all_synchronized(&db_client(&handle.url())).await;
-    handle
+        .expect("start db-server")
 }
 
 /// Waits (bounded) until every volume db-server knows is Synchronized.

@@ -2,11 +2,11 @@
 
 use crate::telemetry::TracedChannel;
 
-use crate::security::{Security, role};
 use super::{AnswerStream, ClientError, Peer};
 use crate::backup::v1 as pb;
 use crate::backup::v1::backup_service_client::BackupServiceClient;
 use crate::node;
+use crate::security::{Security, role};
 
 /// The backup server over gRPC. Cloning is cheap; the connection is made
 /// at the first call and remade after the server restarts.

@@ -3,11 +3,11 @@
 use crate::telemetry::TracedChannel;
 use futures_util::StreamExt;
 
-use crate::security::{Security, role};
 use super::{AnswerStream, ClientError, ErrorKind, Peer};
 use crate::db::v1 as pb;
 use crate::db::v1::db_service_client::DbServiceClient;
 use crate::node;
+use crate::security::{Security, role};
 
 /// db-server over gRPC: the snapshot manager, the gate and the ledger's
 /// status. Cloning is cheap; the connection is made at the first call and
