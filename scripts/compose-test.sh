@@ -84,10 +84,20 @@ run_by_hand() {
 run_by_hand
 
 if command -v grpcurl >/dev/null 2>&1; then
+  # Mutual TLS: the certificates the `certs` service made, as the README
+  # shows; without one, the node refuses.
+  certs=$(mktemp -d)
+  docker cp "$(compose ps -q db-server):/certs/." "$certs" >/dev/null
+  tls=(-cacert "$certs/ca.pem" -cert "$certs/console.pem" -key "$certs/console.key")
   db_port=$(compose port db-server 50052)
-  grpcurl -plaintext "$db_port" list | grep -q splitmirror.db.v1.DbService
-  grpcurl -plaintext "$db_port" splitmirror.db.v1.DbService/Status | grep -q '"dataMode"'
-  echo "grpcurl through the published port $db_port: OK"
+  grpcurl "${tls[@]}" "$db_port" list | grep -q splitmirror.db.v1.DbService
+  grpcurl "${tls[@]}" "$db_port" splitmirror.db.v1.DbService/Status | grep -q '"dataMode"'
+  if grpcurl -cacert "$certs/ca.pem" "$db_port" list >/dev/null 2>&1; then
+    echo "FAIL: grpcurl without a certificate was answered" >&2
+    exit 1
+  fi
+  rm -rf "$certs"
+  echo "grpcurl with the console's certificate through the published port $db_port: OK (refused without one)"
 else
   echo "grpcurl not installed: skipping the grpcurl check"
 fi
