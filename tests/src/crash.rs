@@ -125,13 +125,24 @@ async fn scenario(client: &DbClient, rng: &mut SmallRng, expected: &mut Expected
 /// After a restart: the snapshot (if held) reads as it did; then the pair
 /// resynchronizes, origin == mate, and every acknowledged write is there.
 /// Answers the mismatches found.
+///
+/// `insecure`: the nodes run `--insecure` (see [`crash_once`]).
 async fn check_after_restart(
     db: &NodeProcess,
     array_url: &str,
     expected: &Expected,
+    insecure: bool,
 ) -> Vec<String> {
     let mut mismatches = Vec::new();
-    let client = DbClient::new(&db.url(), &harness::INSECURE).expect("db-server address");
+    let (console, as_db) = if insecure {
+        (harness::INSECURE, harness::INSECURE)
+    } else {
+        (
+            harness::security(splitmirror_proto::security::role::CONSOLE),
+            harness::security(splitmirror_proto::security::role::DB),
+        )
+    };
+    let client = DbClient::new(&db.url(), &console).expect("db-server address");
     let status = harness::volume_status(&client, 0).await;
     if status.data_mode() == pb::Mode::Snapshot {
         assert_eq!(
@@ -165,7 +176,7 @@ async fn check_after_restart(
             mismatches.push(format!("block {lba}: an acknowledged write is missing"));
         }
     }
-    let array = harness::ArrayClient::new(array_url, &harness::INSECURE).expect("array address");
+    let array = harness::ArrayClient::new(array_url, &as_db).expect("array address");
     if harness::lu_digests(&array, 1).await != harness::lu_digests(&array, 2).await {
         mismatches.push("origin != mate after the resync".into());
     }
@@ -224,7 +235,7 @@ async fn crash_once(point: &str, nth: u64, seed: u64, extra: &[&str]) -> (bool, 
     }
     db.kill9();
     let db = db_process(&dir.path().join("db"), &array.addr, &args, &[]);
-    let mismatches = check_after_restart(&db, &array.url(), &expected).await;
+    let mismatches = check_after_restart(&db, &array.url(), &expected, true).await;
     (crashed, mismatches)
 }
 
@@ -322,11 +333,27 @@ async fn the_array_killed_mid_writes_is_resynchronized_after_it_returns() {
         expected.data.len() > 10,
         "writes were acknowledged before the kill"
     );
-    // The pair is not Synchronized while the array is away.
-    let status = harness::volume_status(&client, 0).await;
+    // The pair is not Synchronized while the array is away. Asked up to
+    // three times: once under CI load this client's connection to db-server
+    // answered "h2 protocol error" right after the array's death (seen once,
+    // not reproduced in 16 runs here); a new call reconnects.
+    let mut status = None;
+    for _ in 0..3 {
+        match client.volume_status(0).await {
+            Ok(answer) => {
+                status = Some(answer);
+                break;
+            }
+            Err(error) => {
+                eprintln!("volume status after the array's death: {error}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let status = status.expect("volume status within three tries");
     assert_ne!(status.data_mode(), pb::Mode::Synchronized, "{status:?}");
     let array = array_process(&dir.path().join("array"), LU_SIZE, &array_addr);
-    let mismatches = check_after_restart(&db, &array.url(), &expected).await;
+    let mismatches = check_after_restart(&db, &array.url(), &expected, false).await;
     assert!(mismatches.is_empty(), "{mismatches:?}");
 }
 
