@@ -105,6 +105,8 @@ enum Command {
     /// only if every step succeeded and the digests match.
     ///
     /// Example: console --db db:50052 --backup backup:50053 --array array:50051 run --volume 0 --json
+    ///
+    /// Example: console run --volume 0 --verify-read
     Run {
         #[arg(long, default_value_t = 0)]
         volume: u32,
@@ -121,6 +123,17 @@ enum Command {
         /// leave the database its share of CPU and I/O.
         #[arg(long, value_parser = parse_size_bytes)]
         max_rate: Option<u64>,
+        /// Also read the chunks the store already holds, and compare each
+        /// with the array's digest. Without it, a chunk whose digest (the
+        /// array's ChecksumRange of the frozen mate) the store holds is
+        /// trusted on that digest and not read: only changed chunks cross
+        /// the network. With it, every non-zero chunk is read over the
+        /// network and hashed by the backup server, which also proves that
+        /// the bytes the array serves hash to its digests. Either way the
+        /// run ends in the console comparing the manifest with the mate's
+        /// digests.
+        #[arg(long)]
+        verify_read: bool,
     },
     /// Performs backup runs one after another — what the console container
     /// of `docker compose up` does. Waits for the nodes and for the volume
@@ -142,6 +155,10 @@ enum Command {
         /// Cap each backup's read rate (bytes per second, e.g. 200MB).
         #[arg(long, env = "SPLITMIRROR_MAX_RATE", value_parser = parse_size_bytes)]
         max_rate: Option<u64>,
+        /// Each backup also reads the chunks the store already holds (see
+        /// `console run --help`).
+        #[arg(long, env = "SPLITMIRROR_VERIFY_READ")]
+        verify_read: bool,
     },
     /// The LU status table (Fig. 10), each volume's update location table
     /// (Fig. 3) with a map of where the dirty blocks lie, resync progress,
@@ -305,16 +322,70 @@ enum BackupCommand {
         /// Cap the backup's read rate (bytes per second, e.g. 200MB).
         #[arg(long, value_parser = parse_size_bytes)]
         max_rate: Option<u64>,
+        /// Also read the chunks the store already holds and compare them
+        /// with the array's digest (see `console run --help`).
+        #[arg(long)]
+        verify_read: bool,
     },
-    /// The backups the backup server knows, each frozen by its snapshot or
-    /// "live (not frozen)".
+    /// The generations of each volume, oldest first: when each completed
+    /// (UTC), its ledger sequence, logical size, the bytes it added to the
+    /// store ("-" for backups converted from raw images) and how it is
+    /// consistent (frozen by a snapshot, or "live (not frozen)"); live
+    /// copies are listed under "live". Then the store: where it is, its
+    /// chunks, the bytes they take, the bytes full images of every backup
+    /// would take, and the deduplication ratio (logical ÷ stored). Jobs
+    /// that did not complete (running, failed, cancelled) come last.
+    ///
+    /// Example: console backup list --json
     List {
+        /// Print one JSON object: volumes, store, jobs.
         #[arg(long)]
         json: bool,
     },
-    /// Re-hashes a backup's image against its manifest, and says what that
-    /// proves (the image matches its manifest) and what it does not (that
-    /// the image is a consistent snapshot).
+    /// Applies a volume's retention rules: keeps the newest --keep-last
+    /// backups and every backup that completed within --keep-within, and
+    /// removes the indexes of the others; then collects garbage (removes
+    /// the chunks no backup references, once older than the store's grace
+    /// period, never one a running backup may reuse). A backup is kept when
+    /// either rule keeps it. Give at least one rule.
+    ///
+    /// Example: console backup prune --volume 0 --keep-last 7 --keep-within 30d --dry-run
+    Prune {
+        /// The volume whose backups are pruned (live copies are never
+        /// pruned).
+        #[arg(long)]
+        volume: u32,
+        /// Keep the newest N complete backups (N ≥ 1).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        keep_last: Option<u32>,
+        /// Keep every backup that completed within this age: 7d, 36h, 90m,
+        /// 30s (also w for weeks).
+        #[arg(long, value_name = "DURATION", value_parser = manual::parse_age)]
+        keep_within: Option<Duration>,
+        /// Print what would be removed; remove nothing (and collect no
+        /// garbage).
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove the indexes only; leave garbage collection for later.
+        #[arg(long)]
+        no_gc: bool,
+        /// Print one JSON object: the decisions and the collection.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes the chunks no backup references, once older than the
+    /// store's grace period; never one a running backup (from this server
+    /// or another one writing to the same store) may reuse.
+    ///
+    /// Example: console backup gc --json
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-reads and re-hashes every chunk a backup references, and says
+    /// what that proves (the image matches its manifest) and what it does
+    /// not (that the image is a consistent snapshot). Names each chunk
+    /// that is missing from the store or corrupt.
     ///
     /// Example: console backup verify 0190d3c4-…
     Verify { backup_id: String },
@@ -493,6 +564,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             keep_snapshot,
             label,
             max_rate,
+            verify_read,
         } => {
             let clients = connect()?;
             let cancel = CancellationToken::new();
@@ -508,6 +580,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 label,
                 max_bytes_per_s: max_rate,
                 cancel,
+                verify_read,
             };
             let sink = progress::for_stderr();
             let report = backup_run(&clients, &options, sink.as_ref()).await;
@@ -521,6 +594,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             interval,
             json,
             max_rate,
+            verify_read,
         } => {
             let schedule = cli::schedule::Schedule {
                 volume,
@@ -528,6 +602,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 interval,
                 json,
                 max_bytes_per_s: max_rate,
+                verify_read,
             };
             cli::schedule::schedule(&connect()?, &schedule).await
         }
@@ -578,6 +653,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             live,
             label,
             max_rate,
+            verify_read,
         }) => {
             let start = manual::BackupStart {
                 lu,
@@ -585,6 +661,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 live,
                 label,
                 max_bytes_per_s: max_rate,
+                verify_read,
             };
             manual::backup_start(&connect()?, start)
                 .instrument(command_span("backup start"))
@@ -593,6 +670,30 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(BackupCommand::List { json }) => {
             manual::backup_list(&connect()?, json)
                 .instrument(command_span("backup list"))
+                .await
+        }
+        Command::Backup(BackupCommand::Prune {
+            volume,
+            keep_last,
+            keep_within,
+            dry_run,
+            no_gc,
+            json,
+        }) => {
+            let prune = manual::Prune {
+                volume,
+                keep_last,
+                keep_within,
+                dry_run,
+                collect_garbage: !no_gc,
+            };
+            manual::backup_prune(&connect()?, &prune, json)
+                .instrument(command_span("backup prune"))
+                .await
+        }
+        Command::Backup(BackupCommand::Gc { json }) => {
+            manual::backup_gc(&connect()?, json)
+                .instrument(command_span("backup gc"))
                 .await
         }
         Command::Backup(BackupCommand::Verify { backup_id }) => {

@@ -78,6 +78,11 @@ pub struct RunOptions {
     pub max_bytes_per_s: Option<u64>,
     /// Cancelled on Ctrl-C: the backup is cancelled and the snapshot deleted.
     pub cancel: CancellationToken,
+    /// Have the backup server read every non-zero chunk from the array and
+    /// compare it with the array's digest, also the chunks its store
+    /// already holds (`StartBackupRequest.verify_read`). Without it those
+    /// are trusted on the array's digest (ChecksumRange) and not read.
+    pub verify_read: bool,
 }
 
 /// How long each phase took, in milliseconds.
@@ -115,6 +120,70 @@ pub struct RunReport {
     pub mismatched_chunks: Vec<u64>,
     pub snapshot_deleted: bool,
     pub error: Option<String>,
+    /// What the backup read and stored (`Manifest.counts`), flattened so
+    /// that scripts read `chunks_read`, `chunks_reused`, `chunks_zero` and
+    /// `new_bytes_stored` at the top of the JSON object. All `null` when
+    /// the backup did not complete or its server sent no counts.
+    #[serde(flatten)]
+    pub counts: StoreCounts,
+}
+
+/// What one backup moved and stored, from its manifest's `ChunkCounts`.
+/// The JSON names are a contract: scripts rely on them.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StoreCounts {
+    /// Chunks read from the array (and compared with its digest).
+    pub chunks_read: Option<u64>,
+    /// Chunks the store already held, by digest: not written again (and not
+    /// read unless `verify_read`).
+    pub chunks_reused: Option<u64>,
+    /// All-zero chunks: neither read nor stored.
+    pub chunks_zero: Option<u64>,
+    /// Bytes the backup added to the store (as stored, compressed where
+    /// that saved space).
+    pub new_bytes_stored: Option<u64>,
+    /// Data bytes read from the array.
+    pub bytes_read: Option<u64>,
+    /// Every non-zero chunk was read and compared, also those the store held.
+    pub verify_read: Option<bool>,
+}
+
+impl StoreCounts {
+    /// The counts of a manifest; all `None` when it has none (an old server,
+    /// or a backup converted from a raw image).
+    pub fn of(manifest: &bpb::Manifest) -> Self {
+        manifest.counts.map_or_else(Self::default, |c| Self {
+            chunks_read: Some(c.chunks_read),
+            chunks_reused: Some(c.chunks_reused),
+            chunks_zero: Some(c.chunks_zero),
+            new_bytes_stored: Some(c.new_bytes_stored),
+            bytes_read: Some(c.bytes_read),
+            verify_read: Some(c.verify_read),
+        })
+    }
+
+    /// One line for people: "stored 3.10 MiB new (read 3 chunks, reused
+    /// 1021, 0 zero)"; `None` without counts.
+    pub fn summary(&self) -> Option<String> {
+        let (Some(read), Some(reused), Some(zero), Some(stored)) = (
+            self.chunks_read,
+            self.chunks_reused,
+            self.chunks_zero,
+            self.new_bytes_stored,
+        ) else {
+            return None;
+        };
+        let chunks = if read == 1 { "chunk" } else { "chunks" };
+        let verified = if self.verify_read == Some(true) {
+            ", every non-zero chunk read (--verify-read)"
+        } else {
+            ""
+        };
+        Some(format!(
+            "stored {} new (read {read} {chunks}, reused {reused}, {zero} zero{verified})",
+            splitmirror_proto::units::format_bytes(stored)
+        ))
+    }
 }
 
 impl RunReport {
@@ -170,6 +239,9 @@ impl RunReport {
                 p.acquire, p.backup, p.compare, p.delete, p.resync, p.total
             ),
         );
+        if let Some(summary) = self.counts.summary() {
+            line("store", summary);
+        }
         line("snapshot deleted", yes_no(self.snapshot_deleted));
         line("verified", yes_no(self.verified));
         if !self.mismatched_chunks.is_empty() {
@@ -318,6 +390,7 @@ async fn back_up(
             holder_run_id: report.run_id.clone(),
         }),
         live: false,
+        verify_read: options.verify_read,
     };
     let backup = &clients.backup;
     let started = retry("StartBackup", clients.step_deadline, || {
@@ -351,6 +424,7 @@ async fn back_up(
     let manifest = info
         .manifest
         .ok_or_else(|| RunError::Manifest("the complete backup answered no manifest".into()))?;
+    report.counts = StoreCounts::of(&manifest);
     if manifest.chunk_digests.len() as u64 != manifest.chunk_count {
         return Err(RunError::Manifest(format!(
             "it lists {} chunk digests of {}",
@@ -543,6 +617,40 @@ mod tests {
         );
         error.reason = reason;
         error
+    }
+
+    #[test]
+    fn the_report_carries_the_counts_at_the_top_of_its_json() {
+        let manifest = bpb::Manifest {
+            counts: Some(bpb::ChunkCounts {
+                chunks_read: 3,
+                chunks_reused: 1021,
+                chunks_zero: 0,
+                new_bytes_stored: 3 << 20,
+                bytes_read: 3 << 20,
+                verify_read: false,
+            }),
+            ..Default::default()
+        };
+        let report = RunReport {
+            counts: StoreCounts::of(&manifest),
+            ..RunReport::default()
+        };
+        let json = serde_json::to_value(&report).expect("JSON");
+        assert_eq!(json["chunks_read"], 3);
+        assert_eq!(json["chunks_reused"], 1021);
+        assert_eq!(json["chunks_zero"], 0);
+        assert_eq!(json["new_bytes_stored"], 3 << 20);
+        assert!(
+            report
+                .render()
+                .contains("stored 3.00 MiB new (read 3 chunks, reused 1021, 0 zero)"),
+            "{}",
+            report.render()
+        );
+        // Without counts (an old server), the names are there, null.
+        let json = serde_json::to_value(RunReport::default()).expect("JSON");
+        assert!(json["chunks_read"].is_null() && json.get("new_bytes_stored").is_some());
     }
 
     #[test]

@@ -154,6 +154,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
                     label: "bench export".into(),
                     max_bytes_per_s: options.max_rate,
                     cancel: CancellationToken::new(),
+                    verify_read: false,
                 },
                 &Quiet,
             )

@@ -33,6 +33,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
                 label: "bench".into(),
                 max_bytes_per_s: options.max_rate,
                 cancel: CancellationToken::new(),
+                verify_read: false,
             },
             &Quiet,
         )

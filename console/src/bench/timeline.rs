@@ -51,6 +51,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
         label: "timeline".into(),
         max_bytes_per_s: options.max_rate,
         cancel: CancellationToken::new(),
+        verify_read: false,
     };
     let report = backup_run(&bench.clients, &run_options, &Quiet).await;
     tokio::time::sleep(lead).await;

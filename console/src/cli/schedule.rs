@@ -25,6 +25,8 @@ pub struct Schedule {
     pub interval: Duration,
     pub json: bool,
     pub max_bytes_per_s: Option<u64>,
+    /// Each backup reads every non-zero chunk (`RunOptions::verify_read`).
+    pub verify_read: bool,
 }
 
 /// Waits until the nodes answer and the volume is Synchronized, then
@@ -59,6 +61,7 @@ pub async fn schedule(clients: &Clients, schedule: &Schedule) -> anyhow::Result<
             label: format!("scheduled run {}", done + 1),
             max_bytes_per_s: schedule.max_bytes_per_s,
             cancel: CancellationToken::new(),
+            verify_read: schedule.verify_read,
         };
         let report = backup_run(clients, &options, sink.as_ref()).await;
         done += 1;
