@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use backup_server::store::{ChunkStore, DEFAULT_GC_GRACE};
 use serde::Serialize;
 use splitmirror_proto::units::format_bytes;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +59,23 @@ impl DemoSummary {
     pub fn succeeded(&self) -> bool {
         self.verified_runs == self.cycles.len() && self.pair_equal_at_end
     }
+}
+
+/// Exports backup `id` from the store as a raw image under the demo's
+/// directory (`exports/<id>.raw`, the file `backup-server export` writes)
+/// and answers its bytes, for the ledger verifier.
+async fn export_and_read(cluster: &Cluster, id: &str) -> anyhow::Result<Vec<u8>> {
+    let exports = cluster.dir.join("exports");
+    std::fs::create_dir_all(&exports).with_context(|| format!("creating {}", exports.display()))?;
+    let image = exports.join(format!("{id}.raw"));
+    let store = ChunkStore::open(&cluster.store, DEFAULT_GC_GRACE)
+        .await
+        .with_context(|| format!("opening the store {}", cluster.store))?;
+    store
+        .export(id, &image)
+        .await
+        .with_context(|| format!("exporting backup {id} to {}", image.display()))?;
+    std::fs::read(&image).with_context(|| format!("reading {}", image.display()))
 }
 
 /// Runs the demo: starts the cluster, performs the runs, stops the
@@ -135,6 +153,7 @@ async fn run_cycles(
             label: format!("demo run {cycle}"),
             max_bytes_per_s: None,
             cancel: CancellationToken::new(),
+            verify_read: false,
         };
         let report = backup_run(clients, &run_options, progress).await;
         let mut cycle_result = DemoCycle {
@@ -144,8 +163,7 @@ async fn run_cycles(
             report,
         };
         if let Some(id) = &cycle_result.report.backup_id {
-            let image = cluster.store_dir.join(id).join("image.raw");
-            match std::fs::read(&image) {
+            match export_and_read(cluster, id).await {
                 Ok(bytes) => {
                     let verdict = db_server::ledger_format::verify_image(
                         &bytes,
@@ -155,9 +173,7 @@ async fn run_cycles(
                     cycle_result.ledger_highest_sequence = verdict.highest_sequence;
                     cycle_result.ledger_violations = verdict.violations;
                 }
-                Err(e) => cycle_result
-                    .ledger_violations
-                    .push(format!("reading {}: {e}", image.display())),
+                Err(e) => cycle_result.ledger_violations.push(format!("{e:#}")),
             }
         }
         say(cycle_result.report.render().trim_end().to_string());
@@ -166,7 +182,7 @@ async fn run_cycles(
             "ledger image",
             if cycle_result.ledger_ok {
                 format!(
-                    "consistent at sequence {} (db-server verify-image)",
+                    "consistent at sequence {} (exported image, db-server verify-image)",
                     cycle_result.ledger_highest_sequence
                 )
             } else {
@@ -197,6 +213,23 @@ async fn run_cycles(
         },
         freeze.last().copied().unwrap_or(0),
     ));
+    // What each run read and stored: after the first, only what changed.
+    for (i, cycle) in cycles.iter().enumerate() {
+        let c = &cycle.report.counts;
+        if let (Some(read), Some(reused), Some(zero), Some(stored)) = (
+            c.chunks_read,
+            c.chunks_reused,
+            c.chunks_zero,
+            c.new_bytes_stored,
+        ) {
+            say(format!(
+                "   run {} read {read} of {} chunks, stored {} new ({reused} already stored, {zero} zero)",
+                i + 1,
+                read + reused + zero,
+                format_bytes(stored)
+            ));
+        }
+    }
     Ok(DemoSummary {
         cycles,
         verified_runs,

@@ -193,3 +193,36 @@ fn bench_tls() {
         "one round: mutual TLS, then --insecure"
     );
 }
+
+#[test]
+fn bench_generations() {
+    let f = bench("generations", false);
+    let legs = f["legs"].as_array().expect("legs");
+    let file = &legs[0];
+    assert_eq!(file["store"], "file", "{f}");
+    let generations = file["generations"].as_array().expect("file generations");
+    assert_eq!(generations.len(), 4, "full, 0 %, 1 %, 10 %: {f}");
+    positive(&generations[0], "/bytes_read");
+    positive(&generations[0], "/new_bytes_stored");
+    positive(&generations[0], "/seconds");
+    // An unchanged volume reads no data: the store holds every digest.
+    assert_eq!(generations[1]["bytes_read"], 0, "{f}");
+    assert_eq!(generations[1]["new_bytes_stored"], 0, "{f}");
+    positive(&generations[2], "/bytes_read");
+    // The S3 leg needs s3s-fs: `.ci/run` installs it; elsewhere it may be
+    // skipped with its reason.
+    let s3 = &legs[1];
+    if s3.get("skipped").is_some() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "s3s-fs missing under CI: .ci/run must install it ({s3})"
+        );
+        eprintln!("s3s-fs missing: the S3 leg is skipped");
+    } else {
+        assert_eq!(s3["generations"][1]["bytes_read"], 0, "{f}");
+        positive(&s3["generations"][0], "/new_bytes_stored");
+    }
+    if peer_expected() {
+        positive(&f, "/peer/seconds");
+    }
+}

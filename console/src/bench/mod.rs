@@ -12,6 +12,7 @@ mod backup;
 mod common;
 mod export;
 mod freeze;
+mod generations;
 mod journal;
 mod modes;
 mod peer;
@@ -52,6 +53,10 @@ pub enum Scenario {
     Export,
     /// Backup MB/s and ledger tps with mutual TLS and with --insecure.
     Tls,
+    /// Backups after 0 %, 1 % and 10 % of the chunks changed, next to a
+    /// full one and to qemu-img convert; file store, and S3 (s3s-fs) when
+    /// `s3s-fs` is on PATH.
+    Generations,
 }
 
 impl Scenario {
@@ -68,6 +73,7 @@ impl Scenario {
             Self::Run => "run",
             Self::Export => "export",
             Self::Tls => "tls",
+            Self::Generations => "generations",
         }
     }
 }
@@ -111,6 +117,7 @@ pub async fn run(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<B
         Scenario::Run => run_overhead::run(options).await?,
         Scenario::Export => export::run(options).await?,
         Scenario::Tls => tls::run(options).await?,
+        Scenario::Generations => generations::run(options).await?,
     };
     Ok(BenchOutput {
         table: output.table,

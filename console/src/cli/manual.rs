@@ -215,7 +215,7 @@ impl Lineage {
     fn heading(self) -> String {
         match self {
             Self::Volume(v) => format!("Volume {v}"),
-            Self::Live => "Live (not frozen)".into(),
+            Self::Live => "Live copies, not frozen".into(),
             Self::Unrecorded => "No snapshot recorded".into(),
         }
     }
@@ -303,9 +303,14 @@ impl<'a> BackupList<'a> {
         for (lineage, generations) in &self.lineages {
             let _ = writeln!(
                 out,
-                "{} ({} generations, oldest first)",
+                "{} ({} {}, oldest first)",
                 lineage.heading(),
-                generations.len()
+                generations.len(),
+                if generations.len() == 1 {
+                    "generation"
+                } else {
+                    "generations"
+                }
             );
             let _ = writeln!(
                 out,
