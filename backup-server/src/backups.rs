@@ -13,11 +13,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::gc::GcReport;
 use crate::job::{self, FrozenBy, JobError, JobSpec, Progress};
 use crate::manifest::{self, Manifest, SnapshotRecord};
 use crate::owner::{NotFrozen, OwnerFailure, SnapshotOwner, SnapshotRef, check_held};
+use crate::prune::{self, Decision, Retention};
 use crate::source::LuSource;
-use crate::store::{BackupStore, StoreError, VerifyOutcome};
+use crate::store::{ChunkStore, StoreError, StoreSummary, VerifyOutcome};
 
 /// How long `CancelBackup` waits for the job to stop before it answers.
 pub const CANCEL_WAIT: Duration = Duration::from_secs(10);
@@ -41,6 +43,7 @@ pub struct StartRequest {
     pub label: String,
     pub max_bytes_per_s: Option<u64>,
     pub wanted: Wanted,
+    pub verify_read: bool,
     pub checked: crate::service::validate::Checked,
 }
 
@@ -69,6 +72,12 @@ pub enum FailureKind {
     WrongSize,
     /// The store could not be written or synced.
     StoreFailed,
+    /// The store (S3) did not answer: retryable by a new run.
+    StoreUnavailable,
+    /// The store refused the credentials or the operation.
+    StoreDenied,
+    /// A chunk as read differs from the array's digest of it.
+    DigestMismatch,
     /// db-server failed the confirmation, or this server failed.
     Internal,
 }
@@ -95,7 +104,7 @@ pub struct BackupInfo {
     /// The snapshot the backup copies (confirmed before the first read;
     /// for a complete backup, after the last one too).
     pub snapshot: Option<SnapshotRecord>,
-    pub manifest: Option<Manifest>,
+    pub manifest: Option<Arc<Manifest>>,
 }
 
 impl BackupInfo {
@@ -167,10 +176,13 @@ pub enum BackupError {
     /// retryable (a running one: once it completes).
     #[error("backup {id} is not complete: {}", not_complete_reason(.state))]
     NotComplete { id: String, state: JobState },
-    /// The store failed: an I/O error or a damaged manifest. Not retryable
-    /// until the store is fixed.
+    /// The store failed: unreachable, refused, an I/O error, a damaged
+    /// index or chunk (the variant says which; the adapter maps each).
     #[error("{0}")]
     Store(#[source] StoreError),
+    /// A prune without a rule, or with `keep_last` 0. Not retryable.
+    #[error("{0}")]
+    BadRetention(String),
     /// The manifest of a complete backup holds a digest that is not a
     /// BLAKE3 digest in hex (it was edited or damaged). Not retryable.
     #[error("the manifest of backup {id} is damaged: {what}")]
@@ -195,7 +207,14 @@ impl From<StoreError> for BackupError {
         match error {
             StoreError::NotFound(id) => BackupError::NotFound(id),
             StoreError::BadId(id) => BackupError::BadId(id),
-            StoreError::Io { .. } | StoreError::BadManifest { .. } => BackupError::Store(error),
+            StoreError::BadLocation(_)
+            | StoreError::Blob(_)
+            | StoreError::Damaged { .. }
+            | StoreError::MissingChunk { .. }
+            | StoreError::CorruptChunk { .. }
+            | StoreError::NeedsConversion { .. }
+            | StoreError::Export { .. }
+            | StoreError::Task(_) => BackupError::Store(error),
         }
     }
 }
@@ -205,11 +224,11 @@ struct Job {
     progress: Progress,
     cancel: CancellationToken,
     state: watch::Sender<JobState>,
-    manifest: Mutex<Option<Manifest>>,
+    manifest: Mutex<Option<Arc<Manifest>>>,
 }
 
 pub struct Backups {
-    store: BackupStore,
+    store: Arc<ChunkStore>,
     source: Arc<dyn LuSource>,
     owner: Arc<dyn SnapshotOwner>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
@@ -223,7 +242,7 @@ pub struct Backups {
 
 impl Backups {
     pub fn new(
-        store: BackupStore,
+        store: Arc<ChunkStore>,
         source: Arc<dyn LuSource>,
         owner: Arc<dyn SnapshotOwner>,
         tasks: TaskTracker,
@@ -254,8 +273,14 @@ impl Backups {
         if let Some(id) = self.by_run.lock().expect("by_run").get(run_id) {
             return Ok((id.clone(), true));
         }
-        if let Some(done) = self.store.list()?.into_iter().find(|m| m.run_id == run_id) {
-            return Ok((done.backup_id, true));
+        if let Some(done) = self
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .find(|m| m.run_id == run_id)
+        {
+            return Ok((done.backup_id.clone(), true));
         }
         // A snapshot is confirmed with its owner first: whether the LU is
         // its mate is a better answer than the array's NOT_FOUND for an LU
@@ -326,6 +351,7 @@ impl Backups {
                 label: request.label.clone(),
                 max_bytes_per_s: request.max_bytes_per_s.or(self.default_max_bytes_per_s),
                 frozen_by,
+                verify_read: request.verify_read,
             },
             progress: Progress::new(),
             cancel: self.cancel.child_token(),
@@ -376,12 +402,24 @@ impl Backups {
         let id = &job.spec.backup_id;
         let state = match result {
             Ok(manifest) => {
-                tracing::info!(backup_id = %id, bytes = manifest.size_bytes, image_digest = %manifest.image_digest, "backup complete");
+                let counts = manifest.counts.unwrap_or_default();
+                tracing::info!(
+                    backup_id = %id,
+                    bytes = manifest.size_bytes,
+                    image_digest = %manifest.image_digest,
+                    chunks_read = counts.chunks_read,
+                    chunks_reused = counts.chunks_reused,
+                    chunks_zero = counts.chunks_zero,
+                    new_bytes_stored = counts.new_bytes_stored,
+                    "backup complete"
+                );
                 let store_bytes = if splitmirror_proto::telemetry::export_enabled() {
                     self.store
-                        .stored_bytes()
+                        .summary()
+                        .await
                         .inspect_err(|e| tracing::warn!("measuring the store: {e}"))
                         .ok()
+                        .map(|s| s.stored_bytes)
                 } else {
                     None
                 };
@@ -390,7 +428,7 @@ impl Backups {
                     started.elapsed(),
                     store_bytes,
                 );
-                *job.manifest.lock().expect("manifest") = Some(manifest);
+                *job.manifest.lock().expect("manifest") = Some(Arc::new(manifest));
                 JobState::Complete
             }
             Err(JobError::Cancelled) => {
@@ -461,7 +499,7 @@ impl Backups {
         }
     }
 
-    fn manifest_info(manifest: Manifest) -> BackupInfo {
+    fn manifest_info(manifest: Arc<Manifest>) -> BackupInfo {
         BackupInfo {
             backup_id: manifest.backup_id.clone(),
             run_id: manifest.run_id.clone(),
@@ -477,16 +515,16 @@ impl Backups {
         }
     }
 
-    pub fn get(&self, id: &str) -> Result<BackupInfo, BackupError> {
+    pub async fn get(&self, id: &str) -> Result<BackupInfo, BackupError> {
         if let Some(job) = self.job(id) {
             return Ok(Self::job_info(&job));
         }
-        Ok(Self::manifest_info(self.store.manifest(id)?))
+        Ok(Self::manifest_info(self.store.manifest(id).await?))
     }
 
     /// Jobs of this process (running, failed, cancelled) and every complete
     /// backup in the store.
-    pub fn list(&self) -> Result<Vec<BackupInfo>, BackupError> {
+    pub async fn list(&self) -> Result<Vec<BackupInfo>, BackupError> {
         let mut infos: Vec<BackupInfo> = self
             .jobs
             .lock()
@@ -494,7 +532,7 @@ impl Backups {
             .values()
             .map(|job| Self::job_info(job))
             .collect();
-        for manifest in self.store.list()? {
+        for manifest in self.store.list().await? {
             if !infos.iter().any(|i| i.backup_id == manifest.backup_id) {
                 infos.push(Self::manifest_info(manifest));
             }
@@ -510,7 +548,7 @@ impl Backups {
     /// answered as it is then.
     pub async fn cancel(&self, id: &str) -> Result<BackupInfo, BackupError> {
         let Some(job) = self.job(id) else {
-            return self.get(id);
+            return self.get(id).await;
         };
         job.cancel.cancel();
         let mut state = job.state.subscribe();
@@ -524,10 +562,18 @@ impl Backups {
     }
 
     /// A receiver that changes when the job's state does.
-    pub fn subscribe(&self, id: &str) -> Result<Option<watch::Receiver<JobState>>, BackupError> {
+    pub async fn subscribe(
+        &self,
+        id: &str,
+    ) -> Result<Option<watch::Receiver<JobState>>, BackupError> {
         match self.job(id) {
             Some(job) => Ok(Some(job.state.subscribe())),
-            None => self.store.manifest(id).map(|_| None).map_err(Into::into),
+            None => self
+                .store
+                .manifest(id)
+                .await
+                .map(|_| None)
+                .map_err(Into::into),
         }
     }
 
@@ -543,9 +589,55 @@ impl Backups {
                 });
             }
         }
-        let store = self.store.clone();
-        let id = id.to_string();
-        Ok(tokio::task::spawn_blocking(move || store.verify(&id)).await??)
+        Ok(self.store.verify(id).await?)
+    }
+
+    /// The store's grace period (garbage collection).
+    pub fn summary_grace(&self) -> std::time::Duration {
+        self.store.gc_grace()
+    }
+
+    /// What the store holds.
+    pub async fn summary(&self) -> Result<StoreSummary, BackupError> {
+        Ok(self.store.summary().await?)
+    }
+
+    /// Applies (or, with `dry_run`, only decides) a volume's retention
+    /// rules: removes the indexes the rules do not keep, newest first in
+    /// the answer. Backups of this process that are still running are not
+    /// in the store yet, so never pruned.
+    pub async fn prune(
+        &self,
+        volume: u32,
+        retention: Retention,
+        dry_run: bool,
+    ) -> Result<Vec<Decision>, BackupError> {
+        if retention.keep_last.is_none() && retention.keep_within.is_none() {
+            return Err(BackupError::BadRetention(
+                "say what to keep: keep_last, keep_within_s, or both".into(),
+            ));
+        }
+        if retention.keep_last == Some(0) {
+            return Err(BackupError::BadRetention(
+                "keep_last must be at least 1 (to remove every backup of a volume, remove them by hand)"
+                    .into(),
+            ));
+        }
+        let manifests = self.store.list().await?;
+        let refs: Vec<&Manifest> = manifests.iter().map(|m| m.as_ref()).collect();
+        let decisions = prune::decide(&refs, volume, retention, manifest::now_unix_ms());
+        if !dry_run {
+            for decision in decisions.iter().filter(|d| !d.keep) {
+                self.store.remove_index(&decision.backup_id).await?;
+                tracing::info!(backup_id = %decision.backup_id, volume, "pruned: {}", decision.reason);
+            }
+        }
+        Ok(decisions)
+    }
+
+    /// Removes the chunks no backup references (`gc.rs`).
+    pub async fn collect_garbage(&self) -> Result<GcReport, BackupError> {
+        Ok(self.store.collect_garbage().await?)
     }
 }
 

@@ -1,11 +1,13 @@
-//! One backup job: reads an LU with several streams in flight, hashes and
-//! writes each chunk off the async threads (skipping all-zero chunks, so the
-//! image stays sparse), confirms with db-server that the snapshot it copies
-//! is still the one confirmed before the first read, and commits the image
-//! and its manifest.
+//! One backup job, incremental by digest with no change tracking to trust:
+//! asks the array for the digest of every chunk of the LU (`ChecksumRange`,
+//! no data moved), records them as the digests it may reuse (`gc.rs`),
+//! reads only the chunks the store does not hold (with several streams in
+//! flight; hashing, checking against the array's digest and compressing
+//! off the async threads), confirms with db-server that the snapshot it
+//! copies is still the one confirmed before the first read, and writes the
+//! index last.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -16,18 +18,24 @@ use splitmirror_proto::pace::RateLimit;
 use tokio_util::sync::CancellationToken;
 
 use crate::backups::FailureKind;
-use crate::manifest::{self, CHUNK_SIZE_BYTES, FORMAT_VERSION, Manifest, SnapshotRecord};
+use crate::blobs::BlobError;
+use crate::manifest::{
+    self, CHUNK_SIZE_BYTES, ChunkCounts, FORMAT_VERSION, Manifest, SnapshotRecord,
+};
 use crate::owner::{
     CONFIRM_DEADLINE, HeldSnapshot, NotFrozen, OwnerFailure, SnapshotOwner, SnapshotRef,
     check_unchanged,
 };
 use crate::source::LuSource;
-use crate::store::{BackupStore, StoreError};
+use crate::store::{ChunkStore, StoreError, encode_chunk, zero_digest};
 
 /// Read streams in flight at once.
 pub const READ_STREAMS: usize = 4;
-/// Each stream reads a segment of this many bytes (whole chunks).
+/// Each stream reads at most this many bytes of consecutive chunks.
 const SEGMENT_BYTES: u64 = 64 << 20;
+/// Chunks whose digests one `ChecksumRange` asks for (16 GiB of the LU,
+/// about 550 KB of answer).
+const CHECKSUM_CHUNKS_PER_CALL: u64 = 16 << 10;
 
 /// What a job is asked to back up.
 #[derive(Debug, Clone)]
@@ -40,6 +48,8 @@ pub struct JobSpec {
     /// Caps the copy rate; `None` = as fast as it goes.
     pub max_bytes_per_s: Option<u64>,
     pub frozen_by: FrozenBy,
+    /// Read the chunks the store holds too, and compare them.
+    pub verify_read: bool,
 }
 
 /// What keeps the copied LU from changing under the copy.
@@ -115,18 +125,22 @@ pub enum JobError {
     /// than asked. Not retryable as it is (an array fault).
     #[error("copied {copied} of {expected} chunks; the array sent less than asked")]
     MissingChunks { copied: u64, expected: u64 },
-    /// Creating the partial backup or committing it failed (disk full, no
-    /// permission, I/O error). Not retryable until the store is fixed.
+    /// The store failed: unreachable (retryable once it is back), refused
+    /// the credentials, or could not be written (a full disk).
     #[error("writing the backup: {0}")]
     Store(#[from] StoreError),
-    /// Writing or syncing the image file failed. Not retryable until the
-    /// store is fixed.
-    #[error("{doing} the image: {source}")]
-    Image {
-        doing: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The data the array sent for a chunk does not hash to the digest the
+    /// array answered for it before the copy: the frozen mate changed, or
+    /// the array is faulty. Not retryable as it is.
+    #[error(
+        "chunk {index} of LU {lu} as read does not match the array's digest of it taken before the copy (the LU changed under a frozen copy, or the array is faulty)"
+    )]
+    DigestMismatch { lu: u32, index: u64 },
+    /// The LU's block size does not divide the store's chunk size.
+    #[error(
+        "LU {lu} has {block_size_bytes}-byte blocks, which do not divide the store's {CHUNK_SIZE_BYTES}-byte chunks"
+    )]
+    BlockSize { lu: u32, block_size_bytes: u32 },
     /// A blocking task (hashing, writing) panicked or was dropped at
     /// shutdown. Not retryable: a bug or a stopping server.
     #[error("a blocking task of the copy failed: {0}")]
@@ -154,8 +168,15 @@ impl JobError {
             JobError::Array(_) | JobError::ShortRead { .. } | JobError::MissingChunks { .. } => {
                 FailureKind::ArrayFailed
             }
-            JobError::WrongSize { .. } => FailureKind::WrongSize,
-            JobError::Store(_) | JobError::Image { .. } => FailureKind::StoreFailed,
+            JobError::WrongSize { .. } | JobError::BlockSize { .. } => FailureKind::WrongSize,
+            JobError::DigestMismatch { .. } => FailureKind::DigestMismatch,
+            JobError::Store(StoreError::Blob(BlobError::Unavailable { .. })) => {
+                FailureKind::StoreUnavailable
+            }
+            JobError::Store(StoreError::Blob(BlobError::PermissionDenied { .. })) => {
+                FailureKind::StoreDenied
+            }
+            JobError::Store(_) => FailureKind::StoreFailed,
             JobError::SnapshotLost(_) => FailureKind::NotFrozen,
             JobError::NotConfirmed(_) | JobError::Task(_) | JobError::Cancelled => {
                 FailureKind::Internal
@@ -172,7 +193,8 @@ impl JobError {
             | JobError::ShortRead { .. }
             | JobError::MissingChunks { .. }
             | JobError::Store(_)
-            | JobError::Image { .. }
+            | JobError::DigestMismatch { .. }
+            | JobError::BlockSize { .. }
             | JobError::Task(_)
             | JobError::SnapshotLost(_)
             | JobError::Cancelled => false,
@@ -180,25 +202,11 @@ impl JobError {
     }
 }
 
-/// Runs the job to the end: a complete backup in the store, or nothing that
-/// looks complete.
+/// Runs the job to the end: a complete backup (its index written last), or
+/// no index at all. Chunks a failed job stored stay until garbage
+/// collection finds them unreferenced after the grace period.
 pub async fn run(
-    store: &BackupStore,
-    source: &dyn LuSource,
-    owner: &dyn SnapshotOwner,
-    spec: &JobSpec,
-    progress: &Progress,
-    cancel: &CancellationToken,
-) -> Result<Manifest, JobError> {
-    let result = copy(store, source, owner, spec, progress, cancel).await;
-    if result.is_err() {
-        store.discard_partial(&spec.backup_id);
-    }
-    result
-}
-
-async fn copy(
-    store: &BackupStore,
+    store: &Arc<ChunkStore>,
     source: &dyn LuSource,
     owner: &dyn SnapshotOwner,
     spec: &JobSpec,
@@ -217,98 +225,309 @@ async fn copy(
         });
     }
     let block_size_bytes = u64::from(geometry.block_size_bytes);
-    let size_bytes = geometry.block_count * block_size_bytes;
-    progress.bytes_total.store(size_bytes, Ordering::Relaxed);
-    let image = {
-        let store = store.clone();
-        let id = spec.backup_id.clone();
-        tokio::task::spawn_blocking(move || store.create_partial(&id, size_bytes)).await??
-    };
-    let image = Arc::new(image);
-    let chunk_count = size_bytes.div_ceil(CHUNK_SIZE_BYTES);
-    let segment_count = size_bytes.div_ceil(SEGMENT_BYTES);
-    let segments = (0..segment_count).map(|s| {
-        let start = s * SEGMENT_BYTES;
-        (start, SEGMENT_BYTES.min(size_bytes - start))
-    });
-    let limit = spec.max_bytes_per_s.map(RateLimit::new);
-    let limit = limit.as_ref();
-    let per_segment: Vec<Vec<(u64, [u8; 32])>> = futures_util::stream::iter(segments)
-        .map(|(offset, len)| {
-            copy_segment(
-                source,
-                spec.lu,
-                block_size_bytes,
-                offset,
-                len,
-                image.clone(),
-                progress,
-                cancel,
-                limit,
-            )
-        })
-        .buffer_unordered(READ_STREAMS)
-        .try_collect()
-        .await?;
-    let mut digests = vec![[0u8; 32]; chunk_count as usize];
-    let mut seen = 0;
-    for (index, digest) in per_segment.into_iter().flatten() {
-        digests[index as usize] = digest;
-        seen += 1;
-    }
-    if seen != chunk_count {
-        return Err(JobError::MissingChunks {
-            copied: seen,
-            expected: chunk_count,
+    if block_size_bytes == 0 || !CHUNK_SIZE_BYTES.is_multiple_of(block_size_bytes) {
+        return Err(JobError::BlockSize {
+            lu: spec.lu,
+            block_size_bytes: geometry.block_size_bytes,
         });
     }
-    // The last read is done: the image is frozen only if the snapshot
-    // confirmed before the first read still holds the mate now.
-    let snapshot = match &spec.frozen_by {
-        FrozenBy::Snapshot {
-            wanted,
-            before,
-            confirmed_before_unix_ms,
-        } => {
-            let confirmed_after_unix_ms = confirm_after(owner, wanted, before, cancel).await?;
-            Some(SnapshotRecord {
-                volume: wanted.volume,
-                holder_run_id: wanted.holder_run_id.clone(),
-                ledger_sequence: before.ledger_sequence,
-                snapshot_id: before.snapshot_id,
-                owner: owner.describe(),
-                confirmed_before_unix_ms: *confirmed_before_unix_ms,
-                confirmed_after_unix_ms,
+    let size_bytes = geometry.block_count * block_size_bytes;
+    progress.bytes_total.store(size_bytes, Ordering::Relaxed);
+    let mut digests =
+        array_digests(source, spec.lu, geometry.block_count, block_size_bytes).await?;
+    let plan = Plan::new(&digests, size_bytes, spec.verify_read);
+    let (writer, held) = store
+        .begin_writing(&spec.backup_id, &plan.nonzero_digests(), cancel)
+        .await?;
+    let copied = async {
+        let plan = plan.with_held(&held);
+        progress
+            .bytes_done
+            .fetch_add(plan.bytes_not_read(), Ordering::Relaxed);
+        let limit = spec.max_bytes_per_s.map(RateLimit::new);
+        let stored = futures_util::stream::iter(plan.segments(block_size_bytes))
+            .map(|segment| {
+                copy_segment(
+                    store,
+                    source,
+                    spec,
+                    segment,
+                    progress,
+                    cancel,
+                    limit.as_ref(),
+                )
             })
+            .buffer_unordered(READ_STREAMS)
+            .try_fold(SegmentCounts::default(), |total, one| async move {
+                Ok(total + one)
+            })
+            .await?;
+        for &(index, digest) in &stored.replaced {
+            digests[index as usize] = digest;
         }
-        FrozenBy::Live => None,
-    };
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        backup_id: spec.backup_id.clone(),
-        run_id: spec.run_id.clone(),
-        label: spec.label.clone(),
-        source_array: source.describe(),
-        source_lu: spec.lu,
-        block_size_bytes: geometry.block_size_bytes,
-        block_count: geometry.block_count,
-        size_bytes,
-        started_at_unix_ms,
-        completed_at_unix_ms: manifest::now_unix_ms(),
-        ledger_sequence: snapshot.as_ref().map(|s| s.ledger_sequence),
-        live: snapshot.is_none(),
-        snapshot,
-        chunk_size_bytes: CHUNK_SIZE_BYTES,
-        image_digest: manifest::to_hex(&manifest::image_digest(&digests)),
-        chunk_digests: digests.iter().map(manifest::to_hex).collect(),
-    };
-    if cancel.is_cancelled() {
-        return Err(JobError::Cancelled);
+        if stored.chunks != plan.chunks_to_read() {
+            return Err(JobError::MissingChunks {
+                copied: stored.chunks,
+                expected: plan.chunks_to_read(),
+            });
+        }
+        // The last read is done: the image is frozen only if the snapshot
+        // confirmed before the first read still holds the mate now.
+        let snapshot = match &spec.frozen_by {
+            FrozenBy::Snapshot {
+                wanted,
+                before,
+                confirmed_before_unix_ms,
+            } => {
+                let confirmed_after_unix_ms = confirm_after(owner, wanted, before, cancel).await?;
+                Some(SnapshotRecord {
+                    volume: wanted.volume,
+                    holder_run_id: wanted.holder_run_id.clone(),
+                    ledger_sequence: before.ledger_sequence,
+                    snapshot_id: before.snapshot_id,
+                    owner: owner.describe(),
+                    confirmed_before_unix_ms: *confirmed_before_unix_ms,
+                    confirmed_after_unix_ms,
+                })
+            }
+            FrozenBy::Live => None,
+        };
+        let counts = ChunkCounts {
+            chunks_read: stored.chunks,
+            chunks_reused: plan.chunks_reused(),
+            chunks_zero: plan.chunks_zero(),
+            new_bytes_stored: stored.new_bytes_stored,
+            bytes_read: stored.bytes_read,
+            verify_read: spec.verify_read,
+        };
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            backup_id: spec.backup_id.clone(),
+            run_id: spec.run_id.clone(),
+            label: spec.label.clone(),
+            source_array: source.describe(),
+            source_lu: spec.lu,
+            block_size_bytes: geometry.block_size_bytes,
+            block_count: geometry.block_count,
+            size_bytes,
+            started_at_unix_ms,
+            completed_at_unix_ms: manifest::now_unix_ms(),
+            ledger_sequence: snapshot.as_ref().map(|s| s.ledger_sequence),
+            live: snapshot.is_none(),
+            snapshot,
+            chunk_size_bytes: CHUNK_SIZE_BYTES,
+            image_digest: manifest::to_hex(&manifest::image_digest(&digests)),
+            chunk_digests: digests.iter().map(manifest::to_hex).collect(),
+            counts: Some(counts),
+        };
+        if cancel.is_cancelled() {
+            return Err(JobError::Cancelled);
+        }
+        writer.check_fresh()?;
+        store.write_index(&manifest).await?;
+        Ok(manifest)
     }
-    let store = store.clone();
-    let committed = manifest.clone();
-    tokio::task::spawn_blocking(move || store.commit(&image, &committed)).await??;
-    Ok(manifest)
+    .await;
+    writer.finish(store).await;
+    copied
+}
+
+/// The array's digest of every chunk of the LU, asked in pieces.
+async fn array_digests(
+    source: &dyn LuSource,
+    lu: u32,
+    block_count: u64,
+    block_size_bytes: u64,
+) -> Result<Vec<[u8; 32]>, JobError> {
+    let chunk_blocks = CHUNK_SIZE_BYTES / block_size_bytes;
+    let blocks_per_call = chunk_blocks * CHECKSUM_CHUNKS_PER_CALL;
+    let mut digests = Vec::with_capacity(block_count.div_ceil(chunk_blocks) as usize);
+    let mut lba = 0;
+    while lba < block_count {
+        let blocks = blocks_per_call.min(block_count - lba);
+        digests.extend(source.checksums(lu, lba, blocks, chunk_blocks).await?);
+        lba += blocks;
+    }
+    let expected = block_count.div_ceil(chunk_blocks);
+    if digests.len() as u64 != expected {
+        return Err(JobError::MissingChunks {
+            copied: digests.len() as u64,
+            expected,
+        });
+    }
+    Ok(digests)
+}
+
+/// What the job does with each chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkAction {
+    /// All zeros: neither read nor stored.
+    Zero,
+    /// The store holds it (or an earlier chunk of this job stores it).
+    Reuse,
+    /// The store holds it, and `verify_read` asks to read and compare it.
+    ReadAndCompare,
+    /// Read, compare and store.
+    ReadAndStore,
+}
+
+/// The action for each chunk, decided from the array's digests and the
+/// chunks the store holds.
+struct Plan {
+    digests: Vec<[u8; 32]>,
+    size_bytes: u64,
+    verify_read: bool,
+    actions: Vec<ChunkAction>,
+}
+
+impl Plan {
+    fn new(digests: &[[u8; 32]], size_bytes: u64, verify_read: bool) -> Self {
+        Self {
+            digests: digests.to_vec(),
+            size_bytes,
+            verify_read,
+            actions: Vec::new(),
+        }
+    }
+
+    fn len_bytes(&self, index: usize) -> u64 {
+        CHUNK_SIZE_BYTES.min(self.size_bytes - index as u64 * CHUNK_SIZE_BYTES)
+    }
+
+    fn is_zero(&self, index: usize) -> bool {
+        self.digests[index] == zero_digest(self.len_bytes(index))
+    }
+
+    /// The digests a backup may reference in the store (for the writer
+    /// record): all but the all-zero chunks'.
+    fn nonzero_digests(&self) -> Vec<[u8; 32]> {
+        (0..self.digests.len())
+            .filter(|&i| !self.is_zero(i))
+            .map(|i| self.digests[i])
+            .collect()
+    }
+
+    fn with_held(mut self, held: &HashSet<[u8; 32]>) -> Self {
+        let mut stored_by_this_job = HashSet::new();
+        self.actions = (0..self.digests.len())
+            .map(|i| {
+                let digest = self.digests[i];
+                if self.is_zero(i) {
+                    ChunkAction::Zero
+                } else if held.contains(&digest) {
+                    if self.verify_read {
+                        ChunkAction::ReadAndCompare
+                    } else {
+                        ChunkAction::Reuse
+                    }
+                } else if !stored_by_this_job.insert(digest) {
+                    // The same data twice in one LU: stored once.
+                    if self.verify_read {
+                        ChunkAction::ReadAndCompare
+                    } else {
+                        ChunkAction::Reuse
+                    }
+                } else {
+                    ChunkAction::ReadAndStore
+                }
+            })
+            .collect();
+        self
+    }
+
+    fn count(&self, wanted: impl Fn(ChunkAction) -> bool) -> u64 {
+        self.actions.iter().filter(|&&a| wanted(a)).count() as u64
+    }
+
+    fn chunks_zero(&self) -> u64 {
+        self.count(|a| a == ChunkAction::Zero)
+    }
+
+    fn chunks_reused(&self) -> u64 {
+        self.count(|a| matches!(a, ChunkAction::Reuse | ChunkAction::ReadAndCompare))
+    }
+
+    fn chunks_to_read(&self) -> u64 {
+        self.count(|a| matches!(a, ChunkAction::ReadAndCompare | ChunkAction::ReadAndStore))
+    }
+
+    /// The bytes of the chunks not read (zero and reused): done at once.
+    fn bytes_not_read(&self) -> u64 {
+        (0..self.actions.len())
+            .filter(|&i| matches!(self.actions[i], ChunkAction::Zero | ChunkAction::Reuse))
+            .map(|i| self.len_bytes(i))
+            .sum()
+    }
+
+    /// Runs of consecutive chunks to read, each at most [`SEGMENT_BYTES`].
+    fn segments(&self, block_size_bytes: u64) -> Vec<Segment> {
+        let per_segment = (SEGMENT_BYTES / CHUNK_SIZE_BYTES) as usize;
+        let mut segments: Vec<Segment> = Vec::new();
+        for (index, action) in self.actions.iter().enumerate() {
+            if matches!(action, ChunkAction::Zero | ChunkAction::Reuse) {
+                continue;
+            }
+            let chunk = SegmentChunk {
+                index: index as u64,
+                digest: self.digests[index],
+                len_bytes: self.len_bytes(index),
+                store: *action == ChunkAction::ReadAndStore,
+            };
+            match segments.last_mut() {
+                Some(last)
+                    if last.chunks.len() < per_segment
+                        && last.chunks.last().map(|c| c.index + 1) == Some(index as u64) =>
+                {
+                    last.chunks.push(chunk);
+                }
+                _ => segments.push(Segment {
+                    block_size_bytes,
+                    chunks: vec![chunk],
+                }),
+            }
+        }
+        segments
+    }
+}
+
+/// Consecutive chunks read with one stream.
+struct Segment {
+    block_size_bytes: u64,
+    chunks: Vec<SegmentChunk>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SegmentChunk {
+    index: u64,
+    /// The array's digest of it, taken before the copy.
+    digest: [u8; 32],
+    len_bytes: u64,
+    /// Store it (else only compare it).
+    store: bool,
+}
+
+/// What a segment read and stored.
+#[derive(Debug, Clone, Default)]
+struct SegmentCounts {
+    chunks: u64,
+    bytes_read: u64,
+    new_bytes_stored: u64,
+    /// Live copies only: chunks that changed after the array digested
+    /// them, with the digest of the data read and stored.
+    replaced: Vec<(u64, [u8; 32])>,
+}
+
+impl std::ops::Add for SegmentCounts {
+    type Output = Self;
+    fn add(mut self, other: Self) -> Self {
+        self.replaced.extend(other.replaced);
+        Self {
+            chunks: self.chunks + other.chunks,
+            bytes_read: self.bytes_read + other.bytes_read,
+            new_bytes_stored: self.new_bytes_stored + other.new_bytes_stored,
+            replaced: self.replaced,
+        }
+    }
 }
 
 /// Asks db-server, after the last read, whether the snapshot is still the
@@ -359,33 +578,30 @@ async fn confirm_after(
     }
 }
 
-/// Copies one segment: receives it chunk by chunk and hands each whole
-/// chunk to a blocking task (hash, skip if all zero, write), overlapping the
-/// work on chunk k with receiving chunk k + 1.
-#[allow(clippy::too_many_arguments)]
+/// Copies one segment: receives its chunks in order and hands each to a
+/// task (hash and compare off the async threads, compress, store),
+/// overlapping the work on chunk k with receiving chunk k + 1.
 async fn copy_segment(
+    store: &Arc<ChunkStore>,
     source: &dyn LuSource,
-    lu: u32,
-    block_size_bytes: u64,
-    offset_bytes: u64,
-    len_bytes: u64,
-    image: Arc<File>,
+    spec: &JobSpec,
+    segment: Segment,
     progress: &Progress,
     cancel: &CancellationToken,
     limit: Option<&RateLimit>,
-) -> Result<Vec<(u64, [u8; 32])>, JobError> {
+) -> Result<SegmentCounts, JobError> {
+    let first = segment.chunks[0];
+    let lba = first.index * CHUNK_SIZE_BYTES / segment.block_size_bytes;
+    let len_bytes: u64 = segment.chunks.iter().map(|c| c.len_bytes).sum();
     let mut stream = source
-        .read(
-            lu,
-            offset_bytes / block_size_bytes,
-            len_bytes / block_size_bytes,
-        )
+        .read(spec.lu, lba, len_bytes / segment.block_size_bytes)
         .await?;
-    let mut digests = Vec::new();
-    let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK_SIZE_BYTES as usize);
-    let mut chunk_offset = offset_bytes;
+    let mut counts = SegmentCounts::default();
+    let mut chunks = segment.chunks.iter();
+    let mut next_chunk = chunks.next().copied();
+    let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK_SIZE_BYTES as usize);
     let mut pending: Option<ChunkTask> = None;
-    let end = offset_bytes + len_bytes;
+    let live = spec.frozen_by == FrozenBy::Live;
     loop {
         let next = tokio::select! {
             next = stream.next() => next,
@@ -398,85 +614,130 @@ async fn copy_segment(
         if let Some(limit) = limit {
             limit.take(data.len() as u64).await;
         }
-        // The array sends whole 1 MiB chunks at chunk boundaries: take them
-        // as they come instead of copying them into the chunk buffer.
-        let whole_chunk = chunk.is_empty()
-            && (data.len() as u64 == CHUNK_SIZE_BYTES || chunk_offset + data.len() as u64 == end);
-        if whole_chunk {
-            if let Some(previous) = pending.take() {
-                digests.push(finish(previous, progress).await?);
-            }
-            let at = chunk_offset;
-            chunk_offset += data.len() as u64;
-            pending = Some(spawn_chunk(image.clone(), data, at));
-            continue;
-        }
-        let mut data = &data[..];
-        while !data.is_empty() {
-            let want = (CHUNK_SIZE_BYTES as usize - chunk.len()).min(data.len());
-            chunk.extend_from_slice(&data[..want]);
-            data = &data[want..];
-            let chunk_end = chunk_offset + chunk.len() as u64;
-            if chunk.len() as u64 == CHUNK_SIZE_BYTES || chunk_end == end {
-                if let Some(previous) = pending.take() {
-                    digests.push(finish(previous, progress).await?);
+        let mut data = data;
+        loop {
+            let Some(chunk) = next_chunk else {
+                // More than asked: the array sent other than the range.
+                return Err(JobError::ShortRead {
+                    lu: spec.lu,
+                    ended_at_byte: (first.index * CHUNK_SIZE_BYTES) + len_bytes + data.len() as u64,
+                    end_byte: first.index * CHUNK_SIZE_BYTES + len_bytes,
+                });
+            };
+            let want = chunk.len_bytes as usize - buffer.len();
+            // The array sends whole 1 MiB chunks at chunk boundaries: take
+            // them as they come instead of copying them into the buffer.
+            let whole = if buffer.is_empty() && data.len() == want {
+                std::mem::take(&mut data)
+            } else {
+                let take = want.min(data.len());
+                buffer.extend_from_slice(&data[..take]);
+                data.drain(..take);
+                if buffer.len() < chunk.len_bytes as usize {
+                    break;
                 }
-                let full =
-                    std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_SIZE_BYTES as usize));
-                pending = Some(spawn_chunk(image.clone(), full, chunk_offset));
-                chunk_offset = chunk_end;
+                std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK_SIZE_BYTES as usize))
+            };
+            if let Some(previous) = pending.take() {
+                counts = counts + finish(previous, spec.lu, live, progress).await?;
+            }
+            pending = Some(spawn_chunk(store.clone(), chunk, whole, live));
+            next_chunk = chunks.next().copied();
+            if data.is_empty() {
+                break;
             }
         }
     }
     if let Some(previous) = pending.take() {
-        digests.push(finish(previous, progress).await?);
+        counts = counts + finish(previous, spec.lu, live, progress).await?;
     }
-    // Flush this segment now, while the other streams keep copying, so that
-    // the final fsync of the commit has little left to write.
-    tokio::task::spawn_blocking(move || image.sync_data())
-        .await?
-        .map_err(|source| JobError::Image {
-            doing: "syncing",
-            source,
-        })?;
-    if chunk_offset != end || !chunk.is_empty() {
+    if next_chunk.is_some() || !buffer.is_empty() {
+        let read = counts.bytes_read + buffer.len() as u64;
         return Err(JobError::ShortRead {
-            lu,
-            ended_at_byte: chunk_offset + chunk.len() as u64,
-            end_byte: end,
+            lu: spec.lu,
+            ended_at_byte: first.index * CHUNK_SIZE_BYTES + read,
+            end_byte: first.index * CHUNK_SIZE_BYTES + len_bytes,
         });
     }
-    Ok(digests
-        .into_iter()
-        .map(|(at, digest)| (at / CHUNK_SIZE_BYTES, digest))
-        .collect())
+    Ok(counts)
 }
 
-/// Hashes a chunk and writes it at `at`, off the async threads. All-zero
-/// chunks are not written: the image file was sized sparse, so they read
-/// back as zeros.
-fn spawn_chunk(image: Arc<File>, data: Vec<u8>, at: u64) -> ChunkTask {
-    tokio::task::spawn_blocking(move || {
-        let digest = *blake3::hash(&data).as_bytes();
-        if data.iter().any(|&b| b != 0) {
-            image.write_all_at(&data, at)?;
+/// What became of one chunk read.
+enum ChunkOutcome {
+    /// Its data hashes to the array's digest (or, live, was stored under
+    /// its own: `replaced`); `stored_bytes` were added to the store (0 when
+    /// it was only compared).
+    Matched {
+        len_bytes: u64,
+        stored_bytes: u64,
+        replaced: Option<(u64, [u8; 32])>,
+    },
+    /// Its data does not hash to the array's digest.
+    Mismatch { index: u64 },
+}
+
+type ChunkTask = tokio::task::JoinHandle<Result<ChunkOutcome, JobError>>;
+
+/// Hashes a chunk, compares it with the array's digest and, when it is to
+/// be stored, compresses and stores it. A live copy (nothing froze the LU)
+/// stores a changed chunk under the digest of what was read.
+fn spawn_chunk(
+    store: Arc<ChunkStore>,
+    chunk: SegmentChunk,
+    data: Vec<u8>,
+    live: bool,
+) -> ChunkTask {
+    tokio::spawn(async move {
+        let len_bytes = data.len() as u64;
+        let (digest, encoded) = tokio::task::spawn_blocking(move || {
+            let digest = *blake3::hash(&data).as_bytes();
+            let wanted = chunk.store || (live && digest != chunk.digest);
+            (digest, wanted.then(|| encode_chunk(&data)))
+        })
+        .await?;
+        if digest != chunk.digest && !live {
+            return Ok(ChunkOutcome::Mismatch { index: chunk.index });
         }
-        Ok((at, digest))
+        let stored_bytes = match encoded {
+            Some(encoded) => {
+                let stored_bytes = encoded.len() as u64;
+                store.put_chunk(&digest, encoded).await?;
+                stored_bytes
+            }
+            None => 0,
+        };
+        Ok(ChunkOutcome::Matched {
+            len_bytes,
+            stored_bytes,
+            replaced: (digest != chunk.digest).then_some((chunk.index, digest)),
+        })
     })
 }
 
-/// A chunk being hashed and written: answers its offset and digest.
-type ChunkTask = tokio::task::JoinHandle<std::io::Result<(u64, [u8; 32])>>;
-
-async fn finish(task: ChunkTask, progress: &Progress) -> Result<(u64, [u8; 32]), JobError> {
-    let (at, digest) = task.await?.map_err(|source| JobError::Image {
-        doing: "writing",
-        source,
-    })?;
-    let chunk_bytes = CHUNK_SIZE_BYTES.min(progress.bytes_total.load(Ordering::Relaxed) - at);
-    progress
-        .bytes_done
-        .fetch_add(chunk_bytes, Ordering::Relaxed);
-    splitmirror_proto::telemetry::record_backup_bytes(chunk_bytes);
-    Ok((at, digest))
+async fn finish(
+    task: ChunkTask,
+    lu: u32,
+    live: bool,
+    progress: &Progress,
+) -> Result<SegmentCounts, JobError> {
+    match task.await?? {
+        ChunkOutcome::Matched {
+            len_bytes,
+            stored_bytes,
+            replaced,
+        } => {
+            progress.bytes_done.fetch_add(len_bytes, Ordering::Relaxed);
+            splitmirror_proto::telemetry::record_backup_bytes(len_bytes);
+            Ok(SegmentCounts {
+                chunks: 1,
+                bytes_read: len_bytes,
+                new_bytes_stored: stored_bytes,
+                replaced: replaced.into_iter().collect(),
+            })
+        }
+        ChunkOutcome::Mismatch { index } => {
+            debug_assert!(!live);
+            Err(JobError::DigestMismatch { lu, index })
+        }
+    }
 }

@@ -4,28 +4,40 @@
 //! snapshot's owner, confirms that the snapshot holds the mate before the
 //! first read and after the last one.
 //!
-//! - [`manifest`]: `manifest.json`, chunk digests, the image digest, and
-//!   the snapshot the image was copied from (or that it was copied live).
-//! - [`store`]: the backup store, partial names, commit, verify.
+//! - [`manifest`]: a backup's index: chunk digests, the image digest, the
+//!   snapshot the image was copied from (or that it was copied live), and
+//!   what the copy read and stored.
+//! - [`blobs`]: the objects a store is made of, in a directory; [`s3`]: in
+//!   an S3 bucket.
+//! - [`store`]: the chunk store — chunks by digest, indexes, verify,
+//!   export; [`gc`]: garbage collection beside running backups;
+//!   [`prune`]: retention; [`legacy`]: converting raw-image backups of
+//!   earlier versions.
 //! - [`source`]: the array as a source of blocks (trait + an adapter over
 //!   the shared typed `ArrayClient`).
 //! - [`owner`]: db-server as the snapshot's owner (trait + an adapter over
 //!   the shared typed `DbClient`).
-//! - [`job`]: one copy — streams in flight, hashing, sparse writes.
+//! - [`job`]: one copy — the array's digests first, then only the chunks
+//!   the store lacks, streams in flight.
 //! - [`backups`]: the jobs, idempotent by run id.
 //! - [`service`]: the thin gRPC adapter (`splitmirror.backup.v1`), with the
 //!   one conversion from `manifest.json` to the wire `Manifest`.
 
 pub mod backups;
+pub mod blobs;
+pub mod gc;
 pub mod job;
+pub mod legacy;
 pub mod manifest;
 pub mod owner;
+pub mod prune;
+pub mod s3;
 pub mod service;
 pub mod source;
 pub mod store;
 
-use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use splitmirror_proto::client::ClientError;
 use splitmirror_proto::node::{self, NodeHandle};
@@ -37,7 +49,7 @@ use tokio_util::task::TaskTracker;
 use crate::backups::Backups;
 use crate::owner::GrpcOwner;
 use crate::source::GrpcSource;
-use crate::store::{BackupStore, StoreError};
+use crate::store::{ChunkStore, StoreError, StoreLocation};
 
 #[derive(Debug, Clone)]
 pub struct BackupServerConfig {
@@ -50,7 +62,11 @@ pub struct BackupServerConfig {
     pub array_url: String,
     /// The db-server that owns the snapshots backups copy.
     pub db_url: String,
-    pub store_dir: PathBuf,
+    /// The chunk store: a directory or an S3 bucket.
+    pub store: StoreLocation,
+    /// How long unreferenced chunks and expired writer records are kept
+    /// before garbage collection removes them.
+    pub gc_grace: Duration,
     /// The rate cap (bytes per second) of jobs that do not ask for one.
     pub default_max_bytes_per_s: Option<u64>,
 }
@@ -63,8 +79,8 @@ pub enum SpawnError {
     /// unusable.
     #[error("reading the listener's address: {0}")]
     ListenerAddress(#[source] std::io::Error),
-    /// The store directory could not be created, listed or cleaned of
-    /// partial backups (no permission, a full disk).
+    /// The store could not be opened or created (no permission, a full
+    /// disk, S3 unreachable or refusing, raw-image backups to convert).
     #[error("opening the backup store: {0}")]
     Store(#[from] StoreError),
     /// The address of the array or of db-server cannot be parsed.
@@ -76,13 +92,13 @@ pub enum SpawnError {
     Serve(#[source] node::NodeError),
 }
 
-/// Opens the store (cleaning partial leftovers) and serves on `listener`.
+/// Opens the store (creating it if new) and serves on `listener`.
 pub async fn spawn(
     config: BackupServerConfig,
     listener: TcpListener,
 ) -> Result<NodeHandle, SpawnError> {
     let addr = listener.local_addr().map_err(SpawnError::ListenerAddress)?;
-    let store = BackupStore::open(&config.store_dir)?;
+    let store = Arc::new(ChunkStore::open(&config.store, config.gc_grace).await?);
     let source = Arc::new(GrpcSource::new(&config.array_url, &config.security)?);
     let owner = Arc::new(GrpcOwner::new(&config.db_url, &config.security)?);
     let cancel = CancellationToken::new();

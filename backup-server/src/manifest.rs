@@ -1,4 +1,5 @@
-//! `manifest.json`: what a backup is, and the digests that prove it.
+//! The manifest — a backup's index in the chunk store
+//! (`indexes/<id>.json`): what a backup is, and the digests that prove it.
 //!
 //! The image is cut into chunks of `chunk_size_bytes`; each chunk's BLAKE3
 //! digest is listed, and the image digest is the BLAKE3 of the concatenated
@@ -10,9 +11,30 @@ use serde::{Deserialize, Serialize};
 /// The chunk size of every manifest (and of the console's comparison).
 pub const CHUNK_SIZE_BYTES: u64 = splitmirror_proto::BACKUP_CHUNK_SIZE_BYTES;
 
-/// 2: the manifest records the snapshot the image was copied from, or that
-/// it was copied live.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: the index of a backup in the chunk store, with its chunk counts
+/// (formats 1 and 2 were raw images with a `manifest.json`: 2 records the
+/// snapshot the image was copied from, or that it was copied live; a
+/// converted backup keeps its format).
+pub const FORMAT_VERSION: u32 = 3;
+
+/// What a backup moved and stored: every chunk is counted once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkCounts {
+    /// Read from the array and compared with the array's digest.
+    pub chunks_read: u64,
+    /// Already held by the store: not written again (and not read unless
+    /// `verify_read`).
+    pub chunks_reused: u64,
+    /// All zeros: neither read nor stored.
+    pub chunks_zero: u64,
+    /// Bytes this backup added to the store (as stored: compressed where
+    /// that saved space).
+    pub new_bytes_stored: u64,
+    /// Data bytes read from the array.
+    pub bytes_read: u64,
+    /// Every non-zero chunk was read and compared, also the reused ones.
+    pub verify_read: bool,
+}
 
 /// What a backup copied: a snapshot confirmed with its owner, or a live LU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,9 +100,29 @@ pub struct Manifest {
     pub chunk_digests: Vec<String>,
     /// Hex BLAKE3 of the concatenated raw chunk digests.
     pub image_digest: String,
+    /// What the copy moved and stored (format 3; `None` in backups
+    /// converted from raw images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<ChunkCounts>,
 }
 
 impl Manifest {
+    /// The chunk digests as bytes; `None` names the first that is not a
+    /// hex BLAKE3 digest (an edited or damaged index).
+    pub fn digests(&self) -> Result<Vec<[u8; 32]>, usize> {
+        self.chunk_digests
+            .iter()
+            .enumerate()
+            .map(|(index, hex)| from_hex(hex).ok_or(index))
+            .collect()
+    }
+
+    /// The length of chunk `index` (the last may be shorter).
+    pub fn chunk_len_bytes(&self, index: u64) -> u64 {
+        self.chunk_size_bytes
+            .min(self.size_bytes - index * self.chunk_size_bytes)
+    }
+
     /// "frozen (snapshot of volume 0 held by run …)" or "live (not frozen)".
     pub fn consistency(&self) -> String {
         describe_consistency(self.snapshot.as_ref(), self.live)

@@ -18,12 +18,16 @@ pub const CONTROL_METHODS: &[&str] = &[
     "/splitmirror.backup.v1.BackupService/StartBackup",
     "/splitmirror.backup.v1.BackupService/CancelBackup",
     "/splitmirror.backup.v1.BackupService/VerifyBackup",
+    "/splitmirror.backup.v1.BackupService/PruneBackups",
+    "/splitmirror.backup.v1.BackupService/CollectGarbage",
 ];
 
 pub mod validate;
 
 use crate::backups::{BackupError, BackupInfo, Backups, FailureKind, JobState};
+use crate::blobs::BlobError;
 use crate::manifest::{self, Manifest, SnapshotRecord};
+use crate::store::{ChunkProblemKind, StoreError};
 
 /// How often `WatchBackup` reports progress while nothing else changes.
 const WATCH_INTERVAL: Duration = Duration::from_millis(200);
@@ -64,21 +68,43 @@ impl From<BackupError> for Status {
         match error {
             BackupError::NotFound(_) | BackupError::UnknownLu(_) => Status::not_found(message),
             BackupError::UnknownVolume { .. } => Status::not_found(message),
-            BackupError::Malformed(_) | BackupError::BadId(_) | BackupError::BadRunId { .. } => {
-                Status::invalid_argument(message)
-            }
+            BackupError::Malformed(_)
+            | BackupError::BadId(_)
+            | BackupError::BadRunId { .. }
+            | BackupError::BadRetention(_) => Status::invalid_argument(message),
             BackupError::NotFrozen(_) | BackupError::NotComplete { .. } => {
                 Status::failed_precondition(message)
             }
             BackupError::ArrayUnavailable(_) | BackupError::OwnerUnavailable(_) => {
                 Status::unavailable(message)
             }
-            BackupError::ArrayFailed(_)
-            | BackupError::OwnerFailed(_)
-            | BackupError::Store(_)
-            | BackupError::DamagedManifest { .. }
-            | BackupError::Task(_) => Status::internal(message),
+            BackupError::Store(store) => store_status(store, message),
+            BackupError::DamagedManifest { .. } => Status::data_loss(message),
+            BackupError::ArrayFailed(_) | BackupError::OwnerFailed(_) | BackupError::Task(_) => {
+                Status::internal(message)
+            }
         }
+    }
+}
+
+/// A store failure's code: unreachable → UNAVAILABLE, refused →
+/// PERMISSION_DENIED, a damaged index or a missing or corrupt chunk →
+/// DATA_LOSS (the message names it), the rest INTERNAL.
+fn store_status(error: StoreError, message: String) -> Status {
+    match error {
+        StoreError::NotFound(_) => Status::not_found(message),
+        StoreError::BadId(_) => Status::invalid_argument(message),
+        StoreError::Blob(BlobError::NotFound(_)) => Status::not_found(message),
+        StoreError::Blob(BlobError::Unavailable { .. }) => Status::unavailable(message),
+        StoreError::Blob(BlobError::PermissionDenied { .. }) => Status::permission_denied(message),
+        StoreError::Damaged { .. }
+        | StoreError::MissingChunk { .. }
+        | StoreError::CorruptChunk { .. } => Status::data_loss(message),
+        StoreError::BadLocation(_)
+        | StoreError::Blob(BlobError::Failed { .. })
+        | StoreError::NeedsConversion { .. }
+        | StoreError::Export { .. }
+        | StoreError::Task(_) => Status::internal(message),
     }
 }
 
@@ -137,6 +163,14 @@ pub fn manifest_to_pb(m: &Manifest, include_digests: bool) -> Result<pb::Manifes
         chunk_count: m.chunk_digests.len() as u64,
         chunk_digests,
         image_digest: image_digest.to_vec(),
+        counts: m.counts.map(|c| pb::ChunkCounts {
+            chunks_read: c.chunks_read,
+            chunks_reused: c.chunks_reused,
+            chunks_zero: c.chunks_zero,
+            new_bytes_stored: c.new_bytes_stored,
+            bytes_read: c.bytes_read,
+            verify_read: c.verify_read,
+        }),
     })
 }
 
@@ -162,6 +196,9 @@ fn failure_to_pb(kind: FailureKind) -> pb::BackupFailure {
         FailureKind::ArrayFailed => pb::BackupFailure::ArrayFailed,
         FailureKind::WrongSize => pb::BackupFailure::WrongSize,
         FailureKind::StoreFailed => pb::BackupFailure::StoreFailed,
+        FailureKind::StoreUnavailable => pb::BackupFailure::StoreUnavailable,
+        FailureKind::StoreDenied => pb::BackupFailure::StoreDenied,
+        FailureKind::DigestMismatch => pb::BackupFailure::DigestMismatch,
         FailureKind::Internal => pb::BackupFailure::Internal,
     }
 }
@@ -231,7 +268,7 @@ impl BackupService for BackupGrpc {
         request: Request<pb::BackupIdRequest>,
     ) -> Result<Response<Self::WatchBackupStream>, Status> {
         let id = validate::backup_id(request.into_inner().backup_id)?.id;
-        let receiver = self.backups.subscribe(&id)?;
+        let receiver = self.backups.subscribe(&id).await?;
         let backups = self.backups.clone();
         // Sends the progress now, then on every state change or interval,
         // and ends after sending a finished state.
@@ -243,7 +280,7 @@ impl BackupService for BackupGrpc {
                     if finished {
                         return None;
                     }
-                    let info = match backups.get(&id) {
+                    let info = match backups.get(&id).await {
                         Ok(info) => info,
                         Err(e) => return Some((Err(Status::from(e)), (receiver, true))),
                     };
@@ -263,7 +300,7 @@ impl BackupService for BackupGrpc {
     ) -> Result<Response<pb::BackupInfo>, Status> {
         let request = request.into_inner();
         let id = validate::backup_id(request.backup_id)?;
-        let info = self.backups.get(&id.id)?;
+        let info = self.backups.get(&id.id).await?;
         Ok(Response::new(info_to_pb(info, request.include_digests)?))
     }
 
@@ -276,7 +313,8 @@ impl BackupService for BackupGrpc {
         // damaged backup does not hide the others.
         let backups = self
             .backups
-            .list()?
+            .list()
+            .await?
             .into_iter()
             .filter_map(|info| {
                 let id = info.backup_id.clone();
@@ -285,7 +323,18 @@ impl BackupService for BackupGrpc {
                     .ok()
             })
             .collect();
-        Ok(Response::new(pb::ListBackupsResponse { backups }))
+        let summary = self.backups.summary().await?;
+        Ok(Response::new(pb::ListBackupsResponse {
+            backups,
+            store: Some(pb::StoreSummary {
+                location: summary.location,
+                chunk_size_bytes: summary.chunk_size_bytes,
+                chunks: summary.chunks,
+                stored_bytes: summary.stored_bytes,
+                logical_bytes: summary.logical_bytes,
+                gc_grace_s: summary.gc_grace.as_secs(),
+            }),
+        }))
     }
 
     async fn cancel_backup(
@@ -311,8 +360,67 @@ impl BackupService for BackupGrpc {
             live: outcome.manifest.live,
             proved: outcome.proved(),
             not_checked: outcome.not_checked(),
-            bad_chunks: outcome.bad_chunks,
-            error: outcome.problem.unwrap_or_default(),
+            bad_chunks: outcome.bad_chunks(),
+            problems: outcome
+                .problems
+                .iter()
+                .map(|p| pb::ChunkProblem {
+                    index: p.index,
+                    digest: manifest::to_hex(&p.digest),
+                    kind: match p.kind {
+                        ChunkProblemKind::Missing => pb::ChunkProblemKind::Missing,
+                        ChunkProblemKind::Corrupt => pb::ChunkProblemKind::Corrupt,
+                    }
+                    .into(),
+                })
+                .collect(),
+            error: outcome.problem.clone().unwrap_or_default(),
+        }))
+    }
+
+    async fn prune_backups(
+        &self,
+        request: Request<pb::PruneBackupsRequest>,
+    ) -> Result<Response<pb::PruneBackupsResponse>, Status> {
+        let prune = validate::prune_backups(request.into_inner())?;
+        let decisions = self
+            .backups
+            .prune(prune.volume, prune.retention, prune.dry_run)
+            .await?;
+        let kept = decisions.iter().filter(|d| d.keep).count() as u32;
+        Ok(Response::new(pb::PruneBackupsResponse {
+            removed: decisions.len() as u32 - kept,
+            kept,
+            dry_run: prune.dry_run,
+            decisions: decisions
+                .into_iter()
+                .map(|d| pb::PruneDecision {
+                    backup_id: d.backup_id,
+                    completed_at_unix_ms: d.completed_at_unix_ms,
+                    ledger_sequence: d.ledger_sequence,
+                    keep: d.keep,
+                    reason: d.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn collect_garbage(
+        &self,
+        _request: Request<pb::CollectGarbageRequest>,
+    ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
+        let report = self.backups.collect_garbage().await?;
+        let summary_grace_s = self.backups.summary_grace().as_secs();
+        Ok(Response::new(pb::CollectGarbageResponse {
+            chunks_listed: report.chunks_listed,
+            chunks_referenced: report.chunks_referenced,
+            chunks_protected: report.chunks_protected,
+            chunks_young: report.chunks_young,
+            chunks_removed: report.chunks_removed,
+            bytes_removed: report.bytes_removed,
+            writers_active: report.writers_active,
+            writers_expired: report.writers_expired,
+            gc_grace_s: summary_grace_s,
         }))
     }
 }
@@ -351,6 +459,11 @@ mod tests {
             chunk_size_bytes: manifest::CHUNK_SIZE_BYTES,
             image_digest: manifest::to_hex(&manifest::image_digest(&digests)),
             chunk_digests: digests.iter().map(manifest::to_hex).collect(),
+            counts: Some(manifest::ChunkCounts {
+                chunks_read: 2,
+                chunks_reused: 3,
+                ..Default::default()
+            }),
         }
     }
 
@@ -384,7 +497,7 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_digest_is_an_internal_error_not_a_wrong_answer() {
+    fn a_damaged_digest_is_data_loss_not_a_wrong_answer() {
         let mut damaged = manifest(3);
         damaged.chunk_digests[1] = "not hex".into();
         // The summary does not read the chunk digests.
@@ -394,6 +507,6 @@ mod tests {
             matches!(&error, BackupError::DamagedManifest { what, .. } if what.contains("chunk digest 1")),
             "{error}"
         );
-        assert_eq!(Status::from(error).code(), tonic::Code::Internal);
+        assert_eq!(Status::from(error).code(), tonic::Code::DataLoss);
     }
 }

@@ -37,6 +37,15 @@ pub trait LuSource: Send + Sync + 'static {
         lba: u64,
         blocks: u64,
     ) -> BoxFuture<'_, Result<DataStream, ClientError>>;
+    /// The BLAKE3 digest of each `chunk_blocks`-block chunk of a range,
+    /// computed by the array without sending the data.
+    fn checksums(
+        &self,
+        lu: u32,
+        lba: u64,
+        blocks: u64,
+        chunk_blocks: u64,
+    ) -> BoxFuture<'_, Result<Vec<[u8; 32]>, ClientError>>;
 }
 
 /// The array over gRPC: a thin adapter over [`ArrayClient`].
@@ -76,5 +85,15 @@ impl LuSource for GrpcSource {
         blocks: u64,
     ) -> BoxFuture<'_, Result<DataStream, ClientError>> {
         Box::pin(async move { self.array.read_stream(lu, lba, blocks).await })
+    }
+
+    fn checksums(
+        &self,
+        lu: u32,
+        lba: u64,
+        blocks: u64,
+        chunk_blocks: u64,
+    ) -> BoxFuture<'_, Result<Vec<[u8; 32]>, ClientError>> {
+        Box::pin(async move { self.array.checksums(lu, lba, blocks, chunk_blocks).await })
     }
 }

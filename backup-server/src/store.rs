@@ -1,19 +1,122 @@
-//! The backup store: `<store>/<backup-id>/image.raw` and `manifest.json`.
+//! The chunk store: every backup is an index (its manifest, with one BLAKE3
+//! digest per 1 MiB chunk) over chunks stored once each, by digest.
 //!
-//! A job writes into `<store>/.partial-<backup-id>/`; only a complete,
-//! fsynced backup is renamed to its final name (and the store directory
-//! fsynced), so anything without the partial prefix is complete. Partial
-//! directories left by a crash are removed when the store is opened.
+//! Layout, the same in a directory and in an S3 bucket ([`Blobs`]):
+//!
+//! ```text
+//! store.json                  what the store is: format, chunk size
+//! chunks/<3 hex>/<64 hex>     one chunk, named by the digest of its bytes
+//! indexes/<backup id>.json    a complete backup (written last)
+//! writers/<backup id>.json    a running backup: the digests it may reuse
+//! collectors/<uuid>.json      a running garbage collection: its lease
+//! ```
+//!
+//! A chunk is stored as `SMC1`, a codec byte (0 raw, 1 zstd) and the data;
+//! zstd is kept only when it is smaller. An all-zero chunk is never stored:
+//! its digest is known, and readers make the zeros. A backup is complete
+//! exactly when its index exists; every index is a whole backup (restoring
+//! or exporting one needs no other). `gc.rs` holds the protocol that lets
+//! garbage collection run beside backups.
 
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
+use futures_util::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::blobs::{BlobError, Blobs, DirBlobs};
 use crate::manifest::{self, Manifest};
+use crate::s3::{S3Args, S3Blobs};
 
-const PARTIAL_PREFIX: &str = ".partial-";
-pub const IMAGE_FILE: &str = "image.raw";
-pub const MANIFEST_FILE: &str = "manifest.json";
+/// The chunk size of every store: the array's `ChecksumRange` chunk and
+/// the chunk of every manifest written before the chunk store, so that the
+/// array's digests name chunks directly and converted backups keep their
+/// digests (ARCHITECTURE.md, "Chunk store").
+pub const CHUNK_SIZE_BYTES: u64 = manifest::CHUNK_SIZE_BYTES;
+
+/// The default grace period: an unreferenced chunk, a writer record and a
+/// collector's lease younger than this are left alone.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+const STORE_KEY: &str = "store.json";
+const STORE_FORMAT: &str = "splitmirror chunk store";
+const STORE_VERSION: u32 = 1;
+pub(crate) const CHUNKS: &str = "chunks/";
+pub(crate) const INDEXES: &str = "indexes/";
+
+const CHUNK_MAGIC: &[u8; 4] = b"SMC1";
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+/// zstd's fastest level: the backup server's CPU goes to hashing and the
+/// network first; level 1 already finds what a database image repeats.
+const ZSTD_LEVEL: i32 = 1;
+/// Chunks fetched at once by verify and export.
+const FETCHES_IN_FLIGHT: usize = 8;
+
+/// Where a store is: `--store DIR` or `--store s3://BUCKET/PREFIX`.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    Dir(PathBuf),
+    S3 {
+        bucket: String,
+        prefix: String,
+        args: S3Args,
+    },
+}
+
+impl StoreLocation {
+    /// `s3://BUCKET/PREFIX` is a bucket (with the S3 flags and `AWS_*`
+    /// variables); anything else is a directory.
+    pub fn parse(text: &str, s3: &S3Args) -> Result<Self, StoreError> {
+        if text.starts_with("s3://") {
+            let (bucket, prefix) = crate::s3::parse_s3_url(text).ok_or_else(|| {
+                StoreError::BadLocation(format!(
+                    "{text:?} is not s3://BUCKET or s3://BUCKET/PREFIX"
+                ))
+            })?;
+            return Ok(StoreLocation::S3 {
+                bucket,
+                prefix,
+                args: s3.clone(),
+            });
+        }
+        if text.is_empty() {
+            return Err(StoreError::BadLocation(
+                "the store location is empty".into(),
+            ));
+        }
+        Ok(StoreLocation::Dir(PathBuf::from(text)))
+    }
+
+    /// The objects, creating a directory store's directory when `create`.
+    fn blobs(&self, create: bool) -> Result<Arc<dyn Blobs>, StoreError> {
+        Ok(match self {
+            StoreLocation::Dir(dir) if create => Arc::new(DirBlobs::create(dir)?),
+            StoreLocation::Dir(dir) => Arc::new(DirBlobs::existing(dir)?),
+            StoreLocation::S3 {
+                bucket,
+                prefix,
+                args,
+            } => Arc::new(S3Blobs::connect(bucket, prefix, args)?),
+        })
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Dir(dir) => write!(f, "{}", dir.display()),
+            StoreLocation::S3 { bucket, prefix, .. } if prefix.is_empty() => {
+                write!(f, "s3://{bucket}")
+            }
+            StoreLocation::S3 { bucket, prefix, .. } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -25,49 +128,101 @@ pub enum StoreError {
     /// retryable: the caller's fault.
     #[error("{0:?} is not a backup id")]
     BadId(String),
-    /// A file system call failed (`context` says which, on what path): no
-    /// permission, a full disk, an I/O error. Not retryable until the store
-    /// is fixed.
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
-    /// A `manifest.json` is not valid JSON of a manifest (edited or
-    /// damaged). Not retryable.
-    #[error("manifest of backup {id} is unreadable: {source}")]
-    BadManifest {
+    /// `--store` cannot name a store. Not retryable.
+    #[error("{0}")]
+    BadLocation(String),
+    /// The store's objects could not be read or written (see the kind:
+    /// unavailable, refused, or failed).
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    /// `store.json` or an index is not what this version writes (edited,
+    /// damaged, or another program's). Not retryable; the object is kept.
+    #[error("{what} is damaged: {why}")]
+    Damaged { what: String, why: String },
+    /// A chunk a backup references is not in the store.
+    #[error("chunk {index} ({digest}) of backup {id} is missing from the store")]
+    MissingChunk {
         id: String,
-        #[source]
-        source: serde_json::Error,
+        index: u64,
+        digest: String,
     },
+    /// A stored chunk cannot be decoded or does not hash to its name.
+    #[error("chunk {index} ({digest}) of backup {id} is corrupt: {why}")]
+    CorruptChunk {
+        id: String,
+        index: u64,
+        digest: String,
+        why: String,
+    },
+    /// The directory holds backups in the raw-image format of earlier
+    /// versions: converted by `backup-server convert`, never silently.
+    #[error(
+        "{dir} holds {count} backup(s) as raw images (the format before the chunk store): convert them with `backup-server convert --store {dir}` (they stay readable until converted, and are removed only once their chunks and index are stored and verified)"
+    )]
+    NeedsConversion { dir: String, count: usize },
+    /// Writing the export file failed.
+    #[error("{doing} {path}: {source}")]
+    Export {
+        doing: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blocking task panicked or was dropped at shutdown.
+    #[error("a blocking task of the store failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
-fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
-    let context = context.into();
-    move |source| StoreError::Io { context, source }
+/// `store.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoreHeader {
+    format: String,
+    version: u32,
+    chunk_size_bytes: u64,
+    created_at_unix_ms: u64,
 }
 
-/// The result of re-hashing an image against its manifest.
+/// The problem verify found with one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkProblemKind {
+    Missing,
+    Corrupt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkProblem {
+    pub index: u64,
+    pub digest: [u8; 32],
+    pub kind: ChunkProblemKind,
+    /// What was wrong, for people.
+    pub why: String,
+}
+
+/// The result of re-reading a backup's chunks against its index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyOutcome {
     pub ok: bool,
     pub chunks: u64,
-    pub bad_chunks: Vec<u64>,
+    /// Chunks read from the store and hashed (the others are all zeros).
+    pub chunks_read: u64,
+    pub problems: Vec<ChunkProblem>,
     pub image_digest: [u8; 32],
+    /// A problem with the index itself (its image digest).
     pub problem: Option<String>,
-    /// The manifest the image was checked against.
-    pub manifest: Manifest,
+    pub manifest: Arc<Manifest>,
 }
 
 impl VerifyOutcome {
-    /// The hex image digest of the image as read now.
     pub fn image_digest_hex(&self) -> String {
         manifest::to_hex(&self.image_digest)
     }
 
-    /// True when the manifest records a snapshot confirmed held before the
+    /// Indexes of the chunks with a problem.
+    pub fn bad_chunks(&self) -> Vec<u64> {
+        self.problems.iter().map(|p| p.index).collect()
+    }
+
+    /// True when the index records a snapshot confirmed held before the
     /// first read and after the last one.
     pub fn frozen(&self) -> bool {
         self.manifest.snapshot.is_some()
@@ -77,16 +232,36 @@ impl VerifyOutcome {
     pub fn proved(&self) -> String {
         if self.ok {
             format!(
-                "the image matches its manifest: all {} chunk digests and the image digest {}",
+                "every chunk the backup references is in the store and hashes to its digest: {} chunks ({} read from {} and re-hashed, {} all zeros), image digest {}",
                 self.chunks,
+                self.chunks_read,
+                "the store",
+                self.chunks - self.chunks_read,
                 self.image_digest_hex()
             )
         } else {
+            let named: Vec<String> = self
+                .problems
+                .iter()
+                .take(10)
+                .map(|p| {
+                    format!(
+                        "chunk {} ({}) {}",
+                        p.index,
+                        manifest::to_hex(&p.digest),
+                        match p.kind {
+                            ChunkProblemKind::Missing => "missing",
+                            ChunkProblemKind::Corrupt => "corrupt",
+                        }
+                    )
+                })
+                .collect();
             format!(
-                "the image does NOT match its manifest: {} of {} chunks differ {:?}{}",
-                self.bad_chunks.len(),
+                "the backup does NOT match its index: {} of {} chunks bad{}{}{}",
+                self.problems.len(),
                 self.chunks,
-                self.bad_chunks,
+                if named.is_empty() { "" } else { ": " },
+                named.join(", "),
                 self.problem
                     .as_ref()
                     .map(|p| format!("; {p}"))
@@ -98,9 +273,16 @@ impl VerifyOutcome {
     /// What the check did not prove, in words.
     pub fn not_checked(&self) -> String {
         let m = &self.manifest;
-        match (&m.snapshot, m.live) {
+        let trust = match m.counts {
+            Some(c) if !c.verify_read && c.chunks_reused > 0 => format!(
+                "; {} of its chunks were not read from the array when it was taken (the store held them: they were trusted on the array's ChecksumRange digest)",
+                c.chunks_reused
+            ),
+            _ => String::new(),
+        };
+        let consistency = match (&m.snapshot, m.live) {
             (Some(s), _) => format!(
-                "that the image is a consistent database: it was copied from mate LU {} while the snapshot of volume {} was held by run {} (ledger sequence {}), as db-server confirmed before the first read and after the last; only the database's own verifier (db-server verify-image) checks the data",
+                "that the image is a consistent database: it was copied from mate LU {} while the snapshot of volume {} was held by run {} (ledger sequence {}), as db-server confirmed before the first read and after the last; only the database's own verifier (db-server verify-image on an export) checks the data",
                 m.source_lu, s.volume, s.holder_run_id, s.ledger_sequence
             ),
             (None, true) => format!(
@@ -111,50 +293,210 @@ impl VerifyOutcome {
                 "that the image is consistent: its manifest (format {}) does not record a snapshot",
                 m.format_version
             ),
-        }
+        };
+        format!("{consistency}{trust}")
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct BackupStore {
-    root: PathBuf,
+/// What `export` wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportOutcome {
+    pub size_bytes: u64,
+    pub chunks_written: u64,
+    pub chunks_zero: u64,
 }
 
-impl BackupStore {
-    /// Opens (creating) the store and removes what crashed jobs left behind.
-    pub fn open(root: &Path) -> Result<Self, StoreError> {
-        fs::create_dir_all(root).map_err(io_error(format!("creating {}", root.display())))?;
-        let entries =
-            fs::read_dir(root).map_err(io_error(format!("listing {}", root.display())))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PARTIAL_PREFIX) {
-                tracing::warn!("removing the partial backup {name} left by an interrupted job");
-                fs::remove_dir_all(entry.path())
-                    .map_err(io_error(format!("removing {}", entry.path().display())))?;
+/// What the store holds, for `ListBackups` and `console backup list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSummary {
+    pub location: String,
+    pub chunk_size_bytes: u64,
+    pub chunks: u64,
+    pub stored_bytes: u64,
+    pub logical_bytes: u64,
+    pub gc_grace: Duration,
+}
+
+/// The digest of an all-zero chunk of `len_bytes`.
+pub fn zero_digest(len_bytes: u64) -> [u8; 32] {
+    static FULL: OnceLock<[u8; 32]> = OnceLock::new();
+    let hash = |len: u64| *blake3::hash(&vec![0u8; len as usize]).as_bytes();
+    if len_bytes == CHUNK_SIZE_BYTES {
+        *FULL.get_or_init(|| hash(CHUNK_SIZE_BYTES))
+    } else {
+        hash(len_bytes)
+    }
+}
+
+/// The key of a chunk.
+pub fn chunk_key(digest: &[u8; 32]) -> String {
+    let hex = manifest::to_hex(digest);
+    format!("{CHUNKS}{}/{hex}", &hex[..3])
+}
+
+/// The digest a chunk key names, if it is one.
+fn digest_of_key(key: &str) -> Option<[u8; 32]> {
+    let name = key.strip_prefix(CHUNKS)?.rsplit('/').next()?;
+    manifest::from_hex(name)
+}
+
+fn index_key(id: &str) -> String {
+    format!("{INDEXES}{id}.json")
+}
+
+/// A chunk as stored: zstd when that is smaller, raw otherwise.
+pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
+    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).ok();
+    let (codec, payload) = match &compressed {
+        Some(c) if c.len() < data.len() => (CODEC_ZSTD, c.as_slice()),
+        _ => (CODEC_RAW, data),
+    };
+    let mut out = Vec::with_capacity(5 + payload.len());
+    out.extend_from_slice(CHUNK_MAGIC);
+    out.push(codec);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The data of a stored chunk, checked against the digest it is stored
+/// under; the error says what is wrong with it.
+pub fn decode_chunk(stored: &[u8], digest: &[u8; 32], len_bytes: u64) -> Result<Vec<u8>, String> {
+    let Some(payload) = stored.strip_prefix(CHUNK_MAGIC) else {
+        return Err("it does not start with the chunk header".into());
+    };
+    let data = match payload.split_first() {
+        Some((&CODEC_RAW, data)) => data.to_vec(),
+        Some((&CODEC_ZSTD, data)) => zstd::bulk::decompress(data, len_bytes as usize)
+            .map_err(|e| format!("it does not decompress: {e}"))?,
+        Some((codec, _)) => return Err(format!("unknown codec {codec}")),
+        None => return Err("it is truncated".into()),
+    };
+    if data.len() as u64 != len_bytes {
+        return Err(format!(
+            "it holds {} bytes, the index says {len_bytes}",
+            data.len()
+        ));
+    }
+    if blake3::hash(&data).as_bytes() != digest {
+        return Err("its data does not hash to its digest".into());
+    }
+    Ok(data)
+}
+
+/// The chunk store over any [`Blobs`].
+pub struct ChunkStore {
+    blobs: Arc<dyn Blobs>,
+    location: String,
+    gc_grace: Duration,
+    /// Indexes read so far: an index never changes once written, so it is
+    /// read once (a listing still says which exist).
+    indexes: Mutex<HashMap<String, Arc<Manifest>>>,
+    #[cfg(feature = "testing")]
+    pub(crate) hooks: crate::gc::ProtocolHooks,
+}
+
+impl ChunkStore {
+    /// Opens the store at `location` for a server: creates it (its
+    /// `store.json`) if new, and refuses a directory of raw-image backups
+    /// until it is converted.
+    pub async fn open(location: &StoreLocation, gc_grace: Duration) -> Result<Self, StoreError> {
+        if let StoreLocation::Dir(dir) = location {
+            let count = crate::legacy::count(dir)?;
+            if count > 0 {
+                return Err(StoreError::NeedsConversion {
+                    dir: dir.display().to_string(),
+                    count,
+                });
             }
         }
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Self::create(location, gc_grace).await
     }
 
-    /// Opens an existing store without changing it (for offline `list`
-    /// and `verify`, which must not race a running server's jobs).
-    pub fn open_read_only(root: &Path) -> Result<Self, StoreError> {
-        if !root.is_dir() {
-            return Err(StoreError::Io {
-                context: format!("opening the store {}", root.display()),
-                source: io::Error::new(io::ErrorKind::NotFound, "no such directory"),
-            });
+    /// Opens the store at `location`, creating it if new, whatever else the
+    /// directory holds (`backup-server convert`, which moves raw-image
+    /// backups into it).
+    pub async fn create(location: &StoreLocation, gc_grace: Duration) -> Result<Self, StoreError> {
+        let store = Self::over(location.blobs(true)?, gc_grace);
+        store.check_or_create_header(true).await?;
+        Ok(store)
+    }
+
+    /// Opens an existing store without creating anything (offline `list`,
+    /// `verify`, `export`).
+    pub async fn open_existing(
+        location: &StoreLocation,
+        gc_grace: Duration,
+    ) -> Result<Self, StoreError> {
+        let store = Self::over(location.blobs(false)?, gc_grace);
+        store.check_or_create_header(false).await?;
+        Ok(store)
+    }
+
+    /// A store over `blobs` (tests open stores on their own objects).
+    pub fn over(blobs: Arc<dyn Blobs>, gc_grace: Duration) -> Self {
+        Self {
+            location: blobs.location(),
+            blobs,
+            gc_grace,
+            indexes: Mutex::new(HashMap::new()),
+            #[cfg(feature = "testing")]
+            hooks: crate::gc::ProtocolHooks::default(),
         }
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    async fn check_or_create_header(&self, create: bool) -> Result<(), StoreError> {
+        let damaged = |why: String| StoreError::Damaged {
+            what: format!("{} of the store at {}", STORE_KEY, self.location),
+            why,
+        };
+        match self.blobs.get(STORE_KEY).await {
+            Ok(bytes) => {
+                let header: StoreHeader =
+                    serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
+                if header.format != STORE_FORMAT || header.version != STORE_VERSION {
+                    return Err(damaged(format!(
+                        "it is {:?} version {}, this program reads {STORE_FORMAT:?} version {STORE_VERSION}",
+                        header.format, header.version
+                    )));
+                }
+                if header.chunk_size_bytes != CHUNK_SIZE_BYTES {
+                    return Err(damaged(format!(
+                        "its chunk size is {} bytes, this program's {CHUNK_SIZE_BYTES}",
+                        header.chunk_size_bytes
+                    )));
+                }
+                Ok(())
+            }
+            Err(BlobError::NotFound(_)) if create => {
+                let header = StoreHeader {
+                    format: STORE_FORMAT.into(),
+                    version: STORE_VERSION,
+                    chunk_size_bytes: CHUNK_SIZE_BYTES,
+                    created_at_unix_ms: manifest::now_unix_ms(),
+                };
+                let json = serde_json::to_vec_pretty(&header).expect("a header serializes");
+                self.blobs.put(STORE_KEY, json).await?;
+                tracing::info!(location = %self.location, "created a chunk store");
+                Ok(())
+            }
+            Err(BlobError::NotFound(_)) => Err(StoreError::BadLocation(format!(
+                "{} is not a chunk store (it has no {STORE_KEY})",
+                self.location
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    pub fn gc_grace(&self) -> Duration {
+        self.gc_grace
+    }
+
+    pub(crate) fn blobs(&self) -> &dyn Blobs {
+        self.blobs.as_ref()
     }
 
     /// Checks that `id` names a backup and cannot escape the store.
@@ -169,194 +511,339 @@ impl BackupStore {
         }
     }
 
-    pub fn partial_dir(&self, id: &str) -> PathBuf {
-        self.root.join(format!("{PARTIAL_PREFIX}{id}"))
+    /// The digests of every chunk the store holds now.
+    pub async fn held_chunks(&self) -> Result<HashSet<[u8; 32]>, StoreError> {
+        Ok(self
+            .blobs
+            .list(CHUNKS)
+            .await?
+            .iter()
+            .filter_map(|m| digest_of_key(&m.key))
+            .collect())
     }
 
-    pub fn backup_dir(&self, id: &str) -> PathBuf {
-        self.root.join(id)
+    /// Stores an encoded chunk ([`encode_chunk`]) under its digest.
+    pub async fn put_chunk(&self, digest: &[u8; 32], encoded: Vec<u8>) -> Result<(), StoreError> {
+        Ok(self.blobs.put(&chunk_key(digest), encoded).await?)
     }
 
-    /// Creates the partial directory and the sparse image file of a job.
-    pub fn create_partial(&self, id: &str, size_bytes: u64) -> Result<File, StoreError> {
-        Self::check_id(id)?;
-        let dir = self.partial_dir(id);
-        fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
-        let path = dir.join(IMAGE_FILE);
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io_error(format!("creating {}", path.display())))?;
-        file.set_len(size_bytes)
-            .map_err(io_error(format!("sizing {}", path.display())))?;
-        Ok(file)
-    }
-
-    /// Makes a partial backup complete: fsyncs the image, writes and fsyncs
-    /// the manifest and the directory, renames it to its final name, and
-    /// fsyncs the store.
-    pub fn commit(&self, image: &File, manifest: &Manifest) -> Result<(), StoreError> {
-        let id = &manifest.backup_id;
-        let dir = self.partial_dir(id);
-        image
-            .sync_all()
-            .map_err(io_error(format!("syncing the image of {id}")))?;
-        let json = serde_json::to_vec_pretty(manifest).expect("a manifest always serializes");
-        let path = dir.join(MANIFEST_FILE);
-        let mut file =
-            File::create(&path).map_err(io_error(format!("creating {}", path.display())))?;
-        file.write_all(&json)
-            .and_then(|()| file.sync_all())
-            .map_err(io_error(format!("writing {}", path.display())))?;
-        sync_dir(&dir)?;
-        let complete = self.backup_dir(id);
-        fs::rename(&dir, &complete).map_err(io_error(format!("completing backup {id}")))?;
-        if let Err(error) = sync_dir(&self.root) {
-            // The job fails, so nothing may look complete: the backup goes
-            // back under its partial name (discarded with the job), or, if
-            // even that fails, it is removed.
-            if let Err(e) = fs::rename(&complete, &dir) {
-                tracing::error!("un-completing backup {id} after a failed store sync: {e}");
-                let _ = fs::remove_dir_all(&complete);
-            }
-            return Err(error);
+    /// Reads chunk `index` of backup `id`: zeros for an all-zero digest,
+    /// else the stored chunk, decoded and checked against its digest.
+    pub async fn read_chunk(
+        &self,
+        id: &str,
+        index: u64,
+        digest: &[u8; 32],
+        len_bytes: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        if *digest == zero_digest(len_bytes) {
+            return Ok(vec![0; len_bytes as usize]);
         }
+        let stored = match self.blobs.get(&chunk_key(digest)).await {
+            Ok(stored) => stored,
+            Err(BlobError::NotFound(_)) => {
+                return Err(StoreError::MissingChunk {
+                    id: id.to_string(),
+                    index,
+                    digest: manifest::to_hex(digest),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let digest_owned = *digest;
+        tokio::task::spawn_blocking(move || decode_chunk(&stored, &digest_owned, len_bytes))
+            .await?
+            .map_err(|why| StoreError::CorruptChunk {
+                id: id.to_string(),
+                index,
+                digest: manifest::to_hex(digest),
+                why,
+            })
+    }
+
+    /// Writes a backup's index: the backup is complete from here on.
+    pub async fn write_index(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        Self::check_id(&manifest.backup_id)?;
+        let json = serde_json::to_vec_pretty(manifest).expect("a manifest always serializes");
+        self.blobs
+            .put(&index_key(&manifest.backup_id), json)
+            .await?;
+        self.indexes
+            .lock()
+            .expect("indexes")
+            .insert(manifest.backup_id.clone(), Arc::new(manifest.clone()));
         Ok(())
     }
 
-    /// Removes a partial backup (a failed or cancelled job).
-    pub fn discard_partial(&self, id: &str) {
-        let dir = self.partial_dir(id);
-        if let Err(e) = fs::remove_dir_all(&dir)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!("removing {}: {e}", dir.display());
-        }
-    }
-
-    pub fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
+    /// Removes a backup's index (prune). Its chunks stay until garbage
+    /// collection finds no backup referencing them.
+    pub async fn remove_index(&self, id: &str) -> Result<(), StoreError> {
         Self::check_id(id)?;
-        let path = self.backup_dir(id).join(MANIFEST_FILE);
-        let text = match fs::read(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::NotFound(id.to_string()));
-            }
-            Err(e) => return Err(io_error(format!("reading {}", path.display()))(e)),
-        };
-        serde_json::from_slice(&text).map_err(|source| StoreError::BadManifest {
-            id: id.to_string(),
-            source,
-        })
+        self.blobs.delete(&index_key(id)).await?;
+        self.indexes.lock().expect("indexes").remove(id);
+        Ok(())
     }
 
-    /// Every complete backup, oldest first.
-    pub fn list(&self) -> Result<Vec<Manifest>, StoreError> {
-        let entries = fs::read_dir(&self.root)
-            .map_err(io_error(format!("listing {}", self.root.display())))?;
-        let mut manifests = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PARTIAL_PREFIX) || Self::check_id(&name).is_err() {
-                continue;
-            }
-            match self.manifest(&name) {
+    /// The index of a complete backup.
+    pub async fn manifest(&self, id: &str) -> Result<Arc<Manifest>, StoreError> {
+        Self::check_id(id)?;
+        if let Some(known) = self.indexes.lock().expect("indexes").get(id) {
+            return Ok(known.clone());
+        }
+        let bytes = match self.blobs.get(&index_key(id)).await {
+            Ok(bytes) => bytes,
+            Err(BlobError::NotFound(_)) => return Err(StoreError::NotFound(id.to_string())),
+            Err(e) => return Err(e.into()),
+        };
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Damaged {
+                what: format!("the index of backup {id}"),
+                why: e.to_string(),
+            })?;
+        if manifest.backup_id != id {
+            return Err(StoreError::Damaged {
+                what: format!("the index of backup {id}"),
+                why: format!("it names backup {}", manifest.backup_id),
+            });
+        }
+        let manifest = Arc::new(manifest);
+        self.indexes
+            .lock()
+            .expect("indexes")
+            .insert(id.to_string(), manifest.clone());
+        Ok(manifest)
+    }
+
+    /// The ids of every complete backup, by listing the indexes.
+    pub async fn backup_ids(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .blobs
+            .list(INDEXES)
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let id = m.key.strip_prefix(INDEXES)?.strip_suffix(".json")?;
+                Self::check_id(id).ok().map(|()| id.to_string())
+            })
+            .collect())
+    }
+
+    /// Every complete backup, oldest first. A damaged index is skipped
+    /// with a warning (and kept: `verify` names it).
+    pub async fn list(&self) -> Result<Vec<Arc<Manifest>>, StoreError> {
+        let ids = self.backup_ids().await?;
+        {
+            // Forget indexes removed by another server (a prune there).
+            let listed: HashSet<&String> = ids.iter().collect();
+            self.indexes
+                .lock()
+                .expect("indexes")
+                .retain(|id, _| listed.contains(id));
+        }
+        let mut manifests = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.manifest(&id).await {
                 Ok(manifest) => manifests.push(manifest),
-                Err(e) => tracing::warn!("skipping {name}: {e}"),
+                Err(StoreError::NotFound(_)) => {} // pruned since the listing
+                Err(e @ StoreError::Damaged { .. }) => tracing::warn!("skipping {id}: {e}"),
+                Err(e) => return Err(e),
             }
         }
         manifests.sort_by_key(|m| (m.started_at_unix_ms, m.backup_id.clone()));
         Ok(manifests)
     }
 
-    /// The disk space the complete backups take (allocated blocks of every
-    /// file in their directories: a sparse image counts what it holds), for
-    /// the store-size metric.
-    pub fn stored_bytes(&self) -> Result<u64, StoreError> {
-        use std::os::unix::fs::MetadataExt as _;
-        let entries = fs::read_dir(&self.root)
-            .map_err(io_error(format!("listing {}", self.root.display())))?;
-        let mut total_bytes = 0;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PARTIAL_PREFIX) || Self::check_id(&name).is_err() {
-                continue;
-            }
-            let dir = entry.path();
-            let files =
-                fs::read_dir(&dir).map_err(io_error(format!("listing {}", dir.display())))?;
-            for file in files.flatten() {
-                if let Ok(metadata) = file.metadata() {
-                    total_bytes += metadata.blocks() * 512;
-                }
-            }
-        }
-        Ok(total_bytes)
+    /// What the store holds.
+    pub async fn summary(&self) -> Result<StoreSummary, StoreError> {
+        let chunks = self.blobs.list(CHUNKS).await?;
+        let logical_bytes = self.list().await?.iter().map(|m| m.size_bytes).sum();
+        Ok(StoreSummary {
+            location: self.location.clone(),
+            chunk_size_bytes: CHUNK_SIZE_BYTES,
+            chunks: chunks.len() as u64,
+            stored_bytes: chunks.iter().map(|m| m.size_bytes).sum(),
+            logical_bytes,
+            gc_grace: self.gc_grace,
+        })
     }
 
-    /// Re-hashes the image of a complete backup against its manifest.
-    pub fn verify(&self, id: &str) -> Result<VerifyOutcome, StoreError> {
-        let manifest = self.manifest(id)?;
-        let path = self.backup_dir(id).join(IMAGE_FILE);
-        let mut file =
-            File::open(&path).map_err(io_error(format!("opening {}", path.display())))?;
-        let len_bytes = file
-            .metadata()
-            .map_err(io_error(format!("reading {}", path.display())))?
-            .len();
-        let mut problem = (len_bytes != manifest.size_bytes).then(|| {
-            format!(
-                "image holds {len_bytes} bytes, manifest says {}",
-                manifest.size_bytes
-            )
-        });
-        let mut digests = Vec::with_capacity(manifest.chunk_digests.len());
-        let mut bad_chunks = Vec::new();
-        let mut buf = vec![0u8; manifest.chunk_size_bytes as usize];
-        let mut remaining = len_bytes.min(manifest.size_bytes);
-        let mut index = 0u64;
-        while remaining > 0 {
-            let n = remaining.min(manifest.chunk_size_bytes) as usize;
-            file.read_exact(&mut buf[..n])
-                .map_err(io_error(format!("reading {}", path.display())))?;
-            let digest = *blake3::hash(&buf[..n]).as_bytes();
-            let expected = manifest
-                .chunk_digests
-                .get(index as usize)
-                .and_then(|hex| manifest::from_hex(hex));
-            if expected != Some(digest) {
-                bad_chunks.push(index);
-            }
-            digests.push(digest);
-            remaining -= n as u64;
-            index += 1;
+    /// Re-reads every chunk a backup references, decodes and re-hashes it,
+    /// and names each one that is missing or corrupt.
+    pub async fn verify(&self, id: &str) -> Result<VerifyOutcome, StoreError> {
+        let manifest = self.manifest(id).await?;
+        let digests = manifest.digests().map_err(|index| StoreError::Damaged {
+            what: format!("the index of backup {id}"),
+            why: format!("chunk digest {index} is not a hex BLAKE3 digest"),
+        })?;
+        let chunks = digests.len() as u64;
+        let expected_chunks = manifest.size_bytes.div_ceil(manifest.chunk_size_bytes);
+        let mut problem = (chunks != expected_chunks)
+            .then(|| format!("the index lists {chunks} chunks, its size needs {expected_chunks}"));
+        if manifest::from_hex(&manifest.image_digest) != Some(manifest::image_digest(&digests))
+            && problem.is_none()
+        {
+            problem = Some("the image digest does not match the chunk digests".into());
         }
-        if index as usize != manifest.chunk_digests.len() && problem.is_none() {
-            problem = Some(format!(
-                "image has {index} chunks, manifest lists {}",
-                manifest.chunk_digests.len()
-            ));
-        }
-        let image_digest = manifest::image_digest(&digests);
-        if manifest::from_hex(&manifest.image_digest) != Some(image_digest) && problem.is_none() {
-            problem = Some("the image digest does not match the manifest".into());
-        }
+        let checks = futures_util::stream::iter(digests.iter().copied().enumerate())
+            .filter(|(index, digest)| {
+                let len = manifest.chunk_len_bytes(*index as u64);
+                std::future::ready(*digest != zero_digest(len))
+            })
+            .map(|(index, digest)| {
+                let len = manifest.chunk_len_bytes(index as u64);
+                async move {
+                    match self.read_chunk(id, index as u64, &digest, len).await {
+                        Ok(_) => Ok(None),
+                        Err(StoreError::MissingChunk { .. }) => Ok(Some(ChunkProblem {
+                            index: index as u64,
+                            digest,
+                            kind: ChunkProblemKind::Missing,
+                            why: "not in the store".into(),
+                        })),
+                        Err(StoreError::CorruptChunk { why, .. }) => Ok(Some(ChunkProblem {
+                            index: index as u64,
+                            digest,
+                            kind: ChunkProblemKind::Corrupt,
+                            why,
+                        })),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .buffered(FETCHES_IN_FLIGHT);
+        let results: Vec<Option<ChunkProblem>> = checks.try_collect().await?;
+        let chunks_read = results.len() as u64;
+        let problems: Vec<ChunkProblem> = results.into_iter().flatten().collect();
         Ok(VerifyOutcome {
-            ok: bad_chunks.is_empty() && problem.is_none(),
-            chunks: index,
-            bad_chunks,
-            image_digest,
+            ok: problems.is_empty() && problem.is_none(),
+            chunks,
+            chunks_read,
+            problems,
+            image_digest: manifest::image_digest(&digests),
             problem,
             manifest,
         })
     }
+
+    /// Writes backup `id` as a raw sparse image to `path` (through
+    /// `<path>.partial`, renamed when complete and synced): a missing or
+    /// corrupt chunk fails the export, naming the chunk, and leaves no file
+    /// at `path`.
+    pub async fn export(&self, id: &str, path: &Path) -> Result<ExportOutcome, StoreError> {
+        let manifest = self.manifest(id).await?;
+        let digests = manifest.digests().map_err(|index| StoreError::Damaged {
+            what: format!("the index of backup {id}"),
+            why: format!("chunk digest {index} is not a hex BLAKE3 digest"),
+        })?;
+        let partial = PathBuf::from(format!("{}.partial", path.display()));
+        let export_error = |doing: &'static str| {
+            let path = partial.display().to_string();
+            move |source| StoreError::Export {
+                doing,
+                path,
+                source,
+            }
+        };
+        let file = File::create(&partial).map_err(export_error("creating"))?;
+        file.set_len(manifest.size_bytes)
+            .map_err(export_error("sizing"))?;
+        let file = Arc::new(file);
+        let written = async {
+            let mut chunks_written = 0;
+            let mut chunks_zero = 0;
+            let mut reads = futures_util::stream::iter(digests.iter().copied().enumerate())
+                .map(|(index, digest)| {
+                    let len = manifest.chunk_len_bytes(index as u64);
+                    async move {
+                        if digest == zero_digest(len) {
+                            return Ok((index, None));
+                        }
+                        let data = self.read_chunk(id, index as u64, &digest, len).await?;
+                        Ok::<_, StoreError>((index, Some(data)))
+                    }
+                })
+                .buffered(FETCHES_IN_FLIGHT);
+            while let Some(read) = reads.next().await {
+                let (index, data) = read?;
+                let Some(data) = data else {
+                    chunks_zero += 1;
+                    continue;
+                };
+                let at = index as u64 * manifest.chunk_size_bytes;
+                let file = file.clone();
+                tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
+                    .await?
+                    .map_err(export_error("writing"))?;
+                chunks_written += 1;
+            }
+            let synced = file.clone();
+            tokio::task::spawn_blocking(move || synced.sync_all())
+                .await?
+                .map_err(export_error("syncing"))?;
+            std::fs::rename(&partial, path).map_err(|source| StoreError::Export {
+                doing: "renaming the export to",
+                path: path.display().to_string(),
+                source,
+            })?;
+            Ok(ExportOutcome {
+                size_bytes: manifest.size_bytes,
+                chunks_written,
+                chunks_zero,
+            })
+        }
+        .await;
+        if written.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        written
+    }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(format!("syncing {}", dir.display())))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_is_compressed_only_when_that_is_smaller_and_checked_when_read() {
+        let repetitive = vec![7u8; 1 << 20];
+        let digest = *blake3::hash(&repetitive).as_bytes();
+        let stored = encode_chunk(&repetitive);
+        assert_eq!(stored[4], CODEC_ZSTD);
+        assert!(stored.len() < 1 << 12, "{} bytes", stored.len());
+        assert_eq!(
+            decode_chunk(&stored, &digest, 1 << 20).expect("decodes"),
+            repetitive
+        );
+        let mut noise = vec![0u8; 4096];
+        let mut x = 0x9e37_79b9_u32;
+        for b in &mut noise {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        let stored = encode_chunk(&noise);
+        assert_eq!(stored[4], CODEC_RAW);
+        let noise_digest = *blake3::hash(&noise).as_bytes();
+        assert!(decode_chunk(&stored, &noise_digest, 4096).is_ok());
+        // One flipped bit, a wrong length, a foreign header: each named.
+        let mut flipped = stored.clone();
+        flipped[100] ^= 1;
+        assert!(
+            decode_chunk(&flipped, &noise_digest, 4096)
+                .expect_err("flipped")
+                .contains("hash")
+        );
+        assert!(decode_chunk(&stored, &noise_digest, 4000).is_err());
+        assert!(decode_chunk(b"PK\x03\x04", &noise_digest, 4096).is_err());
+    }
+
+    #[test]
+    fn chunk_keys_name_their_digest() {
+        let digest = *blake3::hash(b"x").as_bytes();
+        let key = chunk_key(&digest);
+        assert!(key.starts_with("chunks/"));
+        assert_eq!(digest_of_key(&key), Some(digest));
+        assert_eq!(digest_of_key("indexes/x.json"), None);
+    }
 }

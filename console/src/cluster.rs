@@ -36,6 +36,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use array_node::{ArrayConfig, ArrayTestHooks};
+use backup_server::store::{
+    ChunkStore, DEFAULT_GC_GRACE, ExportOutcome, StoreError, StoreLocation,
+};
 use db_server::ledger::LedgerConfig;
 use db_server::manager::ManagerConfig;
 use splitmirror_proto::client::ClientError;
@@ -193,7 +196,8 @@ pub struct ClusterBuilder {
     array: Option<ArrayConfig>,
     array_hooks: ArrayTestHooks,
     db: DbOptions,
-    store_dir: Option<PathBuf>,
+    store: Option<StoreLocation>,
+    gc_grace: Duration,
     backup_max_bytes_per_s: Option<u64>,
     wait_synchronized: bool,
     credentials: Option<Credentials>,
@@ -217,7 +221,8 @@ impl ClusterBuilder {
             array: None,
             array_hooks: ArrayTestHooks::default(),
             db: DbOptions::default(),
-            store_dir: None,
+            store: None,
+            gc_grace: DEFAULT_GC_GRACE,
             backup_max_bytes_per_s: None,
             wait_synchronized: true,
             credentials: None,
@@ -282,10 +287,22 @@ impl ClusterBuilder {
         self
     }
 
-    /// Where the backup server keeps its store (default: `backups/` under
-    /// the directory).
+    /// Where the backup server keeps its chunk store (default: the
+    /// directory `backups/` under the cluster's directory).
     pub fn store_dir(mut self, store_dir: impl Into<PathBuf>) -> Self {
-        self.store_dir = Some(store_dir.into());
+        self.store = Some(StoreLocation::Dir(store_dir.into()));
+        self
+    }
+
+    /// The backup server's chunk store: a directory or an S3 bucket.
+    pub fn store(mut self, store: StoreLocation) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The store's garbage-collection grace period (default 24 h).
+    pub fn gc_grace(mut self, gc_grace: Duration) -> Self {
+        self.gc_grace = gc_grace;
         self
     }
 
@@ -351,11 +368,14 @@ impl ClusterBuilder {
                 return Err(error);
             }
         };
-        let store_dir = self.store_dir.unwrap_or_else(|| dir.join("backups"));
+        let store = self
+            .store
+            .unwrap_or_else(|| StoreLocation::Dir(dir.join("backups")));
         let backup = match start_backup(
             &array.url(),
             &db.url(),
-            &store_dir,
+            &store,
+            self.gc_grace,
             self.backup_max_bytes_per_s,
             &credentials.security_of(role::BACKUP)?,
         )
@@ -387,7 +407,8 @@ impl ClusterBuilder {
             db,
             backup,
             dir,
-            store_dir,
+            store,
+            gc_grace: self.gc_grace,
             _temp: temp,
         };
         if self.wait_synchronized {
@@ -422,13 +443,27 @@ pub struct Cluster {
     pub credentials: Credentials,
     /// Where the nodes keep their files.
     pub dir: PathBuf,
-    /// The backup server's store: `<store>/<backup id>/image.raw`.
-    pub store_dir: PathBuf,
+    /// The backup server's chunk store.
+    pub store: StoreLocation,
+    /// Its garbage-collection grace period.
+    pub gc_grace: Duration,
     /// The temporary directory, removed when the cluster is dropped.
     _temp: Option<tempfile::TempDir>,
 }
 
 impl Cluster {
+    /// The backup server's chunk store, opened beside the server (to
+    /// export a backup, or to look at what it holds).
+    pub async fn open_store(&self) -> Result<ChunkStore, StoreError> {
+        ChunkStore::open_existing(&self.store, self.gc_grace).await
+    }
+
+    /// Writes backup `id` as a raw image to `path` (every chunk checked
+    /// against its digest).
+    pub async fn export_backup(&self, id: &str, path: &Path) -> Result<ExportOutcome, StoreError> {
+        self.open_store().await?.export(id, path).await
+    }
+
     /// The nodes' URLs.
     pub fn addresses(&self) -> &Addresses {
         &self.clients.addresses
@@ -560,11 +595,12 @@ pub async fn start_db(
 
 /// Starts a backup server reading from the array at `array_url` and
 /// confirming snapshots with the db-server at `db_url` ([`NO_DB`] for live
-/// backups alone), its store in `store_dir`.
+/// backups alone), its chunk store at `store`.
 pub async fn start_backup(
     array_url: &str,
     db_url: &str,
-    store_dir: &Path,
+    store: &StoreLocation,
+    gc_grace: Duration,
     default_max_bytes_per_s: Option<u64>,
     security: &Security,
 ) -> Result<NodeHandle, ClusterError> {
@@ -574,7 +610,8 @@ pub async fn start_backup(
         control_identities: vec![role::CONSOLE.to_string()],
         array_url: array_url.to_string(),
         db_url: db_url.to_string(),
-        store_dir: store_dir.to_path_buf(),
+        store: store.clone(),
+        gc_grace,
         default_max_bytes_per_s,
     };
     let handle = backup_server::spawn(config, bind_loopback(NODE).await?)

@@ -30,20 +30,34 @@ async fn start(client: &harness::BackupClient, run_id: &str, lu: u32) -> (String
             max_bytes_per_s: None,
             snapshot: None,
             live: true,
+            verify_read: false,
         })
         .await
         .expect("start backup");
     (r.backup_id, r.already_started)
 }
 
-/// Fills the first `chunks` × 16 MiB of mate LU 2 with `byte`, so that a
-/// copy of it has real work to do.
+/// Fills the first `chunks` × 16 MiB of mate LU 2 with data that differs
+/// in every 1 MiB chunk (`byte`, then the chunk's number), so that a copy
+/// of it has real work to do: the chunk store stores equal chunks once.
 async fn fill_mate(client: &harness::ArrayClient, chunks: u64, byte: u8) {
-    for chunk in 0..chunks {
+    fill_lu(client, 2, chunks * (16 << 20), byte).await;
+}
+
+/// Fills the first `bytes` of `lu` (whole MiBs) as [`fill_mate`] does.
+async fn fill_lu(client: &harness::ArrayClient, lu: u32, bytes: u64, byte: u8) {
+    let mut at = 0u64;
+    while at < bytes {
+        let len = (bytes - at).min(16 << 20);
+        let mut data = vec![byte; len as usize];
+        for (i, mib) in data.chunks_mut(1 << 20).enumerate() {
+            mib[..8].copy_from_slice(&((at >> 20) + i as u64).to_le_bytes());
+        }
         client
-            .write(2, chunk * 4096, vec![byte; 16 << 20])
+            .write(lu, at / BLOCK as u64, data)
             .await
             .expect("fill");
+        at += len;
     }
 }
 
@@ -93,8 +107,8 @@ async fn a_backup_equals_its_lu_and_its_manifest_equals_checksum_range() {
     assert_eq!(last.state(), pb::BackupState::Complete, "{}", last.error);
     assert_eq!(last.bytes_done, lu_bytes);
 
-    let image_path = dir.path().join("store").join(&id).join("image.raw");
-    let image = std::fs::read(&image_path).expect("image");
+    let image_path = dir.path().join("export.raw");
+    let image = export(&dir.path().join("store"), &id, &image_path).await;
     let lu_file = std::fs::read(dir.path().join("array").join("lu2.img")).expect("LU file");
     assert!(
         image == lu_file,
@@ -103,16 +117,26 @@ async fn a_backup_equals_its_lu_and_its_manifest_equals_checksum_range() {
     let allocated_bytes = std::fs::metadata(&image_path).expect("meta").blocks() * 512;
     assert!(
         allocated_bytes <= 4 << 20,
-        "the image is sparse where the LU is zero: {allocated_bytes} bytes allocated for 3 data chunks"
+        "the export is sparse where the LU is zero: {allocated_bytes} bytes allocated for 3 data chunks"
+    );
+    let counts = client
+        .get_backup(&id, false)
+        .await
+        .expect("get")
+        .manifest
+        .expect("manifest")
+        .counts
+        .expect("counts");
+    assert_eq!(
+        (counts.chunks_read, counts.chunks_reused, counts.chunks_zero),
+        (3, 0, 7),
+        "three chunks hold data, seven are zero: {counts:?}"
     );
 
-    // The wire manifest says what manifest.json says, digests as bytes.
+    // The wire manifest says what the index says, digests as bytes.
     let info = client.get_backup(&id, true).await.expect("get");
     let manifest = info.manifest.expect("a complete backup has a manifest");
-    let on_disk: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("store").join(&id).join("manifest.json")).expect("file"),
-    )
-    .expect("manifest.json");
+    let on_disk = index_json(&dir.path().join("store"), &id);
     assert_eq!(on_disk["backup_id"], manifest.backup_id);
     assert_eq!(on_disk["run_id"], manifest.run_id);
     assert_eq!(on_disk["label"], manifest.label);
@@ -149,10 +173,7 @@ async fn a_backup_equals_its_lu_and_its_manifest_equals_checksum_range() {
         .map(|d| d.as_str().expect("hex").to_string())
         .collect();
     let wire_digests: Vec<String> = manifest.chunk_digests.iter().map(|d| hex(d)).collect();
-    assert_eq!(
-        wire_digests, on_disk_digests,
-        "wire digests = manifest.json"
-    );
+    assert_eq!(wire_digests, on_disk_digests, "wire digests = the index's");
     assert_eq!(on_disk["image_digest"], hex(&manifest.image_digest));
     let sums = array_client
         .checksums(2, 0, lu_bytes / BLOCK as u64, CHUNK_BLOCKS)
@@ -178,16 +199,61 @@ async fn a_backup_equals_its_lu_and_its_manifest_equals_checksum_range() {
         })
     );
 
-    // Verification passes, and fails once one byte is flipped.
+    // Verification passes, and fails once one byte of a stored chunk is
+    // flipped (chunk 3) and another chunk is gone (chunk 9), naming both.
     let verified = client.verify_backup(&id).await.expect("verify");
     assert!(verified.ok, "{}", verified.error);
     assert_eq!(verified.chunks, 10);
-    let mut damaged = image.clone();
-    damaged[5 * (1 << 20) + 12345] ^= 0x01;
-    std::fs::write(&image_path, &damaged).expect("damage");
+    let stored_chunk = |index: usize| {
+        let hex = on_disk_digests[index].clone();
+        dir.path()
+            .join("store")
+            .join("chunks")
+            .join(&hex[..3])
+            .join(hex)
+    };
+    let mut damaged = std::fs::read(stored_chunk(3)).expect("stored chunk 3");
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x01;
+    std::fs::write(stored_chunk(3), &damaged).expect("damage");
+    std::fs::remove_file(stored_chunk(9)).expect("lose chunk 9");
     let verified = client.verify_backup(&id).await.expect("verify");
     assert!(!verified.ok, "a flipped byte must fail verification");
-    assert_eq!(verified.bad_chunks, vec![5]);
+    assert_eq!(verified.bad_chunks, vec![3, 9]);
+    let kinds: Vec<(u64, pb::ChunkProblemKind, String)> = verified
+        .problems
+        .iter()
+        .map(|p| (p.index, p.kind(), p.digest.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (3, pb::ChunkProblemKind::Corrupt, on_disk_digests[3].clone()),
+            (9, pb::ChunkProblemKind::Missing, on_disk_digests[9].clone())
+        ]
+    );
+    // An export of the damaged backup fails naming a chunk, and leaves no
+    // file that could pass for the image.
+    let failed_export = dir.path().join("damaged.raw");
+    let store = backup_server::store::ChunkStore::open_existing(
+        &harness::StoreLocation::Dir(dir.path().join("store")),
+        harness::DEFAULT_GC_GRACE,
+    )
+    .await
+    .expect("open");
+    let error = store
+        .export(&id, &failed_export)
+        .await
+        .expect_err("a damaged backup does not export");
+    assert!(
+        matches!(
+            error,
+            backup_server::store::StoreError::CorruptChunk { index: 3, .. }
+                | backup_server::store::StoreError::MissingChunk { index: 9, .. }
+        ),
+        "{error}"
+    );
+    assert!(!failed_export.exists() && !dir.path().join("damaged.raw.partial").exists());
     // The offline verifier agrees.
     let out = harness::command("backup-server")
         .args(["verify", "--store"])
@@ -267,7 +333,10 @@ async fn killing_the_array_mid_backup_fails_the_job_as_unavailable() {
             .iter()
             .all(|b| b.state() != pb::BackupState::Complete)
     );
-    assert!(!store.join(&id).exists(), "nothing that looks complete");
+    assert!(
+        complete_entries(&store).is_empty(),
+        "nothing that looks complete"
+    );
     backup.shutdown().await.expect("shutdown");
 }
 
@@ -298,26 +367,28 @@ async fn killing_the_backup_server_leaves_no_complete_backup() {
     let (id, _) = start(&client, "run-kill-backup", 2).await;
     wait_until_copying(&client, &id).await;
     server.kill9();
-    let leftovers: Vec<String> = std::fs::read_dir(&store)
-        .expect("store")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
     assert!(
-        leftovers.iter().all(|name| name.starts_with(".partial-")),
-        "{leftovers:?}"
+        complete_entries(&store).is_empty(),
+        "no index after the kill: {:?}",
+        complete_entries(&store)
+    );
+    let writers = std::fs::read_dir(store.join("writers"))
+        .expect("writers")
+        .count();
+    assert_eq!(
+        writers, 1,
+        "the killed backup's writer record stays until it expires"
     );
 
-    // After a restart the leftovers are cleaned and a new job succeeds.
+    // After a restart nothing looks complete and a new job succeeds; the
+    // chunks the killed job stored are kept until garbage collection
+    // finds them unreferenced past the grace period.
     let server = NodeProcess::start("backup-server", &args);
     let client = backup_client(&server.url());
     let listed = client.list_backups().await.expect("list");
     assert!(
         listed.is_empty(),
         "no complete backup after the kill: {listed:?}"
-    );
-    assert!(
-        std::fs::read_dir(&store).expect("store").next().is_none(),
-        "partial leftovers cleaned"
     );
     let (id, _) = start(&client, "run-after-restart", 2).await;
     let last = follow_backup(&client, &id).await;
@@ -337,6 +408,8 @@ async fn a_rate_capped_backup_takes_at_least_its_size_over_the_rate() {
         ArrayTestHooks::default(),
     )
     .await;
+    // 8 different chunks, so that the copy reads and stores all of them.
+    fill_lu(&array_client(&array.url()), 2, 8 << 20, 0x5A).await;
     let backup = start_backup(&array.url(), NO_DB, &dir.path().join("store")).await;
     let client = backup_client(&backup.url());
     let started = std::time::Instant::now();
@@ -431,13 +504,35 @@ async fn verify(
     client.verify_backup(id).await
 }
 
-/// Names of the entries of the store that look complete (no partial prefix).
+/// The backups of a directory store that look complete: its indexes.
 fn complete_entries(store: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(store)
-        .expect("store")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|name| !name.starts_with(".partial-"))
-        .collect()
+    match std::fs::read_dir(store.join("indexes")) {
+        Ok(entries) => entries
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("listing the indexes: {e}"),
+    }
+}
+
+/// The index of backup `id` in the directory store, as JSON.
+fn index_json(store: &std::path::Path, id: &str) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(store.join("indexes").join(format!("{id}.json"))).expect("index"),
+    )
+    .expect("the index is JSON")
+}
+
+/// Exports backup `id` of the directory store to `file` and reads it.
+async fn export(store: &std::path::Path, id: &str, file: &std::path::Path) -> Vec<u8> {
+    let store = backup_server::store::ChunkStore::open_existing(
+        &harness::StoreLocation::Dir(store.to_path_buf()),
+        harness::DEFAULT_GC_GRACE,
+    )
+    .await
+    .expect("open the store");
+    store.export(id, file).await.expect("export");
+    std::fs::read(file).expect("exported image")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -553,7 +648,7 @@ async fn a_backup_without_a_snapshot_is_refused_unless_it_asks_to_be_live() {
         assert!(verified.ok, "{}", verified.error);
         assert!(verified.live && !verified.frozen, "{verified:?}");
         assert!(
-            verified.proved.contains("matches its manifest"),
+            verified.proved.contains("hashes to its digest"),
             "{}",
             verified.proved
         );
@@ -627,10 +722,7 @@ async fn a_frozen_backup_records_its_snapshot_and_verify_says_it_was_confirmed()
         "{}",
         info.consistency
     );
-    let on_disk: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(cluster.store.join(&id).join("manifest.json")).expect("manifest"),
-    )
-    .expect("JSON");
+    let on_disk = index_json(&cluster.store, &id);
     assert_eq!(on_disk["live"], false);
     assert_eq!(on_disk["snapshot"]["volume"], 0);
     assert_eq!(on_disk["snapshot"]["holder_run_id"], "frozen-1");
@@ -673,7 +765,7 @@ async fn a_frozen_backup_records_its_snapshot_and_verify_says_it_was_confirmed()
     );
     // The image is the frozen mate, without the write after the split.
     let array = array_client(&cluster.array.url());
-    let image = std::fs::read(cluster.store.join(&id).join("image.raw")).expect("image");
+    let image = export(&cluster.store, &id, &cluster.store.join("export.raw")).await;
     let mate = harness::read_lu(&array, 2, 0, (4 << 20) / BLOCK as u64).await;
     assert!(image == mate, "the image equals the frozen mate");
     assert_ne!(image[7 * BLOCK], 0xA5);
@@ -683,6 +775,9 @@ async fn a_frozen_backup_records_its_snapshot_and_verify_says_it_was_confirmed()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_deleted_during_the_copy_fails_the_job_and_leaves_nothing_complete() {
     let cluster = Cluster::start(8 << 20).await;
+    // Different data in every chunk of the pair, so that the copy reads
+    // all 8 MiB.
+    fill_lu(&array_client(&cluster.array.url()), 0, 8 << 20, 0x6B).await;
     let client = backup_client(&cluster.backup.url());
     let db = db_client(&cluster.db.url());
     db.acquire_snapshot(0, "doomed").await.expect("acquire");
@@ -732,6 +827,9 @@ async fn a_snapshot_deleted_during_the_copy_fails_the_job_and_leaves_nothing_com
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_acquired_again_by_the_same_run_during_the_copy_fails_the_job() {
     let cluster = Cluster::start(8 << 20).await;
+    // Different data in every chunk of the pair, so that the copy reads
+    // all 8 MiB.
+    fill_lu(&array_client(&cluster.array.url()), 0, 8 << 20, 0x6B).await;
     let client = backup_client(&cluster.backup.url());
     let db = db_client(&cluster.db.url());
     let first = db.acquire_snapshot(0, "again").await.expect("acquire");
@@ -808,6 +906,7 @@ async fn cancel_answers_cancelled_and_verify_of_a_cancelled_backup_says_why() {
         ArrayTestHooks::default(),
     )
     .await;
+    fill_lu(&array_client(&array.url()), 2, 8 << 20, 0x7C).await;
     let store = dir.path().join("store");
     let backup = start_backup(&array.url(), NO_DB, &store).await;
     let client = backup_client(&backup.url());
@@ -873,15 +972,21 @@ fn backup_server_list_exits_quietly_when_its_reader_goes_away() {
             chunk_size_bytes: backup_server::manifest::CHUNK_SIZE_BYTES,
             chunk_digests: Vec::new(),
             image_digest: blake3::hash(b"").to_hex().to_string(),
+            counts: None,
         };
-        let backup_dir = dir.path().join(&id);
-        std::fs::create_dir(&backup_dir).expect("backup dir");
+        let indexes = dir.path().join("indexes");
+        std::fs::create_dir_all(&indexes).expect("indexes dir");
         std::fs::write(
-            backup_dir.join("manifest.json"),
+            indexes.join(format!("{id}.json")),
             serde_json::to_vec(&manifest).expect("JSON"),
         )
-        .expect("manifest");
+        .expect("index");
     }
+    std::fs::write(
+        dir.path().join("store.json"),
+        r#"{"format":"splitmirror chunk store","version":1,"chunk_size_bytes":1048576,"created_at_unix_ms":0}"#,
+    )
+    .expect("store.json");
     for round in 0..20 {
         let mut child = harness::command("backup-server")
             .args(["list", "--store"])

@@ -94,7 +94,19 @@ async fn console_run_backs_up_verifies_and_resynchronizes() {
 
     // The image is a consistent ledger at the reported sequence, checked by
     // the real `db-server verify-image`.
-    let image = store.join(&backup_id).join("image.raw");
+    let image = dir.path().join("export.raw");
+    let exported = harness::command("backup-server")
+        .args(["export", "--store"])
+        .arg(&store)
+        .arg(&backup_id)
+        .arg(&image)
+        .output()
+        .expect("backup-server export");
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
     let verify = harness::command("db-server")
         .args(["verify-image", "--expect-sequence", &sequence.to_string()])
         .arg(&image)

@@ -463,6 +463,7 @@ pub fn db_process(
     NodeProcess::start_with_env("db-server", &args, env)
 }
 
+pub use backup_server::store::{DEFAULT_GC_GRACE, StoreLocation};
 /// A db-server address for backup servers of tests that start none: only
 /// live backups, which never ask it, can succeed there.
 pub use splitmirror_console::cluster::NO_DB;
@@ -471,9 +472,33 @@ pub use splitmirror_console::cluster::NO_DB;
 /// `array_url` and confirming snapshots with the db-server at `db_url`
 /// (tests of live backups alone may pass [`NO_DB`]).
 pub async fn start_backup(array_url: &str, db_url: &str, store: &Path) -> NodeHandle {
-    cluster::start_backup(array_url, db_url, store, None, &security(role::BACKUP))
-        .await
-        .expect("start backup-server")
+    start_backup_at(
+        array_url,
+        db_url,
+        &StoreLocation::Dir(store.to_path_buf()),
+        DEFAULT_GC_GRACE,
+    )
+    .await
+}
+
+/// [`start_backup`] with its chunk store anywhere (a directory or an S3
+/// bucket) and its garbage-collection grace period.
+pub async fn start_backup_at(
+    array_url: &str,
+    db_url: &str,
+    store: &StoreLocation,
+    gc_grace: std::time::Duration,
+) -> NodeHandle {
+    cluster::start_backup(
+        array_url,
+        db_url,
+        store,
+        gc_grace,
+        None,
+        &security(role::BACKUP),
+    )
+    .await
+    .expect("start backup-server")
 }
 
 /// Follows a backup until it ends and answers its last progress.

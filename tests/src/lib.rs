@@ -63,4 +63,8 @@ mod ledger_crash;
 #[cfg(test)]
 mod resync_wait;
 #[cfg(test)]
+mod s3_blobs;
+#[cfg(test)]
+mod s3_server;
+#[cfg(test)]
 mod tracing_otlp;

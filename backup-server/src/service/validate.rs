@@ -19,7 +19,8 @@ use splitmirror_proto::run_id::validate_run_id;
 
 use crate::backups::{BackupError, StartRequest, Wanted};
 use crate::owner::SnapshotRef;
-use crate::store::BackupStore;
+use crate::prune::Retention;
+use crate::store::ChunkStore;
 
 /// Proof that a value came out of this module's checks: only this module
 /// can make one.
@@ -72,6 +73,40 @@ pub fn start_backup(request: pb::StartBackupRequest) -> Result<StartRequest, Bac
         label: request.label,
         max_bytes_per_s: request.max_bytes_per_s,
         wanted,
+        verify_read: request.verify_read,
+        checked: Checked(()),
+    })
+}
+
+/// A checked `PruneBackups`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prune {
+    pub volume: u32,
+    pub retention: Retention,
+    pub dry_run: bool,
+    pub checked: Checked,
+}
+
+/// A prune keeps something: at least one rule, and `keep_last` at least 1.
+pub fn prune_backups(request: pb::PruneBackupsRequest) -> Result<Prune, BackupError> {
+    if request.keep_last.is_none() && request.keep_within_s.is_none() {
+        return Err(BackupError::BadRetention(
+            "say what to keep: keep_last, keep_within_s, or both".into(),
+        ));
+    }
+    if request.keep_last == Some(0) {
+        return Err(BackupError::BadRetention(
+            "keep_last must be at least 1 (to remove every backup of a volume, remove them by hand)"
+                .into(),
+        ));
+    }
+    Ok(Prune {
+        volume: request.volume,
+        retention: Retention {
+            keep_last: request.keep_last,
+            keep_within: request.keep_within_s.map(std::time::Duration::from_secs),
+        },
+        dry_run: request.dry_run,
         checked: Checked(()),
     })
 }
@@ -79,7 +114,7 @@ pub fn start_backup(request: pb::StartBackupRequest) -> Result<StartRequest, Bac
 /// The backup id of `GetBackup`, `WatchBackup`, `CancelBackup` and
 /// `VerifyBackup`.
 pub fn backup_id(id: String) -> Result<BackupId, BackupError> {
-    BackupStore::check_id(&id)?;
+    ChunkStore::check_id(&id)?;
     Ok(BackupId {
         id,
         checked: Checked(()),

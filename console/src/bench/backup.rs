@@ -95,7 +95,8 @@ pub(super) async fn backup_through_server(
             let handle = crate::cluster::start_backup(
                 &array.url(),
                 NO_DB,
-                store,
+                &backup_server::store::StoreLocation::Dir(store.to_path_buf()),
+                backup_server::store::DEFAULT_GC_GRACE,
                 None,
                 &credentials.security(role::BACKUP)?,
             )

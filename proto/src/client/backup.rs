@@ -93,6 +93,38 @@ impl BackupClient {
             .backups)
     }
 
+    /// Every backup the store holds (without per-chunk digests), and the
+    /// store's summary: its location, chunks and sizes.
+    pub async fn list_backups_and_store(&self) -> Result<pb::ListBackupsResponse, ClientError> {
+        let answer = self
+            .inner
+            .clone()
+            .list_backups(pb::ListBackupsRequest {})
+            .await;
+        self.peer.answer(answer, || "listing backups".into())
+    }
+
+    /// Applies (or, with `dry_run`, shows) a volume's retention rules.
+    pub async fn prune_backups(
+        &self,
+        request: pb::PruneBackupsRequest,
+    ) -> Result<pb::PruneBackupsResponse, ClientError> {
+        let doing = format!("pruning the backups of volume {}", request.volume);
+        let answer = self.inner.clone().prune_backups(request).await;
+        self.peer.answer(answer, || doing)
+    }
+
+    /// Removes the chunks no backup references, once past the grace period.
+    pub async fn collect_garbage(&self) -> Result<pb::CollectGarbageResponse, ClientError> {
+        let answer = self
+            .inner
+            .clone()
+            .collect_garbage(pb::CollectGarbageRequest {})
+            .await;
+        self.peer
+            .answer(answer, || "collecting the store's garbage".into())
+    }
+
     /// Stops a running job (its partial image is removed).
     pub async fn cancel_backup(&self, backup_id: &str) -> Result<pb::BackupInfo, ClientError> {
         let answer = self.inner.clone().cancel_backup(Self::id(backup_id)).await;

@@ -368,7 +368,9 @@ impl Checker {
 
     /// Every backup that became complete since the last round: its image
     /// passes the ledger's check at its manifest's sequence, and the server
-    /// verifies it. Checked backups are removed to bound the store.
+    /// verifies it. Then the store is pruned to the newest two backups and
+    /// garbage-collected, and the newest backup must still verify (the
+    /// collector never removes a chunk a backup references).
     async fn check_backups(
         &mut self,
         cluster: &Cluster,
@@ -384,25 +386,49 @@ impl Checker {
             {
                 continue;
             }
-            let dir = cluster.store_dir().join(&backup.backup_id);
-            let manifest: serde_json::Value = std::fs::read(dir.join("manifest.json"))
+            let index = cluster
+                .store_dir()
+                .join("indexes")
+                .join(format!("{}.json", backup.backup_id));
+            let manifest: serde_json::Value = std::fs::read(&index)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok())
                 .ok_or_else(|| {
                     Violation::new(
                         round,
                         format!(
-                            "backup {} is complete but has no readable manifest.json",
+                            "backup {} is complete but has no readable index",
                             backup.backup_id
                         ),
                     )
                 })?;
             let sequence = manifest["ledger_sequence"].as_u64();
-            let image = std::fs::read(dir.join("image.raw")).map_err(|e| {
+            // The image as a restore would see it: exported from the chunk
+            // store, every chunk checked against its digest.
+            let exported = cluster.export_path();
+            let image = async {
+                let store = backup_server::store::ChunkStore::open_existing(
+                    &backup_server::store::StoreLocation::Dir(cluster.store_dir()),
+                    backup_server::store::DEFAULT_GC_GRACE,
+                )
+                .await?;
+                store.export(&backup.backup_id, &exported).await?;
+                let image = std::fs::read(&exported).map_err(|e| {
+                    backup_server::store::StoreError::Export {
+                        doing: "reading",
+                        path: exported.display().to_string(),
+                        source: e,
+                    }
+                });
+                let _ = std::fs::remove_file(&exported);
+                image
+            }
+            .await
+            .map_err(|e| {
                 Violation::new(
                     round,
                     format!(
-                        "backup {} is complete but its image cannot be read: {e}",
+                        "backup {} is complete but cannot be exported: {e}",
                         backup.backup_id
                     ),
                 )
@@ -431,7 +457,43 @@ impl Checker {
             }
             summary.backups_verified += 1;
             self.checked_backups.insert(backup.backup_id.clone());
-            let _ = std::fs::remove_dir_all(&dir);
+        }
+        self.prune_and_collect(round).await
+    }
+
+    /// Prunes volume 0 to its newest two backups and collects garbage. A
+    /// node that does not answer (a fault of the round) is not a violation;
+    /// a kept backup that no longer verifies afterwards is.
+    async fn prune_and_collect(&mut self, round: u64) -> Result<(), Violation> {
+        let prune = bpb::PruneBackupsRequest {
+            volume: 0,
+            keep_last: Some(2),
+            ..Default::default()
+        };
+        let Ok(pruned) = call("PruneBackups", self.backup.prune_backups(prune)).await else {
+            return Ok(());
+        };
+        if call("CollectGarbage", self.backup.collect_garbage())
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        for kept in pruned.decisions.iter().filter(|d| d.keep) {
+            let Ok(verified) =
+                call("VerifyBackup", self.backup.verify_backup(&kept.backup_id)).await
+            else {
+                continue;
+            };
+            if !verified.ok {
+                return Err(Violation::new(
+                    round,
+                    format!(
+                        "backup {} was kept by the prune but fails VerifyBackup after garbage collection: {verified:?}",
+                        kept.backup_id
+                    ),
+                ));
+            }
         }
         Ok(())
     }

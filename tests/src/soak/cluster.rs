@@ -132,6 +132,12 @@ impl Cluster {
         self.dir.join("store")
     }
 
+    /// Where the checks export a backup to read it (outside the store,
+    /// which may be a small tmpfs).
+    pub fn export_path(&self) -> PathBuf {
+        self.dir.join("export.raw")
+    }
+
     pub fn array_dir(&self) -> PathBuf {
         self.dir.join("array")
     }
@@ -207,6 +213,11 @@ impl Cluster {
                 self.addr(Node::Db),
                 "--store".into(),
                 path(self.store_dir()),
+                // The checks prune and collect after every round: a short
+                // grace lets the collector remove what pruning freed (and
+                // races it with the next round's backups).
+                "--gc-grace".into(),
+                "2s".into(),
             ],
         };
         match node {

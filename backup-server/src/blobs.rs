@@ -1,0 +1,303 @@
+//! Where the chunk store keeps its objects: a directory on this machine
+//! ([`DirBlobs`]) or an S3 bucket ([`crate::s3::S3Blobs`]), behind one small
+//! trait so that the store's logic is written once.
+//!
+//! The trait asks only what S3 offers: whole objects put atomically, read,
+//! listed by prefix with their size and last-modified time, and deleted.
+//! No rename, no append, no access time, no conditional write — the garbage
+//! collection protocol (`gc.rs`) is built from these alone.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use crate::source::BoxFuture;
+
+/// One object as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// The key, relative to the store (`chunks/0a1/0a1b…`).
+    pub key: String,
+    pub size_bytes: u64,
+    /// When it was last written, by the store's clock (the file's mtime,
+    /// S3's `Last-Modified`).
+    pub modified_unix_ms: u64,
+}
+
+/// Why an object operation failed, by what the caller can do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BlobError {
+    /// The object does not exist.
+    #[error("{0} does not exist in the store")]
+    NotFound(String),
+    /// The store did not answer (connection refused, timeout, a 5xx):
+    /// retryable once it is back.
+    #[error("the store is unavailable while {doing}: {message}")]
+    Unavailable { doing: String, message: String },
+    /// The store refused the credentials or the operation (403, EACCES).
+    /// Not retryable until the credentials or permissions are fixed.
+    #[error("the store refused {doing}: {message}")]
+    PermissionDenied { doing: String, message: String },
+    /// Anything else: an I/O error, a full disk, a malformed answer. Not
+    /// retryable until the store is fixed.
+    #[error("{doing}: {message}")]
+    Failed { doing: String, message: String },
+}
+
+/// An object store. Every method is safe to call concurrently, from this
+/// process and from other processes using the same store.
+pub trait Blobs: Send + Sync + 'static {
+    /// Where the store is, for people: a directory or `s3://bucket/prefix`.
+    fn location(&self) -> String;
+    /// Writes a whole object, replacing any object of that key. Atomic (a
+    /// reader sees the old object or the new one, never a part) and durable
+    /// when it returns.
+    fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), BlobError>>;
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, BlobError>>;
+    /// Every object below `prefix`, a folder ending in `/` (`chunks/`), in
+    /// key order.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>, BlobError>>;
+    /// Removes an object; a missing one is not an error.
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BlobError>>;
+}
+
+/// Temporary files of [`DirBlobs::put`] start with this, so that a listing
+/// never shows a half-written object.
+const TEMPORARY_PREFIX: &str = ".tmp-";
+
+/// A directory as an object store: a key is a path below the root. A put
+/// writes a temporary file, fsyncs it, renames it over the key and fsyncs
+/// the directory, so that a crash leaves the old object or the new one.
+#[derive(Debug, Clone)]
+pub struct DirBlobs {
+    root: PathBuf,
+}
+
+impl DirBlobs {
+    /// The store in `root`, created if missing.
+    pub fn create(root: &Path) -> Result<Self, BlobError> {
+        fs::create_dir_all(root).map_err(failed(format!("creating {}", root.display())))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The store in `root`, which must exist (offline commands never
+    /// create a store by mistake).
+    pub fn existing(root: &Path) -> Result<Self, BlobError> {
+        if !root.is_dir() {
+            return Err(BlobError::NotFound(format!(
+                "the store directory {}",
+                root.display()
+            )));
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), BlobError> {
+        let path = self.path(key);
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        fs::create_dir_all(&dir).map_err(failed(format!("creating {}", dir.display())))?;
+        let temporary = dir.join(format!("{TEMPORARY_PREFIX}{}", uuid::Uuid::now_v7()));
+        let written = (|| {
+            let mut file = File::create(&temporary)?;
+            file.write_all(data)?;
+            file.sync_all()?;
+            fs::rename(&temporary, &path)?;
+            File::open(&dir)?.sync_all()
+        })();
+        written.map_err(|e| {
+            let _ = fs::remove_file(&temporary);
+            failed(format!("writing {}", path.display()))(e)
+        })
+    }
+
+    fn list_blocking(&self, prefix: &str) -> Result<Vec<ObjectMeta>, BlobError> {
+        let mut found = Vec::new();
+        let mut pending = vec![self.root.join(prefix)];
+        while let Some(dir) = pending.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(failed(format!("listing {}", dir.display()))(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(failed(format!("listing {}", dir.display())))?;
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(TEMPORARY_PREFIX)
+                {
+                    continue;
+                }
+                let path = entry.path();
+                let metadata = match entry.metadata() {
+                    Ok(metadata) => metadata,
+                    // Removed since the directory was read (a concurrent
+                    // delete): not there any more.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(failed(format!("reading {}", path.display()))(e)),
+                };
+                if metadata.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                let key = path
+                    .strip_prefix(&self.root)
+                    .expect("listed below the root")
+                    .to_string_lossy()
+                    .into_owned();
+                let modified_unix_ms = metadata
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_millis() as u64);
+                found.push(ObjectMeta {
+                    key,
+                    size_bytes: metadata.len(),
+                    modified_unix_ms,
+                });
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+}
+
+fn failed(doing: String) -> impl FnOnce(io::Error) -> BlobError {
+    move |e| match e.kind() {
+        io::ErrorKind::PermissionDenied => BlobError::PermissionDenied {
+            doing,
+            message: e.to_string(),
+        },
+        _ => BlobError::Failed {
+            doing,
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Runs a blocking file operation off the async threads.
+async fn blocking<T: Send + 'static>(
+    doing: impl FnOnce() -> String,
+    work: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
+) -> Result<T, BlobError> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(BlobError::Failed {
+            doing: doing(),
+            message: format!("the blocking task failed: {e}"),
+        })
+    })
+}
+
+impl Blobs for DirBlobs {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), BlobError>> {
+        let this = self.clone();
+        let key_owned = key.to_string();
+        Box::pin(blocking(
+            move || format!("writing {key}"),
+            move || this.put_blocking(&key_owned, &data),
+        ))
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, BlobError>> {
+        let path = self.path(key);
+        let key_owned = key.to_string();
+        Box::pin(blocking(
+            move || format!("reading {key}"),
+            move || match fs::read(&path) {
+                Ok(data) => Ok(data),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    Err(BlobError::NotFound(key_owned))
+                }
+                Err(e) => Err(failed(format!("reading {}", path.display()))(e)),
+            },
+        ))
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>, BlobError>> {
+        let this = self.clone();
+        let prefix_owned = prefix.to_string();
+        Box::pin(blocking(
+            move || format!("listing {prefix}"),
+            move || this.list_blocking(&prefix_owned),
+        ))
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BlobError>> {
+        let path = self.path(key);
+        Box::pin(blocking(
+            move || format!("removing {key}"),
+            move || match fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(failed(format!("removing {}", path.display()))(e)),
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_directory_store_puts_lists_by_prefix_and_deletes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = DirBlobs::create(dir.path()).expect("create");
+        blobs
+            .put("chunks/abc/abcdef", vec![1, 2, 3])
+            .await
+            .expect("put");
+        blobs.put("chunks/abd/abd000", vec![4]).await.expect("put");
+        blobs
+            .put("indexes/x.json", b"{}".to_vec())
+            .await
+            .expect("put");
+        assert_eq!(
+            blobs.get("chunks/abc/abcdef").await.expect("get"),
+            vec![1, 2, 3]
+        );
+        let chunks: Vec<String> = blobs
+            .list("chunks/")
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(chunks, ["chunks/abc/abcdef", "chunks/abd/abd000"]);
+        let some: Vec<String> = blobs
+            .list("chunks/abc/")
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(some, ["chunks/abc/abcdef"]);
+        assert_eq!(blobs.list("nothing/").await.expect("list"), []);
+        blobs.delete("chunks/abc/abcdef").await.expect("delete");
+        blobs
+            .delete("chunks/abc/abcdef")
+            .await
+            .expect("a second delete");
+        assert!(matches!(
+            blobs.get("chunks/abc/abcdef").await,
+            Err(BlobError::NotFound(_))
+        ));
+    }
+}
