@@ -319,6 +319,10 @@ impl Backups {
             .geometry(lu)
             .await
             .map_err(|e| array_error(lu, e))?;
+        // An unreachable store, or one that refuses this server's
+        // credentials, is answered now (UNAVAILABLE, PERMISSION_DENIED),
+        // not as a job that fails later.
+        self.store.probe().await?;
         let mut expected_block_count = request.expected_block_count;
         let frozen_by = match held {
             Some((wanted, before)) => {

@@ -491,6 +491,16 @@ impl ChunkStore {
         &self.location
     }
 
+    /// Reads the store's header: answers whether the store is reachable
+    /// and accepts this server's credentials, before a job is started.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.blobs
+            .get(STORE_KEY)
+            .await
+            .map(drop)
+            .map_err(Into::into)
+    }
+
     pub fn gc_grace(&self) -> Duration {
         self.gc_grace
     }

@@ -67,4 +67,6 @@ mod s3_blobs;
 #[cfg(test)]
 mod s3_server;
 #[cfg(test)]
+mod store_gc;
+#[cfg(test)]
 mod tracing_otlp;
