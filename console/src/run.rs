@@ -175,7 +175,7 @@ impl StoreCounts {
         };
         let chunks = if read == 1 { "chunk" } else { "chunks" };
         let verified = if self.verify_read == Some(true) {
-            ", every non-zero chunk read (--verify-read)"
+            "; --verify-read: every non-zero chunk read"
         } else {
             ""
         };
