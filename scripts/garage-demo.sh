@@ -150,24 +150,68 @@ ENDPOINT_A="http://127.0.0.1:$(s3_port 1)"
 ENDPOINT_B="http://127.0.0.1:$(s3_port 2)"
 echo "   store $STORE: backup server A via $ENDPOINT_A, B via $ENDPOINT_B"
 
-# TODO(chunk store, issue #16): the backup-server and console flags land
-# later today. What goes here, in this order:
-#
-# 1. Build: cargo build --release -p splitmirror-backup-server -p splitmirror-console
-# 2. An array, a db-server and two backup servers sharing the store, e.g.
-#      AWS_ENDPOINT_URL=$ENDPOINT_A target/release/backup-server --store "$STORE" ... &
-#      AWS_ENDPOINT_URL=$ENDPOINT_B target/release/backup-server --store "$STORE" ... &
-#    (or --s3-endpoint instead of AWS_ENDPOINT_URL), their PIDs added to
-#    PIDS so that cleanup stops them.
-# 3. Backups from both servers of the same volume (the second reads and
-#    stores only changed chunks): console run ... --json, and record
-#    chunks_read / chunks_reused / chunks_zero / new_bytes_stored and the
-#    wall time of each run for BENCHMARKS.md.
-# 4. console backup prune --volume V --keep-last 1 while a backup runs on
-#    the other server; then the garbage collector.
-# 5. backup-server verify --store "$STORE" ID for every kept backup, and
-#    backup-server export + qemu-img compare against the frozen mate.
-# 6. One node stopped (kill one of PIDS): backups still go through the
-#    other two (replication factor 3, quorum 2).
-echo "== TODO: backup servers, backups, prune and verify are not wired yet (see the TODO in $0)"
-echo "garage-demo: cluster setup OK"
+echo "== splitmirror: an array, a db-server with its ledger, two backup servers on one bucket"
+cargo build --release -q -p splitmirror-array-node -p splitmirror-db-server \
+  -p splitmirror-backup-server -p splitmirror-console
+BIN=target/release
+SM=$WORK/splitmirror
+"$BIN/console" certs init "$SM/certs" >/dev/null
+export SPLITMIRROR_TLS_DIR=$SM/certs
+export AWS_ACCESS_KEY_ID=$KEY_ID AWS_SECRET_ACCESS_KEY=$KEY_SECRET AWS_REGION=$REGION
+STORE=s3://$BUCKET/demo
+ARRAY=127.0.0.1:$((BASE_PORT + 51))
+DB=127.0.0.1:$((BASE_PORT + 52))
+BACKUP_A=127.0.0.1:$((BASE_PORT + 53))
+BACKUP_B=127.0.0.1:$((BASE_PORT + 54))
+"$BIN/array-node" --listen "$ARRAY" --data-dir "$SM/array" --lu-size "${LU_SIZE:-256MiB}" \
+  >"$SM.array.log" 2>&1 &
+PIDS+=($!)
+"$BIN/db-server" --listen "$DB" --array "$ARRAY" --data-dir "$SM/db" --workload-tps 200 \
+  >"$SM.db.log" 2>&1 &
+PIDS+=($!)
+# Each backup server talks to a different Garage node.
+"$BIN/backup-server" --listen "$BACKUP_A" --array "$ARRAY" --db "$DB" --store "$STORE" \
+  --s3-endpoint "http://127.0.0.1:$(s3_port 1)" --gc-grace 30s >"$SM.backup-a.log" 2>&1 &
+PIDS+=($!)
+"$BIN/backup-server" --listen "$BACKUP_B" --array "$ARRAY" --db "$DB" --store "$STORE" \
+  --s3-endpoint "http://127.0.0.1:$(s3_port 2)" --gc-grace 30s >"$SM.backup-b.log" 2>&1 &
+PIDS+=($!)
+for addr in "$ARRAY" "$DB" "$BACKUP_A" "$BACKUP_B"; do
+  wait_for "the node at $addr" 60 "$BIN/console" --array "$ARRAY" --db "$DB" --backup "$addr" status
+done
+
+run() { # run SERVER LABEL: one backup run through one backup server
+  local server=$1 label=$2 t0=$SECONDS
+  "$BIN/console" --array "$ARRAY" --db "$DB" --backup "$server" run --volume 0 --label "$label" \
+    --json >"$SM/run-$label.json"
+  python3 - "$SM/run-$label.json" "$label" "$((SECONDS - t0))" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"   {sys.argv[2]:<10} {sys.argv[3]:>4} s  read {r['chunks_read']:>5}  reused {r['chunks_reused']:>5}"
+      f"  zero {r['chunks_zero']:>5}  new bytes stored {r['new_bytes_stored']:>12}  backup {r['backup_id']}")
+PY
+}
+
+echo "== backups from both servers into one bucket (the later ones store only what changed)"
+run "$BACKUP_A" a-1
+run "$BACKUP_B" b-1
+run "$BACKUP_A" a-2
+run "$BACKUP_B" b-2
+
+echo "== prune to the newest backup while server B backs up again, then collect garbage"
+run "$BACKUP_B" b-3 &
+RUNNING=$!
+"$BIN/console" --array "$ARRAY" --db "$DB" --backup "$BACKUP_A" backup prune --volume 0 --keep-last 1
+wait "$RUNNING"
+
+echo "== every kept backup verifies (each chunk re-read from Garage and re-hashed)"
+"$BIN/console" --array "$ARRAY" --db "$DB" --backup "$BACKUP_A" backup list
+for id in $("$BIN/backup-server" list --store "$STORE" --s3-endpoint "http://127.0.0.1:$(s3_port 3)" \
+  | awk '{print $1}' | grep -v '^store$'); do
+  "$BIN/backup-server" verify --store "$STORE" --s3-endpoint "http://127.0.0.1:$(s3_port 3)" "$id"
+done
+
+echo "== one Garage node stopped: a backup still goes through the other two"
+kill "${PIDS[2]}"
+run "$BACKUP_A" a-3
+echo "garage-demo: OK"
