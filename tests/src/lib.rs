@@ -55,6 +55,8 @@ mod db_race;
 #[cfg(test)]
 mod first_start;
 #[cfg(test)]
+mod generations;
+#[cfg(test)]
 mod grpcurl;
 #[cfg(test)]
 mod journal_damage;
