@@ -31,6 +31,11 @@ use crate::store::{ChunkStore, StoreError, encode_chunk, zero_digest};
 
 /// Read streams in flight at once.
 pub const READ_STREAMS: usize = 4;
+/// Chunks of one stream being hashed, compressed and stored at once while
+/// the stream goes on: a directory store fsyncs every chunk, and these
+/// fsyncs overlap (one at a time, a full backup took 1.7× as long as
+/// `qemu-img convert` + fsync).
+const CHUNKS_IN_FLIGHT_PER_STREAM: usize = 4;
 /// Each stream reads at most this many bytes of consecutive chunks.
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// Chunks whose digests one `ChecksumRange` asks for (16 GiB of the LU,
@@ -579,8 +584,8 @@ async fn confirm_after(
 }
 
 /// Copies one segment: receives its chunks in order and hands each to a
-/// task (hash and compare off the async threads, compress, store),
-/// overlapping the work on chunk k with receiving chunk k + 1.
+/// task (hash and compare off the async threads, compress, store), up to
+/// [`CHUNKS_IN_FLIGHT_PER_STREAM`] at once while receiving the next.
 async fn copy_segment(
     store: &Arc<ChunkStore>,
     source: &dyn LuSource,
@@ -600,7 +605,7 @@ async fn copy_segment(
     let mut chunks = segment.chunks.iter();
     let mut next_chunk = chunks.next().copied();
     let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK_SIZE_BYTES as usize);
-    let mut pending: Option<ChunkTask> = None;
+    let mut pending: std::collections::VecDeque<ChunkTask> = std::collections::VecDeque::new();
     let live = spec.frozen_by == FrozenBy::Live;
     loop {
         let next = tokio::select! {
@@ -638,18 +643,20 @@ async fn copy_segment(
                 }
                 std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK_SIZE_BYTES as usize))
             };
-            if let Some(previous) = pending.take() {
-                counts = counts + finish(previous, spec.lu, live, progress).await?;
+            if pending.len() >= CHUNKS_IN_FLIGHT_PER_STREAM
+                && let Some(oldest) = pending.pop_front()
+            {
+                counts = counts + finish(oldest, spec.lu, live, progress).await?;
             }
-            pending = Some(spawn_chunk(store.clone(), chunk, whole, live));
+            pending.push_back(spawn_chunk(store.clone(), chunk, whole, live));
             next_chunk = chunks.next().copied();
             if data.is_empty() {
                 break;
             }
         }
     }
-    if let Some(previous) = pending.take() {
-        counts = counts + finish(previous, spec.lu, live, progress).await?;
+    while let Some(oldest) = pending.pop_front() {
+        counts = counts + finish(oldest, spec.lu, live, progress).await?;
     }
     if next_chunk.is_some() || !buffer.is_empty() {
         let read = counts.bytes_read + buffer.len() as u64;
