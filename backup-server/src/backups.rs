@@ -519,21 +519,27 @@ impl Backups {
         }
     }
 
+    /// A job of this process that is running or did not complete, or a
+    /// complete backup as the store holds it now (a pruned one is gone,
+    /// whoever pruned it).
     pub async fn get(&self, id: &str) -> Result<BackupInfo, BackupError> {
-        if let Some(job) = self.job(id) {
+        if let Some(job) = self.job(id)
+            && *job.state.borrow() != JobState::Complete
+        {
             return Ok(Self::job_info(&job));
         }
         Ok(Self::manifest_info(self.store.manifest(id).await?))
     }
 
-    /// Jobs of this process (running, failed, cancelled) and every complete
-    /// backup in the store.
+    /// Jobs of this process that are running or did not complete, and every
+    /// complete backup in the store.
     pub async fn list(&self) -> Result<Vec<BackupInfo>, BackupError> {
         let mut infos: Vec<BackupInfo> = self
             .jobs
             .lock()
             .expect("jobs")
             .values()
+            .filter(|job| *job.state.borrow() != JobState::Complete)
             .map(|job| Self::job_info(job))
             .collect();
         for manifest in self.store.list().await? {
@@ -633,6 +639,12 @@ impl Backups {
         if !dry_run {
             for decision in decisions.iter().filter(|d| !d.keep) {
                 self.store.remove_index(&decision.backup_id).await?;
+                // A retried start of the pruned backup's run starts anew.
+                self.jobs.lock().expect("jobs").remove(&decision.backup_id);
+                self.by_run
+                    .lock()
+                    .expect("by_run")
+                    .retain(|_, id| *id != decision.backup_id);
                 tracing::info!(backup_id = %decision.backup_id, volume, "pruned: {}", decision.reason);
             }
         }

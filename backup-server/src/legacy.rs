@@ -192,12 +192,12 @@ fn verify(dir: &Path) -> Result<LegacyVerify, StoreError> {
             manifest.chunk_digests.len()
         ));
     }
+    if !bad_chunks.is_empty() && problem.is_none() {
+        problem = Some(format!("chunks {bad_chunks:?} do not match their digests"));
+    }
     let image_digest = manifest::image_digest(&digests);
     if manifest::from_hex(&manifest.image_digest) != Some(image_digest) && problem.is_none() {
         problem = Some("the image digest does not match the manifest".into());
-    }
-    if !bad_chunks.is_empty() && problem.is_none() {
-        problem = Some(format!("chunks {bad_chunks:?} do not match their digests"));
     }
     Ok(LegacyVerify {
         ok: bad_chunks.is_empty() && problem.is_none(),
