@@ -60,6 +60,16 @@ pub trait Blobs: Send + Sync + 'static {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>, BlobError>>;
     /// Removes an object; a missing one is not an error.
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BlobError>>;
+    /// Removes what interrupted puts left behind that is older than
+    /// `older_than`, and answers how many; S3 shows an object only once it
+    /// is complete, so there is nothing to remove there.
+    fn sweep_interrupted<'a>(
+        &'a self,
+        older_than: std::time::Duration,
+    ) -> BoxFuture<'a, Result<u64, BlobError>> {
+        let _ = older_than;
+        Box::pin(async { Ok(0) })
+    }
 }
 
 /// Temporary files of [`DirBlobs::put`] start with this, so that a listing
@@ -175,6 +185,39 @@ impl DirBlobs {
     }
 }
 
+/// Removes the temporary files of puts that a crash interrupted (never
+/// renamed into place), once older than `older_than` so that a put in
+/// progress in another process is left alone.
+fn sweep_temporaries(root: &Path, older_than: std::time::Duration) -> Result<u64, BlobError> {
+    let cutoff = std::time::SystemTime::now() - older_than;
+    let mut removed = 0;
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(failed(format!("listing {}", dir.display()))(e)),
+        };
+        for entry in entries.flatten() {
+            let Ok(metadata) = entry.metadata() else {
+                continue;
+            };
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            } else if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(TEMPORARY_PREFIX)
+                && metadata.modified().is_ok_and(|m| m < cutoff)
+                && fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 fn failed(doing: String) -> impl FnOnce(io::Error) -> BlobError {
     move |e| match e.kind() {
         io::ErrorKind::PermissionDenied => BlobError::PermissionDenied {
@@ -239,6 +282,17 @@ impl Blobs for DirBlobs {
         ))
     }
 
+    fn sweep_interrupted<'a>(
+        &'a self,
+        older_than: std::time::Duration,
+    ) -> BoxFuture<'a, Result<u64, BlobError>> {
+        let root = self.root.clone();
+        Box::pin(blocking(
+            || "removing interrupted writes".to_string(),
+            move || sweep_temporaries(&root, older_than),
+        ))
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BlobError>> {
         let path = self.path(key);
         Box::pin(blocking(
@@ -299,5 +353,14 @@ mod tests {
             blobs.get("chunks/abc/abcdef").await,
             Err(BlobError::NotFound(_))
         ));
+        // What a put interrupted by a crash leaves is never listed, and is
+        // swept once old enough.
+        std::fs::write(dir.path().join("chunks/abd/.tmp-interrupted"), b"half").expect("tmp");
+        assert_eq!(blobs.list("chunks/").await.expect("list").len(), 1);
+        let young = std::time::Duration::from_secs(3600);
+        assert_eq!(blobs.sweep_interrupted(young).await.expect("sweep"), 0);
+        let any = std::time::Duration::ZERO;
+        assert_eq!(blobs.sweep_interrupted(any).await.expect("sweep"), 1);
+        assert!(!dir.path().join("chunks/abd/.tmp-interrupted").exists());
     }
 }

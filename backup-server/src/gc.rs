@@ -381,6 +381,12 @@ impl ChunkStore {
             report.chunks_removed += 1;
             report.bytes_removed += meta.size_bytes;
         }
+        // 5. What interrupted writes of a directory store left behind.
+        match self.blobs().sweep_interrupted(self.gc_grace()).await {
+            Ok(0) => {}
+            Ok(swept) => tracing::info!("removed {swept} files of interrupted writes"),
+            Err(e) => tracing::warn!("removing the files of interrupted writes: {e}"),
+        }
         tracing::info!(
             removed = report.chunks_removed,
             bytes = report.bytes_removed,
