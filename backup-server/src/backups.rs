@@ -673,6 +673,7 @@ fn array_error(lu: u32, error: ClientError) -> BackupError {
         | ErrorKind::AlreadyExists
         | ErrorKind::Aborted
         | ErrorKind::PermissionDenied
+        | ErrorKind::DataLoss
         | ErrorKind::Internal => BackupError::ArrayFailed(error),
     }
 }

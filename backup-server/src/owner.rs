@@ -72,6 +72,7 @@ impl OwnerFailure {
             | ErrorKind::AlreadyExists
             | ErrorKind::Aborted
             | ErrorKind::PermissionDenied
+            | ErrorKind::DataLoss
             | ErrorKind::Internal => Self::Failed,
         }
     }

@@ -584,8 +584,8 @@ async fn get_backup_of_an_unknown_id_is_not_found_and_of_a_corrupt_index_data_lo
         .get_backup(&info.backup_id, false)
         .await
         .expect_err("a corrupt index");
-    // The typed client has no DataLoss kind: DATA_LOSS is Internal there.
-    assert_eq!(error.kind, ErrorKind::Internal, "{error}");
+    // The typed client says DataLoss, from the code alone.
+    assert_eq!(error.kind, ErrorKind::DataLoss, "{error}");
     let status = client
         .raw()
         .get_backup(bpb::GetBackupRequest {

@@ -82,9 +82,13 @@ pub enum ErrorKind {
     /// The caller is not allowed (`PERMISSION_DENIED`, `UNAUTHENTICATED`).
     /// Not retryable.
     PermissionDenied,
-    /// The node failed (`INTERNAL`, `DATA_LOSS`, `UNIMPLEMENTED`): a disk
-    /// error, damaged state, a node too old for the call. Not the caller's
-    /// fault; not retryable.
+    /// Stored data is damaged or missing (`DATA_LOSS`): a backup's index
+    /// that cannot be read, a chunk missing or corrupt (the message names
+    /// it). Not retryable; the evidence is kept for repair.
+    DataLoss,
+    /// The node failed (`INTERNAL`, `UNIMPLEMENTED`): a disk error, damaged
+    /// state, a node too old for the call. Not the caller's fault; not
+    /// retryable.
     Internal,
 }
 
@@ -104,7 +108,8 @@ impl ErrorKind {
             Code::AlreadyExists => Self::AlreadyExists,
             Code::Aborted | Code::Cancelled => Self::Aborted,
             Code::PermissionDenied | Code::Unauthenticated => Self::PermissionDenied,
-            Code::Internal | Code::DataLoss | Code::Unimplemented | Code::Ok => Self::Internal,
+            Code::DataLoss => Self::DataLoss,
+            Code::Internal | Code::Unimplemented | Code::Ok => Self::Internal,
         }
     }
 
@@ -131,6 +136,7 @@ impl ErrorKind {
             Self::AlreadyExists => "already exists",
             Self::Aborted => "aborted",
             Self::PermissionDenied => "permission denied",
+            Self::DataLoss => "data loss",
             Self::Internal => "internal",
         }
     }
