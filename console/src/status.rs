@@ -192,22 +192,7 @@ pub fn render_backups(snapshot: &Snapshot) -> String {
         Some(backups) => {
             let _ = writeln!(out, "Backups ({})", backups.len());
             for b in backups {
-                let _ = writeln!(
-                    out,
-                    "  {}  {:<9} LU {}  {} / {}  {}  run {}{}",
-                    b.backup_id,
-                    state_name(b.state()),
-                    b.lu,
-                    format_bytes(b.bytes_done),
-                    format_bytes(b.bytes_total),
-                    b.consistency,
-                    b.run_id,
-                    if b.error.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  ({})", b.error)
-                    }
-                );
+                let _ = writeln!(out, "{}", backup_line(b));
             }
         }
         None => {
@@ -215,6 +200,26 @@ pub fn render_backups(snapshot: &Snapshot) -> String {
         }
     }
     out
+}
+
+/// One backup as the status and `backup list` show it: id, state, LU,
+/// progress, consistency, run, and the error if it failed.
+pub fn backup_line(b: &bpb::BackupInfo) -> String {
+    format!(
+        "  {}  {:<9} LU {}  {} / {}  {}  run {}{}",
+        b.backup_id,
+        state_name(b.state()),
+        b.lu,
+        format_bytes(b.bytes_done),
+        format_bytes(b.bytes_total),
+        b.consistency,
+        b.run_id,
+        if b.error.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", b.error)
+        }
+    )
 }
 
 /// The status as one JSON object (what `status --json` prints).

@@ -351,22 +351,7 @@ impl<'a> BackupList<'a> {
         if !self.jobs.is_empty() {
             let _ = writeln!(out, "Jobs not complete ({})", self.jobs.len());
             for b in &self.jobs {
-                let _ = writeln!(
-                    out,
-                    "  {}  {:<9} LU {}  {} / {}  {}  run {}{}",
-                    b.backup_id,
-                    state_name(b.state()),
-                    b.lu,
-                    format_bytes(b.bytes_done),
-                    format_bytes(b.bytes_total),
-                    b.consistency,
-                    b.run_id,
-                    if b.error.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  ({})", b.error)
-                    }
-                );
+                let _ = writeln!(out, "{}", status::backup_line(b));
             }
         }
         out
