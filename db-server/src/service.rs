@@ -178,6 +178,7 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
                 bytes_total: v.resync.bytes_total,
             }),
             full_resync_reason: v.full_resync_reason.unwrap_or_default(),
+            restore: None,
         })
         .collect();
     let ledger = status.ledger.map(|l| pb::LedgerStatus {
@@ -192,6 +193,7 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
         latency_p99_us: latency_percentile_us(&l.latency_histogram, 0.99),
         latency_max_us: latency_percentile_us(&l.latency_histogram, 1.0),
         committed_sequence: l.committed_sequence,
+        stopped_reason: l.stopped.clone().unwrap_or_default(),
         latency_histogram: if include_latency_histogram {
             l.latency_histogram
         } else {
@@ -229,6 +231,29 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl DbService for DbGrpc {
+    // TEMPORARY until the restore lands (issue 17, in progress): replaced
+    // by the real handlers before anything is committed.
+    async fn begin_restore(
+        &self,
+        _request: Request<pb::BeginRestoreRequest>,
+    ) -> Result<Response<pb::BeginRestoreResponse>, Status> {
+        Err(Status::unimplemented("BeginRestore"))
+    }
+
+    async fn end_restore(
+        &self,
+        _request: Request<pb::EndRestoreRequest>,
+    ) -> Result<Response<pb::EndRestoreResponse>, Status> {
+        Err(Status::unimplemented("EndRestore"))
+    }
+
+    async fn restore_snapshot(
+        &self,
+        _request: Request<pb::RestoreSnapshotRequest>,
+    ) -> Result<Response<pb::RestoreSnapshotResponse>, Status> {
+        Err(Status::unimplemented("RestoreSnapshot"))
+    }
+
     async fn acquire_snapshot(
         &self,
         request: Request<pb::AcquireSnapshotRequest>,

@@ -19,6 +19,7 @@
 //!   act on (never the message's text).
 
 pub mod client;
+pub mod crash;
 pub mod node;
 pub mod pace;
 pub mod range_lock;

@@ -50,6 +50,16 @@ pub enum Reason {
     LeaseOverCap,
     /// A write over the per-request limit: split it.
     TooLarge,
+    /// The volume is offline for a restore: its Read and Write answer
+    /// `UNAVAILABLE` until the restore ends. Retryable after waiting.
+    Restoring,
+    /// Another run's restore holds the volume: not retryable until it ends
+    /// (EndRestore) or is abandoned.
+    RestoreHeld,
+    /// EndRestore found origin and mate different, or not the expected
+    /// image: the volume stays offline; run the restore again or abandon
+    /// it.
+    RestoreIncomplete,
     /// The block range runs past the end of the LU or volume (the array's
     /// and db-server's `OUT_OF_RANGE`). Not retryable. It also tells the
     /// node's own `OUT_OF_RANGE` apart from tonic's refusal of an oversized
@@ -59,7 +69,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Resynchronizing,
         Reason::SnapshotHeld,
         Reason::WrongMode,
@@ -73,6 +83,9 @@ impl Reason {
         Reason::ShuttingDown,
         Reason::LeaseOverCap,
         Reason::TooLarge,
+        Reason::Restoring,
+        Reason::RestoreHeld,
+        Reason::RestoreIncomplete,
         Reason::BeyondEnd,
     ];
 
@@ -92,6 +105,9 @@ impl Reason {
             Reason::ShuttingDown => "shutting-down",
             Reason::LeaseOverCap => "lease-over-cap",
             Reason::TooLarge => "too-large",
+            Reason::Restoring => "restoring",
+            Reason::RestoreHeld => "restore-held",
+            Reason::RestoreIncomplete => "restore-incomplete",
             Reason::BeyondEnd => "beyond-end",
         }
     }

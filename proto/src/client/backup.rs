@@ -51,6 +51,38 @@ impl BackupClient {
         self.peer.answer(answer, || doing)
     }
 
+    /// Starts (or, for a run id already started, finds) a restore job.
+    pub async fn start_restore(
+        &self,
+        request: pb::StartRestoreRequest,
+    ) -> Result<pb::StartRestoreResponse, ClientError> {
+        let target = match (request.volume, request.to_lu) {
+            (Some(volume), _) => format!("volume {volume}"),
+            (None, Some(lu)) => format!("LU {lu}"),
+            (None, None) => "no target".to_string(),
+        };
+        let doing = format!(
+            "starting restore run {} of backup {} onto {target}",
+            request.run_id, request.backup_id
+        );
+        let answer = self.inner.clone().start_restore(request).await;
+        self.peer.answer(answer, || doing)
+    }
+
+    /// The restore job's progress until it ends.
+    pub async fn watch_restore(
+        &self,
+        run_id: &str,
+    ) -> Result<AnswerStream<pb::RestoreProgress>, ClientError> {
+        let doing = || format!("watching restore run {run_id}");
+        let request = pb::RestoreIdRequest {
+            run_id: run_id.to_string(),
+        };
+        let answer = self.inner.clone().watch_restore(request).await;
+        let stream = self.peer.answer(answer, doing)?;
+        Ok(self.peer.stream(stream, doing()))
+    }
+
     /// The job's progress until it ends.
     pub async fn watch_backup(
         &self,

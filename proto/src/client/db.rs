@@ -69,6 +69,65 @@ impl DbClient {
         })
     }
 
+    /// Takes `volume` offline for the restore run `run_id` of `backup_id`
+    /// (idempotent per run).
+    pub async fn begin_restore(
+        &self,
+        volume: u32,
+        run_id: &str,
+        backup_id: &str,
+    ) -> Result<pb::BeginRestoreResponse, ClientError> {
+        let request = pb::BeginRestoreRequest {
+            volume,
+            run_id: run_id.to_string(),
+            backup_id: backup_id.to_string(),
+        };
+        let answer = self.inner.clone().begin_restore(request).await;
+        self.peer.answer(answer, || {
+            format!("taking volume {volume} offline for restore run {run_id}")
+        })
+    }
+
+    /// Ends the restore run `run_id` of `volume`: checks the volume (against
+    /// `expected_image_digest` when given) and brings it back online; with
+    /// `abandon`, gives the restore up.
+    pub async fn end_restore(
+        &self,
+        volume: u32,
+        run_id: &str,
+        abandon: bool,
+        expected_image_digest: Option<Vec<u8>>,
+    ) -> Result<pb::EndRestoreResponse, ClientError> {
+        let request = pb::EndRestoreRequest {
+            volume,
+            run_id: run_id.to_string(),
+            abandon,
+            expected_image_digest: expected_image_digest.unwrap_or_default(),
+        };
+        let answer = self.inner.clone().end_restore(request).await;
+        self.peer.answer(answer, || {
+            let verb = if abandon { "abandoning" } else { "ending" };
+            format!("{verb} restore run {run_id} of volume {volume}")
+        })
+    }
+
+    /// Puts `volume` back to the frozen mate of the snapshot `run_id`
+    /// holds (the reverse resync), and answers when done.
+    pub async fn restore_snapshot(
+        &self,
+        volume: u32,
+        run_id: &str,
+    ) -> Result<pb::RestoreSnapshotResponse, ClientError> {
+        let request = pb::RestoreSnapshotRequest {
+            volume,
+            run_id: run_id.to_string(),
+        };
+        let answer = self.inner.clone().restore_snapshot(request).await;
+        self.peer.answer(answer, || {
+            format!("restoring volume {volume} to the snapshot of run {run_id}")
+        })
+    }
+
     /// Who holds the snapshot of `volume`, and what it froze.
     pub async fn get_snapshot(&self, volume: u32) -> Result<pb::GetSnapshotResponse, ClientError> {
         let request = pb::GetSnapshotRequest { volume };
