@@ -4,6 +4,8 @@
 //! - [`clients`]: the typed clients of the three nodes.
 //! - [`run`]: one backup run, its failure policy and its report.
 //! - [`progress`]: bars on a terminal, plain lines elsewhere.
+//! - [`restore`]: a restore from a backup (onto a volume or a plain LU),
+//!   its abandon, and the reverse resync to a held snapshot; their reports.
 //! - [`status`]: `console status` and `console pair verify`.
 //!
 //! With the `embedded` feature (on by default), the parts that run the
@@ -14,7 +16,7 @@
 //! - [`demo`]: the embedded demo.
 //! - [`bench`]: the benchmarks.
 //!
-//! Errors: the modules other code builds on ([`run`], [`status`],
+//! Errors: the modules other code builds on ([`run`], [`restore`], [`status`],
 //! [`cluster`]) answer typed errors, so that a caller decides on a variant
 //! or a [`ClientError`](splitmirror_proto::client::ClientError) kind;
 //! [`demo`] and [`bench`] are commands that only report to a person, and
@@ -29,5 +31,6 @@ pub mod cluster;
 #[cfg(feature = "embedded")]
 pub mod demo;
 pub mod progress;
+pub mod restore;
 pub mod run;
 pub mod status;

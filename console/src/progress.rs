@@ -1,5 +1,5 @@
-//! How a backup run shows its progress: a bar (indicatif) on a terminal,
-//! plain lines on stderr otherwise, or nothing.
+//! How a backup run or a restore shows its progress: a bar (indicatif) on
+//! a terminal, plain lines on stderr otherwise, or nothing.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
@@ -16,6 +16,20 @@ pub trait ProgressSink: Send + Sync {
     fn backup(&self, done_bytes: u64, total_bytes: u64, throughput_bytes_per_s: u64);
     /// Resync bytes copied so far.
     fn resync(&self, done_bytes: u64, total_bytes: u64);
+    /// A restore: `done_chunks` of `total_chunks` in `phase` ("compare",
+    /// "check", "write", "verify"), the bytes written so far and the
+    /// write speed.
+    fn restore(
+        &self,
+        phase: &'static str,
+        done_chunks: u64,
+        total_chunks: u64,
+        bytes_written: u64,
+        throughput_bytes_per_s: u64,
+    );
+    /// A reverse resync (snapshot restore): bytes copied mate → origin so
+    /// far.
+    fn reverse_resync(&self, done_bytes: u64, total_bytes: u64);
     /// The run is over; clear any bars.
     fn finish(&self);
 }
@@ -36,6 +50,8 @@ impl ProgressSink for Quiet {
     fn phase(&self, _name: &str) {}
     fn backup(&self, _: u64, _: u64, _: u64) {}
     fn resync(&self, _: u64, _: u64) {}
+    fn restore(&self, _: &'static str, _: u64, _: u64, _: u64, _: u64) {}
+    fn reverse_resync(&self, _: u64, _: u64) {}
     fn finish(&self) {}
 }
 
@@ -56,7 +72,18 @@ impl Bars {
             .progress_chars("=> ")
     }
 
-    fn draw(&self, kind: &'static str, done: u64, total: u64, extra: String) {
+    /// A bar of bytes: "42% 10 MiB of 24 MiB{extra}".
+    fn draw_bytes(&self, kind: &'static str, done: u64, total: u64, extra: String) {
+        let message = format!(
+            "{:>3.0}% {} of {}{extra}",
+            percent(done, total),
+            format_bytes(done),
+            format_bytes(total)
+        );
+        self.draw(kind, done, total, message);
+    }
+
+    fn draw(&self, kind: &'static str, done: u64, total: u64, message: String) {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let bar = match current.as_ref() {
             Some((k, bar)) if *k == kind => bar.clone(),
@@ -71,20 +98,11 @@ impl Bars {
                 bar
             }
         };
-        let percent = if total == 0 {
-            100.0
-        } else {
-            done.min(total) as f64 * 100.0 / total as f64
-        };
         if bar.length() != Some(total) {
             bar.set_length(total);
         }
         bar.set_position(done.min(total));
-        bar.set_message(format!(
-            "{percent:>3.0}% {} of {}{extra}",
-            format_bytes(done),
-            format_bytes(total)
-        ));
+        bar.set_message(message);
     }
 
     fn clear(&self) {
@@ -102,7 +120,7 @@ impl ProgressSink for Bars {
     }
 
     fn backup(&self, done: u64, total: u64, throughput: u64) {
-        self.draw(
+        self.draw_bytes(
             "backup",
             done,
             total,
@@ -111,7 +129,20 @@ impl ProgressSink for Bars {
     }
 
     fn resync(&self, done: u64, total: u64) {
-        self.draw("resync", done, total, String::new());
+        self.draw_bytes("resync", done, total, String::new());
+    }
+
+    fn restore(&self, phase: &'static str, done: u64, total: u64, written: u64, throughput: u64) {
+        self.draw(
+            phase,
+            done,
+            total,
+            restore_message(done, total, written, throughput),
+        );
+    }
+
+    fn reverse_resync(&self, done: u64, total: u64) {
+        self.draw_bytes("reverse", done, total, String::new());
     }
 
     fn finish(&self) {
@@ -127,22 +158,24 @@ struct Lines {
 
 impl Lines {
     fn line(&self, kind: &str, done: u64, total: u64, extra: String) {
+        self.line_with(kind, done, total, || {
+            format!(
+                "{kind}: {} of {} ({:.0}%){extra}",
+                format_bytes(done),
+                format_bytes(total),
+                percent(done, total)
+            )
+        });
+    }
+
+    fn line_with(&self, kind: &str, done: u64, total: u64, text: impl FnOnce() -> String) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let due = match last.as_ref() {
             Some((k, at)) => k != kind || at.elapsed() >= Duration::from_secs(1) || done == total,
             None => true,
         };
         if due {
-            let percent = if total == 0 {
-                100.0
-            } else {
-                done as f64 * 100.0 / total as f64
-            };
-            eprintln!(
-                "{kind}: {} of {} ({percent:.0}%){extra}",
-                format_bytes(done),
-                format_bytes(total)
-            );
+            eprintln!("{}", text());
             *last = Some((kind.to_string(), Instant::now()));
         }
     }
@@ -166,5 +199,52 @@ impl ProgressSink for Lines {
         self.line("resync", done, total, String::new());
     }
 
+    fn restore(&self, phase: &'static str, done: u64, total: u64, written: u64, throughput: u64) {
+        self.line_with(phase, done, total, || {
+            format!(
+                "{phase}: {}",
+                restore_message(done, total, written, throughput)
+            )
+        });
+    }
+
+    fn reverse_resync(&self, done: u64, total: u64) {
+        self.line("reverse resync", done, total, String::new());
+    }
+
     fn finish(&self) {}
+}
+
+/// `done` of `total` in percent (100 for an empty total).
+fn percent(done: u64, total: u64) -> f64 {
+    if total == 0 {
+        100.0
+    } else {
+        done.min(total) as f64 * 100.0 / total as f64
+    }
+}
+
+/// "42% 430 of 1024 chunks, 12.0 MiB written, 150 MiB/s".
+fn restore_message(done: u64, total: u64, written: u64, throughput: u64) -> String {
+    format!(
+        "{:>3.0}% {done} of {total} chunks, {} written, {}/s",
+        percent(done, total),
+        format_bytes(written),
+        format_bytes(throughput)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_lines_say_chunks_bytes_and_speed() {
+        assert_eq!(
+            restore_message(512, 1024, 3 << 20, 100 << 20),
+            " 50% 512 of 1024 chunks, 3.00 MiB written, 100.00 MiB/s"
+        );
+        assert_eq!(percent(0, 0), 100.0);
+        assert_eq!(percent(7, 5), 100.0);
+    }
 }
