@@ -12,6 +12,7 @@ use cli::manual;
 use cli::output::{exit, print_report};
 use splitmirror_console::clients::{Addresses, Clients, DEFAULT_ARRAY, DEFAULT_BACKUP, DEFAULT_DB};
 use splitmirror_console::progress;
+use splitmirror_console::restore::{RestoreRequest, RestoreTarget};
 use splitmirror_console::run::{RunOptions, backup_run};
 use splitmirror_proto::node;
 use splitmirror_proto::security::{Security, SecurityArgs, role};
@@ -135,6 +136,63 @@ enum Command {
         #[arg(long)]
         verify_read: bool,
     },
+    /// Restores a backup: in place onto a volume, or onto a plain LU
+    /// (--to-lu). Exits 0 only for a completed, verified restore.
+    ///
+    /// Onto a volume (--volume), in five steps:
+    ///
+    /// 1. Checks that change nothing: the backup is complete and of the
+    ///    volume's size and block size; the volume's ledger runs (when the
+    ///    volume holds the ledger and it does not run, or db-server's Status
+    ///    fails, the restore is refused unless --force).
+    ///
+    /// 2. db-server takes the volume offline (BeginRestore): the ledger
+    ///    stops, every Read and Write of the volume answers UNAVAILABLE
+    ///    (reason restoring), the state is journaled (a crash leaves the
+    ///    volume offline until the restore ends), and the backup server may
+    ///    write the pair's LUs until the end.
+    ///
+    /// 3. The safety backup, unless --no-safety-backup: a backup of the
+    ///    volume as it is now (run id <R>-safety, a live copy of the mirror
+    ///    LU, taken while it is offline so that nothing changes under it),
+    ///    named in the report, so that the restore can itself be undone. If
+    ///    it fails the restore is abandoned and the volume is unchanged,
+    ///    unless --force, which restores without it.
+    ///
+    /// 4. The backup server writes the backup onto the mirror LU (so origin
+    ///    and mate both get it): only the chunks whose digest differs from
+    ///    the array's, after reading and checking every chunk it will write;
+    ///    then it flushes and has the array digest origin and mate again.
+    ///    "verified: yes" means: every chunk written equals the backup's
+    ///    digest on origin and on mate by the array's ChecksumRange after the
+    ///    flush, and every chunk not written matched it before.
+    ///
+    /// 5. db-server compares origin and mate whole with each other and with
+    ///    the backup's image digest (EndRestore), brings the pair back
+    ///    Synchronized and reopens the ledger, which continues from the
+    ///    backup's sequence.
+    ///
+    /// The run id (--run-id, or a new one printed at the start) names the
+    /// restore. If a restore stops after step 2 (a node down, a damaged
+    /// chunk), the volume stays offline on purpose and the report says how
+    /// to continue: run the same command again with the same --run-id (it
+    /// continues the restore, writing only the chunks still different, and
+    /// reuses the safety backup taken the first time), or give it up with
+    /// `console restore abandon`.
+    ///
+    /// Onto a plain LU (--to-lu): the backup server writes and verifies the
+    /// LU; no volume is touched and db-server is not called. The LU must be
+    /// plain (not a mirror, origin or mate LU), of the backup's size, and
+    /// writable by the backup server (a [[grant]] in the array's config).
+    ///
+    /// Example: console restore --volume 0 --backup 0190d3c4-…
+    ///
+    /// Example: console restore --volume 0 --backup 0190d3c4-… --run-id 0190d3d0-… (continue)
+    ///
+    /// Example: console restore --backup 0190d3c4-… --to-lu 6
+    ///
+    /// Example: console restore abandon --volume 0 --run-id 0190d3d0-…
+    Restore(RestoreArgs),
     /// Performs backup runs one after another — what the console container
     /// of `docker compose up` does. Waits for the nodes and for the volume
     /// to be Synchronized first, then prints each run's report.
@@ -250,6 +308,66 @@ enum CertsCommand {
     },
 }
 
+#[derive(Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    group(clap::ArgGroup::new("target").required(true).args(["volume", "to_lu"]))
+)]
+struct RestoreArgs {
+    #[command(subcommand)]
+    action: Option<RestoreAction>,
+    /// The volume to restore in place (its mirror LU id).
+    #[arg(long)]
+    volume: Option<u32>,
+    /// Restore onto this plain LU instead, touching no volume.
+    #[arg(long, value_name = "LU")]
+    to_lu: Option<u32>,
+    /// The backup to restore (see `console backup list`).
+    #[arg(long, value_name = "ID", required = true)]
+    backup: Option<String>,
+    /// The restore run's id: a new one by default. Give the id of a restore
+    /// that did not complete to continue it.
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Do not back up the volume's current content first.
+    #[arg(long, conflicts_with = "to_lu")]
+    no_safety_backup: bool,
+    /// Restore even when the volume's ledger is not running or not
+    /// reachable, or when the safety backup fails.
+    #[arg(long)]
+    force: bool,
+    /// Cap the restore's write rate (bytes per second, e.g. 200MB).
+    #[arg(long, value_parser = parse_size_bytes)]
+    max_rate: Option<u64>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum RestoreAction {
+    /// Gives up a restore that did not complete.
+    ///
+    /// EndRestore with abandon: the volume comes back online with whatever it holds now — the
+    /// content before the restore if it had not written yet, else part of
+    /// the backup — origin and mate resynchronized, and the ledger reopened
+    /// if its check passes. To get the content before the restore back,
+    /// restore the safety backup the report named.
+    ///
+    /// Example: console restore abandon --volume 0 --run-id 0190d3d0-…
+    Abandon {
+        #[arg(long)]
+        volume: u32,
+        /// The restore run to give up.
+        #[arg(long)]
+        run_id: String,
+        /// Print the answer as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Subcommand)]
 enum SnapshotCommand {
     /// Suspends the database, splits the pair, resumes; prints the run id
@@ -275,6 +393,26 @@ enum SnapshotCommand {
         /// Delete even if another run holds the snapshot.
         #[arg(long)]
         force: bool,
+    },
+    /// Puts the volume back to the held snapshot's frozen mate (the reverse
+    /// resync): db-server stops the ledger, takes the volume offline,
+    /// copies mate → origin exactly the ranges the update location table
+    /// recorded since the split (inside the array), releases the snapshot
+    /// (the pair is Synchronized, nothing to resync) and reopens the ledger
+    /// at the snapshot's sequence. Its cost is the data written since the
+    /// split, not the volume's size. Everything written since the split is
+    /// lost. Prints the ranges, blocks and bytes copied.
+    ///
+    /// Example: console snapshot restore --volume 0 --run-id 0190…
+    Restore {
+        #[arg(long, default_value_t = 0)]
+        volume: u32,
+        /// The run id that holds the snapshot.
+        #[arg(long)]
+        run_id: String,
+        /// Print the answer as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -622,6 +760,20 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 .instrument(command_span("status"))
                 .await
         }
+        Command::Restore(args) => {
+            restore_command(&connect()?, args)
+                .instrument(command_span("restore"))
+                .await
+        }
+        Command::Snapshot(SnapshotCommand::Restore {
+            volume,
+            run_id,
+            json,
+        }) => {
+            cli::restore::snapshot_restore(&connect()?, volume, &run_id, json)
+                .instrument(command_span("snapshot restore"))
+                .await
+        }
         Command::Snapshot(SnapshotCommand::Acquire { volume, run_id }) => {
             manual::snapshot_acquire(&connect()?, volume, run_id)
                 .instrument(command_span("snapshot acquire"))
@@ -711,6 +863,35 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
         }
     }
+}
+
+/// `console restore` and `console restore abandon`.
+async fn restore_command(clients: &Clients, args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    if let Some(RestoreAction::Abandon {
+        volume,
+        run_id,
+        json,
+    }) = args.action
+    {
+        return cli::restore::abandon(clients, volume, &run_id, json).await;
+    }
+    let Some(backup_id) = args.backup else {
+        anyhow::bail!("--backup is required");
+    };
+    let target = match (args.volume, args.to_lu) {
+        (Some(volume), None) => RestoreTarget::Volume(volume),
+        (None, Some(lu)) => RestoreTarget::Lu(lu),
+        _ => anyhow::bail!("give exactly one of --volume and --to-lu"),
+    };
+    let request = RestoreRequest {
+        target,
+        backup_id,
+        run_id: args.run_id,
+        safety_backup: !args.no_safety_backup,
+        force: args.force,
+        max_bytes_per_s: args.max_rate,
+    };
+    cli::restore::restore(clients, &request, args.json).await
 }
 
 /// The root span of one manual command: with export on, the command and

@@ -6,4 +6,5 @@
 pub mod certs;
 pub mod manual;
 pub mod output;
+pub mod restore;
 pub mod schedule;
