@@ -115,6 +115,32 @@ impl ArrayConfig {
         Ok(config)
     }
 
+    /// Adds a plain LU `id` (an LU in no mirror, e.g. a scratch LU to
+    /// restore a backup onto) with `block_count` blocks of
+    /// `block_size_bytes`, and a configured grant on it for each
+    /// `(identity, access)`, as `[[lu]]` and `[[grant]]` tables would;
+    /// the result is validated again.
+    pub fn add_plain_lu(
+        &mut self,
+        id: LuId,
+        block_size_bytes: u32,
+        block_count: u64,
+        grants: &[(&str, crate::access::Access)],
+    ) -> Result<(), ConfigError> {
+        self.lus.push(RealLuConfig {
+            id,
+            block_size_bytes,
+            block_count,
+        });
+        self.grants
+            .extend(grants.iter().map(|&(identity, access)| GrantConfig {
+                identity: identity.to_string(),
+                lu: id,
+                access,
+            }));
+        self.validate()
+    }
+
     /// Parses and validates a TOML config such as:
     ///
     /// ```toml
@@ -271,6 +297,46 @@ mod tests {
         );
         assert_eq!(config.lus[0].block_count, 16384);
         assert!(ArrayConfig::default_pairs(1000).is_err());
+    }
+
+    #[test]
+    fn a_plain_lu_is_added_with_its_grants_and_checked() {
+        use crate::access::Access;
+        let mut config = ArrayConfig::default_pairs(DEFAULT_LU_SIZE_BYTES).expect("valid");
+        config
+            .add_plain_lu(
+                6,
+                4096,
+                16384,
+                &[
+                    ("backup-server", Access::ReadWrite),
+                    ("console", Access::Read),
+                ],
+            )
+            .expect("valid");
+        assert_eq!(config.lus.len(), 5);
+        assert_eq!(config.mirrors.len(), 2);
+        assert_eq!(
+            config.grants,
+            vec![
+                GrantConfig {
+                    identity: "backup-server".into(),
+                    lu: 6,
+                    access: Access::ReadWrite,
+                },
+                GrantConfig {
+                    identity: "console".into(),
+                    lu: 6,
+                    access: Access::Read,
+                },
+            ]
+        );
+        // An id already in use is refused.
+        let mut config = ArrayConfig::default_pairs(DEFAULT_LU_SIZE_BYTES).expect("valid");
+        let error = config
+            .add_plain_lu(2, 4096, 16384, &[])
+            .expect_err("LU 2 exists");
+        assert!(error.to_string().contains("defined twice"), "{error}");
     }
 
     #[test]
