@@ -71,6 +71,40 @@ pub trait ArrayPort: Send + Sync + 'static {
         access: OwnAccess,
         purpose: &str,
     ) -> BoxFuture<'_, Result<(), ClientError>>;
+    /// LUN masking for another identity: `identity`'s access to `lu` from
+    /// now on (`None` withdraws what was set: the configuration's grant
+    /// again). db-server, the pairs' owner, gives the backup server write
+    /// access to one volume for one restore this way. Like
+    /// [`ArrayPort::set_own_access`], only for an array that masks
+    /// ([`ArrayPort::identity`] is `Some`); idempotent.
+    ///
+    /// The default answers that this port cannot grant: only ports that
+    /// never mask (simulators) rely on it, and they are never asked.
+    fn set_access(
+        &self,
+        identity: &str,
+        lu: u32,
+        access: Option<Access>,
+        purpose: &str,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        let doing = format!("setting {identity}'s access to LU {lu} to {access:?} ({purpose})");
+        Box::pin(async move {
+            Err(ClientError::local(
+                splitmirror_proto::client::ErrorKind::Internal,
+                "array",
+                "this array port",
+                doing,
+                "this array port cannot grant access to other identities",
+            ))
+        })
+    }
+}
+
+/// An access db-server sets for another identity (the restore's writer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    ReadWrite,
 }
 
 /// What db-server asks the array to let itself do with an LU.
@@ -243,6 +277,30 @@ impl ArrayPort for GrpcArray {
         })
     }
 
+    fn set_access(
+        &self,
+        identity: &str,
+        lu: u32,
+        access: Option<Access>,
+        purpose: &str,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        let (identity, purpose) = (identity.to_string(), purpose.to_string());
+        Box::pin(async move {
+            if self.identity.is_none() {
+                // Nothing is masked on an insecure cluster.
+                return Ok(());
+            }
+            let access = access.map(|access| match access {
+                Access::Read => pb::Access::Read,
+                Access::ReadWrite => pb::Access::ReadWrite,
+            });
+            self.client
+                .set_access(&identity, lu, access, &purpose)
+                .await?;
+            Ok(())
+        })
+    }
+
     fn traffic(&self) -> Traffic {
         Traffic {
             bytes_sent: self.counters.bytes_sent.load(Ordering::Relaxed),
@@ -256,4 +314,4 @@ impl ArrayPort for GrpcArray {
 #[cfg(any(test, feature = "testing"))]
 mod memory;
 #[cfg(any(test, feature = "testing"))]
-pub use memory::{GrantCall, MemoryArray};
+pub use memory::{CopyCall, GrantCall, MemoryArray, OtherGrantCall};

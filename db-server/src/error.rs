@@ -95,6 +95,49 @@ pub enum DbError {
         "a write of {bytes} bytes is over the limit of {limit_bytes} bytes per write (the array's request limit); split it"
     )]
     TooLarge { bytes: u64, limit_bytes: u64 },
+    /// The volume is offline for a restore: every Read and Write of it
+    /// (data or snapshot virtual LU) is refused until the restore ends.
+    /// Retryable after waiting (EndRestore, or the reverse resync's end).
+    #[error(
+        "volume {volume} is offline: {}",
+        match backup_id {
+            Some(backup) => format!("restore run {run_id} of backup {backup}"),
+            None => format!("run {run_id} restores it to its snapshot"),
+        }
+    )]
+    Restoring {
+        volume: u32,
+        run_id: String,
+        /// The backup being restored; `None` for a reverse resync.
+        backup_id: Option<String>,
+    },
+    /// Another run's restore holds the volume (or a snapshot or a restore
+    /// is asked of it while a restore runs). Not retryable until that
+    /// restore ends or is abandoned.
+    #[error("cannot {action} volume {volume}: restore run {holder} holds it")]
+    RestoreHeld {
+        volume: u32,
+        action: &'static str,
+        holder: String,
+    },
+    /// EndRestore by a run that neither restores the volume nor ended its
+    /// restore. Not retryable as it is.
+    #[error("volume {volume} is not being restored by run {run_id} (it is in {mode:?} mode)")]
+    NotRestoring {
+        volume: u32,
+        run_id: String,
+        mode: Mode,
+    },
+    /// EndRestore found origin and mate different, or not the expected
+    /// image: the volume stays offline. Not retryable as it is: run the
+    /// restore again (or abandon it).
+    #[error("the restore of volume {volume} is incomplete: {why}")]
+    RestoreIncomplete {
+        volume: u32,
+        /// The first 1 MiB chunk where origin and mate differ, if they do.
+        first_differing_chunk: Option<u64>,
+        why: String,
+    },
     /// The run id is not one a run could have (empty, too long, not
     /// printable ASCII). Not retryable; the caller's fault.
     #[error("{0}")]

@@ -15,7 +15,8 @@
 //! file as if it had not been tried.
 //!
 //! Removals are not journaled one by one: a state change to Synchronized (or
-//! Snapshot, which starts from an empty table) drops a volume's intents.
+//! Snapshot, which starts from an empty table, or Restoring) drops a
+//! volume's intents; Resynchronizing and RestoringToSnapshot keep them.
 //! When the file grows past a threshold it is rewritten from the current
 //! state (write a new file, fsync, rename, fsync the directory).
 //!
@@ -26,6 +27,17 @@
 //! offset 8   commit block: committed_len_bytes u64 LE | first 8 bytes of BLAKE3 of it
 //! offset 24  records: 0xA5 | len u32 | payload | first 8 bytes of BLAKE3(payload)
 //! ```
+//!
+//! A state record's payload: `1` | volume u32 | origin u32 | mate u32 |
+//! block count u64 | state code u8 | full resync u8 | holder (u16 length +
+//! bytes) | ledger sequence u64 | snapshot id u64, and for code 3 alone a
+//! second string (u16 length + bytes), the backup id. Codes: 0
+//! Synchronized, 1 Snapshot (holder, sequence, non-zero id), 2
+//! Resynchronizing, 3 Restoring (holder = the restore's run id, sequence
+//! and id 0), 4 RestoringToSnapshot (as Snapshot). Codes 3 and 4 were added
+//! without a format change: an older journal has none, and every record it
+//! has decodes as before. An intent record: `2` | volume u32 | start u64 |
+//! end u64.
 //!
 //! # Why a committed length
 //!
@@ -212,14 +224,23 @@ impl Record {
                         snapshot_id,
                     } => (1, holder.as_str(), *ledger_sequence, *snapshot_id),
                     PairState::Resynchronizing => (2, "", 0, 0),
+                    PairState::Restoring { run_id, .. } => (3, run_id.as_str(), 0, 0),
+                    PairState::RestoringToSnapshot {
+                        holder,
+                        ledger_sequence,
+                        snapshot_id,
+                    } => (4, holder.as_str(), *ledger_sequence, *snapshot_id),
                 };
                 payload.push(code);
                 payload.push(u8::from(*full_resync));
-                let holder = &holder.as_bytes()[..holder.len().min(u16::MAX as usize)];
-                payload.extend_from_slice(&(holder.len() as u16).to_le_bytes());
-                payload.extend_from_slice(holder);
+                push_short_string(&mut payload, holder);
                 payload.extend_from_slice(&ledger_sequence.to_le_bytes());
                 payload.extend_from_slice(&snapshot_id.to_le_bytes());
+                // Only a restore from a backup has a second string: the
+                // backup's id. Records of the other codes are as before.
+                if let PairState::Restoring { backup_id, .. } = state {
+                    push_short_string(&mut payload, backup_id);
+                }
             }
             Record::Intent { volume, blocks } => {
                 payload.push(2);
@@ -255,7 +276,18 @@ impl Record {
                 // a snapshot has a non-zero id (0 is written for no snapshot).
                 let ledger_sequence = u64_at(25 + holder_len)?;
                 let snapshot_id = u64_at(33 + holder_len)?;
-                if payload.len() != 41 + holder_len {
+                let mut end = 41 + holder_len;
+                let backup_id = if code == 3 {
+                    let len =
+                        u16::from_le_bytes(payload.get(end..end + 2)?.try_into().ok()?) as usize;
+                    let backup_id =
+                        String::from_utf8(payload.get(end + 2..end + 2 + len)?.to_vec()).ok()?;
+                    end += 2 + len;
+                    backup_id
+                } else {
+                    String::new()
+                };
+                if payload.len() != end {
                     return None;
                 }
                 let state = match code {
@@ -266,6 +298,15 @@ impl Record {
                         snapshot_id,
                     },
                     2 => PairState::Resynchronizing,
+                    3 if !holder.is_empty() => PairState::Restoring {
+                        run_id: holder,
+                        backup_id,
+                    },
+                    4 if snapshot_id != 0 => PairState::RestoringToSnapshot {
+                        holder,
+                        ledger_sequence,
+                        snapshot_id,
+                    },
                     _ => return None,
                 };
                 Some(Record::State {
@@ -305,6 +346,14 @@ impl Record {
     }
 }
 
+/// Appends `text` as a u16 length and its bytes (cut at 65535 bytes; run
+/// and backup ids are far shorter).
+fn push_short_string(payload: &mut Vec<u8>, text: &str) {
+    let bytes = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
+    payload.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    payload.extend_from_slice(bytes);
+}
+
 /// The commit block naming `committed_len_bytes`.
 fn commit_block(committed_len_bytes: u64) -> [u8; COMMIT_BLOCK_BYTES] {
     let len = committed_len_bytes.to_le_bytes();
@@ -325,7 +374,7 @@ fn apply(state: &mut BTreeMap<u32, DurableVolume>, record: Record) {
             state: pair_state,
             full_resync,
         } => {
-            let keep_regions = pair_state == PairState::Resynchronizing;
+            let keep_regions = pair_state.keeps_intents();
             let regions = match state.remove(&volume) {
                 Some(old) if keep_regions => old.regions,
                 _ => RangeSet::new(),
@@ -675,7 +724,7 @@ impl Journal {
             full_resync,
         }])
         .await?;
-        if *state != PairState::Resynchronizing {
+        if !state.keeps_intents() {
             self.durable
                 .lock()
                 .expect("journal poisoned")
@@ -1286,6 +1335,159 @@ mod tests {
             .record_state(&PAIR, &PairState::Synchronized, false)
             .await
             .expect("state");
+        journal.close();
+        let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert_eq!(state[&0].state, PairState::Synchronized);
+        assert!(state[&0].regions.is_empty());
+    }
+
+    fn payload_of(record: &Record) -> Vec<u8> {
+        let mut framed = Vec::new();
+        record.encode(&mut framed);
+        framed[5..framed.len() - DIGEST_BYTES].to_vec()
+    }
+
+    fn state_record(state: PairState) -> Record {
+        Record::State {
+            volume: 0,
+            origin_lu: 1,
+            mate_lu: 2,
+            block_count: 1024,
+            state,
+            full_resync: false,
+        }
+    }
+
+    #[test]
+    fn restore_states_round_trip_and_are_decoded_strictly() {
+        let restoring = state_record(PairState::Restoring {
+            run_id: "restore-1".into(),
+            backup_id: "0190abcd-backup".into(),
+        });
+        let payload = payload_of(&restoring);
+        assert_eq!(Record::decode(&payload), Some(restoring));
+        // The backup id is the record's last field: cut or lengthened, the
+        // record is refused.
+        assert_eq!(Record::decode(&payload[..payload.len() - 1]), None);
+        let mut longer = payload.clone();
+        longer.push(b'x');
+        assert_eq!(Record::decode(&longer), None);
+        // A restore without a run id makes no sense.
+        let nameless = payload_of(&state_record(PairState::Restoring {
+            run_id: String::new(),
+            backup_id: "b".into(),
+        }));
+        assert_eq!(Record::decode(&nameless), None);
+
+        let reverse = state_record(PairState::RestoringToSnapshot {
+            holder: "run-9".into(),
+            ledger_sequence: 77,
+            snapshot_id: 0xabc,
+        });
+        let payload = payload_of(&reverse);
+        assert_eq!(Record::decode(&payload), Some(reverse));
+        let mut zero = payload.clone();
+        let at = zero.len() - 8;
+        zero[at..].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(Record::decode(&zero), None, "a snapshot id of 0");
+        let mut unknown = payload;
+        unknown[21] = 5;
+        assert_eq!(Record::decode(&unknown), None, "an unknown state code");
+    }
+
+    /// A state record as the encoder before the restore states wrote it
+    /// (codes 0 to 2, no second string) still decodes.
+    #[test]
+    fn records_written_before_the_restore_states_still_decode() {
+        let old = |code: u8, holder: &str, sequence: u64, id: u64| {
+            let mut payload = vec![1];
+            payload.extend_from_slice(&0u32.to_le_bytes());
+            payload.extend_from_slice(&1u32.to_le_bytes());
+            payload.extend_from_slice(&2u32.to_le_bytes());
+            payload.extend_from_slice(&1024u64.to_le_bytes());
+            payload.push(code);
+            payload.push(1);
+            payload.extend_from_slice(&(holder.len() as u16).to_le_bytes());
+            payload.extend_from_slice(holder.as_bytes());
+            payload.extend_from_slice(&sequence.to_le_bytes());
+            payload.extend_from_slice(&id.to_le_bytes());
+            payload
+        };
+        let decoded = |payload: Vec<u8>| match Record::decode(&payload) {
+            Some(Record::State {
+                state, full_resync, ..
+            }) => (state, full_resync),
+            other => panic!("not a state record: {other:?}"),
+        };
+        assert_eq!(decoded(old(0, "", 0, 0)), (PairState::Synchronized, true));
+        assert_eq!(
+            decoded(old(2, "", 0, 0)),
+            (PairState::Resynchronizing, true)
+        );
+        assert_eq!(
+            decoded(old(1, "run", 5, 9)),
+            (
+                PairState::Snapshot {
+                    holder: "run".into(),
+                    ledger_sequence: 5,
+                    snapshot_id: 9
+                },
+                true
+            )
+        );
+    }
+
+    /// Restoring survives a reopen with its backup id; the reverse resync's
+    /// state keeps the snapshot's intents (the ranges it must copy) across
+    /// a reopen, and Synchronized drops them.
+    #[tokio::test]
+    async fn restore_states_replay_and_the_reverse_resync_keeps_the_intents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = Journal::open(dir.path(), 4096).expect("open");
+        let restoring = PairState::Restoring {
+            run_id: "restore-1".into(),
+            backup_id: "backup-b".into(),
+        };
+        journal
+            .record_state(&PAIR, &restoring, false)
+            .await
+            .expect("restoring");
+        journal.close();
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert_eq!(state[&0].state, restoring);
+        assert!(state[&0].regions.is_empty());
+        journal
+            .record_state(&PAIR, &PairState::Synchronized, false)
+            .await
+            .expect("synchronized");
+        journal
+            .record_state(&PAIR, &split("r"), false)
+            .await
+            .expect("split");
+        journal
+            .record_intent(0, 4096, 3..4, 1024)
+            .await
+            .expect("intent");
+        let reverse = PairState::RestoringToSnapshot {
+            holder: "r".into(),
+            ledger_sequence: 1,
+            snapshot_id: 0x5eed,
+        };
+        journal
+            .record_state(&PAIR, &reverse, false)
+            .await
+            .expect("reverse");
+        // Still durable: a write there would cost nothing (none comes:
+        // the volume is offline), and a compaction keeps it.
+        assert!(journal.is_durable(0, &(3..4)));
+        journal.close();
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert_eq!(state[&0].state, reverse);
+        assert_eq!(regions(&state[&0]), vec![3..4]);
+        journal
+            .record_state(&PAIR, &PairState::Synchronized, false)
+            .await
+            .expect("synchronized");
         journal.close();
         let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
         assert_eq!(state[&0].state, PairState::Synchronized);

@@ -22,7 +22,8 @@
 //! every logged transaction whose accounts are behind it, writes the
 //! repaired account blocks, logs how many transactions it redid, and then
 //! runs the image verifier's strict check on the result: if that fails the
-//! ledger refuses to open (and db-server to start) rather than run on a
+//! ledger refuses to open (and db-server to start; after a restore, the
+//! ledger stays stopped, see [`crate::ledger_slot`]) rather than run on a
 //! broken ledger.
 //!
 //! **What "durable" means here.** The array acknowledges a write once both
@@ -188,6 +189,10 @@ pub struct LedgerStatus {
     /// Transactions the open redid (a crash had left them logged but not
     /// applied).
     pub redone_at_open: u64,
+    /// Whether it takes transactions: open, and not stopped (by a restore,
+    /// see [`crate::ledger_slot`], or by a transaction it could not
+    /// finish).
+    pub running: bool,
     /// Why the ledger stopped taking transactions, if it did.
     pub stopped: Option<String>,
     /// Cumulative transaction latency histogram (see [`crate::latency`]).
@@ -439,6 +444,7 @@ impl Ledger {
             failed_writes: self.failed_writes.load(Ordering::Relaxed),
             accounts: self.layout.accounts,
             redone_at_open: self.redone_at_open,
+            running: self.stopped.get().is_none(),
             stopped: self.stopped.get().cloned(),
             latency_histogram: self.latency.snapshot(),
         }

@@ -8,13 +8,17 @@
 //!   `GrpcArray` over the shared `ArrayClient`; the in-memory array only
 //!   with the `testing` feature).
 //! - [`manager`]: the write path (Fig. 5), acquire/delete; its submodule
-//!   `manager::resync` the resync (Fig. 7) with its one backoff.
+//!   `manager::resync` the resync (Fig. 7) with its one backoff, and
+//!   `manager::restore` the restore states (from a backup, and the reverse
+//!   resync to a held snapshot).
 //! - [`journal`]: what makes the manager's tables survive a crash.
 //! - [`error`]: `DbError`, every refusal and failure, each variant saying
 //!   whether a retry can help.
 //! - [`gate`]: the quiesce gate with its suspend lease.
-//! - [`ledger_format`], [`ledger`]: the toy database and its image verifier.
-//! - [`db`]: the operations that span them (`AcquireSnapshot`).
+//! - [`ledger_format`], [`ledger`]: the toy database and its image verifier;
+//!   [`ledger_slot`]: where it runs, stopped and opened again by a restore.
+//! - [`db`]: the operations that span them (`AcquireSnapshot`, the
+//!   restores).
 //! - [`crash`]: named crash points (armed only with the `testing` feature).
 //! - [`service`]: the thin gRPC adapter (`splitmirror.db.v1`).
 //!
@@ -30,6 +34,7 @@ pub mod journal;
 pub mod latency;
 pub mod ledger;
 pub mod ledger_format;
+pub mod ledger_slot;
 pub mod lu_status;
 pub mod manager;
 pub mod service;
@@ -51,7 +56,9 @@ use crate::array_port::{ArrayPort, GrpcArray};
 use crate::db::Db;
 use crate::error::DbError;
 use crate::gate::QuiesceGate;
-use crate::ledger::{Ledger, LedgerConfig};
+use crate::ledger::LedgerConfig;
+use crate::ledger_slot::LedgerSlot;
+use crate::lu_status::RestoreKind;
 use crate::manager::{ManagerConfig, SnapshotManager};
 
 /// How long start-up waits for the array to answer unless told otherwise
@@ -267,16 +274,30 @@ async fn start(
         tasks.clone(),
         config.max_suspend_lease,
     ));
-    let ledger = match &config.ledger {
-        Some(ledger_config) => {
-            let ledger = Ledger::open(manager.clone(), gate.clone(), ledger_config)
-                .await
-                .map_err(SpawnError::Ledger)?;
-            ledger.start_workload(ledger_config, cancel.clone(), &tasks);
-            Some(ledger)
+    let ledger = LedgerSlot::new(
+        config.ledger.clone(),
+        manager.clone(),
+        gate.clone(),
+        cancel.clone(),
+        tasks.clone(),
+    );
+    // A volume offline for a restore from a backup holds no ledger to run
+    // until the restore ends (an interrupted reverse resync was finished
+    // by the manager's start). Otherwise a ledger that does not open stops
+    // the start, as it always has.
+    if let Some(volume) = ledger.volume() {
+        match manager.restore_of(volume) {
+            Some((run_id, RestoreKind::FromBackup { backup_id })) => ledger.keep_stopped(format!(
+                "volume {volume} offline: restore run {run_id} of backup {backup_id}"
+            )),
+            Some((run_id, RestoreKind::ToSnapshot { .. })) => ledger.keep_stopped(format!(
+                "volume {volume} offline: run {run_id} restores it to its snapshot"
+            )),
+            None => {
+                ledger.open().await.map_err(SpawnError::Ledger)?;
+            }
         }
-        None => None,
-    };
+    }
     let db = Arc::new(Db::new(manager, gate, ledger));
     service.ready(service::server(db));
     Ok(())

@@ -1,5 +1,6 @@
 //! The LU status table (Fig. 10): for each pair, where the data virtual LU
-//! and the snapshot virtual LU read and write, and in which mode.
+//! and the snapshot virtual LU read and write, and in which mode — and the
+//! two states of a restore (issue 17), in which the volume serves nothing.
 
 use crate::array_port::PairInfo;
 
@@ -30,6 +31,35 @@ pub enum PairState {
         snapshot_id: u64,
     },
     Resynchronizing,
+    /// Offline for the restore run `run_id` of backup `backup_id`
+    /// (BeginRestore … EndRestore): the backup server writes the mirror LU,
+    /// db-server serves no Read or Write of the volume.
+    Restoring {
+        run_id: String,
+        backup_id: String,
+    },
+    /// Offline while the held snapshot's frozen mate is copied back onto
+    /// the origin (RestoreSnapshot, the reverse resync). The snapshot's
+    /// fields are kept, and so are the journaled intents (the update
+    /// location table): they are the ranges the copy must cover, again
+    /// after a crash.
+    RestoringToSnapshot {
+        holder: String,
+        ledger_sequence: u64,
+        snapshot_id: u64,
+    },
+}
+
+/// What a restore state says about the restore, for refusals and `Status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreKind {
+    FromBackup {
+        backup_id: String,
+    },
+    ToSnapshot {
+        ledger_sequence: u64,
+        snapshot_id: u64,
+    },
 }
 
 /// A new snapshot id: 64 random bits, never 0 (0 means "none" on the wire).
@@ -81,6 +111,11 @@ impl PairState {
     /// | synchronized | m | m | Synchronized | Undefined |
     /// | snapshot | o | o | Snapshot | t, Snapshot |
     /// | resynchronizing | o | m | Resynchronizing | Undefined |
+    /// | restoring (either kind) | refused | refused | Undefined | Undefined |
+    ///
+    /// A restoring volume's read and write LUs are shown as its mirror LU
+    /// (what the restore writes), but the manager refuses every Read and
+    /// Write before routing one.
     pub fn routing(&self, pair: &PairInfo) -> Routing {
         match self {
             PairState::Synchronized => Routing {
@@ -104,7 +139,47 @@ impl PairState {
                 snapshot_mode: Mode::Undefined,
                 snapshot_lu: None,
             },
+            PairState::Restoring { .. } | PairState::RestoringToSnapshot { .. } => Routing {
+                data_mode: Mode::Undefined,
+                data_read_lu: pair.mirror_lu,
+                data_write_lu: pair.mirror_lu,
+                snapshot_mode: Mode::Undefined,
+                snapshot_lu: None,
+            },
         }
+    }
+
+    /// The restore that holds the volume, if one does: its run id and kind.
+    pub fn restore(&self) -> Option<(&str, RestoreKind)> {
+        match self {
+            PairState::Restoring { run_id, backup_id } => Some((
+                run_id,
+                RestoreKind::FromBackup {
+                    backup_id: backup_id.clone(),
+                },
+            )),
+            PairState::RestoringToSnapshot {
+                holder,
+                ledger_sequence,
+                snapshot_id,
+            } => Some((
+                holder,
+                RestoreKind::ToSnapshot {
+                    ledger_sequence: *ledger_sequence,
+                    snapshot_id: *snapshot_id,
+                },
+            )),
+            _ => None,
+        }
+    }
+
+    /// Whether the journaled intents stay with this state (they are the
+    /// ranges where origin and mate may differ, still to be copied).
+    pub fn keeps_intents(&self) -> bool {
+        matches!(
+            self,
+            PairState::Resynchronizing | PairState::RestoringToSnapshot { .. }
+        )
     }
 
     /// The snapshot id of the acquire that split the pair, if split.
@@ -155,6 +230,26 @@ mod tests {
         assert_eq!((resync.data_read_lu, resync.data_write_lu), (1, 0));
         assert_eq!(resync.data_mode, Mode::Resynchronizing);
         assert_eq!(resync.snapshot_lu, None);
+        for restoring in [
+            PairState::Restoring {
+                run_id: "r".into(),
+                backup_id: "b".into(),
+            },
+            PairState::RestoringToSnapshot {
+                holder: "r".into(),
+                ledger_sequence: 7,
+                snapshot_id: 1,
+            },
+        ] {
+            let routing = restoring.routing(&PAIR);
+            assert_eq!(routing.data_mode, Mode::Undefined);
+            assert_eq!(
+                (routing.snapshot_mode, routing.snapshot_lu),
+                (Mode::Undefined, None)
+            );
+            assert_eq!(restoring.restore().map(|(run, _)| run), Some("r"));
+            assert_eq!(restoring.holder(), None, "no snapshot to back up");
+        }
     }
 
     #[test]

@@ -41,10 +41,18 @@ struct ServeArgs {
     #[command(flatten)]
     security: SecurityArgs,
     /// Identities that may call Suspend, Resume, AcquireSnapshot,
-    /// DeleteSnapshot and the volume Read/Write (repeat for several); any
-    /// other identity of the cluster's CA may only read status.
+    /// DeleteSnapshot, the volume Read/Write, BeginRestore, EndRestore and
+    /// RestoreSnapshot (repeat for several); any other identity of the
+    /// cluster's CA may only read status.
     #[arg(long = "control-identity", value_name = "NAME", default_value = role::CONSOLE)]
     control_identities: Vec<String>,
+    /// The identity the array lets write a volume's LUs during a restore
+    /// from a backup (the backup server's certificate name): db-server,
+    /// the pairs' owner, grants it read-write on the pair's mirror, origin
+    /// and mate LUs at BeginRestore and withdraws it at EndRestore. Unused
+    /// with --insecure (the array masks nothing).
+    #[arg(long, value_name = "NAME", default_value = role::BACKUP)]
+    restore_writer: String,
     /// The array-node to use.
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
     array: String,
@@ -202,6 +210,7 @@ async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<()> {
     let mut manager = ManagerConfig {
         resync_method: args.resync,
         resync_max_bytes_per_s: args.resync_max_rate,
+        restore_writer: args.restore_writer,
         ..ManagerConfig::default()
     };
     #[cfg_attr(not(feature = "testing"), expect(unused_mut))]

@@ -2,7 +2,8 @@
 //! table (Fig. 10) and the update location table (Fig. 3), the write path of
 //! Fig. 5, acquire and delete. The background resync of Fig. 7 is in
 //! the submodule `resync` (`manager/resync.rs`), which works on the same
-//! volumes.
+//! volumes; the restores (from a backup, and the reverse resync to a held
+//! snapshot) in the submodule `restore` (`manager/restore.rs`).
 //!
 //! Three locks, each for one reason:
 //! - `Volume::mode_gate` (async RwLock): a write holds it shared from the
@@ -34,7 +35,9 @@ use crate::journal::{DurableVolume, Journal};
 use crate::lu_status::{Mode, PairState, Routing, VirtualLu, new_snapshot_id};
 use crate::update_location_table::UpdateLocationTable;
 
+mod restore;
 mod resync;
+pub use restore::{BeganRestore, EndedRestore, RestoreStatus, ReverseOutcome};
 pub use resync::{ResyncMethod, ResyncProgress, UnknownResyncMethod};
 
 /// Behaviour switches for tests that must show their checker can fail.
@@ -67,6 +70,11 @@ pub struct ManagerConfig {
     /// sent twice, to origin and mate (the prior art of [0006]/[0009]).
     /// Only for the benchmark that measures what array mirroring saves.
     pub host_mirroring: bool,
+    /// The identity the array lets write a volume's LUs for a restore from
+    /// a backup (`--restore-writer`, the backup server's): db-server sets
+    /// its grant at BeginRestore and withdraws it at EndRestore. Unused
+    /// when the array masks nothing.
+    pub restore_writer: String,
     /// Switches that break the manager on purpose (tests only).
     #[cfg(any(test, feature = "testing"))]
     pub hooks: ManagerTestHooks,
@@ -79,6 +87,7 @@ impl Default for ManagerConfig {
             resync_chunk_bytes: 1 << 20,
             resync_max_bytes_per_s: None,
             host_mirroring: false,
+            restore_writer: splitmirror_proto::security::role::BACKUP.to_string(),
             #[cfg(any(test, feature = "testing"))]
             hooks: ManagerTestHooks::default(),
         }
@@ -128,6 +137,8 @@ pub struct VolumeStatus {
     pub dirty_blocks: u64,
     pub resync: ResyncProgress,
     pub full_resync_reason: Option<String>,
+    /// The restore that holds the volume offline, if one does.
+    pub restore: Option<RestoreStatus>,
 }
 
 /// The snapshot a volume holds: who acquired it, the ledger sequence at
@@ -178,6 +189,19 @@ struct VolumeInner {
     /// What the array is known to let db-server do with the mate LU
     /// (LUN masking; always `Configured` when the array masks nothing).
     mate_access: MateAccess,
+    /// The last restore from a backup that ended (or was abandoned) on
+    /// this volume, so that a retried EndRestore is answered rather than
+    /// refused (in memory only, like `last_deleted_by`).
+    last_restore_ended: Option<(String, EndedRestore)>,
+    /// The last reverse resync that completed, for a retried
+    /// RestoreSnapshot (in memory only).
+    last_reverse: Option<(String, ReverseOutcome)>,
+    /// The reverse resync's progress: blocks copied mate → origin, of the
+    /// blocks recorded.
+    reverse_blocks: (u64, u64),
+    /// Chunks the last whole-volume compare found different and copied
+    /// (what an abandoned restore reports).
+    compare_copied_chunks: Option<u64>,
 }
 
 /// db-server's access to a pair's mate LU as far as it knows: set by the
@@ -241,8 +265,12 @@ pub struct SnapshotManager {
     journal: Option<Arc<Journal>>,
     volumes: BTreeMap<u32, Arc<Volume>>,
     config: ManagerConfig,
-    /// Paces every volume's resync copies together.
+    /// Paces every volume's resync copies together (the reverse resync's
+    /// too).
     resync_pace: Option<RateLimit>,
+    /// The identity a restore lets write the pair's LUs (`None` when the
+    /// array masks nothing).
+    restore_writer: Option<String>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -295,6 +323,10 @@ impl SnapshotManager {
                 full_resync_new_pair: false,
                 resync_parent: Default::default(),
                 mate_access: MateAccess::Unknown,
+                last_restore_ended: None,
+                last_reverse: None,
+                reverse_blocks: (0, 0),
+                compare_copied_chunks: None,
             };
             match (&journal, known) {
                 (None, _) => {}
@@ -364,8 +396,20 @@ impl SnapshotManager {
         }
         let resync_pace = config.resync_max_bytes_per_s.map(RateLimit::new);
         let masking = array.identity().is_some();
+        let restore_writer = match array.identity() {
+            None => None,
+            Some(own) if own == config.restore_writer => {
+                tracing::warn!(
+                    "the restore writer {own:?} is db-server's own identity: a restore sets no \
+                     grant (db-server may write its pairs anyway)"
+                );
+                None
+            }
+            Some(_) => Some(config.restore_writer.clone()),
+        };
         let manager = Arc::new(Self {
             masking,
+            restore_writer,
             array,
             journal,
             volumes,
@@ -375,6 +419,10 @@ impl SnapshotManager {
             tasks,
         });
         manager.reconcile_mate_access().await?;
+        manager.reconcile_restore_access().await?;
+        // A reverse resync a crash interrupted is finished before anything
+        // is served from the volume (and before the ledger opens on it).
+        manager.finish_interrupted_reverse_resyncs().await?;
         for volume in manager.volumes.values() {
             let manager = manager.clone();
             let volume = volume.clone();
@@ -418,7 +466,12 @@ impl SnapshotManager {
             return Ok(());
         }
         for vol in self.volumes.values() {
-            let holder = vol.inner().state.holder().map(str::to_string);
+            // The mate stays frozen while a reverse resync copies it back.
+            let holder = match &vol.inner().state {
+                PairState::Snapshot { holder, .. }
+                | PairState::RestoringToSnapshot { holder, .. } => Some(holder.clone()),
+                _ => None,
+            };
             match holder {
                 Some(holder) => {
                     let purpose = format!("snapshot of run {holder} (restored at start-up)");
@@ -570,6 +623,7 @@ impl SnapshotManager {
         vol.check_range(lba, blocks)?;
         let lu = {
             let inner = vol.inner();
+            refuse_if_restoring(volume, &inner.state)?;
             let routing = inner.state.routing(&vol.pair);
             match target {
                 VirtualLu::Data => routing.data_read_lu,
@@ -605,6 +659,7 @@ impl SnapshotManager {
         let _blocks = vol.blocks.lock(range.clone(), LockMode::Shared).await;
         let (lu, mode) = {
             let mut inner = vol.inner();
+            refuse_if_restoring(volume, &inner.state)?;
             let routing = inner.state.routing(&vol.pair);
             let record = self.config.records_snapshot_writes();
             match (target, &inner.state) {
@@ -743,6 +798,14 @@ impl SnapshotManager {
                         pair: vol.pair,
                     },
                 }),
+                PairState::Restoring { run_id: holder, .. }
+                | PairState::RestoringToSnapshot { holder, .. } => {
+                    return Err(DbError::RestoreHeld {
+                        volume,
+                        action: "acquire a snapshot of",
+                        holder: holder.clone(),
+                    });
+                }
                 other => {
                     return Err(DbError::WrongMode {
                         volume,
@@ -820,6 +883,14 @@ impl SnapshotManager {
                         });
                     }
                     holder.clone()
+                }
+                PairState::Restoring { run_id: holder, .. }
+                | PairState::RestoringToSnapshot { holder, .. } => {
+                    return Err(DbError::RestoreHeld {
+                        volume,
+                        action: "delete the snapshot of",
+                        holder: holder.clone(),
+                    });
                 }
                 _ if inner.last_deleted_by.as_deref() == Some(run_id) => {
                     return Ok(DeleteOutcome {
@@ -931,6 +1002,7 @@ impl SnapshotManager {
                     dirty_blocks: inner.table.block_count(),
                     resync: inner.resync,
                     full_resync_reason: inner.full_resync_reason.clone(),
+                    restore: self.restore_status(&inner),
                 }
             })
             .collect()
@@ -968,6 +1040,24 @@ impl SnapshotManager {
             return origin.and(mate);
         }
         self.array.write(lu, lba, data).await
+    }
+}
+
+/// Every Read and Write of a restoring volume is refused, naming the
+/// restore.
+fn refuse_if_restoring(volume: u32, state: &PairState) -> Result<(), DbError> {
+    match state {
+        PairState::Restoring { run_id, backup_id } => Err(DbError::Restoring {
+            volume,
+            run_id: run_id.clone(),
+            backup_id: Some(backup_id.clone()),
+        }),
+        PairState::RestoringToSnapshot { holder, .. } => Err(DbError::Restoring {
+            volume,
+            run_id: holder.clone(),
+            backup_id: None,
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -11,8 +11,8 @@ use splitmirror_proto::reason::Reason;
 use tonic::{Request, Response, Status};
 
 /// The methods only the control identities (`--control-identity`, the
-/// console by default) may call: they freeze, split, resynchronize, or read
-/// and write the volumes. Status, WatchStatus and GetSnapshot answer any
+/// console by default) may call: they freeze, split, resynchronize, restore,
+/// or read and write the volumes. Status, WatchStatus and GetSnapshot answer any
 /// identity of the cluster's CA (the backup server asks GetSnapshot).
 pub const CONTROL_METHODS: &[&str] = &[
     "/splitmirror.db.v1.DbService/AcquireSnapshot",
@@ -21,6 +21,9 @@ pub const CONTROL_METHODS: &[&str] = &[
     "/splitmirror.db.v1.DbService/Resume",
     "/splitmirror.db.v1.DbService/Read",
     "/splitmirror.db.v1.DbService/Write",
+    "/splitmirror.db.v1.DbService/BeginRestore",
+    "/splitmirror.db.v1.DbService/EndRestore",
+    "/splitmirror.db.v1.DbService/RestoreSnapshot",
 ];
 
 pub mod validate;
@@ -28,7 +31,7 @@ pub mod validate;
 use crate::db::{Db, DbStatus};
 use crate::error::DbError;
 use crate::latency::quantile_us;
-use crate::lu_status::{Mode, VirtualLu};
+use crate::lu_status::{Mode, RestoreKind, VirtualLu};
 
 /// Volume reads are streamed in chunks of this many bytes.
 const READ_CHUNK_BYTES: u64 = 1 << 20;
@@ -118,6 +121,19 @@ impl From<DbError> for Status {
                 (Status::resource_exhausted(message), Some(Reason::TooLarge))
             }
             DbError::InvalidRunId(_) => (Status::invalid_argument(message), None),
+            DbError::Restoring { .. } => (Status::unavailable(message), Some(Reason::Restoring)),
+            DbError::RestoreHeld { .. } => (
+                Status::failed_precondition(message),
+                Some(Reason::RestoreHeld),
+            ),
+            DbError::NotRestoring { .. } => (
+                Status::failed_precondition(message),
+                Some(Reason::WrongMode),
+            ),
+            DbError::RestoreIncomplete { .. } => (
+                Status::failed_precondition(message),
+                Some(Reason::RestoreIncomplete),
+            ),
         };
         match reason {
             Some(reason) => reason.attach(status),
@@ -178,11 +194,25 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
                 bytes_total: v.resync.bytes_total,
             }),
             full_resync_reason: v.full_resync_reason.unwrap_or_default(),
-            restore: None,
+            restore: v.restore.map(|r| pb::RestoreStatus {
+                kind: match r.kind {
+                    RestoreKind::FromBackup { .. } => pb::RestoreKind::FromBackup,
+                    RestoreKind::ToSnapshot { .. } => pb::RestoreKind::ToSnapshot,
+                }
+                .into(),
+                run_id: r.run_id,
+                backup_id: match r.kind {
+                    RestoreKind::FromBackup { backup_id } => backup_id,
+                    RestoreKind::ToSnapshot { .. } => String::new(),
+                },
+                writer_identity: r.writer_identity.unwrap_or_default(),
+                blocks_done: r.blocks_done,
+                blocks_total: r.blocks_total,
+            }),
         })
         .collect();
     let ledger = status.ledger.map(|l| pb::LedgerStatus {
-        running: true,
+        running: l.running,
         volume: l.volume,
         sequence: l.sequence,
         transactions_committed: l.committed,
@@ -231,27 +261,81 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl DbService for DbGrpc {
-    // TEMPORARY until the restore lands (issue 17, in progress): replaced
-    // by the real handlers before anything is committed.
     async fn begin_restore(
         &self,
-        _request: Request<pb::BeginRestoreRequest>,
+        request: Request<pb::BeginRestoreRequest>,
     ) -> Result<Response<pb::BeginRestoreResponse>, Status> {
-        Err(Status::unimplemented("BeginRestore"))
+        let request = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("volume", request.volume);
+        span.record("run_id", request.run_id.as_str());
+        span.record("backup_id", request.backup_id.as_str());
+        let request = validate::begin_restore(&self.db, request)?;
+        let begun = self.db.begin_restore(&request).await?;
+        let pair = begun.began.pair;
+        Ok(Response::new(pb::BeginRestoreResponse {
+            volume: request.volume,
+            mirror_lu: pair.mirror_lu,
+            origin_lu: pair.origin_lu,
+            mate_lu: pair.mate_lu,
+            block_size_bytes: pair.block_size_bytes,
+            block_count: pair.block_count,
+            already_restoring: begun.began.already_restoring,
+            ledger_sequence_stopped: begun.ledger_sequence_stopped,
+            writer_identity: begun.began.writer_identity.unwrap_or_default(),
+        }))
     }
 
     async fn end_restore(
         &self,
-        _request: Request<pb::EndRestoreRequest>,
+        request: Request<pb::EndRestoreRequest>,
     ) -> Result<Response<pb::EndRestoreResponse>, Status> {
-        Err(Status::unimplemented("EndRestore"))
+        let request = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("volume", request.volume);
+        span.record("run_id", request.run_id.as_str());
+        let request = validate::end_restore(&self.db, request)?;
+        let ended = self.db.end_restore(&request).await?;
+        Ok(Response::new(pb::EndRestoreResponse {
+            volume: request.volume,
+            already_ended: ended.ended.already_ended,
+            abandoned: ended.ended.abandoned,
+            chunks_compared: ended.ended.chunks_compared,
+            image_digest: ended
+                .ended
+                .image_digest
+                .map_or_else(Vec::new, |digest| digest.to_vec()),
+            image_digest_matches: ended.ended.image_digest_matches,
+            chunks_resynced: ended.ended.chunks_resynced,
+            ledger_running: ended.ledger.running,
+            ledger_sequence: ended.ledger.sequence,
+            ledger_error: ended.ledger.error,
+        }))
     }
 
     async fn restore_snapshot(
         &self,
-        _request: Request<pb::RestoreSnapshotRequest>,
+        request: Request<pb::RestoreSnapshotRequest>,
     ) -> Result<Response<pb::RestoreSnapshotResponse>, Status> {
-        Err(Status::unimplemented("RestoreSnapshot"))
+        let request = request.into_inner();
+        let span = tracing::Span::current();
+        span.record("volume", request.volume);
+        span.record("run_id", request.run_id.as_str());
+        let request = validate::restore_snapshot(&self.db, request)?;
+        let restored = self.db.restore_snapshot(&request).await?;
+        let outcome = restored.outcome;
+        Ok(Response::new(pb::RestoreSnapshotResponse {
+            volume: request.volume,
+            already_restored: outcome.already_restored,
+            ranges_copied: outcome.ranges_copied,
+            blocks_copied: outcome.blocks_copied,
+            bytes_copied: outcome.bytes_copied,
+            duration_us: outcome.duration_us,
+            snapshot_ledger_sequence: outcome.snapshot_ledger_sequence,
+            ledger_running: restored.ledger.running,
+            ledger_sequence: restored.ledger.sequence,
+            ledger_error: restored.ledger.error,
+        }))
     }
 
     async fn acquire_snapshot(
@@ -521,5 +605,48 @@ mod tests {
             reason(&Status::from(DbError::InvalidArgument("x".into()))),
             None
         );
+    }
+
+    #[test]
+    fn restore_refusals_have_their_codes_and_reasons() {
+        use splitmirror_proto::reason::reason;
+        let restoring = Status::from(DbError::Restoring {
+            volume: 0,
+            run_id: "restore-1".into(),
+            backup_id: Some("backup-b".into()),
+        });
+        assert_eq!(restoring.code(), tonic::Code::Unavailable);
+        assert_eq!(reason(&restoring), Some(Reason::Restoring));
+        assert!(restoring.message().contains("restore-1"));
+        assert!(restoring.message().contains("backup-b"));
+        let held = Status::from(DbError::RestoreHeld {
+            volume: 0,
+            action: "acquire a snapshot of",
+            holder: "restore-1".into(),
+        });
+        assert_eq!(held.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(reason(&held), Some(Reason::RestoreHeld));
+        let not_restoring = Status::from(DbError::NotRestoring {
+            volume: 0,
+            run_id: "r".into(),
+            mode: Mode::Synchronized,
+        });
+        assert_eq!(not_restoring.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(reason(&not_restoring), Some(Reason::WrongMode));
+        let incomplete = Status::from(DbError::RestoreIncomplete {
+            volume: 0,
+            first_differing_chunk: Some(3),
+            why: "chunk 3".into(),
+        });
+        assert_eq!(incomplete.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(reason(&incomplete), Some(Reason::RestoreIncomplete));
+    }
+
+    #[test]
+    fn the_restore_methods_are_control_methods() {
+        for method in ["BeginRestore", "EndRestore", "RestoreSnapshot"] {
+            let path = format!("/splitmirror.db.v1.DbService/{method}");
+            assert!(CONTROL_METHODS.contains(&path.as_str()), "{method}");
+        }
     }
 }

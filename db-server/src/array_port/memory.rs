@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{ArrayPort, BoxFuture, ClientError, OwnAccess, PairInfo};
+use super::{Access, ArrayPort, BoxFuture, ClientError, OwnAccess, PairInfo};
 use splitmirror_proto::client::ErrorKind;
 
 /// An array in memory with one mirror pair per entry of `pairs`, for unit
@@ -30,6 +30,28 @@ pub struct MemoryArray {
     /// The LUs set read-only for the identity (absent = configured).
     read_only: std::sync::Mutex<std::collections::BTreeSet<u32>>,
     grants: std::sync::Mutex<Vec<GrantCall>>,
+    /// Every `SetAccess` for another identity that took effect, in order.
+    other_grants: std::sync::Mutex<Vec<OtherGrantCall>>,
+    /// Every `CopyRange` made, in order.
+    copies: std::sync::Mutex<Vec<CopyCall>>,
+}
+
+/// One `SetAccess` for another identity the memory array was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherGrantCall {
+    pub identity: String,
+    pub lu: u32,
+    pub access: Option<Access>,
+    pub purpose: String,
+}
+
+/// One `CopyRange` the memory array made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyCall {
+    pub src_lu: u32,
+    pub dst_lu: u32,
+    pub lba: u64,
+    pub blocks: u64,
 }
 
 /// One `SetAccess` the memory array was asked for.
@@ -59,7 +81,37 @@ impl MemoryArray {
             identity: None,
             read_only: Default::default(),
             grants: Default::default(),
+            other_grants: Default::default(),
+            copies: Default::default(),
         }
+    }
+
+    /// Every `SetAccess` for another identity that took effect so far, in
+    /// order.
+    pub fn other_grants(&self) -> Vec<OtherGrantCall> {
+        self.other_grants.lock().expect("other grants").clone()
+    }
+
+    /// `identity`'s access to `lu` as last set (`None`: none set).
+    pub fn access_of(&self, identity: &str, lu: u32) -> Option<Access> {
+        self.other_grants()
+            .iter()
+            .rev()
+            .find(|g| g.identity == identity && g.lu == lu)
+            .and_then(|g| g.access)
+    }
+
+    /// Every `CopyRange` made so far, in order.
+    pub fn copies(&self) -> Vec<CopyCall> {
+        self.copies.lock().expect("copies").clone()
+    }
+
+    /// Overwrites bytes of a real LU behind everyone's back (a corruption,
+    /// or a restore's writes in a test).
+    pub fn overwrite(&self, lu: u32, offset_bytes: usize, data: &[u8]) {
+        let mut lus = self.lus.lock().expect("memory array");
+        let bytes = lus.get_mut(&lu).expect("a real LU");
+        bytes[offset_bytes..offset_bytes + data.len()].copy_from_slice(data);
     }
 
     /// The same array, masking for `identity` (as a TLS array does).
@@ -173,6 +225,12 @@ impl ArrayPort for MemoryArray {
             let (start, end) = ((lba * bs) as usize, ((lba + blocks) * bs) as usize);
             let mut lus = self.lus.lock().expect("memory array");
             let data = lus[&src_lu][start..end].to_vec();
+            self.copies.lock().expect("copies").push(CopyCall {
+                src_lu,
+                dst_lu,
+                lba,
+                blocks,
+            });
             if let Some(bytes) = lus.get_mut(&dst_lu) {
                 bytes[start..end].copy_from_slice(&data);
             }
@@ -209,6 +267,32 @@ impl ArrayPort for MemoryArray {
                 OwnAccess::Read => read_only.insert(lu),
                 OwnAccess::Configured => read_only.remove(&lu),
             };
+            Ok(())
+        })
+    }
+
+    fn set_access(
+        &self,
+        identity: &str,
+        lu: u32,
+        access: Option<Access>,
+        purpose: &str,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        let call = OtherGrantCall {
+            identity: identity.to_string(),
+            lu,
+            access,
+            purpose: purpose.to_string(),
+        };
+        Box::pin(async move {
+            assert!(
+                self.identity.is_some(),
+                "SetAccess asked of an array that masks nothing"
+            );
+            if self.fail_set_access.load(Ordering::SeqCst) {
+                return Err(Self::failure("set access"));
+            }
+            self.other_grants.lock().expect("other grants").push(call);
             Ok(())
         })
     }

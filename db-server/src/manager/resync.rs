@@ -279,6 +279,7 @@ impl SnapshotManager {
             vol.inner().resync.bytes_done += n * block_size_bytes;
             lba += n;
         }
+        vol.inner().compare_copied_chunks = Some(copied_chunks);
         let new_pair = std::mem::take(&mut vol.inner().full_resync_new_pair);
         if new_pair && copied_chunks > 0 {
             // A new pair on a fresh array compares equal; one that differs

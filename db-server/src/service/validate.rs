@@ -14,7 +14,9 @@
 //!   ([`validate_run_id`]);
 //! - the volume exists, the data is a positive whole number of its blocks,
 //!   the range lies inside it;
-//! - a suspend lease under the cap.
+//! - a suspend lease under the cap;
+//! - a restore's backup id (not empty, one short line) and expected image
+//!   digest (none, or 32 bytes).
 //!
 //! `Status` and `Resume` carry nothing to check. What depends on the
 //! pair's mode (a snapshot held or not) is decided under the mode's lock
@@ -93,6 +95,38 @@ pub struct GetSnapshot {
     pub volume: u32,
     pub checked: Checked,
 }
+
+/// A checked `BeginRestore`: an existing volume, a valid run id, a backup
+/// id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeginRestore {
+    pub volume: u32,
+    pub run_id: String,
+    pub backup_id: String,
+    pub checked: Checked,
+}
+
+/// A checked `EndRestore`: an existing volume, a valid run id, and no
+/// image digest or one of 32 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndRestore {
+    pub volume: u32,
+    pub run_id: String,
+    pub abandon: bool,
+    pub expected_image_digest: Option<[u8; 32]>,
+    pub checked: Checked,
+}
+
+/// A checked `RestoreSnapshot`: an existing volume and a valid run id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSnapshot {
+    pub volume: u32,
+    pub run_id: String,
+    pub checked: Checked,
+}
+
+/// The longest backup id accepted (a backup server's ids are far shorter).
+pub const MAX_BACKUP_ID_BYTES: usize = 128;
 
 /// A checked `WatchStatus`: the interval it sends at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +225,64 @@ pub fn get_snapshot(db: &Db, request: pb::GetSnapshotRequest) -> Result<GetSnaps
     db.manager.pair(request.volume)?;
     Ok(GetSnapshot {
         volume: request.volume,
+        checked: Checked(()),
+    })
+}
+
+pub fn begin_restore(db: &Db, request: pb::BeginRestoreRequest) -> Result<BeginRestore, DbError> {
+    validate_run_id(&request.run_id)?;
+    let backup_id = request.backup_id;
+    if backup_id.trim().is_empty() {
+        return Err(DbError::InvalidArgument(
+            "backup_id must name the backup being restored".into(),
+        ));
+    }
+    if backup_id.len() > MAX_BACKUP_ID_BYTES || backup_id.chars().any(char::is_control) {
+        return Err(DbError::InvalidArgument(format!(
+            "backup_id must be one line of at most {MAX_BACKUP_ID_BYTES} bytes"
+        )));
+    }
+    db.manager.pair(request.volume)?;
+    Ok(BeginRestore {
+        volume: request.volume,
+        run_id: request.run_id,
+        backup_id,
+        checked: Checked(()),
+    })
+}
+
+pub fn end_restore(db: &Db, request: pb::EndRestoreRequest) -> Result<EndRestore, DbError> {
+    validate_run_id(&request.run_id)?;
+    let expected_image_digest = match request.expected_image_digest.len() {
+        0 => None,
+        _ => Some(
+            <[u8; 32]>::try_from(request.expected_image_digest.as_slice()).map_err(|_| {
+                DbError::InvalidArgument(format!(
+                    "expected_image_digest is {} bytes; a BLAKE3 digest is 32 (or send none)",
+                    request.expected_image_digest.len()
+                ))
+            })?,
+        ),
+    };
+    db.manager.pair(request.volume)?;
+    Ok(EndRestore {
+        volume: request.volume,
+        run_id: request.run_id,
+        abandon: request.abandon,
+        expected_image_digest,
+        checked: Checked(()),
+    })
+}
+
+pub fn restore_snapshot(
+    db: &Db,
+    request: pb::RestoreSnapshotRequest,
+) -> Result<RestoreSnapshot, DbError> {
+    validate_run_id(&request.run_id)?;
+    db.manager.pair(request.volume)?;
+    Ok(RestoreSnapshot {
+        volume: request.volume,
+        run_id: request.run_id,
         checked: Checked(()),
     })
 }
