@@ -53,6 +53,10 @@ use crate::run::{RunError, wait_synchronized};
 /// large enough for a ledger.
 pub const DEFAULT_LU_SIZE_BYTES: u64 = 64 << 20;
 
+/// The plain LU [`ClusterBuilder::scratch_lu`] adds: in no mirror, the size
+/// of the pairs' LUs, for restores elsewhere (`--to-lu`).
+pub const SCRATCH_LU: u32 = 6;
+
 /// How long a start waits for a node to answer its health check.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -201,6 +205,7 @@ pub struct ClusterBuilder {
     backup_max_bytes_per_s: Option<u64>,
     wait_synchronized: bool,
     credentials: Option<Credentials>,
+    scratch_lu: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -226,7 +231,18 @@ impl ClusterBuilder {
             backup_max_bytes_per_s: None,
             wait_synchronized: true,
             credentials: None,
+            scratch_lu: false,
         }
+    }
+
+    /// Adds the plain LU [`SCRATCH_LU`] (6) to the default two pairs, of
+    /// their LUs' size, with configured grants: read-write for the backup
+    /// server (a restore elsewhere writes it) and read for the console (to
+    /// compare it). Off by default: the default array has the two pairs
+    /// only. Ignored with [`ClusterBuilder::array_config`].
+    pub fn scratch_lu(mut self, scratch_lu: bool) -> Self {
+        self.scratch_lu = scratch_lu;
+        self
     }
 
     /// How the nodes and the console prove who they are (default: new
@@ -340,7 +356,28 @@ impl ClusterBuilder {
         let array_config = match self.array {
             Some(config) => config,
             None => {
-                ArrayConfig::default_pairs(self.lu_size_bytes).map_err(ClusterError::ArrayConfig)?
+                let mut config = ArrayConfig::default_pairs(self.lu_size_bytes)
+                    .map_err(ClusterError::ArrayConfig)?;
+                if self.scratch_lu {
+                    let (block_size_bytes, block_count) = config
+                        .lus
+                        .first()
+                        .map(|lu| (lu.block_size_bytes, lu.block_count))
+                        .unwrap_or((4096, self.lu_size_bytes / 4096));
+                    let backup = config.access.backup.clone();
+                    config
+                        .add_plain_lu(
+                            SCRATCH_LU,
+                            block_size_bytes,
+                            block_count,
+                            &[
+                                (backup.as_str(), array_node::Access::ReadWrite),
+                                (role::CONSOLE, array_node::Access::Read),
+                            ],
+                        )
+                        .map_err(ClusterError::ArrayConfig)?;
+                }
+                config
             }
         };
         let credentials = match self.credentials {
