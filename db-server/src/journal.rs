@@ -33,7 +33,8 @@
 //! bytes) | ledger sequence u64 | snapshot id u64, and for code 3 alone a
 //! second string (u16 length + bytes), the backup id. Codes: 0
 //! Synchronized, 1 Snapshot (holder, sequence, non-zero id), 2
-//! Resynchronizing, 3 Restoring (holder = the restore's run id, sequence
+//! Resynchronizing (for 0 and 2 a holder, when not empty, names the
+//! restore run this state change ended or abandoned), 3 Restoring (holder = the restore's run id, sequence
 //! and id 0), 4 RestoringToSnapshot (as Snapshot). Codes 3 and 4 were added
 //! without a format change: an older journal has none, and every record it
 //! has decodes as before. An intent record: `2` | volume u32 | start u64 |
@@ -181,6 +182,12 @@ pub struct DurableVolume {
     pub full_resync: bool,
     /// Journaled intents (regions) since the state change.
     pub regions: RangeSet<u64>,
+    /// The run id of the last restore from a backup that ended (or was
+    /// abandoned) on this volume, so that its EndRestore retried after a
+    /// restart is answered rather than refused. Kept until the next
+    /// restore begins (a compaction keeps it only while the pair is
+    /// Synchronized or Resynchronizing, the states whose records carry it).
+    pub ended_restore: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +199,8 @@ enum Record {
         block_count: u64,
         state: PairState,
         full_resync: bool,
+        /// Codes 0 and 2 only: the restore this state change ended.
+        ended_restore: Option<String>,
     },
     Intent {
         volume: u32,
@@ -210,20 +219,22 @@ impl Record {
                 block_count,
                 state,
                 full_resync,
+                ended_restore,
             } => {
                 payload.push(1);
                 payload.extend_from_slice(&volume.to_le_bytes());
                 payload.extend_from_slice(&origin_lu.to_le_bytes());
                 payload.extend_from_slice(&mate_lu.to_le_bytes());
                 payload.extend_from_slice(&block_count.to_le_bytes());
+                let ended = ended_restore.as_deref().unwrap_or("");
                 let (code, holder, ledger_sequence, snapshot_id) = match state {
-                    PairState::Synchronized => (0u8, "", 0, 0),
+                    PairState::Synchronized => (0u8, ended, 0, 0),
                     PairState::Snapshot {
                         holder,
                         ledger_sequence,
                         snapshot_id,
                     } => (1, holder.as_str(), *ledger_sequence, *snapshot_id),
-                    PairState::Resynchronizing => (2, "", 0, 0),
+                    PairState::Resynchronizing => (2, ended, 0, 0),
                     PairState::Restoring { run_id, .. } => (3, run_id.as_str(), 0, 0),
                     PairState::RestoringToSnapshot {
                         holder,
@@ -290,6 +301,8 @@ impl Record {
                 if payload.len() != end {
                     return None;
                 }
+                let ended_restore =
+                    (matches!(code, 0 | 2) && !holder.is_empty()).then(|| holder.clone());
                 let state = match code {
                     0 => PairState::Synchronized,
                     1 if snapshot_id != 0 => PairState::Snapshot {
@@ -316,6 +329,7 @@ impl Record {
                     block_count: u64_at(13)?,
                     state,
                     full_resync,
+                    ended_restore,
                 })
             }
             2 => {
@@ -373,9 +387,16 @@ fn apply(state: &mut BTreeMap<u32, DurableVolume>, record: Record) {
             block_count,
             state: pair_state,
             full_resync,
+            ended_restore,
         } => {
             let keep_regions = pair_state.keeps_intents();
-            let regions = match state.remove(&volume) {
+            let old = state.remove(&volume);
+            let ended_restore = match (&pair_state, ended_restore) {
+                (_, Some(run_id)) => Some(run_id),
+                (PairState::Restoring { .. }, None) => None,
+                (_, None) => old.as_ref().and_then(|old| old.ended_restore.clone()),
+            };
+            let regions = match old {
                 Some(old) if keep_regions => old.regions,
                 _ => RangeSet::new(),
             };
@@ -388,6 +409,7 @@ fn apply(state: &mut BTreeMap<u32, DurableVolume>, record: Record) {
                     state: pair_state,
                     full_resync,
                     regions,
+                    ended_restore,
                 },
             );
         }
@@ -715,6 +737,20 @@ impl Journal {
         state: &PairState,
         full_resync: bool,
     ) -> Result<(), DbError> {
+        self.record_state_ending(pair, state, full_resync, None)
+            .await
+    }
+
+    /// [`Journal::record_state`] for the state that ends (Synchronized) or
+    /// abandons (Resynchronizing) the restore run `ended_restore`, which
+    /// the replay then remembers.
+    pub async fn record_state_ending(
+        &self,
+        pair: &PairInfo,
+        state: &PairState,
+        full_resync: bool,
+        ended_restore: Option<&str>,
+    ) -> Result<(), DbError> {
         self.append(vec![Record::State {
             volume: pair.mirror_lu,
             origin_lu: pair.origin_lu,
@@ -722,6 +758,7 @@ impl Journal {
             block_count: pair.block_count,
             state: state.clone(),
             full_resync,
+            ended_restore: ended_restore.map(str::to_string),
         }])
         .await?;
         if !state.keeps_intents() {
@@ -917,6 +954,7 @@ impl Writer {
                 block_count: v.block_count,
                 state: v.state.clone(),
                 full_resync: v.full_resync,
+                ended_restore: v.ended_restore.clone(),
             }
             .encode(&mut records);
             for blocks in v.regions.iter() {
@@ -1296,6 +1334,7 @@ mod tests {
             block_count: 1024,
             state: split("run"),
             full_resync: false,
+            ended_restore: None,
         };
         let mut framed = Vec::new();
         record.encode(&mut framed);
@@ -1355,6 +1394,7 @@ mod tests {
             block_count: 1024,
             state,
             full_resync: false,
+            ended_restore: None,
         }
     }
 
@@ -1492,6 +1532,60 @@ mod tests {
         let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
         assert_eq!(state[&0].state, PairState::Synchronized);
         assert!(state[&0].regions.is_empty());
+    }
+
+    /// The run that ended (or abandoned) a restore is remembered across a
+    /// reopen and a compaction, through later state changes, until the
+    /// next restore begins.
+    #[tokio::test]
+    async fn the_run_that_ended_a_restore_is_remembered_until_the_next_restore() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = Journal::open(dir.path(), 4096).expect("open");
+        let restoring = |run: &str| PairState::Restoring {
+            run_id: run.into(),
+            backup_id: "b".into(),
+        };
+        journal
+            .record_state(&PAIR, &restoring("restore-1"), false)
+            .await
+            .expect("restoring");
+        journal
+            .record_state_ending(&PAIR, &PairState::Synchronized, false, Some("restore-1"))
+            .await
+            .expect("ended");
+        journal
+            .record_state(&PAIR, &PairState::Resynchronizing, false)
+            .await
+            .expect("a failed write");
+        journal.close();
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert_eq!(state[&0].ended_restore.as_deref(), Some("restore-1"));
+        assert_eq!(state[&0].state, PairState::Resynchronizing);
+        journal
+            .record_state(&PAIR, &restoring("restore-2"), false)
+            .await
+            .expect("the next restore");
+        journal.close();
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert_eq!(state[&0].ended_restore, None);
+        journal
+            .record_state_ending(&PAIR, &PairState::Resynchronizing, true, Some("restore-2"))
+            .await
+            .expect("abandoned");
+        journal.close();
+        // Compacted at every append: the state record carries the run.
+        let (journal, state) =
+            Journal::open_compacting_at(dir.path(), 4096, 0).expect("reopen compacting");
+        assert_eq!(state[&0].ended_restore.as_deref(), Some("restore-2"));
+        assert!(state[&0].full_resync);
+        journal
+            .record_intent(0, 4096, 1..2, 1024)
+            .await
+            .expect("an append that compacts");
+        journal.close();
+        let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert_eq!(state[&0].ended_restore.as_deref(), Some("restore-2"));
+        assert_eq!(regions(&state[&0]), vec![1..2]);
     }
 
     /// The old rule took any bad record for a torn tail. Now only bytes

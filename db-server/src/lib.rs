@@ -132,11 +132,6 @@ pub enum SpawnError {
     /// be journaled). Not retryable until the disk is fixed.
     #[error("starting the snapshot manager: {0}")]
     Manager(#[source] DbError),
-    /// The ledger could not be opened (see
-    /// [`LedgerError`](ledger::LedgerError), or an array failure). Not
-    /// retryable as it is.
-    #[error("opening the ledger: {0}")]
-    Ledger(#[source] DbError),
     /// Asked to stop while waiting for the array.
     #[error("shut down while waiting for the array at {0}")]
     ShutDown(String),
@@ -150,8 +145,10 @@ pub enum SpawnError {
 }
 
 /// Serves on `listener` at once, connects to the array (waiting for it up
-/// to `array_wait`), builds the tables, opens the ledger, and answers the
-/// handle once the node is ready (health `SERVING`). Until then the port
+/// to `array_wait`), builds the tables, opens the ledger (a ledger that
+/// fails its check, or whose volume is offline for a restore, stays
+/// stopped: `Status` says why), and answers the handle once the node is
+/// ready (health `SERVING`). Until then the port
 /// answers `NOT_SERVING` and `UNAVAILABLE`; if the array does not come in
 /// time, or anything else fails at start, the node stops serving and the
 /// error is answered.
@@ -283,8 +280,10 @@ async fn start(
     );
     // A volume offline for a restore from a backup holds no ledger to run
     // until the restore ends (an interrupted reverse resync was finished
-    // by the manager's start). Otherwise a ledger that does not open stops
-    // the start, as it always has.
+    // by the manager's start). A ledger that does not open (it fails its
+    // check) stays stopped, saying why in Status, and db-server serves:
+    // restoring a backup over that volume is how it is repaired, and that
+    // needs a running db-server.
     if let Some(volume) = ledger.volume() {
         match manager.restore_of(volume) {
             Some((run_id, RestoreKind::FromBackup { backup_id })) => ledger.keep_stopped(format!(
@@ -294,7 +293,8 @@ async fn start(
                 "volume {volume} offline: run {run_id} restores it to its snapshot"
             )),
             None => {
-                ledger.open().await.map_err(SpawnError::Ledger)?;
+                // Logged, and kept as the slot's stopped reason, by `open`.
+                let _refused = ledger.open().await;
             }
         }
     }

@@ -335,6 +335,10 @@ impl SnapshotManager {
                     for region in d.regions.iter() {
                         inner.table.insert(region.clone());
                     }
+                    inner.last_restore_ended = d
+                        .ended_restore
+                        .clone()
+                        .map(|run_id| (run_id, Self::ended_before_restart(&inner.state)));
                     if d.full_resync {
                         inner.full_resync_pending = true;
                         inner.full_resync_reason =

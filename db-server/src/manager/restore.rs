@@ -223,7 +223,7 @@ impl SnapshotManager {
                     ..ended
                 });
             }
-            self.journal_state_full(&vol.pair, &PairState::Resynchronizing, true)
+            self.journal_state_ending(&vol.pair, &PairState::Resynchronizing, true, run_id)
                 .await?;
             let ended = EndedRestore {
                 already_ended: false,
@@ -264,7 +264,7 @@ impl SnapshotManager {
                     ..ended
                 });
             }
-            self.journal_state(&vol.pair, &PairState::Synchronized)
+            self.journal_state_ending(&vol.pair, &PairState::Synchronized, false, run_id)
                 .await?;
             crash::point("end_restore.after_journal");
             let ended = EndedRestore {
@@ -748,16 +748,37 @@ impl SnapshotManager {
         })
     }
 
-    /// [`Self::journal_state`] with the whole-volume resync flag.
-    async fn journal_state_full(
+    /// [`Self::journal_state`] for the state that ends or abandons the
+    /// restore run `run_id` (the journal remembers the run, so that its
+    /// EndRestore retried after a restart is answered).
+    async fn journal_state_ending(
         &self,
         pair: &PairInfo,
         state: &PairState,
         full_resync: bool,
+        run_id: &str,
     ) -> Result<(), DbError> {
         match &self.journal {
-            Some(journal) => journal.record_state(pair, state, full_resync).await,
+            Some(journal) => {
+                journal
+                    .record_state_ending(pair, state, full_resync, Some(run_id))
+                    .await
+            }
             None => Ok(()),
+        }
+    }
+
+    /// What a retried EndRestore is answered after a restart: the journal
+    /// kept only the run id (and, from the state, whether it abandoned),
+    /// not the compare's figures.
+    pub(super) fn ended_before_restart(state: &PairState) -> EndedRestore {
+        EndedRestore {
+            already_ended: true,
+            abandoned: *state == PairState::Resynchronizing,
+            chunks_compared: 0,
+            image_digest: None,
+            image_digest_matches: false,
+            chunks_resynced: 0,
         }
     }
 }
@@ -1264,6 +1285,16 @@ mod tests {
         let (manager, _cancel) = start(third.clone(), dir.path(), ManagerConfig::default()).await;
         assert_eq!(mode(&manager), Mode::Synchronized);
         assert_eq!(writer_access(&third), vec![None; 3]);
+        // The journal remembers which run ended: its retry is answered.
+        let retried = manager
+            .end_restore(0, "restore-1", false, None)
+            .await
+            .expect("a retry after the restart");
+        assert!(retried.already_ended && !retried.abandoned);
+        assert!(matches!(
+            manager.end_restore(0, "restore-2", false, None).await,
+            Err(DbError::NotRestoring { .. })
+        ));
     }
 
     /// A restart in the middle of a reverse resync copies the recorded
