@@ -451,6 +451,12 @@ impl Backups {
         job.state.send_replace(state);
     }
 
+    /// The state of a job of this process, if it has one with this id (a
+    /// restore refuses a backup that is running, failed or was cancelled).
+    pub fn job_state(&self, id: &str) -> Option<JobState> {
+        self.job(id).map(|job| job.state.borrow().clone())
+    }
+
     fn job(&self, id: &str) -> Option<Arc<Job>> {
         self.jobs.lock().expect("jobs").get(id).cloned()
     }

@@ -2,7 +2,8 @@
 //! (1525). It reads the frozen mate LU straight from the array ([0065]) and
 //! writes a backup that can be proven equal to the snapshot; db-server, the
 //! snapshot's owner, confirms that the snapshot holds the mate before the
-//! first read and after the last one.
+//! first read and after the last one. It also writes a backup back onto
+//! the array (a restore, issue #17).
 //!
 //! - [`manifest`]: a backup's index: chunk digests, the image digest, the
 //!   snapshot the image was copied from (or that it was copied live), and
@@ -20,17 +21,25 @@
 //! - [`job`]: one copy — the array's digests first, then only the chunks
 //!   the store lacks, streams in flight.
 //! - [`backups`]: the jobs, idempotent by run id.
+//! - [`restore`]: the way back — a complete backup written onto a volume's
+//!   mirror LU (offline for the run, as db-server confirms) or a plain LU:
+//!   checks before any byte changes, the array's digests of every side
+//!   first, every chunk to write checked before the first write, only the
+//!   differing chunks written, verified by the array's digests after the
+//!   flush. [`crash`]: its named crash points.
 //! - [`service`]: the thin gRPC adapter (`splitmirror.backup.v1`), with the
 //!   one conversion from `manifest.json` to the wire `Manifest`.
 
 pub mod backups;
 pub mod blobs;
+pub mod crash;
 pub mod gc;
 pub mod job;
 pub mod legacy;
 pub mod manifest;
 pub mod owner;
 pub mod prune;
+pub mod restore;
 pub mod s3;
 pub mod service;
 pub mod source;
@@ -48,6 +57,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backups::Backups;
 use crate::owner::GrpcOwner;
+use crate::restore::Restores;
 use crate::source::GrpcSource;
 use crate::store::{ChunkStore, StoreError, StoreLocation};
 
@@ -104,14 +114,23 @@ pub async fn spawn(
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let backups = Arc::new(Backups::new(
-        store,
-        source,
-        owner,
+        store.clone(),
+        source.clone(),
+        owner.clone(),
         tasks.clone(),
         cancel.clone(),
         config.default_max_bytes_per_s,
     ));
-    let service = service::server(backups);
+    let restores = Arc::new(Restores::new(
+        store,
+        source.clone(),
+        source,
+        owner,
+        backups.clone(),
+        tasks.clone(),
+        cancel.clone(),
+    ));
+    let service = service::server(backups, restores);
     let policy = AccessPolicy::with_control(
         service::CONTROL_METHODS,
         config.control_identities.iter().cloned(),
@@ -128,8 +147,9 @@ pub async fn spawn(
             cancel.clone(),
         )
         .await;
-        // Running jobs are cancelled (their partial images removed) and
-        // awaited before the node reports that it has stopped.
+        // Running jobs (backups and restores) are cancelled (a backup's
+        // partial image removed) and awaited before the node reports that
+        // it has stopped.
         cancel.cancel();
         tasks.close();
         tasks.wait().await;

@@ -2,10 +2,13 @@
 //! logic holds no gRPC types. The array knows nothing of snapshots ([0050]):
 //! only db-server can say whether the mate LU a backup reads is frozen, so a
 //! frozen backup asks it before the first read and after the last one.
+//! It also owns a volume's restore: a restore writes a volume only while
+//! db-server reports it offline for that run ([`VolumeOwner`]).
 
 use std::time::Duration;
 
 use splitmirror_proto::client::{ClientError, DbClient, ErrorKind};
+use splitmirror_proto::db::v1 as pb;
 use splitmirror_proto::security::Security;
 
 use crate::source::BoxFuture;
@@ -212,6 +215,34 @@ pub fn check_unchanged(before: &HeldSnapshot, now: &HeldSnapshot) -> Result<(), 
     Ok(())
 }
 
+/// What db-server reports of a volume's restore (`VolumeStatus.restore`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreHold {
+    pub kind: RestoreHoldKind,
+    pub run_id: String,
+    /// The backup being restored (from a backup only; may be empty).
+    pub backup_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreHoldKind {
+    /// Offline for a restore from a backup (BeginRestore … EndRestore).
+    FromBackup,
+    /// Being put back to its held snapshot's frozen mate.
+    ToSnapshot,
+    /// A kind this version does not know (a newer db-server).
+    Other,
+}
+
+/// db-server as the owner of a volume's restore.
+pub trait VolumeOwner: Send + Sync + 'static {
+    /// Where the owner is, for messages.
+    fn describe(&self) -> String;
+    /// The restore `volume` is offline for, if any. An unknown volume is
+    /// `NOT_FOUND`; what a failure means is [`OwnerFailure::of`] it.
+    fn restore_hold(&self, volume: u32) -> BoxFuture<'_, Result<Option<RestoreHold>, ClientError>>;
+}
+
 /// db-server over gRPC: a thin adapter over [`DbClient`].
 pub struct GrpcOwner {
     db: DbClient,
@@ -244,6 +275,27 @@ impl SnapshotOwner for GrpcOwner {
                 block_count: answer.block_count,
                 snapshot_id: answer.snapshot_id,
             })
+        })
+    }
+}
+
+impl VolumeOwner for GrpcOwner {
+    fn describe(&self) -> String {
+        self.db.target().to_string()
+    }
+
+    fn restore_hold(&self, volume: u32) -> BoxFuture<'_, Result<Option<RestoreHold>, ClientError>> {
+        Box::pin(async move {
+            let status = self.db.volume_status(volume).await?;
+            Ok(status.restore.map(|restore| RestoreHold {
+                kind: match restore.kind() {
+                    pb::RestoreKind::FromBackup => RestoreHoldKind::FromBackup,
+                    pb::RestoreKind::ToSnapshot => RestoreHoldKind::ToSnapshot,
+                    pb::RestoreKind::Unspecified => RestoreHoldKind::Other,
+                },
+                run_id: restore.run_id,
+                backup_id: restore.backup_id,
+            }))
         })
     }
 }

@@ -1,4 +1,5 @@
-//! The gRPC adapter: `splitmirror.backup.v1` onto [`Backups`].
+//! The gRPC adapter: `splitmirror.backup.v1` onto [`Backups`] and
+//! [`Restores`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,10 +13,12 @@ use tonic::{Request, Response, Status};
 
 /// The methods only the control identities (`--control-identity`, the
 /// console by default) may call: they start work that reads the array or
-/// the store for a long time, or stop it. Get, List and Watch answer any
-/// identity of the cluster's CA.
+/// the store for a long time, writes the array (a restore), or stop it.
+/// Get, List and Watch (WatchBackup, WatchRestore) answer any identity of
+/// the cluster's CA.
 pub const CONTROL_METHODS: &[&str] = &[
     "/splitmirror.backup.v1.BackupService/StartBackup",
+    "/splitmirror.backup.v1.BackupService/StartRestore",
     "/splitmirror.backup.v1.BackupService/CancelBackup",
     "/splitmirror.backup.v1.BackupService/VerifyBackup",
     "/splitmirror.backup.v1.BackupService/PruneBackups",
@@ -27,6 +30,10 @@ pub mod validate;
 use crate::backups::{BackupError, BackupInfo, Backups, FailureKind, JobState};
 use crate::blobs::BlobError;
 use crate::manifest::{self, Manifest, SnapshotRecord};
+use crate::restore::{
+    PROGRESS_INTERVAL, RestoreError, RestoreFailureKind, RestoreInfo, RestorePhase, RestoreState,
+    Restores,
+};
 use crate::store::{ChunkProblemKind, StoreError};
 
 /// How often `WatchBackup` reports progress while nothing else changes.
@@ -43,18 +50,20 @@ pub const MAX_ANSWER_MESSAGE_BYTES: usize = node::MAX_MESSAGE_BYTES;
 
 pub struct BackupGrpc {
     backups: Arc<Backups>,
+    restores: Arc<Restores>,
 }
 
 impl BackupGrpc {
-    pub fn new(backups: Arc<Backups>) -> Self {
-        Self { backups }
+    pub fn new(backups: Arc<Backups>, restores: Arc<Restores>) -> Self {
+        Self { backups, restores }
     }
 }
 
-/// The gRPC service over `backups`, with its message limits. No
-/// compression is enabled (tonic compresses nothing unless asked).
-pub fn server(backups: Arc<Backups>) -> BackupServiceServer<BackupGrpc> {
-    BackupServiceServer::new(BackupGrpc::new(backups))
+/// The gRPC service over `backups` and `restores`, with its message
+/// limits. No compression is enabled (tonic compresses nothing unless
+/// asked).
+pub fn server(backups: Arc<Backups>, restores: Arc<Restores>) -> BackupServiceServer<BackupGrpc> {
+    BackupServiceServer::new(BackupGrpc::new(backups, restores))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_ANSWER_MESSAGE_BYTES)
 }
@@ -84,6 +93,106 @@ impl From<BackupError> for Status {
                 Status::internal(message)
             }
         }
+    }
+}
+
+/// One code per refusal of a restore, decided here and nowhere else.
+impl From<RestoreError> for Status {
+    fn from(error: RestoreError) -> Self {
+        let message = error.to_string();
+        match error {
+            RestoreError::Malformed(_)
+            | RestoreError::BadRunId(_)
+            | RestoreError::BadBackupId(_)
+            | RestoreError::NotPlain { .. } => Status::invalid_argument(message),
+            RestoreError::BackupNotFound(_)
+            | RestoreError::NoSuchRun(_)
+            | RestoreError::UnknownLu(_)
+            | RestoreError::UnknownVolume { .. } => Status::not_found(message),
+            RestoreError::NotComplete { .. }
+            | RestoreError::SizeDiffers { .. }
+            | RestoreError::NotAMirror { .. }
+            | RestoreError::NotOffline { .. }
+            | RestoreError::LuBusy { .. }
+            | RestoreError::RunIdReused { .. } => Status::failed_precondition(message),
+            RestoreError::DamagedManifest { .. } | RestoreError::MissingChunks { .. } => {
+                Status::data_loss(message)
+            }
+            RestoreError::ArrayUnavailable(_) | RestoreError::OwnerUnavailable(_) => {
+                Status::unavailable(message)
+            }
+            RestoreError::ArrayFailed(_) | RestoreError::OwnerFailed(_) => {
+                Status::internal(message)
+            }
+            RestoreError::Store(store) => store_status(store, message),
+        }
+    }
+}
+
+fn restore_progress_of(info: RestoreInfo) -> pb::RestoreProgress {
+    let none = pb::RestoreFailure::Unspecified;
+    let (state, failure, error, verified, verification) = match info.state {
+        RestoreState::Running => (
+            pb::RestoreState::Running,
+            none,
+            String::new(),
+            false,
+            String::new(),
+        ),
+        RestoreState::Complete { verification } => (
+            pb::RestoreState::Complete,
+            none,
+            String::new(),
+            true,
+            verification,
+        ),
+        RestoreState::Failed { kind, message } => (
+            pb::RestoreState::Failed,
+            restore_failure_to_pb(kind),
+            message,
+            false,
+            String::new(),
+        ),
+    };
+    pb::RestoreProgress {
+        run_id: info.run_id,
+        backup_id: info.backup_id,
+        state: state.into(),
+        phase: match info.phase {
+            RestorePhase::Comparing => pb::RestorePhase::Comparing,
+            RestorePhase::Checking => pb::RestorePhase::Checking,
+            RestorePhase::Writing => pb::RestorePhase::Writing,
+            RestorePhase::Verifying => pb::RestorePhase::Verifying,
+            RestorePhase::Done => pb::RestorePhase::Done,
+        }
+        .into(),
+        lu: info.lu,
+        volume: info.volume,
+        chunks_total: info.chunks_total,
+        chunks_compared: info.chunks_compared,
+        chunks_to_write: info.chunks_to_write,
+        chunks_written: info.chunks_written,
+        bytes_written: info.bytes_written,
+        throughput_bytes_per_s: info.throughput_bytes_per_s,
+        elapsed_ms: info.elapsed_ms,
+        verified,
+        verification,
+        ledger_sequence: info.ledger_sequence,
+        image_digest: info.image_digest.to_vec(),
+        error,
+        failure: failure.into(),
+    }
+}
+
+fn restore_failure_to_pb(kind: RestoreFailureKind) -> pb::RestoreFailure {
+    match kind {
+        RestoreFailureKind::NodeUnavailable => pb::RestoreFailure::NodeUnavailable,
+        RestoreFailureKind::ArrayFailed => pb::RestoreFailure::ArrayFailed,
+        RestoreFailureKind::StoreFailed => pb::RestoreFailure::StoreFailed,
+        RestoreFailureKind::ChunkDamaged => pb::RestoreFailure::ChunkDamaged,
+        RestoreFailureKind::NotOffline => pb::RestoreFailure::NotOffline,
+        RestoreFailureKind::VerifyFailed => pb::RestoreFailure::VerifyFailed,
+        RestoreFailureKind::Internal => pb::RestoreFailure::Internal,
     }
 }
 
@@ -245,24 +354,54 @@ type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::BackupProgress, Statu
 
 #[tonic::async_trait]
 impl BackupService for BackupGrpc {
-    // TEMPORARY until the restore lands (issue 17, in progress): replaced
-    // by the real handlers before anything is committed.
-    type WatchRestoreStream = std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = Result<pb::RestoreProgress, Status>> + Send>,
-    >;
-
     async fn start_restore(
         &self,
-        _request: Request<pb::StartRestoreRequest>,
+        request: Request<pb::StartRestoreRequest>,
     ) -> Result<Response<pb::StartRestoreResponse>, Status> {
-        Err(Status::unimplemented("StartRestore"))
+        let request = validate::start_restore(request.into_inner())?;
+        let span = tracing::Span::current();
+        span.record("run_id", request.run_id.as_str());
+        span.record("backup_id", request.backup_id.as_str());
+        match request.target {
+            crate::restore::Target::Volume(volume) => span.record("volume", volume),
+            crate::restore::Target::PlainLu(lu) => span.record("lu", lu),
+        };
+        let already_started = self.restores.start(request).await?;
+        Ok(Response::new(pb::StartRestoreResponse { already_started }))
     }
+
+    type WatchRestoreStream =
+        Pin<Box<dyn Stream<Item = Result<pb::RestoreProgress, Status>> + Send>>;
 
     async fn watch_restore(
         &self,
-        _request: Request<pb::RestoreIdRequest>,
+        request: Request<pb::RestoreIdRequest>,
     ) -> Result<Response<Self::WatchRestoreStream>, Status> {
-        Err(Status::unimplemented("WatchRestore"))
+        let run_id = validate::restore_run_id(request.into_inner().run_id)?;
+        let receiver = self.restores.subscribe(&run_id)?;
+        let restores = self.restores.clone();
+        // Sends the progress now, then on every state or phase change or
+        // interval, and ends after sending a finished state.
+        let stream =
+            futures_util::stream::unfold((receiver, false), move |(mut receiver, finished)| {
+                let restores = restores.clone();
+                let run_id = run_id.clone();
+                async move {
+                    if finished {
+                        return None;
+                    }
+                    let info = match restores.info(&run_id) {
+                        Ok(info) => info,
+                        Err(e) => return Some((Err(Status::from(e)), (receiver, true))),
+                    };
+                    let done = info.state.is_finished();
+                    if !done {
+                        let _ = tokio::time::timeout(PROGRESS_INTERVAL, receiver.changed()).await;
+                    }
+                    Some((Ok(restore_progress_of(info)), (receiver, done)))
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn start_backup(

@@ -10,9 +10,11 @@
 //! follow the run id rules every node shares ([`validate_run_id`]); a
 //! backup id is one the store could hold (hex and dashes, at most 64
 //! bytes), so that it can never name a path outside the store.
-//! `ListBackups` carries nothing to check. What needs the array or
-//! db-server (the LU exists, the snapshot is held) is asked when the
-//! backup starts.
+//! `ListBackups` carries nothing to check. A restore names exactly one
+//! target (a volume or a plain LU), a run id by the same rules, and a
+//! backup id as above. What needs the array or db-server (the LU exists,
+//! the snapshot is held, the volume is offline for the restore) is asked
+//! when the backup or the restore starts.
 
 use splitmirror_proto::backup::v1 as pb;
 use splitmirror_proto::run_id::validate_run_id;
@@ -20,6 +22,7 @@ use splitmirror_proto::run_id::validate_run_id;
 use crate::backups::{BackupError, StartRequest, Wanted};
 use crate::owner::SnapshotRef;
 use crate::prune::Retention;
+use crate::restore::{RestoreError, RestoreRequest, Target};
 use crate::store::ChunkStore;
 
 /// Proof that a value came out of this module's checks: only this module
@@ -76,6 +79,46 @@ pub fn start_backup(request: pb::StartBackupRequest) -> Result<StartRequest, Bac
         verify_read: request.verify_read,
         checked: Checked(()),
     })
+}
+
+/// `StartRestore`: a valid run id, a backup id the store could hold, and
+/// exactly one target.
+pub fn start_restore(request: pb::StartRestoreRequest) -> Result<RestoreRequest, RestoreError> {
+    validate_run_id(&request.run_id).map_err(RestoreError::BadRunId)?;
+    ChunkStore::check_id(&request.backup_id)
+        .map_err(|_| RestoreError::BadBackupId(request.backup_id.clone()))?;
+    let target = match (request.volume, request.to_lu) {
+        (Some(volume), None) => Target::Volume(volume),
+        (None, Some(lu)) => Target::PlainLu(lu),
+        (Some(_), Some(_)) => {
+            return Err(RestoreError::Malformed(
+                "name one target: a volume (offline for this run by BeginRestore) or to_lu (a plain LU), not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(RestoreError::Malformed(
+                "name the target: a volume (offline for this run by BeginRestore) or to_lu (a plain LU)".into(),
+            ));
+        }
+    };
+    if request.max_bytes_per_s == Some(0) {
+        return Err(RestoreError::Malformed(
+            "max_bytes_per_s must be positive (unset for no cap)".into(),
+        ));
+    }
+    Ok(RestoreRequest {
+        run_id: request.run_id,
+        backup_id: request.backup_id,
+        target,
+        max_bytes_per_s: request.max_bytes_per_s,
+        checked: Checked(()),
+    })
+}
+
+/// The run id of `WatchRestore`.
+pub fn restore_run_id(run_id: String) -> Result<String, RestoreError> {
+    validate_run_id(&run_id).map_err(RestoreError::BadRunId)?;
+    Ok(run_id)
 }
 
 /// A checked `PruneBackups`.
@@ -168,6 +211,47 @@ mod tests {
                 "{refused:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_restore_names_exactly_one_target_and_valid_ids() {
+        let request = |volume, to_lu, run_id: &str, backup_id: &str| pb::StartRestoreRequest {
+            run_id: run_id.into(),
+            backup_id: backup_id.into(),
+            volume,
+            to_lu,
+            max_bytes_per_s: None,
+        };
+        let id = "0190d3c4-0000-7000-8000-000000000000";
+        let target = |r| start_restore(r).map(|r| r.target);
+        assert_eq!(
+            target(request(Some(0), None, "r", id)).ok(),
+            Some(Target::Volume(0))
+        );
+        assert_eq!(
+            target(request(None, Some(6), "r", id)).ok(),
+            Some(Target::PlainLu(6))
+        );
+        for refused in [
+            request(Some(0), Some(6), "r", id),
+            request(None, None, "r", id),
+            request(Some(0), None, "", id),
+            request(Some(0), None, "a\tb", id),
+            request(Some(0), None, "r", "../x"),
+            request(Some(0), None, "r", ""),
+            pb::StartRestoreRequest {
+                max_bytes_per_s: Some(0),
+                ..request(Some(0), None, "r", id)
+            },
+        ] {
+            let code = start_restore(refused.clone()).map_err(|e| tonic::Status::from(e).code());
+            assert_eq!(
+                code.err(),
+                Some(tonic::Code::InvalidArgument),
+                "{refused:?}"
+            );
+        }
+        assert!(restore_run_id(String::new()).is_err());
     }
 
     #[test]
