@@ -615,6 +615,13 @@ impl SnapshotManager {
         self.volume(volume)?.check_write(lba, data_bytes)
     }
 
+    /// Refuses at once, naming the restore, when the volume is offline for
+    /// one (a streamed Read checks this before its first chunk, so that the
+    /// refusal is the call's answer, not a failed stream).
+    pub fn check_online(&self, volume: u32) -> Result<(), DbError> {
+        refuse_if_restoring(volume, &self.volume(volume)?.inner().state)
+    }
+
     /// Reads from the READ destination of the virtual LU.
     pub async fn read(
         &self,

@@ -449,6 +449,8 @@ impl DbService for DbGrpc {
             ..
         } = validate::read(&self.db, request)?;
         span.record("mode", tracing::field::debug(target));
+        // Each chunk is refused too if a restore begins meanwhile.
+        self.db.manager.check_online(volume)?;
         let (lba, blocks) = (range.start, range.end - range.start);
         let chunk_blocks = (READ_CHUNK_BYTES / u64::from(block_size_bytes)).max(1);
         let db = self.db.clone();
