@@ -25,7 +25,12 @@ use splitmirror_tests::soak::{self, Canary, Fault, SoakConfig};
 /// then the checks: every node back, the pair
 /// Synchronized with origin == mate, the ledger's own check on the quiesced
 /// volume, its sequence never going back, every complete backup passing
-/// the ledger's check at its sequence. Stops at the first violation and
+/// the ledger's check at its sequence. Once a backup exists, two rounds in
+/// ten corrupt volume 0 and `console restore` the newest backup, and one
+/// in ten reverses a snapshot (`console snapshot restore`), under the same
+/// faults (and the restores' own crash points), re-run with the same run
+/// id until they complete: the volume offline meanwhile (never read by
+/// anyone), then equal to what was restored, the ledger at its sequence. Stops at the first violation and
 /// prints the command that replays the seed. The last line is
 /// `soak: R rounds, F faults, V violations`; the exit status is 0 only when
 /// V is 0.
@@ -68,6 +73,10 @@ struct Args {
     /// race the resync-skips-recheck canary shows).
     #[arg(long, default_value = "offload")]
     resync: String,
+    /// Play no restore rounds: every round is a `console run` (the
+    /// workload before restores existed).
+    #[arg(long)]
+    no_restores: bool,
     /// Run the cluster in this directory instead of a temporary one.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -144,6 +153,7 @@ fn main() -> ExitCode {
         resync_method: args.resync,
         dir: args.dir,
         keep_dir: args.keep_dir,
+        restores: !args.no_restores,
     };
     println!(
         "soak: seed {seed}; replay with: {}",

@@ -14,16 +14,29 @@
 //!   verification; a console run that exits 0 reports its backup equal to
 //!   the frozen mate's digests;
 //! - a database suspended by a console that vanished resumes by itself
-//!   when its lease runs out.
+//!   when its lease runs out;
+//! - while a restore runs (between BeginRestore and EndRestore, or during
+//!   a reverse resync) db-server's Status shows it with no ledger running
+//!   on the volume, and a Read of the volume answers UNAVAILABLE with the
+//!   reason `restoring`, never data ([`Checker::probe_offline`]);
+//! - after a completed restore the volume holds the restored image (the
+//!   backup, or the frozen mate) block for block, except the blocks the
+//!   ledger has written since, each a record of a sequence after the
+//!   restored one ([`check_restored_image`]), and the sequence rule starts
+//!   again from the restored sequence.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use db_server::ledger_format::{self, Superblock};
 use futures_util::StreamExt;
+use rand::Rng;
+use rand::rngs::SmallRng;
 use splitmirror_proto::backup::v1 as bpb;
-use splitmirror_proto::client::{ArrayClient, BackupClient, ClientError, DbClient};
+use splitmirror_proto::client::{ArrayClient, BackupClient, ClientError, DbClient, ErrorKind};
 use splitmirror_proto::db::v1 as pb;
 use splitmirror_proto::node;
+use splitmirror_proto::reason::Reason;
 use splitmirror_proto::security::{Security, role};
 
 use super::Summary;
@@ -56,6 +69,15 @@ impl Violation {
     }
 }
 
+/// Volume 0 as db-server shows it (see [`Checker::volume_state`]).
+#[derive(Debug, Clone)]
+pub struct VolumeState {
+    pub restore_run_id: Option<String>,
+    pub synchronized: bool,
+    pub snapshot_holder: String,
+    pub ledger_running: bool,
+}
+
 pub struct Checker {
     db: DbClient,
     array: ArrayClient,
@@ -67,6 +89,39 @@ pub struct Checker {
     /// transaction up to it was acknowledged.
     committed_sequence: u64,
     checked_backups: BTreeSet<String>,
+    /// Volume 0's backups the last prune kept, newest first.
+    kept_backups: Vec<String>,
+    /// A restore that completed since the last quiesce: what the volume
+    /// must hold (but for the ledger's later writes) at the next one.
+    restored: Option<RestoredImage>,
+}
+
+/// The image a completed restore put on volume 0, for the next quiesce.
+pub struct RestoredImage {
+    /// "backup B" or "the snapshot of run R", for a violation's text.
+    pub what: String,
+    pub image: Vec<u8>,
+    /// The ledger's sequence in that image.
+    pub sequence: u64,
+}
+
+/// A backup a restore round can restore: complete, frozen, of volume 0,
+/// kept by the last prune.
+pub struct RestorableBackup {
+    pub backup_id: String,
+    pub ledger_sequence: u64,
+    /// Its image, exported from the chunk store.
+    pub image: Vec<u8>,
+}
+
+/// What a probe of the volume during a restore saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// db-server did not answer, or shows no restore of the volume.
+    NoRestore,
+    /// Status showed the restore, no ledger on the volume, and the Read
+    /// was refused with UNAVAILABLE `restoring`.
+    Offline,
 }
 
 /// Runs a call with [`CALL_TIMEOUT`], flattening both failures into text
@@ -98,6 +153,8 @@ impl Checker {
             urls: Node::ALL.map(|n| cluster.url(n)),
             committed_sequence: 0,
             checked_backups: BTreeSet::new(),
+            kept_backups: Vec::new(),
+            restored: None,
         })
     }
 
@@ -109,6 +166,13 @@ impl Checker {
     pub async fn phase(&mut self) -> String {
         match tokio::time::timeout(Duration::from_secs(2), self.status()).await {
             Ok(Ok(status)) => match status.volumes.iter().find(|v| v.volume == 0) {
+                Some(volume) if volume.restore.is_some() => {
+                    match volume.restore.as_ref().map(|r| r.kind()) {
+                        Some(pb::RestoreKind::ToSnapshot) => "reverse-resync",
+                        _ => "restoring",
+                    }
+                    .to_string()
+                }
                 Some(volume) => match volume.data_mode() {
                     pb::Mode::Synchronized => "synchronized",
                     pb::Mode::Snapshot => "snapshot",
@@ -157,6 +221,259 @@ impl Checker {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the last prune kept a backup of volume 0.
+    pub fn has_kept_backup(&self) -> bool {
+        !self.kept_backups.is_empty()
+    }
+
+    /// While a restore of volume 0 runs: Status must show no ledger on the
+    /// volume, and a Read of it must be refused with UNAVAILABLE
+    /// `restoring` — never answered with data ("at no point is the volume
+    /// served to the ledger while half restored"). A node that does not
+    /// answer, or a Status that shows no restore, proves nothing either
+    /// way ([`Probe::NoRestore`]).
+    pub async fn probe_offline(&mut self, round: u64) -> Result<Probe, Violation> {
+        let quick = Duration::from_secs(2);
+        let restore_of = |status: &pb::StatusResponse| {
+            status
+                .volumes
+                .iter()
+                .find(|v| v.volume == 0)
+                .and_then(|v| v.restore.clone())
+                .filter(|r| r.kind() != pb::RestoreKind::Unspecified)
+        };
+        let Ok(Ok(status)) = tokio::time::timeout(quick, self.db.status(false)).await else {
+            return Ok(Probe::NoRestore);
+        };
+        let Some(restore) = restore_of(&status) else {
+            return Ok(Probe::NoRestore);
+        };
+        let ledger_on_volume = |status: &pb::StatusResponse| {
+            status
+                .ledger
+                .as_ref()
+                .is_some_and(|l| l.running && l.volume == 0)
+        };
+        if ledger_on_volume(&status) {
+            // Status may gather the volume and the ledger a moment apart:
+            // both shown again by the next Status is no such moment.
+            if let Ok(Ok(again)) = tokio::time::timeout(quick, self.db.status(false)).await
+                && restore_of(&again).is_some_and(|r| r.run_id == restore.run_id)
+                && ledger_on_volume(&again)
+            {
+                return Err(Violation::new(
+                    round,
+                    format!(
+                        "db-server shows volume 0 offline for restore run {} and the ledger running on it: {:?}",
+                        restore.run_id, again.ledger
+                    ),
+                ));
+            }
+        }
+        let read = tokio::time::timeout(quick, self.db.read(0, pb::VirtualLu::Data, 0, 1)).await;
+        let refused_right = match &read {
+            Err(_) => return Ok(Probe::NoRestore),
+            Ok(Err(e))
+                if e.kind == ErrorKind::Unavailable && e.reason == Some(Reason::Restoring) =>
+            {
+                return Ok(Probe::Offline);
+            }
+            // db-server restarting or unreachable: proves nothing.
+            Ok(Err(e)) if e.kind.is_transient() => return Ok(Probe::NoRestore),
+            Ok(Err(e)) => format!("refused otherwise than UNAVAILABLE restoring: {e}"),
+            Ok(Ok(data)) => format!("answered {} bytes of data", data.len()),
+        };
+        // The restore may have ended between the Status and the Read; if
+        // Status still shows it afterwards, the Read came in the middle.
+        let Ok(Ok(after)) = tokio::time::timeout(quick, self.db.status(false)).await else {
+            return Ok(Probe::NoRestore);
+        };
+        if restore_of(&after).is_some_and(|r| r.run_id == restore.run_id) {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "a Read of volume 0 while restore run {} ({:?}) held it offline {refused_right}",
+                    restore.run_id,
+                    restore.kind()
+                ),
+            ));
+        }
+        Ok(Probe::NoRestore)
+    }
+
+    /// What db-server says of volume 0 and the ledger between the attempts
+    /// of a restore: the restore run it shows offline (if any), whether the
+    /// pair is Synchronized, whether the ledger runs on the volume, and who
+    /// holds its snapshot. `None` when db-server does not answer.
+    pub async fn volume_state(&mut self) -> Option<VolumeState> {
+        let status = tokio::time::timeout(Duration::from_secs(2), self.db.status(false))
+            .await
+            .ok()?
+            .ok()?;
+        let volume = status.volumes.iter().find(|v| v.volume == 0)?;
+        Some(VolumeState {
+            restore_run_id: volume
+                .restore
+                .as_ref()
+                .filter(|r| r.kind() != pb::RestoreKind::Unspecified)
+                .map(|r| r.run_id.clone()),
+            synchronized: volume.data_mode() == pb::Mode::Synchronized,
+            snapshot_holder: volume.snapshot_holder.clone(),
+            ledger_running: status
+                .ledger
+                .as_ref()
+                .is_some_and(|l| l.running && l.volume == 0),
+        })
+    }
+
+    /// The newest backup of volume 0 that the last prune kept and that a
+    /// restore can take: complete, frozen, with a ledger sequence, and
+    /// exportable (its image is read here, for the check after the
+    /// restore). `None` when there is none (yet).
+    pub async fn restorable_backup(&mut self, cluster: &Cluster) -> Option<RestorableBackup> {
+        let listed = call("ListBackups", self.backup.list_backups()).await.ok()?;
+        for backup_id in self.kept_backups.clone() {
+            let Some(info) = listed.iter().find(|b| b.backup_id == backup_id) else {
+                continue;
+            };
+            if info.state() != bpb::BackupState::Complete || info.live {
+                continue;
+            }
+            let index = cluster
+                .store_dir()
+                .join("indexes")
+                .join(format!("{backup_id}.json"));
+            let Some(manifest) = std::fs::read(&index)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            else {
+                continue;
+            };
+            let Some(ledger_sequence) = manifest["ledger_sequence"].as_u64() else {
+                continue;
+            };
+            let exported = cluster.export_path();
+            let image = async {
+                let store = backup_server::store::ChunkStore::open_existing(
+                    &backup_server::store::StoreLocation::Dir(cluster.store_dir()),
+                    backup_server::store::DEFAULT_GC_GRACE,
+                )
+                .await
+                .ok()?;
+                store.export(&backup_id, &exported).await.ok()?;
+                let image = std::fs::read(&exported).ok();
+                let _ = std::fs::remove_file(&exported);
+                image
+            }
+            .await;
+            if let Some(image) = image {
+                return Some(RestorableBackup {
+                    backup_id,
+                    ledger_sequence,
+                    image,
+                });
+            }
+        }
+        None
+    }
+
+    /// Overwrites `count` distinct random 1 MiB chunks of volume 0 with
+    /// random bytes, through the array on the mirror LU (both sides), as
+    /// the owner: the damage a restore repairs. The ledger runs on: it may
+    /// fail a transaction or not notice. Answers the chunks overwritten.
+    pub async fn corrupt_chunks(
+        &mut self,
+        rng: &mut SmallRng,
+        count: usize,
+    ) -> Result<Vec<u64>, String> {
+        let status = self.status().await?;
+        let volume = status
+            .volumes
+            .iter()
+            .find(|v| v.volume == 0)
+            .ok_or("volume 0 is not in Status")?;
+        let chunks = volume.block_count.div_ceil(COMPARE_CHUNK_BLOCKS);
+        let mut picked = BTreeSet::new();
+        while picked.len() < count.min(chunks as usize) {
+            picked.insert(rng.random_range(0..chunks));
+        }
+        for &chunk in &picked {
+            let lba = chunk * COMPARE_CHUNK_BLOCKS;
+            let blocks = COMPARE_CHUNK_BLOCKS.min(volume.block_count - lba);
+            let mut garbage = vec![0u8; (blocks * u64::from(volume.block_size_bytes)) as usize];
+            rng.fill(&mut garbage[..]);
+            call(
+                "Write (corrupting volume 0)",
+                self.array.write(volume.mirror_lu, lba, garbage),
+            )
+            .await?;
+        }
+        Ok(picked.into_iter().collect())
+    }
+
+    /// The snapshot `run_id` holds on volume 0 right after its acquire: its
+    /// ledger sequence and the frozen mate's image, which must pass the
+    /// ledger's check at that sequence (it is a quiesced image).
+    pub async fn frozen_image(
+        &mut self,
+        round: u64,
+        run_id: &str,
+    ) -> Result<RestoredImage, Violation> {
+        let snapshot = call("GetSnapshot", self.db.get_snapshot(0))
+            .await
+            .map_err(|e| Violation::new(round, e))?;
+        if snapshot.holder_run_id != run_id {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "right after run {run_id} acquired it, volume 0's snapshot is held by {:?}",
+                    snapshot.holder_run_id
+                ),
+            ));
+        }
+        let image = self
+            .read_lu(snapshot.mate_lu, snapshot.block_count)
+            .await
+            .map_err(|e| Violation::new(round, e))?;
+        let report = ledger_format::verify_image(&image, Some(snapshot.ledger_sequence));
+        if !report.ok {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "the frozen mate of run {run_id} fails the ledger's check at its sequence {}: {:?}",
+                    snapshot.ledger_sequence, report.violations
+                ),
+            ));
+        }
+        Ok(RestoredImage {
+            what: format!("the snapshot of run {run_id}"),
+            image,
+            sequence: snapshot.ledger_sequence,
+        })
+    }
+
+    /// A restore completed: the ledger was moved back on purpose, so the
+    /// "never goes back" rule starts again from the restored sequence, and
+    /// the next quiesce compares the volume with the restored image.
+    pub fn restored(&mut self, restored: RestoredImage) {
+        self.committed_sequence = restored.sequence;
+        self.restored = Some(restored);
+    }
+
+    /// The server's verification of one backup (a restore's safety backup).
+    pub async fn verify_backup(&mut self, round: u64, backup_id: &str) -> Result<(), Violation> {
+        let verified = call("VerifyBackup", self.backup.verify_backup(backup_id))
+            .await
+            .map_err(|e| Violation::new(round, e))?;
+        if !verified.ok {
+            return Err(Violation::new(
+                round,
+                format!("backup {backup_id} fails VerifyBackup: {verified:?}"),
+            ));
+        }
+        Ok(())
     }
 
     /// Every node healthy, no snapshot left behind, the pair Synchronized.
@@ -323,7 +640,20 @@ impl Checker {
                 ));
             }
         }
-        if let Some(ledger) = status.ledger.as_ref().filter(|l| l.running) {
+        let restored = self.restored.take();
+        let ledger_running = status.ledger.as_ref().filter(|l| l.running);
+        if let Some(restored) = &restored
+            && ledger_running.is_none_or(|l| l.volume != 0)
+        {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "after restoring {} the ledger does not run on volume 0: {:?}",
+                    restored.what, status.ledger
+                ),
+            ));
+        }
+        if let Some(ledger) = ledger_running {
             let volume = status
                 .volumes
                 .iter()
@@ -342,6 +672,18 @@ impl Checker {
                         report.violations
                     ),
                 ));
+            }
+            if let Some(restored) = restored.filter(|_| ledger.volume == 0) {
+                check_restored_image(&restored.image, &image, restored.sequence, sequence)
+                    .map_err(|e| {
+                        Violation::new(
+                            round,
+                            format!(
+                                "volume 0 after restoring {} (ledger sequence {}, now {sequence}): {e}",
+                                restored.what, restored.sequence
+                            ),
+                        )
+                    })?;
             }
         }
         Ok(())
@@ -433,8 +775,12 @@ impl Checker {
                     ),
                 )
             })?;
+            // A live backup (a restore's safety backup) copies whatever the
+            // volume held, here a volume the nemesis had just corrupted:
+            // only the server's verification applies to it.
+            let live = manifest["live"].as_bool() == Some(true);
             let report = db_server::ledger_format::verify_image(&image, sequence);
-            if !report.ok {
+            if !live && !report.ok {
                 return Err(Violation::new(
                     round,
                     format!(
@@ -457,6 +803,24 @@ impl Checker {
             }
             summary.backups_verified += 1;
             self.checked_backups.insert(backup.backup_id.clone());
+            if live {
+                // The prune keeps live backups forever; verified, a safety
+                // backup has served here, and its index goes (as a prune
+                // would remove it), so that the store stays bounded.
+                let removed = async {
+                    backup_server::store::ChunkStore::open_existing(
+                        &backup_server::store::StoreLocation::Dir(cluster.store_dir()),
+                        backup_server::store::DEFAULT_GC_GRACE,
+                    )
+                    .await?
+                    .remove_index(&backup.backup_id)
+                    .await
+                }
+                .await;
+                if let Err(e) = removed {
+                    tracing::warn!("removing safety backup {}: {e}", backup.backup_id);
+                }
+            }
         }
         self.prune_and_collect(round).await
     }
@@ -473,6 +837,12 @@ impl Checker {
         let Ok(pruned) = call("PruneBackups", self.backup.prune_backups(prune)).await else {
             return Ok(());
         };
+        self.kept_backups = pruned
+            .decisions
+            .iter()
+            .filter(|d| d.keep)
+            .map(|d| d.backup_id.clone())
+            .collect();
         if call("CollectGarbage", self.backup.collect_garbage())
             .await
             .is_err()
@@ -496,5 +866,163 @@ impl Checker {
             }
         }
         Ok(())
+    }
+}
+
+/// Compares the volume at a quiesce with the image a restore put on it:
+/// every block must equal the restored image's, except the blocks the
+/// ledger has written since the restore — each of them a valid account
+/// block or log record (in its own slot) of a sequence after
+/// `restored_sequence` and at most `quiesced_sequence`. A chunk the
+/// restore left out (garbage, or the volume before the restore) or a
+/// block changed by anything but the ledger's later transactions fails.
+pub fn check_restored_image(
+    restored: &[u8],
+    volume: &[u8],
+    restored_sequence: u64,
+    quiesced_sequence: u64,
+) -> Result<(), String> {
+    if restored.len() != volume.len() {
+        return Err(format!(
+            "the volume is {} bytes, the restored image {}",
+            volume.len(),
+            restored.len()
+        ));
+    }
+    let layout = [4096usize, 512]
+        .iter()
+        .find_map(
+            |&size| match ledger_format::decode_superblock(restored.get(..size)?) {
+                Superblock::Ledger(layout) => Some(layout),
+                _ => None,
+            },
+        )
+        .ok_or("the restored image holds no ledger superblock")?;
+    let bs = layout.block_size_bytes as usize;
+    let later = |sequence: u64| sequence > restored_sequence && sequence <= quiesced_sequence;
+    let mut unexplained = Vec::new();
+    for (block, (expected, actual)) in restored.chunks(bs).zip(volume.chunks(bs)).enumerate() {
+        if expected == actual {
+            continue;
+        }
+        let lba = block as u64;
+        let explained = if lba >= layout.account_lba(0) && lba < layout.log_start_lba() {
+            ledger_format::decode_account(actual)
+                .is_some_and(|a| layout.account_lba(a.id) == lba && later(a.last_sequence))
+        } else if lba >= layout.log_start_lba() && lba < layout.total_blocks() {
+            matches!(ledger_format::decode_log(actual),
+                Ok(Some(r)) if layout.log_lba(r.sequence) == lba && later(r.sequence))
+        } else {
+            false
+        };
+        if !explained {
+            unexplained.push(lba);
+        }
+    }
+    if unexplained.is_empty() {
+        return Ok(());
+    }
+    let chunks: BTreeSet<u64> = unexplained
+        .iter()
+        .map(|lba| lba * bs as u64 / (1 << 20))
+        .collect();
+    Err(format!(
+        "{} blocks differ from the restored image and are no later write of the ledger (first LBAs {:?}; 1 MiB chunks {chunks:?})",
+        unexplained.len(),
+        &unexplained[..unexplained.len().min(8)]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use db_server::ledger_format::{Account, Layout, LogRecord};
+
+    use super::*;
+
+    const BS: u32 = 512;
+
+    fn layout() -> Layout {
+        Layout {
+            block_size_bytes: BS,
+            accounts: 4,
+            initial_balance: 100,
+            log_blocks: 8,
+        }
+    }
+
+    /// A ledger image at sequence 10 and 4 blocks of other data after it.
+    fn image() -> Vec<u8> {
+        let layout = layout();
+        let mut image = ledger_format::encode_superblock(&layout);
+        for id in 0..layout.accounts {
+            let account = Account {
+                id,
+                balance: 100,
+                last_sequence: 10,
+            };
+            image.extend(ledger_format::encode_account(&account, BS));
+        }
+        image.resize((layout.total_blocks() + 4) as usize * BS as usize, 0);
+        image
+    }
+
+    fn put(image: &mut [u8], lba: u64, block: &[u8]) {
+        let at = lba as usize * BS as usize;
+        image[at..at + BS as usize].copy_from_slice(block);
+    }
+
+    #[test]
+    fn only_the_ledgers_later_writes_may_differ_from_the_restored_image() {
+        let layout = layout();
+        let restored = image();
+        assert_eq!(check_restored_image(&restored, &restored, 10, 10), Ok(()));
+        // Transaction 11 after the restore: its log record and an account.
+        let mut volume = restored.clone();
+        let record = LogRecord {
+            sequence: 11,
+            from: 1,
+            to: 2,
+            amount: 5,
+            from_balance: 95,
+            to_balance: 105,
+        };
+        put(
+            &mut volume,
+            layout.log_lba(11),
+            &ledger_format::encode_log(&record, BS),
+        );
+        let account = Account {
+            id: 1,
+            balance: 95,
+            last_sequence: 11,
+        };
+        put(
+            &mut volume,
+            layout.account_lba(1),
+            &ledger_format::encode_account(&account, BS),
+        );
+        assert_eq!(check_restored_image(&restored, &volume, 10, 11), Ok(()));
+        // The same records are not explained by a quiesce at 10 (a volume
+        // ahead of what was restored: the restore left it out), nor by a
+        // restore at 11.
+        assert!(check_restored_image(&restored, &volume, 10, 10).is_err());
+        assert!(check_restored_image(&restored, &volume, 11, 20).is_err());
+        // A record in another account's block is no ledger write.
+        let mut misplaced = restored.clone();
+        put(
+            &mut misplaced,
+            layout.account_lba(3),
+            &ledger_format::encode_account(&account, BS),
+        );
+        assert!(check_restored_image(&restored, &misplaced, 10, 11).is_err());
+        // Garbage anywhere, and any change past the ledger, fail.
+        let mut garbage = restored.clone();
+        put(&mut garbage, layout.log_lba(12), &[0xA5; BS as usize]);
+        let error = check_restored_image(&restored, &garbage, 10, 20)
+            .expect_err("garbage in the log is no ledger write");
+        assert!(error.starts_with("1 blocks differ"), "{error}");
+        let mut beyond = restored.clone();
+        put(&mut beyond, layout.total_blocks() + 1, &[1; BS as usize]);
+        assert!(check_restored_image(&restored, &beyond, 10, 20).is_err());
     }
 }

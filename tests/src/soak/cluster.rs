@@ -70,6 +70,8 @@ struct Process {
     child: Child,
     log: Arc<Mutex<VecDeque<String>>>,
     paused: bool,
+    /// Started with a crash point armed (`SPLITMIRROR_CRASH_AT`).
+    crash_armed: bool,
 }
 
 pub struct Cluster {
@@ -273,6 +275,7 @@ impl Cluster {
             child,
             log,
             paused: false,
+            crash_armed: env.iter().any(|(key, _)| *key == "SPLITMIRROR_CRASH_AT"),
         };
         loop {
             if listening_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
@@ -340,6 +343,21 @@ impl Cluster {
             let _ = process.child.wait();
             self.past_logs.push((node, tail_of(&process.log)));
         }
+    }
+
+    /// A node still running with a crash point that never fired is
+    /// restarted without it, so that the point cannot fire in a later round
+    /// (where no fault asked for it). Answers whether it was restarted.
+    pub fn disarm(&mut self, node: Node) -> Result<bool, String> {
+        let armed = self.processes[node as usize]
+            .as_ref()
+            .is_some_and(|p| p.crash_armed);
+        if !armed || !self.is_running(node) {
+            return Ok(false);
+        }
+        self.stop(node);
+        self.start(node)?;
+        Ok(true)
     }
 
     /// SIGSTOP: the node stops answering but keeps its sockets.

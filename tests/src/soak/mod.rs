@@ -4,7 +4,11 @@
 //! middle of an acquire, a backup or a resync), SIGSTOP pauses, a console
 //! lost while the database is suspended, the array restarted, the journal
 //! corrupted or cut short while db-server is down, and the journal's or the
-//! backup store's filesystem full for a while. After every round the
+//! backup store's filesystem full for a while. Once a backup exists, some
+//! rounds are restores instead: volume 0 corrupted through the array, then
+//! `console restore` of the newest backup (re-run with the same run id
+//! until it completes, whatever the fault did to it), or a reverse resync
+//! (`console snapshot restore` to a held snapshot). After every round the
 //! invariants are checked ([`checks`]) and the run stops at the first
 //! violation with the seed and a command that replays it.
 //!
@@ -28,7 +32,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use checks::{Checker, Violation};
+use checks::{Checker, Probe, RestorableBackup, RestoredImage, Violation, VolumeState};
 use cluster::{Cluster, ClusterOptions, Node};
 
 /// The faults the nemesis injects, by the names `--faults` takes.
@@ -206,6 +210,8 @@ pub struct SoakConfig {
     pub dir: Option<PathBuf>,
     /// Keep the directory even when no violation was found.
     pub keep_dir: bool,
+    /// Play restore and reverse-resync rounds (once a backup exists).
+    pub restores: bool,
 }
 
 /// Counts of everything the soak did, for the summary and RELIABILITY.md.
@@ -221,6 +227,26 @@ pub struct Summary {
     pub journals_set_aside: u64,
     pub leftover_snapshots_deleted: u64,
     pub skipped_faults: Vec<String>,
+    /// Rounds that restored a backup onto volume 0, and reversed a
+    /// snapshot.
+    pub restore_rounds: u64,
+    pub reverse_rounds: u64,
+    /// Restores from a backup that completed, and of those the ones whose
+    /// first attempt a fault stopped, completed by re-running the command.
+    pub restores_completed: u64,
+    pub restores_completed_on_rerun: u64,
+    pub reverse_resyncs: u64,
+    pub reverse_resyncs_on_rerun: u64,
+    /// Attempts of a restore or reverse resync that did not complete.
+    pub restore_attempts_failed: u64,
+    /// 1 MiB chunks of volume 0 overwritten before a restore.
+    pub chunks_corrupted: u64,
+    /// Probes that found the volume offline while restored (Status shows
+    /// it, no ledger on it, a Read refused `restoring`), and the restore
+    /// rounds with at least one.
+    pub offline_probes: u64,
+    pub restores_seen_offline: u64,
+    pub safety_backups_verified: u64,
     pub violations: Vec<Violation>,
     pub elapsed: Duration,
 }
@@ -241,6 +267,22 @@ impl Summary {
             self.runs_succeeded, self.runs_failed
         );
         println!("  backups verified   {}", self.backups_verified);
+        println!(
+            "  restores           {} completed ({} of them on a re-run after a fault), {} rounds",
+            self.restores_completed, self.restores_completed_on_rerun, self.restore_rounds
+        );
+        println!(
+            "  reverse resyncs    {} completed ({} of them on a re-run after a fault), {} rounds",
+            self.reverse_resyncs, self.reverse_resyncs_on_rerun, self.reverse_rounds
+        );
+        println!(
+            "  restore attempts failed under faults {}; chunks corrupted {}; safety backups verified {}",
+            self.restore_attempts_failed, self.chunks_corrupted, self.safety_backups_verified
+        );
+        println!(
+            "  volume seen offline while restored: {} probes in {} rounds",
+            self.offline_probes, self.restores_seen_offline
+        );
         println!("  damaged journals set aside {}", self.journals_set_aside);
         println!(
             "  leftover snapshots deleted {}",
@@ -281,6 +323,17 @@ impl Summary {
             "backups_verified": self.backups_verified,
             "journals_set_aside": self.journals_set_aside,
             "skipped_faults": self.skipped_faults,
+            "restore_rounds": self.restore_rounds,
+            "restores_completed": self.restores_completed,
+            "restores_completed_on_rerun": self.restores_completed_on_rerun,
+            "reverse_rounds": self.reverse_rounds,
+            "reverse_resyncs": self.reverse_resyncs,
+            "reverse_resyncs_on_rerun": self.reverse_resyncs_on_rerun,
+            "restore_attempts_failed": self.restore_attempts_failed,
+            "chunks_corrupted": self.chunks_corrupted,
+            "offline_probes": self.offline_probes,
+            "restores_seen_offline": self.restores_seen_offline,
+            "safety_backups_verified": self.safety_backups_verified,
             "canary": config.canary.map(Canary::name),
             "violations": self.violations.iter().map(|v| serde_json::json!({
                 "round": v.round, "what": v.what,
@@ -312,6 +365,9 @@ pub fn replay_command(config: &SoakConfig, rounds: Option<u64>) -> String {
         config.seed, config.lu_size, config.workload_tps
     );
     command.push_str(&format!(" --resync {}", config.resync_method));
+    if !config.restores {
+        command.push_str(" --no-restores");
+    }
     if let Some(canary) = config.canary {
         command.push_str(&format!(" --canary {}", canary.name()));
     }
@@ -382,16 +438,29 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
         && config.duration.is_none_or(|d| started.elapsed() < d)
     {
         round += 1;
-        let fault = if faults.is_empty() || rng.random_range(0..10) == 0 {
+        // Two rounds in ten restore a backup and one reverses a snapshot,
+        // once the prune keeps a backup (so that round 1 draws as before).
+        let kind = if config.restores && checker.has_kept_backup() {
+            match rng.random_range(0..10) {
+                0 | 1 => RoundKind::Restore,
+                2 => RoundKind::ReverseResync,
+                _ => RoundKind::Run,
+            }
+        } else {
+            RoundKind::Run
+        };
+        let allowed: Vec<Fault> = faults.iter().copied().filter(|f| kind.allows(*f)).collect();
+        let fault = if allowed.is_empty() || rng.random_range(0..10) == 0 {
             None
         } else {
-            Some(faults[rng.random_range(0..faults.len())])
+            Some(allowed[rng.random_range(0..allowed.len())])
         };
         let outcome = play_round(
             &mut cluster,
             &mut checker,
             &mut rng,
             round,
+            kind,
             fault,
             &mut summary,
         )
@@ -434,9 +503,376 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
     Ok(summary)
 }
 
+/// What a round does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundKind {
+    /// One `console run`: acquire → backup → delete → resync → verify.
+    Run,
+    /// Volume 0 corrupted through the array, then `console restore` of the
+    /// newest backup the prune keeps, re-run until it completes.
+    Restore,
+    /// `console snapshot acquire`, the ledger writes, then `console
+    /// snapshot restore` (the reverse resync), re-run until it completes.
+    ReverseResync,
+}
+
+impl RoundKind {
+    /// The faults that may land in a round of this kind. A reverse resync
+    /// is not given a damaged journal: an unusable journal drops the
+    /// snapshot (it cannot be trusted), and with it the frozen image the
+    /// reverse resync was copying back — nothing is left to finish it from,
+    /// by design (see RELIABILITY.md).
+    fn allows(self, fault: Fault) -> bool {
+        self != RoundKind::ReverseResync
+            || !matches!(fault, Fault::CorruptJournal | Fault::TruncateJournal)
+    }
+}
+
+/// One round of `kind` with at most one fault, then the checks.
+async fn play_round(
+    cluster: &mut Cluster,
+    checker: &mut Checker,
+    rng: &mut SmallRng,
+    round: u64,
+    kind: RoundKind,
+    fault: Option<Fault>,
+    summary: &mut Summary,
+) -> Result<(), Violation> {
+    match kind {
+        RoundKind::Run => play_run_round(cluster, checker, rng, round, fault, summary).await,
+        RoundKind::Restore => {
+            play_restore_round(cluster, checker, rng, round, fault, summary).await
+        }
+        RoundKind::ReverseResync => {
+            play_reverse_round(cluster, checker, rng, round, fault, summary).await
+        }
+    }
+}
+
+/// The console's command line, its addresses and certificates given by
+/// the environment (so that `restore --backup ID` means the backup).
+fn console_command(cluster: &Cluster, args: &[&str]) -> Command {
+    let mut command = Command::new(cluster.console_binary());
+    command
+        .env("SPLITMIRROR_TLS_DIR", cluster.certs_dir())
+        .env("SPLITMIRROR_ARRAY", cluster.addr(Node::Array))
+        .env("SPLITMIRROR_DB", cluster.addr(Node::Db))
+        .env("SPLITMIRROR_BACKUP", cluster.addr(Node::Backup))
+        .env("NO_COLOR", "1")
+        .args(args)
+        .args(["--step-deadline", "20s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    command
+}
+
+/// A console started, with its standard output gathered.
+struct RunningConsole {
+    child: std::process::Child,
+    stdout: std::thread::JoinHandle<String>,
+}
+
+impl RunningConsole {
+    fn spawn(mut command: Command, round: u64, what: &str) -> Result<Self, Violation> {
+        let mut child = command
+            .spawn()
+            .map_err(|e| Violation::new(round, format!("starting console {what}: {e}")))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut { stdout }, &mut text);
+            text
+        });
+        Ok(Self { child, stdout })
+    }
+}
+
+/// How a console ended: its exit status and its JSON report, if any.
+struct ConsoleOutcome {
+    success: bool,
+    status: String,
+    text: String,
+    report: Option<serde_json::Value>,
+}
+
+/// How long a console may take before it counts as wedged.
+const CONSOLE_DEADLINE: Duration = Duration::from_secs(180);
+/// Attempts of one restore (the first and its re-runs) before a restore
+/// that does not complete, once its fault has healed, is a violation.
+const RESTORE_ATTEMPTS: u32 = 5;
+/// A restore round's fault lands this long (at most) after its console
+/// starts: a restore of an 8 MiB volume takes about a second.
+const RESTORE_FAULT_WINDOW_MS: u64 = 1200;
+/// A reverse resync copies what the ledger wrote in half a second.
+const REVERSE_FAULT_WINDOW_MS: u64 = 600;
+/// How often the probes look at a volume under restore.
+const PROBE_EVERY: Duration = Duration::from_millis(60);
+
+/// Waits for a console to end (a console that does not end within
+/// [`CONSOLE_DEADLINE`] is a violation), probing the volume meanwhile when
+/// `probes` is given, and restarting `supervised` — the node with a crash
+/// point armed — once it has aborted, as a service manager would.
+async fn wait_console(
+    cluster: &mut Cluster,
+    checker: &mut Checker,
+    round: u64,
+    mut console: RunningConsole,
+    mut probes: Option<&mut u64>,
+    supervised: Option<Node>,
+) -> Result<ConsoleOutcome, Violation> {
+    let deadline = Instant::now() + CONSOLE_DEADLINE;
+    let status = loop {
+        if let Ok(Some(status)) = console.child.try_wait() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = console.child.kill();
+            let _ = console.child.wait();
+            return Err(Violation::new(
+                round,
+                format!(
+                    "the console did not end within {} s (wedged)",
+                    CONSOLE_DEADLINE.as_secs()
+                ),
+            ));
+        }
+        if let Some(node) = supervised
+            && cluster.exited_by_itself(node).is_some()
+        {
+            cluster.kill9(node);
+            start(cluster, node, round)?;
+        }
+        match probes.as_deref_mut() {
+            Some(count) => {
+                if checker.probe_offline(round).await? == Probe::Offline {
+                    *count += 1;
+                }
+                tokio::time::sleep(PROBE_EVERY).await;
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let text = console.stdout.join().unwrap_or_default();
+    Ok(ConsoleOutcome {
+        success: status.success(),
+        status: status.to_string(),
+        report: serde_json::from_str(text.trim()).ok(),
+        text,
+    })
+}
+
+/// Sleeps `duration`, probing the volume meanwhile.
+async fn probe_for(
+    checker: &mut Checker,
+    round: u64,
+    duration: Duration,
+    probes: &mut u64,
+) -> Result<(), Violation> {
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        if checker.probe_offline(round).await? == Probe::Offline {
+            *probes += 1;
+        }
+        tokio::time::sleep(PROBE_EVERY.min(until.saturating_duration_since(Instant::now()))).await;
+    }
+    Ok(())
+}
+
+/// Restarts `node` with one of `points` armed, so that the round's own
+/// steps decide the moment it aborts. Answers the node.
+fn arm_crash_point(
+    cluster: &mut Cluster,
+    rng: &mut SmallRng,
+    round: u64,
+    points: &[(Node, &'static str)],
+    summary: &mut Summary,
+) -> Result<Node, Violation> {
+    let (node, point) = points[rng.random_range(0..points.len())];
+    let nth = match point {
+        // Reached once per acquire, delete, begin or end of a restore.
+        "acquire.after_journal"
+        | "delete.after_journal"
+        | "restore.after_journal"
+        | "restore.after_grant"
+        | "end_restore.after_journal"
+        | "reverse.after_journal"
+        | "restore.before_verify" => 1,
+        // Once per copied range, per written stream.
+        "reverse.after_copy" | "restore.after_first_write" => rng.random_range(1..3),
+        _ => rng.random_range(1..40),
+    };
+    *summary
+        .kills_by_phase
+        .entry(format!("crash point {point}"))
+        .or_default() += 1;
+    cluster.stop(node);
+    let armed = format!("{point}:{nth}");
+    cluster
+        .start_with_env(node, &[("SPLITMIRROR_CRASH_AT", &armed)])
+        .map_err(|e| Violation::new(round, format!("restarting {node}: {e}")))?;
+    Ok(node)
+}
+
+/// db-server's crash points for a `console run`.
+fn run_crash_points() -> Vec<(Node, &'static str)> {
+    CRASH_POINTS.iter().map(|p| (Node::Db, *p)).collect()
+}
+
+/// The crash points inside a restore from a backup: db-server's at its
+/// begin and end, the backup server's inside the job.
+fn restore_crash_points() -> Vec<(Node, &'static str)> {
+    let db = db_server::crash::RESTORE_POINTS
+        .iter()
+        .filter(|p| p.starts_with("restore.") || p.starts_with("end_restore."))
+        .map(|p| (Node::Db, *p));
+    let backup = backup_server::crash::POINTS
+        .iter()
+        .filter(|p| p.starts_with("restore."))
+        .map(|p| (Node::Backup, *p));
+    db.chain(backup).collect()
+}
+
+/// The crash points of a reverse resync round: its own, and the snapshot
+/// writes of the ledger before it.
+fn reverse_crash_points() -> Vec<(Node, &'static str)> {
+    db_server::crash::RESTORE_POINTS
+        .iter()
+        .filter(|p| p.starts_with("reverse."))
+        .chain(["write.after_intent", "write.after_array"].iter())
+        .map(|p| (Node::Db, *p))
+        .collect()
+}
+
+/// Lands `fault` now (a crash point was armed before). Answers when a
+/// lost console suspended the database, if it did.
+async fn land_fault(
+    cluster: &mut Cluster,
+    checker: &mut Checker,
+    rng: &mut SmallRng,
+    round: u64,
+    fault: Fault,
+    summary: &mut Summary,
+) -> Result<Option<Instant>, Violation> {
+    *summary.faults.entry(fault.name()).or_default() += 1;
+    let phase = checker.phase().await;
+    let mut kill = |node: Node, summary: &mut Summary| {
+        *summary
+            .kills_by_phase
+            .entry(format!("{phase} ({node})"))
+            .or_default() += 1;
+        cluster.kill9(node);
+    };
+    match fault {
+        Fault::KillArray | Fault::KillDb | Fault::KillBackup => {
+            let node = match fault {
+                Fault::KillArray => Node::Array,
+                Fault::KillDb => Node::Db,
+                _ => Node::Backup,
+            };
+            kill(node, summary);
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
+            start(cluster, node, round)?;
+        }
+        Fault::Pause => {
+            let node = Node::ALL[rng.random_range(0..3)];
+            cluster.pause(node);
+            tokio::time::sleep(Duration::from_millis(rng.random_range(1500..4000))).await;
+            cluster.resume(node);
+        }
+        Fault::LostConsole => return Ok(checker.suspend_and_vanish().await),
+        Fault::RestartArray => {
+            cluster.stop(Node::Array);
+            start(cluster, Node::Array, round)?;
+        }
+        Fault::CorruptJournal | Fault::TruncateJournal => {
+            kill(Node::Db, summary);
+            let damaged = damage_journal(cluster, fault, rng, round)?;
+            start(cluster, Node::Db, round)?;
+            // The damage lies inside what was committed: the journal
+            // must be judged unusable and kept aside as evidence (not
+            // taken for a torn tail and cut), and the pairs compared
+            // whole.
+            let set_aside = set_aside_journals(&cluster.db_dir());
+            if damaged && set_aside.is_empty() {
+                return Err(Violation::new(
+                    round,
+                    "a journal damaged inside its committed part was not set aside as unusable",
+                ));
+            }
+            summary.journals_set_aside += set_aside.len() as u64;
+            // Evidence looked at: removed, so that the small journal
+            // filesystem does not fill up over a long run.
+            for path in set_aside {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        // Armed before the round's console started.
+        Fault::CrashPoint => {}
+        Fault::FullJournalFs | Fault::FullStoreFs => {
+            let dir = if fault == Fault::FullJournalFs {
+                cluster.db_dir()
+            } else {
+                cluster.store_dir()
+            };
+            let ballast = dir.join("soak-ballast");
+            fill(&ballast);
+            tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
+            let _ = std::fs::remove_file(&ballast);
+        }
+    }
+    Ok(None)
+}
+
+/// After a round's fault: the lost console's lease ran out by itself, no
+/// node exited unasked (`armed`, the node with a crash point, may have),
+/// a crash point that never fired is disarmed, every node is back, and no
+/// journal was set aside without damage.
+async fn after_fault(
+    cluster: &mut Cluster,
+    checker: &mut Checker,
+    round: u64,
+    lost_console_at: Option<Instant>,
+    armed: Option<Node>,
+) -> Result<(), Violation> {
+    if let Some(at) = lost_console_at {
+        checker.check_resumed_by_itself(round, at).await?;
+    }
+    for node in Node::ALL {
+        if armed == Some(node) {
+            continue;
+        }
+        if let Some(status) = cluster.exited_by_itself(node) {
+            return Err(Violation::new(
+                round,
+                format!("{node} exited by itself ({status}) with no fault asking it to"),
+            ));
+        }
+    }
+    if let Some(node) = armed {
+        cluster
+            .disarm(node)
+            .map_err(|e| Violation::new(round, format!("restarting {node} unarmed: {e}")))?;
+    }
+    cluster
+        .heal()
+        .map_err(|e| Violation::new(round, format!("a node did not come back: {e}")))?;
+    // Only a journal damaged on purpose (handled where it was damaged) may
+    // be set aside: a crash or a full filesystem never makes committed
+    // records unusable.
+    let set_aside = set_aside_journals(&cluster.db_dir());
+    if !set_aside.is_empty() {
+        return Err(Violation::new(
+            round,
+            format!("db-server found its journal unusable after no damage: {set_aside:?}"),
+        ));
+    }
+    Ok(())
+}
+
 /// One round: a `console run` with at most one fault landing at a random
 /// moment of it, then the checks.
-async fn play_round(
+async fn play_run_round(
     cluster: &mut Cluster,
     checker: &mut Checker,
     rng: &mut SmallRng,
@@ -446,148 +882,39 @@ async fn play_round(
 ) -> Result<(), Violation> {
     // A crash point is armed before the run, so that the run's own steps
     // decide the moment db-server dies.
-    let armed_crash_point = fault == Some(Fault::CrashPoint);
-    if armed_crash_point {
-        let point = CRASH_POINTS[rng.random_range(0..CRASH_POINTS.len())];
-        let nth = match point {
-            "acquire.after_journal" | "delete.after_journal" => 1,
-            _ => rng.random_range(1..40),
-        };
-        *summary
-            .kills_by_phase
-            .entry(format!("crash point {point}"))
-            .or_default() += 1;
-        cluster.stop(Node::Db);
-        let armed = format!("{point}:{nth}");
-        cluster
-            .start_with_env(Node::Db, &[("SPLITMIRROR_CRASH_AT", &armed)])
-            .map_err(|e| Violation::new(round, format!("restarting db-server: {e}")))?;
-    }
-    let mut console = Command::new(cluster.console_binary())
-        .env("SPLITMIRROR_TLS_DIR", cluster.certs_dir())
-        .args([
+    let armed = match fault {
+        Some(Fault::CrashPoint) => Some(arm_crash_point(
+            cluster,
+            rng,
+            round,
+            &run_crash_points(),
+            summary,
+        )?),
+        _ => None,
+    };
+    let command = console_command(
+        cluster,
+        &[
             "run",
             "--volume",
             "0",
             "--json",
-            "--step-deadline",
-            "20s",
             // Slow enough that faults land inside the backup, not after it.
             "--max-rate",
             BACKUP_RATE,
-            "--array",
-            &cluster.addr(Node::Array),
-            "--db",
-            &cluster.addr(Node::Db),
-            "--backup",
-            &cluster.addr(Node::Backup),
-        ])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| Violation::new(round, format!("starting console run: {e}")))?;
-    let stdout = console.stdout.take().expect("stdout is piped");
-    let report = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut { stdout }, &mut text);
-        text
-    });
+        ],
+    );
+    let console = RunningConsole::spawn(command, round, "run")?;
     let delay = Duration::from_millis(rng.random_range(0..FAULT_WINDOW_MS));
     tokio::time::sleep(delay).await;
     let mut lost_console_at = None;
     if let Some(fault) = fault {
-        *summary.faults.entry(fault.name()).or_default() += 1;
-        let phase = checker.phase().await;
-        let mut kill = |node: Node, summary: &mut Summary| {
-            *summary
-                .kills_by_phase
-                .entry(format!("{phase} ({node})"))
-                .or_default() += 1;
-            cluster.kill9(node);
-        };
-        match fault {
-            Fault::KillArray | Fault::KillDb | Fault::KillBackup => {
-                let node = match fault {
-                    Fault::KillArray => Node::Array,
-                    Fault::KillDb => Node::Db,
-                    _ => Node::Backup,
-                };
-                kill(node, summary);
-                tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
-                start(cluster, node, round)?;
-            }
-            Fault::Pause => {
-                let node = Node::ALL[rng.random_range(0..3)];
-                cluster.pause(node);
-                tokio::time::sleep(Duration::from_millis(rng.random_range(1500..4000))).await;
-                cluster.resume(node);
-            }
-            Fault::LostConsole => {
-                lost_console_at = checker.suspend_and_vanish().await;
-            }
-            Fault::RestartArray => {
-                cluster.stop(Node::Array);
-                start(cluster, Node::Array, round)?;
-            }
-            Fault::CorruptJournal | Fault::TruncateJournal => {
-                kill(Node::Db, summary);
-                let damaged = damage_journal(cluster, fault, rng, round)?;
-                start(cluster, Node::Db, round)?;
-                // The damage lies inside what was committed: the journal
-                // must be judged unusable and kept aside as evidence (not
-                // taken for a torn tail and cut), and the pairs compared
-                // whole.
-                let set_aside = set_aside_journals(&cluster.db_dir());
-                if damaged && set_aside.is_empty() {
-                    return Err(Violation::new(
-                        round,
-                        "a journal damaged inside its committed part was not set aside as unusable",
-                    ));
-                }
-                summary.journals_set_aside += set_aside.len() as u64;
-                // Evidence looked at: removed, so that the small journal
-                // filesystem does not fill up over a long run.
-                for path in set_aside {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-            // Armed before the run started (above).
-            Fault::CrashPoint => {}
-            Fault::FullJournalFs | Fault::FullStoreFs => {
-                let dir = if fault == Fault::FullJournalFs {
-                    cluster.db_dir()
-                } else {
-                    cluster.store_dir()
-                };
-                let ballast = dir.join("soak-ballast");
-                fill(&ballast);
-                tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
-                let _ = std::fs::remove_file(&ballast);
-            }
-        }
+        lost_console_at = land_fault(cluster, checker, rng, round, fault, summary).await?;
     }
     // The console must end by itself: every step has a deadline.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Ok(Some(status)) = console.try_wait() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = console.kill();
-            let _ = console.wait();
-            return Err(Violation::new(
-                round,
-                "the console run did not end within 180 s (wedged)".to_string(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let text = report.join().unwrap_or_default();
-    let report: Option<serde_json::Value> = serde_json::from_str(text.trim()).ok();
-    match report {
-        Some(report) if status.success() => {
+    let outcome = wait_console(cluster, checker, round, console, None, None).await?;
+    match &outcome.report {
+        Some(report) if outcome.success => {
             summary.runs_succeeded += 1;
             if report["verified"] != serde_json::Value::Bool(true) {
                 return Err(Violation::new(
@@ -601,40 +928,414 @@ async fn play_round(
             return Err(Violation::new(
                 round,
                 format!(
-                    "a console run failed in a round without a fault ({status}): {}",
-                    other.map_or_else(|| text.trim().to_string(), |r| r["error"].to_string())
+                    "a console run failed in a round without a fault ({}): {}",
+                    outcome.status,
+                    other.as_ref().map_or_else(
+                        || outcome.text.trim().to_string(),
+                        |r| r["error"].to_string()
+                    )
                 ),
             ));
         }
         _ => summary.runs_failed += 1,
     }
-    if let Some(at) = lost_console_at {
-        checker.check_resumed_by_itself(round, at).await?;
-    }
-    for node in Node::ALL {
-        if armed_crash_point && node == Node::Db {
-            continue;
+    after_fault(cluster, checker, round, lost_console_at, armed).await?;
+    checker.after_round(cluster, round, summary).await
+}
+
+/// A restore round: a few chunks of volume 0 overwritten with garbage
+/// under the running ledger, then `console restore` of the newest backup
+/// the prune keeps, with the round's fault landing at a random moment; the
+/// same command (same run id) is run again until it completes. Falls back
+/// to a run round while no backup can be restored.
+async fn play_restore_round(
+    cluster: &mut Cluster,
+    checker: &mut Checker,
+    rng: &mut SmallRng,
+    round: u64,
+    fault: Option<Fault>,
+    summary: &mut Summary,
+) -> Result<(), Violation> {
+    let Some(backup) = checker.restorable_backup(cluster).await else {
+        return play_run_round(cluster, checker, rng, round, fault, summary).await;
+    };
+    summary.restore_rounds += 1;
+    let armed = match fault {
+        Some(Fault::CrashPoint) => Some(arm_crash_point(
+            cluster,
+            rng,
+            round,
+            &restore_crash_points(),
+            summary,
+        )?),
+        _ => None,
+    };
+    let count = rng.random_range(1..=3);
+    let corrupted = checker.corrupt_chunks(rng, count).await.map_err(|e| {
+        Violation::new(round, format!("corrupting volume 0 through the array: {e}"))
+    })?;
+    summary.chunks_corrupted += corrupted.len() as u64;
+    let run_id = format!("soak-restore-{round}");
+    let restore_args = |force: bool| {
+        let mut args = vec![
+            "restore".to_string(),
+            "--volume".into(),
+            "0".into(),
+            "--backup".into(),
+            backup.backup_id.clone(),
+            "--run-id".into(),
+            run_id.clone(),
+            "--json".into(),
+        ];
+        if force {
+            args.push("--force".into());
         }
-        if let Some(status) = cluster.exited_by_itself(node) {
-            return Err(Violation::new(
-                round,
-                format!("{node} exited by itself ({status}) with no fault asking it to"),
-            ));
+        args
+    };
+    let mut probes = 0u64;
+    let args = restore_args(false);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let console = RunningConsole::spawn(console_command(cluster, &args), round, "restore")?;
+    let delay = Duration::from_millis(rng.random_range(0..RESTORE_FAULT_WINDOW_MS));
+    probe_for(checker, round, delay, &mut probes).await?;
+    let mut lost_console_at = None;
+    if let Some(fault) = fault {
+        lost_console_at = land_fault(cluster, checker, rng, round, fault, summary).await?;
+        // The fault has landed: is the volume, if still under restore,
+        // offline?
+        if checker.probe_offline(round).await? == Probe::Offline {
+            probes += 1;
         }
     }
-    cluster
-        .heal()
-        .map_err(|e| Violation::new(round, format!("a node did not come back: {e}")))?;
-    // Only a journal damaged on purpose (handled above) may be set aside:
-    // a crash or a full filesystem never makes committed records unusable.
-    let set_aside = set_aside_journals(&cluster.db_dir());
-    if !set_aside.is_empty() {
+    let mut outcome =
+        wait_console(cluster, checker, round, console, Some(&mut probes), armed).await?;
+    if !outcome.success && fault.is_none() {
         return Err(Violation::new(
             round,
-            format!("db-server found its journal unusable after no damage: {set_aside:?}"),
+            format!(
+                "console restore of backup {} failed in a round without a fault ({}): {}",
+                backup.backup_id,
+                outcome.status,
+                outcome.text.trim()
+            ),
         ));
     }
+    after_fault(cluster, checker, round, lost_console_at, armed).await?;
+    let mut attempts = 1;
+    let mut forced = false;
+    while !outcome.success {
+        summary.restore_attempts_failed += 1;
+        if attempts == RESTORE_ATTEMPTS {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "restore run {run_id} of backup {} did not complete in {attempts} attempts after its fault ({}) had healed; the last ended {}: {}",
+                    backup.backup_id,
+                    fault.map_or("none", Fault::name),
+                    outcome.status,
+                    outcome.text.trim()
+                ),
+            ));
+        }
+        // The operator's next move: once the nodes answer and the volume
+        // is either offline for this run or Synchronized again, the same
+        // command — with --force when the ledger is down on a volume that
+        // is online (a restart found the corrupted volume failing the
+        // ledger's check) or when the safety backup failed.
+        let state = wait_restorable(cluster, checker, round, &run_id).await?;
+        let safety_failed = outcome
+            .report
+            .as_ref()
+            .is_some_and(|r| r["safety_backup"]["status"] == "failed");
+        let force = safety_failed || (state.restore_run_id.is_none() && !state.ledger_running);
+        forced |= force;
+        attempts += 1;
+        let args = restore_args(force);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let console = RunningConsole::spawn(console_command(cluster, &args), round, "restore")?;
+        outcome = wait_console(cluster, checker, round, console, Some(&mut probes), None).await?;
+        after_fault(cluster, checker, round, None, None).await?;
+    }
+    summary.offline_probes += probes;
+    summary.restores_seen_offline += u64::from(probes > 0);
+    let report = outcome.report.unwrap_or_default();
+    check_restore_report(&report, &backup, attempts, forced).map_err(|e| {
+        Violation::new(
+            round,
+            format!(
+                "console restore of backup {} (run {run_id}) exited 0 but {e}: {report}",
+                backup.backup_id
+            ),
+        )
+    })?;
+    if let Some(safety) = report["safety_backup"]["backup_id"].as_str() {
+        checker.verify_backup(round, safety).await?;
+        summary.safety_backups_verified += 1;
+    }
+    summary.restores_completed += 1;
+    if attempts > 1 {
+        summary.restores_completed_on_rerun += 1;
+    }
+    checker.restored(RestoredImage {
+        what: format!("backup {}", backup.backup_id),
+        image: backup.image,
+        sequence: backup.ledger_sequence,
+    });
     checker.after_round(cluster, round, summary).await
+}
+
+/// What a completed restore's report must say: verified by the backup
+/// server and by EndRestore's comparison with the backup's image digest,
+/// the ledger reopened at the backup's sequence (or later, when a re-run
+/// found the restore already ended), the safety backup named (unless a
+/// re-run had to go without it), and on a first attempt at least one
+/// chunk written (the garbage differs from every backup).
+fn check_restore_report(
+    report: &serde_json::Value,
+    backup: &RestorableBackup,
+    attempts: u32,
+    forced: bool,
+) -> Result<(), String> {
+    if report["verified"] != true {
+        return Err("its report does not say verified".into());
+    }
+    if report["end"]["image_digest_matches"] != true {
+        return Err("EndRestore did not find the backup's image digest".into());
+    }
+    if report["backup_ledger_sequence"].as_u64() != Some(backup.ledger_sequence) {
+        return Err(format!(
+            "it names backup ledger sequence {}, the backup's index {}",
+            report["backup_ledger_sequence"], backup.ledger_sequence
+        ));
+    }
+    if report["ledger_running"] != true {
+        return Err("the ledger did not reopen on the restored volume".into());
+    }
+    let sequence = report["ledger_sequence"].as_u64();
+    let already_ended = report["end"]["already_ended"] == true;
+    let sequence_right = match sequence {
+        Some(s) if already_ended => s >= backup.ledger_sequence,
+        Some(s) => s == backup.ledger_sequence,
+        None => false,
+    };
+    if !sequence_right {
+        return Err(format!(
+            "the ledger reopened at sequence {sequence:?}, not the backup's {}{}",
+            backup.ledger_sequence,
+            if already_ended { " or later" } else { "" }
+        ));
+    }
+    let safety = report["safety_backup"]["status"].as_str().unwrap_or("");
+    let named = report["safety_backup"]["backup_id"].is_string();
+    if !(named || (forced && safety == "failed")) {
+        return Err(format!("its safety backup is {safety:?}"));
+    }
+    if attempts == 1 && report["chunks_written"].as_u64().unwrap_or(0) == 0 {
+        return Err("it wrote no chunk over a corrupted volume".into());
+    }
+    Ok(())
+}
+
+/// Between attempts of a restore: every node answers and volume 0 is
+/// offline for `run_id` or Synchronized (what BeginRestore needs); a
+/// snapshot a failed attempt could not have left is no reason to wait.
+async fn wait_restorable(
+    cluster: &mut Cluster,
+    checker: &mut Checker,
+    round: u64,
+    run_id: &str,
+) -> Result<VolumeState, Violation> {
+    let started = Instant::now();
+    loop {
+        if let Some(state) = checker.volume_state().await
+            && (state.restore_run_id.as_deref() == Some(run_id)
+                || (state.synchronized && state.restore_run_id.is_none()))
+        {
+            return Ok(state);
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "volume 0 was neither offline for restore run {run_id} nor Synchronized within 180 s: {:?}",
+                    checker.volume_state().await
+                ),
+            ));
+        }
+        cluster
+            .heal()
+            .map_err(|e| Violation::new(round, format!("a node did not come back: {e}")))?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A reverse-resync round: `console snapshot acquire`, the ledger writes
+/// for half a second into the split pair, then `console snapshot restore`
+/// with the round's fault landing at a random moment, run again until it
+/// completes; the volume must then hold the frozen mate (but for what the
+/// ledger wrote after it reopened).
+async fn play_reverse_round(
+    cluster: &mut Cluster,
+    checker: &mut Checker,
+    rng: &mut SmallRng,
+    round: u64,
+    fault: Option<Fault>,
+    summary: &mut Summary,
+) -> Result<(), Violation> {
+    let run_id = format!("soak-reverse-{round}");
+    let acquire = console_command(
+        cluster,
+        &["snapshot", "acquire", "--volume", "0", "--run-id", &run_id],
+    );
+    let acquired = wait_console(
+        cluster,
+        checker,
+        round,
+        RunningConsole::spawn(acquire, round, "snapshot acquire")?,
+        None,
+        None,
+    )
+    .await?;
+    if !acquired.success {
+        return Err(Violation::new(
+            round,
+            format!(
+                "console snapshot acquire failed before any fault ({}): {}",
+                acquired.status,
+                acquired.text.trim()
+            ),
+        ));
+    }
+    summary.reverse_rounds += 1;
+    let frozen = checker.frozen_image(round, &run_id).await?;
+    let armed = match fault {
+        Some(Fault::CrashPoint) => Some(arm_crash_point(
+            cluster,
+            rng,
+            round,
+            &reverse_crash_points(),
+            summary,
+        )?),
+        _ => None,
+    };
+    // The ledger writes into the split pair: these are the ranges the
+    // reverse resync copies back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let args = [
+        "snapshot", "restore", "--volume", "0", "--run-id", &run_id, "--json",
+    ];
+    let mut probes = 0u64;
+    let console =
+        RunningConsole::spawn(console_command(cluster, &args), round, "snapshot restore")?;
+    let delay = Duration::from_millis(rng.random_range(0..REVERSE_FAULT_WINDOW_MS));
+    probe_for(checker, round, delay, &mut probes).await?;
+    let mut lost_console_at = None;
+    if let Some(fault) = fault {
+        lost_console_at = land_fault(cluster, checker, rng, round, fault, summary).await?;
+        if checker.probe_offline(round).await? == Probe::Offline {
+            probes += 1;
+        }
+    }
+    let mut outcome =
+        wait_console(cluster, checker, round, console, Some(&mut probes), armed).await?;
+    if !outcome.success && fault.is_none() {
+        return Err(Violation::new(
+            round,
+            format!(
+                "console snapshot restore failed in a round without a fault ({}): {}",
+                outcome.status,
+                outcome.text.trim()
+            ),
+        ));
+    }
+    after_fault(cluster, checker, round, lost_console_at, armed).await?;
+    let mut attempts = 1;
+    while !outcome.success {
+        summary.restore_attempts_failed += 1;
+        if attempts == RESTORE_ATTEMPTS {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "the reverse resync of run {run_id} did not complete in {attempts} attempts after its fault ({}) had healed; the last ended {}: {}",
+                    fault.map_or("none", Fault::name),
+                    outcome.status,
+                    outcome.text.trim()
+                ),
+            ));
+        }
+        wait_reversible(cluster, checker, round, &run_id).await?;
+        attempts += 1;
+        let console =
+            RunningConsole::spawn(console_command(cluster, &args), round, "snapshot restore")?;
+        outcome = wait_console(cluster, checker, round, console, Some(&mut probes), None).await?;
+        after_fault(cluster, checker, round, None, None).await?;
+    }
+    summary.offline_probes += probes;
+    summary.restores_seen_offline += u64::from(probes > 0);
+    let report = outcome.report.unwrap_or_default();
+    let already = report["already_restored"] == true;
+    let sequence = report["ledger_sequence"].as_u64();
+    let problem = if report["snapshot_ledger_sequence"].as_u64() != Some(frozen.sequence) {
+        Some(format!(
+            "it names snapshot sequence {}, the acquire's {}",
+            report["snapshot_ledger_sequence"], frozen.sequence
+        ))
+    } else if report["ledger_running"] != true {
+        Some("the ledger did not reopen".into())
+    } else if !sequence.is_some_and(|s| s == frozen.sequence || (already && s > frozen.sequence)) {
+        Some(format!(
+            "the ledger reopened at sequence {sequence:?}, not the snapshot's {}",
+            frozen.sequence
+        ))
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        return Err(Violation::new(
+            round,
+            format!("console snapshot restore of run {run_id} exited 0 but {problem}: {report}"),
+        ));
+    }
+    summary.reverse_resyncs += 1;
+    if attempts > 1 {
+        summary.reverse_resyncs_on_rerun += 1;
+    }
+    checker.restored(frozen);
+    checker.after_round(cluster, round, summary).await
+}
+
+/// Between attempts of a reverse resync: db-server answers, and volume 0
+/// is still held by `run_id`, offline for its reverse resync, or already
+/// Synchronized (the resync ended, its answer lost).
+async fn wait_reversible(
+    cluster: &mut Cluster,
+    checker: &mut Checker,
+    round: u64,
+    run_id: &str,
+) -> Result<(), Violation> {
+    let started = Instant::now();
+    loop {
+        if let Some(state) = checker.volume_state().await
+            && (state.snapshot_holder == run_id
+                || state.restore_run_id.as_deref() == Some(run_id)
+                || state.synchronized)
+        {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "volume 0 was neither held by run {run_id}, nor offline for it, nor Synchronized within 180 s: {:?}",
+                    checker.volume_state().await
+                ),
+            ));
+        }
+        cluster
+            .heal()
+            .map_err(|e| Violation::new(round, format!("a node did not come back: {e}")))?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn start(cluster: &mut Cluster, node: Node, round: u64) -> Result<(), Violation> {
