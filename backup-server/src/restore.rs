@@ -92,6 +92,15 @@ pub enum Target {
     PlainLu(u32),
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Volume(volume) => write!(f, "volume {volume}"),
+            Target::PlainLu(lu) => write!(f, "LU {lu}"),
+        }
+    }
+}
+
 /// A request to start a restore, checked by
 /// [`validate::start_restore`](crate::service::validate::start_restore).
 #[derive(Debug, Clone)]
@@ -230,7 +239,7 @@ pub enum RestoreError {
     /// `to_lu` is a mirror, origin or mate LU: a volume is restored through
     /// db-server (`volume`), never written behind its back. Not retryable.
     #[error(
-        "LU {lu} is a {role} LU, not a plain LU: restore a volume with `volume` (after db-server's BeginRestore), or name a plain LU"
+        "LU {lu} is {role} LU, not a plain LU: restore a volume with `volume` (after db-server's BeginRestore), or name a plain LU"
     )]
     NotPlain { lu: u32, role: &'static str },
     /// The array does not define the LU (or does not show it to this
@@ -607,9 +616,9 @@ impl Restores {
                     .map_err(|e| array_refusal(lu, e))?;
                 let role = match page.role {
                     LuRole::Plain => None,
-                    LuRole::Mirror { .. } => Some("mirror"),
-                    LuRole::Origin => Some("origin"),
-                    LuRole::Mate => Some("mate"),
+                    LuRole::Mirror { .. } => Some("a mirror"),
+                    LuRole::Origin => Some("an origin"),
+                    LuRole::Mate => Some("a mate"),
                 };
                 if let Some(role) = role {
                     return Err(RestoreError::NotPlain { lu, role });
@@ -1115,7 +1124,7 @@ fn existing_job(
     if job.spec.backup_id != request.backup_id || job.spec.target != request.target {
         return Err(RestoreError::RunIdReused {
             run_id: request.run_id.clone(),
-            what: format!("backup {} onto {:?}", job.spec.backup_id, job.spec.target),
+            what: format!("backup {} onto {}", job.spec.backup_id, job.spec.target),
         });
     }
     match &*job.state.borrow() {
@@ -1398,5 +1407,444 @@ mod tests {
             missing_chunks(&manifest_of(&odd, size_bytes), &odd, &all),
             vec![3]
         );
+    }
+
+    /// An array in memory: a mirror LU 0 over origin 1 and mate 2, and a
+    /// plain LU 6, of `CHUNKS` chunks of 4096-byte blocks.
+    struct MemoryArray {
+        lus: Mutex<HashMap<u32, Vec<u8>>>,
+        /// Acknowledge writes without doing them (a broken array).
+        drops_writes: bool,
+        blocks_written: AtomicU64,
+    }
+
+    const CHUNKS: u64 = 8;
+    const BLOCK: u64 = 4096;
+
+    impl MemoryArray {
+        fn new(image: &[u8], drops_writes: bool) -> Arc<Self> {
+            let lus = [1, 2, 6]
+                .map(|lu| (lu, image.to_vec()))
+                .into_iter()
+                .collect();
+            Arc::new(Self {
+                lus: Mutex::new(lus),
+                drops_writes,
+                blocks_written: AtomicU64::new(0),
+            })
+        }
+
+        fn lu(&self, lu: u32) -> Vec<u8> {
+            self.lus.lock().expect("lus")[&lu].clone()
+        }
+
+        fn corrupt(&self, lu: u32, chunk: u64) {
+            let at = (chunk * CHUNK_SIZE_BYTES) as usize;
+            self.lus.lock().expect("lus").get_mut(&lu).expect("lu")[at] ^= 0x5a;
+        }
+
+        fn real(lu: u32) -> Vec<u32> {
+            if lu == 0 { vec![1, 2] } else { vec![lu] }
+        }
+    }
+
+    fn unsupported(doing: &str) -> ClientError {
+        ClientError::local(
+            ErrorKind::Internal,
+            "array",
+            "memory",
+            doing,
+            "not in this fake",
+        )
+    }
+
+    impl LuSource for MemoryArray {
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+        fn geometry(
+            &self,
+            _lu: u32,
+        ) -> crate::source::BoxFuture<'_, Result<crate::source::Geometry, ClientError>> {
+            Box::pin(async { Err(unsupported("geometry")) })
+        }
+        fn read(
+            &self,
+            _: u32,
+            _: u64,
+            _: u64,
+        ) -> crate::source::BoxFuture<'_, Result<crate::source::DataStream, ClientError>> {
+            Box::pin(async { Err(unsupported("read")) })
+        }
+        fn checksums(
+            &self,
+            lu: u32,
+            lba: u64,
+            blocks: u64,
+            chunk_blocks: u64,
+        ) -> crate::source::BoxFuture<'_, Result<Vec<[u8; 32]>, ClientError>> {
+            let data = self.lu(MemoryArray::real(lu)[0]);
+            Box::pin(async move {
+                let range = &data[(lba * BLOCK) as usize..((lba + blocks) * BLOCK) as usize];
+                Ok(range
+                    .chunks((chunk_blocks * BLOCK) as usize)
+                    .map(|c| *blake3::hash(c).as_bytes())
+                    .collect())
+            })
+        }
+    }
+
+    impl LuTarget for MemoryArray {
+        fn page(
+            &self,
+            lu: u32,
+        ) -> crate::source::BoxFuture<'_, Result<crate::source::LuPage, ClientError>> {
+            Box::pin(async move {
+                let role = match lu {
+                    0 => LuRole::Mirror {
+                        origin_lu: 1,
+                        mate_lu: 2,
+                    },
+                    1 => LuRole::Origin,
+                    2 => LuRole::Mate,
+                    6 => LuRole::Plain,
+                    _ => {
+                        return Err(ClientError::local(
+                            ErrorKind::NotFound,
+                            "array",
+                            "memory",
+                            "mode sense",
+                            "no LU",
+                        ));
+                    }
+                };
+                Ok(crate::source::LuPage {
+                    role,
+                    geometry: crate::source::Geometry {
+                        block_size_bytes: BLOCK as u32,
+                        block_count: CHUNKS * CHUNK_SIZE_BYTES / BLOCK,
+                    },
+                })
+            })
+        }
+        fn write_stream(
+            &self,
+            lu: u32,
+            mut writes: WriteMessages,
+        ) -> crate::source::BoxFuture<'_, Result<u64, ClientError>> {
+            Box::pin(async move {
+                let mut blocks = 0;
+                while let Some((lba, data)) = writes.next().await {
+                    blocks += data.len() as u64 / BLOCK;
+                    if self.drops_writes {
+                        continue;
+                    }
+                    let mut lus = self.lus.lock().expect("lus");
+                    for real in MemoryArray::real(lu) {
+                        let at = (lba * BLOCK) as usize;
+                        lus.get_mut(&real).expect("lu")[at..at + data.len()].copy_from_slice(&data);
+                    }
+                }
+                self.blocks_written.fetch_add(blocks, Ordering::Relaxed);
+                Ok(blocks)
+            })
+        }
+        fn flush(&self, _lu: u32) -> crate::source::BoxFuture<'_, Result<(), ClientError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    struct MemoryOwner {
+        hold: Mutex<Option<RestoreHold>>,
+    }
+
+    impl VolumeOwner for MemoryOwner {
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+        fn restore_hold(
+            &self,
+            _volume: u32,
+        ) -> crate::source::BoxFuture<'_, Result<Option<RestoreHold>, ClientError>> {
+            let hold = self.hold.lock().expect("hold").clone();
+            Box::pin(async move { Ok(hold) })
+        }
+    }
+
+    impl crate::owner::SnapshotOwner for MemoryOwner {
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+        fn snapshot(
+            &self,
+            _volume: u32,
+        ) -> crate::source::BoxFuture<'_, Result<crate::owner::HeldSnapshot, ClientError>> {
+            Box::pin(async { Err(unsupported("snapshot")) })
+        }
+    }
+
+    /// The backup's image: chunk i filled with i + 1, chunk 3 all zeros.
+    fn image() -> Vec<u8> {
+        let mut image = Vec::new();
+        for i in 0..CHUNKS {
+            let byte = if i == 3 { 0 } else { i as u8 + 1 };
+            image.extend(std::iter::repeat_n(byte, CHUNK_SIZE_BYTES as usize));
+        }
+        image
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        store_dir: std::path::PathBuf,
+        array: Arc<MemoryArray>,
+        owner: Arc<MemoryOwner>,
+        restores: Arc<Restores>,
+        backup_id: String,
+        digests: Vec<[u8; 32]>,
+    }
+
+    async fn setup(drops_writes: bool) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store_dir = dir.path().join("store");
+        let store = Arc::new(
+            ChunkStore::create(
+                &crate::store::StoreLocation::Dir(store_dir.clone()),
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("store"),
+        );
+        let image = image();
+        let digests: Vec<[u8; 32]> = image
+            .chunks(CHUNK_SIZE_BYTES as usize)
+            .map(|c| *blake3::hash(c).as_bytes())
+            .collect();
+        for chunk in image.chunks(CHUNK_SIZE_BYTES as usize) {
+            if chunk[0] != 0 {
+                let digest = *blake3::hash(chunk).as_bytes();
+                store
+                    .put_chunk(&digest, crate::store::encode_chunk(chunk))
+                    .await
+                    .expect("put");
+            }
+        }
+        let manifest = manifest_of(&digests, image.len() as u64);
+        store.write_index(&manifest).await.expect("index");
+        let array = MemoryArray::new(&image, drops_writes);
+        let owner = Arc::new(MemoryOwner {
+            hold: Mutex::new(Some(RestoreHold {
+                kind: RestoreHoldKind::FromBackup,
+                run_id: "restore-1".into(),
+                backup_id: manifest.backup_id.clone(),
+            })),
+        });
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let backups = Arc::new(Backups::new(
+            store.clone(),
+            array.clone(),
+            owner.clone(),
+            tasks.clone(),
+            cancel.clone(),
+            None,
+        ));
+        let restores = Arc::new(Restores::new(
+            store,
+            array.clone(),
+            array.clone(),
+            owner.clone(),
+            backups,
+            tasks,
+            cancel,
+        ));
+        Setup {
+            _dir: dir,
+            store_dir,
+            array,
+            owner,
+            restores,
+            backup_id: manifest.backup_id.clone(),
+            digests,
+        }
+    }
+
+    fn request(setup: &Setup, run_id: &str, target: Target) -> RestoreRequest {
+        RestoreRequest {
+            run_id: run_id.into(),
+            backup_id: setup.backup_id.clone(),
+            target,
+            max_bytes_per_s: None,
+            checked: crate::service::validate::Checked::for_tests(),
+        }
+    }
+
+    async fn finished(restores: &Restores, run_id: &str) -> RestoreInfo {
+        let mut state = restores.subscribe(run_id).expect("job");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            state.wait_for(RestoreState::is_finished),
+        )
+        .await
+        .expect("the job ends")
+        .expect("job kept");
+        restores.info(run_id).expect("job")
+    }
+
+    #[tokio::test]
+    async fn a_volume_restore_writes_only_what_differs_on_either_side_and_verifies() {
+        let setup = setup(false).await;
+        let image = image();
+        setup.array.corrupt(1, 1);
+        setup.array.corrupt(1, 3); // a zero chunk made non-zero
+        setup.array.corrupt(2, 6);
+        let started = setup
+            .restores
+            .start(request(&setup, "restore-1", Target::Volume(0)))
+            .await;
+        assert!(!started.expect("started"));
+        let info = finished(&setup.restores, "restore-1").await;
+        assert!(
+            matches!(&info.state, RestoreState::Complete { verification } if verification.contains("origin LU 1 and mate LU 2")),
+            "{:?}",
+            info.state
+        );
+        assert_eq!(
+            (
+                info.chunks_total,
+                info.chunks_compared,
+                info.chunks_to_write,
+                info.chunks_written
+            ),
+            (CHUNKS, CHUNKS, 3, 3)
+        );
+        assert_eq!(info.bytes_written, 3 * CHUNK_SIZE_BYTES);
+        assert_eq!(info.ledger_sequence, Some(7));
+        assert_eq!(info.image_digest, manifest::image_digest(&setup.digests));
+        assert!(
+            setup.array.lu(1) == image && setup.array.lu(2) == image,
+            "origin and mate equal the backup"
+        );
+        // The same run again answers the job; a second run of the LU, once
+        // this one is done, starts (and finds nothing to write).
+        let again = setup
+            .restores
+            .start(request(&setup, "restore-1", Target::Volume(0)))
+            .await;
+        assert!(again.expect("idempotent"));
+    }
+
+    #[tokio::test]
+    async fn a_damaged_chunk_fails_the_job_before_any_write() {
+        let setup = setup(false).await;
+        setup.array.corrupt(6, 2);
+        setup.array.corrupt(6, 5);
+        let before = setup.array.lu(6);
+        // Damage the stored chunk 5 (its data, behind its header).
+        let key = crate::store::chunk_key(&setup.digests[5]);
+        let path = setup.store_dir.join(&key);
+        let mut stored = std::fs::read(&path).expect("chunk file");
+        let last = stored.len() - 1;
+        stored[last] ^= 0xff;
+        std::fs::write(&path, stored).expect("damage");
+        setup
+            .restores
+            .start(request(&setup, "r-damaged", Target::PlainLu(6)))
+            .await
+            .expect("starts");
+        let info = finished(&setup.restores, "r-damaged").await;
+        assert!(
+            matches!(
+                info.state,
+                RestoreState::Failed {
+                    kind: RestoreFailureKind::ChunkDamaged,
+                    ..
+                }
+            ),
+            "{:?}",
+            info.state
+        );
+        assert_eq!(setup.array.blocks_written.load(Ordering::Relaxed), 0);
+        assert!(setup.array.lu(6) == before, "nothing written");
+    }
+
+    #[tokio::test]
+    async fn writes_the_array_did_not_keep_fail_verification() {
+        let setup = setup(true).await;
+        setup.array.corrupt(6, 4);
+        setup
+            .restores
+            .start(request(&setup, "r-verify", Target::PlainLu(6)))
+            .await
+            .expect("starts");
+        let info = finished(&setup.restores, "r-verify").await;
+        assert!(
+            matches!(
+                info.state,
+                RestoreState::Failed {
+                    kind: RestoreFailureKind::VerifyFailed,
+                    ..
+                }
+            ),
+            "{:?}",
+            info.state
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_come_before_any_byte_changes() {
+        let setup = setup(false).await;
+        setup.array.corrupt(6, 1);
+        let code = |result: Result<bool, RestoreError>| {
+            tonic::Status::from(result.expect_err("refused")).code()
+        };
+        let r = &setup.restores;
+        assert_eq!(
+            code(r.start(request(&setup, "a", Target::PlainLu(0))).await),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(r.start(request(&setup, "a", Target::PlainLu(2))).await),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(r.start(request(&setup, "a", Target::PlainLu(9))).await),
+            tonic::Code::NotFound
+        );
+        let unknown = RestoreRequest {
+            backup_id: "0190d3c4-0000-7000-8000-0000000000ff".into(),
+            ..request(&setup, "a", Target::PlainLu(6))
+        };
+        assert_eq!(code(r.start(unknown).await), tonic::Code::NotFound);
+        // Another run's restore holds the volume.
+        assert_eq!(
+            code(
+                r.start(request(&setup, "other-run", Target::Volume(0)))
+                    .await
+            ),
+            tonic::Code::FailedPrecondition
+        );
+        *setup.owner.hold.lock().expect("hold") = None;
+        assert_eq!(
+            code(
+                r.start(request(&setup, "restore-1", Target::Volume(0)))
+                    .await
+            ),
+            tonic::Code::FailedPrecondition
+        );
+        // A chunk missing from the store.
+        std::fs::remove_file(
+            setup
+                .store_dir
+                .join(crate::store::chunk_key(&setup.digests[7])),
+        )
+        .expect("remove");
+        let missing = r.start(request(&setup, "a", Target::PlainLu(6))).await;
+        assert!(
+            matches!(&missing, Err(RestoreError::MissingChunks { missing: 1, first, .. }) if first[0].0 == 7),
+            "{missing:?}"
+        );
+        assert_eq!(code(missing), tonic::Code::DataLoss);
+        assert_eq!(setup.array.blocks_written.load(Ordering::Relaxed), 0);
+        assert!(r.info("a").is_err(), "no job was started");
     }
 }

@@ -30,6 +30,15 @@ use crate::store::ChunkStore;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Checked(());
 
+impl Checked {
+    /// For the cores' unit tests, which build requests without a wire
+    /// message.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        Checked(())
+    }
+}
+
 /// A checked backup id (`GetBackup`, `WatchBackup`, `CancelBackup`,
 /// `VerifyBackup`).
 #[derive(Debug, Clone, PartialEq, Eq)]
