@@ -1,4 +1,5 @@
-//! `backup-server`: copies frozen mate LUs into verified backup images.
+//! `backup-server`: copies frozen mate LUs into verified backup images, and
+//! writes them back (restore).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,6 +24,16 @@ use splitmirror_proto::units::{format_bytes, parse_duration, parse_size_bytes};
 /// hold. db-server (--db) confirms that the snapshot a backup names holds
 /// the mate before the first read and after the last one.
 ///
+/// It also restores (StartRestore, driven by `console restore`): a complete
+/// backup written onto a volume's mirror LU — only while db-server reports
+/// the volume offline for that restore run (BeginRestore), asked before the
+/// first write and after the last — or onto a plain LU of the same size
+/// (`--to-lu`). Only the chunks whose digest differs from the array's
+/// ChecksumRange of origin and mate are written; each is read from the
+/// store and re-hashed before the first write (a damaged chunk fails the
+/// restore with nothing written); after a flush the array digests every
+/// written chunk again on every side.
+///
 /// Example: backup-server --listen 127.0.0.1:50053 --array 127.0.0.1:50051 --db 127.0.0.1:50052 --store /var/lib/splitmirror/backups
 ///
 /// Example (S3): AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=… backup-server --store s3://backups/site-a --s3-endpoint http://10.0.0.5:3900
@@ -43,23 +54,25 @@ struct Cli {
     log: LogArgs,
     #[command(flatten)]
     security: SecurityArgs,
-    /// Identities that may start, cancel and verify backups (repeat for
-    /// several); any other identity of the cluster's CA may only list,
-    /// get and watch them.
+    /// Identities that may start, cancel and verify backups and start
+    /// restores (repeat for several); any other identity of the cluster's
+    /// CA may only list, get and watch them.
     #[arg(long = "control-identity", value_name = "NAME", default_value = role::CONSOLE)]
     control_identities: Vec<String>,
-    /// The array-node to read from.
+    /// The array-node to read from (and, for a restore, to write to).
     #[arg(long, env = "SPLITMIRROR_ARRAY", default_value = "127.0.0.1:50051")]
     array: String,
     /// The db-server that owns the snapshots: asked, before the first read
     /// and after the last one of a backup, whether its snapshot still holds
-    /// the mate LU.
+    /// the mate LU; and, before the first write and after the last one of
+    /// a restore, whether the volume is offline for that restore.
     #[arg(long, env = "SPLITMIRROR_DB", default_value = "127.0.0.1:50052")]
     db: String,
     #[command(flatten)]
     store: StoreArgs,
     /// Cap each backup's read rate (bytes per second, e.g. 200MB) unless the
-    /// request sets its own, to leave CPU and I/O to the database.
+    /// request sets its own, to leave CPU and I/O to the database. A
+    /// restore is capped only by its request (the volume is offline).
     #[arg(long, value_parser = parse_size_bytes)]
     max_rate: Option<u64>,
 }
