@@ -2,7 +2,10 @@
 //! starts array-node, db-server (with the ledger running) and backup-server
 //! in-process on loopback, performs backup runs while the ledger runs, checks
 //! each image with the ledger verifier and the digest comparison, and prints
-//! the reports.
+//! the reports. Then the way back: it corrupts the volume, restores the last
+//! backup (after a safety backup) and shows the ledger continuing from the
+//! backup's sequence, restores the same backup onto a scratch LU, and puts
+//! the volume back to a held snapshot with a reverse resync.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clients::Clients;
 use crate::cluster::{Cluster, ClusterBuilder};
 use crate::progress::ProgressSink;
+use crate::restore::{RestoreReport, RestoreRequest, SnapshotRestoreReport};
 use crate::run::{RunOptions, RunReport, backup_run};
 use crate::status::pair_verify;
 
@@ -53,11 +57,42 @@ pub struct DemoSummary {
     pub pair_equal_at_end: bool,
     pub transactions_committed: u64,
     pub data_dir: String,
+    /// The way back, after the backup runs.
+    pub way_back: WayBack,
 }
 
 impl DemoSummary {
     pub fn succeeded(&self) -> bool {
-        self.verified_runs == self.cycles.len() && self.pair_equal_at_end
+        self.verified_runs == self.cycles.len()
+            && self.pair_equal_at_end
+            && self.way_back.succeeded()
+    }
+}
+
+/// The demo's restores: of the last backup onto the corrupted volume, of
+/// the same backup onto the scratch LU, and the reverse resync.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WayBack {
+    /// The 1 MiB chunks of volume 0 overwritten with garbage.
+    pub corrupted_chunks: Vec<u64>,
+    pub restore: Option<RestoreReport>,
+    /// The ledger's sequence a moment after the restore: it continues from
+    /// the backup's.
+    pub ledger_sequence_after: Option<u64>,
+    pub to_lu: Option<RestoreReport>,
+    pub snapshot_restore: Option<SnapshotRestoreReport>,
+    pub errors: Vec<String>,
+}
+
+impl WayBack {
+    pub fn succeeded(&self) -> bool {
+        self.errors.is_empty()
+            && self.restore.as_ref().is_some_and(RestoreReport::succeeded)
+            && self.to_lu.as_ref().is_some_and(RestoreReport::succeeded)
+            && self
+                .snapshot_restore
+                .as_ref()
+                .is_some_and(|r| r.ledger_running)
     }
 }
 
@@ -100,7 +135,9 @@ pub async fn demo(
             ..db_server::ledger::LedgerConfig::default()
         }))
         // The pairs' first comparison is waited for below, with progress.
-        .wait_synchronized(false);
+        .wait_synchronized(false)
+        // A plain LU to show a restore elsewhere (--to-lu).
+        .scratch_lu(true);
     if let Some(dir) = &options.dir {
         builder = builder.dir(dir);
     }
@@ -230,11 +267,185 @@ async fn run_cycles(
             ));
         }
     }
+    let last_backup = cycles
+        .iter()
+        .rev()
+        .find(|c| c.succeeded())
+        .and_then(|c| c.report.backup_id.clone());
+    let way_back = match last_backup {
+        Some(backup_id) => way_back(options, cluster, &backup_id, progress, say).await,
+        None => WayBack {
+            errors: vec!["no verified backup to restore".into()],
+            ..WayBack::default()
+        },
+    };
     Ok(DemoSummary {
         cycles,
         verified_runs,
         pair_equal_at_end: pair.differing_chunks.is_empty(),
         transactions_committed,
         data_dir: String::new(),
+        way_back,
     })
+}
+
+/// How many chunks of volume 0 the demo corrupts.
+const CORRUPTED_CHUNKS: u64 = 3;
+
+/// The way back: corrupt, restore, restore elsewhere, reverse resync. Each
+/// failure is recorded and the next step still runs where it can.
+async fn way_back(
+    options: &DemoOptions,
+    cluster: &Cluster,
+    backup_id: &str,
+    progress: &dyn ProgressSink,
+    say: &dyn Fn(String),
+) -> WayBack {
+    let mut way_back = WayBack::default();
+    let clients = &cluster.clients;
+    let chunk_bytes = crate::run::CHUNK_SIZE_BYTES;
+    let chunks = (options.lu_size_bytes / chunk_bytes).max(1);
+    // The first chunk (the ledger's superblock and first accounts), one in
+    // the middle and the last: spread over the volume, and the ledger's
+    // image would fail its check.
+    let mut picked: Vec<u64> = [0, chunks / 2, chunks - 1]
+        .into_iter()
+        .take(CORRUPTED_CHUNKS as usize)
+        .collect();
+    picked.dedup();
+    say(format!(
+        "\n== the way back: corrupting volume 0 ({} chunks of 1 MiB overwritten with garbage through the array)",
+        picked.len()
+    ));
+    for &chunk in &picked {
+        // Random garbage: no chunk of a backup holds it.
+        let mut data = vec![0u8; chunk_bytes as usize];
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed ^ chunk);
+        rand::Rng::fill(&mut rng, &mut data[..]);
+        // The cluster's array client acts as db-server, the owner: it may
+        // write the mirror LU (origin and mate both get the garbage).
+        let lba = chunk * chunk_bytes / 4096;
+        if let Err(error) = clients.array.write(0, lba, data).await {
+            way_back
+                .errors
+                .push(format!("corrupting chunk {chunk}: {error}"));
+            return way_back;
+        }
+    }
+    way_back.corrupted_chunks = picked;
+    say(format!(
+        "   chunks {:?} corrupted; the ledger keeps running from memory, but its volume no longer holds it",
+        way_back.corrupted_chunks
+    ));
+    say(format!(
+        "\n== restoring backup {backup_id} onto volume 0 (safety backup first; only the chunks that differ are written)"
+    ));
+    match crate::restore::restore(clients, &RestoreRequest::volume(0, backup_id), progress).await {
+        Ok(report) => {
+            say(report.render().trim_end().to_string());
+            way_back.restore = Some(report);
+        }
+        Err(error) => {
+            if let Some(report) = error.report() {
+                say(report.render().trim_end().to_string());
+            }
+            way_back.errors.push(format!("restore: {error}"));
+            return way_back;
+        }
+    }
+    // What was written beyond the corruption: the chunks the ledger changed
+    // after the backup was taken, put back too.
+    if let Some(report) = &way_back.restore {
+        let corrupted = way_back.corrupted_chunks.len() as u64;
+        say(format!(
+            "   {} chunks written: the {corrupted} corrupted and {} the ledger had changed since the backup; the other {} were left alone",
+            report.chunks_written,
+            report.chunks_written.saturating_sub(corrupted),
+            report.chunks_total.saturating_sub(report.chunks_written),
+        ));
+    }
+    // The ledger continues from the backup's sequence.
+    let backup_sequence = way_back
+        .restore
+        .as_ref()
+        .and_then(|r| r.backup_ledger_sequence);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    match clients.db.status(false).await {
+        Ok(status) => {
+            let now = status.ledger.as_ref().map(|l| l.sequence);
+            way_back.ledger_sequence_after = now;
+            say(format!(
+                "   ledger: reopened from the backup's sequence {}, at {} half a second later",
+                backup_sequence.map_or("-".into(), |s| s.to_string()),
+                now.map_or("-".into(), |s| s.to_string()),
+            ));
+        }
+        Err(error) => way_back
+            .errors
+            .push(format!("status after the restore: {error}")),
+    }
+    say(format!(
+        "\n== restoring backup {backup_id} elsewhere: onto the plain LU {} (no volume touched)",
+        crate::cluster::SCRATCH_LU
+    ));
+    let request = RestoreRequest::to_lu(crate::cluster::SCRATCH_LU, backup_id);
+    match crate::restore::restore(clients, &request, progress).await {
+        Ok(report) => {
+            say(report.render().trim_end().to_string());
+            way_back.to_lu = Some(report);
+        }
+        Err(error) => {
+            if let Some(report) = error.report() {
+                say(report.render().trim_end().to_string());
+            }
+            way_back.errors.push(format!("restore to LU 6: {error}"));
+        }
+    }
+    if let Err(error) = reverse_resync(cluster, progress, say, &mut way_back).await {
+        way_back.errors.push(format!("reverse resync: {error:#}"));
+    }
+    way_back
+}
+
+/// Acquires a snapshot, lets the ledger write, and puts the volume back to
+/// the snapshot (the reverse resync).
+async fn reverse_resync(
+    cluster: &Cluster,
+    progress: &dyn ProgressSink,
+    say: &dyn Fn(String),
+    way_back: &mut WayBack,
+) -> anyhow::Result<()> {
+    let clients = &cluster.clients;
+    let run_id = uuid::Uuid::now_v7().to_string();
+    say("\n== reverse resync: acquire a snapshot, let the ledger write, put the volume back to the snapshot".to_string());
+    let acquired = clients.db.acquire_snapshot(0, &run_id).await?;
+    let committed = clients
+        .db
+        .status(false)
+        .await?
+        .ledger
+        .map_or(0, |l| l.transactions_committed);
+    cluster
+        .wait_for_transactions(committed + 300, Duration::from_secs(30))
+        .await?;
+    let before = clients.db.volume_status(0).await?;
+    say(format!(
+        "   snapshot at ledger sequence {}; since then the ledger wrote {} blocks ({} ranges recorded)",
+        acquired.ledger_sequence,
+        before.dirty_blocks,
+        before.dirty_ranges.len()
+    ));
+    let report = crate::restore::restore_snapshot(clients, 0, &run_id, progress).await?;
+    say(report.render().trim_end().to_string());
+    say(format!(
+        "   the volume is back at the snapshot: the ledger reopened from sequence {} (the {} blocks written since were undone by copying {} back)",
+        report.snapshot_ledger_sequence,
+        before.dirty_blocks,
+        format_bytes(report.bytes_copied)
+    ));
+    way_back.snapshot_restore = Some(report);
+    Ok(())
 }
