@@ -17,6 +17,7 @@ mod journal;
 mod modes;
 mod peer;
 mod plot;
+mod restore;
 mod resync;
 mod run_overhead;
 mod timeline;
@@ -57,6 +58,10 @@ pub enum Scenario {
     /// full one and to qemu-img convert; file store, and S3 (s3s-fs) when
     /// `s3s-fs` is on PATH.
     Generations,
+    /// Restores after 1 %, 10 % and 100 % of the chunks were corrupted, and
+    /// reverse resyncs after 1 % and 10 % of the blocks were written, next
+    /// to qemu-img convert of the exported image onto an LU file.
+    Restore,
 }
 
 impl Scenario {
@@ -74,6 +79,7 @@ impl Scenario {
             Self::Export => "export",
             Self::Tls => "tls",
             Self::Generations => "generations",
+            Self::Restore => "restore",
         }
     }
 }
@@ -118,6 +124,7 @@ pub async fn run(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<B
         Scenario::Export => export::run(options).await?,
         Scenario::Tls => tls::run(options).await?,
         Scenario::Generations => generations::run(options).await?,
+        Scenario::Restore => restore::run(options).await?,
     };
     Ok(BenchOutput {
         table: output.table,
