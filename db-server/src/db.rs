@@ -13,8 +13,8 @@ use crate::gate::{GateStatus, QUIESCE_TIMEOUT, QuiesceGate, Suspended};
 use crate::ledger::LedgerStatus;
 use crate::ledger_slot::{LedgerSlot, Reopened};
 use crate::manager::{
-    BeganRestore, DeleteOutcome, EndedRestore, HeldSnapshot, ReverseOutcome, SnapshotManager,
-    VolumeStatus,
+    BeganRestore, BeginDecision, DeleteOutcome, EndedRestore, HeldSnapshot, ReverseOutcome,
+    SnapshotManager, VolumeStatus,
 };
 use crate::service::validate;
 
@@ -235,17 +235,17 @@ impl Db {
             request.backup_id.as_str(),
         );
         let _restores = self.restores.lock().await;
-        let already_restoring = self.manager.check_begin_restore(volume, run_id)?;
-        let ledger_sequence_stopped = if !already_restoring && self.ledger.volume() == Some(volume)
-        {
-            self.ledger
-                .stop(format!(
-                    "volume {volume} offline: restore run {run_id} of backup {backup_id}"
-                ))
-                .await
-        } else {
-            None
-        };
+        let decision = self.manager.check_begin_restore(volume, run_id)?;
+        let ledger_sequence_stopped =
+            if decision == BeginDecision::Begin && self.ledger.volume() == Some(volume) {
+                self.ledger
+                    .stop(format!(
+                        "volume {volume} offline: restore run {run_id} of backup {backup_id}"
+                    ))
+                    .await
+            } else {
+                None
+            };
         match self.manager.begin_restore(volume, run_id, backup_id).await {
             Ok(began) => Ok(RestoreBegun {
                 began,

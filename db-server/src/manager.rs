@@ -37,7 +37,7 @@ use crate::update_location_table::UpdateLocationTable;
 
 mod restore;
 mod resync;
-pub use restore::{BeganRestore, EndedRestore, RestoreStatus, ReverseOutcome};
+pub use restore::{BeganRestore, BeginDecision, EndedRestore, RestoreStatus, ReverseOutcome};
 pub use resync::{ResyncMethod, ResyncProgress, UnknownResyncMethod};
 
 /// Behaviour switches for tests that must show their checker can fail.

@@ -281,6 +281,7 @@ impl DbService for DbGrpc {
             block_size_bytes: pair.block_size_bytes,
             block_count: pair.block_count,
             already_restoring: begun.began.already_restoring,
+            already_ended: begun.began.already_ended,
             ledger_sequence_stopped: begun.ledger_sequence_stopped,
             writer_identity: begun.began.writer_identity.unwrap_or_default(),
         }))

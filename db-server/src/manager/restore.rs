@@ -57,12 +57,28 @@ pub struct RestoreStatus {
     pub blocks_total: u64,
 }
 
+/// What BeginRestore finds before it changes anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeginDecision {
+    /// A Synchronized volume: take it offline.
+    Begin,
+    /// This run has it offline already (a retry, or a re-run after a crash).
+    AlreadyRestoring,
+    /// This run's restore has ended already: change nothing.
+    AlreadyEnded,
+}
+
 /// What BeginRestore did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BeganRestore {
     pub pair: PairInfo,
     /// The same run had already taken the volume offline (a retry).
     pub already_restoring: bool,
+    /// This run's restore has ended already (EndRestore, or abandoned):
+    /// nothing was changed, and EndRestore answers how it ended. A re-run
+    /// of a restore whose end was not heard must not restore again over
+    /// what the database wrote since.
+    pub already_ended: bool,
     pub writer_identity: Option<String>,
 }
 
@@ -116,16 +132,29 @@ impl SnapshotManager {
     /// already restores it, `Ok(false)` for a Synchronized volume. The
     /// caller decides with it whether to stop the ledger; the decision is
     /// made again under the mode gate.
-    pub fn check_begin_restore(&self, volume: u32, run_id: &str) -> Result<bool, DbError> {
+    pub fn check_begin_restore(&self, volume: u32, run_id: &str) -> Result<BeginDecision, DbError> {
         let vol = self.volume(volume)?;
         let inner = vol.inner();
-        Self::begin_decision(vol, &inner.state, run_id)
+        Self::begin_decision(vol, &inner, run_id)
     }
 
-    fn begin_decision(vol: &Volume, state: &PairState, run_id: &str) -> Result<bool, DbError> {
-        match state {
-            PairState::Synchronized => Ok(false),
-            PairState::Restoring { run_id: holder, .. } if holder == run_id => Ok(true),
+    fn begin_decision(
+        vol: &Volume,
+        inner: &super::VolumeInner,
+        run_id: &str,
+    ) -> Result<BeginDecision, DbError> {
+        let ended_by_this_run = inner
+            .last_restore_ended
+            .as_ref()
+            .is_some_and(|(ended_by, _)| ended_by == run_id);
+        match &inner.state {
+            PairState::Synchronized | PairState::Resynchronizing if ended_by_this_run => {
+                Ok(BeginDecision::AlreadyEnded)
+            }
+            PairState::Synchronized => Ok(BeginDecision::Begin),
+            PairState::Restoring { run_id: holder, .. } if holder == run_id => {
+                Ok(BeginDecision::AlreadyRestoring)
+            }
             PairState::Restoring { run_id: holder, .. }
             | PairState::RestoringToSnapshot { holder, .. } => Err(DbError::RestoreHeld {
                 volume: vol.volume(),
@@ -154,10 +183,24 @@ impl SnapshotManager {
     ) -> Result<BeganRestore, DbError> {
         let vol = self.volume(volume)?;
         let mode = vol.mode_gate.write().await;
-        let already_restoring = {
+        let decision = {
             let inner = vol.inner();
-            Self::begin_decision(vol, &inner.state, run_id)?
+            Self::begin_decision(vol, &inner, run_id)?
         };
+        if decision == BeginDecision::AlreadyEnded {
+            tracing::info!(
+                volume,
+                run_id,
+                "restore run {run_id} has ended already: nothing to begin"
+            );
+            return Ok(BeganRestore {
+                pair: vol.pair,
+                already_restoring: false,
+                already_ended: true,
+                writer_identity: None,
+            });
+        }
+        let already_restoring = decision == BeginDecision::AlreadyRestoring;
         let purpose = format!("restore run {run_id} of backup {backup_id}");
         if !already_restoring {
             let state = PairState::Restoring {
@@ -185,6 +228,7 @@ impl SnapshotManager {
         Ok(BeganRestore {
             pair: vol.pair,
             already_restoring,
+            already_ended: false,
             writer_identity: self.restore_writer.clone(),
         })
     }
@@ -1016,6 +1060,15 @@ mod tests {
             manager.end_restore(0, "restore-3", false, None).await,
             Err(DbError::NotRestoring { .. })
         ));
+        // A re-run of the ended run (its EndRestore answer lost) begins
+        // nothing: the volume stays online, no grant is set.
+        let rerun = manager
+            .begin_restore(0, "restore-1", "backup-1")
+            .await
+            .expect("re-run");
+        assert!(rerun.already_ended && !rerun.already_restoring);
+        assert_eq!(mode(&manager), Mode::Synchronized);
+        assert_eq!(writer_access(&array), vec![None; 3]);
     }
 
     /// A BeginRestore refused changes nothing: no journal record, no grant,
