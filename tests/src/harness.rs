@@ -451,9 +451,21 @@ pub fn db_process(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> NodeProcess {
+    db_process_at("127.0.0.1:0", data_dir, array, extra, env)
+}
+
+/// [`db_process`] listening on `listen`: a fixed address to restart it
+/// where clients (and a backup server's `--db`) already point.
+pub fn db_process_at(
+    listen: &str,
+    data_dir: &Path,
+    array: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> NodeProcess {
     let mut args = vec![
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--array",
         array,
         "--data-dir",
@@ -514,4 +526,65 @@ pub async fn follow_backup(client: &BackupClient, backup_id: &str) -> bpb::Backu
         last = Some(progress.expect("progress"));
     }
     last.expect("at least one progress message")
+}
+
+/// Starts `backup-server` as a process listening on `listen`, reading
+/// from (and, for a restore, writing to) the array at `array`, confirming
+/// with the db-server at `db`, its chunk store the directory `store`, with
+/// `env` (e.g. a crash point).
+pub fn backup_process(
+    listen: &str,
+    store: &Path,
+    array: &str,
+    db: &str,
+    env: &[(&str, &str)],
+) -> NodeProcess {
+    NodeProcess::start_with_env(
+        "backup-server",
+        &[
+            "--listen",
+            listen,
+            "--array",
+            array,
+            "--db",
+            db,
+            "--store",
+            store.to_str().expect("utf-8 path"),
+        ],
+        env,
+    )
+}
+
+/// The chunk size of the store and of the array's digests a restore
+/// compares: 1 MiB.
+pub const CHUNK_BYTES: u64 = backup_server::store::CHUNK_SIZE_BYTES;
+
+/// The BLAKE3 digest of every 1 MiB chunk of a whole LU, by the array's
+/// `ChecksumRange`: exactly the digests a backup's manifest lists for the
+/// same bytes.
+pub async fn chunk_digests(client: &ArrayClient, lu: u32) -> Vec<[u8; 32]> {
+    let page = client.mode_sense(lu).await.expect("mode sense");
+    let chunk_blocks = CHUNK_BYTES / u64::from(page.block_size_bytes);
+    client
+        .checksums(lu, 0, page.block_count, chunk_blocks)
+        .await
+        .unwrap_or_else(|e| panic!("the chunk digests of LU {lu}: {e}"))
+}
+
+/// Follows a restore job until it ends and answers its last progress.
+pub async fn follow_restore(client: &BackupClient, run_id: &str) -> bpb::RestoreProgress {
+    use futures_util::StreamExt;
+    let mut stream = client
+        .watch_restore(run_id)
+        .await
+        .unwrap_or_else(|e| panic!("watching restore run {run_id}: {e}"));
+    let mut last = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while let Some(progress) = tokio::time::timeout_at(deadline, stream.next())
+        .await
+        .expect("restore ended in time")
+    {
+        last = Some(progress.expect("restore progress"));
+    }
+    last.expect("at least one restore progress message")
 }

@@ -12,6 +12,8 @@
 //! - `journal_damage`: a corrupted or truncated journal, a full journal
 //!   filesystem.
 //! - `first_start`: a new pair is INFO, a lost journal WARN.
+//! - `restore`: restore from a backup and to a held snapshot (reverse
+//!   resync), every refusal, kill -9 at the restore's crash points.
 //! - `resync_wait`: the console waits out a resync by db-server's reason
 //!   trailer.
 //! - `backup`: images, manifests, verification, node crashes.
@@ -62,6 +64,8 @@ mod grpcurl;
 mod journal_damage;
 #[cfg(test)]
 mod ledger_crash;
+#[cfg(test)]
+mod restore;
 #[cfg(test)]
 mod resync_wait;
 #[cfg(test)]
