@@ -121,6 +121,9 @@ impl LedgerSlot {
         }
         match Ledger::open(self.manager.clone(), self.gate.clone(), config).await {
             Ok(ledger) => {
+                // The sequence the volume holds, read before the workers
+                // start: the first of them may commit at once.
+                let sequence = ledger.sequence();
                 let cancel = self.cancel.child_token();
                 let workers = TaskTracker::new();
                 ledger.start_workload(config, cancel.clone(), &workers);
@@ -128,7 +131,6 @@ impl LedgerSlot {
                 // The node's shutdown waits for these workers too.
                 let waited = workers.clone();
                 self.tasks.spawn(async move { waited.wait().await });
-                let sequence = ledger.sequence();
                 *self.state() = SlotState::Running(Running {
                     ledger,
                     cancel,
