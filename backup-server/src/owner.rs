@@ -241,6 +241,11 @@ pub trait VolumeOwner: Send + Sync + 'static {
     /// The restore `volume` is offline for, if any. An unknown volume is
     /// `NOT_FOUND`; what a failure means is [`OwnerFailure::of`] it.
     fn restore_hold(&self, volume: u32) -> BoxFuture<'_, Result<Option<RestoreHold>, ClientError>>;
+    /// What `lu` is in the owner's pairs ("a mirror", "an origin", "a
+    /// mate"), or `None` when it belongs to no pair. The array hides a
+    /// pair's mirror and origin from the backup server, so only the owner
+    /// can say that a `to_lu` the array answers NOT_FOUND is a pair's LU.
+    fn pair_role(&self, lu: u32) -> BoxFuture<'_, Result<Option<&'static str>, ClientError>>;
 }
 
 /// db-server over gRPC: a thin adapter over [`DbClient`].
@@ -295,6 +300,23 @@ impl VolumeOwner for GrpcOwner {
                 },
                 run_id: restore.run_id,
                 backup_id: restore.backup_id,
+            }))
+        })
+    }
+
+    fn pair_role(&self, lu: u32) -> BoxFuture<'_, Result<Option<&'static str>, ClientError>> {
+        Box::pin(async move {
+            let status = self.db.status(false).await?;
+            Ok(status.volumes.iter().find_map(|v| {
+                if v.mirror_lu == lu {
+                    Some("a mirror")
+                } else if v.origin_lu == lu {
+                    Some("an origin")
+                } else if v.mate_lu == lu {
+                    Some("a mate")
+                } else {
+                    None
+                }
             }))
         })
     }

@@ -609,11 +609,18 @@ impl Restores {
         }
         let (lu, sides, locked_lus) = match request.target {
             Target::PlainLu(lu) => {
-                let page = self
-                    .target
-                    .page(lu)
-                    .await
-                    .map_err(|e| array_refusal(lu, e))?;
+                let page = match self.target.page(lu).await {
+                    Ok(page) => page,
+                    Err(error) if error.kind == ErrorKind::NotFound => {
+                        // Masked, or missing: a pair's LU the array hides
+                        // from the backup server is still not plain.
+                        if let Ok(Some(role)) = self.owner.pair_role(lu).await {
+                            return Err(RestoreError::NotPlain { lu, role });
+                        }
+                        return Err(array_refusal(lu, error));
+                    }
+                    Err(error) => return Err(array_refusal(lu, error)),
+                };
                 let role = match page.role {
                     LuRole::Plain => None,
                     LuRole::Mirror { .. } => Some("a mirror"),
@@ -1568,6 +1575,12 @@ mod tests {
         ) -> crate::source::BoxFuture<'_, Result<Option<RestoreHold>, ClientError>> {
             let hold = self.hold.lock().expect("hold").clone();
             Box::pin(async move { Ok(hold) })
+        }
+        fn pair_role(
+            &self,
+            _lu: u32,
+        ) -> crate::source::BoxFuture<'_, Result<Option<&'static str>, ClientError>> {
+            Box::pin(async { Ok(None) })
         }
     }
 
