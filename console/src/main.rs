@@ -185,11 +185,11 @@ enum Command {
     /// plain (not a mirror, origin or mate LU), of the backup's size, and
     /// writable by the backup server (a [[grant]] in the array's config).
     ///
-    /// Example: console restore --volume 0 --backup 0190d3c4-…
+    /// Example: console restore --volume 0 --backup-id 0190d3c4-…
     ///
-    /// Example: console restore --volume 0 --backup 0190d3c4-… --run-id 0190d3d0-… (continue)
+    /// Example: console restore --volume 0 --backup-id 0190d3c4-… --run-id 0190d3d0-… (continue)
     ///
-    /// Example: console restore --backup 0190d3c4-… --to-lu 6
+    /// Example: console restore --backup-id 0190d3c4-… --to-lu 6
     ///
     /// Example: console restore abandon --volume 0 --run-id 0190d3d0-…
     Restore(RestoreArgs),
@@ -323,9 +323,10 @@ struct RestoreArgs {
     /// Restore onto this plain LU instead, touching no volume.
     #[arg(long, value_name = "LU")]
     to_lu: Option<u32>,
-    /// The backup to restore (see `console backup list`).
+    /// The backup to restore (see `console backup list`). Named
+    /// `--backup-id` because `--backup` is the backup server's address.
     #[arg(long, value_name = "ID", required = true)]
-    backup: Option<String>,
+    backup_id: Option<String>,
     /// The restore run's id: a new one by default. Give the id of a restore
     /// that did not complete to continue it.
     #[arg(long)]
@@ -875,8 +876,8 @@ async fn restore_command(clients: &Clients, args: RestoreArgs) -> anyhow::Result
     {
         return cli::restore::abandon(clients, volume, &run_id, json).await;
     }
-    let Some(backup_id) = args.backup else {
-        anyhow::bail!("--backup is required");
+    let Some(backup_id) = args.backup_id else {
+        anyhow::bail!("--backup-id is required");
     };
     let target = match (args.volume, args.to_lu) {
         (Some(volume), None) => RestoreTarget::Volume(volume),

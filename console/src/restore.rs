@@ -295,6 +295,11 @@ pub struct RestoreReport {
     /// BeginRestore found the volume already offline for this run (a
     /// re-run).
     pub already_restoring: bool,
+    /// BeginRestore found this run's restore ended already (an earlier
+    /// call's EndRestore compared the volume with the backup's image digest
+    /// and brought it back online; its answer was lost): nothing was done
+    /// now, and `verified` stands on that earlier comparison.
+    pub ended_before: bool,
     /// The ledger's sequence when BeginRestore stopped it.
     pub ledger_sequence_stopped: Option<u64>,
     pub safety_backup: SafetyBackup,
@@ -339,6 +344,7 @@ impl RestoreReport {
             volume,
             lu,
             already_restoring: false,
+            ended_before: false,
             ledger_sequence_stopped: None,
             safety_backup: SafetyBackup::NotReached,
             phases_ms: RestorePhasesMs::default(),
@@ -365,7 +371,11 @@ impl RestoreReport {
     pub fn succeeded(&self) -> bool {
         self.error.is_none()
             && self.verified
-            && (self.volume.is_none() || self.end.as_ref().is_some_and(|e| e.image_digest_matches))
+            && (self.volume.is_none()
+                || self
+                    .end
+                    .as_ref()
+                    .is_some_and(|e| e.image_digest_matches || e.already_ended))
     }
 
     /// The human-readable report.
@@ -384,7 +394,9 @@ impl RestoreReport {
             (Some(_), Some(lu)) => format!("{} (mirror LU {lu})", self.target),
             _ => self.target.clone(),
         };
-        let rerun = if self.already_restoring {
+        let rerun = if self.ended_before {
+            " · ended before by this run (nothing done now)"
+        } else if self.already_restoring {
             " · continued (the volume was already offline for this run)"
         } else {
             ""
@@ -436,7 +448,16 @@ impl RestoreReport {
             "restore verified",
             format!("{}{verification}", yes_no(self.verified)),
         );
-        if let Some(end) = &self.end {
+        if let Some(end) = self.end.as_ref().filter(|e| e.already_ended) {
+            line(
+                "image digest",
+                format!(
+                    "compared by this run's first EndRestore, whose answer was lost; this call found \
+                     the restore ended ({} chunks compared now)",
+                    end.chunks_compared
+                ),
+            );
+        } else if let Some(end) = &self.end {
             line(
                 "image digest",
                 format!(
@@ -875,6 +896,18 @@ async fn restore_volume(
     report.already_restoring = begun.already_restoring;
     report.ledger_sequence_stopped = begun.ledger_sequence_stopped;
     let offline = next_steps_offline(volume, &request.backup_id, &run_id);
+    if begun.already_ended {
+        // An earlier call of this run restored the volume and EndRestore
+        // compared it with the backup's image digest before bringing it back
+        // online; only its answer was lost. Restoring again would overwrite
+        // what the database wrote since: answer how it ended instead.
+        report.ended_before = true;
+        report.safety_backup = SafetyBackup::NotReached;
+        report.notes.push(format!(
+            "restore run {run_id} had already ended: nothing was written now"
+        ));
+        return end_restore(clients, volume, &run_id, None, Some(offline), report).await;
+    }
     let t = Instant::now();
     if request.safety_backup {
         safety_backup(clients, request, progress, &begun, report).await?;
@@ -903,13 +936,30 @@ async fn restore_volume(
     progress.phase(&format!(
         "checking volume {volume} whole and bringing it back online (EndRestore)"
     ));
-    let t = Instant::now();
     let expected = (!last.image_digest.is_empty()).then(|| last.image_digest.clone());
+    end_restore(clients, volume, &run_id, expected, Some(offline), report).await
+}
+
+/// Step 5: EndRestore, and what it answered into the report. An answer
+/// `already_ended` (this run's EndRestore had ended the restore, its answer
+/// lost: db-server journaled the pair Synchronized only after the
+/// comparison passed) counts as the comparison done; after a restart of
+/// db-server it carries no digest.
+async fn end_restore(
+    clients: &Clients,
+    volume: u32,
+    run_id: &str,
+    expected: Option<Vec<u8>>,
+    offline: Option<String>,
+    report: &mut RestoreReport,
+) -> Result<(), RestoreError> {
+    let db = &clients.db;
+    let t = Instant::now();
     let ended = retry("EndRestore", clients.step_deadline, || {
-        db.end_restore(volume, &run_id, false, expected.clone())
+        db.end_restore(volume, run_id, false, expected.clone())
     })
     .await
-    .map_err(|source| call("EndRestore", source, report, Some(offline.clone())))?;
+    .map_err(|source| call("EndRestore", source, report, offline.clone()))?;
     report.phases_ms.end = ms(t);
     report.end = Some(EndCheck {
         image_digest: hex(&ended.image_digest),
@@ -920,7 +970,20 @@ async fn restore_volume(
     report.ledger_running = ended.ledger_running;
     report.ledger_sequence = ended.ledger_sequence;
     report.ledger_error = (!ended.ledger_error.is_empty()).then(|| ended.ledger_error.clone());
-    if !ended.image_digest_matches && expected.is_some() {
+    if ended.already_ended {
+        if ended.abandoned {
+            report.error = Some(format!(
+                "restore run {run_id} was abandoned earlier: the volume holds whatever it held then"
+            ));
+        } else if report.ended_before {
+            // Nothing ran now: the earlier call's comparison is the proof.
+            report.verified = true;
+            report.verification =
+                "by this run's first EndRestore: origin and mate compared whole with the backup's \
+                 image digest before the volume came back online"
+                    .into();
+        }
+    } else if !ended.image_digest_matches && expected.is_some() {
         report.error =
             Some("EndRestore found the volume's image digest different from the backup's".into());
     }
@@ -1351,7 +1414,7 @@ fn call(
 fn next_steps_offline(volume: u32, backup_id: &str, run_id: &str) -> String {
     format!(
         "volume {volume} stays offline (its Read and Write answer UNAVAILABLE, reason restoring) until this \
-         restore ends. Continue it: console restore --volume {volume} --backup {backup_id} --run-id {run_id} \
+         restore ends. Continue it: console restore --volume {volume} --backup-id {backup_id} --run-id {run_id} \
          (it writes only the chunks still different); or give it up: console restore abandon --volume {volume} \
          --run-id {run_id} (the volume comes back with what it holds now)"
     )
@@ -1523,7 +1586,7 @@ mod tests {
     #[test]
     fn the_next_steps_name_the_run_id_to_continue_or_abandon_with() {
         let text = next_steps_offline(3, "b9", "r7");
-        assert!(text.contains("console restore --volume 3 --backup b9 --run-id r7"));
+        assert!(text.contains("console restore --volume 3 --backup-id b9 --run-id r7"));
         assert!(text.contains("console restore abandon --volume 3 --run-id r7"));
     }
 

@@ -1543,7 +1543,7 @@ async fn killed_at_every_restore_crash_point_the_same_run_completes_it() {
 }
 
 /// The operator's path, through the console's restore (what `console
-/// restore --volume 0 --backup ID` runs): a safety backup of the corrupted
+/// restore --volume 0 --backup-id ID` runs): a safety backup of the corrupted
 /// volume first, then the last backup written back, verified, the ledger
 /// reopened at the backup's sequence and running on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1674,7 +1674,7 @@ async fn console_restore_help_and_an_unknown_backup() {
         "restore",
         "--volume",
         "0",
-        "--backup",
+        "--backup-id",
         UNKNOWN_BACKUP,
     ]
     .map(str::to_string)
