@@ -574,6 +574,7 @@ impl SnapshotManager {
     /// left as it is: it is dropped with the Synchronized state, and a
     /// crash before that copies it again.
     async fn reverse_copy(&self, vol: &Volume) -> Result<(u64, u64), DbError> {
+        use futures_util::StreamExt;
         let pair = vol.pair;
         let block_size_bytes = u64::from(pair.block_size_bytes);
         let chunk_blocks = (self.config.resync_chunk_bytes / block_size_bytes).max(1);
@@ -582,28 +583,49 @@ impl SnapshotManager {
             inner.reverse_blocks = (0, inner.table.block_count());
             inner.table.ranges()
         };
-        let mut blocks_copied = 0;
+        // Each recorded range in pieces of at most one resync chunk; up to
+        // as many copies in flight as the resync has (a database's scattered
+        // small writes make many small ranges, and one copy at a time would
+        // wait on a round trip for each).
+        let mut pieces = Vec::new();
         for range in &ranges {
             let mut lba = range.start;
             while lba < range.end {
+                let end = (lba + chunk_blocks).min(range.end);
+                pieces.push(lba..end);
+                lba = end;
+            }
+        }
+        let blocks_copied = std::sync::atomic::AtomicU64::new(0);
+        let copy_piece = |piece: std::ops::Range<u64>| {
+            let blocks_copied = &blocks_copied;
+            async move {
                 if self.cancel.is_cancelled() {
                     return Err(DbError::ShuttingDown);
                 }
-                let n = chunk_blocks.min(range.end - lba);
-                let _blocks = vol.blocks.lock(lba..lba + n, LockMode::Exclusive).await;
+                let n = piece.end - piece.start;
+                let _blocks = vol.blocks.lock(piece.clone(), LockMode::Exclusive).await;
                 if let Some(pace) = &self.resync_pace {
                     pace.take(n * block_size_bytes).await;
                 }
                 self.array
-                    .copy_range(pair.mate_lu, pair.origin_lu, lba, n)
+                    .copy_range(pair.mate_lu, pair.origin_lu, piece.start, n)
                     .await?;
                 crash::point("reverse.after_copy");
-                blocks_copied += n;
-                vol.inner().reverse_blocks.0 = blocks_copied;
-                lba += n;
+                let done = blocks_copied.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+                let mut inner = vol.inner();
+                inner.reverse_blocks.0 = inner.reverse_blocks.0.max(done);
+                Ok::<(), DbError>(())
             }
+        };
+        let mut copies = futures_util::stream::iter(pieces)
+            .map(copy_piece)
+            .buffer_unordered(super::resync::RESYNC_RANGES_IN_FLIGHT);
+        while let Some(copied) = copies.next().await {
+            copied?;
         }
-        Ok((ranges.len() as u64, blocks_copied))
+        drop(copies);
+        Ok((ranges.len() as u64, blocks_copied.into_inner()))
     }
 
     /// After the reverse copy: the mate writable again (set before the

@@ -48,7 +48,7 @@ impl std::str::FromStr for ResyncMethod {
 }
 
 /// Recorded ranges one resync step copies side by side.
-const RESYNC_RANGES_IN_FLIGHT: usize = 8;
+pub(super) const RESYNC_RANGES_IN_FLIGHT: usize = 8;
 
 /// Resync progress of one volume since the snapshot was deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
