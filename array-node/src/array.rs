@@ -347,7 +347,10 @@ impl Array {
         let source = self.read_source(src)?;
         let targets = self.write_targets(dst)?;
         let chunk_blocks = (COPY_CHUNK_BYTES / block_size_bytes).max(1);
-        let mut buf = vec![0u8; (chunk_blocks * block_size_bytes) as usize];
+        // No larger than the copy: a resync of a database's scattered small
+        // writes copies many ranges of a few blocks, and zeroing a whole
+        // chunk's buffer for each was most of their cost.
+        let mut buf = vec![0u8; (chunk_blocks.min(blocks) * block_size_bytes) as usize];
         let mut done_blocks = 0;
         while done_blocks < blocks {
             let chunk_lba = lba + done_blocks;
