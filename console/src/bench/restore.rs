@@ -147,6 +147,15 @@ async fn measure(
             .map(|i| i as u64)
             .collect();
         write_chunks(cluster, &picked, &mut rng).await?;
+        // The corruption's own writes made durable before the clock starts,
+        // as the peer's fsync covers only what the peer wrote: the
+        // restore's flush then costs what the restore wrote, not the
+        // writeback of the fill and the corruption.
+        clients
+            .array
+            .flush(0)
+            .await
+            .context("flushing the corrupted volume")?;
         let request = RestoreRequest {
             safety_backup: false,
             ..RestoreRequest::volume(0, backup_id.clone())
