@@ -294,8 +294,13 @@ impl Array {
         let _slot = self.bulk_slot(bytes).await;
         let mut buf = vec![0u8; bytes as usize];
         let storage = real.storage.clone();
+        let bulk = is_bulk(bytes);
         let buf = blocking(move || {
-            storage.read_at(&mut buf, lba * block_size_bytes)?;
+            if bulk {
+                storage.read_bulk_at(&mut buf, lba * block_size_bytes)?;
+            } else {
+                storage.read_at(&mut buf, lba * block_size_bytes)?;
+            }
             Ok(buf)
         })
         .await
@@ -312,6 +317,7 @@ impl Array {
         let data = write.into_data();
         let targets = self.write_targets(lu)?;
         let _guards = self.lock_all(&targets, lba..lba + blocks).await?;
+        let bulk = is_bulk(data.len() as u64);
         let data = Arc::new(data);
         // spawn_blocking starts each write at once, so origin and mate are
         // written concurrently; the loop below only collects the outcomes.
@@ -320,7 +326,11 @@ impl Array {
             let storage = self.real(target)?.storage.clone();
             let data = data.clone();
             let write = tokio::task::spawn_blocking(move || {
-                storage.write_at(&data, offset_bytes)?;
+                if bulk {
+                    storage.write_bulk_at(&data, offset_bytes)?;
+                } else {
+                    storage.write_at(&data, offset_bytes)?;
+                }
                 if fua {
                     storage.sync_data()?;
                 }
@@ -371,10 +381,18 @@ impl Array {
                 .map(|&t| self.real(t).map(|r| r.storage.clone()))
                 .collect::<Result<_, _>>()?;
             let mut chunk = std::mem::take(&mut buf);
+            let bulk = is_bulk(len as u64);
             chunk = blocking(move || {
-                src_storage.read_at(&mut chunk[..len], offset_bytes)?;
-                for dst in &dst_storages {
-                    dst.write_at(&chunk[..len], offset_bytes)?;
+                if bulk {
+                    src_storage.read_bulk_at(&mut chunk[..len], offset_bytes)?;
+                    for dst in &dst_storages {
+                        dst.write_bulk_at(&chunk[..len], offset_bytes)?;
+                    }
+                } else {
+                    src_storage.read_at(&mut chunk[..len], offset_bytes)?;
+                    for dst in &dst_storages {
+                        dst.write_at(&chunk[..len], offset_bytes)?;
+                    }
                 }
                 Ok(chunk)
             })
@@ -425,7 +443,11 @@ impl Array {
                 if storage.is_hole(offset_bytes, len as u64)? {
                     return Ok((chunk, zeros_digest(len)));
                 }
-                storage.read_at(&mut chunk[..len], offset_bytes)?;
+                if is_bulk(len as u64) {
+                    storage.read_bulk_at(&mut chunk[..len], offset_bytes)?;
+                } else {
+                    storage.read_at(&mut chunk[..len], offset_bytes)?;
+                }
                 let digest = *blake3::hash(&chunk[..len]).as_bytes();
                 Ok((chunk, digest))
             })
@@ -453,7 +475,7 @@ impl Array {
 
     /// A bulk I/O slot for a transfer of `bytes`; small transfers need none.
     async fn bulk_slot(&self, bytes: u64) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        if bytes < BULK_MIN_BYTES {
+        if !is_bulk(bytes) {
             return None;
         }
         // The semaphore is never closed, so acquiring only waits.
@@ -532,6 +554,12 @@ impl Array {
         }
         Ok(guards)
     }
+}
+
+/// Whether a transfer of `bytes` is bulk work: paced, limited to
+/// [`BULK_IO_SLOTS`] at a time, and done without filling the page cache.
+fn is_bulk(bytes: u64) -> bool {
+    bytes >= BULK_MIN_BYTES
 }
 
 /// The BLAKE3 digest of `len` zero bytes, computed once per length.

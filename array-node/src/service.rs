@@ -307,6 +307,14 @@ impl ArrayService for ArrayGrpc {
             .collect();
         Ok(Response::new(pb::ListAccessResponse { grants }))
     }
+
+    async fn pace(
+        &self,
+        _request: Request<pb::PaceRequest>,
+    ) -> Result<Response<pb::PaceResponse>, Status> {
+        // TODO(#18 pace): the adaptive pace's report.
+        Err(Status::unimplemented("the adaptive pace is being built"))
+    }
 }
 
 /// The decoding limit of the service: a little over the largest request the

@@ -13,6 +13,17 @@ pub trait LuStorage: Send + Sync + 'static {
     fn write_at(&self, data: &[u8], offset_bytes: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync_data(&self) -> io::Result<()>;
+    /// [`Self::read_at`] for bulk work (a backup's reads, copies,
+    /// checksums): the same bytes, but without filling the page cache.
+    fn read_bulk_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
+        self.read_at(buf, offset_bytes)
+    }
+    /// [`Self::write_at`] for bulk work (a resync's or a restore's copies):
+    /// the same durability as `write_at` (durable after `sync_data`), but
+    /// without filling the page cache.
+    fn write_bulk_at(&self, data: &[u8], offset_bytes: u64) -> io::Result<()> {
+        self.write_at(data, offset_bytes)
+    }
     /// Whether the range is known to be a hole (reads as zeros without
     /// touching the disk). `false` when unknown.
     fn is_hole(&self, _offset_bytes: u64, _len_bytes: u64) -> io::Result<bool> {

@@ -57,6 +57,7 @@ pub async fn copy_range(
         dst_lu,
         lba,
         blocks,
+        min_bytes_per_s: None,
     };
     let copy = validate::copy_range(array, caller, &request)?;
     array.copy_range(&copy).await

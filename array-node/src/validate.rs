@@ -224,6 +224,8 @@ pub fn copy_range(
         dst_lu: dst,
         lba,
         blocks,
+        // TODO(#18 pace): carried into ValidCopy, 0 refused.
+        min_bytes_per_s: _,
     } = request;
     let src_info = require(array, caller, src, Access::Read)?;
     let dst_info = require(array, caller, dst, Access::ReadWrite)?;
@@ -805,6 +807,7 @@ mod tests {
                     dst_lu,
                     lba,
                     blocks,
+                    min_bytes_per_s: None,
                 })
             }),
             (lu(), number(), number(), number()).prop_map(|(lu, lba, blocks, chunk_blocks)| {

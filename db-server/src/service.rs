@@ -254,6 +254,8 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
             write_calls: status.traffic.write_calls,
             copy_calls: status.traffic.copy_calls,
         }),
+        // TODO(#18 pace): the array's pace and the resync's limits.
+        background_pace: None,
     }
 }
 

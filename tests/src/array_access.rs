@@ -205,6 +205,7 @@ async fn run_raw(
                 dst_lu: counterpart(lu),
                 lba: 0,
                 blocks: BLOCKS,
+                min_bytes_per_s: None,
             })
             .await
             .map(drop),

@@ -203,6 +203,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
         dst_lu,
         lba,
         blocks,
+        min_bytes_per_s: None,
     };
     let s = |lu: u32, lba: u64, blocks: u64, chunk_blocks: u64| pb::ChecksumRangeRequest {
         lu,

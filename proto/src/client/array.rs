@@ -179,11 +179,27 @@ impl ArrayClient {
         lba: u64,
         blocks: u64,
     ) -> Result<u64, ClientError> {
+        self.copy_range_guaranteed(src_lu, dst_lu, lba, blocks, None)
+            .await
+    }
+
+    /// [`Self::copy_range`] guaranteed `min_bytes_per_s` whatever the
+    /// foreground load (the array's adaptive pace never slows it below);
+    /// `None`: the array's own minimum.
+    pub async fn copy_range_guaranteed(
+        &self,
+        src_lu: u32,
+        dst_lu: u32,
+        lba: u64,
+        blocks: u64,
+        min_bytes_per_s: Option<u64>,
+    ) -> Result<u64, ClientError> {
         let request = pb::CopyRangeRequest {
             src_lu,
             dst_lu,
             lba,
             blocks,
+            min_bytes_per_s,
         };
         let answer = self.inner.clone().copy_range(request).await;
         let copied = self.peer.answer(answer, || {
@@ -258,6 +274,23 @@ impl ArrayClient {
             format!("setting {identity}'s access to LU {lu} to {access}")
         })?;
         Ok((answer.previous(), answer.access()))
+    }
+
+    /// How fast the array lets background copies go now, and why.
+    pub async fn pace(&self) -> Result<pb::BackgroundPace, ClientError> {
+        let answer = self.inner.clone().pace(pb::PaceRequest {}).await;
+        let answer = self
+            .peer
+            .answer(answer, || "asking the array's pace".to_string())?;
+        answer.pace.ok_or_else(|| {
+            ClientError::local(
+                ErrorKind::Internal,
+                self.peer.node,
+                &self.peer.target,
+                "asking the array's pace",
+                "the answer holds no pace",
+            )
+        })
     }
 
     /// The grants in force that this identity may see: the pairs' owner
