@@ -640,6 +640,7 @@ impl Checker {
                 ));
             }
         }
+        check_pace(status.background_pace.as_ref()).map_err(|e| Violation::new(round, e))?;
         let restored = self.restored.take();
         let ledger_running = status.ledger.as_ref().filter(|l| l.running);
         if let Some(restored) = &restored
@@ -931,6 +932,35 @@ pub fn check_restored_image(
         unexplained.len(),
         &unexplained[..unexplained.len().min(8)]
     ))
+}
+
+/// The background pace db-server reports (the array's adaptive pace with
+/// the resync's limits): a reason, and a rate that honours the resync's
+/// guaranteed minimum and its cap. Unset is allowed (the array did not
+/// answer in time: the faults kill and stop it).
+fn check_pace(pace: Option<&pb::BackgroundPace>) -> Result<(), String> {
+    let Some(pace) = pace else { return Ok(()) };
+    if pace.reason() == pb::PaceReason::Unspecified {
+        return Err(format!(
+            "Status shows a background pace without a reason: {pace:?}"
+        ));
+    }
+    if let Some(rate) = pace.rate_bytes_per_s {
+        if rate < pace.resync_min_bytes_per_s {
+            return Err(format!(
+                "the resync's pace {rate} B/s is below its guaranteed minimum {} B/s: {pace:?}",
+                pace.resync_min_bytes_per_s
+            ));
+        }
+        if let Some(max) = pace.resync_max_bytes_per_s
+            && rate > max
+        {
+            return Err(format!(
+                "the resync's pace {rate} B/s is above its cap {max} B/s: {pace:?}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
