@@ -260,6 +260,14 @@ enum Command {
         /// Cap the backup's rate in timeline and run (e.g. 150MB).
         #[arg(long, value_parser = parse_size_bytes)]
         max_rate: Option<u64>,
+        /// timeline: bytes written to the volume while its snapshot is held,
+        /// for the resync to copy (at most a quarter of the volume).
+        #[arg(long, default_value = "256MiB", value_parser = parse_size_bytes)]
+        dirty: u64,
+        /// freeze: run one uncapped backup of --size of random data first,
+        /// so that the writeback after it falls inside the measurement.
+        #[arg(long)]
+        after_backup: bool,
     },
     /// Acquire or delete a snapshot by hand.
     #[command(subcommand)]
@@ -675,6 +683,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             plot,
             quick,
             max_rate,
+            dirty,
+            after_backup,
         } => {
             use anyhow::Context as _;
             let options = splitmirror_console::bench::BenchOptions {
@@ -683,6 +693,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 quick,
                 plot,
                 max_rate,
+                dirty_bytes: dirty,
+                after_backup,
             };
             let output = splitmirror_console::bench::run(scenario, &options).await?;
             cli::output::println(&format!(

@@ -102,6 +102,12 @@ pub struct BenchOptions {
     pub plot: Option<PathBuf>,
     /// Cap the backup's rate in the scenarios that run one (timeline, run).
     pub max_rate: Option<u64>,
+    /// timeline: bytes written to the volume while its snapshot is held,
+    /// for the resync to copy (at most a quarter of the volume).
+    pub dirty_bytes: u64,
+    /// freeze: run one uncapped backup of `size_bytes` of random data just
+    /// before the cycles, so that its writeback falls inside them.
+    pub after_backup: bool,
 }
 
 /// What a scenario answers: a table for people, JSON for machines.
@@ -135,6 +141,8 @@ pub async fn run(scenario: Scenario, options: &BenchOptions) -> anyhow::Result<B
             "seconds": options.seconds.as_secs_f64(),
             "quick": options.quick,
             "max_rate_bytes_per_s": options.max_rate,
+            "dirty_bytes": options.dirty_bytes,
+            "after_backup": options.after_backup,
             "figures": output.figures,
         }),
     })

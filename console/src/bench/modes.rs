@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use serde_json::json;
 use splitmirror_proto::db::v1 as dpb;
 
+use super::backup::met;
 use super::common::{
     Bench, LedgerWindow, f1, f2, full_speed_ledger, measure, sample, table, window,
 };
@@ -38,6 +39,11 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let mut rows: Vec<Vec<String>> = Vec::new();
     for (mirroring, results) in [("array", &array), ("host", &host)] {
         for (mode, w) in results.iter() {
+            let mode = if mirroring == "array" && mode == "Resynchronizing" {
+                "Resynchronizing, defaults (no cap)"
+            } else {
+                mode.as_str()
+            };
             rows.push(vec![
                 format!("{mirroring} mirroring, {mode}"),
                 f1(w.tps),
@@ -74,10 +80,15 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
         &rows,
     );
     out.push_str(&format!(
-        "\n  Snapshot / Synchronized {} (target ≥ 0.9), Resynchronizing / Synchronized {} uncapped, {} capped (target ≥ 0.9)\n  array / host mirroring: {}× tps (target ≥ 1.5), {}× bytes on the wire (target 0.5)\n",
+        "\n  Snapshot / Synchronized {} (target ≥ 0.9: {})\n  Resynchronizing with defaults (no cap) / Synchronized {} (target ≥ 0.8: {}); resync capped at {} MB/s: {}\n  the uncapped resync window: {:.2} s, {} MiB dirtied before it\n  array / host mirroring: {}× tps (target ≥ 1.5), {}× bytes on the wire (target 0.5)\n",
         f2(snapshot_ratio),
+        met(Some(snapshot_ratio >= 0.9)),
         f2(resync_ratio),
+        met(Some(resync_ratio >= 0.8)),
+        RESYNC_CAP_BYTES_PER_S / 1_000_000,
         f2(capped_ratio),
+        array[2].1.seconds,
+        bulk_bytes(options) >> 20,
         f2(tps_ratio),
         f2(bytes_ratio)
     ));

@@ -56,7 +56,7 @@ pub fn timeline(
     let y_max = series.iter().map(|(_, v)| *v).fold(1.0, f64::max) * 1.15;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Ledger throughput during one backup run",
+            "Ledger throughput during one backup run and its resync",
             ("sans-serif", 22),
         )
         .margin(15)
@@ -70,7 +70,7 @@ pub fn timeline(
         .y_desc("transactions per second (100 ms samples)")
         .draw()
         .map_err(draw_error)?;
-    let colours = [RED, GREEN, MAGENTA, CYAN, BLUE];
+    let colours = [RED, GREEN, MAGENTA, RGBColor(230, 120, 0), CYAN, BLUE];
     for (i, (name, from, to)) in phases.iter().enumerate() {
         let colour = colours[i % colours.len()];
         // Very short phases (acquire, delete) get a visible minimum width.

@@ -1,20 +1,56 @@
 //! `bench timeline`: one backup run with the ledger at full speed, the
 //! ledger's transactions per second sampled every 100 ms, and the run's
-//! phases marked — the picture that shows whether a backup slows the
-//! database.
+//! phases marked — the picture that shows whether a backup, and the resync
+//! after it, slow the database.
+//!
+//! The run is `console run`'s (acquire, back up, compare) keeping its
+//! snapshot; while the snapshot is held the bench writes `--dirty` bytes
+//! (256 MiB by default, at most a quarter of the volume) to the end of the
+//! volume through db-server's write path, in 1 MiB writes, so that the
+//! resync after the snapshot's deletion has something measurable to copy;
+//! then it deletes the snapshot as the run does and waits for
+//! Synchronized. Afterwards the same backup runs once more on a second
+//! cluster whose ledger is idle (1 transaction per second), for the
+//! backup's time on an idle volume.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use futures_util::StreamExt as _;
 use serde_json::json;
+use splitmirror_proto::db::v1 as dpb;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{Bench, f1, table};
+use super::backup::met;
+use super::common::{Bench, f1, f2, full_speed_ledger, table};
 use super::{BenchOptions, BenchOutput, plot};
+use crate::clients::Clients;
 use crate::progress::Quiet;
-use crate::run::{RunOptions, backup_run};
+use crate::run::{RunOptions, RunReport, backup_run, wait_synchronized};
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// The size of each write that dirties the volume while it is split.
+const DIRTY_WRITE_BYTES: u64 = 1 << 20;
+
+/// What the bench writes while the snapshot is held: `--dirty`, at most a
+/// quarter of the volume (the ledger lives at its start), whole 1 MiB
+/// writes.
+fn dirty_bytes(options: &BenchOptions) -> u64 {
+    let wanted = options.dirty_bytes.min(options.size_bytes / 4);
+    wanted / DIRTY_WRITE_BYTES * DIRTY_WRITE_BYTES
+}
+
+fn run_options(options: &BenchOptions, keep_snapshot: bool) -> RunOptions {
+    RunOptions {
+        volume: 0,
+        keep_snapshot,
+        label: "timeline".into(),
+        max_bytes_per_s: options.max_rate,
+        cancel: CancellationToken::new(),
+        verify_read: false,
+    }
+}
 
 pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let bench = Bench::with_busy_ledger(options.size_bytes).await?;
@@ -45,22 +81,28 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     };
     tokio::time::sleep(lead).await;
     let run_start = origin.elapsed().as_secs_f64();
-    let run_options = RunOptions {
-        volume: 0,
-        keep_snapshot: false,
-        label: "timeline".into(),
-        max_bytes_per_s: options.max_rate,
-        cancel: CancellationToken::new(),
-        verify_read: false,
-    };
-    let report = backup_run(&bench.clients, &run_options, &Quiet).await;
+    let report = backup_run(&bench.clients, &run_options(options, true), &Quiet).await;
+    if !report.succeeded() {
+        stop.cancel();
+        let _ = sampler.await;
+        bench.shutdown().await?;
+        bail!("the run failed: {:?}", report.error);
+    }
+    let dirty = dirty_bytes(options);
+    let dirty_start = origin.elapsed().as_secs_f64();
+    let split = split_and_resync(&bench.clients, options, &report, dirty, || {
+        origin.elapsed().as_secs_f64()
+    })
+    .await;
     tokio::time::sleep(lead).await;
     stop.cancel();
     let samples = sampler.await.context("the status sampler")?;
     bench.shutdown().await?;
-    if !report.succeeded() {
-        bail!("the run failed: {:?}", report.error);
-    }
+    let split = split?;
+
+    // The same backup on an idle volume: a second cluster, its ledger at
+    // one transaction per second.
+    let idle = idle_backup(options).await?;
 
     // tps between consecutive samples, at the later sample's time.
     let series: Vec<(f64, f64)> = samples
@@ -79,13 +121,14 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
         ("acquire", p.acquire),
         ("backup", p.backup),
         ("compare", p.compare),
-        ("delete", p.delete),
-        ("resync", p.resync),
     ] {
         let end = at + ms as f64 / 1000.0;
         phases.push((name.to_string(), at, end));
         at = end;
     }
+    phases.push(("dirty".to_string(), dirty_start, split.dirty_end_s));
+    phases.push(("delete".to_string(), split.dirty_end_s, split.delete_end_s));
+    phases.push(("resync".to_string(), split.delete_end_s, split.resync_end_s));
     let mean = |from: f64, to: f64| {
         let inside: Vec<f64> = series
             .iter()
@@ -101,33 +144,193 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let before = mean(0.0, run_start);
     let backup_phase = &phases[1];
     let during_backup = mean(backup_phase.1, backup_phase.2);
-    let after = mean(at, f64::MAX);
+    let during_resync = mean(split.delete_end_s, split.resync_end_s);
+    let after = mean(split.resync_end_s, f64::MAX);
     if let Some(path) = &options.plot {
         plot::timeline(path, &series, &phases)?;
     }
+    let ratio = |during: Option<f64>| match (during, before) {
+        (Some(during), Some(before)) if before > 0.0 => Some(during / before),
+        _ => None,
+    };
+    let backup_ratio = ratio(during_backup);
+    let resync_ratio = ratio(during_resync);
+    let backup_seconds = p.backup as f64 / 1000.0;
+    let idle_backup_seconds = idle.phases_ms.backup as f64 / 1000.0;
+    let backup_over_idle = backup_seconds / idle_backup_seconds.max(1e-3);
     let opt = |v: Option<f64>| v.map_or("-".into(), f1);
+    let opt2 = |v: Option<f64>| v.map_or("-".into(), f2);
     let rows = vec![
-        vec!["ledger tps before the run".into(), opt(before)],
-        vec!["ledger tps during the backup".into(), opt(during_backup)],
-        vec!["ledger tps after the resync".into(), opt(after)],
         vec![
-            "freeze window (µs)".into(),
+            "ledger tps before the run".into(),
+            opt(before),
+            "tps".into(),
+        ],
+        vec![
+            "ledger tps during the backup".into(),
+            opt(during_backup),
+            "tps".into(),
+        ],
+        vec![
+            "  ÷ before".into(),
+            opt2(backup_ratio),
+            format!("× (target ≥ 0.8: {})", met(backup_ratio.map(|r| r >= 0.8))),
+        ],
+        vec![
+            "ledger tps during the resync".into(),
+            opt(during_resync),
+            if during_resync.is_some() {
+                "tps".into()
+            } else {
+                "tps (resync shorter than two samples)".into()
+            },
+        ],
+        vec![
+            "  ÷ before".into(),
+            opt2(resync_ratio),
+            format!("× (target ≥ 0.8: {})", met(resync_ratio.map(|r| r >= 0.8))),
+        ],
+        vec![
+            "ledger tps after the resync".into(),
+            opt(after),
+            "tps".into(),
+        ],
+        vec![
+            "freeze window".into(),
             report
                 .freeze_window_us
                 .map_or("-".into(), |v| v.to_string()),
+            "µs".into(),
         ],
-        vec!["backup (MB/s)".into(), f1(report.throughput_mb_per_s)],
+        vec![
+            "backup".into(),
+            f1(report.throughput_mb_per_s),
+            format!("MB/s ({:.2} s)", backup_seconds),
+        ],
+        vec![
+            "backup, ledger idle (second cluster)".into(),
+            f1(idle.throughput_mb_per_s),
+            format!("MB/s ({:.2} s)", idle_backup_seconds),
+        ],
+        vec![
+            "backup time ÷ idle backup time".into(),
+            f2(backup_over_idle),
+            format!("× (target ≤ 2.0: {})", met(Some(backup_over_idle <= 2.0))),
+        ],
+        vec![
+            "written while split (--dirty)".into(),
+            f1(dirty as f64 / (1u64 << 20) as f64),
+            "MiB".into(),
+        ],
+        vec![
+            "resync".into(),
+            f1(split.resync_bytes as f64 / (1u64 << 20) as f64),
+            format!("MiB in {:.2} s", split.resync_end_s - split.delete_end_s),
+        ],
     ];
     Ok(BenchOutput {
-        table: table(&["one backup run, ledger at full speed", "value"], &rows),
+        table: table(
+            &[
+                "one backup run and its resync, ledger at full speed",
+                "value",
+                "unit",
+            ],
+            &rows,
+        ),
         figures: json!({
             "sample_every_ms": SAMPLE_EVERY.as_millis() as u64,
             "series": series.iter().map(|(t, v)| json!([t, v])).collect::<Vec<_>>(),
             "phases": phases.iter().map(|(n, a, b)| json!({"phase": n, "from_s": a, "to_s": b})).collect::<Vec<_>>(),
             "tps_before": before,
             "tps_during_backup": during_backup,
+            "tps_during_resync": during_resync,
             "tps_after": after,
+            "during_backup_over_before": backup_ratio,
+            "during_resync_over_before": resync_ratio,
+            "backup_seconds": backup_seconds,
+            "idle_backup_seconds": idle_backup_seconds,
+            "backup_over_idle_backup": backup_over_idle,
+            "idle_backup_report": idle,
+            "dirty_bytes": dirty,
+            "resync_bytes": split.resync_bytes,
+            "resync_seconds": split.resync_end_s - split.delete_end_s,
             "report": report,
         }),
     })
+}
+
+/// When the phases after the backup ended, in seconds since the bench's
+/// origin, and what the resync had to copy.
+struct Split {
+    dirty_end_s: f64,
+    delete_end_s: f64,
+    resync_end_s: f64,
+    resync_bytes: u64,
+}
+
+/// Writes `dirty` bytes to the end of volume 0 while the run's snapshot is
+/// held, deletes the snapshot as `console run` does, and waits for the
+/// resync to finish.
+async fn split_and_resync(
+    clients: &Clients,
+    options: &BenchOptions,
+    report: &RunReport,
+    dirty: u64,
+    now_s: impl Fn() -> f64,
+) -> anyhow::Result<Split> {
+    let db = &clients.db;
+    let first_lba = (options.size_bytes - dirty) / 4096;
+    let writes = dirty / DIRTY_WRITE_BYTES;
+    let mut results = futures_util::stream::iter(0..writes)
+        .map(|i| {
+            let lba = first_lba + i * DIRTY_WRITE_BYTES / 4096;
+            // Not zeros, and not the same block everywhere.
+            let data = vec![(i % 251) as u8 ^ 0x5A; DIRTY_WRITE_BYTES as usize];
+            async move { db.write(0, dpb::VirtualLu::Data, lba, data).await }
+        })
+        .buffer_unordered(4);
+    while let Some(result) = results.next().await {
+        result.context("dirtying the volume while it is split")?;
+    }
+    let dirty_end_s = now_s();
+    let deleted = db
+        .delete_snapshot(0, &report.run_id, false)
+        .await
+        .context("deleting the run's snapshot")?;
+    let delete_end_s = now_s();
+    wait_synchronized(clients, 0, &Quiet)
+        .await
+        .context("waiting for the resync")?;
+    let resync_end_s = now_s();
+    Ok(Split {
+        dirty_end_s,
+        delete_end_s,
+        resync_end_s,
+        resync_bytes: deleted.blocks_to_resync * 4096,
+    })
+}
+
+/// One whole run on a new cluster of the same size whose ledger commits
+/// one transaction per second: the backup's time on an idle volume.
+async fn idle_backup(options: &BenchOptions) -> anyhow::Result<RunReport> {
+    let ledger = db_server::ledger::LedgerConfig {
+        target_tps: 1,
+        workers: 1,
+        ..full_speed_ledger()
+    };
+    let cluster = crate::cluster::ClusterBuilder::new()
+        .lu_size_bytes(options.size_bytes)
+        .ledger(Some(ledger))
+        .journal_region_bytes(Some(db_server::DEFAULT_JOURNAL_REGION_BYTES))
+        .start()
+        .await?;
+    cluster
+        .wait_for_transactions(1, Duration::from_secs(60))
+        .await?;
+    let report = backup_run(&cluster.clients, &run_options(options, false), &Quiet).await;
+    cluster.shutdown().await?;
+    if !report.succeeded() {
+        bail!("the idle volume's run failed: {:?}", report.error);
+    }
+    Ok(report)
 }
