@@ -658,7 +658,7 @@ mod tests {
         assert!(
             inverted
                 .validate()
-                .unwrap_err()
+                .expect_err("max below min")
                 .contains("below the minimum")
         );
     }
