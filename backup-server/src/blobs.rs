@@ -8,10 +8,12 @@
 //! collection protocol (`gc.rs`) is built from these alone.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
+use crate::direct::{self, AlignedBuf, WriteCounts, WriteHooks};
 use crate::source::BoxFuture;
 
 /// One object as a listing shows it.
@@ -54,6 +56,15 @@ pub trait Blobs: Send + Sync + 'static {
     /// reader sees the old object or the new one, never a part) and durable
     /// when it returns.
     fn put<'a>(&'a self, key: &'a str, data: Vec<u8>) -> BoxFuture<'a, Result<(), BlobError>>;
+    /// [`Blobs::put`] of bytes in an aligned buffer: a directory writes
+    /// them with `O_DIRECT` as they are; other stores copy them.
+    fn put_aligned<'a>(
+        &'a self,
+        key: &'a str,
+        data: AlignedBuf,
+    ) -> BoxFuture<'a, Result<(), BlobError>> {
+        self.put(key, data.to_vec())
+    }
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, BlobError>>;
     /// Every object below `prefix`, a folder ending in `/` (`chunks/`), in
     /// key order.
@@ -79,18 +90,22 @@ const TEMPORARY_PREFIX: &str = ".tmp-";
 /// A directory as an object store: a key is a path below the root. A put
 /// writes a temporary file, fsyncs it, renames it over the key and fsyncs
 /// the directory, so that a crash leaves the old object or the new one.
+///
+/// The temporary file is written with `O_DIRECT` (`direct.rs`: no copy
+/// into the page cache) unless the filesystem refuses it; then through the
+/// page cache, with one warning per store.
 #[derive(Debug, Clone)]
 pub struct DirBlobs {
     root: PathBuf,
+    writes: Arc<WriteCounts>,
+    hooks: WriteHooks,
 }
 
 impl DirBlobs {
     /// The store in `root`, created if missing.
     pub fn create(root: &Path) -> Result<Self, BlobError> {
         fs::create_dir_all(root).map_err(failed(format!("creating {}", root.display())))?;
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Ok(Self::at(root))
     }
 
     /// The store in `root`, which must exist (offline commands never
@@ -102,28 +117,53 @@ impl DirBlobs {
                 root.display()
             )));
         }
-        Ok(Self {
+        Ok(Self::at(root))
+    }
+
+    fn at(root: &Path) -> Self {
+        Self {
             root: root.to_path_buf(),
-        })
+            writes: direct::store_write_counts(root),
+            hooks: WriteHooks::default(),
+        }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// How many objects this store's directory got with `O_DIRECT` and how
+    /// many through the page cache (its filesystem refused `O_DIRECT`),
+    /// counted by every `DirBlobs` of that directory in this process.
+    pub fn write_counts(&self) -> &WriteCounts {
+        &self.writes
+    }
+
+    /// The same store with test options of its writes.
+    #[cfg(test)]
+    fn with_hooks(mut self, hooks: WriteHooks) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    /// The write counts of the directory store at `root` in this process
+    /// (for tests of a store a server opened).
+    pub fn write_counts_of(root: &Path) -> Arc<WriteCounts> {
+        direct::store_write_counts(root)
+    }
+
     fn path(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }
 
-    fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), BlobError> {
+    fn put_blocking(&self, key: &str, data: &mut AlignedBuf) -> Result<(), BlobError> {
         let path = self.path(key);
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         fs::create_dir_all(&dir).map_err(failed(format!("creating {}", dir.display())))?;
         let temporary = dir.join(format!("{TEMPORARY_PREFIX}{}", uuid::Uuid::now_v7()));
         let written = (|| {
-            let mut file = File::create(&temporary)?;
-            file.write_all(data)?;
-            file.sync_all()?;
+            let store = format_args!("the store {}", self.root.display());
+            direct::write_new_file(&temporary, data, &self.writes, &store, self.hooks)?;
             fs::rename(&temporary, &path)?;
             File::open(&dir)?.sync_all()
         })();
@@ -254,7 +294,20 @@ impl Blobs for DirBlobs {
         let key_owned = key.to_string();
         Box::pin(blocking(
             move || format!("writing {key}"),
-            move || this.put_blocking(&key_owned, &data),
+            move || this.put_blocking(&key_owned, &mut AlignedBuf::copy_of(&data)),
+        ))
+    }
+
+    fn put_aligned<'a>(
+        &'a self,
+        key: &'a str,
+        mut data: AlignedBuf,
+    ) -> BoxFuture<'a, Result<(), BlobError>> {
+        let this = self.clone();
+        let key_owned = key.to_string();
+        Box::pin(blocking(
+            move || format!("writing {key}"),
+            move || this.put_blocking(&key_owned, &mut data),
         ))
     }
 
@@ -362,5 +415,156 @@ mod tests {
         let any = std::time::Duration::ZERO;
         assert_eq!(blobs.sweep_interrupted(any).await.expect("sweep"), 1);
         assert!(!dir.path().join("chunks/abd/.tmp-interrupted").exists());
+    }
+
+    /// Sizes around the alignment: empty, shorter than a block, exactly
+    /// one, one more, and a chunk plus a little.
+    const ROUND_TRIP_SIZES: [usize; 6] = [0, 1, 4095, 4096, 4097, (1 << 20) + 3];
+
+    /// Puts objects of [`ROUND_TRIP_SIZES`] (through both `put` and
+    /// `put_aligned`), reads them back and compares bytes and file sizes;
+    /// says what differs. Answers the puts made.
+    async fn round_trip(blobs: &DirBlobs, seed: u64) -> Result<u64, String> {
+        let mut puts = 0;
+        for (i, &size) in ROUND_TRIP_SIZES.iter().enumerate() {
+            let mut x = seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let data: Vec<u8> = (0..size)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            for aligned in [false, true] {
+                let key = format!("chunks/{size:07}/{aligned}");
+                let put = if aligned {
+                    blobs.put_aligned(&key, AlignedBuf::copy_of(&data)).await
+                } else {
+                    blobs.put(&key, data.clone()).await
+                };
+                put.map_err(|e| format!("put of {size} bytes: {e}"))?;
+                puts += 1;
+                let read = blobs
+                    .get(&key)
+                    .await
+                    .map_err(|e| format!("get of {size} bytes: {e}"))?;
+                if read != data {
+                    return Err(format!(
+                        "{size} bytes put (aligned: {aligned}) read back as {} bytes that differ",
+                        read.len()
+                    ));
+                }
+                let on_disk = fs::metadata(blobs.root().join(&key))
+                    .map_err(|e| e.to_string())?
+                    .len();
+                if on_disk != size as u64 {
+                    return Err(format!("{size} bytes put left a file of {on_disk} bytes"));
+                }
+            }
+        }
+        Ok(puts)
+    }
+
+    fn seed() -> u64 {
+        let seed = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos() as u64;
+        println!("seed {seed}");
+        seed
+    }
+
+    /// A directory on a disk filesystem (not tmpfs), or why there is none.
+    fn disk_dir() -> Result<tempfile::TempDir, String> {
+        const TMPFS_MAGIC: u64 = 0x0102_1994;
+        for parent in ["/var/tmp", env!("CARGO_MANIFEST_DIR")] {
+            let Ok(stat) = rustix::fs::statfs(parent) else {
+                continue;
+            };
+            if stat.f_type as u64 != TMPFS_MAGIC
+                && let Ok(dir) = tempfile::tempdir_in(parent)
+            {
+                return Ok(dir);
+            }
+        }
+        Err("neither /var/tmp nor the source directory is on a disk filesystem".into())
+    }
+
+    #[tokio::test]
+    async fn objects_written_direct_on_a_disk_read_back_byte_for_byte() {
+        let dir = match disk_dir() {
+            Ok(dir) => dir,
+            Err(why) => {
+                println!("SKIPPED: {why}");
+                return;
+            }
+        };
+        let blobs = DirBlobs::create(dir.path()).expect("create");
+        let puts = round_trip(&blobs, seed()).await.expect("round trip");
+        let counts = blobs.write_counts();
+        assert_eq!(
+            (counts.direct_files(), counts.buffered_files()),
+            (puts, 0),
+            "every object of {} was written with O_DIRECT",
+            dir.path().display()
+        );
+        assert!(!counts.refused());
+    }
+
+    #[tokio::test]
+    async fn objects_fall_back_to_buffered_writes_where_direct_io_is_refused() {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            println!("SKIPPED: /dev/shm (tmpfs) does not exist here");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).expect("tempdir in /dev/shm");
+        let probe = dir.path().join("probe");
+        match direct::open_direct(&probe, true) {
+            Ok(_) => {
+                // tmpfs does O_DIRECT since Linux 6.6: refuse it here as
+                // older tmpfs did, so that the fallback is what runs.
+                println!(
+                    "this kernel's tmpfs accepts O_DIRECT: refusing it below {} with the test hook",
+                    dir.path().display()
+                );
+                direct::refuse_direct_io_below(dir.path());
+            }
+            Err(e) => println!("tmpfs refuses O_DIRECT here: {e}"),
+        }
+        let _ = fs::remove_file(&probe);
+        let blobs = DirBlobs::create(&dir.path().join("store")).expect("create");
+        let puts = round_trip(&blobs, seed()).await.expect("round trip");
+        let counts = blobs.write_counts();
+        assert_eq!(
+            (counts.direct_files(), counts.buffered_files()),
+            (0, puts),
+            "every object went through the page cache"
+        );
+        assert!(counts.refused());
+    }
+
+    /// The canary: a direct write that keeps its padding (no truncation to
+    /// the true length) is caught by the round trip.
+    #[tokio::test]
+    async fn the_round_trip_catches_a_direct_write_left_padded() {
+        let dir = match disk_dir() {
+            Ok(dir) => dir,
+            Err(why) => {
+                println!("SKIPPED: {why}");
+                return;
+            }
+        };
+        let blobs = DirBlobs::create(dir.path())
+            .expect("create")
+            .with_hooks(WriteHooks {
+                skip_truncate: true,
+            });
+        let caught = round_trip(&blobs, seed())
+            .await
+            .expect_err("a padded object must not read back as what was put");
+        println!("caught: {caught}");
+        assert!(caught.contains("1 bytes"), "{caught}");
     }
 }

@@ -27,7 +27,7 @@ use crate::owner::{
     check_unchanged,
 };
 use crate::source::LuSource;
-use crate::store::{ChunkStore, StoreError, encode_chunk, zero_digest};
+use crate::store::{ChunkStore, StoreError, encode_chunk_aligned, zero_digest};
 
 /// Read streams in flight at once.
 pub const READ_STREAMS: usize = 4;
@@ -699,7 +699,7 @@ fn spawn_chunk(
         let (digest, encoded) = tokio::task::spawn_blocking(move || {
             let digest = *blake3::hash(&data).as_bytes();
             let wanted = chunk.store || (live && digest != chunk.digest);
-            (digest, wanted.then(|| encode_chunk(&data)))
+            (digest, wanted.then(|| encode_chunk_aligned(&data)))
         })
         .await?;
         if digest != chunk.digest && !live {
@@ -708,7 +708,7 @@ fn spawn_chunk(
         let stored_bytes = match encoded {
             Some(encoded) => {
                 let stored_bytes = encoded.len() as u64;
-                store.put_chunk(&digest, encoded).await?;
+                store.put_chunk_aligned(&digest, encoded).await?;
                 stored_bytes
             }
             None => 0,

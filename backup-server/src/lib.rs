@@ -33,6 +33,7 @@
 pub mod backups;
 pub mod blobs;
 pub mod crash;
+pub mod direct;
 pub mod gc;
 pub mod job;
 pub mod legacy;

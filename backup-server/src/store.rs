@@ -20,7 +20,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -29,6 +28,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::blobs::{BlobError, Blobs, DirBlobs};
+use crate::direct::{self, AlignedBuf};
 use crate::manifest::{self, Manifest};
 use crate::s3::{S3Args, S3Blobs};
 
@@ -304,6 +304,9 @@ pub struct ExportOutcome {
     pub size_bytes: u64,
     pub chunks_written: u64,
     pub chunks_zero: u64,
+    /// The image was written with `O_DIRECT` (false: its filesystem refused
+    /// direct I/O and it went through the page cache).
+    pub direct: bool,
 }
 
 /// What the store holds, for `ListBackups` and `console backup list`.
@@ -346,16 +349,99 @@ fn index_key(id: &str) -> String {
 
 /// A chunk as stored: zstd when that is smaller, raw otherwise.
 pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
-    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).ok();
-    let (codec, payload) = match &compressed {
-        Some(c) if c.len() < data.len() => (CODEC_ZSTD, c.as_slice()),
-        _ => (CODEC_RAW, data),
-    };
-    let mut out = Vec::with_capacity(5 + payload.len());
+    encode_chunk_aligned(data).to_vec()
+}
+
+thread_local! {
+    /// One zstd context per thread (the blocking threads that encode and
+    /// decode chunks), instead of one allocated per chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// [`encode_chunk`] into an aligned buffer, ready for a direct write: the
+/// data is compressed straight into it (kept when smaller than the data),
+/// else copied once.
+pub fn encode_chunk_aligned(data: &[u8]) -> AlignedBuf {
+    const HEADER_BYTES: usize = CHUNK_MAGIC.len() + 1;
+    let mut out = AlignedBuf::with_capacity(HEADER_BYTES + data.len());
     out.extend_from_slice(CHUNK_MAGIC);
-    out.push(codec);
-    out.extend_from_slice(payload);
+    out.extend_from_slice(&[CODEC_ZSTD]);
+    // Room for a compressed form smaller than the data only: zstd gives up
+    // (an error) when it does not fit.
+    let room = data.len().saturating_sub(1);
+    let compressed = COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        let compressor = cell.as_mut()?;
+        compressor
+            .compress_to_buffer(data, &mut out.spare_mut()[..room])
+            .ok()
+    });
+    match compressed {
+        Some(compressed_bytes) if compressed_bytes < data.len() => {
+            out.set_len(HEADER_BYTES + compressed_bytes);
+        }
+        _ => {
+            out.set_len(CHUNK_MAGIC.len());
+            out.extend_from_slice(&[CODEC_RAW]);
+            out.extend_from_slice(data);
+        }
+    }
     out
+}
+
+/// [`decode_chunk`] into an aligned buffer (pooled: no allocation per
+/// chunk), ready for a direct write.
+pub fn decode_chunk_aligned(
+    stored: &[u8],
+    digest: &[u8; 32],
+    len_bytes: u64,
+) -> Result<AlignedBuf, String> {
+    let Some(payload) = stored.strip_prefix(CHUNK_MAGIC) else {
+        return Err("it does not start with the chunk header".into());
+    };
+    let len = len_bytes as usize;
+    let mut out = AlignedBuf::with_capacity(len);
+    match payload.split_first() {
+        Some((&CODEC_RAW, data)) => {
+            if data.len() != len {
+                return Err(format!(
+                    "it holds {} bytes, the index says {len_bytes}",
+                    data.len()
+                ));
+            }
+            out.extend_from_slice(data);
+        }
+        Some((&CODEC_ZSTD, data)) => {
+            let decompressed = DECOMPRESSOR.with(|cell| {
+                let mut cell = cell.borrow_mut();
+                if cell.is_none() {
+                    *cell = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+                }
+                let decompressor = cell.as_mut().expect("just made");
+                decompressor
+                    .decompress_to_buffer(data, &mut out.spare_mut()[..len])
+                    .map_err(|e| format!("it does not decompress: {e}"))
+            })?;
+            if decompressed != len {
+                return Err(format!(
+                    "it holds {decompressed} bytes, the index says {len_bytes}"
+                ));
+            }
+            out.set_len(len);
+        }
+        Some((codec, _)) => return Err(format!("unknown codec {codec}")),
+        None => return Err("it is truncated".into()),
+    }
+    if blake3::hash(&out).as_bytes() != digest {
+        return Err("its data does not hash to its digest".into());
+    }
+    Ok(out)
 }
 
 /// The data of a stored chunk, checked against the digest it is stored
@@ -537,6 +623,17 @@ impl ChunkStore {
         Ok(self.blobs.put(&chunk_key(digest), encoded).await?)
     }
 
+    /// [`ChunkStore::put_chunk`] of a chunk encoded into an aligned buffer
+    /// ([`encode_chunk_aligned`]): a directory store writes it as it is,
+    /// with `O_DIRECT`.
+    pub async fn put_chunk_aligned(
+        &self,
+        digest: &[u8; 32],
+        encoded: AlignedBuf,
+    ) -> Result<(), StoreError> {
+        Ok(self.blobs.put_aligned(&chunk_key(digest), encoded).await?)
+    }
+
     /// Reads chunk `index` of backup `id`: zeros for an all-zero digest,
     /// else the stored chunk, decoded and checked against its digest.
     pub async fn read_chunk(
@@ -562,6 +659,43 @@ impl ChunkStore {
         };
         let digest_owned = *digest;
         tokio::task::spawn_blocking(move || decode_chunk(&stored, &digest_owned, len_bytes))
+            .await?
+            .map_err(|why| StoreError::CorruptChunk {
+                id: id.to_string(),
+                index,
+                digest: manifest::to_hex(digest),
+                why,
+            })
+    }
+
+    /// [`ChunkStore::read_chunk`] into an aligned, pooled buffer (verify
+    /// and export: no allocation per chunk, and ready for a direct write).
+    pub async fn read_chunk_aligned(
+        &self,
+        id: &str,
+        index: u64,
+        digest: &[u8; 32],
+        len_bytes: u64,
+    ) -> Result<AlignedBuf, StoreError> {
+        if *digest == zero_digest(len_bytes) {
+            let mut zeros = AlignedBuf::with_capacity(len_bytes as usize);
+            zeros.spare_mut()[..len_bytes as usize].fill(0);
+            zeros.set_len(len_bytes as usize);
+            return Ok(zeros);
+        }
+        let stored = match self.blobs.get(&chunk_key(digest)).await {
+            Ok(stored) => stored,
+            Err(BlobError::NotFound(_)) => {
+                return Err(StoreError::MissingChunk {
+                    id: id.to_string(),
+                    index,
+                    digest: manifest::to_hex(digest),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let digest_owned = *digest;
+        tokio::task::spawn_blocking(move || decode_chunk_aligned(&stored, &digest_owned, len_bytes))
             .await?
             .map_err(|why| StoreError::CorruptChunk {
                 id: id.to_string(),
@@ -702,7 +836,10 @@ impl ChunkStore {
             .map(|(index, digest)| {
                 let len = manifest.chunk_len_bytes(index as u64);
                 async move {
-                    match self.read_chunk(id, index as u64, &digest, len).await {
+                    match self
+                        .read_chunk_aligned(id, index as u64, &digest, len)
+                        .await
+                    {
                         Ok(_) => Ok(None),
                         Err(StoreError::MissingChunk { .. }) => Ok(Some(ChunkProblem {
                             index: index as u64,
@@ -739,6 +876,12 @@ impl ChunkStore {
     /// `<path>.partial`, renamed when complete and synced): a missing or
     /// corrupt chunk fails the export, naming the chunk, and leaves no file
     /// at `path`.
+    ///
+    /// The chunks are written with `O_DIRECT` at their own offsets (1 MiB,
+    /// aligned; a short last chunk padded, the file cut back to its size
+    /// before the fsync), each by the task that read it, up to
+    /// [`FETCHES_IN_FLIGHT`] at once; through the page cache when the
+    /// filesystem refuses direct I/O.
     pub async fn export(&self, id: &str, path: &Path) -> Result<ExportOutcome, StoreError> {
         let manifest = self.manifest(id).await?;
         let digests = manifest.digests().map_err(|index| StoreError::Damaged {
@@ -757,39 +900,54 @@ impl ChunkStore {
         let file = File::create(&partial).map_err(export_error("creating"))?;
         file.set_len(manifest.size_bytes)
             .map_err(export_error("sizing"))?;
-        let file = Arc::new(file);
         let written = async {
-            let mut chunks_written = 0;
-            let mut chunks_zero = 0;
-            let mut reads = futures_util::stream::iter(digests.iter().copied().enumerate())
+            let (file, direct) = export_file(file, &partial, manifest.chunk_size_bytes)
+                .map_err(export_error("opening for direct writes"))?;
+            let file = Arc::new(file);
+            let writes = futures_util::stream::iter(digests.iter().copied().enumerate())
                 .map(|(index, digest)| {
                     let len = manifest.chunk_len_bytes(index as u64);
+                    let chunk_size_bytes = manifest.chunk_size_bytes;
+                    let file = file.clone();
+                    let export_error = &export_error;
                     async move {
                         if digest == zero_digest(len) {
-                            return Ok((index, None));
+                            return Ok(false);
                         }
-                        let data = self.read_chunk(id, index as u64, &digest, len).await?;
-                        Ok::<_, StoreError>((index, Some(data)))
+                        let mut data = self
+                            .read_chunk_aligned(id, index as u64, &digest, len)
+                            .await?;
+                        let at = index as u64 * chunk_size_bytes;
+                        tokio::task::spawn_blocking(move || {
+                            let bytes = if direct { data.padded() } else { &data };
+                            direct::write_all_at(&file, bytes, at)
+                        })
+                        .await?
+                        .map_err(export_error("writing"))?;
+                        Ok::<_, StoreError>(true)
                     }
                 })
-                .buffered(FETCHES_IN_FLIGHT);
-            while let Some(read) = reads.next().await {
-                let (index, data) = read?;
-                let Some(data) = data else {
-                    chunks_zero += 1;
-                    continue;
-                };
-                let at = index as u64 * manifest.chunk_size_bytes;
-                let file = file.clone();
-                tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
-                    .await?
-                    .map_err(export_error("writing"))?;
-                chunks_written += 1;
-            }
+                .buffer_unordered(FETCHES_IN_FLIGHT);
+            let (chunks_written, chunks_zero) = writes
+                .try_fold((0, 0), |(data, zero), written| async move {
+                    Ok(if written {
+                        (data + 1, zero)
+                    } else {
+                        (data, zero + 1)
+                    })
+                })
+                .await?;
             let synced = file.clone();
-            tokio::task::spawn_blocking(move || synced.sync_all())
-                .await?
-                .map_err(export_error("syncing"))?;
+            let size_bytes = manifest.size_bytes;
+            tokio::task::spawn_blocking(move || {
+                // A padded last chunk wrote past the end.
+                if synced.metadata()?.len() != size_bytes {
+                    synced.set_len(size_bytes)?;
+                }
+                synced.sync_all()
+            })
+            .await?
+            .map_err(export_error("syncing"))?;
             std::fs::rename(&partial, path).map_err(|source| StoreError::Export {
                 doing: "renaming the export to",
                 path: path.display().to_string(),
@@ -799,6 +957,7 @@ impl ChunkStore {
                 size_bytes: manifest.size_bytes,
                 chunks_written,
                 chunks_zero,
+                direct,
             })
         }
         .await;
@@ -806,6 +965,30 @@ impl ChunkStore {
             let _ = std::fs::remove_file(&partial);
         }
         written
+    }
+}
+
+/// The file an export writes its chunks through: `partial` opened again
+/// with `O_DIRECT` (and true), or `created` itself (and false) when the
+/// filesystem refuses direct I/O (said once per export) or the chunks are
+/// not aligned.
+fn export_file(
+    created: File,
+    partial: &Path,
+    chunk_size_bytes: u64,
+) -> std::io::Result<(File, bool)> {
+    if !chunk_size_bytes.is_multiple_of(direct::ALIGN_BYTES as u64) {
+        return Ok((created, false));
+    }
+    match direct::open_direct(partial, false) {
+        Ok(file) => Ok((file, true)),
+        Err(e) if direct::refuses_direct(&e) => {
+            let counts = direct::WriteCounts::default();
+            let what = format_args!("the export {}", partial.display());
+            direct::note_refusal(&counts, &what, partial, &e);
+            Ok((created, false))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -846,6 +1029,23 @@ mod tests {
         );
         assert!(decode_chunk(&stored, &noise_digest, 4000).is_err());
         assert!(decode_chunk(b"PK\x03\x04", &noise_digest, 4096).is_err());
+        // The aligned forms (direct writes) store and decode the same.
+        for data in [&repetitive[..], &noise[..], &noise[..4095], &[][..]] {
+            let digest = *blake3::hash(data).as_bytes();
+            let aligned = encode_chunk_aligned(data);
+            let decoded =
+                decode_chunk_aligned(&aligned, &digest, data.len() as u64).expect("decodes");
+            assert_eq!(decoded.as_slice(), data);
+            assert_eq!(decoded.as_ptr() as usize % direct::ALIGN_BYTES, 0);
+        }
+        assert!(
+            decode_chunk_aligned(&flipped, &noise_digest, 4096)
+                .expect_err("flipped")
+                .contains("hash")
+        );
+        assert!(decode_chunk_aligned(&stored, &noise_digest, 4000).is_err());
+        let compressed = encode_chunk_aligned(&repetitive);
+        assert!(decode_chunk_aligned(&compressed, &digest, (1 << 20) - 1).is_err());
     }
 
     #[test]

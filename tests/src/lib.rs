@@ -14,6 +14,8 @@
 //! - `first_start`: a new pair is INFO, a lost journal WARN.
 //! - `restore`: restore from a backup and to a held snapshot (reverse
 //!   resync), every refusal, kill -9 at the restore's crash points.
+//! - `pace`: the array's adaptive pace of background copies yields to the
+//!   foreground and takes back full speed (and a blind pace is caught).
 //! - `resync_wait`: the console waits out a resync by db-server's reason
 //!   trailer.
 //! - `backup`: images, manifests, verification, node crashes.
@@ -31,11 +33,15 @@ pub mod soak;
 #[cfg(test)]
 mod array_access;
 #[cfg(test)]
+mod array_direct;
+#[cfg(test)]
 mod array_io;
 #[cfg(test)]
 mod array_race;
 #[cfg(test)]
 mod backup;
+#[cfg(test)]
+mod backup_direct;
 #[cfg(test)]
 mod bench_smoke;
 #[cfg(test)]
@@ -64,6 +70,8 @@ mod grpcurl;
 mod journal_damage;
 #[cfg(test)]
 mod ledger_crash;
+#[cfg(test)]
+mod pace;
 #[cfg(test)]
 mod restore;
 #[cfg(test)]
