@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use splitmirror_proto::pace::{PaceConfig, PaceController};
 use splitmirror_proto::range_lock::{LockMode, RangeGuard, RangeLock};
 use splitmirror_proto::security::Caller;
 
@@ -123,6 +124,9 @@ pub struct Array {
     lus: BTreeMap<LuId, LuEntry>,
     access: AccessTable,
     bulk_io: tokio::sync::Semaphore,
+    /// The adaptive pace of every bulk transfer (see ARCHITECTURE.md,
+    /// "Background pace"): fed the latency of each foreground request.
+    pace: PaceController,
 }
 
 impl Array {
@@ -220,7 +224,19 @@ impl Array {
             lus,
             access,
             bulk_io: tokio::sync::Semaphore::new(BULK_IO_SLOTS),
+            pace: PaceController::new(PaceConfig::default(), tokio::time::Instant::now()),
         })
+    }
+
+    /// The array with `pace` instead of the default one.
+    pub fn with_pace(mut self, pace: PaceController) -> Self {
+        self.pace = pace;
+        self
+    }
+
+    /// The adaptive pace of background copies.
+    pub fn pace(&self) -> &PaceController {
+        &self.pace
     }
 
     /// The grants of LUN masking.
@@ -283,10 +299,12 @@ impl Array {
     /// mirror LU is served by whichever of origin and mate has fewer
     /// requests in flight ([0058]).
     pub async fn read(&self, read: &ValidRead) -> Result<Vec<u8>, ArrayError> {
+        let started = tokio::time::Instant::now();
         let (lu, lba, blocks) = (read.lu(), read.lba(), read.blocks());
         let bytes = read.bytes();
         validate::check_request_size(bytes)?;
         let block_size_bytes = read.block_size_bytes();
+        self.pace_bulk(bytes, None).await;
         let source = self.read_source(lu)?;
         let real = self.real(source)?;
         let _busy = InFlight::enter(&real.in_flight);
@@ -305,6 +323,7 @@ impl Array {
         })
         .await
         .map_err(|e| ArrayError::io(format!("reading LU {source} at LBA {lba}"), e))?;
+        self.record_foreground(bytes, started);
         Ok(buf)
     }
 
@@ -312,9 +331,13 @@ impl Array {
     /// mate concurrently and returns when both hold it ([0058]). With `fua`,
     /// the data is durable before this returns. Answers the blocks written.
     pub async fn write(&self, write: ValidWrite) -> Result<u64, ArrayError> {
+        let started = tokio::time::Instant::now();
         let (lu, lba, blocks, fua) = (write.lu(), write.lba(), write.blocks(), write.fua());
         let offset_bytes = lba * write.block_size_bytes();
         let data = write.into_data();
+        let bytes = data.len() as u64;
+        // A restore's bulk writes are background work like a copy's.
+        self.pace_bulk(bytes, None).await;
         let targets = self.write_targets(lu)?;
         let _guards = self.lock_all(&targets, lba..lba + blocks).await?;
         let bulk = is_bulk(data.len() as u64);
@@ -345,6 +368,7 @@ impl Array {
                 .and_then(|result| result)
                 .map_err(|e| ArrayError::io(format!("writing LU {target} at LBA {lba}"), e))?;
         }
+        self.record_foreground(bytes, started);
         Ok(blocks)
     }
 
@@ -366,6 +390,10 @@ impl Array {
             let chunk_lba = lba + done_blocks;
             let n = chunk_blocks.min(blocks - done_blocks);
             let range = chunk_lba..chunk_lba + n;
+            // Paced before the range lock: a copy waiting for its turn must
+            // not hold up the foreground writes to its blocks.
+            self.pace_bulk(n * block_size_bytes, copy.min_bytes_per_s())
+                .await;
             let mut locked = targets.clone();
             locked.push(source);
             // Every LU involved is locked in id order, so copies and mirror
@@ -428,6 +456,7 @@ impl Array {
         while done_blocks < blocks {
             let chunk_lba = lba + done_blocks;
             let n = chunk_blocks.min(blocks - done_blocks);
+            self.pace_bulk(n * block_size_bytes, None).await;
             let _guard = real
                 .lock
                 .lock(chunk_lba..chunk_lba + n, LockMode::Shared)
@@ -471,6 +500,27 @@ impl Array {
                 .map_err(|e| ArrayError::io(format!("flushing LU {target}"), e))?;
         }
         Ok(())
+    }
+
+    /// Waits for the adaptive pace to let a transfer of `bytes` go, if it
+    /// is bulk work (never longer than its bytes take at `min_bytes_per_s`,
+    /// a copy's own guarantee). Called before the range lock is taken, and
+    /// so before [`Self::bulk_slot`]: a transfer waiting for its turn holds
+    /// neither blocks nor a slot.
+    async fn pace_bulk(&self, bytes: u64, min_bytes_per_s: Option<u64>) {
+        if is_bulk(bytes) {
+            self.pace.wait(bytes, min_bytes_per_s).await;
+        }
+    }
+
+    /// Tells the pace how long a foreground (not bulk) request took, from
+    /// its arrival in the array to its answer: lock waits and queueing
+    /// behind background work included, as the host sees them.
+    fn record_foreground(&self, bytes: u64, started: tokio::time::Instant) {
+        if !is_bulk(bytes) {
+            let now = tokio::time::Instant::now();
+            self.pace.record_foreground(now - started, now);
+        }
     }
 
     /// A bulk I/O slot for a transfer of `bytes`; small transfers need none.

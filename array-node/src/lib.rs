@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use splitmirror_proto::array::v1::array_service_server::ArrayServiceServer;
 use splitmirror_proto::node::{self, NodeHandle};
+use splitmirror_proto::pace::{PaceConfig, PaceController};
 use splitmirror_proto::security::{AccessPolicy, Security};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -46,9 +47,22 @@ pub struct ArrayNodeConfig {
     pub security: Security,
 }
 
-/// Opens the LUs and serves them on `listener` until `cancel` is cancelled.
+/// Opens the LUs and serves them on `listener` until `cancel` is cancelled,
+/// with the default adaptive pace of background copies.
 pub async fn spawn(
     config: ArrayNodeConfig,
+    listener: TcpListener,
+) -> Result<NodeHandle, SpawnError> {
+    let pace = PaceController::new(PaceConfig::default(), tokio::time::Instant::now());
+    spawn_with_pace(config, pace, listener).await
+}
+
+/// [`spawn`] with `pace` pacing background copies (array-node's
+/// `--background-min-rate` and `--background-max-rate`; tests pass a broken
+/// one to show they catch it).
+pub async fn spawn_with_pace(
+    config: ArrayNodeConfig,
+    pace: PaceController,
     listener: TcpListener,
 ) -> Result<NodeHandle, SpawnError> {
     let addr = listener.local_addr().map_err(SpawnError::ListenerAddress)?;
@@ -57,7 +71,8 @@ pub async fn spawn(
     let access = AccessTable::open(&config.array, &config.data_dir).map_err(SpawnError::Access)?;
     let array = Arc::new(
         Array::open(&config.array, &config.data_dir, config.hooks, access)
-            .map_err(SpawnError::OpenLus)?,
+            .map_err(SpawnError::OpenLus)?
+            .with_pace(pace),
     );
     let service = ArrayServiceServer::new(service::ArrayGrpc::new(array))
         .max_decoding_message_size(service::MAX_DECODING_BYTES)

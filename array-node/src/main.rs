@@ -6,6 +6,7 @@ use anyhow::Context;
 use array_node::{ArrayConfig, ArrayNodeConfig, ArrayTestHooks};
 use clap::{Parser, Subcommand};
 use splitmirror_proto::node;
+use splitmirror_proto::pace::{PaceConfig, PaceController};
 use splitmirror_proto::security::{Security, SecurityArgs, role};
 use splitmirror_proto::telemetry::{self, LogArgs, TelemetryConfig};
 use splitmirror_proto::units::parse_size_bytes;
@@ -43,6 +44,15 @@ struct Cli {
     /// Size of each default LU (without --config), e.g. 64MiB or 1GiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_size_bytes)]
     lu_size: u64,
+    /// The rate background copies (backup reads, resync and restore copies)
+    /// are never slowed below, however busy the hosts are, e.g. 16MiB.
+    /// At the default a 1 GiB copy still ends within about a minute.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size_bytes)]
+    background_min_rate: u64,
+    /// The rate background copies never exceed, even with the hosts idle
+    /// (bytes per second, e.g. 200MB); unset: full speed when idle.
+    #[arg(long, value_parser = parse_size_bytes)]
+    background_max_rate: Option<u64>,
     /// Breaks the array on purpose (writes and copies of the same blocks
     /// interleave), so that the nemesis can show it catches it. Only in
     /// builds with the `testing` feature.
@@ -108,13 +118,21 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     let security = Security::from_args(&cli.security, role::ARRAY)?;
     let listener = node::bind(&cli.listen).await.map_err(anyhow::Error::msg)?;
     let hooks = test_hooks(&cli);
+    let pace_config = PaceConfig {
+        min_bytes_per_s: cli.background_min_rate,
+        max_bytes_per_s: cli.background_max_rate,
+    };
+    pace_config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--background-min-rate / --background-max-rate: {e}"))?;
+    let pace = PaceController::new(pace_config, tokio::time::Instant::now());
     let config = ArrayNodeConfig {
         data_dir: cli.data_dir,
         array,
         hooks,
         security,
     };
-    let handle = array_node::spawn(config, listener).await?;
+    let handle = array_node::spawn_with_pace(config, pace, listener).await?;
     node::serve_until_signal(handle, "array-node")
         .await
         .map_err(anyhow::Error::msg)?;

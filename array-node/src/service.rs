@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures_util::{Stream, StreamExt};
 use splitmirror_proto::array::v1 as pb;
 use splitmirror_proto::array::v1::array_service_server::ArrayService;
+use splitmirror_proto::pace::{PaceReason, PaceReport};
 use splitmirror_proto::reason::Reason;
 use splitmirror_proto::security::Caller;
 use splitmirror_proto::telemetry;
@@ -102,6 +103,26 @@ fn lu_info_to_pb(visible: Visible<'_>) -> pb::LuInfo {
 }
 
 /// How the log names a caller.
+fn pace_to_pb(report: PaceReport) -> pb::BackgroundPace {
+    let reason = match report.reason {
+        PaceReason::Idle => pb::PaceReason::Idle,
+        PaceReason::Sharing => pb::PaceReason::Sharing,
+        PaceReason::Yielding => pb::PaceReason::Yielding,
+        PaceReason::Minimum => pb::PaceReason::Minimum,
+    };
+    pb::BackgroundPace {
+        rate_bytes_per_s: report.rate_bytes_per_s,
+        reason: reason.into(),
+        min_bytes_per_s: report.min_bytes_per_s,
+        max_bytes_per_s: report.max_bytes_per_s,
+        background_bytes_per_s: report.background_bytes_per_s,
+        foreground_requests_per_s: report.foreground_requests_per_s,
+        foreground_latency_us: report.foreground_latency_us,
+        baseline_latency_us: report.baseline_latency_us,
+        why: report.why,
+    }
+}
+
 fn caller_name(caller: &Caller) -> &str {
     match caller {
         Caller::Identified(identity) => identity,
@@ -312,8 +333,10 @@ impl ArrayService for ArrayGrpc {
         &self,
         _request: Request<pb::PaceRequest>,
     ) -> Result<Response<pb::PaceResponse>, Status> {
-        // TODO(#18 pace): the adaptive pace's report.
-        Err(Status::unimplemented("the adaptive pace is being built"))
+        let report = self.array.pace().report(tokio::time::Instant::now());
+        Ok(Response::new(pb::PaceResponse {
+            pace: Some(pace_to_pb(report)),
+        }))
     }
 }
 

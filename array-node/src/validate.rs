@@ -110,6 +110,7 @@ pub struct ValidCopy {
     lba: u64,
     blocks: u64,
     block_size_bytes: u64,
+    min_bytes_per_s: Option<u64>,
 }
 
 impl ValidCopy {
@@ -127,6 +128,11 @@ impl ValidCopy {
     }
     pub fn block_size_bytes(&self) -> u64 {
         self.block_size_bytes
+    }
+    /// The rate this copy is guaranteed whatever the foreground load;
+    /// `None`: the array's own minimum.
+    pub fn min_bytes_per_s(&self) -> Option<u64> {
+        self.min_bytes_per_s
     }
 }
 
@@ -224,9 +230,14 @@ pub fn copy_range(
         dst_lu: dst,
         lba,
         blocks,
-        // TODO(#18 pace): carried into ValidCopy, 0 refused.
-        min_bytes_per_s: _,
+        min_bytes_per_s,
     } = request;
+    if min_bytes_per_s == Some(0) {
+        return Err(ArrayError::InvalidArgument(format!(
+            "CopyRange from LU {src} to LU {dst} guaranteed 0 bytes per second: \
+             leave min_bytes_per_s unset for the array's own minimum"
+        )));
+    }
     let src_info = require(array, caller, src, Access::Read)?;
     let dst_info = require(array, caller, dst, Access::ReadWrite)?;
     if src == dst {
@@ -264,6 +275,7 @@ pub fn copy_range(
         lba,
         blocks,
         block_size_bytes: u64::from(src_info.block_size_bytes),
+        min_bytes_per_s,
     })
 }
 
@@ -1055,6 +1067,31 @@ mod tests {
             cases.get()
         );
         outcome
+    }
+
+    #[test]
+    fn a_copys_guaranteed_rate_is_carried_and_zero_is_refused() {
+        let array = Array::in_memory(&config()).expect("array");
+        let copy = |min_bytes_per_s| {
+            copy_range(
+                &array,
+                &ANYONE,
+                &pb::CopyRangeRequest {
+                    src_lu: 1,
+                    dst_lu: 2,
+                    lba: 0,
+                    blocks: 1,
+                    min_bytes_per_s,
+                },
+            )
+        };
+        assert_eq!(copy(None).expect("unset").min_bytes_per_s(), None);
+        assert_eq!(copy(Some(5)).expect("5").min_bytes_per_s(), Some(5));
+        let zero = copy(Some(0));
+        assert!(
+            matches!(zero, Err(ArrayError::InvalidArgument(ref m)) if m.contains("0 bytes per second")),
+            "{zero:?}"
+        );
     }
 
     #[test]

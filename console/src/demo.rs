@@ -214,6 +214,17 @@ async fn run_cycles(
             }
         }
         say(cycle_result.report.render().trim_end().to_string());
+        // The array's pace of background copies just after the backup's
+        // reads: the last second it reports is the backup's tail.
+        match clients.array.pace().await {
+            Ok(pace) => say(format!(
+                "  {:<18} {} (moved {} over the last second)",
+                "background pace",
+                pace.why,
+                splitmirror_proto::pace::format_rate(pace.background_bytes_per_s)
+            )),
+            Err(e) => say(format!("  {:<18} unknown: {e}", "background pace")),
+        }
         say(format!(
             "  {:<18} {}",
             "ledger image",

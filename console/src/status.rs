@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use splitmirror_proto::backup::v1 as bpb;
 use splitmirror_proto::client::{ClientError, retry};
 use splitmirror_proto::db::v1 as dpb;
+use splitmirror_proto::pace::format_rate;
 use splitmirror_proto::units::format_bytes;
 
 use crate::clients::Clients;
@@ -171,6 +172,17 @@ pub fn render(snapshot: &Snapshot) -> String {
             g.lease_expiries
         );
     }
+    match &snapshot.db.background_pace {
+        Some(pace) => {
+            let _ = writeln!(out, "{}", pace_line(pace));
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "background copies: pace unknown (the array did not answer)"
+            );
+        }
+    }
     if let Some(j) = snapshot.db.journal.as_ref().filter(|j| j.broken) {
         let _ = writeln!(
             out,
@@ -182,6 +194,29 @@ pub fn render(snapshot: &Snapshot) -> String {
     let _ = writeln!(out);
     out.push_str(&render_backups(snapshot));
     out
+}
+
+/// One line for the pace of background copies: the array's `why` (rate,
+/// reason, foreground latency against its baseline), what moved over the
+/// last second, and db-server's resync limits.
+pub fn pace_line(pace: &dpb::BackgroundPace) -> String {
+    let limits = match pace.resync_max_bytes_per_s {
+        Some(max) => format!(
+            "resync {}..{}",
+            format_rate(pace.resync_min_bytes_per_s),
+            format_rate(max)
+        ),
+        None => format!(
+            "resync at least {}",
+            format_rate(pace.resync_min_bytes_per_s)
+        ),
+    };
+    format!(
+        "background copies: {} (moved {} over the last second beside {} foreground requests/s; {limits})",
+        pace.why,
+        format_rate(pace.background_bytes_per_s),
+        pace.foreground_requests_per_s,
+    )
 }
 
 /// The backups section of [`render`]: one line per backup, frozen by its

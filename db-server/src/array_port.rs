@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures_util::StreamExt;
 use splitmirror_proto::array::v1 as pb;
 use splitmirror_proto::client::ArrayClient;
+use splitmirror_proto::pace::{PaceReason, PaceReport};
 use splitmirror_proto::security::Security;
 
 /// The mirror pair row (1108) and the array error are the shared client's.
@@ -42,6 +43,27 @@ pub trait ArrayPort: Send + Sync + 'static {
         lba: u64,
         blocks: u64,
     ) -> BoxFuture<'_, Result<(), ClientError>>;
+    /// [`ArrayPort::copy_range`] guaranteed `min_bytes_per_s` whatever the
+    /// foreground load (db-server's `--resync-min-rate`): the array's
+    /// adaptive pace never makes it wait longer than its bytes take at that
+    /// rate. `None`: the array's own minimum. The default ignores the
+    /// guarantee: only for ports over arrays that do not pace (simulators).
+    fn copy_range_guaranteed(
+        &self,
+        src_lu: u32,
+        dst_lu: u32,
+        lba: u64,
+        blocks: u64,
+        min_bytes_per_s: Option<u64>,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        let _ = min_bytes_per_s;
+        self.copy_range(src_lu, dst_lu, lba, blocks)
+    }
+    /// The array's adaptive pace of background copies now; `Ok(None)` for
+    /// an array that does not pace (the default: simulators).
+    fn pace(&self) -> BoxFuture<'_, Result<Option<PaceReport>, ClientError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Makes every acknowledged write to `lu` durable.
     fn flush(&self, lu: u32) -> BoxFuture<'_, Result<(), ClientError>>;
     /// BLAKE3 digests of each `chunk_blocks`-block chunk of a range.
@@ -97,6 +119,31 @@ pub trait ArrayPort: Send + Sync + 'static {
                 "this array port cannot grant access to other identities",
             ))
         })
+    }
+}
+
+/// The array's answer to `Pace` as plain Rust.
+fn pace_from_pb(pace: pb::BackgroundPace) -> PaceReport {
+    let reason = match pace.reason() {
+        pb::PaceReason::Sharing => PaceReason::Sharing,
+        pb::PaceReason::Yielding => PaceReason::Yielding,
+        pb::PaceReason::Minimum => PaceReason::Minimum,
+        // CAPPED is db-server's own reason, never the array's; an unknown
+        // reason from a newer array reads as no limit from the array.
+        pb::PaceReason::Idle | pb::PaceReason::Capped | pb::PaceReason::Unspecified => {
+            PaceReason::Idle
+        }
+    };
+    PaceReport {
+        rate_bytes_per_s: pace.rate_bytes_per_s,
+        reason,
+        min_bytes_per_s: pace.min_bytes_per_s,
+        max_bytes_per_s: pace.max_bytes_per_s,
+        background_bytes_per_s: pace.background_bytes_per_s,
+        foreground_requests_per_s: pace.foreground_requests_per_s,
+        foreground_latency_us: pace.foreground_latency_us,
+        baseline_latency_us: pace.baseline_latency_us,
+        why: pace.why,
     }
 }
 
@@ -221,10 +268,30 @@ impl ArrayPort for GrpcArray {
         lba: u64,
         blocks: u64,
     ) -> BoxFuture<'_, Result<(), ClientError>> {
+        self.copy_range_guaranteed(src_lu, dst_lu, lba, blocks, None)
+    }
+
+    fn copy_range_guaranteed(
+        &self,
+        src_lu: u32,
+        dst_lu: u32,
+        lba: u64,
+        blocks: u64,
+        min_bytes_per_s: Option<u64>,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
         Box::pin(async move {
             self.counters.copy_calls.fetch_add(1, Ordering::Relaxed);
-            self.client.copy_range(src_lu, dst_lu, lba, blocks).await?;
+            self.client
+                .copy_range_guaranteed(src_lu, dst_lu, lba, blocks, min_bytes_per_s)
+                .await?;
             Ok(())
+        })
+    }
+
+    fn pace(&self) -> BoxFuture<'_, Result<Option<PaceReport>, ClientError>> {
+        Box::pin(async move {
+            let pace = self.client.pace().await?;
+            Ok(Some(pace_from_pb(pace)))
         })
     }
 

@@ -79,6 +79,12 @@ struct ServeArgs {
     /// large resync leaves the database its share of CPU and disk.
     #[arg(long, value_parser = parse_size_bytes)]
     resync_max_rate: Option<u64>,
+    /// The rate the resync's copies are guaranteed however busy the
+    /// database (bytes per second, e.g. 32MiB), sent with each CopyRange:
+    /// the array's adaptive pace never slows them below it. Unset: the
+    /// array's own minimum (array-node --background-min-rate).
+    #[arg(long, value_parser = parse_nonzero_rate)]
+    resync_min_rate: Option<u64>,
     /// Run no ledger, only the snapshot manager.
     #[arg(long)]
     no_ledger: bool,
@@ -210,6 +216,7 @@ async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<()> {
     let mut manager = ManagerConfig {
         resync_method: args.resync,
         resync_max_bytes_per_s: args.resync_max_rate,
+        resync_min_bytes_per_s: args.resync_min_rate,
         restore_writer: args.restore_writer,
         ..ManagerConfig::default()
     };
@@ -298,4 +305,12 @@ fn verify_image(file: &PathBuf, expect_sequence: Option<u64>, json: bool) -> any
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// A rate above 0 (the array refuses a guarantee of 0).
+fn parse_nonzero_rate(text: &str) -> Result<u64, String> {
+    match parse_size_bytes(text)? {
+        0 => Err("a guaranteed rate must be above 0".to_string()),
+        rate => Ok(rate),
+    }
 }

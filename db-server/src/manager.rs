@@ -66,6 +66,10 @@ pub struct ManagerConfig {
     /// resync leaves the database its share of CPU and disk; `None` = as
     /// fast as it goes.
     pub resync_max_bytes_per_s: Option<u64>,
+    /// The rate the resync's copies are guaranteed however busy the
+    /// foreground (`--resync-min-rate`), sent with each `CopyRange`; `None`:
+    /// the array's own minimum (array-node `--background-min-rate`).
+    pub resync_min_bytes_per_s: Option<u64>,
     /// Mirror by the host instead of the array: a write to the mirror LU is
     /// sent twice, to origin and mate (the prior art of [0006]/[0009]).
     /// Only for the benchmark that measures what array mirroring saves.
@@ -86,6 +90,7 @@ impl Default for ManagerConfig {
             resync_method: ResyncMethod::Offload,
             resync_chunk_bytes: 1 << 20,
             resync_max_bytes_per_s: None,
+            resync_min_bytes_per_s: None,
             host_mirroring: false,
             restore_writer: splitmirror_proto::security::role::BACKUP.to_string(),
             #[cfg(any(test, feature = "testing"))]
@@ -251,6 +256,52 @@ impl Volume {
                 self.volume(),
                 self.pair.block_count
             ))),
+        }
+    }
+}
+
+/// How long Status waits for the array's pace before leaving it out.
+pub const PACE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// The pace of a resync's copies: the array's adaptive rate, at most
+/// `--resync-max-rate`, at least `--resync-min-rate`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResyncPace {
+    /// The array's report (its figures and its reason).
+    pub array: splitmirror_proto::pace::PaceReport,
+    /// The rate a resync's copies go at now; `None`: unlimited.
+    pub rate_bytes_per_s: Option<u64>,
+    /// `--resync-max-rate` is below the array's rate.
+    pub capped: bool,
+    pub resync_min_bytes_per_s: Option<u64>,
+    pub resync_max_bytes_per_s: Option<u64>,
+}
+
+impl ResyncPace {
+    pub fn new(
+        array: splitmirror_proto::pace::PaceReport,
+        resync_min_bytes_per_s: Option<u64>,
+        resync_max_bytes_per_s: Option<u64>,
+    ) -> Self {
+        let capped = match (resync_max_bytes_per_s, array.rate_bytes_per_s) {
+            (Some(max), Some(rate)) => max < rate,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let mut rate_bytes_per_s = if capped {
+            resync_max_bytes_per_s
+        } else {
+            array.rate_bytes_per_s
+        };
+        if let (Some(min), Some(rate)) = (resync_min_bytes_per_s, rate_bytes_per_s) {
+            rate_bytes_per_s = Some(rate.max(min));
+        }
+        Self {
+            array,
+            rate_bytes_per_s,
+            capped,
+            resync_min_bytes_per_s,
+            resync_max_bytes_per_s,
         }
     }
 }
@@ -440,6 +491,29 @@ impl SnapshotManager {
     /// Data bytes exchanged with the array so far.
     pub fn traffic(&self) -> crate::array_port::Traffic {
         self.array.traffic()
+    }
+
+    /// How fast a resync's copies may go now: the array's adaptive pace
+    /// (asked with a timeout of [`PACE_TIMEOUT`]; `None` if it does not
+    /// answer, or does not pace) within this server's resync limits.
+    pub async fn background_pace(&self) -> Option<ResyncPace> {
+        let array = match tokio::time::timeout(PACE_TIMEOUT, self.array.pace()).await {
+            Ok(Ok(Some(report))) => report,
+            Ok(Ok(None)) => return None,
+            Ok(Err(error)) => {
+                tracing::debug!("asking the array's pace: {error:#}");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!("asking the array's pace: no answer within {PACE_TIMEOUT:?}");
+                return None;
+            }
+        };
+        Some(ResyncPace::new(
+            array,
+            self.config.resync_min_bytes_per_s,
+            self.config.resync_max_bytes_per_s,
+        ))
     }
 
     /// The journal's counters, if there is a journal.

@@ -7,6 +7,7 @@ use futures_util::{Stream, StreamExt};
 use splitmirror_proto::db::v1 as pb;
 use splitmirror_proto::db::v1::db_service_server::{DbService, DbServiceServer};
 use splitmirror_proto::node;
+use splitmirror_proto::pace::{PaceReason, format_rate};
 use splitmirror_proto::reason::Reason;
 use tonic::{Request, Response, Status};
 
@@ -32,6 +33,7 @@ use crate::db::{Db, DbStatus};
 use crate::error::DbError;
 use crate::latency::quantile_us;
 use crate::lu_status::{Mode, RestoreKind, VirtualLu};
+use crate::manager::ResyncPace;
 
 /// Volume reads are streamed in chunks of this many bytes.
 const READ_CHUNK_BYTES: u64 = 1 << 20;
@@ -254,8 +256,52 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
             write_calls: status.traffic.write_calls,
             copy_calls: status.traffic.copy_calls,
         }),
-        // TODO(#18 pace): the array's pace and the resync's limits.
+        // Asked of the array separately (see `with_background_pace`).
         background_pace: None,
+    }
+}
+
+/// A status answer with the pace of background copies (asked of the array
+/// with a short timeout: left unset when the array does not answer).
+async fn status_with_pace(db: &Db, include_latency_histogram: bool) -> pb::StatusResponse {
+    let mut status = status_to_pb(db.status(), include_latency_histogram);
+    status.background_pace = db.manager.background_pace().await.map(pace_to_pb);
+    status
+}
+
+fn pace_to_pb(pace: ResyncPace) -> pb::BackgroundPace {
+    let reason = if pace.capped {
+        pb::PaceReason::Capped
+    } else {
+        match pace.array.reason {
+            PaceReason::Idle => pb::PaceReason::Idle,
+            PaceReason::Sharing => pb::PaceReason::Sharing,
+            PaceReason::Yielding => pb::PaceReason::Yielding,
+            PaceReason::Minimum => pb::PaceReason::Minimum,
+        }
+    };
+    let why = match (pace.capped, pace.resync_max_bytes_per_s) {
+        (true, Some(max)) => format!(
+            "{} — capped by --resync-max-rate (the array allows {})",
+            format_rate(max),
+            pace.array
+                .rate_bytes_per_s
+                .map_or_else(|| "full speed".to_string(), format_rate)
+        ),
+        _ => pace.array.why,
+    };
+    pb::BackgroundPace {
+        rate_bytes_per_s: pace.rate_bytes_per_s,
+        reason: reason.into(),
+        resync_min_bytes_per_s: pace
+            .resync_min_bytes_per_s
+            .unwrap_or(pace.array.min_bytes_per_s),
+        resync_max_bytes_per_s: pace.resync_max_bytes_per_s,
+        background_bytes_per_s: pace.array.background_bytes_per_s,
+        foreground_requests_per_s: pace.array.foreground_requests_per_s,
+        foreground_latency_us: pace.array.foreground_latency_us,
+        baseline_latency_us: pace.array.baseline_latency_us,
+        why,
     }
 }
 
@@ -385,10 +431,9 @@ impl DbService for DbGrpc {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let include_latency_histogram = request.into_inner().include_latency_histogram;
-        Ok(Response::new(status_to_pb(
-            self.db.status(),
-            include_latency_histogram,
-        )))
+        Ok(Response::new(
+            status_with_pace(&self.db, include_latency_histogram).await,
+        ))
     }
 
     type WatchStatusStream = BoxStream<pb::StatusResponse>;
@@ -404,7 +449,10 @@ impl DbService for DbGrpc {
         } = validate::watch_status(request.into_inner());
         let db = self.db.clone();
         let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(interval));
-        let stream = ticks.map(move |_| Ok(status_to_pb(db.status(), include_latency_histogram)));
+        let stream = ticks.then(move |_| {
+            let db = db.clone();
+            async move { Ok(status_with_pace(&db, include_latency_histogram).await) }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

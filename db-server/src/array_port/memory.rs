@@ -52,6 +52,8 @@ pub struct CopyCall {
     pub dst_lu: u32,
     pub lba: u64,
     pub blocks: u64,
+    /// The copy's guaranteed rate (`--resync-min-rate`).
+    pub min_bytes_per_s: Option<u64>,
 }
 
 /// One `SetAccess` the memory array was asked for.
@@ -216,6 +218,17 @@ impl ArrayPort for MemoryArray {
         lba: u64,
         blocks: u64,
     ) -> BoxFuture<'_, Result<(), ClientError>> {
+        self.copy_range_guaranteed(src_lu, dst_lu, lba, blocks, None)
+    }
+
+    fn copy_range_guaranteed(
+        &self,
+        src_lu: u32,
+        dst_lu: u32,
+        lba: u64,
+        blocks: u64,
+        min_bytes_per_s: Option<u64>,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
         Box::pin(async move {
             if self.fail_copies.load(Ordering::SeqCst) {
                 return Err(Self::failure("copy"));
@@ -230,6 +243,7 @@ impl ArrayPort for MemoryArray {
                 dst_lu,
                 lba,
                 blocks,
+                min_bytes_per_s,
             });
             if let Some(bytes) = lus.get_mut(&dst_lu) {
                 bytes[start..end].copy_from_slice(&data);

@@ -609,7 +609,13 @@ impl SnapshotManager {
                     pace.take(n * block_size_bytes).await;
                 }
                 self.array
-                    .copy_range(pair.mate_lu, pair.origin_lu, piece.start, n)
+                    .copy_range_guaranteed(
+                        pair.mate_lu,
+                        pair.origin_lu,
+                        piece.start,
+                        n,
+                        self.config.resync_min_bytes_per_s,
+                    )
                     .await?;
                 crash::point("reverse.after_copy");
                 let done = blocks_copied.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
@@ -1211,6 +1217,8 @@ mod tests {
         let array = masked_array();
         let config = ManagerConfig {
             resync_chunk_bytes: 8 * 4096,
+            // Sent with each copy (`--resync-min-rate`).
+            resync_min_bytes_per_s: Some(7 << 20),
             ..ManagerConfig::default()
         };
         let (manager, _cancel) = start(array.clone(), dir.path(), config).await;
@@ -1249,6 +1257,7 @@ mod tests {
             dst_lu: 1,
             lba,
             blocks,
+            min_bytes_per_s: Some(7 << 20),
         };
         assert_eq!(
             array.copies(),

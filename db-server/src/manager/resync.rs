@@ -324,7 +324,13 @@ impl SnapshotManager {
         match self.config.resync_method {
             ResyncMethod::Offload => {
                 self.array
-                    .copy_range(pair.origin_lu, pair.mate_lu, blocks.start, count)
+                    .copy_range_guaranteed(
+                        pair.origin_lu,
+                        pair.mate_lu,
+                        blocks.start,
+                        count,
+                        self.config.resync_min_bytes_per_s,
+                    )
                     .await?
             }
             ResyncMethod::WriteBack => {
