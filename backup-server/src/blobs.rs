@@ -7,10 +7,12 @@
 //! No rename, no append, no access time, no conditional write — the garbage
 //! collection protocol (`gc.rs`) is built from these alone.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 use crate::direct::{self, AlignedBuf, WriteCounts, WriteHooks};
@@ -65,6 +67,17 @@ pub trait Blobs: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), BlobError>> {
         self.put(key, data.to_vec())
     }
+    /// [`Blobs::put_aligned`] on the calling thread, for a caller already
+    /// on a blocking thread (no hop to another): `Err` gives the data back
+    /// when this store writes only asynchronously.
+    fn put_aligned_blocking(
+        &self,
+        key: &str,
+        data: AlignedBuf,
+    ) -> Result<Result<(), BlobError>, AlignedBuf> {
+        let _ = key;
+        Err(data)
+    }
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, BlobError>>;
     /// Every object below `prefix`, a folder ending in `/` (`chunks/`), in
     /// key order.
@@ -99,6 +112,13 @@ pub struct DirBlobs {
     root: PathBuf,
     writes: Arc<WriteCounts>,
     hooks: WriteHooks,
+    /// Directories below the root that exist and whose entry in their
+    /// parent was fsynced by this store: a put into one makes no `mkdir`
+    /// and no parent fsync. Shared by the clones of this store.
+    durable_dirs: Arc<Mutex<HashSet<PathBuf>>>,
+    /// How many times this store made sure a directory exists (`mkdir` and
+    /// an fsync of its parent), for tests.
+    dirs_made_durable: Arc<AtomicU64>,
 }
 
 impl DirBlobs {
@@ -125,6 +145,8 @@ impl DirBlobs {
             root: root.to_path_buf(),
             writes: direct::store_write_counts(root),
             hooks: WriteHooks::default(),
+            durable_dirs: Arc::default(),
+            dirs_made_durable: Arc::default(),
         }
     }
 
@@ -156,10 +178,59 @@ impl DirBlobs {
         self.root.join(key)
     }
 
+    /// Makes sure `dir` (below the root) and each directory between it and
+    /// the root exist and are durable: each one not yet known is created if
+    /// missing and its parent fsynced, so that a power loss cannot drop the
+    /// directory entry — and with it every object put into it, which an
+    /// index written later would reference. A directory found already there
+    /// gets the same parent fsync (another process, or an earlier run that
+    /// crashed, may have created it without one). Known directories cost
+    /// a set lookup: no syscall.
+    fn ensure_durable_dir(&self, dir: &Path) -> Result<(), BlobError> {
+        let known = |d: &Path| {
+            d == self.root
+                || self
+                    .durable_dirs
+                    .lock()
+                    .expect("durable directory set poisoned")
+                    .contains(d)
+        };
+        if known(dir) {
+            return Ok(());
+        }
+        // The unknown levels, from the outermost down.
+        let mut missing: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|d| d.starts_with(&self.root) && !known(d))
+            .collect();
+        missing.reverse();
+        for level in missing {
+            match fs::create_dir(level) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && level.is_dir() => {}
+                Err(e) => return Err(failed(format!("creating {}", level.display()))(e)),
+            }
+            let parent = level.parent().unwrap_or(&self.root);
+            File::open(parent)
+                .and_then(|p| p.sync_all())
+                .map_err(failed(format!(
+                    "syncing {} after creating {}",
+                    parent.display(),
+                    level.display()
+                )))?;
+            self.dirs_made_durable.fetch_add(1, Ordering::Relaxed);
+            self.durable_dirs
+                .lock()
+                .expect("durable directory set poisoned")
+                .insert(level.to_path_buf());
+        }
+        Ok(())
+    }
+
     fn put_blocking(&self, key: &str, data: &mut AlignedBuf) -> Result<(), BlobError> {
         let path = self.path(key);
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        fs::create_dir_all(&dir).map_err(failed(format!("creating {}", dir.display())))?;
+        self.ensure_durable_dir(&dir)?;
         let temporary = dir.join(format!("{TEMPORARY_PREFIX}{}", uuid::Uuid::now_v7()));
         let written = (|| {
             let store = format_args!("the store {}", self.root.display());
@@ -311,6 +382,14 @@ impl Blobs for DirBlobs {
         ))
     }
 
+    fn put_aligned_blocking(
+        &self,
+        key: &str,
+        mut data: AlignedBuf,
+    ) -> Result<Result<(), BlobError>, AlignedBuf> {
+        Ok(self.put_blocking(key, &mut data))
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Vec<u8>, BlobError>> {
         let path = self.path(key);
         let key_owned = key.to_string();
@@ -415,6 +494,32 @@ mod tests {
         let any = std::time::Duration::ZERO;
         assert_eq!(blobs.sweep_interrupted(any).await.expect("sweep"), 1);
         assert!(!dir.path().join("chunks/abd/.tmp-interrupted").exists());
+    }
+
+    #[tokio::test]
+    async fn a_new_directory_is_made_durable_once_and_then_known() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = DirBlobs::create(dir.path()).expect("create");
+        let made = || blobs.dirs_made_durable.load(Ordering::Relaxed);
+        blobs.put("chunks/abc/1", vec![1]).await.expect("put");
+        assert!(dir.path().join("chunks/abc").is_dir());
+        // `chunks/` and `chunks/abc/`, each with its parent fsynced.
+        assert_eq!(made(), 2, "two new levels");
+        // A second put into the same directory (from a clone, as the
+        // server's tasks hold): no mkdir, no parent fsync.
+        let clone = blobs.clone();
+        clone.put("chunks/abc/2", vec![2]).await.expect("put");
+        assert_eq!(made(), 2, "a known directory is not made again");
+        // A sibling: only its own level.
+        blobs.put("chunks/abd/3", vec![3]).await.expect("put");
+        assert_eq!(made(), 3);
+        assert_eq!(blobs.get("chunks/abc/2").await.expect("get"), vec![2]);
+        // A directory that exists but this store never saw (another
+        // process made it) is made durable once too, not refused.
+        std::fs::create_dir_all(dir.path().join("chunks/abe")).expect("mkdir");
+        blobs.put("chunks/abe/4", vec![4]).await.expect("put");
+        assert_eq!(made(), 4);
+        assert_eq!(blobs.get("chunks/abe/4").await.expect("get"), vec![4]);
     }
 
     /// Sizes around the alignment: empty, shorter than a block, exactly
