@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backups::FailureKind;
 use crate::blobs::BlobError;
+use crate::direct::AlignedBuf;
 use crate::manifest::{
     self, CHUNK_SIZE_BYTES, ChunkCounts, FORMAT_VERSION, Manifest, SnapshotRecord,
 };
@@ -683,11 +684,26 @@ enum ChunkOutcome {
     Mismatch { index: u64 },
 }
 
+/// What the blocking task of a chunk did with it.
+enum Stored {
+    /// Its data does not hash to the array's digest (not stored).
+    Mismatch,
+    /// Only compared: the store holds it already.
+    Nothing,
+    /// Written to the store from the blocking task: the bytes stored.
+    Written(Result<u64, StoreError>),
+    /// Encoded, to be put by the async task (the store writes only
+    /// asynchronously).
+    ToPut(AlignedBuf),
+}
+
 type ChunkTask = tokio::task::JoinHandle<Result<ChunkOutcome, JobError>>;
 
 /// Hashes a chunk, compares it with the array's digest and, when it is to
 /// be stored, compresses and stores it. A live copy (nothing froze the LU)
-/// stores a changed chunk under the digest of what was read.
+/// stores a changed chunk under the digest of what was read. A directory
+/// store is written from the same blocking task that hashed and encoded
+/// the chunk (one thread hop per chunk); an S3 store from this task.
 fn spawn_chunk(
     store: Arc<ChunkStore>,
     chunk: SegmentChunk,
@@ -696,22 +712,34 @@ fn spawn_chunk(
 ) -> ChunkTask {
     tokio::spawn(async move {
         let len_bytes = data.len() as u64;
-        let (digest, encoded) = tokio::task::spawn_blocking(move || {
+        let blocking_store = store.clone();
+        let (digest, stored) = tokio::task::spawn_blocking(move || {
             let digest = *blake3::hash(&data).as_bytes();
+            if digest != chunk.digest && !live {
+                return (digest, Stored::Mismatch);
+            }
             let wanted = chunk.store || (live && digest != chunk.digest);
-            (digest, wanted.then(|| encode_chunk_aligned(&data)))
+            if !wanted {
+                return (digest, Stored::Nothing);
+            }
+            let encoded = encode_chunk_aligned(&data);
+            drop(data);
+            let stored_bytes = encoded.len() as u64;
+            match blocking_store.put_chunk_aligned_blocking(&digest, encoded) {
+                Ok(put) => (digest, Stored::Written(put.map(|()| stored_bytes))),
+                Err(encoded) => (digest, Stored::ToPut(encoded)),
+            }
         })
         .await?;
-        if digest != chunk.digest && !live {
-            return Ok(ChunkOutcome::Mismatch { index: chunk.index });
-        }
-        let stored_bytes = match encoded {
-            Some(encoded) => {
+        let stored_bytes = match stored {
+            Stored::Mismatch => return Ok(ChunkOutcome::Mismatch { index: chunk.index }),
+            Stored::Nothing => 0,
+            Stored::Written(put) => put?,
+            Stored::ToPut(encoded) => {
                 let stored_bytes = encoded.len() as u64;
                 store.put_chunk_aligned(&digest, encoded).await?;
                 stored_bytes
             }
-            None => 0,
         };
         Ok(ChunkOutcome::Matched {
             len_bytes,

@@ -361,9 +361,27 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// Bytes zstd tries first, from the middle of a chunk larger than twice
+/// this, before compressing the whole chunk.
+const SAMPLE_BYTES: usize = 64 << 10;
+
+/// A chunk whose sample compresses to more than this share of its size
+/// (in 1/16ths) is stored raw without compressing the rest: random or
+/// already compressed data, where zstd would spend the CPU of a whole chunk
+/// to save a few bytes at best.
+const SAMPLE_KEPT_SIXTEENTHS: usize = 15;
+
+#[cfg(test)]
+thread_local! {
+    /// Whole chunks given to zstd on this thread (tests: a sample that does
+    /// not shrink spares the whole).
+    static WHOLE_COMPRESSIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// [`encode_chunk`] into an aligned buffer, ready for a direct write: the
 /// data is compressed straight into it (kept when smaller than the data),
-/// else copied once.
+/// else copied once. A large chunk whose sample does not shrink is stored
+/// raw without compressing it all.
 pub fn encode_chunk_aligned(data: &[u8]) -> AlignedBuf {
     const HEADER_BYTES: usize = CHUNK_MAGIC.len() + 1;
     let mut out = AlignedBuf::with_capacity(HEADER_BYTES + data.len());
@@ -378,6 +396,20 @@ pub fn encode_chunk_aligned(data: &[u8]) -> AlignedBuf {
             *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
         }
         let compressor = cell.as_mut()?;
+        if data.len() >= 2 * SAMPLE_BYTES {
+            // The sample is compressed into the output's spare room, which
+            // the whole chunk overwrites if it is worth compressing.
+            let start = (data.len() - SAMPLE_BYTES) / 2;
+            let sample = &data[start..start + SAMPLE_BYTES];
+            let sample_bytes = compressor
+                .compress_to_buffer(sample, &mut out.spare_mut()[..room])
+                .ok()?;
+            if sample_bytes * 16 > SAMPLE_BYTES * SAMPLE_KEPT_SIXTEENTHS {
+                return None;
+            }
+        }
+        #[cfg(test)]
+        WHOLE_COMPRESSIONS.with(|n| n.set(n.get() + 1));
         compressor
             .compress_to_buffer(data, &mut out.spare_mut()[..room])
             .ok()
@@ -632,6 +664,19 @@ impl ChunkStore {
         encoded: AlignedBuf,
     ) -> Result<(), StoreError> {
         Ok(self.blobs.put_aligned(&chunk_key(digest), encoded).await?)
+    }
+
+    /// [`ChunkStore::put_chunk_aligned`] on the calling (blocking) thread
+    /// where the store can write that way (a directory): `Err` gives the
+    /// chunk back when it must be put asynchronously (S3).
+    pub fn put_chunk_aligned_blocking(
+        &self,
+        digest: &[u8; 32],
+        encoded: AlignedBuf,
+    ) -> Result<Result<(), StoreError>, AlignedBuf> {
+        self.blobs
+            .put_aligned_blocking(&chunk_key(digest), encoded)
+            .map(|put| put.map_err(Into::into))
     }
 
     /// Reads chunk `index` of backup `id`: zeros for an all-zero digest,
@@ -1046,6 +1091,78 @@ mod tests {
         assert!(decode_chunk_aligned(&stored, &noise_digest, 4000).is_err());
         let compressed = encode_chunk_aligned(&repetitive);
         assert!(decode_chunk_aligned(&compressed, &digest, (1 << 20) - 1).is_err());
+    }
+
+    /// `len` bytes of xorshift noise (incompressible).
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn whole_compressions() -> u64 {
+        WHOLE_COMPRESSIONS.with(|n| n.get())
+    }
+
+    #[test]
+    fn an_incompressible_chunk_is_stored_raw_without_compressing_it_whole() {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos() as u64;
+        println!("seed {seed}");
+        let random = noise(CHUNK_SIZE_BYTES as usize, seed);
+        let before = whole_compressions();
+        let stored = encode_chunk_aligned(&random);
+        assert_eq!(stored[4], CODEC_RAW);
+        assert_eq!(&stored[5..], &random[..]);
+        assert_eq!(whole_compressions(), before, "only the sample was tried");
+        let digest = *blake3::hash(&random).as_bytes();
+        assert_eq!(
+            decode_chunk_aligned(&stored, &digest, CHUNK_SIZE_BYTES)
+                .expect("decodes")
+                .as_slice(),
+            &random[..]
+        );
+
+        // Text-like data (a few distinct lines over and over) is
+        // compressed whole.
+        let lines: Vec<u8> = (0..CHUNK_SIZE_BYTES)
+            .map(|i| b"row 0042 | alice | 2026-11-28\n"[(i % 30) as usize])
+            .collect();
+        let before = whole_compressions();
+        let stored = encode_chunk_aligned(&lines);
+        assert_eq!(stored[4], CODEC_ZSTD);
+        assert!(stored.len() < lines.len() / 8, "{} bytes", stored.len());
+        assert_eq!(whole_compressions(), before + 1);
+        let digest = *blake3::hash(&lines).as_bytes();
+        assert_eq!(
+            decode_chunk_aligned(&stored, &digest, CHUNK_SIZE_BYTES)
+                .expect("decodes")
+                .as_slice(),
+            &lines[..]
+        );
+
+        // Half noise, half zeros, the sample straddling both: compressed
+        // whole, and kept since it shrinks.
+        let mut half = noise(CHUNK_SIZE_BYTES as usize / 2, seed);
+        half.resize(CHUNK_SIZE_BYTES as usize, 0);
+        let before = whole_compressions();
+        let stored = encode_chunk_aligned(&half);
+        assert_eq!(whole_compressions(), before + 1);
+        assert_eq!(stored[4], CODEC_ZSTD);
+
+        // Below twice the sample, no sample: the whole chunk is tried.
+        let small = noise(SAMPLE_BYTES, seed);
+        let before = whole_compressions();
+        assert_eq!(encode_chunk_aligned(&small)[4], CODEC_RAW);
+        assert_eq!(whole_compressions(), before + 1);
     }
 
     #[test]
