@@ -84,6 +84,13 @@ pub trait Blobs: Send + Sync + 'static {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>, BlobError>>;
     /// Removes an object; a missing one is not an error.
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BlobError>>;
+    /// Gets folders (keys ending in `/`) ready for puts, where a store has
+    /// folders: a directory creates those missing and makes them durable
+    /// together (one fsync per parent) instead of one put at a time.
+    fn prepare_folders<'a>(&'a self, folders: Vec<String>) -> BoxFuture<'a, Result<(), BlobError>> {
+        let _ = folders;
+        Box::pin(async { Ok(()) })
+    }
     /// Removes what interrupted puts left behind that is older than
     /// `older_than`, and answers how many; S3 shows an object only once it
     /// is complete, so there is nothing to remove there.
@@ -224,6 +231,38 @@ impl DirBlobs {
                 .expect("durable directory set poisoned")
                 .insert(level.to_path_buf());
         }
+        Ok(())
+    }
+
+    /// Creates the directories of `folders` that are missing, then fsyncs
+    /// each distinct parent once (made durable first itself), and remembers
+    /// them all as durable.
+    fn prepare_folders_blocking(&self, folders: &[String]) -> Result<(), BlobError> {
+        let mut parents: Vec<PathBuf> = Vec::new();
+        let mut made: Vec<PathBuf> = Vec::new();
+        for folder in folders {
+            let dir = self.path(folder.trim_end_matches('/'));
+            let parent = dir.parent().unwrap_or(&self.root).to_path_buf();
+            if !parents.contains(&parent) {
+                self.ensure_durable_dir(&parent)?;
+                parents.push(parent);
+            }
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+                Err(e) => return Err(failed(format!("creating {}", dir.display()))(e)),
+            }
+            made.push(dir);
+        }
+        for parent in &parents {
+            File::open(parent)
+                .and_then(|p| p.sync_all())
+                .map_err(failed(format!("syncing {}", parent.display())))?;
+        }
+        self.durable_dirs
+            .lock()
+            .expect("durable directory set poisoned")
+            .extend(made);
         Ok(())
     }
 
@@ -414,6 +453,14 @@ impl Blobs for DirBlobs {
         ))
     }
 
+    fn prepare_folders<'a>(&'a self, folders: Vec<String>) -> BoxFuture<'a, Result<(), BlobError>> {
+        let this = self.clone();
+        Box::pin(blocking(
+            || "creating the store's folders".to_string(),
+            move || this.prepare_folders_blocking(&folders),
+        ))
+    }
+
     fn sweep_interrupted<'a>(
         &'a self,
         older_than: std::time::Duration,
@@ -520,6 +567,24 @@ mod tests {
         blobs.put("chunks/abe/4", vec![4]).await.expect("put");
         assert_eq!(made(), 4);
         assert_eq!(blobs.get("chunks/abe/4").await.expect("get"), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn prepared_folders_exist_and_puts_into_them_make_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = DirBlobs::create(dir.path()).expect("create");
+        std::fs::create_dir_all(dir.path().join("chunks/001")).expect("one already there");
+        let folders: Vec<String> = (0..3).map(|n| format!("chunks/{n:03x}/")).collect();
+        blobs.prepare_folders(folders).await.expect("prepare");
+        for n in 0..3 {
+            assert!(dir.path().join(format!("chunks/{n:03x}")).is_dir());
+        }
+        // `chunks/` itself was made durable on the way.
+        let made = blobs.dirs_made_durable.load(Ordering::Relaxed);
+        assert_eq!(made, 1);
+        blobs.put("chunks/002/x", vec![9]).await.expect("put");
+        assert_eq!(blobs.dirs_made_durable.load(Ordering::Relaxed), made);
+        assert_eq!(blobs.get("chunks/002/x").await.expect("get"), vec![9]);
     }
 
     /// Sizes around the alignment: empty, shorter than a block, exactly

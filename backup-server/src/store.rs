@@ -331,6 +331,10 @@ pub fn zero_digest(len_bytes: u64) -> [u8; 32] {
     }
 }
 
+/// Chunk keys are spread over this many folders, by the first three hex
+/// digits of their digest.
+const CHUNK_FOLDERS: u32 = 16 * 16 * 16;
+
 /// The key of a chunk.
 pub fn chunk_key(digest: &[u8; 32]) -> String {
     let hex = manifest::to_hex(digest);
@@ -536,6 +540,13 @@ impl ChunkStore {
     pub async fn create(location: &StoreLocation, gc_grace: Duration) -> Result<Self, StoreError> {
         let store = Self::over(location.blobs(true)?, gc_grace);
         store.check_or_create_header(true).await?;
+        // Every chunk folder made at once, with one fsync of `chunks/`,
+        // instead of a new folder and an fsync of its parent for most of
+        // the first chunks a backup stores.
+        let folders: Vec<String> = (0..CHUNK_FOLDERS)
+            .map(|n| format!("{CHUNKS}{n:03x}/"))
+            .collect();
+        store.blobs.prepare_folders(folders).await?;
         Ok(store)
     }
 
