@@ -212,6 +212,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<()> {
+    if let (Some(min), Some(max)) = (args.resync_min_rate, args.resync_max_rate)
+        && min > max
+    {
+        anyhow::bail!(
+            "--resync-min-rate {min} B/s is above --resync-max-rate {max} B/s: a resync \
+             cannot be guaranteed more than it is allowed"
+        );
+    }
     #[cfg_attr(not(feature = "testing"), expect(unused_mut))]
     let mut manager = ManagerConfig {
         resync_method: args.resync,

@@ -293,7 +293,10 @@ impl ResyncPace {
         } else {
             array.rate_bytes_per_s
         };
-        if let (Some(min), Some(rate)) = (resync_min_bytes_per_s, rate_bytes_per_s) {
+        // The cap wins over the minimum (see `guaranteed_min_bytes_per_s`).
+        let min = resync_min_bytes_per_s
+            .map(|min| resync_max_bytes_per_s.map_or(min, |max| min.min(max)));
+        if let (Some(min), Some(rate)) = (min, rate_bytes_per_s) {
             rate_bytes_per_s = Some(rate.max(min));
         }
         Self {
@@ -303,6 +306,17 @@ impl ResyncPace {
             resync_min_bytes_per_s,
             resync_max_bytes_per_s,
         }
+    }
+
+    /// What a resync is guaranteed: `--resync-min-rate` (or the array's own
+    /// minimum), but never more than `--resync-max-rate` — the operator's
+    /// cap wins; the minimum only bounds how far the adaptive pace slows
+    /// the copies.
+    pub fn guaranteed_min_bytes_per_s(&self) -> u64 {
+        let min = self
+            .resync_min_bytes_per_s
+            .unwrap_or(self.array.min_bytes_per_s);
+        self.resync_max_bytes_per_s.map_or(min, |max| min.min(max))
     }
 }
 
@@ -1152,6 +1166,41 @@ mod tests {
 
     use super::*;
     use crate::array_port::MemoryArray;
+
+    #[test]
+    fn a_resync_cap_below_the_minimum_wins_over_it() {
+        const MIB: u64 = 1 << 20;
+        let array = splitmirror_proto::pace::PaceReport {
+            rate_bytes_per_s: None,
+            reason: splitmirror_proto::pace::PaceReason::Idle,
+            min_bytes_per_s: 16 * MIB,
+            max_bytes_per_s: None,
+            background_bytes_per_s: 0,
+            foreground_requests_per_s: 0,
+            foreground_latency_us: 0,
+            baseline_latency_us: 0,
+            why: "full speed — idle".into(),
+        };
+        // The array's minimum (16 MiB/s) above the cap (8 MB/s): capped.
+        let capped = ResyncPace::new(array.clone(), None, Some(8_000_000));
+        assert!(capped.capped);
+        assert_eq!(capped.rate_bytes_per_s, Some(8_000_000));
+        assert_eq!(capped.guaranteed_min_bytes_per_s(), 8_000_000);
+        // --resync-min-rate above the cap: the cap still wins.
+        let capped = ResyncPace::new(array.clone(), Some(32 * MIB), Some(8_000_000));
+        assert_eq!(capped.rate_bytes_per_s, Some(8_000_000));
+        assert_eq!(capped.guaranteed_min_bytes_per_s(), 8_000_000);
+        // Yielding below the minimum: held at the minimum.
+        let slow = splitmirror_proto::pace::PaceReport {
+            rate_bytes_per_s: Some(MIB),
+            reason: splitmirror_proto::pace::PaceReason::Minimum,
+            ..array
+        };
+        let held = ResyncPace::new(slow, Some(32 * MIB), None);
+        assert!(!held.capped);
+        assert_eq!(held.rate_bytes_per_s, Some(32 * MIB));
+        assert_eq!(held.guaranteed_min_bytes_per_s(), 32 * MIB);
+    }
 
     const PAIR: PairInfo = PairInfo {
         mirror_lu: 0,

@@ -270,6 +270,7 @@ async fn status_with_pace(db: &Db, include_latency_histogram: bool) -> pb::Statu
 }
 
 fn pace_to_pb(pace: ResyncPace) -> pb::BackgroundPace {
+    let guaranteed_min_bytes_per_s = pace.guaranteed_min_bytes_per_s();
     let reason = if pace.capped {
         pb::PaceReason::Capped
     } else {
@@ -293,9 +294,7 @@ fn pace_to_pb(pace: ResyncPace) -> pb::BackgroundPace {
     pb::BackgroundPace {
         rate_bytes_per_s: pace.rate_bytes_per_s,
         reason: reason.into(),
-        resync_min_bytes_per_s: pace
-            .resync_min_bytes_per_s
-            .unwrap_or(pace.array.min_bytes_per_s),
+        resync_min_bytes_per_s: guaranteed_min_bytes_per_s,
         resync_max_bytes_per_s: pace.resync_max_bytes_per_s,
         background_bytes_per_s: pace.array.background_bytes_per_s,
         foreground_requests_per_s: pace.array.foreground_requests_per_s,
