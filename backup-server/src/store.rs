@@ -702,17 +702,7 @@ impl ChunkStore {
         if *digest == zero_digest(len_bytes) {
             return Ok(vec![0; len_bytes as usize]);
         }
-        let stored = match self.blobs.get(&chunk_key(digest)).await {
-            Ok(stored) => stored,
-            Err(BlobError::NotFound(_)) => {
-                return Err(StoreError::MissingChunk {
-                    id: id.to_string(),
-                    index,
-                    digest: manifest::to_hex(digest),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let stored = self.stored_chunk(id, index, digest).await?;
         let digest_owned = *digest;
         tokio::task::spawn_blocking(move || decode_chunk(&stored, &digest_owned, len_bytes))
             .await?
@@ -722,6 +712,25 @@ impl ChunkStore {
                 digest: manifest::to_hex(digest),
                 why,
             })
+    }
+
+    /// A chunk's stored bytes, as the store holds them (not decoded); a
+    /// missing one is [`StoreError::MissingChunk`] of backup `id`.
+    async fn stored_chunk(
+        &self,
+        id: &str,
+        index: u64,
+        digest: &[u8; 32],
+    ) -> Result<Vec<u8>, StoreError> {
+        match self.blobs.get(&chunk_key(digest)).await {
+            Ok(stored) => Ok(stored),
+            Err(BlobError::NotFound(_)) => Err(StoreError::MissingChunk {
+                id: id.to_string(),
+                index,
+                digest: manifest::to_hex(digest),
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// [`ChunkStore::read_chunk`] into an aligned, pooled buffer (verify
@@ -739,17 +748,7 @@ impl ChunkStore {
             zeros.set_len(len_bytes as usize);
             return Ok(zeros);
         }
-        let stored = match self.blobs.get(&chunk_key(digest)).await {
-            Ok(stored) => stored,
-            Err(BlobError::NotFound(_)) => {
-                return Err(StoreError::MissingChunk {
-                    id: id.to_string(),
-                    index,
-                    digest: manifest::to_hex(digest),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let stored = self.stored_chunk(id, index, digest).await?;
         let digest_owned = *digest;
         tokio::task::spawn_blocking(move || decode_chunk_aligned(&stored, &digest_owned, len_bytes))
             .await?
