@@ -2,6 +2,9 @@
 //! mate: with the range lock, origin and mate end equal byte for byte; with
 //! it disabled, the same test must find them different.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use array_node::ArrayTestHooks;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -11,6 +14,10 @@ use crate::harness::{self, array_client, lu_digests, start_array};
 const BLOCK: usize = 4096;
 const LU_BLOCKS: u64 = 512;
 const WRITERS: u64 = 4;
+/// Each writer writes at least this many times, and then on until the
+/// copiers are done: a copy paced behind the writes (#18) must still race
+/// them, and a mismatch made by the last copies must not be healed by a
+/// later copy that nothing raced.
 const WRITES_PER_WRITER: usize = 150;
 const COPIERS: u64 = 2;
 const COPIES_PER_COPIER: usize = 80;
@@ -26,12 +33,16 @@ async fn race(seed: u64, hooks: ArrayTestHooks) -> usize {
     )
     .await;
     let url = node.url();
-    let mut tasks = tokio::task::JoinSet::new();
+    let copies_done = Arc::new(AtomicBool::new(false));
+    let mut writers = tokio::task::JoinSet::new();
     for writer in 0..WRITERS {
         let client = array_client(&url);
         let mut rng = SmallRng::seed_from_u64(seed ^ (writer + 1).wrapping_mul(0x9E37_79B9));
-        tasks.spawn(async move {
-            for _ in 0..WRITES_PER_WRITER {
+        let copies_done = copies_done.clone();
+        writers.spawn(async move {
+            let mut written = 0;
+            while written < WRITES_PER_WRITER || !copies_done.load(Ordering::Acquire) {
+                written += 1;
                 let blocks = rng.random_range(1..=16u64);
                 let lba = rng.random_range(0..=LU_BLOCKS - blocks);
                 let mut data = vec![0u8; blocks as usize * BLOCK];
@@ -40,10 +51,11 @@ async fn race(seed: u64, hooks: ArrayTestHooks) -> usize {
             }
         });
     }
+    let mut copiers = tokio::task::JoinSet::new();
     for copier in 0..COPIERS {
         let client = array_client(&url);
         let mut rng = SmallRng::seed_from_u64(seed ^ (copier + 100).wrapping_mul(0x85EB_CA6B));
-        tasks.spawn(async move {
+        copiers.spawn(async move {
             for _ in 0..COPIES_PER_COPIER {
                 let blocks = rng.random_range(1..=256u64);
                 let lba = rng.random_range(0..=LU_BLOCKS - blocks);
@@ -51,8 +63,12 @@ async fn race(seed: u64, hooks: ArrayTestHooks) -> usize {
             }
         });
     }
-    while let Some(result) = tasks.join_next().await {
-        result.expect("race task");
+    while let Some(result) = copiers.join_next().await {
+        result.expect("copier task");
+    }
+    copies_done.store(true, Ordering::Release);
+    while let Some(result) = writers.join_next().await {
+        result.expect("writer task");
     }
     let client = array_client(&url);
     let origin = lu_digests(&client, 1).await;
