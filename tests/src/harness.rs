@@ -286,20 +286,37 @@ pub fn small_512_pair(block_count: u64) -> ArrayConfig {
     }
 }
 
+/// The workspace's binaries that tests run as processes.
+const WORKSPACE_BINARIES: [&str; 5] = [
+    "array-node",
+    "db-server",
+    "backup-server",
+    "console",
+    "soak",
+];
+
 /// Path of one of the workspace's binaries, built with the same profile as
 /// this test binary. The first call in a test process runs `cargo build
 /// --workspace --bins` (nothing to do when they are up to date): built with
 /// the whole workspace, the nodes get the `testing` features this package
-/// turns on, which the canaries' `--unsafe-test-*` flags need — a binary
-/// left by a root `cargo build` has none.
+/// turns on, which the canaries' `--unsafe-test-*` flags and the crash
+/// points need — a binary left by a root `cargo build` has none.
+///
+/// The binaries are then hard-linked into `<profile>/test-bins/` and run
+/// from there: the compose test's `docker/build-image.sh` runs a root
+/// `cargo build` while other tests run, and that relinks
+/// `<profile>/db-server` to a build without the `testing` features (CI
+/// once ran a crash-point test against it, and the crash never came). A
+/// hard link keeps the file this process built whatever cargo relinks
+/// later.
 pub fn binary(name: &str) -> std::path::PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    BUILT.call_once(|| {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps/<test>");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = std::process::Command::new(cargo);
         build.args(["build", "--workspace", "--bins"]);
@@ -308,8 +325,22 @@ pub fn binary(name: &str) -> std::path::PathBuf {
         }
         let status = build.status().expect("run cargo build");
         assert!(status.success(), "building the workspace's binaries failed");
-    });
-    profile_dir.join(name)
+        let dir = profile_dir.join("test-bins");
+        std::fs::create_dir_all(&dir).expect("creating <profile>/test-bins");
+        for name in WORKSPACE_BINARIES {
+            let (from, to) = (profile_dir.join(name), dir.join(name));
+            // A running test process keeps its own inode: replacing the
+            // link never changes a binary that is running.
+            let _ = std::fs::remove_file(&to);
+            std::fs::hard_link(&from, &to)
+                .or_else(|_| std::fs::copy(&from, &to).map(drop))
+                .unwrap_or_else(|e| {
+                    panic!("linking {} into {}: {e}", from.display(), dir.display())
+                });
+        }
+        dir
+    })
+    .join(name)
 }
 
 /// A node running as its own process, so that a test can `kill -9` it.
