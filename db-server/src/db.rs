@@ -471,6 +471,7 @@ mod tests {
             pb::AcquireSnapshotRequest {
                 volume: 0,
                 run_id: "backup-run".into(),
+                ..Default::default()
             },
         )
         .expect("valid");
@@ -655,6 +656,7 @@ mod tests {
             pb::AcquireSnapshotRequest {
                 volume: 0,
                 run_id: "run-a".into(),
+                ..Default::default()
             },
         )
         .expect("valid");
@@ -666,6 +668,7 @@ mod tests {
             pb::RestoreSnapshotRequest {
                 volume: 0,
                 run_id: "run-a".into(),
+                ..Default::default()
             },
         )
         .expect("valid");

@@ -195,6 +195,14 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
                 ranges_total: v.resync.ranges_total,
                 bytes_total: v.resync.bytes_total,
             }),
+            snapshot_method: if v.routing.snapshot_lu.is_some() {
+                pb::SnapshotMethod::Split
+            } else {
+                pb::SnapshotMethod::Unspecified
+            }
+            .into(),
+            save_area: None,
+            snapshot_invalidated_reason: String::new(),
             full_resync_reason: v.full_resync_reason.unwrap_or_default(),
             restore: v.restore.map(|r| pb::RestoreStatus {
                 kind: match r.kind {
@@ -405,6 +413,8 @@ impl DbService for DbGrpc {
             block_size_bytes: a.block_size_bytes,
             block_count: a.block_count,
             snapshot_id: a.snapshot_id,
+            // Only the split exists so far (#20 adds copy-on-write).
+            method: pb::SnapshotMethod::Split.into(),
         }))
     }
 
@@ -560,6 +570,7 @@ impl DbService for DbGrpc {
             block_size_bytes: held.pair.block_size_bytes,
             block_count: held.pair.block_count,
             snapshot_id: held.snapshot_id,
+            method: pb::SnapshotMethod::Split.into(),
         }))
     }
 }

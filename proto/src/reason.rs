@@ -65,11 +65,15 @@ pub enum Reason {
     /// node's own `OUT_OF_RANGE` apart from tonic's refusal of an oversized
     /// message, which has the same code (see `node::server_builder`).
     BeyondEnd,
+    /// The copy-on-write snapshot was invalidated (its save area filled up,
+    /// or db-server restarted while it was held): its image is gone. Not
+    /// retryable; the holder deletes it and takes a new one.
+    SnapshotInvalidated,
 }
 
 impl Reason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Resynchronizing,
         Reason::SnapshotHeld,
         Reason::WrongMode,
@@ -87,6 +91,7 @@ impl Reason {
         Reason::RestoreHeld,
         Reason::RestoreIncomplete,
         Reason::BeyondEnd,
+        Reason::SnapshotInvalidated,
     ];
 
     /// The wire form: lower-case ASCII words joined by `-`.
@@ -109,6 +114,7 @@ impl Reason {
             Reason::RestoreHeld => "restore-held",
             Reason::RestoreIncomplete => "restore-incomplete",
             Reason::BeyondEnd => "beyond-end",
+            Reason::SnapshotInvalidated => "snapshot-invalidated",
         }
     }
 

@@ -101,6 +101,7 @@ async fn only_the_console_controls_db_server_and_the_backup_server() {
                 raw.acquire_snapshot(dpb::AcquireSnapshotRequest {
                     volume: 0,
                     run_id: "intruder".into(),
+                    ..Default::default()
                 })
                 .await,
             ),
@@ -327,6 +328,7 @@ async fn without_a_certificate_only_health_answers() {
                 db.acquire_snapshot(dpb::AcquireSnapshotRequest {
                     volume: 0,
                     run_id: "anonymous".into(),
+                    ..Default::default()
                 })
                 .await,
             ),

@@ -34,15 +34,29 @@ impl DbClient {
         &self.peer.target
     }
 
-    /// Splits the pair of `volume` for run `run_id` (idempotent per run).
+    /// Takes a snapshot of `volume` for run `run_id` (idempotent per run)
+    /// by the server's default method.
     pub async fn acquire_snapshot(
         &self,
         volume: u32,
         run_id: &str,
     ) -> Result<pb::AcquireSnapshotResponse, ClientError> {
+        self.acquire_snapshot_by(volume, run_id, pb::SnapshotMethod::Unspecified)
+            .await
+    }
+
+    /// Takes a snapshot of `volume` for run `run_id` by `method`
+    /// (`Unspecified`: the server's default).
+    pub async fn acquire_snapshot_by(
+        &self,
+        volume: u32,
+        run_id: &str,
+        method: pb::SnapshotMethod,
+    ) -> Result<pb::AcquireSnapshotResponse, ClientError> {
         let request = pb::AcquireSnapshotRequest {
             volume,
             run_id: run_id.to_string(),
+            method: method.into(),
         };
         let answer = self.inner.clone().acquire_snapshot(request).await;
         self.peer.answer(answer, || {
