@@ -485,6 +485,7 @@ impl Backups {
                     owner: String::new(),
                     confirmed_before_unix_ms: *confirmed_before_unix_ms,
                     confirmed_after_unix_ms: 0,
+                    method: before.method,
                 }),
             ),
         };

@@ -6,6 +6,13 @@
 //! off the async threads), confirms with db-server that the snapshot it
 //! copies is still the one confirmed before the first read, and writes the
 //! index last.
+//!
+//! A copy-on-write snapshot is read differently: its image is no LU of the
+//! array (db-server serves it from the save area over the mate), so the
+//! array's digests cannot describe it. Every chunk is read through
+//! db-server's `Read` of the snapshot virtual LU, hashed as read and
+//! stored under that digest (the store keeps one copy of each content);
+//! the before/after confirmation is the same.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,14 +28,15 @@ use crate::backups::FailureKind;
 use crate::blobs::BlobError;
 use crate::direct::AlignedBuf;
 use crate::manifest::{
-    self, CHUNK_SIZE_BYTES, ChunkCounts, FORMAT_VERSION, Manifest, SnapshotRecord,
+    self, CHUNK_SIZE_BYTES, ChunkCounts, FORMAT_VERSION, Manifest, SnapshotMethod, SnapshotRecord,
 };
 use crate::owner::{
     CONFIRM_DEADLINE, HeldSnapshot, NotFrozen, OwnerFailure, SnapshotOwner, SnapshotRef,
     check_unchanged,
 };
-use crate::source::LuSource;
+use crate::source::{DataStream, LuSource};
 use crate::store::{ChunkStore, StoreError, encode_chunk_aligned, zero_digest};
+use splitmirror_proto::reason::Reason;
 
 /// Read streams in flight at once.
 pub const READ_STREAMS: usize = 4;
@@ -159,6 +167,18 @@ pub enum JobError {
     /// answer within [`CONFIRM_DEADLINE`] (transient) or failed the question.
     #[error("could not confirm the snapshot after the copy: {0}")]
     NotConfirmed(ClientError),
+    /// db-server refused or failed a read of a copy-on-write snapshot's
+    /// virtual LU (other than invalidating it). Retryable when it did not
+    /// answer.
+    #[error("reading the copy-on-write snapshot through db-server: {0}")]
+    SnapshotRead(ClientError),
+    /// db-server invalidated the copy-on-write snapshot during the copy
+    /// (its save area filled up, or db-server restarted): the image is
+    /// gone. Not retryable: acquire a new snapshot.
+    #[error(
+        "the copy-on-write snapshot of volume {volume} was invalidated during the copy (reason snapshot-invalidated): {source}"
+    )]
+    SnapshotInvalidated { volume: u32, source: ClientError },
     /// The job was cancelled. Not a failure of anything.
     #[error("cancelled")]
     Cancelled,
@@ -183,10 +203,13 @@ impl JobError {
                 FailureKind::StoreDenied
             }
             JobError::Store(_) => FailureKind::StoreFailed,
-            JobError::SnapshotLost(_) => FailureKind::NotFrozen,
-            JobError::NotConfirmed(_) | JobError::Task(_) | JobError::Cancelled => {
-                FailureKind::Internal
+            JobError::SnapshotLost(_) | JobError::SnapshotInvalidated { .. } => {
+                FailureKind::NotFrozen
             }
+            JobError::NotConfirmed(_)
+            | JobError::SnapshotRead(_)
+            | JobError::Task(_)
+            | JobError::Cancelled => FailureKind::Internal,
         }
     }
 
@@ -194,7 +217,9 @@ impl JobError {
     /// (a read) or db-server (the confirmation after the copy).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            JobError::Array(e) | JobError::NotConfirmed(e) => e.is_transient(),
+            JobError::Array(e) | JobError::NotConfirmed(e) | JobError::SnapshotRead(e) => {
+                e.is_transient()
+            }
             JobError::WrongSize { .. }
             | JobError::ShortRead { .. }
             | JobError::MissingChunks { .. }
@@ -203,6 +228,7 @@ impl JobError {
             | JobError::BlockSize { .. }
             | JobError::Task(_)
             | JobError::SnapshotLost(_)
+            | JobError::SnapshotInvalidated { .. }
             | JobError::Cancelled => false,
         }
     }
@@ -239,14 +265,35 @@ pub async fn run(
     }
     let size_bytes = geometry.block_count * block_size_bytes;
     progress.bytes_total.store(size_bytes, Ordering::Relaxed);
-    let mut digests =
-        array_digests(source, spec.lu, geometry.block_count, block_size_bytes).await?;
-    let plan = Plan::new(&digests, size_bytes, spec.verify_read);
+    let reader = match &spec.frozen_by {
+        FrozenBy::Snapshot { wanted, before, .. } if before.method == SnapshotMethod::Cow => {
+            Reader::Snapshot {
+                owner,
+                volume: wanted.volume,
+            }
+        }
+        FrozenBy::Snapshot { .. } | FrozenBy::Live => Reader::Array(source),
+    };
+    let (mut digests, plan) = match reader {
+        Reader::Array(source) => {
+            let digests =
+                array_digests(source, spec.lu, geometry.block_count, block_size_bytes).await?;
+            let plan = Plan::new(&digests, size_bytes, spec.verify_read);
+            (digests, plan)
+        }
+        // No digest is known before the read: every chunk is read, and its
+        // digest is the one of the data read.
+        Reader::Snapshot { .. } => {
+            let chunks = size_bytes.div_ceil(CHUNK_SIZE_BYTES) as usize;
+            (vec![[0; 32]; chunks], Plan::read_all(chunks, size_bytes))
+        }
+    };
     let (writer, held) = store
         .begin_writing(&spec.backup_id, &plan.nonzero_digests(), cancel)
         .await?;
     let copied = async {
         let plan = plan.with_held(&held);
+        let held = Arc::new(held);
         progress
             .bytes_done
             .fetch_add(plan.bytes_not_read(), Ordering::Relaxed);
@@ -255,7 +302,8 @@ pub async fn run(
             .map(|segment| {
                 copy_segment(
                     store,
-                    source,
+                    reader,
+                    &held,
                     spec,
                     segment,
                     progress,
@@ -294,14 +342,17 @@ pub async fn run(
                     owner: owner.describe(),
                     confirmed_before_unix_ms: *confirmed_before_unix_ms,
                     confirmed_after_unix_ms,
+                    method: before.method,
                 })
             }
             FrozenBy::Live => None,
         };
         let counts = ChunkCounts {
-            chunks_read: stored.chunks,
-            chunks_reused: plan.chunks_reused(),
-            chunks_zero: plan.chunks_zero(),
+            // Read through db-server, every chunk was read: the zero ones
+            // and those whose content the store held are counted as such.
+            chunks_read: stored.chunks - stored.chunks_zero_read - stored.chunks_held_read,
+            chunks_reused: plan.chunks_reused() + stored.chunks_held_read,
+            chunks_zero: plan.chunks_zero() + stored.chunks_zero_read,
             new_bytes_stored: stored.new_bytes_stored,
             bytes_read: stored.bytes_read,
             verify_read: spec.verify_read,
@@ -364,6 +415,54 @@ async fn array_digests(
     Ok(digests)
 }
 
+/// Where the job reads the image.
+#[derive(Clone, Copy)]
+enum Reader<'a> {
+    /// An LU of the array: a split snapshot's mate, or a live LU.
+    Array(&'a dyn LuSource),
+    /// db-server's snapshot virtual LU of `volume`: a copy-on-write
+    /// snapshot, whose image is no LU of the array.
+    Snapshot {
+        owner: &'a dyn SnapshotOwner,
+        volume: u32,
+    },
+}
+
+impl Reader<'_> {
+    async fn read(&self, lu: u32, lba: u64, blocks: u64) -> Result<DataStream, JobError> {
+        match *self {
+            Reader::Array(source) => Ok(source.read(lu, lba, blocks).await?),
+            Reader::Snapshot { owner, volume } => owner
+                .read_snapshot(volume, lba, blocks)
+                .await
+                .map_err(|e| self.error(e)),
+        }
+    }
+
+    /// The job's error for a failed read: an invalidated copy-on-write
+    /// snapshot says so.
+    fn error(&self, error: ClientError) -> JobError {
+        match *self {
+            Reader::Array(_) => JobError::Array(error),
+            Reader::Snapshot { volume, .. } => snapshot_read_error(volume, error),
+        }
+    }
+}
+
+/// A failed read of a copy-on-write snapshot through db-server: invalidated
+/// (reason `snapshot-invalidated`, decided by the reason, not the text), or
+/// another failure.
+fn snapshot_read_error(volume: u32, error: ClientError) -> JobError {
+    if error.reason == Some(Reason::SnapshotInvalidated) {
+        JobError::SnapshotInvalidated {
+            volume,
+            source: error,
+        }
+    } else {
+        JobError::SnapshotRead(error)
+    }
+}
+
 /// What the job does with each chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkAction {
@@ -381,6 +480,9 @@ enum ChunkAction {
 /// chunks the store holds.
 struct Plan {
     digests: Vec<[u8; 32]>,
+    /// False when no digest is known before the read (a copy-on-write
+    /// snapshot): `digests` are placeholders and every chunk is read.
+    digests_known: bool,
     size_bytes: u64,
     verify_read: bool,
     actions: Vec<ChunkAction>,
@@ -390,8 +492,21 @@ impl Plan {
     fn new(digests: &[[u8; 32]], size_bytes: u64, verify_read: bool) -> Self {
         Self {
             digests: digests.to_vec(),
+            digests_known: true,
             size_bytes,
             verify_read,
+            actions: Vec::new(),
+        }
+    }
+
+    /// `chunks` chunks whose digests are not known before the read: each
+    /// is read, hashed and stored.
+    fn read_all(chunks: usize, size_bytes: u64) -> Self {
+        Self {
+            digests: vec![[0; 32]; chunks],
+            digests_known: false,
+            size_bytes,
+            verify_read: false,
             actions: Vec::new(),
         }
     }
@@ -407,6 +522,9 @@ impl Plan {
     /// The digests a backup may reference in the store (for the writer
     /// record): all but the all-zero chunks'.
     fn nonzero_digests(&self) -> Vec<[u8; 32]> {
+        if !self.digests_known {
+            return Vec::new();
+        }
         (0..self.digests.len())
             .filter(|&i| !self.is_zero(i))
             .map(|i| self.digests[i])
@@ -414,6 +532,10 @@ impl Plan {
     }
 
     fn with_held(mut self, held: &HashSet<[u8; 32]>) -> Self {
+        if !self.digests_known {
+            self.actions = vec![ChunkAction::ReadAndStore; self.digests.len()];
+            return self;
+        }
         let mut stored_by_this_job = HashSet::new();
         self.actions = (0..self.digests.len())
             .map(|i| {
@@ -475,7 +597,7 @@ impl Plan {
             }
             let chunk = SegmentChunk {
                 index: index as u64,
-                digest: self.digests[index],
+                digest: self.digests_known.then_some(self.digests[index]),
                 len_bytes: self.len_bytes(index),
                 store: *action == ChunkAction::ReadAndStore,
             };
@@ -505,8 +627,10 @@ struct Segment {
 #[derive(Debug, Clone, Copy)]
 struct SegmentChunk {
     index: u64,
-    /// The array's digest of it, taken before the copy.
-    digest: [u8; 32],
+    /// The array's digest of it, taken before the copy; `None` when none
+    /// is known (a copy-on-write snapshot): the data read is stored under
+    /// its own digest.
+    digest: Option<[u8; 32]>,
     len_bytes: u64,
     /// Store it (else only compare it).
     store: bool,
@@ -518,8 +642,15 @@ struct SegmentCounts {
     chunks: u64,
     bytes_read: u64,
     new_bytes_stored: u64,
-    /// Live copies only: chunks that changed after the array digested
-    /// them, with the digest of the data read and stored.
+    /// Chunks read without a known digest that were all zeros (not
+    /// stored).
+    chunks_zero_read: u64,
+    /// Chunks read without a known digest whose content the store held
+    /// (put again all the same: see [`spawn_chunk`]).
+    chunks_held_read: u64,
+    /// Chunks whose digest is the one of the data read, not the one the
+    /// plan knew: live copies' chunks that changed after the array digested
+    /// them, and every chunk read without a known digest.
     replaced: Vec<(u64, [u8; 32])>,
 }
 
@@ -531,6 +662,8 @@ impl std::ops::Add for SegmentCounts {
             chunks: self.chunks + other.chunks,
             bytes_read: self.bytes_read + other.bytes_read,
             new_bytes_stored: self.new_bytes_stored + other.new_bytes_stored,
+            chunks_zero_read: self.chunks_zero_read + other.chunks_zero_read,
+            chunks_held_read: self.chunks_held_read + other.chunks_held_read,
             replaced: self.replaced,
         }
     }
@@ -587,9 +720,11 @@ async fn confirm_after(
 /// Copies one segment: receives its chunks in order and hands each to a
 /// task (hash and compare off the async threads, compress, store), up to
 /// [`CHUNKS_IN_FLIGHT_PER_STREAM`] at once while receiving the next.
+#[allow(clippy::too_many_arguments)]
 async fn copy_segment(
     store: &Arc<ChunkStore>,
-    source: &dyn LuSource,
+    reader: Reader<'_>,
+    held: &Arc<HashSet<[u8; 32]>>,
     spec: &JobSpec,
     segment: Segment,
     progress: &Progress,
@@ -599,7 +734,7 @@ async fn copy_segment(
     let first = segment.chunks[0];
     let lba = first.index * CHUNK_SIZE_BYTES / segment.block_size_bytes;
     let len_bytes: u64 = segment.chunks.iter().map(|c| c.len_bytes).sum();
-    let mut stream = source
+    let mut stream = reader
         .read(spec.lu, lba, len_bytes / segment.block_size_bytes)
         .await?;
     let mut counts = SegmentCounts::default();
@@ -614,7 +749,7 @@ async fn copy_segment(
             () = cancel.cancelled() => return Err(JobError::Cancelled),
         };
         let data = match next {
-            Some(data) => data?,
+            Some(data) => data.map_err(|e| reader.error(e))?,
             None => break,
         };
         if let Some(limit) = limit {
@@ -649,7 +784,7 @@ async fn copy_segment(
             {
                 counts = counts + finish(oldest, spec.lu, live, progress).await?;
             }
-            pending.push_back(spawn_chunk(store.clone(), chunk, whole, live));
+            pending.push_back(spawn_chunk(store.clone(), held.clone(), chunk, whole, live));
             next_chunk = chunks.next().copied();
             if data.is_empty() {
                 break;
@@ -679,9 +814,20 @@ enum ChunkOutcome {
         len_bytes: u64,
         stored_bytes: u64,
         replaced: Option<(u64, [u8; 32])>,
+        /// Read without a known digest: all zeros, or content the store
+        /// held.
+        unknown: Option<UnknownChunk>,
     },
     /// Its data does not hash to the array's digest.
     Mismatch { index: u64 },
+}
+
+/// What a chunk read without a known digest turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UnknownChunk {
+    Zero,
+    Held,
+    New,
 }
 
 /// What the blocking task of a chunk did with it.
@@ -701,11 +847,17 @@ type ChunkTask = tokio::task::JoinHandle<Result<ChunkOutcome, JobError>>;
 
 /// Hashes a chunk, compares it with the array's digest and, when it is to
 /// be stored, compresses and stores it. A live copy (nothing froze the LU)
-/// stores a changed chunk under the digest of what was read. A directory
-/// store is written from the same blocking task that hashed and encoded
-/// the chunk (one thread hop per chunk); an S3 store from this task.
+/// stores a changed chunk under the digest of what was read. A chunk with
+/// no known digest (a copy-on-write snapshot) is stored under its own
+/// unless it is all zeros — also when the store holds that content: the
+/// writer record could not name it before the read, so only a fresh put
+/// keeps garbage collection (`gc.rs`) from removing it under this backup.
+/// A directory store is written from the same blocking task that hashed
+/// and encoded the chunk (one thread hop per chunk); an S3 store from this
+/// task.
 fn spawn_chunk(
     store: Arc<ChunkStore>,
+    held: Arc<HashSet<[u8; 32]>>,
     chunk: SegmentChunk,
     data: Vec<u8>,
     live: bool,
@@ -715,10 +867,14 @@ fn spawn_chunk(
         let blocking_store = store.clone();
         let (digest, stored) = tokio::task::spawn_blocking(move || {
             let digest = *blake3::hash(&data).as_bytes();
-            if digest != chunk.digest && !live {
+            let differs = chunk.digest.is_some_and(|expected| expected != digest);
+            if differs && !live {
                 return (digest, Stored::Mismatch);
             }
-            let wanted = chunk.store || (live && digest != chunk.digest);
+            let wanted = match chunk.digest {
+                Some(_) => chunk.store || (live && differs),
+                None => digest != zero_digest(len_bytes),
+            };
             if !wanted {
                 return (digest, Stored::Nothing);
             }
@@ -741,10 +897,25 @@ fn spawn_chunk(
                 stored_bytes
             }
         };
+        let unknown = chunk.digest.is_none().then(|| {
+            if digest == zero_digest(len_bytes) {
+                UnknownChunk::Zero
+            } else if held.contains(&digest) {
+                UnknownChunk::Held
+            } else {
+                UnknownChunk::New
+            }
+        });
         Ok(ChunkOutcome::Matched {
             len_bytes,
-            stored_bytes,
-            replaced: (digest != chunk.digest).then_some((chunk.index, digest)),
+            // Content the store held adds nothing new, though put again.
+            stored_bytes: if unknown == Some(UnknownChunk::Held) {
+                0
+            } else {
+                stored_bytes
+            },
+            replaced: (chunk.digest != Some(digest)).then_some((chunk.index, digest)),
+            unknown,
         })
     })
 }
@@ -760,6 +931,7 @@ async fn finish(
             len_bytes,
             stored_bytes,
             replaced,
+            unknown,
         } => {
             progress.bytes_done.fetch_add(len_bytes, Ordering::Relaxed);
             splitmirror_proto::telemetry::record_backup_bytes(len_bytes);
@@ -767,6 +939,8 @@ async fn finish(
                 chunks: 1,
                 bytes_read: len_bytes,
                 new_bytes_stored: stored_bytes,
+                chunks_zero_read: u64::from(unknown == Some(UnknownChunk::Zero)),
+                chunks_held_read: u64::from(unknown == Some(UnknownChunk::Held)),
                 replaced: replaced.into_iter().collect(),
             })
         }
@@ -774,5 +948,296 @@ async fn finish(
             debug_assert!(!live);
             Err(JobError::DigestMismatch { lu, index })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::owner::HeldSnapshot;
+    use crate::source::{BoxFuture, Geometry};
+    use crate::store::StoreLocation;
+    use splitmirror_proto::client::ErrorKind;
+    use std::time::Duration;
+
+    const BLOCK_SIZE_BYTES: u32 = 4096;
+    const VOLUME: u32 = 0;
+    const MATE_LU: u32 = 2;
+
+    /// `len` bytes of xorshift noise (incompressible).
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Chunk 0 noise A, chunk 1 zeros, chunk 2 noise A again, then half a
+    /// chunk of noise B.
+    fn image() -> Vec<u8> {
+        let chunk = CHUNK_SIZE_BYTES as usize;
+        let a = noise(chunk, 1);
+        let mut image = a.clone();
+        image.extend(vec![0; chunk]);
+        image.extend(a);
+        image.extend(noise(chunk / 2, 2));
+        image
+    }
+
+    /// The array: answers the geometry; any read or digest fails the test,
+    /// since a copy-on-write snapshot's image is no LU of the array.
+    struct ArrayThatMustNotBeRead {
+        block_count: u64,
+    }
+
+    fn refused(what: &str) -> ClientError {
+        ClientError::local(
+            ErrorKind::Internal,
+            "array",
+            "test",
+            what,
+            format!("{what}: a copy-on-write backup must not ask the array for it"),
+        )
+    }
+
+    impl LuSource for ArrayThatMustNotBeRead {
+        fn describe(&self) -> String {
+            "array".into()
+        }
+        fn geometry(&self, _lu: u32) -> BoxFuture<'_, Result<Geometry, ClientError>> {
+            Box::pin(async move {
+                Ok(Geometry {
+                    block_size_bytes: BLOCK_SIZE_BYTES,
+                    block_count: self.block_count,
+                })
+            })
+        }
+        fn read(&self, _: u32, _: u64, _: u64) -> BoxFuture<'_, Result<DataStream, ClientError>> {
+            Box::pin(async { Err(refused("reading the mate")) })
+        }
+        fn checksums(
+            &self,
+            _: u32,
+            _: u64,
+            _: u64,
+            _: u64,
+        ) -> BoxFuture<'_, Result<Vec<[u8; 32]>, ClientError>> {
+            Box::pin(async { Err(refused("ChecksumRange")) })
+        }
+    }
+
+    /// db-server holding a copy-on-write snapshot of `image`; its reads
+    /// come in 300 KiB pieces (not chunk-aligned), and with
+    /// `invalidated_at_byte` a read past that byte of the volume fails as
+    /// db-server fails a read of an invalidated snapshot.
+    struct CowOwner {
+        image: Vec<u8>,
+        invalidated_at_byte: Option<u64>,
+    }
+
+    impl SnapshotOwner for CowOwner {
+        fn describe(&self) -> String {
+            "db-server".into()
+        }
+        fn snapshot(&self, volume: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>> {
+            Box::pin(async move { Ok(held(volume, self.image.len() as u64)) })
+        }
+        fn read_snapshot(
+            &self,
+            volume: u32,
+            lba: u64,
+            blocks: u64,
+        ) -> BoxFuture<'_, Result<DataStream, ClientError>> {
+            assert_eq!(volume, VOLUME);
+            let start = (lba * u64::from(BLOCK_SIZE_BYTES)) as usize;
+            let end = start + (blocks * u64::from(BLOCK_SIZE_BYTES)) as usize;
+            let invalidated_at = self.invalidated_at_byte.map(|b| b as usize);
+            let pieces: Vec<Result<Vec<u8>, ClientError>> = self.image[start..end]
+                .chunks(300 << 10)
+                .enumerate()
+                .map(|(i, piece)| {
+                    let at = start + i * (300 << 10);
+                    match invalidated_at {
+                        Some(limit) if at + piece.len() > limit => {
+                            let status = Reason::SnapshotInvalidated.attach(
+                                tonic::Status::failed_precondition(
+                                    "the save area (LU 6, 16 blocks) filled up after 16 blocks were saved",
+                                ),
+                            );
+                            Err(ClientError::from_status("db-server", "test", "reading", &status))
+                        }
+                        _ => Ok(piece.to_vec()),
+                    }
+                })
+                .collect();
+            Box::pin(async move {
+                let stream: DataStream = Box::pin(futures_util::stream::iter(pieces));
+                Ok(stream)
+            })
+        }
+    }
+
+    fn held(volume: u32, size_bytes: u64) -> HeldSnapshot {
+        HeldSnapshot {
+            volume,
+            holder_run_id: "run-cow".into(),
+            mate_lu: MATE_LU,
+            ledger_sequence: 42,
+            block_size_bytes: BLOCK_SIZE_BYTES,
+            block_count: size_bytes / u64::from(BLOCK_SIZE_BYTES),
+            snapshot_id: 0xc0e,
+            method: SnapshotMethod::Cow,
+        }
+    }
+
+    fn spec(backup_id: &str, size_bytes: u64) -> JobSpec {
+        JobSpec {
+            backup_id: backup_id.into(),
+            run_id: format!("run-of-{backup_id}"),
+            lu: MATE_LU,
+            expected_block_count: None,
+            label: String::new(),
+            max_bytes_per_s: None,
+            frozen_by: FrozenBy::Snapshot {
+                wanted: SnapshotRef {
+                    volume: VOLUME,
+                    holder_run_id: "run-cow".into(),
+                },
+                before: held(VOLUME, size_bytes),
+                confirmed_before_unix_ms: 1,
+            },
+            verify_read: false,
+        }
+    }
+
+    async fn backup(
+        store: &Arc<ChunkStore>,
+        owner: &CowOwner,
+        backup_id: &str,
+    ) -> Result<Manifest, JobError> {
+        let size_bytes = owner.image.len() as u64;
+        let array = ArrayThatMustNotBeRead {
+            block_count: size_bytes / u64::from(BLOCK_SIZE_BYTES),
+        };
+        run(
+            store,
+            &array,
+            owner,
+            &spec(backup_id, size_bytes),
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_copy_on_write_snapshot_is_read_whole_through_db_server_and_deduplicated_by_content()
+    {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = Arc::new(
+            ChunkStore::create(
+                &StoreLocation::Dir(dir.path().join("store")),
+                Duration::from_secs(3600),
+            )
+            .await
+            .expect("a store"),
+        );
+        let owner = CowOwner {
+            image: image(),
+            invalidated_at_byte: None,
+        };
+        let first_id = uuid::Uuid::now_v7().to_string();
+        let first = backup(&store, &owner, &first_id).await.expect("backs up");
+        let expected: Vec<String> = owner
+            .image
+            .chunks(CHUNK_SIZE_BYTES as usize)
+            .map(|c| manifest::to_hex(blake3::hash(c).as_bytes()))
+            .collect();
+        assert_eq!(first.chunk_digests, expected);
+        let snapshot = first.snapshot.as_ref().expect("frozen");
+        assert_eq!(snapshot.method, SnapshotMethod::Cow);
+        assert_eq!(snapshot.snapshot_id, 0xc0e);
+        let counts = first.counts.expect("counts");
+        // Every chunk was read; the zero one is not stored.
+        assert_eq!(counts.bytes_read, owner.image.len() as u64);
+        assert_eq!(
+            (counts.chunks_read, counts.chunks_reused, counts.chunks_zero),
+            (3, 0, 1)
+        );
+        assert!(counts.new_bytes_stored > 0);
+        let exported = dir.path().join("first.img");
+        store.export(&first_id, &exported).await.expect("exports");
+        assert!(std::fs::read(&exported).expect("reads") == owner.image);
+
+        // Again: every chunk read again, nothing new stored.
+        let second_id = uuid::Uuid::now_v7().to_string();
+        let second = backup(&store, &owner, &second_id).await.expect("backs up");
+        assert_eq!(second.image_digest, first.image_digest);
+        let counts = second.counts.expect("counts");
+        assert_eq!(counts.bytes_read, owner.image.len() as u64);
+        assert_eq!(
+            (
+                counts.chunks_read,
+                counts.chunks_reused,
+                counts.chunks_zero,
+                counts.new_bytes_stored
+            ),
+            (0, 3, 1, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_invalidated_during_the_copy_fails_the_job_with_the_reason() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = Arc::new(
+            ChunkStore::create(
+                &StoreLocation::Dir(dir.path().join("store")),
+                Duration::from_secs(3600),
+            )
+            .await
+            .expect("a store"),
+        );
+        let owner = CowOwner {
+            image: image(),
+            invalidated_at_byte: Some(2 * CHUNK_SIZE_BYTES),
+        };
+        let id = uuid::Uuid::now_v7().to_string();
+        let error = backup(&store, &owner, &id)
+            .await
+            .expect_err("the snapshot was invalidated");
+        assert!(
+            matches!(error, JobError::SnapshotInvalidated { volume: VOLUME, .. }),
+            "{error:?}"
+        );
+        assert_eq!(error.failure_kind(), FailureKind::NotFrozen);
+        assert!(!error.is_unavailable());
+        let text = error.to_string();
+        assert!(text.contains("snapshot-invalidated"), "{text}");
+        assert!(text.contains("filled up"), "{text}");
+        assert!(store.backup_ids().await.expect("lists").is_empty());
+    }
+
+    #[test]
+    fn only_the_reason_makes_a_failed_snapshot_read_an_invalidation() {
+        let worded = tonic::Status::failed_precondition("snapshot-invalidated");
+        let error = ClientError::from_status("db-server", "x:1", "reading", &worded);
+        assert!(matches!(
+            snapshot_read_error(0, error),
+            JobError::SnapshotRead(_)
+        ));
+        let down = ClientError::from_status(
+            "db-server",
+            "x:1",
+            "reading",
+            &tonic::Status::unavailable("restarting"),
+        );
+        let error = snapshot_read_error(0, down);
+        assert!(error.is_unavailable(), "{error:?}");
+        assert_eq!(error.failure_kind(), FailureKind::NodeUnavailable);
     }
 }

@@ -55,14 +55,51 @@ pub struct SnapshotRecord {
     /// after the last one.
     pub confirmed_before_unix_ms: u64,
     pub confirmed_after_unix_ms: u64,
+    /// How db-server took the snapshot, and so where the image was read:
+    /// the frozen mate LU from the array (split; every manifest written
+    /// before copy-on-write snapshots existed), or the snapshot virtual LU
+    /// through db-server (copy-on-write).
+    #[serde(default)]
+    pub method: SnapshotMethod,
+}
+
+/// How a snapshot was taken (db-server's `SnapshotMethod`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMethod {
+    /// The pair was split: the mate LU is the frozen image, read from the
+    /// array.
+    #[default]
+    Split,
+    /// Copy-on-write: the pair stayed whole; the image is db-server's
+    /// snapshot virtual LU (the save area over the mate), read through
+    /// db-server.
+    Cow,
+}
+
+impl SnapshotMethod {
+    /// "split" or "copy-on-write".
+    pub fn name(self) -> &'static str {
+        match self {
+            SnapshotMethod::Split => "split",
+            SnapshotMethod::Cow => "copy-on-write",
+        }
+    }
 }
 
 /// How a backup is described to people: frozen by which snapshot, or live.
 pub fn describe_consistency(snapshot: Option<&SnapshotRecord>, live: bool) -> String {
     match (snapshot, live) {
         (Some(s), _) => format!(
-            "frozen (snapshot of volume {} held by run {}, ledger sequence {}, snapshot id {:016x})",
-            s.volume, s.holder_run_id, s.ledger_sequence, s.snapshot_id
+            "frozen ({}snapshot of volume {} held by run {}, ledger sequence {}, snapshot id {:016x})",
+            match s.method {
+                SnapshotMethod::Split => "",
+                SnapshotMethod::Cow => "copy-on-write ",
+            },
+            s.volume,
+            s.holder_run_id,
+            s.ledger_sequence,
+            s.snapshot_id
         ),
         (None, true) => "live (not frozen)".into(),
         (None, false) => "unconfirmed (made before backups recorded their snapshot)".into(),
@@ -155,6 +192,31 @@ pub fn now_unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_manifest_without_a_method_was_copied_from_a_split_snapshot() {
+        let old = r#"{"volume":0,"holder_run_id":"run-1","ledger_sequence":7,
+            "owner":"x:1","confirmed_before_unix_ms":1,"confirmed_after_unix_ms":2}"#;
+        let record: SnapshotRecord = serde_json::from_str(old).expect("an old record parses");
+        assert_eq!(record.method, SnapshotMethod::Split);
+        let cow = SnapshotRecord {
+            method: SnapshotMethod::Cow,
+            ..record.clone()
+        };
+        let text = serde_json::to_string(&cow).expect("serializes");
+        assert!(text.contains(r#""method":"cow""#), "{text}");
+        assert_eq!(
+            serde_json::from_str::<SnapshotRecord>(&text).expect("parses"),
+            cow
+        );
+        let split = describe_consistency(Some(&record), false);
+        assert!(split.starts_with("frozen (snapshot of volume 0"), "{split}");
+        let described = describe_consistency(Some(&cow), false);
+        assert!(
+            described.starts_with("frozen (copy-on-write snapshot of volume 0"),
+            "{described}"
+        );
+    }
 
     #[test]
     fn hex_round_trip_and_image_digest() {

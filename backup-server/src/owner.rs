@@ -11,7 +11,8 @@ use splitmirror_proto::client::{ClientError, DbClient, ErrorKind};
 use splitmirror_proto::db::v1 as pb;
 use splitmirror_proto::security::Security;
 
-use crate::source::BoxFuture;
+pub use crate::manifest::SnapshotMethod;
+use crate::source::{BoxFuture, DataStream};
 
 /// How long the confirmation after the copy keeps retrying a db-server that
 /// does not answer before the job fails (a restart of db-server keeps its
@@ -37,6 +38,11 @@ pub struct HeldSnapshot {
     /// The acquire's id: unlike holder and sequence, never repeated by a
     /// later acquire (0: a db-server that does not name its snapshots).
     pub snapshot_id: u64,
+    /// Split: the mate LU is the frozen image (read it from the array).
+    /// Copy-on-write: the image is the snapshot virtual LU, read through
+    /// db-server ([`SnapshotOwner::read_snapshot`]); the mate goes on
+    /// being written.
+    pub method: SnapshotMethod,
 }
 
 /// What a failed question to db-server means for a backup, decided from
@@ -157,6 +163,16 @@ pub trait SnapshotOwner: Send + Sync + 'static {
     /// The snapshot `volume` holds now. What a failure means is
     /// [`OwnerFailure::of`] it.
     fn snapshot(&self, volume: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>>;
+    /// The blocks of a range of `volume`'s snapshot virtual LU, in order,
+    /// as db-server serves them (a copy-on-write snapshot: saved blocks
+    /// from the save area, the rest from the mate). A snapshot invalidated
+    /// meanwhile is refused with reason `snapshot-invalidated`.
+    fn read_snapshot(
+        &self,
+        volume: u32,
+        lba: u64,
+        blocks: u64,
+    ) -> BoxFuture<'_, Result<DataStream, ClientError>>;
 }
 
 /// Checks that `held` is the snapshot `wanted` names and that its mate is
@@ -202,6 +218,7 @@ pub fn check_unchanged(before: &HeldSnapshot, now: &HeldSnapshot) -> Result<(), 
     if now.snapshot_id != before.snapshot_id
         || now.ledger_sequence != before.ledger_sequence
         || now.mate_lu != before.mate_lu
+        || now.method != before.method
     {
         return Err(NotFrozen::Replaced {
             volume: before.volume,
@@ -271,6 +288,7 @@ impl SnapshotOwner for GrpcOwner {
     fn snapshot(&self, volume: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>> {
         Box::pin(async move {
             let answer = self.db.get_snapshot(volume).await?;
+            let method = answer.method();
             Ok(HeldSnapshot {
                 volume: answer.volume,
                 holder_run_id: answer.holder_run_id,
@@ -279,7 +297,50 @@ impl SnapshotOwner for GrpcOwner {
                 block_size_bytes: answer.block_size_bytes,
                 block_count: answer.block_count,
                 snapshot_id: answer.snapshot_id,
+                // A db-server older than copy-on-write answers no method:
+                // its snapshots split.
+                method: match method {
+                    pb::SnapshotMethod::Cow => SnapshotMethod::Cow,
+                    pb::SnapshotMethod::Split | pb::SnapshotMethod::Unspecified => {
+                        SnapshotMethod::Split
+                    }
+                },
             })
+        })
+    }
+
+    fn read_snapshot(
+        &self,
+        volume: u32,
+        lba: u64,
+        blocks: u64,
+    ) -> BoxFuture<'_, Result<DataStream, ClientError>> {
+        Box::pin(async move {
+            let doing = move || format!("reading the snapshot of volume {volume} at LBA {lba}");
+            let request = pb::VolumeReadRequest {
+                volume,
+                target: pb::VirtualLu::Snapshot.into(),
+                lba,
+                blocks,
+            };
+            let stream = match self.db.raw().read(request).await {
+                Ok(answer) => answer.into_inner(),
+                Err(status) => {
+                    return Err(ClientError::from_status(
+                        "db-server",
+                        self.db.target(),
+                        doing(),
+                        &status,
+                    ));
+                }
+            };
+            let target = self.db.target().to_string();
+            let data: DataStream = Box::pin(futures_util::StreamExt::map(stream, move |chunk| {
+                chunk.map(|c| c.data).map_err(|status| {
+                    ClientError::from_status("db-server", &target, doing(), &status)
+                })
+            }));
+            Ok(data)
         })
     }
 }
@@ -335,6 +396,7 @@ mod tests {
             block_size_bytes: 4096,
             block_count: 256,
             snapshot_id: 0xabc,
+            method: SnapshotMethod::Split,
         }
     }
 

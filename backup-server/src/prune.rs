@@ -100,7 +100,7 @@ fn humanize(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::SnapshotRecord;
+    use crate::manifest::{SnapshotMethod, SnapshotRecord};
 
     fn backup(id: &str, volume: u32, completed_at_unix_ms: u64) -> Manifest {
         Manifest {
@@ -124,6 +124,7 @@ mod tests {
                 owner: String::new(),
                 confirmed_before_unix_ms: 0,
                 confirmed_after_unix_ms: 0,
+                method: SnapshotMethod::Split,
             }),
             live: false,
             chunk_size_bytes: 1 << 20,

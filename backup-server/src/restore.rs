@@ -1594,6 +1594,14 @@ mod tests {
         ) -> crate::source::BoxFuture<'_, Result<crate::owner::HeldSnapshot, ClientError>> {
             Box::pin(async { Err(unsupported("snapshot")) })
         }
+        fn read_snapshot(
+            &self,
+            _volume: u32,
+            _lba: u64,
+            _blocks: u64,
+        ) -> crate::source::BoxFuture<'_, Result<crate::source::DataStream, ClientError>> {
+            Box::pin(async { Err(unsupported("read_snapshot")) })
+        }
     }
 
     /// The backup's image: chunk i filled with i + 1, chunk 3 all zeros.

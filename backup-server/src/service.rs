@@ -613,6 +613,7 @@ mod tests {
                 owner: "127.0.0.1:50052".into(),
                 confirmed_before_unix_ms: 1,
                 confirmed_after_unix_ms: 2,
+                method: manifest::SnapshotMethod::Split,
             }),
             live: false,
             chunk_size_bytes: manifest::CHUNK_SIZE_BYTES,
