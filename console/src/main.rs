@@ -13,7 +13,7 @@ use cli::output::{exit, print_report};
 use splitmirror_console::clients::{Addresses, Clients, DEFAULT_ARRAY, DEFAULT_BACKUP, DEFAULT_DB};
 use splitmirror_console::progress;
 use splitmirror_console::restore::{RestoreRequest, RestoreTarget};
-use splitmirror_console::run::{RunOptions, backup_run};
+use splitmirror_console::run::{RunOptions, SnapshotMethodArg, backup_run_by};
 use splitmirror_proto::node;
 use splitmirror_proto::security::{Security, SecurityArgs, role};
 use splitmirror_proto::telemetry::{self, LogArgs};
@@ -135,6 +135,14 @@ enum Command {
         /// digests.
         #[arg(long)]
         verify_read: bool,
+        /// How db-server takes the snapshot: split (the mate LU is the
+        /// frozen image; the delete resynchronizes) or cow (copy-on-write:
+        /// the pair stays whole, written blocks' old data goes to the
+        /// volume's save area; the backup and the comparison read the
+        /// snapshot through db-server; nothing to resync). Unset: the
+        /// server's default (db-server --snapshot-method).
+        #[arg(long, value_enum)]
+        snapshot_method: Option<SnapshotMethodArg>,
     },
     /// Restores a backup: in place onto a volume, or onto a plain LU
     /// (--to-lu). Exits 0 only for a completed, verified restore.
@@ -389,6 +397,10 @@ enum SnapshotCommand {
         /// The holder's run id (a new one by default).
         #[arg(long)]
         run_id: Option<String>,
+        /// split or cow (copy-on-write, needs db-server --save-area for
+        /// the volume); unset: the server's default.
+        #[arg(long, value_enum)]
+        snapshot_method: Option<SnapshotMethodArg>,
     },
     /// Releases the snapshot and starts the resync.
     ///
@@ -716,6 +728,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             label,
             max_rate,
             verify_read,
+            snapshot_method,
         } => {
             let clients = connect()?;
             let cancel = CancellationToken::new();
@@ -734,7 +747,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 verify_read,
             };
             let sink = progress::for_stderr();
-            let report = backup_run(&clients, &options, sink.as_ref()).await;
+            let method = SnapshotMethodArg::to_pb(snapshot_method);
+            let report = backup_run_by(&clients, &options, method, sink.as_ref()).await;
             signal_task.abort();
             print_report(&report, "backup run", json)?;
             Ok(exit(report.succeeded()))
@@ -787,8 +801,13 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 .instrument(command_span("snapshot restore"))
                 .await
         }
-        Command::Snapshot(SnapshotCommand::Acquire { volume, run_id }) => {
-            manual::snapshot_acquire(&connect()?, volume, run_id)
+        Command::Snapshot(SnapshotCommand::Acquire {
+            volume,
+            run_id,
+            snapshot_method,
+        }) => {
+            let method = SnapshotMethodArg::to_pb(snapshot_method);
+            manual::snapshot_acquire(&connect()?, volume, run_id, method)
                 .instrument(command_span("snapshot acquire"))
                 .await
         }

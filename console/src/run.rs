@@ -2,6 +2,14 @@
 //! and resumes) → back up the mate LU → delete the snapshot → follow the
 //! resync → compare the backup's digests with the frozen mate's → report.
 //!
+//! A copy-on-write snapshot ([0072]–[0078]) is no LU of the array: its
+//! image is db-server's snapshot virtual LU (saved blocks from the save
+//! area, the rest from the mate, which goes on being written). The backup
+//! server reads it through db-server; the comparison re-reads it through
+//! db-server and hashes it here, before the delete (the array's
+//! ChecksumRange of the mate would describe the live volume, not the
+//! snapshot); and the delete has nothing to resync.
+//!
 //! Failure policy: whatever fails after the acquire, the snapshot is still
 //! deleted (unless the operator keeps it), and the report says what failed.
 
@@ -85,6 +93,38 @@ pub struct RunOptions {
     pub verify_read: bool,
 }
 
+/// How a run asks db-server to take its snapshot (`--snapshot-method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotMethodArg {
+    /// Split the mirror pair: the mate LU is the frozen image; the delete
+    /// resynchronizes what was written meanwhile.
+    Split,
+    /// Copy-on-write: the pair stays whole; the pre-update data of written
+    /// blocks goes to the volume's save area (db-server --save-area).
+    Cow,
+}
+
+impl SnapshotMethodArg {
+    /// The wire method; `None` (the option unset) asks for the server's
+    /// default.
+    pub fn to_pb(method: Option<Self>) -> dpb::SnapshotMethod {
+        match method {
+            None => dpb::SnapshotMethod::Unspecified,
+            Some(Self::Split) => dpb::SnapshotMethod::Split,
+            Some(Self::Cow) => dpb::SnapshotMethod::Cow,
+        }
+    }
+}
+
+/// The method a snapshot was taken by, as reports name it: "split" or
+/// "cow". A db-server that answers none (older than copy-on-write) split.
+pub fn method_name(method: dpb::SnapshotMethod) -> &'static str {
+    match method {
+        dpb::SnapshotMethod::Cow => "cow",
+        dpb::SnapshotMethod::Split | dpb::SnapshotMethod::Unspecified => "split",
+    }
+}
+
 /// How long each phase took, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct PhasesMs {
@@ -114,8 +154,17 @@ pub struct RunReport {
     pub resync_blocks: u64,
     pub resync_bytes: u64,
     pub phases_ms: PhasesMs,
-    /// The backup's manifest digests equal `ChecksumRange` of the frozen
-    /// mate LU, chunk for chunk.
+    /// How db-server took the snapshot: "split" or "cow"; `None` when the
+    /// acquire failed.
+    pub snapshot_method: Option<String>,
+    /// What the backup's digests were compared with: for a split
+    /// snapshot, the array's ChecksumRange of the frozen mate LU; for a
+    /// copy-on-write one, db-server's snapshot virtual LU read again
+    /// through db-server and hashed by the console. `None` when no
+    /// comparison was made.
+    pub compared_with: Option<String>,
+    /// The backup's manifest digests equal the reference's
+    /// (`compared_with`), chunk for chunk.
     pub verified: bool,
     pub mismatched_chunks: Vec<u64>,
     pub snapshot_deleted: bool,
@@ -202,6 +251,10 @@ impl RunReport {
         }
         line("volume", self.volume.to_string());
         line(
+            "snapshot method",
+            self.snapshot_method.clone().unwrap_or_else(|| "-".into()),
+        );
+        line(
             "backup id",
             self.backup_id.clone().unwrap_or_else(|| "-".into()),
         );
@@ -243,6 +296,9 @@ impl RunReport {
             line("store", summary);
         }
         line("snapshot deleted", yes_no(self.snapshot_deleted));
+        if let Some(compared_with) = &self.compared_with {
+            line("compared with", compared_with.clone());
+        }
         line("verified", yes_no(self.verified));
         if !self.mismatched_chunks.is_empty() {
             line("mismatched chunks", format!("{:?}", self.mismatched_chunks));
@@ -262,11 +318,23 @@ fn ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 
-/// Performs one backup run. Always answers a report; it succeeded when
-/// `error` is `None` and `verified` is true.
+/// Performs one backup run by the server's default snapshot method.
+/// Always answers a report; it succeeded when `error` is `None` and
+/// `verified` is true.
 pub async fn backup_run(
     clients: &Clients,
     options: &RunOptions,
+    progress: &dyn ProgressSink,
+) -> RunReport {
+    backup_run_by(clients, options, dpb::SnapshotMethod::Unspecified, progress).await
+}
+
+/// [`backup_run`] with the snapshot taken by `method` (`Unspecified`: the
+/// server's default).
+pub async fn backup_run_by(
+    clients: &Clients,
+    options: &RunOptions,
+    method: dpb::SnapshotMethod,
     progress: &dyn ProgressSink,
 ) -> RunReport {
     let started = Instant::now();
@@ -286,7 +354,7 @@ pub async fn backup_run(
         ..RunReport::default()
     };
     async {
-        let acquired = acquire(clients, options, progress, &mut report)
+        let acquired = acquire(clients, options, method, progress, &mut report)
             .instrument(tracing::info_span!("acquire"))
             .await;
         if let Some(acquired) = acquired {
@@ -320,18 +388,24 @@ pub async fn backup_run(
 async fn acquire(
     clients: &Clients,
     options: &RunOptions,
+    method: dpb::SnapshotMethod,
     progress: &dyn ProgressSink,
     report: &mut RunReport,
 ) -> Option<dpb::AcquireSnapshotResponse> {
+    let how = match method {
+        dpb::SnapshotMethod::Unspecified => "",
+        dpb::SnapshotMethod::Split => "split ",
+        dpb::SnapshotMethod::Cow => "copy-on-write ",
+    };
     progress.phase(&format!(
-        "acquiring a snapshot of volume {}",
+        "acquiring a {how}snapshot of volume {}",
         options.volume
     ));
     let t = Instant::now();
     let (db, volume, run_id) = (&clients.db, options.volume, report.run_id.as_str());
     let acquire_once = || {
         retry("AcquireSnapshot", clients.step_deadline, move || {
-            db.acquire_snapshot(volume, run_id)
+            db.acquire_snapshot_by(volume, run_id, method)
         })
     };
     let mut result = acquire_once().await;
@@ -356,6 +430,7 @@ async fn acquire(
             report.mate_lu = Some(acquired.mate_lu);
             report.freeze_window_us = Some(acquired.freeze_window_us);
             report.ledger_sequence = Some(acquired.ledger_sequence);
+            report.snapshot_method = Some(method_name(acquired.method()).to_string());
             Some(acquired)
         }
         Err(error) => {
@@ -365,8 +440,10 @@ async fn acquire(
     }
 }
 
-/// Backs up the mate LU and, at the same time, asks the array for the
-/// mate's chunk digests (the mate is frozen while the snapshot is held).
+/// Backs up the snapshot's image. A split snapshot's mate LU is frozen:
+/// the array's digests of it are asked at the same time. A copy-on-write
+/// snapshot's image is re-read through db-server after the backup, before
+/// the delete.
 async fn back_up(
     clients: &Clients,
     options: &RunOptions,
@@ -374,7 +451,15 @@ async fn back_up(
     acquired: &dpb::AcquireSnapshotResponse,
     report: &mut RunReport,
 ) -> Result<(), RunError> {
-    progress.phase(&format!("backing up mate LU {}", acquired.mate_lu));
+    let cow = acquired.method() == dpb::SnapshotMethod::Cow;
+    if cow {
+        progress.phase(&format!(
+            "backing up the copy-on-write snapshot of volume {} (read through db-server)",
+            options.volume
+        ));
+    } else {
+        progress.phase(&format!("backing up mate LU {}", acquired.mate_lu));
+    }
     let t = Instant::now();
     // The backup names the snapshot this run holds: the backup server
     // confirms it with db-server before its first read and after its last,
@@ -400,7 +485,14 @@ async fn back_up(
     report.backup_id = Some(started.backup_id.clone());
     let (followed, mate_digests) = tokio::join!(
         follow_backup(clients, &started.backup_id, progress, &options.cancel),
-        mate_digests(clients, acquired),
+        async {
+            if cow {
+                // Asked after the backup, in the manifest's chunk size.
+                Ok(Vec::new())
+            } else {
+                mate_digests(clients, acquired).await
+            }
+        },
     );
     report.phases_ms.backup = ms(t);
     let last = followed?;
@@ -434,10 +526,26 @@ async fn back_up(
     }
     // The digests are comparable only when both sides cut the LU the same
     // way: the manifest's chunk size decides.
-    let mate_digests = if manifest.chunk_size_bytes == CHUNK_SIZE_BYTES {
-        mate_digests
+    let mate_digests = if cow {
+        progress.phase(&format!(
+            "re-reading the copy-on-write snapshot of volume {} through db-server to compare",
+            options.volume
+        ));
+        report.compared_with = Some(format!(
+            "the copy-on-write snapshot of volume {} re-read through db-server (its snapshot virtual LU: saved blocks from the save area, the rest from mate LU {}) and hashed by the console; not an array-side checksum",
+            options.volume, acquired.mate_lu
+        ));
+        snapshot_digests(clients, options.volume, acquired, manifest.chunk_size_bytes).await?
     } else {
-        mate_digests_in_chunks_of(clients, acquired, manifest.chunk_size_bytes).await?
+        report.compared_with = Some(format!(
+            "the array's ChecksumRange of the frozen mate LU {}",
+            acquired.mate_lu
+        ));
+        if manifest.chunk_size_bytes == CHUNK_SIZE_BYTES {
+            mate_digests
+        } else {
+            mate_digests_in_chunks_of(clients, acquired, manifest.chunk_size_bytes).await?
+        }
     };
     report.mismatched_chunks = compare(&manifest, &mate_digests);
     report.verified =
@@ -482,6 +590,46 @@ async fn mate_digests_in_chunks_of(
     })
     .await?;
     Ok(digests.iter().map(|d| d.to_vec()).collect())
+}
+
+/// Bytes of the snapshot virtual LU one read asks db-server for.
+const SNAPSHOT_READ_BYTES: u64 = 16 << 20;
+
+/// The digests of a volume's snapshot virtual LU in chunks of
+/// `chunk_size_bytes`, read through db-server (a copy-on-write snapshot:
+/// the array holds no LU with its image) and hashed here.
+async fn snapshot_digests(
+    clients: &Clients,
+    volume: u32,
+    acquired: &dpb::AcquireSnapshotResponse,
+    chunk_size_bytes: u64,
+) -> Result<Vec<Vec<u8>>, ClientError> {
+    let block_size_bytes = u64::from(acquired.block_size_bytes.max(1));
+    let chunk_blocks = (chunk_size_bytes / block_size_bytes).max(1);
+    // Whole chunks per read, so that no chunk straddles two reads.
+    let blocks_per_read =
+        (SNAPSHOT_READ_BYTES / block_size_bytes / chunk_blocks).max(1) * chunk_blocks;
+    let db = &clients.db;
+    let mut digests = Vec::new();
+    let mut lba = 0;
+    while lba < acquired.block_count {
+        let blocks = blocks_per_read.min(acquired.block_count - lba);
+        let data = retry("Read", clients.step_deadline, || {
+            db.read(volume, dpb::VirtualLu::Snapshot, lba, blocks)
+        })
+        .await?;
+        digests.extend(chunk_digests(&data, chunk_blocks * block_size_bytes));
+        lba += blocks;
+    }
+    Ok(digests)
+}
+
+/// The BLAKE3 digest of each `chunk_bytes` piece of `data` (the last may
+/// be shorter), as the array's ChecksumRange and the manifest cut it.
+pub fn chunk_digests(data: &[u8], chunk_bytes: u64) -> Vec<Vec<u8>> {
+    data.chunks(chunk_bytes.max(1) as usize)
+        .map(|chunk| blake3::hash(chunk).as_bytes().to_vec())
+        .collect()
 }
 
 /// A backup state's name without its prefix: "COMPLETE", "FAILED", ….
@@ -565,6 +713,12 @@ async fn delete_and_resync(
     report.resync_ranges = deleted.ranges_to_resync;
     report.resync_blocks = deleted.blocks_to_resync;
     report.resync_bytes = deleted.blocks_to_resync * u64::from(acquired.block_size_bytes);
+    if acquired.method() == dpb::SnapshotMethod::Cow {
+        // The pair never split: both copies are up to date, and the save
+        // area's map is dropped with the snapshot. Nothing to wait for.
+        progress.phase("no resync: a copy-on-write snapshot never split the pair");
+        return Ok(());
+    }
     progress.phase("resynchronizing");
     let t = Instant::now();
     wait_synchronized(clients, options.volume, progress).await?;
@@ -651,6 +805,64 @@ mod tests {
         // Without counts (an old server), the names are there, null.
         let json = serde_json::to_value(RunReport::default()).expect("JSON");
         assert!(json["chunks_read"].is_null() && json.get("new_bytes_stored").is_some());
+    }
+
+    #[test]
+    fn the_snapshot_digests_are_cut_as_the_manifest_cuts_the_image() {
+        let chunk = CHUNK_SIZE_BYTES as usize;
+        let mut image = vec![1u8; chunk];
+        image.extend(vec![2u8; chunk / 2]);
+        let digests = chunk_digests(&image, CHUNK_SIZE_BYTES);
+        assert_eq!(digests.len(), 2);
+        assert_eq!(
+            digests[0],
+            blake3::hash(&image[..chunk]).as_bytes().to_vec()
+        );
+        assert_eq!(
+            digests[1],
+            blake3::hash(&image[chunk..]).as_bytes().to_vec()
+        );
+        let manifest = bpb::Manifest {
+            chunk_digests: digests.clone(),
+            ..Default::default()
+        };
+        assert!(compare(&manifest, &digests).is_empty());
+        let mut changed = image.clone();
+        changed[chunk + 7] ^= 1;
+        assert_eq!(
+            compare(&manifest, &chunk_digests(&changed, CHUNK_SIZE_BYTES)),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn the_report_names_the_method_and_what_the_backup_was_compared_with() {
+        assert_eq!(
+            SnapshotMethodArg::to_pb(None),
+            dpb::SnapshotMethod::Unspecified
+        );
+        assert_eq!(
+            SnapshotMethodArg::to_pb(Some(SnapshotMethodArg::Cow)),
+            dpb::SnapshotMethod::Cow
+        );
+        assert_eq!(method_name(dpb::SnapshotMethod::Unspecified), "split");
+        let report = RunReport {
+            snapshot_method: Some("cow".into()),
+            compared_with: Some("the snapshot re-read through db-server".into()),
+            ..RunReport::default()
+        };
+        let text = report.render();
+        assert!(text.contains("snapshot method    cow"), "{text}");
+        assert!(
+            text.contains("compared with      the snapshot re-read through db-server"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).expect("JSON");
+        assert_eq!(json["snapshot_method"], "cow");
+        assert_eq!(
+            json["compared_with"],
+            "the snapshot re-read through db-server"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use splitmirror_proto::pace::format_rate;
 use splitmirror_proto::units::format_bytes;
 
 use crate::clients::Clients;
-use crate::run::{CHUNK_SIZE_BYTES, state_name};
+use crate::run::{CHUNK_SIZE_BYTES, method_name, state_name};
 
 /// Width of the one-line map of dirty blocks.
 const MAP_WIDTH: usize = 64;
@@ -148,6 +148,9 @@ pub fn render(snapshot: &Snapshot) -> String {
         if !v.full_resync_reason.is_empty() {
             let _ = writeln!(out, "    full resync: {}", v.full_resync_reason);
         }
+        for line in snapshot_lines(v) {
+            let _ = writeln!(out, "    {line}");
+        }
     }
     if let Some(l) = &snapshot.db.ledger {
         let _ = writeln!(
@@ -194,6 +197,50 @@ pub fn render(snapshot: &Snapshot) -> String {
     let _ = writeln!(out);
     out.push_str(&render_backups(snapshot));
     out
+}
+
+/// The method of the snapshot held on `v` as status names it ("split",
+/// "cow"), `None` when none is held.
+fn held_method(v: &dpb::VolumeStatus) -> Option<&'static str> {
+    (v.snapshot_method() != dpb::SnapshotMethod::Unspecified)
+        .then(|| method_name(v.snapshot_method()))
+}
+
+/// What status says of a volume's snapshot method, save area and
+/// invalidation, one line each (none for a volume without a snapshot or a
+/// save area).
+pub fn snapshot_lines(v: &dpb::VolumeStatus) -> Vec<String> {
+    let mut lines = Vec::new();
+    match held_method(v) {
+        Some("cow") => lines.push(
+            "snapshot: copy-on-write (the pair is not split; read it through db-server)".into(),
+        ),
+        Some(method) => lines.push(format!("snapshot: {method}")),
+        None => {}
+    }
+    if let Some(area) = &v.save_area {
+        let percent = if area.capacity_blocks == 0 {
+            0.0
+        } else {
+            area.used_blocks as f64 * 100.0 / area.capacity_blocks as f64
+        };
+        lines.push(format!(
+            "save area: LU {}, {} of {} blocks used ({percent:.1} %)",
+            area.lu, area.used_blocks, area.capacity_blocks
+        ));
+    }
+    if !v.snapshot_invalidated_reason.is_empty() {
+        lines.push(format!(
+            "snapshot INVALIDATED (its reads are refused until {} deletes it): {}",
+            if v.snapshot_holder.is_empty() {
+                "its holder"
+            } else {
+                &v.snapshot_holder
+            },
+            v.snapshot_invalidated_reason
+        ));
+    }
+    lines
 }
 
 /// One line for the pace of background copies: the array's `why` (rate,
@@ -288,6 +335,14 @@ pub fn to_json(snapshot: &Snapshot) -> Value {
                     "bytes_total": r.bytes_total,
                 })),
                 "full_resync_reason": v.full_resync_reason,
+                "snapshot_method": held_method(v),
+                "save_area": v.save_area.as_ref().map(|a| json!({
+                    "lu": a.lu,
+                    "capacity_blocks": a.capacity_blocks,
+                    "used_blocks": a.used_blocks,
+                })),
+                "snapshot_invalidated_reason": (!v.snapshot_invalidated_reason.is_empty())
+                    .then_some(v.snapshot_invalidated_reason.as_str()),
             })
         })
         .collect();
@@ -459,6 +514,59 @@ mod tests {
         );
         let json = to_json(&snapshot);
         assert_eq!(json["ledger"]["latency_p99_us"], 900);
+    }
+
+    #[test]
+    fn status_shows_the_snapshot_method_the_save_area_and_an_invalidation() {
+        let cow = dpb::VolumeStatus {
+            volume: 0,
+            snapshot_holder: "run-1".into(),
+            snapshot_method: dpb::SnapshotMethod::Cow.into(),
+            save_area: Some(dpb::SaveAreaStatus {
+                lu: 6,
+                capacity_blocks: 1000,
+                used_blocks: 250,
+            }),
+            snapshot_invalidated_reason: "the save area (LU 6, 1000 blocks) filled up".into(),
+            ..dpb::VolumeStatus::default()
+        };
+        let plain = dpb::VolumeStatus {
+            volume: 3,
+            ..dpb::VolumeStatus::default()
+        };
+        let snapshot = Snapshot {
+            db: dpb::StatusResponse {
+                volumes: vec![cow, plain],
+                ..dpb::StatusResponse::default()
+            },
+            backups: None,
+        };
+        let text = render(&snapshot);
+        assert!(text.contains("snapshot: copy-on-write"), "{text}");
+        assert!(
+            text.contains("save area: LU 6, 250 of 1000 blocks used (25.0 %)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("snapshot INVALIDATED (its reads are refused until run-1 deletes it): the save area (LU 6, 1000 blocks) filled up"),
+            "{text}"
+        );
+        assert_eq!(text.matches("save area:").count(), 1, "{text}");
+        let json = to_json(&snapshot);
+        let (cow, plain) = (&json["volumes"][0], &json["volumes"][1]);
+        assert_eq!(cow["snapshot_method"], "cow");
+        assert_eq!(cow["save_area"]["lu"], 6);
+        assert_eq!(cow["save_area"]["used_blocks"], 250);
+        assert_eq!(cow["save_area"]["capacity_blocks"], 1000);
+        assert!(
+            cow["snapshot_invalidated_reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("filled up")
+        );
+        assert!(plain["snapshot_method"].is_null());
+        assert!(plain["save_area"].is_null());
+        assert!(plain["snapshot_invalidated_reason"].is_null());
     }
 
     #[test]

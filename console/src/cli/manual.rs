@@ -24,17 +24,30 @@ pub async fn snapshot_acquire(
     clients: &Clients,
     volume: u32,
     run_id: Option<String>,
+    method: dpb::SnapshotMethod,
 ) -> anyhow::Result<ExitCode> {
     let run_id = run_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let a = clients.db.acquire_snapshot(volume, &run_id).await?;
+    let a = clients
+        .db
+        .acquire_snapshot_by(volume, &run_id, method)
+        .await?;
     let already = if a.already_held {
         " (already held)"
     } else {
         ""
     };
+    let image = match a.method() {
+        dpb::SnapshotMethod::Cow => format!(
+            "copy-on-write (read the image through db-server's snapshot virtual LU; mate LU {} goes on being written)",
+            a.mate_lu
+        ),
+        dpb::SnapshotMethod::Split | dpb::SnapshotMethod::Unspecified => {
+            format!("split, mate LU {}", a.mate_lu)
+        }
+    };
     println(&format!(
-        "snapshot of volume {volume} acquired by run {run_id}: mate LU {}, freeze window {} µs, ledger sequence {}{already}",
-        a.mate_lu, a.freeze_window_us, a.ledger_sequence,
+        "snapshot of volume {volume} acquired by run {run_id}: {image}, freeze window {} µs, ledger sequence {}{already}",
+        a.freeze_window_us, a.ledger_sequence,
     ))?;
     Ok(ExitCode::SUCCESS)
 }
