@@ -20,7 +20,7 @@ use splitmirror_proto::pace::{PaceReason, PaceReport};
 use splitmirror_proto::security::Security;
 
 /// The mirror pair row (1108) and the array error are the shared client's.
-pub use splitmirror_proto::client::{ClientError, PairInfo};
+pub use splitmirror_proto::client::{ClientError, LuPage, PairInfo};
 
 /// A boxed future, so that [`ArrayPort`] can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -63,6 +63,20 @@ pub trait ArrayPort: Send + Sync + 'static {
     /// an array that does not pace (the default: simulators).
     fn pace(&self) -> BoxFuture<'_, Result<Option<PaceReport>, ClientError>> {
         Box::pin(async { Ok(None) })
+    }
+    /// The mode-sense page of one LU (its kind, block size and count), to
+    /// check a save area at start-up. The default knows no LU: only for
+    /// ports over arrays that have no save areas (simulators).
+    fn lu_page(&self, lu: u32) -> BoxFuture<'_, Result<LuPage, ClientError>> {
+        Box::pin(async move {
+            Err(ClientError::local(
+                splitmirror_proto::client::ErrorKind::NotFound,
+                "array",
+                "simulator",
+                format!("mode sense of LU {lu}"),
+                "this array describes no LU",
+            ))
+        })
     }
     /// Makes every acknowledged write to `lu` durable.
     fn flush(&self, lu: u32) -> BoxFuture<'_, Result<(), ClientError>>;
@@ -229,6 +243,10 @@ impl GrpcArray {
 impl ArrayPort for GrpcArray {
     fn list_pairs(&self) -> BoxFuture<'_, Result<Vec<PairInfo>, ClientError>> {
         Box::pin(self.client.list_pairs())
+    }
+
+    fn lu_page(&self, lu: u32) -> BoxFuture<'_, Result<LuPage, ClientError>> {
+        Box::pin(self.client.mode_sense(lu))
     }
 
     fn read(&self, lu: u32, lba: u64, blocks: u64) -> BoxFuture<'_, Result<Vec<u8>, ClientError>> {

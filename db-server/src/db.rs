@@ -30,6 +30,8 @@ pub struct AcquiredSnapshot {
     pub block_count: u64,
     /// The acquire's id (a retry answers the first acquire's).
     pub snapshot_id: u64,
+    /// The method of the snapshot held (a retry answers the held one's).
+    pub method: crate::manager::SnapshotMethod,
 }
 
 /// Everything `Status` reports.
@@ -136,6 +138,7 @@ impl Db {
             block_size_bytes: held.pair.block_size_bytes,
             block_count: held.pair.block_count,
             snapshot_id: held.snapshot_id,
+            method: held.method,
         };
         // A retry: the sequence and the id come from the pair's state
         // (journaled, so they survive a restart); the freeze window from
@@ -156,7 +159,14 @@ impl Db {
         .await?;
         let ledger_sequence = self.ledger.sequence();
         let result = tracing::Instrument::instrument(
-            self.manager.acquire(volume, run_id, ledger_sequence),
+            self.manager.acquire_by(
+                volume,
+                run_id,
+                ledger_sequence,
+                request
+                    .method
+                    .unwrap_or_else(|| self.manager.default_snapshot_method()),
+            ),
             tracing::info_span!("split", volume, run_id, ledger_sequence),
         )
         .await;
@@ -668,7 +678,6 @@ mod tests {
             pb::RestoreSnapshotRequest {
                 volume: 0,
                 run_id: "run-a".into(),
-                ..Default::default()
             },
         )
         .expect("valid");

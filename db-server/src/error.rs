@@ -49,6 +49,36 @@ pub enum DbError {
         "the snapshot of volume {volume} is read-only: the array masks its mate LU {mate_lu} read-only while the snapshot is held"
     )]
     SnapshotReadOnly { volume: u32, mate_lu: u32 },
+    /// A write to the snapshot virtual LU of a copy-on-write snapshot: its
+    /// image is the mate plus the save area, which only db-server's write
+    /// path fills. Not retryable.
+    #[error(
+        "the copy-on-write snapshot of volume {volume} is read-only: only the data virtual LU takes writes"
+    )]
+    CowSnapshotReadOnly { volume: u32 },
+    /// The copy-on-write snapshot's image is gone: its save area filled up,
+    /// or db-server restarted while it was held (`reason` says which). Its
+    /// reads are refused; the holder's delete succeeds. Not retryable: take
+    /// a new snapshot.
+    #[error(
+        "the copy-on-write snapshot of volume {volume} (run {holder}) is invalidated: {reason}"
+    )]
+    SnapshotInvalidated {
+        volume: u32,
+        holder: String,
+        reason: String,
+    },
+    /// A copy-on-write snapshot was asked of a volume without a save area
+    /// (`--save-area VOLUME=LU`). Not retryable as configured.
+    #[error(
+        "volume {volume} has no save area: a copy-on-write snapshot needs one (db-server --save-area {volume}=LU)"
+    )]
+    NoSaveArea { volume: u32 },
+    /// `--save-area` or `--snapshot-method` names something the array does
+    /// not have as needed (checked at start-up). Not retryable as
+    /// configured.
+    #[error("{0}")]
+    SaveAreaConfig(String),
     /// Another run holds the snapshot and the delete was not forced. Not
     /// retryable as it is.
     #[error(

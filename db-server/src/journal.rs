@@ -35,9 +35,11 @@
 //! Synchronized, 1 Snapshot (holder, sequence, non-zero id), 2
 //! Resynchronizing (for 0 and 2 a holder, when not empty, names the
 //! restore run this state change ended or abandoned), 3 Restoring (holder = the restore's run id, sequence
-//! and id 0), 4 RestoringToSnapshot (as Snapshot). Codes 3 and 4 were added
-//! without a format change: an older journal has none, and every record it
-//! has decodes as before. An intent record: `2` | volume u32 | start u64 |
+//! and id 0), 4 RestoringToSnapshot (as Snapshot), 5 CowSnapshot (as
+//! Snapshot: a held copy-on-write snapshot; its save-area map is not
+//! journaled, so a replay of it invalidates the snapshot). Codes 3, 4 and 5
+//! were added without a format change: an older journal has none, and
+//! every record it has decodes as before. An intent record: `2` | volume u32 | start u64 |
 //! end u64.
 //!
 //! # Why a committed length
@@ -241,6 +243,11 @@ impl Record {
                         ledger_sequence,
                         snapshot_id,
                     } => (4, holder.as_str(), *ledger_sequence, *snapshot_id),
+                    PairState::CowSnapshot {
+                        holder,
+                        ledger_sequence,
+                        snapshot_id,
+                    } => (5, holder.as_str(), *ledger_sequence, *snapshot_id),
                 };
                 payload.push(code);
                 payload.push(u8::from(*full_resync));
@@ -316,6 +323,11 @@ impl Record {
                         backup_id,
                     },
                     4 if snapshot_id != 0 => PairState::RestoringToSnapshot {
+                        holder,
+                        ledger_sequence,
+                        snapshot_id,
+                    },
+                    5 if snapshot_id != 0 => PairState::CowSnapshot {
                         holder,
                         ledger_sequence,
                         snapshot_id,
@@ -1431,8 +1443,23 @@ mod tests {
         zero[at..].copy_from_slice(&0u64.to_le_bytes());
         assert_eq!(Record::decode(&zero), None, "a snapshot id of 0");
         let mut unknown = payload;
-        unknown[21] = 5;
+        unknown[21] = 6;
         assert_eq!(Record::decode(&unknown), None, "an unknown state code");
+
+        // A held copy-on-write snapshot (code 5) round-trips, and is
+        // refused without its id as a split snapshot is.
+        let cow = state_record(PairState::CowSnapshot {
+            holder: "run-c".into(),
+            ledger_sequence: 12,
+            snapshot_id: 0xdef,
+        });
+        let payload = payload_of(&cow);
+        assert_eq!(payload[21], 5);
+        assert_eq!(Record::decode(&payload), Some(cow));
+        let mut zero = payload;
+        let at = zero.len() - 8;
+        zero[at..].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(Record::decode(&zero), None, "a snapshot id of 0");
     }
 
     /// A state record as the encoder before the restore states wrote it

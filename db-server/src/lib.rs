@@ -299,7 +299,7 @@ async fn start(
         }
     }
     let db = Arc::new(Db::new(manager, gate, ledger));
-    service.ready(service::server(db));
+    service.ready(service::server(db, config.control_identities.clone()));
     Ok(())
 }
 

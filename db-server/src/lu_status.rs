@@ -31,6 +31,20 @@ pub enum PairState {
         snapshot_id: u64,
     },
     Resynchronizing,
+    /// A copy-on-write snapshot is held (issue 20, the fourth embodiment,
+    /// [0072]-[0078]): the pair is NOT split — writes still go to the
+    /// mirror LU, both sides — but before a block is first overwritten its
+    /// pre-update data is saved to the volume's save area (`--save-area`).
+    /// The snapshot virtual LU reads saved blocks from the save area and
+    /// the rest from the mate. The block → slot map lives in memory only:
+    /// a restart finds this state in the journal and invalidates the
+    /// snapshot (the pair is Synchronized, it never split). Fields as in
+    /// `Snapshot`.
+    CowSnapshot {
+        holder: String,
+        ledger_sequence: u64,
+        snapshot_id: u64,
+    },
     /// Offline for the restore run `run_id` of backup `backup_id`
     /// (BeginRestore … EndRestore): the backup server writes the mirror LU,
     /// db-server serves no Read or Write of the volume.
@@ -111,6 +125,7 @@ impl PairState {
     /// | synchronized | m | m | Synchronized | Undefined |
     /// | snapshot | o | o | Snapshot | t, Snapshot |
     /// | resynchronizing | o | m | Resynchronizing | Undefined |
+    /// | copy-on-write snapshot | m | m | Synchronized | save area + t, Snapshot |
     /// | restoring (either kind) | refused | refused | Undefined | Undefined |
     ///
     /// A restoring volume's read and write LUs are shown as its mirror LU
@@ -129,6 +144,15 @@ impl PairState {
                 data_mode: Mode::Snapshot,
                 data_read_lu: pair.origin_lu,
                 data_write_lu: pair.origin_lu,
+                snapshot_mode: Mode::Snapshot,
+                snapshot_lu: Some(pair.mate_lu),
+            },
+            // The snapshot LU shown is the mate: blocks not yet saved are
+            // read from it; saved ones from the save area.
+            PairState::CowSnapshot { .. } => Routing {
+                data_mode: Mode::Synchronized,
+                data_read_lu: pair.mirror_lu,
+                data_write_lu: pair.mirror_lu,
                 snapshot_mode: Mode::Snapshot,
                 snapshot_lu: Some(pair.mate_lu),
             },
@@ -185,15 +209,29 @@ impl PairState {
     /// The snapshot id of the acquire that split the pair, if split.
     pub fn snapshot_id(&self) -> Option<u64> {
         match self {
-            PairState::Snapshot { snapshot_id, .. } => Some(*snapshot_id),
+            PairState::Snapshot { snapshot_id, .. }
+            | PairState::CowSnapshot { snapshot_id, .. } => Some(*snapshot_id),
             _ => None,
         }
     }
 
+    /// The run that holds a snapshot (split or copy-on-write), if one is
+    /// held.
     pub fn holder(&self) -> Option<&str> {
         match self {
-            PairState::Snapshot { holder, .. } => Some(holder),
+            PairState::Snapshot { holder, .. } | PairState::CowSnapshot { holder, .. } => {
+                Some(holder)
+            }
             _ => None,
+        }
+    }
+
+    /// The mode a refusal names: a held copy-on-write snapshot refuses as
+    /// a held snapshot does (its data mode stays Synchronized).
+    pub fn refusal_mode(&self, pair: &PairInfo) -> Mode {
+        match self {
+            PairState::CowSnapshot { .. } => Mode::Snapshot,
+            other => other.routing(pair).data_mode,
         }
     }
 }

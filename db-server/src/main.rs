@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use db_server::ledger::LedgerConfig;
-use db_server::manager::{ManagerConfig, ResyncMethod};
+use db_server::manager::{ManagerConfig, ResyncMethod, SnapshotMethod};
 use db_server::{DbServerConfig, ledger_format};
 use splitmirror_proto::node;
 use splitmirror_proto::security::{Security, SecurityArgs, role};
@@ -85,6 +85,27 @@ struct ServeArgs {
     /// array's own minimum (array-node --background-min-rate).
     #[arg(long, value_parser = parse_nonzero_rate)]
     resync_min_rate: Option<u64>,
+    /// How an AcquireSnapshot that names no method takes the snapshot:
+    /// `split` (the pair is split; the mate LU is the frozen image and the
+    /// backup server reads it from the array; the writes made meanwhile are
+    /// resynced after the delete) or `cow` (copy-on-write: the pair stays
+    /// mirrored; before a block is first overwritten its old data is saved
+    /// to the volume's --save-area; the backup server reads the image
+    /// through db-server's Read of the snapshot virtual LU; nothing to
+    /// resync after the delete). `cow` needs a --save-area for every
+    /// volume. A request naming a method gets that method.
+    #[arg(long, default_value = "split", value_name = "split|cow")]
+    snapshot_method: SnapshotMethod,
+    /// The save area of a volume's copy-on-write snapshots, as
+    /// VOLUME=LU (repeat for several volumes): LU is a plain LU of the
+    /// array (in no mirror) with the volume's block size; its block count
+    /// is how many blocks a snapshot can save before it is invalidated
+    /// (the database keeps running; the snapshot's reads are refused with
+    /// reason snapshot-invalidated). Checked against the array at
+    /// start-up. The save-area map is kept in memory only: a restart
+    /// invalidates a held copy-on-write snapshot.
+    #[arg(long = "save-area", value_name = "VOLUME=LU", value_parser = parse_save_area)]
+    save_areas: Vec<(u32, u32)>,
     /// Run no ledger, only the snapshot manager.
     #[arg(long)]
     no_ledger: bool,
@@ -137,6 +158,10 @@ struct UnsafeTestArgs {
     /// the ledger crash test can show it catches it.
     #[arg(long, hide = true)]
     unsafe_test_ledger_writes_side_by_side: bool,
+    /// Breaks the copy-on-write snapshot on purpose (a write does not save
+    /// the pre-update data), so that the tests can show they catch it.
+    #[arg(long, hide = true)]
+    unsafe_test_skip_cow_save: bool,
 }
 
 #[cfg(feature = "testing")]
@@ -147,6 +172,7 @@ impl UnsafeTestArgs {
             journal_intent_after_write: self.unsafe_test_intent_after_write,
             forget_snapshot_writes: self.unsafe_test_forget_snapshot_writes,
             resync_skips_recheck: self.unsafe_test_resync_skips_recheck,
+            skip_cow_save: self.unsafe_test_skip_cow_save,
         };
         if let Some(ledger) = ledger {
             ledger.hooks = db_server::ledger::LedgerTestHooks {
@@ -220,8 +246,18 @@ async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<()> {
              cannot be guaranteed more than it is allowed"
         );
     }
+    let mut save_areas = std::collections::BTreeMap::new();
+    for (volume, lu) in args.save_areas {
+        if let Some(other) = save_areas.insert(volume, lu) {
+            anyhow::bail!(
+                "--save-area {volume}={lu}: volume {volume} already has the save area LU {other}"
+            );
+        }
+    }
     #[cfg_attr(not(feature = "testing"), expect(unused_mut))]
     let mut manager = ManagerConfig {
+        snapshot_method: args.snapshot_method,
+        save_areas,
         resync_method: args.resync,
         resync_max_bytes_per_s: args.resync_max_rate,
         resync_min_bytes_per_s: args.resync_min_rate,
@@ -313,6 +349,19 @@ fn verify_image(file: &PathBuf, expect_sequence: Option<u64>, json: bool) -> any
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `VOLUME=LU` of `--save-area`.
+fn parse_save_area(text: &str) -> Result<(u32, u32), String> {
+    let (volume, lu) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not VOLUME=LU (e.g. 0=5)"))?;
+    let number = |what: &str, n: &str| {
+        n.trim()
+            .parse::<u32>()
+            .map_err(|e| format!("{text:?}: the {what} {n:?} is not a number: {e}"))
+    };
+    Ok((number("volume", volume)?, number("LU", lu)?))
 }
 
 /// A rate above 0 (the array refuses a guarantee of 0).

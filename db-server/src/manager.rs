@@ -35,8 +35,11 @@ use crate::journal::{DurableVolume, Journal};
 use crate::lu_status::{Mode, PairState, Routing, VirtualLu, new_snapshot_id};
 use crate::update_location_table::UpdateLocationTable;
 
+mod cow;
 mod restore;
 mod resync;
+use cow::CowImage;
+pub use cow::{SaveArea, SaveAreaStatus, SnapshotMethod, UnknownSnapshotMethod};
 pub use restore::{BeganRestore, BeginDecision, EndedRestore, RestoreStatus, ReverseOutcome};
 pub use resync::{ResyncMethod, ResyncProgress, UnknownResyncMethod};
 
@@ -55,6 +58,9 @@ pub struct ManagerTestHooks {
     /// The write intent is journaled after the array write instead of
     /// before it (breaks durability rule 1).
     pub journal_intent_after_write: bool,
+    /// A write under a copy-on-write snapshot does not save the blocks'
+    /// pre-update data: the snapshot reads the new data from the mate.
+    pub skip_cow_save: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +85,12 @@ pub struct ManagerConfig {
     /// its grant at BeginRestore and withdraws it at EndRestore. Unused
     /// when the array masks nothing.
     pub restore_writer: String,
+    /// The method of an AcquireSnapshot that names none
+    /// (`--snapshot-method`).
+    pub snapshot_method: SnapshotMethod,
+    /// Each volume's save area for copy-on-write snapshots: volume (mirror
+    /// LU) → a plain LU of the array (`--save-area VOLUME=LU`).
+    pub save_areas: BTreeMap<u32, u32>,
     /// Switches that break the manager on purpose (tests only).
     #[cfg(any(test, feature = "testing"))]
     pub hooks: ManagerTestHooks,
@@ -93,6 +105,8 @@ impl Default for ManagerConfig {
             resync_min_bytes_per_s: None,
             host_mirroring: false,
             restore_writer: splitmirror_proto::security::role::BACKUP.to_string(),
+            snapshot_method: SnapshotMethod::Split,
+            save_areas: BTreeMap::new(),
             #[cfg(any(test, feature = "testing"))]
             hooks: ManagerTestHooks::default(),
         }
@@ -120,6 +134,16 @@ impl ManagerConfig {
         true
     }
 
+    /// Whether a write under a copy-on-write snapshot skips saving the
+    /// pre-update data: never, unless a test hook breaks it.
+    fn skips_cow_save(&self) -> bool {
+        #[cfg(any(test, feature = "testing"))]
+        if self.hooks.skip_cow_save {
+            return true;
+        }
+        false
+    }
+
     /// Whether the resync copies without the range lock and the re-check:
     /// never, unless a test hook breaks it.
     fn resync_skips_recheck(&self) -> bool {
@@ -144,6 +168,13 @@ pub struct VolumeStatus {
     pub full_resync_reason: Option<String>,
     /// The restore that holds the volume offline, if one does.
     pub restore: Option<RestoreStatus>,
+    /// The method of the snapshot held, if one is.
+    pub snapshot_method: Option<SnapshotMethod>,
+    /// The volume's save area (`--save-area`), if it has one.
+    pub save_area: Option<SaveAreaStatus>,
+    /// Why the copy-on-write snapshot held (or held before a restart) was
+    /// invalidated, until its holder deletes it.
+    pub snapshot_invalidated_reason: Option<String>,
 }
 
 /// The snapshot a volume holds: who acquired it, the ledger sequence at
@@ -156,6 +187,9 @@ pub struct HeldSnapshot {
     pub ledger_sequence: u64,
     pub snapshot_id: u64,
     pub pair: PairInfo,
+    /// Split (the mate is the frozen image) or copy-on-write (the image is
+    /// read through db-server: the save area over the mate).
+    pub method: SnapshotMethod,
 }
 
 /// What an acquire did: split the pair now, or found it held by the same
@@ -207,6 +241,9 @@ struct VolumeInner {
     /// Chunks the last whole-volume compare found different and copied
     /// (what an abandoned restore reports).
     compare_copied_chunks: Option<u64>,
+    /// The copy-on-write snapshot's save-area map, or why it is gone (in
+    /// memory only).
+    cow: CowImage,
 }
 
 /// db-server's access to a pair's mate LU as far as it knows: set by the
@@ -220,6 +257,8 @@ enum MateAccess {
 
 struct Volume {
     pair: PairInfo,
+    /// Where a copy-on-write snapshot saves pre-update data, if configured.
+    save_area: Option<SaveArea>,
     mode_gate: RwLock<()>,
     blocks: RangeLock,
     inner: Mutex<VolumeInner>,
@@ -233,6 +272,30 @@ impl Volume {
 
     fn volume(&self) -> u32 {
         self.pair.mirror_lu
+    }
+
+    /// The snapshot `state` holds, if it holds one.
+    fn held_snapshot(&self, state: &PairState) -> Option<HeldSnapshot> {
+        let (holder, ledger_sequence, snapshot_id, method) = match state {
+            PairState::Snapshot {
+                holder,
+                ledger_sequence,
+                snapshot_id,
+            } => (holder, ledger_sequence, snapshot_id, SnapshotMethod::Split),
+            PairState::CowSnapshot {
+                holder,
+                ledger_sequence,
+                snapshot_id,
+            } => (holder, ledger_sequence, snapshot_id, SnapshotMethod::Cow),
+            _ => return None,
+        };
+        Some(HeldSnapshot {
+            holder: holder.clone(),
+            ledger_sequence: *ledger_sequence,
+            snapshot_id: *snapshot_id,
+            pair: self.pair,
+            method,
+        })
     }
 
     fn check_write(&self, lba: u64, data_bytes: usize) -> Result<Range<u64>, DbError> {
@@ -372,6 +435,7 @@ impl SnapshotManager {
                 (None, BTreeMap::new())
             }
         };
+        let save_areas = cow::check_save_areas(array.as_ref(), &pairs, &config).await?;
         let mut volumes = BTreeMap::new();
         for pair in pairs {
             let known = durable.get(&pair.mirror_lu).filter(|d| {
@@ -392,11 +456,30 @@ impl SnapshotManager {
                 last_reverse: None,
                 reverse_blocks: (0, 0),
                 compare_copied_chunks: None,
+                cow: CowImage::None,
             };
             match (&journal, known) {
                 (None, _) => {}
-                (Some(_), Some(d)) => {
+                (Some(journal), Some(d)) => {
                     inner.state = d.state.clone();
+                    if let PairState::CowSnapshot { holder, .. } = &d.state {
+                        // The save-area map was in memory: the image is gone.
+                        // The pair never split, so it is Synchronized unless
+                        // a write failed meanwhile (its range is recorded).
+                        let state = if d.regions.is_empty() {
+                            PairState::Synchronized
+                        } else {
+                            PairState::Resynchronizing
+                        };
+                        journal.record_state(&pair, &state, false).await?;
+                        tracing::warn!(volume = pair.mirror_lu, holder, "{}", cow::RESTART_REASON);
+                        inner.cow = CowImage::Invalidated {
+                            holder: holder.clone(),
+                            reason: cow::RESTART_REASON.to_string(),
+                            used_blocks: 0,
+                        };
+                        inner.state = state;
+                    }
                     for region in d.regions.iter() {
                         inner.table.insert(region.clone());
                     }
@@ -456,6 +539,7 @@ impl SnapshotManager {
             }
             let volume = Volume {
                 pair,
+                save_area: save_areas.get(&pair.mirror_lu).copied(),
                 mode_gate: RwLock::new(()),
                 blocks: RangeLock::new(),
                 inner: Mutex::new(inner),
@@ -719,7 +803,20 @@ impl SnapshotManager {
         blocks: u64,
     ) -> Result<Vec<u8>, DbError> {
         let vol = self.volume(volume)?;
-        vol.check_range(lba, blocks)?;
+        let range = vol.check_range(lba, blocks)?;
+        // A copy-on-write snapshot is read through its map; an invalidated
+        // one is refused with its reason.
+        let cow_read = {
+            let inner = vol.inner();
+            refuse_if_restoring(volume, &inner.state)?;
+            if target == VirtualLu::Snapshot {
+                inner.cow.check_valid(volume)?;
+            }
+            target == VirtualLu::Snapshot && matches!(inner.state, PairState::CowSnapshot { .. })
+        };
+        if cow_read {
+            return self.read_cow_snapshot(vol, range).await;
+        }
         let lu = {
             let inner = vol.inner();
             refuse_if_restoring(volume, &inner.state)?;
@@ -755,7 +852,18 @@ impl SnapshotManager {
         let range = vol.check_write(lba, data.len())?;
         let blocks = range.end - range.start;
         let _mode = vol.mode_gate.read().await;
-        let _blocks = vol.blocks.lock(range.clone(), LockMode::Shared).await;
+        // Under a copy-on-write snapshot a write holds its blocks
+        // exclusively: saving the pre-update data and writing the new data
+        // is one step to the snapshot's readers (which hold them shared)
+        // and to other writers of the same blocks. The state cannot change
+        // while the mode gate is held.
+        let cow_held = matches!(vol.inner().state, PairState::CowSnapshot { .. });
+        let lock_mode = if cow_held {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        };
+        let _blocks = vol.blocks.lock(range.clone(), lock_mode).await;
         let (lu, mode) = {
             let mut inner = vol.inner();
             refuse_if_restoring(volume, &inner.state)?;
@@ -784,9 +892,15 @@ impl SnapshotManager {
                     }
                     (vol.pair.mate_lu, Mode::Snapshot)
                 }
+                (VirtualLu::Snapshot, PairState::CowSnapshot { .. }) => {
+                    return Err(DbError::CowSnapshotReadOnly { volume });
+                }
                 (VirtualLu::Snapshot, _) => return Err(DbError::Undefined { volume, target }),
             }
         };
+        if cow_held {
+            self.save_before_write(vol, range.clone()).await?;
+        }
         // Durability rule 1: the range is durable before the write that
         // dirties it reaches the array.
         let dirties = mode == Mode::Snapshot;
@@ -869,7 +983,30 @@ impl SnapshotManager {
         run_id: &str,
         ledger_sequence: u64,
     ) -> Result<AcquireOutcome, DbError> {
+        self.acquire_by(volume, run_id, ledger_sequence, self.config.snapshot_method)
+            .await
+    }
+
+    /// The method an acquire that names none uses (`--snapshot-method`).
+    pub fn default_snapshot_method(&self) -> SnapshotMethod {
+        self.config.snapshot_method
+    }
+
+    /// [`Self::acquire`] by `method`: a split (above), or a copy-on-write
+    /// snapshot, which journals [`PairState::CowSnapshot`] and changes
+    /// nothing at the array (no split, no masking). A retry answers the
+    /// snapshot held, whatever its method.
+    pub async fn acquire_by(
+        &self,
+        volume: u32,
+        run_id: &str,
+        ledger_sequence: u64,
+        method: SnapshotMethod,
+    ) -> Result<AcquireOutcome, DbError> {
         let vol = self.volume(volume)?;
+        if method == SnapshotMethod::Cow {
+            return self.acquire_cow(vol, run_id, ledger_sequence).await;
+        }
         let _mode = vol.mode_gate.write().await;
         let purpose = format!("snapshot of run {run_id}");
         // The checks happen in a block of their own, so that the table's
@@ -895,8 +1032,17 @@ impl SnapshotManager {
                         ledger_sequence: *ledger_sequence,
                         snapshot_id: *snapshot_id,
                         pair: vol.pair,
+                        method: SnapshotMethod::Split,
                     },
                 }),
+                PairState::CowSnapshot { holder, .. } if holder == run_id => {
+                    // A retry of a copy-on-write acquire: the mate is not
+                    // masked, nothing to repair.
+                    return Ok(AcquireOutcome {
+                        already_held: true,
+                        snapshot: vol.held_snapshot(&inner.state).expect("held"),
+                    });
+                }
                 PairState::Restoring { run_id: holder, .. }
                 | PairState::RestoringToSnapshot { holder, .. } => {
                     return Err(DbError::RestoreHeld {
@@ -909,7 +1055,7 @@ impl SnapshotManager {
                     return Err(DbError::WrongMode {
                         volume,
                         action: "acquire a snapshot of",
-                        mode: other.routing(&vol.pair).data_mode,
+                        mode: other.refusal_mode(&vol.pair),
                     });
                 }
             }
@@ -948,6 +1094,7 @@ impl SnapshotManager {
         let mut inner = vol.inner();
         inner.state = state;
         inner.last_deleted_by = None;
+        inner.cow = CowImage::None;
         tracing::info!(volume, run_id, snapshot_id, "snapshot acquired");
         Ok(AcquireOutcome {
             already_held: false,
@@ -956,6 +1103,7 @@ impl SnapshotManager {
                 ledger_sequence,
                 snapshot_id,
                 pair: vol.pair,
+                method: SnapshotMethod::Split,
             },
         })
     }
@@ -970,9 +1118,39 @@ impl SnapshotManager {
     ) -> Result<DeleteOutcome, DbError> {
         let vol = self.volume(volume)?;
         let _mode = vol.mode_gate.write().await;
+        let cow_held_by = match &vol.inner().state {
+            PairState::CowSnapshot { holder, .. } => Some(holder.clone()),
+            _ => None,
+        };
+        if let Some(holder) = cow_held_by {
+            if holder != run_id && !force {
+                return Err(DbError::HeldByOther {
+                    volume,
+                    holder,
+                    requester: run_id.to_string(),
+                });
+            }
+            return self.delete_cow(vol, run_id).await;
+        }
         let holder = {
-            let inner = vol.inner();
+            let mut inner = vol.inner();
             match &inner.state {
+                // A copy-on-write snapshot a restart invalidated: the pair
+                // never split, there is nothing to resync.
+                _ if inner
+                    .cow
+                    .invalidated_holder()
+                    .is_some_and(|h| h == run_id || force) =>
+                {
+                    inner.cow = CowImage::None;
+                    inner.last_deleted_by = Some(run_id.to_string());
+                    tracing::info!(volume, run_id, "invalidated copy-on-write snapshot deleted");
+                    return Ok(DeleteOutcome {
+                        ranges_to_resync: inner.table.range_count() as u64,
+                        blocks_to_resync: inner.table.block_count(),
+                        already_deleted: false,
+                    });
+                }
                 PairState::Snapshot { holder, .. } => {
                     if holder != run_id && !force {
                         return Err(DbError::HeldByOther {
@@ -1002,7 +1180,7 @@ impl SnapshotManager {
                     return Err(DbError::WrongMode {
                         volume,
                         action: "delete the snapshot of",
-                        mode: other.routing(&vol.pair).data_mode,
+                        mode: other.refusal_mode(&vol.pair),
                     });
                 }
             }
@@ -1062,19 +1240,14 @@ impl SnapshotManager {
     /// The snapshot the volume holds, if one is acquired.
     pub fn snapshot_of(&self, volume: u32) -> Result<Option<HeldSnapshot>, DbError> {
         let vol = self.volume(volume)?;
-        Ok(match &vol.inner().state {
-            PairState::Snapshot {
-                holder,
-                ledger_sequence,
-                snapshot_id,
-            } => Some(HeldSnapshot {
-                holder: holder.clone(),
-                ledger_sequence: *ledger_sequence,
-                snapshot_id: *snapshot_id,
-                pair: vol.pair,
-            }),
-            _ => None,
-        })
+        Ok(vol.held_snapshot(&vol.inner().state))
+    }
+
+    /// Refuses, with the reason, when the volume's copy-on-write snapshot
+    /// was invalidated (its save area filled up, or db-server restarted
+    /// while it was held) and its holder has not deleted it yet.
+    pub fn check_snapshot_valid(&self, volume: u32) -> Result<(), DbError> {
+        self.volume(volume)?.inner().cow.check_valid(volume)
     }
 
     /// The holder of the volume's snapshot, if one is acquired.
@@ -1102,6 +1275,17 @@ impl SnapshotManager {
                     resync: inner.resync,
                     full_resync_reason: inner.full_resync_reason.clone(),
                     restore: self.restore_status(&inner),
+                    snapshot_method: match inner.state {
+                        PairState::Snapshot { .. } => Some(SnapshotMethod::Split),
+                        PairState::CowSnapshot { .. } => Some(SnapshotMethod::Cow),
+                        _ => None,
+                    },
+                    save_area: vol.save_area.map(|area| SaveAreaStatus {
+                        lu: area.lu,
+                        capacity_blocks: area.capacity_blocks,
+                        used_blocks: inner.cow.used_blocks(),
+                    }),
+                    snapshot_invalidated_reason: inner.cow.invalidated_reason(),
                 }
             })
             .collect()

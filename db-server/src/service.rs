@@ -13,14 +13,18 @@ use tonic::{Request, Response, Status};
 
 /// The methods only the control identities (`--control-identity`, the
 /// console by default) may call: they freeze, split, resynchronize, restore,
-/// or read and write the volumes. Status, WatchStatus and GetSnapshot answer any
+/// or write the volumes. Status, WatchStatus and GetSnapshot answer any
 /// identity of the cluster's CA (the backup server asks GetSnapshot).
+/// `Read` is decided per request by its handler ([`may_read`]): the data
+/// virtual LU only for the control identities, the snapshot virtual LU
+/// (read-only whatever the method) for any identity of the cluster's CA —
+/// the backup server reads a copy-on-write snapshot's image there, since
+/// its save-area map lives in db-server.
 pub const CONTROL_METHODS: &[&str] = &[
     "/splitmirror.db.v1.DbService/AcquireSnapshot",
     "/splitmirror.db.v1.DbService/DeleteSnapshot",
     "/splitmirror.db.v1.DbService/Suspend",
     "/splitmirror.db.v1.DbService/Resume",
-    "/splitmirror.db.v1.DbService/Read",
     "/splitmirror.db.v1.DbService/Write",
     "/splitmirror.db.v1.DbService/BeginRestore",
     "/splitmirror.db.v1.DbService/EndRestore",
@@ -33,7 +37,7 @@ use crate::db::{Db, DbStatus};
 use crate::error::DbError;
 use crate::latency::quantile_us;
 use crate::lu_status::{Mode, RestoreKind, VirtualLu};
-use crate::manager::ResyncPace;
+use crate::manager::{ResyncPace, SnapshotMethod};
 
 /// Volume reads are streamed in chunks of this many bytes.
 const READ_CHUNK_BYTES: u64 = 1 << 20;
@@ -54,19 +58,58 @@ pub const MAX_ANSWER_MESSAGE_BYTES: usize = node::MAX_MESSAGE_BYTES;
 
 pub struct DbGrpc {
     db: Arc<Db>,
+    /// The identities that may read the data virtual LU (`Read` is not a
+    /// control method as a whole: see [`may_read`]).
+    control_identities: Arc<[String]>,
 }
 
 impl DbGrpc {
-    pub fn new(db: Arc<Db>) -> Self {
-        Self { db }
+    pub fn new(db: Arc<Db>, control_identities: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            db,
+            control_identities: control_identities.into_iter().collect(),
+        }
     }
 }
 
-/// The gRPC service over `db`, with its message limits. No compression is
+/// Whether `caller` may `Read` the `target` virtual LU: the snapshot
+/// virtual LU (read-only) any identified caller, the data virtual LU only
+/// the control identities. The stack refused anonymous callers already;
+/// `--insecure` allows everything.
+pub fn may_read(
+    caller: &splitmirror_proto::security::Caller,
+    target: VirtualLu,
+    control_identities: &[String],
+) -> Result<(), Status> {
+    use splitmirror_proto::security::Caller;
+    match (caller, target) {
+        (Caller::Unauthenticated, _) => Ok(()),
+        (Caller::Identified(_), VirtualLu::Snapshot) => Ok(()),
+        (Caller::Identified(identity), VirtualLu::Data)
+            if control_identities.contains(identity) =>
+        {
+            Ok(())
+        }
+        (Caller::Identified(identity), VirtualLu::Data) => Err(Status::permission_denied(format!(
+            "{identity} may not Read the data virtual LU: only {} (any identity may Read \
+                 the snapshot virtual LU)",
+            control_identities.join(", ")
+        ))),
+        (Caller::Anonymous, _) => Err(Status::unauthenticated(
+            "Read needs a client certificate of the cluster's CA",
+        )),
+    }
+}
+
+/// The gRPC service over `db`, with its message limits; `control_identities`
+/// may read the data virtual LU. No compression is
 /// enabled (tonic compresses nothing unless asked): volume data does not
 /// compress well enough to pay for the CPU on the data path.
-pub fn server(db: Arc<Db>) -> DbServiceServer<DbGrpc> {
-    DbServiceServer::new(DbGrpc::new(db))
+pub fn server(
+    db: Arc<Db>,
+    control_identities: impl IntoIterator<Item = String>,
+) -> DbServiceServer<DbGrpc> {
+    DbServiceServer::new(DbGrpc::new(db, control_identities))
         .max_decoding_message_size(MAX_REQUEST_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_ANSWER_MESSAGE_BYTES)
 }
@@ -100,6 +143,16 @@ impl From<DbError> for Status {
                 Status::failed_precondition(message),
                 Some(Reason::SnapshotHeld),
             ),
+            DbError::CowSnapshotReadOnly { .. } => (Status::permission_denied(message), None),
+            DbError::SnapshotInvalidated { .. } => (
+                Status::failed_precondition(message),
+                Some(Reason::SnapshotInvalidated),
+            ),
+            DbError::NoSaveArea { .. } => (
+                Status::failed_precondition(message),
+                Some(Reason::WrongMode),
+            ),
+            DbError::SaveAreaConfig(_) => (Status::internal(message), None),
             DbError::QuiesceTimeout { .. } => {
                 (Status::unavailable(message), Some(Reason::QuiesceTimeout))
             }
@@ -153,6 +206,13 @@ fn mode_to_pb(mode: Mode) -> pb::Mode {
     }
 }
 
+fn method_to_pb(method: SnapshotMethod) -> pb::SnapshotMethod {
+    match method {
+        SnapshotMethod::Split => pb::SnapshotMethod::Split,
+        SnapshotMethod::Cow => pb::SnapshotMethod::Cow,
+    }
+}
+
 /// The `q`-quantile of a cumulative latency histogram in whole
 /// microseconds (0 when it is empty).
 fn latency_percentile_us(histogram: &[u64], q: f64) -> u64 {
@@ -195,14 +255,16 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
                 ranges_total: v.resync.ranges_total,
                 bytes_total: v.resync.bytes_total,
             }),
-            snapshot_method: if v.routing.snapshot_lu.is_some() {
-                pb::SnapshotMethod::Split
-            } else {
-                pb::SnapshotMethod::Unspecified
-            }
-            .into(),
-            save_area: None,
-            snapshot_invalidated_reason: String::new(),
+            snapshot_method: v
+                .snapshot_method
+                .map_or(pb::SnapshotMethod::Unspecified, method_to_pb)
+                .into(),
+            save_area: v.save_area.map(|area| pb::SaveAreaStatus {
+                lu: area.lu,
+                capacity_blocks: area.capacity_blocks,
+                used_blocks: area.used_blocks,
+            }),
+            snapshot_invalidated_reason: v.snapshot_invalidated_reason.unwrap_or_default(),
             full_resync_reason: v.full_resync_reason.unwrap_or_default(),
             restore: v.restore.map(|r| pb::RestoreStatus {
                 kind: match r.kind {
@@ -413,8 +475,7 @@ impl DbService for DbGrpc {
             block_size_bytes: a.block_size_bytes,
             block_count: a.block_count,
             snapshot_id: a.snapshot_id,
-            // Only the split exists so far (#20 adds copy-on-write).
-            method: pb::SnapshotMethod::Split.into(),
+            method: method_to_pb(a.method).into(),
         }))
     }
 
@@ -496,6 +557,7 @@ impl DbService for DbGrpc {
         &self,
         request: Request<pb::VolumeReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
+        let caller = splitmirror_proto::security::Caller::of(&request);
         let request = request.into_inner();
         let span = tracing::Span::current();
         span.record("volume", request.volume);
@@ -509,8 +571,13 @@ impl DbService for DbGrpc {
             ..
         } = validate::read(&self.db, request)?;
         span.record("mode", tracing::field::debug(target));
-        // Each chunk is refused too if a restore begins meanwhile.
+        may_read(&caller, target, &self.control_identities)?;
+        // Each chunk is refused too if a restore begins meanwhile (or the
+        // copy-on-write snapshot is invalidated).
         self.db.manager.check_online(volume)?;
+        if target == VirtualLu::Snapshot {
+            self.db.manager.check_snapshot_valid(volume)?;
+        }
         let (lba, blocks) = (range.start, range.end - range.start);
         let chunk_blocks = (READ_CHUNK_BYTES / u64::from(block_size_bytes)).max(1);
         let db = self.db.clone();
@@ -552,6 +619,9 @@ impl DbService for DbGrpc {
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
         let validate::GetSnapshot { volume, .. } =
             validate::get_snapshot(&self.db, request.into_inner())?;
+        // An invalidated copy-on-write snapshot: FAILED_PRECONDITION with
+        // reason snapshot-invalidated, saying why.
+        self.db.manager.check_snapshot_valid(volume)?;
         // No snapshot: the snapshot virtual LU is Undefined, which callers
         // already know as FAILED_PRECONDITION.
         let held = self
@@ -570,7 +640,7 @@ impl DbService for DbGrpc {
             block_size_bytes: held.pair.block_size_bytes,
             block_count: held.pair.block_count,
             snapshot_id: held.snapshot_id,
-            method: pb::SnapshotMethod::Split.into(),
+            method: method_to_pb(held.method).into(),
         }))
     }
 }
@@ -703,6 +773,30 @@ mod tests {
         });
         assert_eq!(incomplete.code(), tonic::Code::FailedPrecondition);
         assert_eq!(reason(&incomplete), Some(Reason::RestoreIncomplete));
+    }
+
+    /// The backup server (any identity of the CA) reads the snapshot
+    /// virtual LU — a copy-on-write snapshot is only readable there — but
+    /// only the control identities read the data virtual LU.
+    #[test]
+    fn any_identity_reads_the_snapshot_lu_only_control_reads_the_data_lu() {
+        use splitmirror_proto::security::Caller;
+        let control = ["console".to_string()];
+        let backup = Caller::Identified("backup-server".into());
+        assert!(may_read(&backup, VirtualLu::Snapshot, &control).is_ok());
+        let refused = may_read(&backup, VirtualLu::Data, &control).expect_err("data");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        let console = Caller::Identified("console".into());
+        assert!(may_read(&console, VirtualLu::Data, &control).is_ok());
+        assert!(may_read(&Caller::Unauthenticated, VirtualLu::Data, &control).is_ok());
+        assert_eq!(
+            may_read(&Caller::Anonymous, VirtualLu::Snapshot, &control)
+                .expect_err("anonymous")
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+        assert!(!CONTROL_METHODS.contains(&"/splitmirror.db.v1.DbService/Read"));
+        assert!(CONTROL_METHODS.contains(&"/splitmirror.db.v1.DbService/Write"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{Access, ArrayPort, BoxFuture, ClientError, OwnAccess, PairInfo};
+use super::{Access, ArrayPort, BoxFuture, ClientError, LuPage, OwnAccess, PairInfo};
 use splitmirror_proto::client::ErrorKind;
 
 /// An array in memory with one mirror pair per entry of `pairs`, for unit
@@ -16,6 +16,8 @@ use splitmirror_proto::client::ErrorKind;
 /// read-only too), and every `SetAccess` is recorded in order.
 pub struct MemoryArray {
     pairs: Vec<PairInfo>,
+    /// Plain LUs (in no mirror): id → (block size, block count).
+    plain: std::collections::BTreeMap<u32, (u32, u64)>,
     lus: std::sync::Mutex<std::collections::BTreeMap<u32, Vec<u8>>>,
     /// While set, every write fails as if the array were unreachable.
     pub fail_writes: AtomicBool,
@@ -75,6 +77,7 @@ impl MemoryArray {
         }
         Self {
             pairs,
+            plain: Default::default(),
             lus: std::sync::Mutex::new(lus),
             fail_writes: Default::default(),
             fail_copies: Default::default(),
@@ -114,6 +117,17 @@ impl MemoryArray {
         let mut lus = self.lus.lock().expect("memory array");
         let bytes = lus.get_mut(&lu).expect("a real LU");
         bytes[offset_bytes..offset_bytes + data.len()].copy_from_slice(data);
+    }
+
+    /// The same array with a plain LU `lu` (in no mirror, all zeros) of
+    /// `block_count` blocks of `block_size_bytes`: a save area.
+    pub fn with_plain_lu(mut self, lu: u32, block_size_bytes: u32, block_count: u64) -> Self {
+        self.plain.insert(lu, (block_size_bytes, block_count));
+        self.lus.get_mut().expect("memory array").insert(
+            lu,
+            vec![0; (block_count * u64::from(block_size_bytes)) as usize],
+        );
+        self
     }
 
     /// The same array, masking for `identity` (as a TLS array does).
@@ -162,6 +176,9 @@ impl MemoryArray {
     }
 
     fn block_size(&self, lu: u32) -> u64 {
+        if let Some((block_size_bytes, _)) = self.plain.get(&lu) {
+            return u64::from(*block_size_bytes);
+        }
         self.pairs
             .iter()
             .find(|p| [p.mirror_lu, p.origin_lu, p.mate_lu].contains(&lu))
@@ -182,6 +199,43 @@ impl MemoryArray {
 impl ArrayPort for MemoryArray {
     fn list_pairs(&self) -> BoxFuture<'_, Result<Vec<PairInfo>, ClientError>> {
         Box::pin(async move { Ok(self.pairs.clone()) })
+    }
+
+    fn lu_page(&self, lu: u32) -> BoxFuture<'_, Result<LuPage, ClientError>> {
+        use splitmirror_proto::array::v1::LuKind;
+        Box::pin(async move {
+            let page = |kind, block_size_bytes, block_count, sides: Option<(u32, u32)>| LuPage {
+                lu,
+                kind,
+                block_size_bytes,
+                block_count,
+                origin_lu: sides.map(|s| s.0),
+                mate_lu: sides.map(|s| s.1),
+            };
+            if let Some((block_size_bytes, block_count)) = self.plain.get(&lu) {
+                return Ok(page(LuKind::Plain, *block_size_bytes, *block_count, None));
+            }
+            for p in &self.pairs {
+                let kind = if lu == p.mirror_lu {
+                    LuKind::Mirror
+                } else if lu == p.origin_lu {
+                    LuKind::Origin
+                } else if lu == p.mate_lu {
+                    LuKind::Mate
+                } else {
+                    continue;
+                };
+                let sides = (kind == LuKind::Mirror).then_some((p.origin_lu, p.mate_lu));
+                return Ok(page(kind, p.block_size_bytes, p.block_count, sides));
+            }
+            Err(ClientError::local(
+                ErrorKind::NotFound,
+                "array",
+                "memory",
+                format!("mode sense of LU {lu}"),
+                format!("LU {lu} does not exist"),
+            ))
+        })
     }
 
     fn read(&self, lu: u32, lba: u64, blocks: u64) -> BoxFuture<'_, Result<Vec<u8>, ClientError>> {

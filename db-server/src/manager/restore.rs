@@ -164,7 +164,7 @@ impl SnapshotManager {
             other => Err(DbError::WrongMode {
                 volume: vol.volume(),
                 action: "restore",
-                mode: other.routing(&vol.pair).data_mode,
+                mode: other.refusal_mode(&vol.pair),
             }),
         }
     }
@@ -480,6 +480,16 @@ impl SnapshotManager {
             {
                 Ok(None)
             }
+            // The reverse resync copies the frozen mate back; a
+            // copy-on-write snapshot has no frozen mate (its image is the
+            // save area over the mate, which took every write).
+            PairState::CowSnapshot { .. } => Err(DbError::WrongMode {
+                volume,
+                action: "restore to its snapshot (RestoreSnapshot reverses a split snapshot; a \
+                         copy-on-write snapshot cannot be restored this way: restore its backup) \
+                         ",
+                mode: crate::lu_status::Mode::Snapshot,
+            }),
             PairState::Snapshot { holder, .. } => Err(DbError::HeldByOther {
                 volume,
                 holder: holder.clone(),

@@ -48,6 +48,8 @@ pub struct Checked(());
 pub struct AcquireSnapshot {
     pub volume: u32,
     pub run_id: String,
+    /// The method asked for; `None`: db-server's `--snapshot-method`.
+    pub method: Option<crate::manager::SnapshotMethod>,
     pub checked: Checked,
 }
 
@@ -142,9 +144,22 @@ pub fn acquire_snapshot(
 ) -> Result<AcquireSnapshot, DbError> {
     validate_run_id(&request.run_id)?;
     db.manager.pair(request.volume)?;
+    let method = match pb::SnapshotMethod::try_from(request.method) {
+        Ok(pb::SnapshotMethod::Unspecified) => None,
+        Ok(pb::SnapshotMethod::Split) => Some(crate::manager::SnapshotMethod::Split),
+        Ok(pb::SnapshotMethod::Cow) => Some(crate::manager::SnapshotMethod::Cow),
+        Err(_) => {
+            return Err(DbError::InvalidArgument(format!(
+                "unknown snapshot method {}: expected SNAPSHOT_METHOD_SPLIT, SNAPSHOT_METHOD_COW \
+                 or unset (the server's --snapshot-method)",
+                request.method
+            )));
+        }
+    };
     Ok(AcquireSnapshot {
         volume: request.volume,
         run_id: request.run_id,
+        method,
         checked: Checked(()),
     })
 }
