@@ -17,7 +17,11 @@ pub const CHUNK_SIZE_BYTES: u64 = splitmirror_proto::BACKUP_CHUNK_SIZE_BYTES;
 /// converted backup keeps its format).
 pub const FORMAT_VERSION: u32 = 3;
 
-/// What a backup moved and stored: every chunk is counted once.
+/// What a backup moved and stored: every chunk is counted once. A
+/// copy-on-write snapshot's backup reads every chunk (`bytes_read` is the
+/// whole image): there `chunks_read` counts the chunks with content new to
+/// the store, `chunks_reused` those whose content the store held (put
+/// again, adding nothing), `chunks_zero` the all-zero ones (not stored).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkCounts {
     /// Read from the array and compared with the array's digest.

@@ -57,6 +57,11 @@ pub const DEFAULT_LU_SIZE_BYTES: u64 = 64 << 20;
 /// of the pairs' LUs, for restores elsewhere (`--to-lu`).
 pub const SCRATCH_LU: u32 = 6;
 
+/// The plain LU [`ClusterBuilder::save_area`] adds: in no mirror, of the
+/// pairs' block size, volume 0's save area for copy-on-write snapshots
+/// (db-server `--save-area 0=7`).
+pub const SAVE_AREA_LU: u32 = 7;
+
 /// How long a start waits for a node to answer its health check.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -206,6 +211,9 @@ pub struct ClusterBuilder {
     wait_synchronized: bool,
     credentials: Option<Credentials>,
     scratch_lu: bool,
+    save_area: bool,
+    /// The save area's blocks; `None`: as many as a pair's LU.
+    save_area_blocks: Option<u64>,
 }
 
 impl Default for ClusterBuilder {
@@ -232,7 +240,22 @@ impl ClusterBuilder {
             wait_synchronized: true,
             credentials: None,
             scratch_lu: false,
+            save_area: false,
+            save_area_blocks: None,
         }
+    }
+
+    /// Adds the plain LU [`SAVE_AREA_LU`] (7) of `blocks` blocks (of the
+    /// pairs' block size; `None`: as many as a pair's LU) to the default
+    /// two pairs, read-write for db-server (the array's owner identity),
+    /// and starts db-server with it as volume 0's save area, so that
+    /// volume 0 can take copy-on-write snapshots. Off by default. The LU
+    /// is ignored with [`ClusterBuilder::array_config`] (whose LU 7 is then
+    /// the save area, if it has one).
+    pub fn save_area(mut self, blocks: Option<u64>) -> Self {
+        self.save_area = true;
+        self.save_area_blocks = blocks;
+        self
     }
 
     /// Adds the plain LU [`SCRATCH_LU`] (6) to the default two pairs, of
@@ -377,9 +400,30 @@ impl ClusterBuilder {
                         )
                         .map_err(ClusterError::ArrayConfig)?;
                 }
+                if self.save_area {
+                    let (block_size_bytes, lu_blocks) = config
+                        .lus
+                        .first()
+                        .map(|lu| (lu.block_size_bytes, lu.block_count))
+                        .unwrap_or((4096, self.lu_size_bytes / 4096));
+                    let owner = config.access.owner.clone();
+                    config
+                        .add_plain_lu(
+                            SAVE_AREA_LU,
+                            block_size_bytes,
+                            self.save_area_blocks.unwrap_or(lu_blocks),
+                            &[(owner.as_str(), array_node::Access::ReadWrite)],
+                        )
+                        .map_err(ClusterError::ArrayConfig)?;
+                }
                 config
             }
         };
+        let mut db_options = self.db.clone();
+        if self.save_area {
+            // Volume 0 is mirror LU 0.
+            db_options.manager.save_areas.insert(0, SAVE_AREA_LU);
+        }
         let credentials = match self.credentials {
             Some(credentials) => credentials,
             None => Credentials::create_in(&dir.join("certs"))?,
@@ -394,7 +438,7 @@ impl ClusterBuilder {
         let db = match start_db(
             &array.url(),
             &dir.join("db"),
-            &self.db,
+            &db_options,
             &credentials.security_of(role::DB)?,
         )
         .await

@@ -2,7 +2,9 @@
 //! starts array-node, db-server (with the ledger running) and backup-server
 //! in-process on loopback, performs backup runs while the ledger runs, checks
 //! each image with the ledger verifier and the digest comparison, and prints
-//! the reports. Then the way back: it corrupts the volume, restores the last
+//! the reports. The runs split the mirror pair; one more takes a
+//! copy-on-write snapshot instead (volume 0 has a save area), so that the
+//! demo shows both methods. Then the way back: it corrupts the volume, restores the last
 //! backup (after a safety backup) and shows the ledger continuing from the
 //! backup's sequence, restores the same backup onto a scratch LU, and puts
 //! the volume back to a held snapshot with a reverse resync.
@@ -17,11 +19,12 @@ use splitmirror_proto::units::format_bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::Clients;
-use crate::cluster::{Cluster, ClusterBuilder};
+use crate::cluster::{Cluster, ClusterBuilder, SAVE_AREA_LU};
 use crate::progress::ProgressSink;
 use crate::restore::{RestoreReport, RestoreRequest, SnapshotRestoreReport};
-use crate::run::{RunOptions, RunReport, backup_run};
+use crate::run::{RunOptions, RunReport, backup_run_by};
 use crate::status::pair_verify;
+use splitmirror_proto::db::v1 as dpb;
 
 /// What `console demo` runs.
 #[derive(Debug, Clone)]
@@ -52,7 +55,11 @@ impl DemoCycle {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoSummary {
+    /// The runs that split the pair.
     pub cycles: Vec<DemoCycle>,
+    /// The run with a copy-on-write snapshot, after them (`None` when the
+    /// demo did not get that far).
+    pub cow_cycle: Option<DemoCycle>,
     pub verified_runs: usize,
     pub pair_equal_at_end: bool,
     pub transactions_committed: u64,
@@ -64,6 +71,7 @@ pub struct DemoSummary {
 impl DemoSummary {
     pub fn succeeded(&self) -> bool {
         self.verified_runs == self.cycles.len()
+            && self.cow_cycle.as_ref().is_some_and(DemoCycle::succeeded)
             && self.pair_equal_at_end
             && self.way_back.succeeded()
     }
@@ -137,7 +145,10 @@ pub async fn demo(
         // The pairs' first comparison is waited for below, with progress.
         .wait_synchronized(false)
         // A plain LU to show a restore elsewhere (--to-lu).
-        .scratch_lu(true);
+        .scratch_lu(true)
+        // Volume 0's save area, as large as the volume: the copy-on-write
+        // run cannot fill it.
+        .save_area(None);
     if let Some(dir) = &options.dir {
         builder = builder.dir(dir);
     }
@@ -183,62 +194,106 @@ async fn run_cycles(
         .await?;
     let mut cycles = Vec::new();
     for cycle in 1..=options.cycles {
-        say(format!("\n== backup run {cycle} of {}", options.cycles));
-        let run_options = RunOptions {
-            volume: 0,
-            keep_snapshot: false,
-            label: format!("demo run {cycle}"),
-            max_bytes_per_s: None,
-            cancel: CancellationToken::new(),
-            verify_read: false,
-        };
-        let report = backup_run(clients, &run_options, progress).await;
-        let mut cycle_result = DemoCycle {
-            ledger_ok: false,
-            ledger_highest_sequence: 0,
-            ledger_violations: Vec::new(),
-            report,
-        };
-        if let Some(id) = &cycle_result.report.backup_id {
-            match export_and_read(cluster, id).await {
-                Ok(bytes) => {
-                    let verdict = db_server::ledger_format::verify_image(
-                        &bytes,
-                        cycle_result.report.ledger_sequence,
-                    );
-                    cycle_result.ledger_ok = verdict.ok;
-                    cycle_result.ledger_highest_sequence = verdict.highest_sequence;
-                    cycle_result.ledger_violations = verdict.violations;
-                }
-                Err(e) => cycle_result.ledger_violations.push(format!("{e:#}")),
-            }
-        }
-        say(cycle_result.report.render().trim_end().to_string());
-        // The array's pace of background copies just after the backup's
-        // reads: the last second it reports is the backup's tail.
-        match clients.array.pace().await {
-            Ok(pace) => say(format!(
-                "  {:<18} {} (moved {} over the last second)",
-                "background pace",
-                pace.why,
-                splitmirror_proto::pace::format_rate(pace.background_bytes_per_s)
-            )),
-            Err(e) => say(format!("  {:<18} unknown: {e}", "background pace")),
-        }
         say(format!(
-            "  {:<18} {}",
-            "ledger image",
-            if cycle_result.ledger_ok {
-                format!(
-                    "consistent at sequence {} (exported image, db-server verify-image)",
-                    cycle_result.ledger_highest_sequence
-                )
-            } else {
-                format!("INCONSISTENT: {:?}", cycle_result.ledger_violations)
-            }
+            "\n== backup run {cycle} of {} (split snapshot)",
+            options.cycles
         ));
+        let label = format!("demo run {cycle}");
+        let cycle_result =
+            run_cycle(cluster, &label, dpb::SnapshotMethod::Split, progress, say).await;
         cycles.push(cycle_result);
     }
+    say(format!(
+        "\n== backup run with a copy-on-write snapshot (save area LU {SAVE_AREA_LU}): the pair stays whole, \
+         the backup reads the snapshot through db-server, nothing to resync"
+    ));
+    let cow_cycle = run_cycle(
+        cluster,
+        "demo run copy-on-write",
+        dpb::SnapshotMethod::Cow,
+        progress,
+        say,
+    )
+    .await;
+    finish_cycles(options, cluster, cycles, cow_cycle, progress, say).await
+}
+
+/// One backup run by `method`, its report and the ledger verifier's
+/// verdict on its exported image, printed.
+async fn run_cycle(
+    cluster: &Cluster,
+    label: &str,
+    method: dpb::SnapshotMethod,
+    progress: &dyn ProgressSink,
+    say: &dyn Fn(String),
+) -> DemoCycle {
+    let clients: &Clients = &cluster.clients;
+    let run_options = RunOptions {
+        volume: 0,
+        keep_snapshot: false,
+        label: label.to_string(),
+        max_bytes_per_s: None,
+        cancel: CancellationToken::new(),
+        verify_read: false,
+    };
+    let report = backup_run_by(clients, &run_options, method, progress).await;
+    let mut cycle_result = DemoCycle {
+        ledger_ok: false,
+        ledger_highest_sequence: 0,
+        ledger_violations: Vec::new(),
+        report,
+    };
+    if let Some(id) = &cycle_result.report.backup_id {
+        match export_and_read(cluster, id).await {
+            Ok(bytes) => {
+                let verdict = db_server::ledger_format::verify_image(
+                    &bytes,
+                    cycle_result.report.ledger_sequence,
+                );
+                cycle_result.ledger_ok = verdict.ok;
+                cycle_result.ledger_highest_sequence = verdict.highest_sequence;
+                cycle_result.ledger_violations = verdict.violations;
+            }
+            Err(e) => cycle_result.ledger_violations.push(format!("{e:#}")),
+        }
+    }
+    say(cycle_result.report.render().trim_end().to_string());
+    // The array's pace of background copies just after the backup's
+    // reads: the last second it reports is the backup's tail.
+    match clients.array.pace().await {
+        Ok(pace) => say(format!(
+            "  {:<18} {} (moved {} over the last second)",
+            "background pace",
+            pace.why,
+            splitmirror_proto::pace::format_rate(pace.background_bytes_per_s)
+        )),
+        Err(e) => say(format!("  {:<18} unknown: {e}", "background pace")),
+    }
+    say(format!(
+        "  {:<18} {}",
+        "ledger image",
+        if cycle_result.ledger_ok {
+            format!(
+                "consistent at sequence {} (exported image, db-server verify-image)",
+                cycle_result.ledger_highest_sequence
+            )
+        } else {
+            format!("INCONSISTENT: {:?}", cycle_result.ledger_violations)
+        }
+    ));
+    cycle_result
+}
+
+/// After the runs: the pair compared, the summary, the way back.
+async fn finish_cycles(
+    options: &DemoOptions,
+    cluster: &Cluster,
+    cycles: Vec<DemoCycle>,
+    cow_cycle: DemoCycle,
+    progress: &dyn ProgressSink,
+    say: &dyn Fn(String),
+) -> anyhow::Result<DemoSummary> {
+    let clients: &Clients = &cluster.clients;
     let pair = pair_verify(clients, 0, true)
         .await
         .context("comparing origin and mate at the end")?;
@@ -250,8 +305,20 @@ async fn run_cycles(
         .filter_map(|c| c.report.freeze_window_us)
         .collect();
     freeze.sort_unstable();
+    let cow_verdict = if cow_cycle.succeeded() {
+        "verified (backup = the snapshot re-read through db-server, ledger consistent)".to_string()
+    } else {
+        format!(
+            "FAILED: {}",
+            cow_cycle
+                .report
+                .error
+                .clone()
+                .unwrap_or_else(|| format!("ledger violations {:?}", cow_cycle.ledger_violations))
+        )
+    };
     say(format!(
-        "\n== summary: {verified_runs} of {} runs verified (backup = frozen mate, ledger consistent); \
+        "\n== summary: {verified_runs} of {} split runs verified (backup = frozen mate, ledger consistent); \
          origin {} mate after the last resync; freeze window max {} µs; {transactions_committed} ledger transactions meanwhile",
         cycles.len(),
         if pair.differing_chunks.is_empty() {
@@ -260,6 +327,11 @@ async fn run_cycles(
             "!="
         },
         freeze.last().copied().unwrap_or(0),
+    ));
+    say(format!(
+        "   the copy-on-write run: {cow_verdict}; freeze window {} µs, resync after its delete: {} blocks",
+        cow_cycle.report.freeze_window_us.unwrap_or(0),
+        cow_cycle.report.resync_blocks
     ));
     // What each run read and stored: after the first, only what changed.
     for (i, cycle) in cycles.iter().enumerate() {
@@ -292,6 +364,7 @@ async fn run_cycles(
     };
     Ok(DemoSummary {
         cycles,
+        cow_cycle: Some(cow_cycle),
         verified_runs,
         pair_equal_at_end: pair.differing_chunks.is_empty(),
         transactions_committed,
