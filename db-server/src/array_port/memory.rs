@@ -28,6 +28,10 @@ pub struct MemoryArray {
     pub fail_set_access: AtomicBool,
     /// Writes and copies refused because their destination was read-only.
     pub refused_writes: AtomicU64,
+    /// While set, every read and write yields to the runtime before it
+    /// takes effect, as a real array's round trip does: so that racing
+    /// tasks interleave between a caller's array calls.
+    pub yield_calls: AtomicBool,
     identity: Option<String>,
     /// The LUs set read-only for the identity (absent = configured).
     read_only: std::sync::Mutex<std::collections::BTreeSet<u32>>,
@@ -83,6 +87,7 @@ impl MemoryArray {
             fail_copies: Default::default(),
             fail_set_access: Default::default(),
             refused_writes: Default::default(),
+            yield_calls: Default::default(),
             identity: None,
             read_only: Default::default(),
             grants: Default::default(),
@@ -240,6 +245,9 @@ impl ArrayPort for MemoryArray {
 
     fn read(&self, lu: u32, lba: u64, blocks: u64) -> BoxFuture<'_, Result<Vec<u8>, ClientError>> {
         Box::pin(async move {
+            if self.yield_calls.load(Ordering::Relaxed) {
+                tokio::task::yield_now().await;
+            }
             let side = self.sides(lu)[0];
             let bs = self.block_size(lu);
             let lus = self.lus.lock().expect("memory array");
@@ -250,6 +258,9 @@ impl ArrayPort for MemoryArray {
 
     fn write(&self, lu: u32, lba: u64, data: Vec<u8>) -> BoxFuture<'_, Result<(), ClientError>> {
         Box::pin(async move {
+            if self.yield_calls.load(Ordering::Relaxed) {
+                tokio::task::yield_now().await;
+            }
             if self.fail_writes.load(Ordering::SeqCst) {
                 return Err(Self::failure("write"));
             }

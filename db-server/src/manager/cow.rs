@@ -807,6 +807,9 @@ mod tests {
     /// equal mate at the end. Answers the first mismatch.
     async fn race(seed: u64, hooks: ManagerTestHooks) -> Result<u64, String> {
         let (manager, array) = start(64, hooks).await;
+        array
+            .yield_calls
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let mut rng = SmallRng::seed_from_u64(seed);
         let mut image = vec![0u8; PAIR.block_count as usize * BLOCK];
         rng.fill(&mut image[..]);
