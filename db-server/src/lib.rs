@@ -130,8 +130,10 @@ pub enum SpawnError {
     Journal(#[source] journal::JournalError),
     /// The snapshot manager could not start (a new pair's state could not
     /// be journaled). Not retryable until the disk is fixed.
+    /// (The cause is in the message, not a `source`: printed with `{:#}`
+    /// it would appear twice.)
     #[error("starting the snapshot manager: {0}")]
-    Manager(#[source] DbError),
+    Manager(DbError),
     /// Asked to stop while waiting for the array.
     #[error("shut down while waiting for the array at {0}")]
     ShutDown(String),
