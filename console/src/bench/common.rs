@@ -72,13 +72,18 @@ impl Bench {
         journal_region_bytes: Option<u64>,
     ) -> anyhow::Result<Self> {
         let has_ledger = ledger.is_some();
-        let cluster = ClusterBuilder::new()
+        let builder = ClusterBuilder::new()
             .lu_size_bytes(lu_size_bytes)
             .ledger(ledger)
             .manager(manager)
-            .journal_region_bytes(journal_region_bytes)
-            .start()
-            .await?;
+            .journal_region_bytes(journal_region_bytes);
+        Self::start_from(builder, has_ledger).await
+    }
+
+    /// Starts the cluster `builder` describes and, with a ledger
+    /// (`has_ledger`), waits as [`Bench::start`] does.
+    pub async fn start_from(builder: ClusterBuilder, has_ledger: bool) -> anyhow::Result<Self> {
+        let cluster = builder.start().await?;
         if has_ledger {
             cluster
                 .wait_for_transactions(200, Duration::from_secs(60))

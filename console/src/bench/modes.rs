@@ -1,7 +1,10 @@
 //! `bench modes`: the ledger's throughput and p99 latency in Synchronized,
 //! Snapshot and Resynchronizing modes, and data bytes db-server sends per
 //! logical byte written — with the pair mirrored by the array and, for
-//! comparison, by the host ([0006]/[0009] against the claim of [0047]).
+//! comparison, by the host ([0006]/[0009] against the claim of [0047]);
+//! and a copy-on-write snapshot next to the split one (#20, [0072]-[0078]):
+//! the ledger while each is held, the time from its delete until the pair
+//! is redundant again, and the save area used per MiB the ledger wrote.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +17,7 @@ use super::common::{
     Bench, LedgerWindow, f1, f2, full_speed_ledger, measure, sample, table, window,
 };
 use super::{BenchOptions, BenchOutput};
+use crate::cluster::ClusterBuilder;
 
 /// The resync rate cap of the third measurement (`db-server
 /// --resync-max-rate`).
@@ -27,9 +31,11 @@ fn bulk_bytes(options: &BenchOptions) -> u64 {
 
 pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let seconds = options.seconds;
-    let array = per_mode(options, false, None, seconds).await?;
-    let host = per_mode(options, true, None, seconds).await?;
-    let capped = per_mode(options, false, Some(RESYNC_CAP_BYTES_PER_S), seconds).await?;
+    let (array, split_after) = per_mode(options, false, None, seconds).await?;
+    let split_after = split_after.context("no split snapshot figures")?;
+    let (host, _) = per_mode(options, true, None, seconds).await?;
+    let (capped, _) = per_mode(options, false, Some(RESYNC_CAP_BYTES_PER_S), seconds).await?;
+    let cow = cow_run(options, seconds).await?;
     let capped_resync = capped
         .last()
         .map(|(_, w)| w.clone())
@@ -92,6 +98,63 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
         f2(tps_ratio),
         f2(bytes_ratio)
     ));
+    // Copy-on-write against split, each against its own cluster's
+    // Synchronized window (the clusters differ only by the save area).
+    let split_snapshot = &array[1].1;
+    let cow_tps_over_split = cow.snapshot.tps / split_snapshot.tps.max(1e-9);
+    let cow_p99_over_split = cow.snapshot.p99_latency_us / split_snapshot.p99_latency_us.max(1e-9);
+    let cow_snapshot_over_synchronized = cow.snapshot.tps / cow.synchronized.tps.max(1e-9);
+    let cow_delete_to_redundant_over_split = cow.after_hold.delete_to_redundant_seconds
+        / split_after.delete_to_redundant_seconds.max(1e-9);
+    let cow_bulk_write_over_split =
+        cow.after_hold.bulk_write_seconds / split_after.bulk_write_seconds.max(1e-9);
+    let bulk_mib = bulk_bytes(options) as f64 / (1u64 << 20) as f64;
+    let cow_rows = vec![
+        vec![
+            "split".to_string(),
+            f1(split_snapshot.tps),
+            f1(split_snapshot.p99_latency_us),
+            f2(snapshot_ratio),
+            f1(bulk_mib / split_after.bulk_write_seconds.max(1e-9)),
+            f2(split_after.delete_to_redundant_seconds),
+            "-".to_string(),
+        ],
+        vec![
+            "copy-on-write".to_string(),
+            f1(cow.snapshot.tps),
+            f1(cow.snapshot.p99_latency_us),
+            f2(cow_snapshot_over_synchronized),
+            f1(bulk_mib / cow.after_hold.bulk_write_seconds.max(1e-9)),
+            f2(cow.after_hold.delete_to_redundant_seconds),
+            f1(cow.save_area_bytes_per_ledger_mib / 1024.0),
+        ],
+    ];
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "snapshot held",
+            "tps",
+            "p99 µs",
+            "× own sync",
+            "bulk MiB/s",
+            "delete → redundant s",
+            "save-area KiB / ledger MiB",
+        ],
+        &cow_rows,
+    ));
+    out.push_str(&format!(
+        "\n  copy-on-write / split while held: {}× tps, {}× p99; bulk write ({} MiB) {}× the time\n  delete → redundant: copy-on-write {} s / split {} s = {}\n  save area: {} of {} blocks used after {:.1} MiB of ledger writes\n",
+        f2(cow_tps_over_split),
+        f2(cow_p99_over_split),
+        bulk_bytes(options) >> 20,
+        f2(cow_bulk_write_over_split),
+        f2(cow.after_hold.delete_to_redundant_seconds),
+        f2(split_after.delete_to_redundant_seconds),
+        f2(cow_delete_to_redundant_over_split),
+        cow.save_area_used_blocks,
+        cow.save_area_capacity_blocks,
+        cow.ledger_bytes_while_held as f64 / (1u64 << 20) as f64,
+    ));
     let to_json = |results: &Vec<(String, LedgerWindow)>| {
         results
             .iter()
@@ -110,6 +173,13 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
             "capped_resync": capped_resync,
             "array_over_host_tps": tps_ratio,
             "array_over_host_wire_bytes": bytes_ratio,
+            "split_after_hold": split_after,
+            "cow": cow,
+            "cow_over_split_snapshot_tps": cow_tps_over_split,
+            "cow_over_split_snapshot_p99": cow_p99_over_split,
+            "cow_snapshot_over_synchronized": cow_snapshot_over_synchronized,
+            "cow_over_split_delete_to_redundant": cow_delete_to_redundant_over_split,
+            "cow_over_split_bulk_write_seconds": cow_bulk_write_over_split,
         }),
     })
 }
@@ -121,7 +191,7 @@ async fn per_mode(
     host_mirroring: bool,
     resync_cap: Option<u64>,
     seconds: Duration,
-) -> anyhow::Result<Vec<(String, LedgerWindow)>> {
+) -> anyhow::Result<(Vec<(String, LedgerWindow)>, Option<AfterHold>)> {
     let manager = db_server::manager::ManagerConfig {
         host_mirroring,
         resync_max_bytes_per_s: resync_cap,
@@ -137,43 +207,177 @@ async fn per_mode(
     let mut results = vec![("Synchronized".to_string(), measure(&bench, seconds).await?)];
     if host_mirroring {
         bench.shutdown().await?;
-        return Ok(results);
+        return Ok((results, None));
     }
     let db = &bench.clients.db;
     db.acquire_snapshot(0, "modes").await?;
     results.push(("Snapshot".to_string(), measure(&bench, seconds).await?));
     // Dirty the second half of the volume, so that the resync has enough to
     // copy while the ledger is measured.
-    let start_lba = options.size_bytes / 2 / 4096;
-    let chunk = 1 << 20;
-    let mut offset = 0;
-    while offset < bulk_bytes(options) {
-        db.write(
-            0,
-            dpb::VirtualLu::Data,
-            start_lba + offset / 4096,
-            vec![0x5A; chunk as usize],
-        )
-        .await?;
-        offset += chunk;
-    }
+    let bulk_write_seconds = write_bulk(&bench, options).await?;
+    let delete_started = Instant::now();
     db.delete_snapshot(0, "modes", false).await?;
     // Measured while the pair is Resynchronizing, up to `seconds`.
     let before = sample(&bench).await?;
     let deadline = Instant::now() + seconds;
-    loop {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let status = bench.status().await?;
-        let synced = status
-            .volumes
-            .iter()
-            .any(|v| v.volume == 0 && v.data_mode() == dpb::Mode::Synchronized);
+    let mut synced = loop {
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+        let synced = redundant(&bench).await?;
         if synced || Instant::now() >= deadline {
-            break;
+            break synced;
         }
-    }
+    };
     let after = sample(&bench).await?;
     results.push(("Resynchronizing".to_string(), window(&before, &after, 4096)));
+    // The pair is redundant again once the resync is done.
+    while !synced {
+        anyhow::ensure!(
+            delete_started.elapsed() < REDUNDANT_TIMEOUT,
+            "volume 0 not Synchronized {REDUNDANT_TIMEOUT:?} after the snapshot's delete"
+        );
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+        synced = redundant(&bench).await?;
+    }
+    let delete_to_redundant_seconds = delete_started.elapsed().as_secs_f64();
     bench.shutdown().await?;
-    Ok(results)
+    Ok((
+        results,
+        Some(AfterHold {
+            bulk_write_seconds,
+            delete_to_redundant_seconds,
+        }),
+    ))
+}
+
+/// How often the bench asks whether the pair is redundant again, which is
+/// the resolution of the delete → redundant times.
+const POLL_MS: u64 = 50;
+
+/// How long a delete may take to leave the pair Synchronized.
+const REDUNDANT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What follows a snapshot's hold, split or copy-on-write alike.
+#[derive(Debug, Clone, serde::Serialize)]
+struct AfterHold {
+    /// Writing [`bulk_bytes`] to the data volume while the snapshot is held.
+    bulk_write_seconds: f64,
+    /// From the DeleteSnapshot call to the first status that shows volume 0
+    /// Synchronized with no snapshot held (polled every [`POLL_MS`] ms; a
+    /// copy-on-write pair never stopped being Synchronized).
+    delete_to_redundant_seconds: f64,
+}
+
+/// Dirties the second half of the volume (beyond the ledger) in 1 MiB
+/// writes, so that the split's resync has enough to copy while the ledger
+/// is measured; answers the seconds it took.
+async fn write_bulk(bench: &Bench, options: &BenchOptions) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let start_lba = options.size_bytes / 2 / 4096;
+    let chunk = 1 << 20;
+    let mut offset = 0;
+    while offset < bulk_bytes(options) {
+        bench
+            .clients
+            .db
+            .write(
+                0,
+                dpb::VirtualLu::Data,
+                start_lba + offset / 4096,
+                vec![0x5A; chunk as usize],
+            )
+            .await?;
+        offset += chunk;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Whether volume 0 is Synchronized with no snapshot held.
+async fn redundant(bench: &Bench) -> anyhow::Result<bool> {
+    let status = bench.clients.db.status(false).await?;
+    Ok(status.volumes.iter().any(|v| {
+        v.volume == 0 && v.data_mode() == dpb::Mode::Synchronized && v.snapshot_lu.is_none()
+    }))
+}
+
+/// The copy-on-write snapshot's figures, from one cluster whose volume 0
+/// has a save area as large as the volume (so that it cannot fill up).
+#[derive(Debug, Clone, serde::Serialize)]
+struct CowRun {
+    synchronized: LedgerWindow,
+    /// The ledger while the copy-on-write snapshot is held.
+    snapshot: LedgerWindow,
+    /// Bytes the ledger wrote from the acquire to the save-area reading
+    /// (three blocks per transaction).
+    ledger_bytes_while_held: u64,
+    /// The save area's used blocks then, before the bulk write.
+    save_area_used_blocks: u64,
+    save_area_capacity_blocks: u64,
+    /// Save-area bytes per MiB the ledger wrote while the snapshot was held.
+    save_area_bytes_per_ledger_mib: f64,
+    after_hold: AfterHold,
+}
+
+async fn cow_run(options: &BenchOptions, seconds: Duration) -> anyhow::Result<CowRun> {
+    let builder = ClusterBuilder::new()
+        .lu_size_bytes(options.size_bytes)
+        .ledger(Some(full_speed_ledger()))
+        .journal_region_bytes(Some(db_server::DEFAULT_JOURNAL_REGION_BYTES))
+        .save_area(None);
+    let bench = Bench::start_from(builder, true).await?;
+    let synchronized = measure(&bench, seconds).await?;
+    let db = &bench.clients.db;
+    let at_acquire = sample(&bench).await?;
+    db.acquire_snapshot_by(0, "modes-cow", dpb::SnapshotMethod::Cow)
+        .await?;
+    let snapshot = measure(&bench, seconds).await?;
+    // One status for both: the transactions and the save area.
+    let status = bench.status().await?;
+    let committed = status.ledger.unwrap_or_default().transactions_committed;
+    let volume = status
+        .volumes
+        .iter()
+        .find(|v| v.volume == 0)
+        .context("no volume 0 in db-server's status")?;
+    anyhow::ensure!(
+        volume.snapshot_method() == dpb::SnapshotMethod::Cow,
+        "volume 0's snapshot is {:?}, not copy-on-write",
+        volume.snapshot_method()
+    );
+    anyhow::ensure!(
+        volume.snapshot_invalidated_reason.is_empty(),
+        "the copy-on-write snapshot was invalidated: {}",
+        volume.snapshot_invalidated_reason
+    );
+    let save_area = volume
+        .save_area
+        .context("volume 0 has no save area in db-server's status")?;
+    let block_size_bytes = u64::from(volume.block_size_bytes);
+    let ledger_bytes_while_held =
+        committed.saturating_sub(at_acquire.committed) * 3 * block_size_bytes;
+    let save_area_bytes_per_ledger_mib = (save_area.used_blocks * block_size_bytes) as f64
+        / (ledger_bytes_while_held as f64 / (1u64 << 20) as f64).max(1e-9);
+    let bulk_write_seconds = write_bulk(&bench, options).await?;
+    let delete_started = Instant::now();
+    db.delete_snapshot(0, "modes-cow", false).await?;
+    while !redundant(&bench).await? {
+        anyhow::ensure!(
+            delete_started.elapsed() < REDUNDANT_TIMEOUT,
+            "volume 0 not Synchronized {REDUNDANT_TIMEOUT:?} after the copy-on-write snapshot's delete"
+        );
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+    }
+    let delete_to_redundant_seconds = delete_started.elapsed().as_secs_f64();
+    bench.shutdown().await?;
+    Ok(CowRun {
+        synchronized,
+        snapshot,
+        ledger_bytes_while_held,
+        save_area_used_blocks: save_area.used_blocks,
+        save_area_capacity_blocks: save_area.capacity_blocks,
+        save_area_bytes_per_ledger_mib,
+        after_hold: AfterHold {
+            bulk_write_seconds,
+            delete_to_redundant_seconds,
+        },
+    })
 }
