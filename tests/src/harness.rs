@@ -473,6 +473,59 @@ pub fn array_process(data_dir: &Path, lu_size: &str, listen: &str) -> NodeProces
     )
 }
 
+/// The plain LU a save area lives on in the arrays of
+/// [`save_area_array_toml`] (in no mirror; db-server may read and write it).
+pub const SAVE_AREA_LU: u32 = crate::soak::cluster::SAVE_AREA_LU;
+
+/// An array config (TOML, for `array-node --config`) of the default two
+/// pairs of `lu_size_bytes` LUs of 4096-byte blocks (mirror 0 = 1 + 2,
+/// mirror 3 = 4 + 5) and the plain LUs [`SAVE_AREA_LU`] and 21 of
+/// `save_area_blocks` blocks of the same size, which db-server may read
+/// and write: save areas for the volumes' copy-on-write snapshots
+/// (`db-server --save-area 0=20 --save-area 3=21`). The soak's cluster
+/// uses the same.
+pub fn save_area_array_toml(lu_size_bytes: u64, save_area_blocks: u64) -> String {
+    crate::soak::cluster::save_area_array_toml(lu_size_bytes, save_area_blocks)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `db-server --save-area` for volume 0 on [`SAVE_AREA_LU`].
+pub const SAVE_AREA_ARGS: [&str; 2] = ["--save-area", "0=20"];
+
+/// `db-server --save-area` for volume 3 on the config's second plain LU
+/// (21): with [`SAVE_AREA_ARGS`], every volume has one, as
+/// `--snapshot-method cow` needs.
+pub const SECOND_SAVE_AREA_ARGS: [&str; 2] = ["--save-area", "3=21"];
+
+/// Starts `array-node` as a process serving [`save_area_array_toml`]
+/// from `data_dir` (the config is written beside it), listening on
+/// `listen`.
+pub fn array_process_with_save_area(
+    data_dir: &Path,
+    lu_size_bytes: u64,
+    save_area_blocks: u64,
+    listen: &str,
+) -> NodeProcess {
+    std::fs::create_dir_all(data_dir).expect("creating the array's directory");
+    let config = data_dir.with_extension("toml");
+    std::fs::write(
+        &config,
+        save_area_array_toml(lu_size_bytes, save_area_blocks),
+    )
+    .expect("writing the array config");
+    NodeProcess::start(
+        "array-node",
+        &[
+            "--listen",
+            listen,
+            "--data-dir",
+            data_dir.to_str().expect("utf-8 path"),
+            "--config",
+            config.to_str().expect("utf-8 path"),
+        ],
+    )
+}
+
 /// Starts `db-server` as a process on an ephemeral port, against the
 /// array at `array`, its journal in `data_dir`, with `extra` arguments
 /// (e.g. `--no-ledger`) and `env` (e.g. a crash point).

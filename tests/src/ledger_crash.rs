@@ -137,7 +137,7 @@ fn check_crash_image(
 }
 
 /// Runs `db-server verify-image --json --expect-sequence` on an image.
-fn verify_with_the_command(
+pub(crate) fn verify_with_the_command(
     image: &[u8],
     sequence: u64,
     dir: &std::path::Path,
@@ -269,7 +269,7 @@ async fn kill_loop(seed: u64, cycles: u32, extra: &[&str], stop_at_failure: bool
 /// Waits (bounded) for the line that says the ledger is open — formatted
 /// or reopened — and answers it; an error if db-server exits first (the
 /// ledger refused to open) or takes too long.
-async fn wait_ledger_line(db: &mut NodeProcess) -> Result<String, String> {
+pub(crate) async fn wait_ledger_line(db: &mut NodeProcess) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let found = db.log.lock().expect("log").iter().find_map(|line| {

@@ -8,6 +8,8 @@
 //!   it).
 //! - `db_*`: the snapshot manager (model test, resync race, the ledger,
 //!   codes, limits and answers).
+//! - `cow`: copy-on-write snapshots (#20) under the full-speed ledger:
+//!   the image, the delete, a full save area, kill -9 while one is held.
 //! - `crash`: kill -9 at named crash points, array loss, lost journal.
 //! - `journal_damage`: a corrupted or truncated journal, a full journal
 //!   filesystem.
@@ -48,6 +50,8 @@ mod bench_smoke;
 mod compose;
 #[cfg(test)]
 mod console_cli;
+#[cfg(test)]
+mod cow;
 #[cfg(test)]
 mod crash;
 #[cfg(test)]

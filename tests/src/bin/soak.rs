@@ -27,7 +27,9 @@ use splitmirror_tests::soak::{self, Canary, Fault, SoakConfig};
 /// volume, its sequence never going back, every complete backup passing
 /// the ledger's check at its sequence. Once a backup exists, two rounds in
 /// ten corrupt volume 0 and `console restore` the newest backup, and one
-/// in ten reverses a snapshot (`console snapshot restore`), under the same
+/// in ten reverses a snapshot (`console snapshot restore`); two in ten take
+/// a copy-on-write snapshot (the array has a save area), reads it back
+/// through db-server and checks it against the split's image, all under the same
 /// faults (and the restores' own crash points), re-run with the same run
 /// id until they complete: the volume offline meanwhile (never read by
 /// anyone), then equal to what was restored, the ledger at its sequence. Stops at the first violation and
@@ -77,6 +79,10 @@ struct Args {
     /// workload before restores existed).
     #[arg(long)]
     no_restores: bool,
+    /// Play no copy-on-write rounds and give the array no save area (the
+    /// workload before copy-on-write snapshots existed).
+    #[arg(long)]
+    no_cow: bool,
     /// Run the cluster in this directory instead of a temporary one.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -154,6 +160,7 @@ fn main() -> ExitCode {
         dir: args.dir,
         keep_dir: args.keep_dir,
         restores: !args.no_restores,
+        cow: !args.no_cow,
     };
     println!(
         "soak: seed {seed}; replay with: {}",
@@ -202,11 +209,17 @@ async fn fast(seed: u64, seeds: u64, canary: Option<Canary>, json: Option<PathBu
         summary.failed_writes,
         started.elapsed().as_secs_f64()
     );
+    println!(
+        "soak --fast: {} copy-on-write snapshots, {} invalidated by a full save area, {} by a restart",
+        summary.cow_acquires, summary.cow_invalidated_full, summary.cow_invalidated_restart
+    );
     if let Some(path) = json {
         let value = serde_json::json!({
             "first_seed": seed, "seeds": summary.seeds, "steps": summary.steps,
             "crashes": summary.crashes, "crashes_mid_write": summary.crashes_mid_write,
             "damaged_journals": summary.damaged_journals, "failed_writes": summary.failed_writes,
+            "cow_acquires": summary.cow_acquires, "cow_invalidated_full": summary.cow_invalidated_full,
+            "cow_invalidated_restart": summary.cow_invalidated_restart,
             "seconds": started.elapsed().as_secs_f64(),
             "failure": summary.failure.as_ref().map(|(s, w)| serde_json::json!({"seed": s, "what": w})),
         });

@@ -114,6 +114,26 @@ pub struct RestorableBackup {
     pub image: Vec<u8>,
 }
 
+/// A copy-on-write snapshot the checker took on volume 0 inside a
+/// suspension, and what a split-mirror snapshot at that quiesce would have
+/// frozen: the mate, read while suspended (the pair Synchronized).
+pub struct CowSnapshot {
+    pub run_id: String,
+    pub sequence: u64,
+    pub split_image: Vec<u8>,
+}
+
+/// What a read of a held copy-on-write snapshot through db-server found.
+pub enum CowRead {
+    /// The image.
+    Image(Vec<u8>),
+    /// Refused as invalidated (reason `snapshot-invalidated`), with the
+    /// reason Status gives.
+    Invalidated(String),
+    /// Any other failure (a node down, the snapshot gone), as text.
+    Failed(String),
+}
+
 /// What a probe of the volume during a restore saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Probe {
@@ -172,6 +192,9 @@ impl Checker {
                         _ => "restoring",
                     }
                     .to_string()
+                }
+                Some(volume) if volume.snapshot_method() == pb::SnapshotMethod::Cow => {
+                    "cow-snapshot".to_string()
                 }
                 Some(volume) => match volume.data_mode() {
                     pb::Mode::Synchronized => "synchronized",
@@ -452,6 +475,121 @@ impl Checker {
             image,
             sequence: snapshot.ledger_sequence,
         })
+    }
+
+    /// Volume 0's status.
+    pub async fn volume0(&mut self) -> Result<pb::VolumeStatus, String> {
+        self.status()
+            .await?
+            .volumes
+            .into_iter()
+            .find(|v| v.volume == 0)
+            .ok_or_else(|| "db-server's Status has no volume 0".to_string())
+    }
+
+    /// Takes a copy-on-write snapshot of volume 0 for `run_id` inside a
+    /// suspension, after reading the mate (the split's image at this
+    /// quiesce). The outer error is a violation (the acquire answered
+    /// another method, or another sequence than the suspend's quiesce);
+    /// the inner one a call that failed.
+    pub async fn take_cow_snapshot(
+        &mut self,
+        round: u64,
+        run_id: &str,
+    ) -> Result<Result<CowSnapshot, String>, Violation> {
+        let volume = match self.volume0().await {
+            Ok(volume) => volume,
+            Err(e) => return Ok(Err(e)),
+        };
+        let suspended = match call("Suspend", self.db.suspend(30_000)).await {
+            Ok(suspended) => suspended,
+            Err(e) => return Ok(Err(e)),
+        };
+        let split_image = self.read_lu(volume.mate_lu, volume.block_count).await;
+        let acquired = match &split_image {
+            Ok(_) => {
+                let acquire = self
+                    .db
+                    .acquire_snapshot_by(0, run_id, pb::SnapshotMethod::Cow);
+                call("AcquireSnapshot (cow)", acquire).await
+            }
+            Err(e) => Err(e.clone()),
+        };
+        let _ = call("Resume", self.db.resume()).await;
+        let (split_image, acquired) = match (split_image, acquired) {
+            (Ok(image), Ok(acquired)) => (image, acquired),
+            (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
+        };
+        if acquired.method() != pb::SnapshotMethod::Cow {
+            return Err(Violation::new(
+                round,
+                format!("a copy-on-write acquire answered another method: {acquired:?}"),
+            ));
+        }
+        if acquired.ledger_sequence != suspended.ledger_sequence {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "an acquire inside a suspension at sequence {} reported sequence {}",
+                    suspended.ledger_sequence, acquired.ledger_sequence
+                ),
+            ));
+        }
+        Ok(Ok(CowSnapshot {
+            run_id: run_id.to_string(),
+            sequence: acquired.ledger_sequence,
+            split_image,
+        }))
+    }
+
+    /// Reads volume 0's snapshot virtual LU through db-server.
+    pub async fn read_cow_image(&mut self, blocks: u64) -> CowRead {
+        let read = self.db.read(0, pb::VirtualLu::Snapshot, 0, blocks);
+        match tokio::time::timeout(3 * CALL_TIMEOUT, read).await {
+            Ok(Ok(image)) => CowRead::Image(image),
+            Ok(Err(e)) if e.reason == Some(Reason::SnapshotInvalidated) => {
+                match self.volume0().await {
+                    Ok(volume) if !volume.snapshot_invalidated_reason.is_empty() => {
+                        CowRead::Invalidated(volume.snapshot_invalidated_reason)
+                    }
+                    Ok(volume) => CowRead::Failed(format!(
+                        "a read refused as snapshot-invalidated while Status gives no reason: \
+                         {e}; {volume:?}"
+                    )),
+                    Err(status) => CowRead::Failed(format!("{e}; then {status}")),
+                }
+            }
+            Ok(Err(e)) => CowRead::Failed(format!("Read of the snapshot: {e}")),
+            Err(_) => CowRead::Failed(format!(
+                "Read of the snapshot: no answer within {:?}",
+                3 * CALL_TIMEOUT
+            )),
+        }
+    }
+
+    /// Deletes the snapshot `run_id` holds on volume 0.
+    pub async fn delete_snapshot(
+        &mut self,
+        run_id: &str,
+    ) -> Result<pb::DeleteSnapshotResponse, String> {
+        call("DeleteSnapshot", self.db.delete_snapshot(0, run_id, false)).await
+    }
+
+    /// Waits (bounded) until db-server answers Status again.
+    pub async fn wait_db_answers(&mut self, round: u64) -> Result<(), Violation> {
+        let started = Instant::now();
+        loop {
+            match self.status().await {
+                Ok(_) => return Ok(()),
+                Err(e) if started.elapsed() > HEAL_TIMEOUT => {
+                    return Err(Violation::new(
+                        round,
+                        format!("db-server does not answer within {HEAL_TIMEOUT:?}: {e}"),
+                    ));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// A restore completed: the ledger was moved back on purpose, so the

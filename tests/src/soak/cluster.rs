@@ -63,7 +63,20 @@ pub struct ClusterOptions {
     pub db_flags: Vec<String>,
     /// Extra flags for array-node (canaries).
     pub array_flags: Vec<String>,
+    /// A save area for volume 0's copy-on-write snapshots: the array then
+    /// runs from a config (the default two pairs and the plain LU
+    /// [`SAVE_AREA_LU`] of this many blocks, which db-server may write)
+    /// and db-server gets `--save-area 0=20`. `None`: the default layout,
+    /// no save area.
+    pub save_area_blocks: Option<u64>,
 }
+
+/// The plain LU of the save area, when the cluster has one.
+pub const SAVE_AREA_LU: u32 = 20;
+/// A second plain LU of the same size in that config, for volume 3 (the
+/// soak does not use it; a db-server with `--snapshot-method cow` needs a
+/// save area for every volume).
+pub const SECOND_SAVE_AREA_LU: u32 = 21;
 
 /// A node's process and the tail of its log.
 struct Process {
@@ -102,6 +115,13 @@ impl Cluster {
         for sub in ["array", "db", "store"] {
             std::fs::create_dir_all(dir.join(sub))
                 .map_err(|e| format!("creating {}: {e}", dir.join(sub).display()))?;
+        }
+        if let Some(save_area_blocks) = options.save_area_blocks {
+            let lu_size_bytes = splitmirror_proto::units::parse_size_bytes(&options.lu_size)
+                .map_err(|e| format!("--lu-size {}: {e}", options.lu_size))?;
+            let text = save_area_array_toml(lu_size_bytes, save_area_blocks)?;
+            std::fs::write(dir.join("array.toml"), text)
+                .map_err(|e| format!("writing the array config: {e}"))?;
         }
         // Mutual TLS between the nodes and for the console, as in
         // production: one CA and the four roles' certificates.
@@ -182,14 +202,19 @@ impl Cluster {
         let listen = self.addr(node);
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
         let mut args: Vec<String> = match node {
-            Node::Array => vec![
-                "--listen".into(),
-                listen,
-                "--data-dir".into(),
-                path(self.array_dir()),
-                "--lu-size".into(),
-                self.options.lu_size.clone(),
-            ],
+            Node::Array => {
+                let mut args = vec![
+                    "--listen".into(),
+                    listen,
+                    "--data-dir".into(),
+                    path(self.array_dir()),
+                ];
+                match self.options.save_area_blocks {
+                    Some(_) => args.extend(["--config".into(), path(self.dir.join("array.toml"))]),
+                    None => args.extend(["--lu-size".into(), self.options.lu_size.clone()]),
+                }
+                args
+            }
             Node::Db => vec![
                 "--listen".into(),
                 listen,
@@ -222,6 +247,9 @@ impl Cluster {
                 "2s".into(),
             ],
         };
+        if node == Node::Db && self.options.save_area_blocks.is_some() {
+            args.extend(["--save-area".into(), format!("0={SAVE_AREA_LU}")]);
+        }
         match node {
             Node::Array => args.extend(self.options.array_flags.iter().cloned()),
             Node::Db => args.extend(self.options.db_flags.iter().cloned()),
@@ -466,4 +494,42 @@ pub fn binaries_dir() -> Result<PathBuf, String> {
     } else {
         dir
     })
+}
+
+/// The array's config with a save area: the default two pairs of
+/// `lu_size_bytes` LUs of 4096-byte blocks (mirror 0 = 1 + 2, mirror 3 =
+/// 4 + 5) and the plain LUs [`SAVE_AREA_LU`] and [`SECOND_SAVE_AREA_LU`]
+/// of `save_area_blocks` blocks each, read-write for db-server.
+pub fn save_area_array_toml(lu_size_bytes: u64, save_area_blocks: u64) -> Result<String, String> {
+    const BLOCK_SIZE_BYTES: u64 = 4096;
+    if lu_size_bytes == 0 || !lu_size_bytes.is_multiple_of(BLOCK_SIZE_BYTES) {
+        return Err(format!(
+            "an LU size of {lu_size_bytes} bytes is not a positive multiple of {BLOCK_SIZE_BYTES}"
+        ));
+    }
+    let block_count = lu_size_bytes / BLOCK_SIZE_BYTES;
+    let mut text = String::new();
+    let mut lu = |id: u32, blocks: u64| {
+        text.push_str(&format!(
+            "[[lu]]\nid = {id}\nblock_size_bytes = {BLOCK_SIZE_BYTES}\nblock_count = {blocks}\n\n"
+        ));
+    };
+    for id in [1, 2, 4, 5] {
+        lu(id, block_count);
+    }
+    lu(SAVE_AREA_LU, save_area_blocks);
+    lu(SECOND_SAVE_AREA_LU, save_area_blocks);
+    for (mirror, origin, mate) in [(0, 1, 2), (3, 4, 5)] {
+        text.push_str(&format!(
+            "[[mirror]]\nmirror = {mirror}\norigin = {origin}\nmate = {mate}\n\n"
+        ));
+    }
+    for plain in [SAVE_AREA_LU, SECOND_SAVE_AREA_LU] {
+        text.push_str(&format!(
+            "[[grant]]\nidentity = \"{}\"\nlu = {plain}\naccess = \"read-write\"\n\n",
+            splitmirror_proto::security::role::DB
+        ));
+    }
+    array_node::ArrayConfig::from_toml(&text).map_err(|e| format!("the save-area config: {e}"))?;
+    Ok(text)
 }

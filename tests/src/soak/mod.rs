@@ -8,7 +8,13 @@
 //! rounds are restores instead: volume 0 corrupted through the array, then
 //! `console restore` of the newest backup (re-run with the same run id
 //! until it completes, whatever the fault did to it), or a reverse resync
-//! (`console snapshot restore` to a held snapshot). After every round the
+//! (`console snapshot restore` to a held snapshot). Two rounds in ten take a
+//! copy-on-write snapshot instead (the array has a save area for volume 0):
+//! acquired inside a suspension after reading the mate (what a split would
+//! freeze), held while the ledger writes and the round's fault lands, read
+//! back through db-server and compared with that image and the ledger's
+//! check at its sequence (or found invalidated, with a reason, only after a
+//! fault), then deleted with nothing to resync. After every round the
 //! invariants are checked ([`checks`]) and the run stops at the first
 //! violation with the seed and a command that replays it.
 //!
@@ -34,6 +40,7 @@ use rand::{Rng, SeedableRng};
 
 use checks::{Checker, Probe, RestorableBackup, RestoredImage, Violation, VolumeState};
 use cluster::{Cluster, ClusterOptions, Node};
+use splitmirror_proto::db::v1 as pb_db;
 
 /// The faults the nemesis injects, by the names `--faults` takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -149,15 +156,19 @@ pub enum Canary {
     LedgerSideBySide,
     /// array-node lets writes and copies of the same blocks interleave.
     NoRangeLock,
+    /// db-server's writes under a copy-on-write snapshot do not save the
+    /// pre-update data.
+    CowSkipsSave,
 }
 
 impl Canary {
-    pub const ALL: [Canary; 5] = [
+    pub const ALL: [Canary; 6] = [
         Canary::IntentAfterWrite,
         Canary::ForgetSnapshotWrites,
         Canary::ResyncSkipsRecheck,
         Canary::LedgerSideBySide,
         Canary::NoRangeLock,
+        Canary::CowSkipsSave,
     ];
 
     pub fn name(self) -> &'static str {
@@ -167,6 +178,7 @@ impl Canary {
             Canary::ResyncSkipsRecheck => "resync-skips-recheck",
             Canary::LedgerSideBySide => "ledger-side-by-side",
             Canary::NoRangeLock => "no-range-lock",
+            Canary::CowSkipsSave => "cow-skips-save",
         }
     }
 
@@ -190,6 +202,7 @@ impl Canary {
             Canary::ResyncSkipsRecheck => (Node::Db, "--unsafe-test-resync-skips-recheck"),
             Canary::LedgerSideBySide => (Node::Db, "--unsafe-test-ledger-writes-side-by-side"),
             Canary::NoRangeLock => (Node::Array, "--unsafe-test-no-range-lock"),
+            Canary::CowSkipsSave => (Node::Db, "--unsafe-test-skip-cow-save"),
         }
     }
 }
@@ -212,6 +225,8 @@ pub struct SoakConfig {
     pub keep_dir: bool,
     /// Play restore and reverse-resync rounds (once a backup exists).
     pub restores: bool,
+    /// Give the array a save area and play copy-on-write rounds.
+    pub cow: bool,
 }
 
 /// Counts of everything the soak did, for the summary and RELIABILITY.md.
@@ -247,6 +262,15 @@ pub struct Summary {
     pub offline_probes: u64,
     pub restores_seen_offline: u64,
     pub safety_backups_verified: u64,
+    /// Copy-on-write rounds; of their snapshots, those acquired, read back
+    /// equal to the split's image and passing the ledger's check, found
+    /// invalidated after a fault (by reason), and deleted with nothing to
+    /// resync.
+    pub cow_rounds: u64,
+    pub cow_acquired: u64,
+    pub cow_images_verified: u64,
+    pub cow_invalidated: BTreeMap<String, u64>,
+    pub cow_deleted_without_resync: u64,
     pub violations: Vec<Violation>,
     pub elapsed: Duration,
 }
@@ -283,6 +307,16 @@ impl Summary {
             "  volume seen offline while restored: {} probes in {} rounds",
             self.offline_probes, self.restores_seen_offline
         );
+        println!(
+            "  copy-on-write      {} rounds, {} acquired, {} images verified, {} deleted with nothing to resync",
+            self.cow_rounds,
+            self.cow_acquired,
+            self.cow_images_verified,
+            self.cow_deleted_without_resync
+        );
+        for (why, count) in &self.cow_invalidated {
+            println!("  cow invalidated    {count} × {why}");
+        }
         println!("  damaged journals set aside {}", self.journals_set_aside);
         println!(
             "  leftover snapshots deleted {}",
@@ -334,6 +368,11 @@ impl Summary {
             "offline_probes": self.offline_probes,
             "restores_seen_offline": self.restores_seen_offline,
             "safety_backups_verified": self.safety_backups_verified,
+            "cow_rounds": self.cow_rounds,
+            "cow_acquired": self.cow_acquired,
+            "cow_images_verified": self.cow_images_verified,
+            "cow_invalidated": self.cow_invalidated,
+            "cow_deleted_without_resync": self.cow_deleted_without_resync,
             "canary": config.canary.map(Canary::name),
             "violations": self.violations.iter().map(|v| serde_json::json!({
                 "round": v.round, "what": v.what,
@@ -367,6 +406,9 @@ pub fn replay_command(config: &SoakConfig, rounds: Option<u64>) -> String {
     command.push_str(&format!(" --resync {}", config.resync_method));
     if !config.restores {
         command.push_str(" --no-restores");
+    }
+    if !config.cow {
+        command.push_str(" --no-cow");
     }
     if let Some(canary) = config.canary {
         command.push_str(&format!(" --canary {}", canary.name()));
@@ -407,6 +449,11 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
             resync_method: config.resync_method.clone(),
             db_flags,
             array_flags,
+            save_area_blocks: if config.cow {
+                Some(save_area_blocks(&config.lu_size)?)
+            } else {
+                None
+            },
         },
     )?;
     let mut summary = Summary::default();
@@ -440,12 +487,16 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
         round += 1;
         // Two rounds in ten restore a backup and one reverses a snapshot,
         // once the prune keeps a backup (so that round 1 draws as before).
+        // Two in ten take a copy-on-write snapshot.
         let kind = if config.restores && checker.has_kept_backup() {
             match rng.random_range(0..10) {
                 0 | 1 => RoundKind::Restore,
                 2 => RoundKind::ReverseResync,
+                3 | 4 if config.cow => RoundKind::Cow,
                 _ => RoundKind::Run,
             }
+        } else if config.cow && rng.random_range(0..10) < 2 {
+            RoundKind::Cow
         } else {
             RoundKind::Run
         };
@@ -514,6 +565,9 @@ pub enum RoundKind {
     /// `console snapshot acquire`, the ledger writes, then `console
     /// snapshot restore` (the reverse resync), re-run until it completes.
     ReverseResync,
+    /// A copy-on-write snapshot held while the ledger writes, read back
+    /// through db-server and checked, then deleted.
+    Cow,
 }
 
 impl RoundKind {
@@ -546,7 +600,258 @@ async fn play_round(
         RoundKind::ReverseResync => {
             play_reverse_round(cluster, checker, rng, round, fault, summary).await
         }
+        RoundKind::Cow => play_cow_round(cluster, checker, rng, round, fault, summary).await,
     }
+}
+
+/// The save area the soak gives volume 0: as many blocks as the volume, so
+/// that it never fills (a snapshot is invalidated only by a fault).
+fn save_area_blocks(lu_size: &str) -> Result<u64, String> {
+    let bytes = splitmirror_proto::units::parse_size_bytes(lu_size)
+        .map_err(|e| format!("--lu-size {lu_size}: {e}"))?;
+    Ok(bytes / 4096)
+}
+
+/// db-server's crash points a copy-on-write round passes: its acquire and
+/// its delete.
+fn cow_crash_points() -> Vec<(Node, &'static str)> {
+    ["acquire.after_journal", "delete.after_journal"]
+        .into_iter()
+        .map(|p| (Node::Db, p))
+        .collect()
+}
+
+/// The faults after which a held copy-on-write snapshot may be found
+/// invalidated: db-server restarted (its save-area map is not journaled),
+/// or the array failed a save under it.
+fn may_invalidate(fault: Option<Fault>) -> bool {
+    fault.is_some_and(|f| {
+        !matches!(
+            f,
+            Fault::KillBackup | Fault::LostConsole | Fault::FullStoreFs | Fault::FullJournalFs
+        )
+    })
+}
+
+/// A copy-on-write round: the checker takes a COW snapshot of volume 0
+/// inside a suspension (after reading the mate, the image a split at that
+/// quiesce would freeze); the ledger writes over it while the round's
+/// fault lands at a random moment; then the snapshot, read through
+/// db-server's snapshot virtual LU, must equal that image and pass the
+/// ledger's check at the acquire's sequence — or, only after a fault that
+/// can cause it, be refused as invalidated with a reason in Status. Its
+/// delete must resync nothing (and, without a fault, leave the pair
+/// Synchronized at once). Then the usual checks (origin == mate while
+/// quiesced).
+async fn play_cow_round(
+    cluster: &mut Cluster,
+    checker: &mut Checker,
+    rng: &mut SmallRng,
+    round: u64,
+    fault: Option<Fault>,
+    summary: &mut Summary,
+) -> Result<(), Violation> {
+    summary.cow_rounds += 1;
+    let armed = match fault {
+        Some(Fault::CrashPoint) => Some(arm_crash_point(
+            cluster,
+            rng,
+            round,
+            &cow_crash_points(),
+            summary,
+        )?),
+        _ => None,
+    };
+    let run_id = format!("soak-cow-{round}");
+    let taken = match checker.take_cow_snapshot(round, &run_id).await? {
+        Ok(taken) => Some(taken),
+        Err(e) if fault.is_none() => {
+            return Err(Violation::new(
+                round,
+                format!("a copy-on-write acquire failed in a round without a fault: {e}"),
+            ));
+        }
+        // A crash point in the acquire: the snapshot may be journaled and
+        // held after the restart (the checks delete what is left).
+        Err(_) => None,
+    };
+    summary.cow_acquired += u64::from(taken.is_some());
+    // The ledger writes over the snapshot's blocks; the fault lands.
+    let delay = Duration::from_millis(rng.random_range(0..FAULT_WINDOW_MS));
+    tokio::time::sleep(delay).await;
+    let mut lost_console_at = None;
+    if let Some(fault) = fault {
+        lost_console_at = land_fault(cluster, checker, rng, round, fault, summary).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
+    if let Some(node) = armed
+        && cluster.exited_by_itself(node).is_some()
+    {
+        cluster.kill9(node);
+        start(cluster, node, round)?;
+    }
+    after_fault(cluster, checker, round, lost_console_at, armed).await?;
+    checker.wait_db_answers(round).await?;
+    let Some(taken) = taken else {
+        summary.runs_failed += 1;
+        return checker.after_round(cluster, round, summary).await;
+    };
+    let held = checker
+        .volume0()
+        .await
+        .map_err(|e| Violation::new(round, e))?;
+    // After a restart Status may show the invalidated snapshot by its
+    // reason alone (the journal holds the pair Synchronized).
+    let invalidated_unnamed =
+        held.snapshot_holder.is_empty() && !held.snapshot_invalidated_reason.is_empty();
+    if held.snapshot_holder == run_id || invalidated_unnamed {
+        if !invalidated_unnamed && held.snapshot_method() != pb_db::SnapshotMethod::Cow {
+            return Err(Violation::new(
+                round,
+                format!("the copy-on-write snapshot of {run_id} shows another method: {held:?}"),
+            ));
+        }
+        if fault.is_none() && held.data_mode() != pb_db::Mode::Synchronized {
+            return Err(Violation::new(
+                round,
+                format!("a held copy-on-write snapshot left the pair not Synchronized: {held:?}"),
+            ));
+        }
+        check_cow_read(checker, round, fault, &taken, held.block_count, summary).await?;
+        match checker.delete_snapshot(&run_id).await {
+            Ok(deleted) if deleted.ranges_to_resync != 0 || deleted.blocks_to_resync != 0 => {
+                return Err(Violation::new(
+                    round,
+                    format!(
+                        "the delete of a copy-on-write snapshot has a resync to do: {deleted:?}"
+                    ),
+                ));
+            }
+            Ok(_) => {
+                summary.cow_deleted_without_resync += 1;
+                if fault.is_none() {
+                    let after = checker
+                        .volume0()
+                        .await
+                        .map_err(|e| Violation::new(round, e))?;
+                    if after.data_mode() != pb_db::Mode::Synchronized
+                        || !after.snapshot_holder.is_empty()
+                    {
+                        return Err(Violation::new(
+                            round,
+                            format!(
+                                "right after a copy-on-write delete the pair is not Synchronized and free: {after:?}"
+                            ),
+                        ));
+                    }
+                }
+            }
+            Err(e) if fault.is_none() => {
+                return Err(Violation::new(
+                    round,
+                    format!("a copy-on-write delete failed in a round without a fault: {e}"),
+                ));
+            }
+            Err(_) => summary.runs_failed += 1,
+        }
+    } else if fault.is_none() {
+        return Err(Violation::new(
+            round,
+            format!(
+                "the copy-on-write snapshot of {run_id} vanished in a round without a fault: {held:?}"
+            ),
+        ));
+    }
+    checker.after_round(cluster, round, summary).await
+}
+
+/// The held copy-on-write snapshot, read through db-server: the split's
+/// image at the same quiesce, passing the ledger's check at its sequence;
+/// or refused as invalidated, which only a fault excuses.
+async fn check_cow_read(
+    checker: &mut Checker,
+    round: u64,
+    fault: Option<Fault>,
+    taken: &checks::CowSnapshot,
+    block_count: u64,
+    summary: &mut Summary,
+) -> Result<(), Violation> {
+    // A fault may leave db-server a moment from serving reads: try again
+    // (bounded) while the read fails otherwise than invalidated.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match checker.read_cow_image(block_count).await {
+            checks::CowRead::Image(image) => {
+                if let Some(block) = first_differing_block(&image, &taken.split_image) {
+                    return Err(Violation::new(
+                        round,
+                        format!(
+                            "the copy-on-write snapshot of {} (sequence {}) read through db-server differs from the mate at its quiesce (what a split would hold) from block {block} on (fault: {})",
+                            taken.run_id,
+                            taken.sequence,
+                            fault.map_or("none", Fault::name)
+                        ),
+                    ));
+                }
+                let report = db_server::ledger_format::verify_image(&image, Some(taken.sequence));
+                if !report.ok {
+                    return Err(Violation::new(
+                        round,
+                        format!(
+                            "the copy-on-write snapshot of {} fails the ledger's check at its sequence {}: {:?}",
+                            taken.run_id, taken.sequence, report.violations
+                        ),
+                    ));
+                }
+                summary.cow_images_verified += 1;
+                return Ok(());
+            }
+            checks::CowRead::Invalidated(reason) => {
+                if !may_invalidate(fault) {
+                    return Err(Violation::new(
+                        round,
+                        format!(
+                            "the copy-on-write snapshot of {} was invalidated with no fault that could (fault: {}): {reason}",
+                            taken.run_id,
+                            fault.map_or("none", Fault::name)
+                        ),
+                    ));
+                }
+                let why = if reason.contains("restarted") {
+                    "db-server restarted"
+                } else if reason.contains("save area") {
+                    "the save area"
+                } else {
+                    "another reason"
+                };
+                *summary.cow_invalidated.entry(why.to_string()).or_default() += 1;
+                return Ok(());
+            }
+            checks::CowRead::Failed(e) if fault.is_none() || attempts >= 5 => {
+                return Err(Violation::new(
+                    round,
+                    format!(
+                        "reading the held copy-on-write snapshot of {} failed (fault: {}, attempt {attempts}): {e}",
+                        taken.run_id,
+                        fault.map_or("none", Fault::name)
+                    ),
+                ));
+            }
+            checks::CowRead::Failed(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// The first 4 KiB block where two images differ (or the shorter's end).
+fn first_differing_block(a: &[u8], b: &[u8]) -> Option<usize> {
+    const BLOCK: usize = 4096;
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()) / BLOCK);
+    }
+    a.chunks(BLOCK)
+        .zip(b.chunks(BLOCK))
+        .position(|(x, y)| x != y)
 }
 
 /// The console's command line, its addresses and certificates given by
@@ -975,8 +1280,8 @@ async fn play_restore_round(
         Violation::new(round, format!("corrupting volume 0 through the array: {e}"))
     })?;
     summary.chunks_corrupted += corrupted.len() as u64;
-    let run_id = format!("soak-restore-{round}");
-    let restore_args = |force: bool| {
+    let mut run_id = format!("soak-restore-{round}");
+    let restore_args = |run_id: &str, force: bool| {
         let mut args = vec![
             "restore".to_string(),
             "--volume".into(),
@@ -984,7 +1289,7 @@ async fn play_restore_round(
             "--backup-id".into(),
             backup.backup_id.clone(),
             "--run-id".into(),
-            run_id.clone(),
+            run_id.to_string(),
             "--json".into(),
         ];
         if force {
@@ -993,7 +1298,7 @@ async fn play_restore_round(
         args
     };
     let mut probes = 0u64;
-    let args = restore_args(false);
+    let args = restore_args(&run_id, false);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let console = RunningConsole::spawn(console_command(cluster, &args), round, "restore")?;
     let delay = Duration::from_millis(rng.random_range(0..RESTORE_FAULT_WINDOW_MS));
@@ -1042,6 +1347,16 @@ async fn play_restore_round(
         // command — with --force when the ledger is down on a volume that
         // is online (a restart found the corrupted volume failing the
         // ledger's check) or when the safety backup failed.
+        // A run the console abandoned (its safety backup failed under the
+        // fault before anything was written) is over for good: the
+        // operator's next move is the same restore under a new run id.
+        let abandoned = outcome
+            .report
+            .as_ref()
+            .is_some_and(|r| r["error"].as_str().is_some_and(|e| e.contains("abandoned")));
+        if abandoned {
+            run_id = format!("soak-restore-{round}-{}", attempts + 1);
+        }
         let state = wait_restorable(cluster, checker, round, &run_id).await?;
         let safety_failed = outcome
             .report
@@ -1050,7 +1365,7 @@ async fn play_restore_round(
         let force = safety_failed || (state.restore_run_id.is_none() && !state.ledger_running);
         forced |= force;
         attempts += 1;
-        let args = restore_args(force);
+        let args = restore_args(&run_id, force);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let console = RunningConsole::spawn(console_command(cluster, &args), round, "restore")?;
         outcome = wait_console(cluster, checker, round, console, Some(&mut probes), None).await?;
@@ -1059,7 +1374,7 @@ async fn play_restore_round(
     summary.offline_probes += probes;
     summary.restores_seen_offline += u64::from(probes > 0);
     let report = outcome.report.unwrap_or_default();
-    check_restore_report(&report, &backup, attempts, forced).map_err(|e| {
+    check_restore_report(&report, &backup, attempts, forced, fault.is_some()).map_err(|e| {
         Violation::new(
             round,
             format!(
@@ -1088,13 +1403,15 @@ async fn play_restore_round(
 /// server and by EndRestore's comparison with the backup's image digest,
 /// the ledger reopened at the backup's sequence (or later, when a re-run
 /// found the restore already ended), the safety backup named (unless a
-/// re-run had to go without it), and on a first attempt at least one
-/// chunk written (the garbage differs from every backup).
+/// re-run had to go without it), and on a first attempt of a round without
+/// a fault at least one chunk written (the garbage differs from every
+/// backup).
 fn check_restore_report(
     report: &serde_json::Value,
     backup: &RestorableBackup,
     attempts: u32,
     forced: bool,
+    faulted: bool,
 ) -> Result<(), String> {
     if report["verified"] != true {
         return Err("its report does not say verified".into());
@@ -1135,7 +1452,10 @@ fn check_restore_report(
     if !(named || ended_before || (forced && safety == "failed")) {
         return Err(format!("its safety backup is {safety:?}"));
     }
-    if attempts == 1 && report["chunks_written"].as_u64().unwrap_or(0) == 0 {
+    // A fault may have killed the first restore job after it wrote the
+    // chunks, and the console's own retry of the job then finds nothing
+    // left to write, within one attempt of the command.
+    if attempts == 1 && !faulted && report["chunks_written"].as_u64().unwrap_or(0) == 0 {
         return Err("it wrote no chunk over a corrupted volume".into());
     }
     Ok(())

@@ -1,11 +1,14 @@
 //! The nemesis's fast, in-process layer: the snapshot manager and its
 //! journal (real files) over an in-memory array, driven from a seed through
-//! writes to both virtual LUs, acquires, deletes, resyncs, failed array
-//! writes, crashes (also in the middle of a write, after the array applied
-//! it), and journals damaged between a crash and the restart. After every
-//! step the volume is compared with a plain model: the data virtual LU
-//! reads what was acknowledged, a held snapshot reads what it held plus its
-//! own writes, and a Synchronized pair has origin == mate == data.
+//! writes to both virtual LUs, acquires (split or copy-on-write, with a
+//! save area small enough to fill), deletes, resyncs, failed array writes,
+//! crashes (also in the middle of a write, after the array applied it),
+//! and journals damaged between a crash and the restart. After every step
+//! the volume is compared with a plain model: the data virtual LU reads
+//! what was acknowledged, a held split snapshot reads what it held plus its
+//! own writes, a held copy-on-write snapshot reads what it held (its writes
+//! refused) until it is invalidated — only by a full save area, a failed
+//! write or a restart — and a Synchronized pair has origin == mate == data.
 //!
 //! No network and no processes: a seed takes milliseconds, so thousands of
 //! seeds run in the time one soak round takes.
@@ -19,7 +22,9 @@ use std::time::Duration;
 use db_server::array_port::{ArrayPort, BoxFuture, ClientError, MemoryArray, OwnAccess, PairInfo};
 use db_server::journal::Journal;
 use db_server::lu_status::VirtualLu;
-use db_server::manager::{ManagerConfig, ManagerTestHooks, ResyncMethod, SnapshotManager};
+use db_server::manager::{
+    ManagerConfig, ManagerTestHooks, ResyncMethod, SnapshotManager, SnapshotMethod,
+};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
@@ -33,6 +38,10 @@ const BLOCKS: u64 = 128;
 const STEPS: usize = 60;
 /// Journal regions of 8 blocks: rounding matters at this size.
 const REGION_BYTES: u64 = 4096;
+/// The save area of copy-on-write snapshots: a plain LU of 40 blocks, which
+/// a snapshot held over a few writes fills (and is invalidated).
+const SAVE_AREA_LU: u32 = 3;
+const SAVE_AREA_BLOCKS: u64 = 40;
 const PAIR: PairInfo = PairInfo {
     mirror_lu: 0,
     origin_lu: 1,
@@ -61,7 +70,8 @@ impl ArrayPort for SimArray {
     fn write(&self, lu: u32, lba: u64, data: Vec<u8>) -> BoxFuture<'_, Result<(), ClientError>> {
         Box::pin(async move {
             let result = self.memory.write(lu, lba, data).await;
-            if self.hang_after_next_write.swap(false, Ordering::SeqCst) {
+            // The write of the volume's data, not a save ahead of it.
+            if lu != SAVE_AREA_LU && self.hang_after_next_write.swap(false, Ordering::SeqCst) {
                 self.applied.notify_one();
                 std::future::pending::<()>().await;
             }
@@ -97,6 +107,13 @@ impl ArrayPort for SimArray {
         self.memory.identity()
     }
 
+    fn lu_page(
+        &self,
+        lu: u32,
+    ) -> BoxFuture<'_, Result<splitmirror_proto::client::LuPage, ClientError>> {
+        self.memory.lu_page(lu)
+    }
+
     fn set_own_access(
         &self,
         lu: u32,
@@ -110,9 +127,39 @@ impl ArrayPort for SimArray {
 /// What the volume must read, per the operations that were acknowledged.
 struct Model {
     data: Vec<u8>,
-    /// The snapshot virtual LU while one is held.
+    /// The snapshot virtual LU while one is held (and, copy-on-write, not
+    /// known to be invalidated).
     snapshot: Option<Vec<u8>>,
     run: u32,
+    /// The held snapshot is copy-on-write: what the model knows of it.
+    cow: Option<CowModel>,
+}
+
+/// A held copy-on-write snapshot as the model sees it.
+#[derive(Default)]
+struct CowModel {
+    /// Blocks written since the acquire: each saved once.
+    saved: std::collections::BTreeSet<u64>,
+    /// A write failed while it was held: slots may have been used for
+    /// nothing, so a save area found full early is no failure.
+    write_failed: bool,
+    /// It was found invalidated (reads refused): it stays so.
+    invalidated: bool,
+}
+
+impl CowModel {
+    /// The save area cannot have held every block written since the
+    /// acquire: it must be invalidated.
+    fn must_be_invalidated(&self) -> bool {
+        self.saved.len() as u64 > SAVE_AREA_BLOCKS
+    }
+
+    /// Whether an invalidation is explained (a full save area, counted
+    /// with a slot of slack for where "full" is decided, or a failed
+    /// write).
+    fn may_be_invalidated(&self) -> bool {
+        self.invalidated || self.write_failed || self.saved.len() as u64 >= SAVE_AREA_BLOCKS
+    }
 }
 
 /// One running db-server: the manager and what stops it.
@@ -131,6 +178,11 @@ pub struct SimSummary {
     pub crashes_mid_write: u64,
     pub damaged_journals: u64,
     pub failed_writes: u64,
+    /// Copy-on-write snapshots acquired, and of those invalidated by a
+    /// full save area (or a failed write) and by a restart.
+    pub cow_acquires: u64,
+    pub cow_invalidated_full: u64,
+    pub cow_invalidated_restart: u64,
     /// The first seed that broke an invariant, and how.
     pub failure: Option<(u64, String)>,
 }
@@ -161,6 +213,7 @@ fn hooks_for(canary: Option<Canary>) -> ManagerTestHooks {
         resync_skips_recheck: canary == Some(Canary::ResyncSkipsRecheck),
         forget_snapshot_writes: canary == Some(Canary::ForgetSnapshotWrites),
         journal_intent_after_write: canary == Some(Canary::IntentAfterWrite),
+        skip_cow_save: canary == Some(Canary::CowSkipsSave),
     }
 }
 
@@ -189,6 +242,7 @@ async fn start(array: &Arc<SimArray>, dir: &Path, canary: Option<Canary>) -> Res
         resync_method: ResyncMethod::Offload,
         resync_chunk_bytes: 8 * BLOCK as u64,
         hooks: hooks_for(canary),
+        save_areas: [(PAIR.mirror_lu, SAVE_AREA_LU)].into(),
         ..ManagerConfig::default()
     };
     let manager = SnapshotManager::start(
@@ -246,7 +300,11 @@ pub async fn run_seed(
     let mut rng = SmallRng::seed_from_u64(seed);
     let dir = scratch_dir().map_err(|e| format!("scratch directory: {e}"))?;
     let array = Arc::new(SimArray {
-        memory: MemoryArray::new(vec![PAIR]),
+        memory: MemoryArray::new(vec![PAIR]).with_plain_lu(
+            SAVE_AREA_LU,
+            BLOCK as u32,
+            SAVE_AREA_BLOCKS,
+        ),
         hang_after_next_write: AtomicBool::new(false),
         applied: Notify::new(),
     });
@@ -255,6 +313,7 @@ pub async fn run_seed(
         data: vec![0; BLOCKS as usize * BLOCK],
         snapshot: None,
         run: 0,
+        cow: None,
     };
     wait_synchronized(&node, "the first start").await?;
     for step in 0..STEPS {
@@ -265,6 +324,7 @@ pub async fn run_seed(
         match what {
             // Writes to the data virtual LU, the common case.
             0..=44 => {
+                let failed_before = summary.failed_writes;
                 let range = random_range(&mut rng);
                 let mut data = vec![0u8; bytes(&range).len()];
                 rng.fill(&mut data[..]);
@@ -280,6 +340,25 @@ pub async fn run_seed(
                 .await
                 .map_err(|e| format!("{}: {e}", context("data write")))?;
                 model.data[bytes(&range)].copy_from_slice(&data);
+                if let Some(cow) = &mut model.cow {
+                    cow.saved.extend(range.clone());
+                    cow.write_failed |= summary.failed_writes > failed_before;
+                }
+            }
+            45..=54 if held && model.cow.is_some() => {
+                // The copy-on-write snapshot virtual LU is read-only.
+                let range = random_range(&mut rng);
+                let data = vec![0xC0u8; bytes(&range).len()];
+                if node
+                    .manager
+                    .write(0, VirtualLu::Snapshot, range.start, data)
+                    .await
+                    .is_ok()
+                {
+                    return Err(context(
+                        "a write to a copy-on-write snapshot was acknowledged",
+                    ));
+                }
             }
             45..=54 if held => {
                 let range = random_range(&mut rng);
@@ -304,18 +383,47 @@ pub async fn run_seed(
                 // Acquire: only from Synchronized.
                 wait_synchronized(&node, &context("before acquire")).await?;
                 model.run += 1;
+                let method = if rng.random_bool(0.5) {
+                    summary.cow_acquires += 1;
+                    SnapshotMethod::Cow
+                } else {
+                    SnapshotMethod::Split
+                };
                 node.manager
-                    .acquire(0, &format!("run-{}", model.run), u64::from(model.run))
+                    .acquire_by(
+                        0,
+                        &format!("run-{}", model.run),
+                        u64::from(model.run),
+                        method,
+                    )
                     .await
                     .map_err(|e| format!("{}: {e}", context("acquire")))?;
                 model.snapshot = Some(model.data.clone());
+                model.cow = (method == SnapshotMethod::Cow).then(CowModel::default);
             }
             67..=76 if held => {
-                node.manager
+                let deleted = node
+                    .manager
                     .delete(0, &format!("run-{}", model.run), false)
                     .await
                     .map_err(|e| format!("{}: {e}", context("delete")))?;
                 model.snapshot = None;
+                if let Some(cow) = model.cow.take() {
+                    // Nothing to resync: the pair never split. (A write the
+                    // array failed while it was held leaves its range
+                    // recorded, as it would without a snapshot.)
+                    let mode = node.manager.status().first().map(|v| v.routing.data_mode);
+                    if !cow.write_failed
+                        && (deleted.ranges_to_resync != 0
+                            || mode != Some(db_server::lu_status::Mode::Synchronized))
+                    {
+                        return Err(context(&format!(
+                            "a copy-on-write delete with no failed write left {} ranges to \
+                             resync, the pair {mode:?}",
+                            deleted.ranges_to_resync
+                        )));
+                    }
+                }
                 if rng.random_bool(0.5) {
                     wait_synchronized(&node, &context("after delete")).await?;
                 }
@@ -325,13 +433,16 @@ pub async fn run_seed(
                 summary.crashes += 1;
                 crash(node).await;
                 node = start(&array, dir.path(), canary).await?;
+                restarted_with_cow(&node, &mut model, true, summary)
+                    .await
+                    .map_err(|e| context(&e))?;
             }
             87..=92 => {
                 // A crash in the middle of a write: the array applied it,
                 // the answer never came back.
                 summary.crashes_mid_write += 1;
                 let range = random_range(&mut rng);
-                let target = if held && rng.random_bool(0.3) {
+                let target = if held && model.cow.is_none() && rng.random_bool(0.3) {
                     VirtualLu::Snapshot
                 } else {
                     VirtualLu::Data
@@ -353,6 +464,11 @@ pub async fn run_seed(
                     // The bytes are on the array although never acknowledged.
                     match target {
                         VirtualLu::Data => model.data[bytes(&range)].copy_from_slice(&data),
+                        VirtualLu::Snapshot if model.cow.is_some() => {
+                            return Err(context(
+                                "a write to a copy-on-write snapshot reached the array",
+                            ));
+                        }
                         VirtualLu::Snapshot => {
                             if let Some(snapshot) = &mut model.snapshot {
                                 snapshot[bytes(&range)].copy_from_slice(&data);
@@ -361,6 +477,9 @@ pub async fn run_seed(
                     }
                 }
                 node = start(&array, dir.path(), canary).await?;
+                restarted_with_cow(&node, &mut model, true, summary)
+                    .await
+                    .map_err(|e| context(&e))?;
             }
             93..=99 => {
                 // A crash, then the journal damaged while db-server is down.
@@ -371,6 +490,9 @@ pub async fn run_seed(
                 let damaged =
                     super::damage_journal_file(&dir.path().join("journal.log"), corrupt, &mut rng)?;
                 node = start(&array, dir.path(), canary).await?;
+                restarted_with_cow(&node, &mut model, !damaged, summary)
+                    .await
+                    .map_err(|e| context(&e))?;
                 if damaged {
                     // Damage inside the committed part: the journal must be
                     // judged unusable and kept aside, and a snapshot it held
@@ -398,7 +520,7 @@ pub async fn run_seed(
         {
             return Err(context("a held snapshot was lost across a crash"));
         }
-        check(&node, &array, &model)
+        check(&node, &array, &mut model, summary)
             .await
             .map_err(|e| format!("after {}: {e}", context("check")))?;
     }
@@ -409,9 +531,10 @@ pub async fn run_seed(
             .await
             .map_err(|e| format!("final delete: {e}"))?;
         model.snapshot = None;
+        model.cow = None;
     }
     wait_synchronized(&node, "the end").await?;
-    check(&node, &array, &model).await?;
+    check(&node, &array, &mut model, summary).await?;
     crash(node).await;
     Ok(())
 }
@@ -453,8 +576,42 @@ async fn wait_synchronized(node: &Node, when: &str) -> Result<(), String> {
         .map_err(|e| format!("{when}: the pair did not become Synchronized: {e}"))
 }
 
+/// After a restart with a copy-on-write snapshot held: it is invalidated
+/// (its save-area map is not journaled) and its reads refused. With
+/// `journal_kept` false the journal was set aside, and the snapshot with
+/// it: only the refusal is checked.
+async fn restarted_with_cow(
+    node: &Node,
+    model: &mut Model,
+    journal_kept: bool,
+    summary: &mut SimSummary,
+) -> Result<(), String> {
+    if model.cow.take().is_none() {
+        return Ok(());
+    }
+    model.snapshot = None;
+    summary.cow_invalidated_restart += 1;
+    if journal_kept && node.manager.check_snapshot_valid(0).is_ok() {
+        return Err("a copy-on-write snapshot is still valid after a restart".into());
+    }
+    if node
+        .manager
+        .read(0, VirtualLu::Snapshot, 0, BLOCKS)
+        .await
+        .is_ok()
+    {
+        return Err("a copy-on-write snapshot answered a read after a restart".into());
+    }
+    Ok(())
+}
+
 /// The volume against the model.
-async fn check(node: &Node, array: &SimArray, model: &Model) -> Result<(), String> {
+async fn check(
+    node: &Node,
+    array: &SimArray,
+    model: &mut Model,
+    summary: &mut SimSummary,
+) -> Result<(), String> {
     let data = node
         .manager
         .read(0, VirtualLu::Data, 0, BLOCKS)
@@ -465,7 +622,42 @@ async fn check(node: &Node, array: &SimArray, model: &Model) -> Result<(), Strin
             "the data virtual LU differs from what was written at block {block}"
         ));
     }
-    if let Some(expected) = &model.snapshot {
+    if let (Some(cow), Some(expected)) = (&mut model.cow, &model.snapshot) {
+        match node.manager.read(0, VirtualLu::Snapshot, 0, BLOCKS).await {
+            Ok(_) if cow.invalidated => {
+                return Err("an invalidated copy-on-write snapshot answered a read".into());
+            }
+            Ok(_) if cow.must_be_invalidated() => {
+                return Err(format!(
+                    "{} blocks were written under a copy-on-write snapshot with a save area of \
+                     {SAVE_AREA_BLOCKS}, and it still answers reads",
+                    cow.saved.len()
+                ));
+            }
+            Ok(snapshot) => {
+                if let Some(block) = first_difference(&snapshot, expected) {
+                    return Err(format!(
+                        "the copy-on-write snapshot differs from the volume at the acquire at \
+                         block {block} ({} blocks saved)",
+                        cow.saved.len()
+                    ));
+                }
+            }
+            Err(e) if !cow.may_be_invalidated() => {
+                return Err(format!(
+                    "a copy-on-write snapshot with {} of {SAVE_AREA_BLOCKS} blocks saved and no \
+                     failed write refused a read: {e}",
+                    cow.saved.len()
+                ));
+            }
+            Err(_) => {
+                if !cow.invalidated {
+                    summary.cow_invalidated_full += 1;
+                }
+                cow.invalidated = true;
+            }
+        }
+    } else if let Some(expected) = &model.snapshot {
         let snapshot = node
             .manager
             .read(0, VirtualLu::Snapshot, 0, BLOCKS)
@@ -524,7 +716,11 @@ mod tests {
                 "seed {seed}: {what} (replay: cargo run --release -p splitmirror-tests --bin soak -- --fast --seed {seed} --seeds 1)"
             );
         }
-        for canary in [Canary::ForgetSnapshotWrites, Canary::IntentAfterWrite] {
+        for canary in [
+            Canary::ForgetSnapshotWrites,
+            Canary::IntentAfterWrite,
+            Canary::CowSkipsSave,
+        ] {
             let caught = run_seeds(first, 300, Some(canary), |_| {}).await;
             let (seed, what) = caught
                 .failure
