@@ -276,6 +276,12 @@ enum Command {
         /// so that the writeback after it falls inside the measurement.
         #[arg(long)]
         after_backup: bool,
+        /// timeline: how the run takes its snapshot: split (the default)
+        /// or cow (copy-on-write: the cluster gets a save area as large as
+        /// the volume; the backup reads through db-server and the delete
+        /// resyncs nothing).
+        #[arg(long, value_enum)]
+        snapshot_method: Option<SnapshotMethodArg>,
     },
     /// Acquire or delete a snapshot by hand.
     #[command(subcommand)]
@@ -697,6 +703,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             max_rate,
             dirty,
             after_backup,
+            snapshot_method,
         } => {
             use anyhow::Context as _;
             let options = splitmirror_console::bench::BenchOptions {
@@ -707,6 +714,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_rate,
                 dirty_bytes: dirty,
                 after_backup,
+                snapshot_method: SnapshotMethodArg::to_pb(snapshot_method),
             };
             let output = splitmirror_console::bench::run(scenario, &options).await?;
             cli::output::println(&format!(

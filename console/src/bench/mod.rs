@@ -108,6 +108,8 @@ pub struct BenchOptions {
     /// freeze: run one uncapped backup of `size_bytes` of random data just
     /// before the cycles, so that its writeback falls inside them.
     pub after_backup: bool,
+    /// timeline: how the run takes its snapshot (`Unspecified`: split).
+    pub snapshot_method: splitmirror_proto::db::v1::SnapshotMethod,
 }
 
 /// What a scenario answers: a table for people, JSON for machines.

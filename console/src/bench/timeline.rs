@@ -16,6 +16,12 @@
 //! cluster whose ledger is idle (1 transaction per second), for the
 //! backup's time on an idle volume.
 //!
+//! With `--snapshot-method cow` the run takes a copy-on-write snapshot
+//! (#20): both clusters get a save area as large as the volume, the backup
+//! reads the image through db-server, the `--dirty` writes are saved
+//! before they land, and the delete resyncs nothing (the "resync" phase is
+//! the delete's status round trip).
+//!
 //! Before the run, both volumes are filled with the same random data
 //! beyond the ledger's first 32 MiB (through db-server, then flushed to
 //! disk with `sync`), so that the backup copies a volume's worth of data:
@@ -34,8 +40,9 @@ use super::backup::met;
 use super::common::{Bench, f1, f2, full_speed_ledger, table};
 use super::{BenchOptions, BenchOutput, plot};
 use crate::clients::Clients;
+use crate::cluster::ClusterBuilder;
 use crate::progress::Quiet;
-use crate::run::{RunOptions, RunReport, backup_run, wait_synchronized};
+use crate::run::{RunOptions, RunReport, backup_run_by, method_name, wait_synchronized};
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
@@ -65,8 +72,26 @@ fn run_options(options: &BenchOptions, keep_snapshot: bool) -> RunOptions {
     }
 }
 
+/// The cluster of a timeline: the default one, with a save area as large
+/// as the volume for a copy-on-write run (so that it cannot fill up).
+fn cluster(options: &BenchOptions, ledger: db_server::ledger::LedgerConfig) -> ClusterBuilder {
+    let builder = ClusterBuilder::new()
+        .lu_size_bytes(options.size_bytes)
+        .ledger(Some(ledger))
+        .journal_region_bytes(Some(db_server::DEFAULT_JOURNAL_REGION_BYTES));
+    if is_cow(options) {
+        builder.save_area(None)
+    } else {
+        builder
+    }
+}
+
+fn is_cow(options: &BenchOptions) -> bool {
+    options.snapshot_method == dpb::SnapshotMethod::Cow
+}
+
 pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
-    let bench = Bench::with_busy_ledger(options.size_bytes).await?;
+    let bench = Bench::start_from(cluster(options, full_speed_ledger()), true).await?;
     let filled = fill(&bench.clients, options.size_bytes).await?;
     let origin = Instant::now();
     let stop = CancellationToken::new();
@@ -95,7 +120,13 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     };
     tokio::time::sleep(lead).await;
     let run_start = origin.elapsed().as_secs_f64();
-    let report = backup_run(&bench.clients, &run_options(options, true), &Quiet).await;
+    let report = backup_run_by(
+        &bench.clients,
+        &run_options(options, true),
+        options.snapshot_method,
+        &Quiet,
+    )
+    .await;
     if !report.succeeded() {
         stop.cancel();
         let _ = sampler.await;
@@ -159,7 +190,9 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let before = mean(0.0, run_start);
     let backup_phase = &phases[1];
     let during_backup = mean(backup_phase.1, backup_phase.2);
-    let during_resync = Some(split.resync_tps);
+    // A copy-on-write delete resyncs nothing: its "resync" is one status
+    // round trip, too short for a rate.
+    let during_resync = (!is_cow(options)).then_some(split.resync_tps);
     let after = mean(split.resync_end_s, f64::MAX);
     if let Some(path) = &options.plot {
         plot::timeline(path, &series, &phases)?;
@@ -234,7 +267,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
             "MiB".into(),
         ],
         vec![
-            "written while split (--dirty)".into(),
+            "written while the snapshot was held (--dirty)".into(),
             f1(dirty as f64 / (1u64 << 20) as f64),
             "MiB".into(),
         ],
@@ -244,16 +277,14 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
             format!("MiB in {:.2} s", split.resync_end_s - split.delete_end_s),
         ],
     ];
+    let title = format!(
+        "one backup run ({} snapshot) and its resync, ledger at full speed",
+        method_name(options.snapshot_method)
+    );
     Ok(BenchOutput {
-        table: table(
-            &[
-                "one backup run and its resync, ledger at full speed",
-                "value",
-                "unit",
-            ],
-            &rows,
-        ),
+        table: table(&[title.as_str(), "value", "unit"], &rows),
         figures: json!({
+            "snapshot_method": method_name(options.snapshot_method),
             "sample_every_ms": SAMPLE_EVERY.as_millis() as u64,
             "series": series.iter().map(|(t, v)| json!([t, v])).collect::<Vec<_>>(),
             "phases": phases.iter().map(|(n, a, b)| json!({"phase": n, "from_s": a, "to_s": b})).collect::<Vec<_>>(),
@@ -392,17 +423,18 @@ async fn idle_backup(options: &BenchOptions) -> anyhow::Result<RunReport> {
         workers: 1,
         ..full_speed_ledger()
     };
-    let cluster = crate::cluster::ClusterBuilder::new()
-        .lu_size_bytes(options.size_bytes)
-        .ledger(Some(ledger))
-        .journal_region_bytes(Some(db_server::DEFAULT_JOURNAL_REGION_BYTES))
-        .start()
-        .await?;
+    let cluster = cluster(options, ledger).start().await?;
     cluster
         .wait_for_transactions(1, Duration::from_secs(60))
         .await?;
     fill(&cluster.clients, options.size_bytes).await?;
-    let report = backup_run(&cluster.clients, &run_options(options, false), &Quiet).await;
+    let report = backup_run_by(
+        &cluster.clients,
+        &run_options(options, false),
+        options.snapshot_method,
+        &Quiet,
+    )
+    .await;
     cluster.shutdown().await?;
     if !report.succeeded() {
         bail!("the idle volume's run failed: {:?}", report.error);
