@@ -297,12 +297,21 @@ async fn console_demo_runs_two_verified_cycles() {
             .expect("console");
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    // Two split runs, then the copy-on-write run (#20).
     assert_eq!(
         stdout.matches("verified           yes").count(),
-        2,
+        3,
         "{stdout}"
     );
-    assert!(stdout.contains("2 of 2 runs verified"), "{stdout}");
+    assert!(stdout.contains("2 of 2 split runs verified"), "{stdout}");
+    assert!(
+        stdout.contains("the copy-on-write run: verified"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("resync after its delete: 0 blocks"),
+        "{stdout}"
+    );
     assert!(stdout.contains("origin == mate"), "{stdout}");
 }
 
