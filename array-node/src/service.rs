@@ -170,7 +170,17 @@ impl ArrayService for ArrayGrpc {
             mate_lu,
             block_size_bytes: page.block_size_bytes,
             block_count: page.block_count,
+            ..Default::default()
         }))
+    }
+
+    async fn mode_select(
+        &self,
+        _request: Request<pb::ModeSelectRequest>,
+    ) -> Result<Response<pb::ModeSelectResponse>, Status> {
+        Err(Status::unimplemented(
+            "ModeSelect is not built yet (issue #19)",
+        ))
     }
 
     type ReadStream = ReadStream;

@@ -69,11 +69,16 @@ pub enum Reason {
     /// or db-server restarted while it was held): its image is gone. Not
     /// retryable; the holder deletes it and takes a new one.
     SnapshotInvalidated,
+    /// The array's mirroring management table refuses the request in the
+    /// pair's current mode (a write naming the mate of a Synchronized or
+    /// read-only Snapshot pair, a read of the mate while it
+    /// resynchronizes). Not retryable until the pair's mode changes.
+    MirrorMode,
 }
 
 impl Reason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::Resynchronizing,
         Reason::SnapshotHeld,
         Reason::WrongMode,
@@ -92,6 +97,7 @@ impl Reason {
         Reason::RestoreIncomplete,
         Reason::BeyondEnd,
         Reason::SnapshotInvalidated,
+        Reason::MirrorMode,
     ];
 
     /// The wire form: lower-case ASCII words joined by `-`.
@@ -115,6 +121,7 @@ impl Reason {
             Reason::RestoreIncomplete => "restore-incomplete",
             Reason::BeyondEnd => "beyond-end",
             Reason::SnapshotInvalidated => "snapshot-invalidated",
+            Reason::MirrorMode => "mirror-mode",
         }
     }
 

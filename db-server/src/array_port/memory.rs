@@ -216,6 +216,8 @@ impl ArrayPort for MemoryArray {
                 block_count,
                 origin_lu: sides.map(|s| s.0),
                 mate_lu: sides.map(|s| s.1),
+                mirror_mode: Default::default(),
+                mate_writable: false,
             };
             if let Some((block_size_bytes, block_count)) = self.plain.get(&lu) {
                 return Ok(page(LuKind::Plain, *block_size_bytes, *block_count, None));

@@ -19,6 +19,11 @@ pub struct LuPage {
     /// For a mirror LU: its origin and mate.
     pub origin_lu: Option<u32>,
     pub mate_lu: Option<u32>,
+    /// For a mirror LU, its origin and its mate: the pair's mode in the
+    /// array's mirroring management table (`Unspecified` for a plain LU).
+    pub mirror_mode: pb::MirrorMode,
+    /// Whether that mode (Snapshot) lets the mate be written.
+    pub mate_writable: bool,
 }
 
 impl LuPage {
@@ -87,6 +92,35 @@ impl ArrayClient {
             block_count: page.block_count,
             origin_lu: page.origin_lu,
             mate_lu: page.mate_lu,
+            mirror_mode: page.mirror_mode(),
+            mate_writable: page.mate_writable,
+        })
+    }
+
+    /// Sets the mode of mirror LU `lu` in the array's mirroring management
+    /// table (Fig. 2); `mate_writable` only with `Snapshot`. Only the
+    /// pair's owner may call it. The array has made the mode durable when
+    /// this answers, and enforces it on every request from then on.
+    /// Answers the mode before and after.
+    pub async fn mode_select(
+        &self,
+        lu: u32,
+        mode: pb::MirrorMode,
+        mate_writable: bool,
+        purpose: &str,
+    ) -> Result<pb::ModeSelectResponse, ClientError> {
+        let request = pb::ModeSelectRequest {
+            lu,
+            mode: mode.into(),
+            mate_writable,
+            purpose: purpose.to_string(),
+        };
+        let answer = self.inner.clone().mode_select(request).await;
+        self.peer.answer(answer, || {
+            format!(
+                "setting the mode of mirror LU {lu} to {}",
+                mode.as_str_name()
+            )
         })
     }
 

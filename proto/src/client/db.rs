@@ -57,7 +57,17 @@ impl DbClient {
             volume,
             run_id: run_id.to_string(),
             method: method.into(),
+            writable: false,
         };
+        self.acquire_snapshot_with(request).await
+    }
+
+    /// Takes a snapshot as `request` says (method, writable).
+    pub async fn acquire_snapshot_with(
+        &self,
+        request: pb::AcquireSnapshotRequest,
+    ) -> Result<pb::AcquireSnapshotResponse, ClientError> {
+        let volume = request.volume;
         let answer = self.inner.clone().acquire_snapshot(request).await;
         self.peer.answer(answer, || {
             format!("acquiring a snapshot of volume {volume}")
