@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use db_server::ledger::LedgerConfig;
-use db_server::manager::{ManagerConfig, ResyncMethod, SnapshotMethod};
+use db_server::manager::{ArrayModeKeeping, ManagerConfig, ResyncMethod, SnapshotMethod};
 use db_server::{DbServerConfig, ledger_format};
 use splitmirror_proto::node;
 use splitmirror_proto::security::{Security, SecurityArgs, role};
@@ -96,6 +96,18 @@ struct ServeArgs {
     /// volume. A request naming a method gets that method.
     #[arg(long, default_value = "split", value_name = "split|cow")]
     snapshot_method: SnapshotMethod,
+    /// Who keeps each pair's mode: `stateless` (db-server keeps it and
+    /// routes every write: to the origin alone while a snapshot is held;
+    /// the array enforces nothing) or `stateful` (the array keeps it in its
+    /// mirroring management table: db-server sets it with ModeSelect and
+    /// always writes the mirror LU, and the array refuses whoever breaks
+    /// it: a write to a frozen mate, a read of a mate being
+    /// resynchronized). At start-up a stateful db-server sets every pair's
+    /// array mode to what its journal says; a stateless one hands every
+    /// pair back to host-managed. `stateful` needs `--resync offload` (the
+    /// array refuses the host's writes to the mate while it resyncs).
+    #[arg(long, default_value = "stateless", value_name = "stateless|stateful")]
+    array_mode: ArrayModeKeeping,
     /// The save area of a volume's copy-on-write snapshots, as
     /// VOLUME=LU (repeat for several volumes): LU is a plain LU of the
     /// array (in no mirror) with the volume's block size; its block count
@@ -257,6 +269,7 @@ async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<()> {
     #[cfg_attr(not(feature = "testing"), expect(unused_mut))]
     let mut manager = ManagerConfig {
         snapshot_method: args.snapshot_method,
+        array_mode: args.array_mode,
         save_areas,
         resync_method: args.resync,
         resync_max_bytes_per_s: args.resync_max_rate,

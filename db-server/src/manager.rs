@@ -35,9 +35,11 @@ use crate::journal::{DurableVolume, Journal};
 use crate::lu_status::{Mode, PairState, Routing, VirtualLu, new_snapshot_id};
 use crate::update_location_table::UpdateLocationTable;
 
+mod array_mode;
 mod cow;
 mod restore;
 mod resync;
+pub use array_mode::{ArrayModeKeeping, UnknownArrayModeKeeping};
 use cow::CowImage;
 pub use cow::{SaveArea, SaveAreaStatus, SnapshotMethod, UnknownSnapshotMethod};
 pub use restore::{BeganRestore, BeginDecision, EndedRestore, RestoreStatus, ReverseOutcome};
@@ -91,6 +93,9 @@ pub struct ManagerConfig {
     /// Each volume's save area for copy-on-write snapshots: volume (mirror
     /// LU) → a plain LU of the array (`--save-area VOLUME=LU`).
     pub save_areas: BTreeMap<u32, u32>,
+    /// Who keeps the pairs' modes (`--array-mode`): db-server (stateless,
+    /// the default) or the array (stateful, `ModeSelect`).
+    pub array_mode: ArrayModeKeeping,
     /// Switches that break the manager on purpose (tests only).
     #[cfg(any(test, feature = "testing"))]
     pub hooks: ManagerTestHooks,
@@ -107,6 +112,7 @@ impl Default for ManagerConfig {
             restore_writer: splitmirror_proto::security::role::BACKUP.to_string(),
             snapshot_method: SnapshotMethod::Split,
             save_areas: BTreeMap::new(),
+            array_mode: ArrayModeKeeping::Stateless,
             #[cfg(any(test, feature = "testing"))]
             hooks: ManagerTestHooks::default(),
         }
