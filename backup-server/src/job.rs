@@ -245,6 +245,18 @@ pub async fn run(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<Manifest, JobError> {
+    // A writable snapshot's mate may be written during the copy: refused
+    // before anything is read (the start refuses it too, in check_held;
+    // this holds for any spec however it was built).
+    if let FrozenBy::Snapshot { wanted, before, .. } = &spec.frozen_by
+        && before.writable
+    {
+        return Err(JobError::SnapshotLost(NotFrozen::Writable {
+            volume: wanted.volume,
+            holder_run_id: before.holder_run_id.clone(),
+            mate_lu: before.mate_lu,
+        }));
+    }
     let started_at_unix_ms = manifest::now_unix_ms();
     let geometry = source.geometry(spec.lu).await?;
     if let Some(expected) = spec.expected_block_count
@@ -1092,6 +1104,7 @@ mod tests {
             block_count: size_bytes / u64::from(BLOCK_SIZE_BYTES),
             snapshot_id: 0xc0e,
             method: SnapshotMethod::Cow,
+            writable: false,
         }
     }
 
@@ -1220,6 +1233,102 @@ mod tests {
         assert!(text.contains("snapshot-invalidated"), "{text}");
         assert!(text.contains("filled up"), "{text}");
         assert!(store.backup_ids().await.expect("lists").is_empty());
+    }
+
+    /// db-server that must not be asked anything.
+    struct OwnerThatMustNotBeAsked;
+
+    impl SnapshotOwner for OwnerThatMustNotBeAsked {
+        fn describe(&self) -> String {
+            "db-server".into()
+        }
+        fn snapshot(&self, _: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>> {
+            Box::pin(async { Err(refused("GetSnapshot")) })
+        }
+        fn read_snapshot(
+            &self,
+            _: u32,
+            _: u64,
+            _: u64,
+        ) -> BoxFuture<'_, Result<DataStream, ClientError>> {
+            Box::pin(async { Err(refused("reading the snapshot virtual LU")) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writable_snapshot_fails_the_job_before_the_first_read() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = Arc::new(
+            ChunkStore::create(
+                &StoreLocation::Dir(dir.path().join("store")),
+                Duration::from_secs(3600),
+            )
+            .await
+            .expect("a store"),
+        );
+        let size_bytes = 4 * CHUNK_SIZE_BYTES;
+        let mut spec = spec("writable", size_bytes);
+        let FrozenBy::Snapshot { before, wanted, .. } = &mut spec.frozen_by else {
+            unreachable!("spec() names a snapshot")
+        };
+        // A split snapshot, acquired writable.
+        *before = HeldSnapshot {
+            holder_run_id: "run-w".into(),
+            method: SnapshotMethod::Split,
+            writable: true,
+            ..before.clone()
+        };
+        wanted.holder_run_id = "run-w".into();
+        // The array fails the test if its mate is read or digested.
+        let array = ArrayThatMustNotBeRead {
+            block_count: size_bytes / u64::from(BLOCK_SIZE_BYTES),
+        };
+        let progress = Progress::new();
+        let error = run(
+            &store,
+            &array,
+            &OwnerThatMustNotBeAsked,
+            &spec,
+            &progress,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("a writable snapshot is not frozen");
+        assert!(
+            matches!(
+                &error,
+                JobError::SnapshotLost(NotFrozen::Writable { volume: VOLUME, holder_run_id, mate_lu: MATE_LU })
+                    if holder_run_id == "run-w"
+            ),
+            "{error:?}"
+        );
+        assert_eq!(error.failure_kind(), FailureKind::NotFrozen);
+        assert!(!error.is_unavailable());
+        let text = error.to_string();
+        assert!(
+            text.contains("is writable: its mate (LU 2) is not a frozen image"),
+            "{text}"
+        );
+        assert_eq!(progress.bytes_done.load(Ordering::Relaxed), 0);
+        assert!(store.backup_ids().await.expect("lists").is_empty());
+
+        // The same spec read-only is copied (through the array, which this
+        // one refuses: the refusal proves the copy got that far).
+        let FrozenBy::Snapshot { before, .. } = &mut spec.frozen_by else {
+            unreachable!()
+        };
+        before.writable = false;
+        let error = run(
+            &store,
+            &array,
+            &OwnerThatMustNotBeAsked,
+            &spec,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("the array refuses the digests");
+        assert!(matches!(error, JobError::Array(_)), "{error:?}");
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub struct HeldSnapshot {
     /// db-server ([`SnapshotOwner::read_snapshot`]); the mate goes on
     /// being written.
     pub method: SnapshotMethod,
+    /// Acquired writable: its holder may write the mate while it is held,
+    /// so the mate is no frozen image and no backup may copy it.
+    pub writable: bool,
 }
 
 /// What a failed question to db-server means for a backup, decided from
@@ -118,6 +121,16 @@ pub enum NotFrozen {
         "db-server names no snapshot id for the snapshot of volume {volume} held by run {holder_run_id:?}, so it cannot confirm after the copy that the snapshot was not replaced"
     )]
     NoSnapshotId { volume: u32, holder_run_id: String },
+    /// Before the copy: the snapshot was acquired writable, so its holder
+    /// may write the mate during the copy.
+    #[error(
+        "the snapshot of volume {volume} held by run {holder_run_id:?} is writable: its mate (LU {mate_lu}) is not a frozen image, so it is not backed up; back up a snapshot acquired read-only"
+    )]
+    Writable {
+        volume: u32,
+        holder_run_id: String,
+        mate_lu: u32,
+    },
     /// Before the copy: db-server and the array disagree on the LU's size.
     #[error(
         "db-server says the mate of volume {volume} has {owner_block_count} blocks, the array says LU {lu} has {array_block_count}"
@@ -192,6 +205,15 @@ pub fn check_held(wanted: &SnapshotRef, lu: u32, held: &HeldSnapshot) -> Result<
             lu,
         });
     }
+    // A writable snapshot's mate may change under the copy: nothing to
+    // confirm after it could tell.
+    if held.writable {
+        return Err(NotFrozen::Writable {
+            volume: wanted.volume,
+            holder_run_id: held.holder_run_id.clone(),
+            mate_lu: held.mate_lu,
+        });
+    }
     // Without an id, a snapshot deleted and acquired again by the same run
     // during the copy could not be told from the one confirmed before.
     if held.snapshot_id == 0 {
@@ -219,6 +241,7 @@ pub fn check_unchanged(before: &HeldSnapshot, now: &HeldSnapshot) -> Result<(), 
         || now.ledger_sequence != before.ledger_sequence
         || now.mate_lu != before.mate_lu
         || now.method != before.method
+        || now.writable != before.writable
     {
         return Err(NotFrozen::Replaced {
             volume: before.volume,
@@ -305,6 +328,7 @@ impl SnapshotOwner for GrpcOwner {
                         SnapshotMethod::Split
                     }
                 },
+                writable: answer.writable,
             })
         })
     }
@@ -397,6 +421,7 @@ mod tests {
             block_count: 256,
             snapshot_id: 0xabc,
             method: SnapshotMethod::Split,
+            writable: false,
         }
     }
 
@@ -427,6 +452,47 @@ mod tests {
         assert!(matches!(
             check_held(&wanted, 2, &nameless),
             Err(NotFrozen::NoSnapshotId { .. })
+        ));
+    }
+
+    #[test]
+    fn a_writable_snapshot_is_not_frozen_and_is_refused_before_the_copy() {
+        let wanted = SnapshotRef {
+            volume: 0,
+            holder_run_id: "run-1".into(),
+        };
+        let writable = HeldSnapshot {
+            writable: true,
+            ..held("run-1", 2, 7)
+        };
+        let why = check_held(&wanted, 2, &writable).expect_err("writable");
+        assert!(
+            matches!(&why, NotFrozen::Writable { volume: 0, holder_run_id, mate_lu: 2 } if holder_run_id == "run-1"),
+            "{why:?}"
+        );
+        let text = why.to_string();
+        assert!(
+            text.contains(
+                "held by run \"run-1\" is writable: its mate (LU 2) is not a frozen image"
+            ),
+            "{text}"
+        );
+        // Another holder or LU is still said first: that is the mistake.
+        assert!(matches!(
+            check_held(
+                &wanted,
+                2,
+                &HeldSnapshot {
+                    writable: true,
+                    ..held("run-2", 2, 7)
+                }
+            ),
+            Err(NotFrozen::OtherHolder { .. })
+        ));
+        // A snapshot that became writable after the check is another one.
+        assert!(matches!(
+            check_unchanged(&held("run-1", 2, 7), &writable),
+            Err(NotFrozen::Replaced { .. })
         ));
     }
 
