@@ -394,9 +394,11 @@ enum RestoreAction {
 #[derive(Subcommand)]
 enum SnapshotCommand {
     /// Suspends the database, splits the pair, resumes; prints the run id
-    /// that holds the snapshot.
+    /// that holds the snapshot. With --writable the mate may be written
+    /// while the snapshot is held (the resync undoes those writes; no
+    /// backup of it).
     ///
-    /// Example: console snapshot acquire --volume 0
+    /// Example: console snapshot acquire --volume 0 (or --writable)
     Acquire {
         #[arg(long, default_value_t = 0)]
         volume: u32,
@@ -407,6 +409,14 @@ enum SnapshotCommand {
         /// the volume); unset: the server's default.
         #[arg(long, value_enum)]
         snapshot_method: Option<SnapshotMethodArg>,
+        /// A writable split snapshot: the mate (the snapshot virtual LU)
+        /// may be written while the snapshot is held, e.g. to test on a
+        /// copy of the data. Its writes are recorded like the origin's and
+        /// undone by the resync when the snapshot is deleted. It is not a
+        /// frozen image, so the backup server refuses to back it up. Split
+        /// only: refused with --snapshot-method cow.
+        #[arg(long)]
+        writable: bool,
     },
     /// Releases the snapshot and starts the resync.
     ///
@@ -813,9 +823,11 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             volume,
             run_id,
             snapshot_method,
+            writable,
         }) => {
             let method = SnapshotMethodArg::to_pb(snapshot_method);
-            manual::snapshot_acquire(&connect()?, volume, run_id, method)
+            let request = manual::acquire_request(volume, run_id, method, writable)?;
+            manual::snapshot_acquire(&connect()?, request)
                 .instrument(command_span("snapshot acquire"))
                 .await
         }

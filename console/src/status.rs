@@ -82,15 +82,16 @@ pub fn render(snapshot: &Snapshot) -> String {
     let _ = writeln!(out, "LU status table (Fig. 10)");
     let _ = writeln!(
         out,
-        "  {:<7} {:<16} {:>5} {:>6} {:<16} {:>8}  holder",
-        "volume", "data mode", "READ", "WRITE", "snapshot mode", "snap LU"
+        "  {:<7} {:<16} {:<24} {:>5} {:>6} {:<16} {:>8}  holder",
+        "volume", "data mode", "array mode", "READ", "WRITE", "snapshot mode", "snap LU"
     );
     for v in &snapshot.db.volumes {
         let _ = writeln!(
             out,
-            "  {:<7} {:<16} {:>5} {:>6} {:<16} {:>8}  {}",
+            "  {:<7} {:<16} {:<24} {:>5} {:>6} {:<16} {:>8}  {}",
             v.volume,
             mode_name(v.data_mode()),
+            array_mode_cell(v),
             v.data_read_lu,
             v.data_write_lu,
             mode_name(v.snapshot_mode()),
@@ -100,6 +101,13 @@ pub fn render(snapshot: &Snapshot) -> String {
             } else {
                 &v.snapshot_holder
             }
+        );
+    }
+    if !snapshot.db.volumes.is_empty() {
+        let _ = writeln!(
+            out,
+            "  (array mode: \"stateless\" = db-server keeps the mode and routes the writes, the array \
+             enforces nothing; otherwise the mode the array holds and enforces, db-server --array-mode stateful)"
         );
     }
     let _ = writeln!(out, "\nUpdate location tables (Fig. 3)");
@@ -199,6 +207,41 @@ pub fn render(snapshot: &Snapshot) -> String {
     out
 }
 
+/// Who keeps a volume's mode, as status names it: "stateless" or
+/// "stateful"; `None` from a db-server older than issue 19 (stateless).
+pub fn array_mode_keeping(v: &dpb::VolumeStatus) -> Option<&'static str> {
+    match v.array_mode_keeping() {
+        dpb::ArrayModeKeeping::Stateless => Some("stateless"),
+        dpb::ArrayModeKeeping::Stateful => Some("stateful"),
+        dpb::ArrayModeKeeping::Unspecified => None,
+    }
+}
+
+/// The array's mode of a stateful volume as db-server last set or read it
+/// ("SNAPSHOT", "unknown: ..."); `None` for a stateless one, which has
+/// none. A stateful one that reports none is "?".
+pub fn array_mode(v: &dpb::VolumeStatus) -> Option<&str> {
+    if v.array_mode_keeping() != dpb::ArrayModeKeeping::Stateful {
+        None
+    } else if v.array_mode.is_empty() {
+        Some("?")
+    } else {
+        Some(v.array_mode.as_str())
+    }
+}
+
+/// The LU status table's "array mode" cell: the array's mode when it keeps
+/// it (an unknown one shortened to "UNKNOWN", its cause on its own line),
+/// "stateless" when db-server does ("-" from an older db-server).
+fn array_mode_cell(v: &dpb::VolumeStatus) -> &str {
+    match (array_mode_keeping(v), array_mode(v)) {
+        (_, Some(mode)) if mode.starts_with("unknown") => "UNKNOWN",
+        (_, Some(mode)) => mode,
+        (Some(keeping), None) => keeping,
+        (None, None) => "-",
+    }
+}
+
 /// The method of the snapshot held on `v` as status names it ("split",
 /// "cow"), `None` when none is held.
 fn held_method(v: &dpb::VolumeStatus) -> Option<&'static str> {
@@ -215,8 +258,19 @@ pub fn snapshot_lines(v: &dpb::VolumeStatus) -> Vec<String> {
         Some("cow") => lines.push(
             "snapshot: copy-on-write (the pair is not split; read it through db-server)".into(),
         ),
+        Some(method) if v.snapshot_writable => lines.push(format!(
+            "snapshot: {method}, WRITABLE (its mate may be written while it is held; the resync \
+             undoes those writes; not a frozen image, so the backup server refuses to back it up)"
+        )),
         Some(method) => lines.push(format!("snapshot: {method}")),
         None => {}
+    }
+    if let Some(mode) = array_mode(v)
+        && mode.starts_with("unknown")
+    {
+        lines.push(format!(
+            "array mode UNKNOWN (a ModeSelect's outcome is unknown; writes are refused until the array answers again): {mode}"
+        ));
     }
     if let Some(area) = &v.save_area {
         let percent = if area.capacity_blocks == 0 {
@@ -343,6 +397,9 @@ pub fn to_json(snapshot: &Snapshot) -> Value {
                 })),
                 "snapshot_invalidated_reason": (!v.snapshot_invalidated_reason.is_empty())
                     .then_some(v.snapshot_invalidated_reason.as_str()),
+                "snapshot_writable": v.snapshot_writable,
+                "array_mode_keeping": array_mode_keeping(v),
+                "array_mode": array_mode(v),
             })
         })
         .collect();
@@ -567,6 +624,85 @@ mod tests {
         assert!(plain["snapshot_method"].is_null());
         assert!(plain["save_area"].is_null());
         assert!(plain["snapshot_invalidated_reason"].is_null());
+    }
+
+    #[test]
+    fn status_shows_who_keeps_the_mode_the_arrays_mode_and_a_writable_snapshot() {
+        let stateful = dpb::VolumeStatus {
+            volume: 0,
+            data_mode: dpb::Mode::Snapshot.into(),
+            snapshot_holder: "run-w".into(),
+            snapshot_method: dpb::SnapshotMethod::Split.into(),
+            snapshot_writable: true,
+            array_mode_keeping: dpb::ArrayModeKeeping::Stateful.into(),
+            array_mode: "SNAPSHOT (mate writable)".into(),
+            ..dpb::VolumeStatus::default()
+        };
+        let stateless = dpb::VolumeStatus {
+            volume: 3,
+            data_mode: dpb::Mode::Synchronized.into(),
+            array_mode_keeping: dpb::ArrayModeKeeping::Stateless.into(),
+            ..dpb::VolumeStatus::default()
+        };
+        let unknown = dpb::VolumeStatus {
+            volume: 5,
+            data_mode: dpb::Mode::Synchronized.into(),
+            array_mode_keeping: dpb::ArrayModeKeeping::Stateful.into(),
+            array_mode: "unknown: the array did not answer the ModeSelect".into(),
+            ..dpb::VolumeStatus::default()
+        };
+        // A db-server older than issue 19 says nothing of it.
+        let older = dpb::VolumeStatus {
+            volume: 6,
+            ..dpb::VolumeStatus::default()
+        };
+        let snapshot = Snapshot {
+            db: dpb::StatusResponse {
+                volumes: vec![stateful, stateless, unknown, older],
+                ..dpb::StatusResponse::default()
+            },
+            backups: None,
+        };
+        let text = render(&snapshot);
+        let row = |volume: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(&format!("{volume} ")))
+                .unwrap_or_else(|| panic!("no row of volume {volume}:\n{text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        // The array's mode stands next to db-server's data mode.
+        assert!(
+            row("0").starts_with("0 Snapshot SNAPSHOT (mate writable) "),
+            "{text}"
+        );
+        assert!(row("3").starts_with("3 Synchronized stateless "), "{text}");
+        assert!(row("5").starts_with("5 Synchronized UNKNOWN "), "{text}");
+        assert!(row("6").starts_with("6 ? - "), "{text}");
+        assert!(text.contains("snapshot: split, WRITABLE"), "{text}");
+        assert!(text.contains("the backup server refuses"), "{text}");
+        assert_eq!(text.matches("WRITABLE").count(), 1, "{text}");
+        assert!(
+            text.contains("array mode UNKNOWN (a ModeSelect's outcome is unknown; writes are refused until the array answers again): unknown: the array did not answer the ModeSelect"),
+            "{text}"
+        );
+        let json = to_json(&snapshot);
+        let v = &json["volumes"];
+        assert_eq!(v[0]["array_mode_keeping"], "stateful");
+        assert_eq!(v[0]["array_mode"], "SNAPSHOT (mate writable)");
+        assert_eq!(v[0]["snapshot_writable"], true);
+        assert_eq!(v[1]["array_mode_keeping"], "stateless");
+        assert!(v[1]["array_mode"].is_null());
+        assert_eq!(v[1]["snapshot_writable"], false);
+        assert!(
+            v[2]["array_mode"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("unknown: ")
+        );
+        assert!(v[3]["array_mode_keeping"].is_null());
+        assert!(v[3]["array_mode"].is_null());
     }
 
     #[test]

@@ -18,19 +18,45 @@ use splitmirror_proto::units::format_bytes;
 
 use super::output::{exit, print, print_json, println, stdout_closed};
 
+/// Why `snapshot acquire` is refused before any call.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AcquireArgsError {
+    /// A copy-on-write snapshot leaves the pair whole: there is no mate of
+    /// its own to write.
+    #[error(
+        "--writable needs a split snapshot: a copy-on-write snapshot keeps the pair whole, so it has no mate of its own to write (drop --writable or --snapshot-method cow)"
+    )]
+    WritableCow,
+}
+
+/// The request `snapshot acquire` sends: a new run id unless one is named;
+/// `--writable` with `--snapshot-method cow` is refused here (db-server
+/// would refuse it too, INVALID_ARGUMENT).
+pub fn acquire_request(
+    volume: u32,
+    run_id: Option<String>,
+    method: dpb::SnapshotMethod,
+    writable: bool,
+) -> Result<dpb::AcquireSnapshotRequest, AcquireArgsError> {
+    if writable && method == dpb::SnapshotMethod::Cow {
+        return Err(AcquireArgsError::WritableCow);
+    }
+    Ok(dpb::AcquireSnapshotRequest {
+        volume,
+        run_id: run_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        method: method.into(),
+        writable,
+    })
+}
+
 /// `console snapshot acquire`: suspends, splits, resumes; prints the run id
 /// that holds the snapshot.
 pub async fn snapshot_acquire(
     clients: &Clients,
-    volume: u32,
-    run_id: Option<String>,
-    method: dpb::SnapshotMethod,
+    request: dpb::AcquireSnapshotRequest,
 ) -> anyhow::Result<ExitCode> {
-    let run_id = run_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let a = clients
-        .db
-        .acquire_snapshot_by(volume, &run_id, method)
-        .await?;
+    let (volume, run_id, writable) = (request.volume, request.run_id.clone(), request.writable);
+    let a = clients.db.acquire_snapshot_with(request).await?;
     let already = if a.already_held {
         " (already held)"
     } else {
@@ -41,6 +67,10 @@ pub async fn snapshot_acquire(
             "copy-on-write (read the image through db-server's snapshot virtual LU; mate LU {} goes on being written)",
             a.mate_lu
         ),
+        dpb::SnapshotMethod::Split | dpb::SnapshotMethod::Unspecified if writable => format!(
+            "split, mate LU {} writable while held (the resync undoes its writes; it cannot be backed up)",
+            a.mate_lu
+        ),
         dpb::SnapshotMethod::Split | dpb::SnapshotMethod::Unspecified => {
             format!("split, mate LU {}", a.mate_lu)
         }
@@ -49,6 +79,12 @@ pub async fn snapshot_acquire(
         "snapshot of volume {volume} acquired by run {run_id}: {image}, freeze window {} µs, ledger sequence {}{already}",
         a.freeze_window_us, a.ledger_sequence,
     ))?;
+    if writable && a.already_held {
+        // A retry answers the snapshot held, whatever it asked.
+        println(
+            "  (a snapshot already held stays as it was acquired: `console status` says whether it is writable)",
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -726,6 +762,30 @@ pub async fn show_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_writable_snapshot_is_asked_for_a_split_and_refused_with_copy_on_write() {
+        let request = acquire_request(0, Some("run-w".into()), dpb::SnapshotMethod::Split, true)
+            .expect("a writable split");
+        assert!(request.writable);
+        assert_eq!(request.method(), dpb::SnapshotMethod::Split);
+        assert_eq!(request.run_id, "run-w");
+        // The server's default method: db-server decides (and refuses a
+        // writable copy-on-write one itself).
+        let request = acquire_request(3, None, dpb::SnapshotMethod::Unspecified, true)
+            .expect("the default method");
+        assert!(request.writable && request.volume == 3);
+        assert!(
+            uuid::Uuid::parse_str(&request.run_id).is_ok(),
+            "{request:?}"
+        );
+        let plain = acquire_request(0, None, dpb::SnapshotMethod::Cow, false).expect("a cow");
+        assert!(!plain.writable);
+        let refused = acquire_request(0, None, dpb::SnapshotMethod::Cow, true);
+        assert_eq!(refused, Err(AcquireArgsError::WritableCow));
+        let text = AcquireArgsError::WritableCow.to_string();
+        assert!(text.contains("--writable needs a split snapshot"), "{text}");
+    }
 
     #[test]
     fn ages_take_days_hours_minutes_seconds_and_weeks() {
