@@ -64,7 +64,8 @@
 //! # Durability of what is set
 //!
 //! Set grants are kept in `DATA_DIR/access.json` (JSON with a BLAKE3
-//! checksum of its grants). The file is replaced atomically (a temporary
+//! checksum of its grants, written as every state file of the array is:
+//! [`crate::state_file`]). The file is replaced atomically (a temporary
 //! file in the same directory, fsync, rename, fsync of the directory)
 //! *before* `SetAccess` answers; if any step fails, the call fails and the
 //! grants in force are unchanged, as if it had never been made. The file
@@ -79,8 +80,6 @@
 //! masking when it is not writing, e.g. after it quiesced for a snapshot).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
@@ -89,6 +88,7 @@ use splitmirror_proto::security::{Caller, role};
 
 use crate::config::{ArrayConfig, LuId};
 use crate::error::ArrayError;
+use crate::state_file::{self, StateFileError};
 
 /// The file set grants are kept in, inside the data directory.
 pub const ACCESS_FILE: &str = "access.json";
@@ -196,20 +196,10 @@ struct SetGrant {
 /// nothing on the I/O path.
 type Grants<T> = BTreeMap<String, BTreeMap<LuId, T>>;
 
-/// Why the file of set grants could not be loaded. The array does not
-/// start: none of these is retryable as it is; the file must be restored
-/// or deleted.
-#[derive(Debug, thiserror::Error)]
-pub enum AccessFileError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is damaged: {reason}; {ADVICE}")]
-    Damaged { path: PathBuf, reason: String },
-}
+/// Why the file of set grants could not be loaded (see
+/// [`crate::state_file`]). The array does not start: none of these is
+/// retryable as it is; the file must be restored or deleted.
+pub type AccessFileError = StateFileError;
 
 /// What the operator can do about a damaged file.
 const ADVICE: &str = "the array refuses to start rather than guess who may access which LU \
@@ -364,7 +354,7 @@ impl AccessTable {
         }
         if let Some(path) = &self.file {
             let old = self.set.read().expect("access table poisoned").clone();
-            persist(path, &next, &old).map_err(|e| {
+            state_file::persist(path, &file_content(&next), &file_content(&old)).map_err(|e| {
                 ArrayError::io(format!("saving LUN masking to {}", path.display()), e)
             })?;
         }
@@ -425,35 +415,17 @@ impl AccessTable {
 
 /// The set grants of the file at `path` (none if it does not exist).
 fn load(path: &Path, pair_lus: &BTreeSet<LuId>) -> Result<Grants<SetGrant>, AccessFileError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(source) => {
-            return Err(AccessFileError::Read {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
+    let Some(bytes) = state_file::read(path)? else {
+        return Ok(BTreeMap::new());
     };
     let damaged = |reason: String| AccessFileError::Damaged {
         path: path.to_path_buf(),
         reason,
+        advice: ADVICE,
     };
     let file: AccessFile =
         serde_json::from_slice(&bytes).map_err(|e| damaged(format!("not its JSON: {e}")))?;
-    if file.format != FORMAT {
-        return Err(damaged(format!(
-            "its format is {:?}, not {FORMAT:?}",
-            file.format
-        )));
-    }
-    let digest = checksum(&file.grants);
-    if file.blake3 != digest {
-        return Err(damaged(format!(
-            "its checksum is {} but its grants hash to {digest}",
-            file.blake3
-        )));
-    }
+    state_file::check(&file.format, FORMAT, &file.blake3, &file.grants).map_err(damaged)?;
     let mut grants: Grants<SetGrant> = BTreeMap::new();
     for grant in file.grants {
         if !pair_lus.contains(&grant.lu) {
@@ -479,12 +451,6 @@ fn load(path: &Path, pair_lus: &BTreeSet<LuId>) -> Result<Grants<SetGrant>, Acce
     Ok(grants)
 }
 
-/// The file's checksum of `grants`.
-fn checksum(grants: &[FileGrant]) -> String {
-    let json = serde_json::to_vec(grants).expect("grants serialize to JSON");
-    blake3::hash(&json).to_hex().to_string()
-}
-
 fn file_content(set: &Grants<SetGrant>) -> Vec<u8> {
     let grants: Vec<FileGrant> = set
         .iter()
@@ -497,61 +463,11 @@ fn file_content(set: &Grants<SetGrant>) -> Vec<u8> {
             })
         })
         .collect();
-    let file = AccessFile {
+    state_file::encode(&AccessFile {
         format: FORMAT.to_string(),
-        blake3: checksum(&grants),
+        blake3: state_file::checksum(&grants),
         grants,
-    };
-    let mut json = serde_json::to_vec_pretty(&file).expect("the access file serializes to JSON");
-    json.push(b'\n');
-    json
-}
-
-/// Replaces the file at `path` with `next` atomically and durably. If the
-/// rename happened but syncing the directory failed, `old` is written back
-/// (best effort), so that a failed call leaves the file as it was.
-fn persist(path: &Path, next: &Grants<SetGrant>, old: &Grants<SetGrant>) -> std::io::Result<()> {
-    match replace_file(path, &file_content(next)) {
-        Ok(()) => Ok(()),
-        Err(Failed::BeforeRename(e)) => Err(e),
-        Err(Failed::AfterRename(e)) => {
-            let _ = replace_file(path, &file_content(old));
-            Err(e)
-        }
-    }
-}
-
-/// How far a [`replace_file`] got before it failed.
-enum Failed {
-    /// The file is untouched.
-    BeforeRename(std::io::Error),
-    /// The new content is in place but perhaps not durable.
-    AfterRename(std::io::Error),
-}
-
-/// Writes `content` to a temporary file beside `path`, syncs it, renames it
-/// over `path` and syncs the directory.
-fn replace_file(path: &Path, content: &[u8]) -> Result<(), Failed> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
-    let written = (|| {
-        let mut file = File::create(&temporary)?;
-        file.write_all(content)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(Failed::BeforeRename(e));
-    }
-    File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(Failed::AfterRename)
+    })
 }
 
 #[cfg(test)]

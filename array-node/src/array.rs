@@ -14,6 +14,7 @@ use splitmirror_proto::security::Caller;
 use crate::access::{Access, AccessTable};
 use crate::config::{ArrayConfig, LuId};
 use crate::error::ArrayError;
+use crate::modes::{ModeTable, Op, Route};
 #[cfg(any(test, feature = "testing"))]
 use crate::storage::MemoryStorage;
 use crate::storage::{FileStorage, LuStorage};
@@ -123,6 +124,9 @@ struct LuEntry {
 pub struct Array {
     lus: BTreeMap<LuId, LuEntry>,
     access: AccessTable,
+    /// The mirroring management table (Fig. 2): each pair's mode, enforced
+    /// on every request under the pair's gate (see [`crate::modes`]).
+    modes: ModeTable,
     bulk_io: tokio::sync::Semaphore,
     /// The adaptive pace of every bulk transfer (see ARCHITECTURE.md,
     /// "Background pace"): fed the latency of each foreground request.
@@ -131,16 +135,18 @@ pub struct Array {
 
 impl Array {
     /// Opens (creating where missing) `lu<ID>.img` for each real LU in
-    /// `data_dir`, masked by `access` (see [`AccessTable::open`]).
+    /// `data_dir`, masked by `access` (see [`AccessTable::open`]), in the
+    /// modes of `modes` (see [`ModeTable::open`]).
     pub fn open(
         config: &ArrayConfig,
         data_dir: &Path,
         hooks: ArrayTestHooks,
         access: AccessTable,
+        modes: ModeTable,
     ) -> Result<Self, ArrayError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| ArrayError::io(format!("creating {}", data_dir.display()), e))?;
-        Self::build(config, hooks, access, |id, size_bytes| {
+        Self::build(config, hooks, access, modes, |id, size_bytes| {
             let path = data_dir.join(format!("lu{id}.img"));
             let storage = FileStorage::open_or_create(&path, size_bytes)
                 .map_err(|e| ArrayError::io(format!("opening {}", path.display()), e))?;
@@ -150,13 +156,16 @@ impl Array {
 
     /// An array whose LUs live in memory, for unit tests.
     #[cfg(any(test, feature = "testing"))]
-    /// Its LUN masking is the configured one, set grants kept in memory.
+    /// Its LUN masking is the configured one, set grants kept in memory;
+    /// its modes too (every mirror LU HostManaged until selected).
     pub fn in_memory(config: &ArrayConfig) -> Result<Self, ArrayError> {
         let access = AccessTable::in_memory(config);
+        let modes = ModeTable::in_memory(config);
         Self::build(
             config,
             ArrayTestHooks::default(),
             access,
+            modes,
             |_, size_bytes| {
                 let size = usize::try_from(size_bytes)
                     .map_err(|_| ArrayError::InvalidArgument("LU too large for memory".into()))?;
@@ -169,6 +178,7 @@ impl Array {
         config: &ArrayConfig,
         hooks: ArrayTestHooks,
         access: AccessTable,
+        modes: ModeTable,
         mut open: impl FnMut(LuId, u64) -> Result<Arc<dyn LuStorage>, ArrayError>,
     ) -> Result<Self, ArrayError> {
         config
@@ -223,6 +233,7 @@ impl Array {
         Ok(Self {
             lus,
             access,
+            modes,
             bulk_io: tokio::sync::Semaphore::new(BULK_IO_SLOTS),
             pace: PaceController::new(PaceConfig::default(), tokio::time::Instant::now()),
         })
@@ -242,6 +253,11 @@ impl Array {
     /// The grants of LUN masking.
     pub fn access(&self) -> &AccessTable {
         &self.access
+    }
+
+    /// The mirroring management table.
+    pub fn modes(&self) -> &ModeTable {
+        &self.modes
     }
 
     /// Every LU `caller` sees, in id order.
@@ -297,7 +313,10 @@ impl Array {
     /// Reads a validated range in one buffer (at most one request's cap:
     /// larger reads are streamed in [`ValidRead::chunks`]). A read of a
     /// mirror LU is served by whichever of origin and mate has fewer
-    /// requests in flight ([0058]).
+    /// requests in flight ([0058]), or by the origin alone while the pair
+    /// is in Snapshot or Resynchronizing; the pair's mode may refuse a read
+    /// naming the mate ([`crate::modes`]), checked under the pair's gate
+    /// before anything is read.
     pub async fn read(&self, read: &ValidRead) -> Result<Vec<u8>, ArrayError> {
         let started = tokio::time::Instant::now();
         let (lu, lba, blocks) = (read.lu(), read.lba(), read.blocks());
@@ -305,7 +324,8 @@ impl Array {
         validate::check_request_size(bytes)?;
         let block_size_bytes = read.block_size_bytes();
         self.pace_bulk(bytes, None).await;
-        let source = self.read_source(lu)?;
+        let _admission = self.modes.enter(&[lu]).await;
+        let source = self.read_source(lu, self.modes.route(lu, Op::Read)?)?;
         let real = self.real(source)?;
         let _busy = InFlight::enter(&real.in_flight);
         let _guard = real.lock.lock(lba..lba + blocks, LockMode::Shared).await;
@@ -328,8 +348,12 @@ impl Array {
     }
 
     /// Writes a validated write. A write to a mirror LU lands on origin and
-    /// mate concurrently and returns when both hold it ([0058]). With `fua`,
-    /// the data is durable before this returns. Answers the blocks written.
+    /// mate concurrently and returns when both hold it ([0058]), or on the
+    /// origin alone while the pair is in Snapshot; the pair's mode may
+    /// refuse a write naming the mate ([`crate::modes`]). The mode is
+    /// checked, and the write routed and done, under the pair's gate, so
+    /// that a `ModeSelect` waits for it. With `fua`, the data is durable
+    /// before this returns. Answers the blocks written.
     pub async fn write(&self, write: ValidWrite) -> Result<u64, ArrayError> {
         let started = tokio::time::Instant::now();
         let (lu, lba, blocks, fua) = (write.lu(), write.lba(), write.blocks(), write.fua());
@@ -338,7 +362,8 @@ impl Array {
         let bytes = data.len() as u64;
         // A restore's bulk writes are background work like a copy's.
         self.pace_bulk(bytes, None).await;
-        let targets = self.write_targets(lu)?;
+        let _admission = self.modes.enter(&[lu]).await;
+        let targets = self.targets(lu, self.modes.route(lu, Op::Write)?)?;
         let _guards = self.lock_all(&targets, lba..lba + blocks).await?;
         let bulk = is_bulk(data.len() as u64);
         let data = Arc::new(data);
@@ -375,11 +400,14 @@ impl Array {
     /// Copies a validated range from one LU to another inside the array
     /// (the offload of [0049]); each chunk is read and written under one
     /// range lock, so it never interleaves with a write to those blocks.
+    /// Each chunk is routed (or refused) in the modes of the pairs of
+    /// source and destination under their gates
+    /// ([`ModeTable::copy_routes`]): a mode changed during a long copy
+    /// applies from the next chunk, and a refusal there ends the copy with
+    /// the chunks before it copied.
     pub async fn copy_range(&self, copy: &ValidCopy) -> Result<u64, ArrayError> {
         let (src, dst, lba, blocks) = (copy.src(), copy.dst(), copy.lba(), copy.blocks());
         let block_size_bytes = copy.block_size_bytes();
-        let source = self.read_source(src)?;
-        let targets = self.write_targets(dst)?;
         let chunk_blocks = (COPY_CHUNK_BYTES / block_size_bytes).max(1);
         // No larger than the copy: a resync of a database's scattered small
         // writes copies many ranges of a few blocks, and zeroing a whole
@@ -394,6 +422,10 @@ impl Array {
             // not hold up the foreground writes to its blocks.
             self.pace_bulk(n * block_size_bytes, copy.min_bytes_per_s())
                 .await;
+            let _admission = self.modes.enter(&[src, dst]).await;
+            let (src_route, dst_route) = self.modes.copy_routes(src, dst)?;
+            let source = self.read_source(src, src_route)?;
+            let targets = self.targets(dst, dst_route)?;
             let mut locked = targets.clone();
             locked.push(source);
             // Every LU involved is locked in id order, so copies and mirror
@@ -447,9 +479,6 @@ impl Array {
         let chunk_blocks = checksum.chunk_blocks();
         let block_size_bytes = checksum.block_size_bytes();
         let chunk_bytes = chunk_blocks * block_size_bytes;
-        let source = self.read_source(lu)?;
-        let real = self.real(source)?;
-        let _busy = InFlight::enter(&real.in_flight);
         let mut digests = Vec::with_capacity(blocks.div_ceil(chunk_blocks) as usize);
         let mut buf = vec![0u8; chunk_bytes as usize];
         let mut done_blocks = 0;
@@ -457,6 +486,12 @@ impl Array {
             let chunk_lba = lba + done_blocks;
             let n = chunk_blocks.min(blocks - done_blocks);
             self.pace_bulk(n * block_size_bytes, None).await;
+            // Never refused; a mirror LU's chunk is read where a read
+            // would be in the pair's mode.
+            let _admission = self.modes.enter(&[lu]).await;
+            let source = self.read_source(lu, self.modes.route(lu, Op::Checksum)?)?;
+            let real = self.real(source)?;
+            let _busy = InFlight::enter(&real.in_flight);
             let _guard = real
                 .lock
                 .lock(chunk_lba..chunk_lba + n, LockMode::Shared)
@@ -489,11 +524,11 @@ impl Array {
         Ok(digests)
     }
 
-    /// Makes every acknowledged write to the LU (both sides of a mirror LU)
-    /// durable.
+    /// Makes every acknowledged write to the LU (both sides of a mirror LU,
+    /// whatever the pair's mode: a flush changes no data) durable.
     pub async fn flush(&self, flush: &ValidFlush) -> Result<(), ArrayError> {
         let lu = flush.lu();
-        for target in self.write_targets(lu)? {
+        for target in self.targets(lu, Route::BothSides)? {
             let storage = self.real(target)?.storage.clone();
             blocking(move || storage.sync_data())
                 .await
@@ -545,35 +580,43 @@ impl Array {
         }
     }
 
-    /// The real LUs a write to `lu` lands on, in id order.
-    fn write_targets(&self, lu: LuId) -> Result<Vec<LuId>, ArrayError> {
+    /// The real LUs a request on `lu` routed as `route` (by the pair's
+    /// mode, [`ModeTable::route`]) lands on, in id order. A real LU is
+    /// itself whatever the route.
+    fn targets(&self, lu: LuId, route: Route) -> Result<Vec<LuId>, ArrayError> {
         match self.entry(lu)?.lu {
             Lu::Real(_) => Ok(vec![lu]),
-            Lu::Mirror { origin, mate } => {
-                let mut targets = vec![origin, mate];
-                targets.sort_unstable();
-                Ok(targets)
-            }
+            Lu::Mirror { origin, mate } => match route {
+                Route::OriginOnly => Ok(vec![origin]),
+                Route::EitherSide => {
+                    let busy = |id| {
+                        self.real(id)
+                            .map(|r| r.in_flight.load(Ordering::Relaxed))
+                            .unwrap_or(u64::MAX)
+                    };
+                    Ok(vec![if busy(mate) < busy(origin) {
+                        mate
+                    } else {
+                        origin
+                    }])
+                }
+                Route::BothSides | Route::Named => {
+                    let mut targets = vec![origin, mate];
+                    targets.sort_unstable();
+                    Ok(targets)
+                }
+            },
         }
     }
 
-    /// The real LU a read of `lu` is served from.
-    fn read_source(&self, lu: LuId) -> Result<LuId, ArrayError> {
-        match self.entry(lu)?.lu {
-            Lu::Real(_) => Ok(lu),
-            Lu::Mirror { origin, mate } => {
-                let busy = |id| {
-                    self.real(id)
-                        .map(|r| r.in_flight.load(Ordering::Relaxed))
-                        .unwrap_or(u64::MAX)
-                };
-                Ok(if busy(mate) < busy(origin) {
-                    mate
-                } else {
-                    origin
-                })
-            }
-        }
+    /// The real LU a read of `lu` routed as `route` is served from.
+    fn read_source(&self, lu: LuId, route: Route) -> Result<LuId, ArrayError> {
+        let route = match route {
+            // A read needs one side: a route to both reads either.
+            Route::BothSides => Route::EitherSide,
+            other => other,
+        };
+        Ok(self.targets(lu, route)?[0])
     }
 
     /// Locks `range` exclusively on each of `lus` (sorted by id).
@@ -737,5 +780,442 @@ mod tests {
                 "{src} -> {dst}: {copy:?}"
             );
         }
+    }
+
+    // ---- The pair's mode (the mirroring management table), every cell:
+    // mode × request × target, validated after the ModeSelect and (the
+    // race) validated before it and run after. ----
+
+    /// The modes of pair 0 the cells are run in, in the order of the
+    /// expectation rows.
+    const MODES: [(pb::MirrorMode, bool); 5] = [
+        (pb::MirrorMode::HostManaged, false),
+        (pb::MirrorMode::Synchronized, false),
+        (pb::MirrorMode::Snapshot, false),
+        (pb::MirrorMode::Snapshot, true),
+        (pb::MirrorMode::Resynchronizing, false),
+    ];
+
+    /// Each real LU's fill before the request: origin 1, mate 2 of pair 0,
+    /// origin 4, mate 5 of pair 3 (HostManaged throughout).
+    const FILLS: [(LuId, u8); 4] = [(1, 0x11), (2, 0x22), (4, 0x44), (5, 0x55)];
+    /// What a write writes.
+    const WRITTEN: u8 = 0x33;
+
+    #[derive(Debug, Clone, Copy)]
+    enum Req {
+        Read(LuId),
+        Write(LuId),
+        Copy(LuId, LuId),
+        Checksum(LuId),
+    }
+
+    /// What a request must do, written out by hand from the comment of `rpc
+    /// ModeSelect` (not computed by the code under test).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Expect {
+        /// FAILED_PRECONDITION mirror-mode, nothing changed.
+        Refused,
+        /// Read (or checksummed) the block of this fill.
+        Reads(u8),
+        /// These real LUs now hold this fill; the others are unchanged.
+        Lands(&'static [LuId], u8),
+    }
+
+    use Expect::{Lands, Reads, Refused};
+
+    /// One row per request, one column per mode of [`MODES`]
+    /// (HostManaged, Synchronized, Snapshot, Snapshot mate-writable,
+    /// Resynchronizing). The origin (LU 1) is made busier than the mate
+    /// before each request, so that a read "from either side" reads the
+    /// mate and one "from the origin alone" shows it.
+    const CELLS: [(Req, [Expect; 5]); 14] = [
+        (
+            Req::Read(0),
+            [
+                Reads(0x22),
+                Reads(0x22),
+                Reads(0x11),
+                Reads(0x11),
+                Reads(0x11),
+            ],
+        ),
+        (Req::Read(1), [Reads(0x11); 5]),
+        (
+            Req::Read(2),
+            [Reads(0x22), Reads(0x22), Reads(0x22), Reads(0x22), Refused],
+        ),
+        (
+            Req::Write(0),
+            [
+                Lands(&[1, 2], WRITTEN),
+                Lands(&[1, 2], WRITTEN),
+                Lands(&[1], WRITTEN),
+                Lands(&[1], WRITTEN),
+                Lands(&[1, 2], WRITTEN),
+            ],
+        ),
+        (Req::Write(1), [Lands(&[1], WRITTEN); 5]),
+        (
+            Req::Write(2),
+            [
+                Lands(&[2], WRITTEN),
+                Refused,
+                Refused,
+                Lands(&[2], WRITTEN),
+                Refused,
+            ],
+        ),
+        // The resync copy: allowed while resynchronizing (and wherever the
+        // mate is writable).
+        (
+            Req::Copy(1, 2),
+            [
+                Lands(&[2], 0x11),
+                Refused,
+                Refused,
+                Lands(&[2], 0x11),
+                Lands(&[2], 0x11),
+            ],
+        ),
+        // The reverse resync of a restore: mate readable, origin free.
+        (
+            Req::Copy(2, 1),
+            [
+                Lands(&[1], 0x22),
+                Lands(&[1], 0x22),
+                Lands(&[1], 0x22),
+                Lands(&[1], 0x22),
+                Refused,
+            ],
+        ),
+        (
+            Req::Copy(0, 3),
+            [
+                Lands(&[4, 5], 0x22),
+                Lands(&[4, 5], 0x22),
+                Lands(&[4, 5], 0x11),
+                Lands(&[4, 5], 0x11),
+                Lands(&[4, 5], 0x11),
+            ],
+        ),
+        (
+            Req::Copy(3, 0),
+            [
+                Lands(&[1, 2], 0x44),
+                Lands(&[1, 2], 0x44),
+                Lands(&[1], 0x44),
+                Lands(&[1], 0x44),
+                Lands(&[1, 2], 0x44),
+            ],
+        ),
+        // Another pair's origin to this mate is no resync.
+        (
+            Req::Copy(4, 2),
+            [
+                Lands(&[2], 0x44),
+                Refused,
+                Refused,
+                Lands(&[2], 0x44),
+                Refused,
+            ],
+        ),
+        (
+            Req::Copy(2, 4),
+            [
+                Lands(&[4], 0x22),
+                Lands(&[4], 0x22),
+                Lands(&[4], 0x22),
+                Lands(&[4], 0x22),
+                Refused,
+            ],
+        ),
+        (Req::Checksum(2), [Reads(0x22); 5]),
+        (
+            Req::Checksum(0),
+            [
+                Reads(0x22),
+                Reads(0x22),
+                Reads(0x11),
+                Reads(0x11),
+                Reads(0x11),
+            ],
+        ),
+    ];
+
+    /// A request validated, ready for the core.
+    enum Prepared {
+        Read(ValidRead),
+        Write(ValidWrite),
+        Copy(ValidCopy),
+        Checksum(ValidChecksum),
+    }
+
+    fn prepare(array: &Array, req: Req) -> Result<Prepared, ArrayError> {
+        Ok(match req {
+            Req::Read(lu) => Prepared::Read(validate::read(
+                array,
+                &ANYONE,
+                &pb::ReadRequest {
+                    lu,
+                    lba: 0,
+                    blocks: 1,
+                },
+            )?),
+            Req::Write(lu) => Prepared::Write(validate::write(
+                array,
+                &ANYONE,
+                pb::WriteRequest {
+                    lu,
+                    lba: 0,
+                    data: block(WRITTEN),
+                    fua: false,
+                },
+            )?),
+            Req::Copy(src_lu, dst_lu) => Prepared::Copy(validate::copy_range(
+                array,
+                &ANYONE,
+                &pb::CopyRangeRequest {
+                    src_lu,
+                    dst_lu,
+                    lba: 0,
+                    blocks: 1,
+                    min_bytes_per_s: None,
+                },
+            )?),
+            Req::Checksum(lu) => Prepared::Checksum(validate::checksum_range(
+                array,
+                &ANYONE,
+                &pb::ChecksumRangeRequest {
+                    lu,
+                    lba: 0,
+                    blocks: 1,
+                    chunk_blocks: 1,
+                },
+            )?),
+        })
+    }
+
+    /// Runs a validated request with the origin of pair 0 made the busier
+    /// side; answers the fill it read, if it reads.
+    async fn run(array: &Array, prepared: Prepared) -> Result<Option<u8>, ArrayError> {
+        let busy = InFlight::enter(&array.real(1).expect("origin").in_flight);
+        let outcome = match prepared {
+            Prepared::Read(read) => array.read(&read).await.map(|data| Some(data[0])),
+            Prepared::Write(write) => array.write(write).await.map(|_| None),
+            Prepared::Copy(copy) => array.copy_range(&copy).await.map(|_| None),
+            Prepared::Checksum(checksum) => {
+                let digests = array.checksum_range(&checksum).await?;
+                let fill = FILLS
+                    .iter()
+                    .map(|&(_, fill)| fill)
+                    .find(|&fill| digests == vec![*blake3::hash(&block(fill)).as_bytes()]);
+                Ok(Some(fill.expect("the checksum of one of the fills")))
+            }
+        };
+        drop(busy);
+        outcome
+    }
+
+    /// The first byte of block 0 of a real LU, read from its storage.
+    fn raw(array: &Array, lu: LuId) -> u8 {
+        let mut buf = block(0);
+        array
+            .real(lu)
+            .expect("real")
+            .storage
+            .read_at(&mut buf, 0)
+            .expect("read");
+        assert!(buf.iter().all(|&b| b == buf[0]), "LU {lu} holds one fill");
+        buf[0]
+    }
+
+    async fn cell(mode_index: usize, req: Req, validated_before: bool) -> Result<(), String> {
+        let array = array_of(16 * 4096);
+        for (lu, fill) in FILLS {
+            test_ops::write(&array, &ANYONE, lu, 0, block(fill))
+                .await
+                .expect("fill");
+        }
+        let early = validated_before.then(|| prepare(&array, req).expect("HostManaged allows all"));
+        let (mode, mate_writable) = MODES[mode_index];
+        test_ops::mode_select(&array, &ANYONE, 0, mode, mate_writable)
+            .await
+            .expect("mode select");
+        let outcome = match early {
+            Some(prepared) => run(&array, prepared).await,
+            None => match prepare(&array, req) {
+                Ok(prepared) => run(&array, prepared).await,
+                Err(error) => Err(error),
+            },
+        };
+        let landed: Vec<(LuId, u8)> = FILLS.iter().map(|&(lu, _)| (lu, raw(&array, lu))).collect();
+        let expected = CELLS
+            .iter()
+            .find(|(r, _)| format!("{r:?}") == format!("{req:?}"))
+            .expect("a row")
+            .1[mode_index];
+        let unchanged: Vec<(LuId, u8)> = FILLS.to_vec();
+        let fail = |what: String| {
+            Err(format!(
+                "{req:?} in {} (mate_writable {mate_writable}), validated {}: {what}",
+                mode.as_str_name(),
+                if validated_before {
+                    "before the ModeSelect"
+                } else {
+                    "after it"
+                }
+            ))
+        };
+        match (expected, outcome) {
+            (
+                Refused,
+                Err(ArrayError::MirrorMode {
+                    mirror: 0,
+                    mode: held,
+                    ..
+                }),
+            ) => {
+                if held.name() != mode.as_str_name().trim_start_matches("MIRROR_MODE_") {
+                    return fail(format!("refused naming mode {held}"));
+                }
+                if landed != unchanged {
+                    return fail(format!("refused but changed {landed:x?}"));
+                }
+            }
+            (Reads(fill), Ok(Some(read))) => {
+                if read != fill || landed != unchanged {
+                    return fail(format!(
+                        "read {read:#x}, expected {fill:#x}; LUs {landed:x?}"
+                    ));
+                }
+            }
+            (Lands(lus, fill), Ok(None)) => {
+                let want: Vec<(LuId, u8)> = FILLS
+                    .iter()
+                    .map(|&(lu, old)| (lu, if lus.contains(&lu) { fill } else { old }))
+                    .collect();
+                if landed != want {
+                    return fail(format!("LUs hold {landed:x?}, expected {want:x?}"));
+                }
+            }
+            (expected, outcome) => return fail(format!("expected {expected:?}, got {outcome:?}")),
+        }
+        Ok(())
+    }
+
+    fn array_of(lu_size_bytes: u64) -> Array {
+        let config = ArrayConfig::default_pairs(lu_size_bytes).expect("config");
+        Array::in_memory(&config).expect("array")
+    }
+
+    #[tokio::test]
+    async fn every_cell_of_mode_by_request_by_target_answers_as_the_contract_says() {
+        let mut failures = Vec::new();
+        let mut cells = 0;
+        for (req, _) in CELLS {
+            for mode_index in 0..MODES.len() {
+                for validated_before in [false, true] {
+                    cells += 1;
+                    if let Err(failure) = cell(mode_index, req, validated_before).await {
+                        failures.push(failure);
+                    }
+                }
+            }
+        }
+        println!("{cells} cells, {} failed", failures.len());
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        assert_eq!(cells, 140);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_the_lu_the_mode_and_what_is_refused() {
+        let array = array_of(16 * 4096);
+        test_ops::mode_select(&array, &ANYONE, 0, pb::MirrorMode::Resynchronizing, false)
+            .await
+            .expect("mode select");
+        let error = test_ops::read(&array, &ANYONE, 2, 0, 1)
+            .await
+            .expect_err("refused");
+        let message = error.to_string();
+        assert_eq!(
+            message,
+            "LU 2 is the mate of mirror LU 0, whose mode is RESYNCHRONIZING: a read naming the \
+             mate is refused while the pair resynchronizes (its blocks are being copied from \
+             the origin; read the mirror LU)"
+        );
+        test_ops::mode_select(&array, &ANYONE, 0, pb::MirrorMode::Snapshot, false)
+            .await
+            .expect("mode select");
+        let error = test_ops::write(&array, &ANYONE, 2, 0, block(1))
+            .await
+            .expect_err("refused");
+        assert!(
+            error.to_string().contains("SNAPSHOT (mate read-only)")
+                && error.to_string().contains("read-only snapshot"),
+            "{error}"
+        );
+        // Pair 3 keeps its own mode.
+        test_ops::write(&array, &ANYONE, 5, 0, block(1))
+            .await
+            .expect("the other pair is HostManaged");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mode_change_waits_for_the_mirror_write_in_flight() {
+        let array = Arc::new(array_of(16 * 4096));
+        // A write to the mirror LU, held up inside the array by a range
+        // lock on the mate: it has been routed (both sides) and waits.
+        let mate_lock = array
+            .real(2)
+            .expect("mate")
+            .lock
+            .lock(0..1, LockMode::Exclusive)
+            .await;
+        let write = {
+            let array = array.clone();
+            tokio::spawn(async move { test_ops::write(&array, &ANYONE, 0, 0, block(7)).await })
+        };
+        // Until the write holds the pair's gate, the split could go first.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !array.modes().gate_is_held(0) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the mirror write never entered its pair's gate"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let split = {
+            let array = array.clone();
+            tokio::spawn(async move {
+                test_ops::mode_select(&array, &ANYONE, 0, pb::MirrorMode::Snapshot, false).await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            !split.is_finished(),
+            "the split answered with a write in flight"
+        );
+        assert_eq!(
+            array.modes().mode(0),
+            Some(crate::modes::MirrorMode::HostManaged)
+        );
+        drop(mate_lock);
+        write.await.expect("task").expect("write");
+        let (previous, now) = split.await.expect("task").expect("split");
+        assert_eq!(previous, crate::modes::MirrorMode::HostManaged);
+        assert_eq!(
+            now,
+            crate::modes::MirrorMode::Snapshot {
+                mate_writable: false
+            }
+        );
+        // The write routed before the split landed on both sides before the
+        // split answered; the next one lands on the origin alone.
+        assert_eq!((raw(&array, 1), raw(&array, 2)), (7, 7));
+        test_ops::write(&array, &ANYONE, 0, 0, block(8))
+            .await
+            .expect("write");
+        assert_eq!((raw(&array, 1), raw(&array, 2)), (8, 7));
     }
 }

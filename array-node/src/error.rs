@@ -2,6 +2,7 @@
 
 use crate::access::{Access, AccessFileError};
 use crate::config::LuId;
+use crate::modes::{MirrorMode, ModesFileError, Side};
 
 /// A failed array operation. The service maps each variant to one gRPC
 /// code (`service.rs`); none is retryable as it is except `Io`, which may
@@ -29,12 +30,29 @@ pub enum ArrayError {
         /// The side of a mirror LU whose grant limits the access.
         through: Option<LuId>,
     },
-    /// `SetAccess` from an identity other than the owner of the pairs
-    /// (`PERMISSION_DENIED`).
-    #[error(
-        "{identity} may not change LUN masking: only the owner of the array's pairs, {owner}, may"
-    )]
-    NotOwner { identity: String, owner: String },
+    /// `SetAccess` or `ModeSelect` from an identity other than the owner
+    /// of the pairs (`PERMISSION_DENIED`).
+    #[error("{identity} may not change {what}: only the owner of the array's pairs, {owner}, may")]
+    NotOwner {
+        identity: String,
+        owner: String,
+        /// What the call changes ("LUN masking", …).
+        what: &'static str,
+    },
+    /// The pair's mode in the mirroring management table refuses the
+    /// request (`FAILED_PRECONDITION`, reason `mirror-mode`): a write
+    /// naming the mate of a Synchronized pair or of a read-only Snapshot, a
+    /// read or write naming the mate of a Resynchronizing pair. Not
+    /// retryable until the pair's owner changes the mode.
+    #[error("LU {lu} is the {side} of mirror LU {mirror}, whose mode is {mode}: {refused}")]
+    MirrorMode {
+        lu: LuId,
+        side: Side,
+        mirror: LuId,
+        mode: MirrorMode,
+        /// What is refused, and what to do instead.
+        refused: &'static str,
+    },
     /// The request is malformed: no blocks, data that is not whole blocks,
     /// a copy between LUs of different sizes (`INVALID_ARGUMENT`).
     #[error("{0}")]
@@ -87,6 +105,10 @@ pub enum SpawnError {
     /// The file of LUN masking set by `SetAccess` is unreadable or damaged.
     #[error("loading the LUN masking: {0}")]
     Access(#[source] AccessFileError),
+    /// The file of the mirroring management table set by `ModeSelect`
+    /// (`modes.json`) is unreadable or damaged.
+    #[error("loading the mirroring management table: {0}")]
+    Modes(#[source] ModesFileError),
     /// The server stack could not be built (the certificate or key is
     /// unusable for TLS).
     #[error("{0}")]

@@ -1,13 +1,21 @@
-//! array-node: the stateless mirroring disk array of splitmirror.
+//! array-node: the mirroring disk array of splitmirror (stateless unless
+//! its pairs' owner hands it their modes).
 //!
 //! - [`config`]: the real LUs and the mirroring definition table (Fig. 9).
 //! - [`storage`]: where an LU's blocks live (sparse raw files; memory in tests).
 //! - [`array`]: the core — mirror writes to origin and mate, reads from the
-//!   less busy side, range-locked `CopyRange`, `ChecksumRange`, `Flush`.
+//!   less busy side (both as the pair's mode routes them), range-locked
+//!   `CopyRange`, `ChecksumRange`, `Flush`.
 //! - [`access`]: LUN masking, deny by default — who may read or write which
 //!   LU, configured and set by the pairs' owner, kept in `access.json`.
+//! - [`modes`]: the mirroring management table (Fig. 2) — each mirror LU's
+//!   mode (HostManaged until the owner's `ModeSelect`, Synchronized,
+//!   Snapshot, Resynchronizing), kept in `modes.json`, its rules enforced
+//!   on every request under a per-pair gate that `ModeSelect` waits on.
+//! - [`state_file`]: how `access.json` and `modes.json` are written (atomic,
+//!   durable, checksummed) and why a damaged one stops the start.
 //! - [`validate`]: every request checked in one place per kind (size cap,
-//!   whole blocks, range, access) before any side effect.
+//!   whole blocks, range, access, the pair's mode) before any side effect.
 //! - [`service`]: the thin gRPC adapter (`splitmirror.array.v1`).
 //!
 //! [`spawn`] starts a node on a listener; the binary and the tests both use it.
@@ -16,7 +24,9 @@ pub mod access;
 pub mod array;
 pub mod config;
 pub mod error;
+pub mod modes;
 pub mod service;
+pub mod state_file;
 pub mod storage;
 #[cfg(test)]
 mod test_ops;
@@ -36,6 +46,7 @@ pub use access::{Access, AccessTable};
 pub use array::{Array, ArrayTestHooks};
 pub use config::{ArrayConfig, ConfigError};
 pub use error::SpawnError;
+pub use modes::{MirrorMode, ModeTable};
 
 /// Everything an array node needs to start.
 #[derive(Debug, Clone)]
@@ -69,8 +80,10 @@ pub async fn spawn_with_pace(
     // The masking first: a damaged file of set grants stops the start
     // before any LU file is touched.
     let access = AccessTable::open(&config.array, &config.data_dir).map_err(SpawnError::Access)?;
+    // The modes too: a damaged table must not let a split mate be written.
+    let modes = ModeTable::open(&config.array, &config.data_dir).map_err(SpawnError::Modes)?;
     let array = Arc::new(
-        Array::open(&config.array, &config.data_dir, config.hooks, access)
+        Array::open(&config.array, &config.data_dir, config.hooks, access, modes)
             .map_err(SpawnError::OpenLus)?
             .with_pace(pace),
     );

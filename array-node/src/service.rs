@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::access::{Access, Grant, GrantSource};
 use crate::array::{Array, LuKind, MAX_REQUEST_BYTES, Visible};
 use crate::error::ArrayError;
+use crate::modes::MirrorMode;
 use crate::validate;
 
 /// A read is streamed in chunks of this size, with this many chunks read
@@ -44,6 +45,9 @@ impl From<ArrayError> for Status {
             }
             ArrayError::InvalidArgument(_) => Status::invalid_argument(message),
             ArrayError::OutOfRange(_) => Reason::BeyondEnd.attach(Status::out_of_range(message)),
+            ArrayError::MirrorMode { .. } => {
+                Reason::MirrorMode.attach(Status::failed_precondition(message))
+            }
             ArrayError::TooLarge { .. } => Status::resource_exhausted(message),
             ArrayError::Io { .. } => Status::internal(message),
         }
@@ -68,6 +72,16 @@ fn access_to_pb(access: Access) -> pb::Access {
         Access::None => pb::Access::None,
         Access::Read => pb::Access::Read,
         Access::ReadWrite => pb::Access::ReadWrite,
+    }
+}
+
+/// The wire's mode and `mate_writable` of a pair's mode.
+fn mode_to_pb(mode: MirrorMode) -> (pb::MirrorMode, bool) {
+    match mode {
+        MirrorMode::HostManaged => (pb::MirrorMode::HostManaged, false),
+        MirrorMode::Synchronized => (pb::MirrorMode::Synchronized, false),
+        MirrorMode::Snapshot { mate_writable } => (pb::MirrorMode::Snapshot, mate_writable),
+        MirrorMode::Resynchronizing => (pb::MirrorMode::Resynchronizing, false),
     }
 }
 
@@ -163,6 +177,12 @@ impl ArrayService for ArrayGrpc {
             Some((origin, mate)) => (FIG11_MIRROR_LU, Some(origin), Some(mate)),
             None => (FIG11_OTHER_LU, None, None),
         };
+        // The pair's mode for its mirror LU, origin and mate; none for a
+        // plain LU.
+        let (mirror_mode, mate_writable) = match self.array.modes().mode(visible.info.id) {
+            Some(mode) => mode_to_pb(mode),
+            None => (pb::MirrorMode::Unspecified, false),
+        };
         Ok(Response::new(pb::ModeSenseResponse {
             kind: kind.into(),
             fig11_classification,
@@ -170,17 +190,61 @@ impl ArrayService for ArrayGrpc {
             mate_lu,
             block_size_bytes: page.block_size_bytes,
             block_count: page.block_count,
-            ..Default::default()
+            mirror_mode: mirror_mode.into(),
+            mate_writable,
         }))
     }
 
     async fn mode_select(
         &self,
-        _request: Request<pb::ModeSelectRequest>,
+        request: Request<pb::ModeSelectRequest>,
     ) -> Result<Response<pb::ModeSelectResponse>, Status> {
-        Err(Status::unimplemented(
-            "ModeSelect is not built yet (issue #19)",
-        ))
+        let caller = Caller::of(&request);
+        let change = validate::mode_select(&self.array, &caller, request.get_ref())?;
+        // On its own task: a caller that goes away while the mode is being
+        // saved does not leave the file and the mode in force apart.
+        let array = self.array.clone();
+        let applied = {
+            let change = change.clone();
+            tokio::spawn(async move { array.modes().select(&change).await })
+                .await
+                .map_err(|e| {
+                    Status::internal(format!(
+                        "changing the mode of a mirror LU: task failed: {e}"
+                    ))
+                })?
+        };
+        let (previous, mode) = match applied {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::error!(
+                    caller = caller_name(&caller),
+                    lu = change.mirror,
+                    mode = %change.mode,
+                    "changing the mode of mirror LU {} to {}: {error}; it stays as it was",
+                    change.mirror,
+                    change.mode,
+                );
+                return Err(error.into());
+            }
+        };
+        tracing::info!(
+            caller = caller_name(&caller),
+            lu = change.mirror,
+            %previous,
+            %mode,
+            purpose = %change.purpose,
+            "mirroring management table: mirror LU {} is now {mode} (was {previous}): {}",
+            change.mirror,
+            if change.purpose.is_empty() { "no purpose given" } else { &change.purpose },
+        );
+        let (previous, _) = mode_to_pb(previous);
+        let (mode, mate_writable) = mode_to_pb(mode);
+        Ok(Response::new(pb::ModeSelectResponse {
+            previous: previous.into(),
+            mode: mode.into(),
+            mate_writable,
+        }))
     }
 
     type ReadStream = ReadStream;

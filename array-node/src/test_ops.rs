@@ -7,6 +7,7 @@ use splitmirror_proto::security::Caller;
 use crate::array::Array;
 use crate::config::LuId;
 use crate::error::ArrayError;
+use crate::modes::MirrorMode;
 use crate::validate;
 
 /// The caller of a node run with `--insecure`: masking off.
@@ -84,4 +85,22 @@ pub async fn checksums(
 pub async fn flush(array: &Array, caller: &Caller, lu: LuId) -> Result<(), ArrayError> {
     let flush = validate::flush(array, caller, &pb::FlushRequest { lu })?;
     array.flush(&flush).await
+}
+
+/// `ModeSelect` of mirror LU `lu` as `caller`: validated, then applied.
+pub async fn mode_select(
+    array: &Array,
+    caller: &Caller,
+    lu: LuId,
+    mode: pb::MirrorMode,
+    mate_writable: bool,
+) -> Result<(MirrorMode, MirrorMode), ArrayError> {
+    let request = pb::ModeSelectRequest {
+        lu,
+        mode: mode.into(),
+        mate_writable,
+        purpose: format!("test: {}", mode.as_str_name()),
+    };
+    let change = validate::mode_select(array, caller, &request)?;
+    array.modes().select(&change).await
 }

@@ -8,7 +8,13 @@
 //! The checks run in one order for every kind: the size cap (it needs no
 //! LU), then whether the caller sees the LU (`NOT_FOUND` for a missing or
 //! masked one, the same answer), then its access (`PERMISSION_DENIED`),
-//! then the shape of the request (`INVALID_ARGUMENT`, `OUT_OF_RANGE`).
+//! then the shape of the request (`INVALID_ARGUMENT`, `OUT_OF_RANGE`), then
+//! the pair's mode (`FAILED_PRECONDITION`, reason `mirror-mode`; see
+//! [`crate::modes`]). The mode is checked here so that a refused read is
+//! refused before its stream starts, and checked again by the [`Array`]
+//! under the pair's gate, where it cannot change until the I/O is done:
+//! that second check is the one that counts, the same rules
+//! ([`ModeTable::route`](crate::modes::ModeTable::route)) in both.
 
 use splitmirror_proto::array::v1 as pb;
 use splitmirror_proto::security::Caller;
@@ -17,6 +23,7 @@ use crate::access::{self, Access, AccessChange};
 use crate::array::{Array, LuInfo, LuKind, MAX_REQUEST_BYTES, Visible};
 use crate::config::LuId;
 use crate::error::ArrayError;
+use crate::modes::{self, MirrorMode, ModeChange, Op, Side};
 
 /// A read of blocks `lba..lba + blocks` of `lu`, inside the LU, that the
 /// caller may make. It may be larger than one request's cap: reads are
@@ -177,8 +184,9 @@ impl ValidFlush {
     }
 }
 
-/// `Read`: `read` access, a non-empty range inside the LU. The whole range
-/// is checked before the first byte is sent.
+/// `Read`: `read` access, a non-empty range inside the LU, a read the
+/// pair's mode allows. The whole range is checked before the first byte is
+/// sent.
 pub fn read(
     array: &Array,
     caller: &Caller,
@@ -186,6 +194,7 @@ pub fn read(
 ) -> Result<ValidRead, ArrayError> {
     let info = require(array, caller, request.lu, Access::Read)?;
     check_range(info, request.lba, request.blocks)?;
+    array.modes().route(request.lu, Op::Read)?;
     Ok(ValidRead {
         lu: request.lu,
         lba: request.lba,
@@ -196,7 +205,8 @@ pub fn read(
 
 /// `Write` (and each message of `WriteStream`): at most
 /// [`MAX_REQUEST_BYTES`] of data, `read-write` access (to the mirror LU and
-/// both its sides), a positive whole number of blocks, inside the LU.
+/// both its sides), a positive whole number of blocks, inside the LU, a
+/// write the pair's mode allows.
 pub fn write(
     array: &Array,
     caller: &Caller,
@@ -207,6 +217,7 @@ pub fn write(
     let info = require(array, caller, lu, Access::ReadWrite)?;
     let blocks = check_data(info, &data)?;
     check_range(info, lba, blocks)?;
+    array.modes().route(lu, Op::Write)?;
     Ok(ValidWrite {
         lu,
         lba,
@@ -219,7 +230,9 @@ pub fn write(
 
 /// `CopyRange`: `read` on the source, `read-write` on the destination (on
 /// both sides of a mirror LU), two LUs of one geometry sharing no real LU,
-/// a non-empty range inside them.
+/// a non-empty range inside them, a read of the source and a write of the
+/// destination that their pairs' modes allow (or a Resynchronizing pair's
+/// own origin → mate copy).
 pub fn copy_range(
     array: &Array,
     caller: &Caller,
@@ -269,6 +282,7 @@ pub fn copy_range(
         )));
     }
     check_range(src_info, lba, blocks)?;
+    array.modes().copy_routes(src, dst)?;
     Ok(ValidCopy {
         src,
         dst,
@@ -280,7 +294,8 @@ pub fn copy_range(
 }
 
 /// `ChecksumRange`: `read` access, a non-empty range inside the LU, chunks
-/// of a positive number of blocks within the byte cap.
+/// of a positive number of blocks within the byte cap. Allowed in every
+/// mode of the pair (it returns no data).
 pub fn checksum_range(
     array: &Array,
     caller: &Caller,
@@ -342,22 +357,7 @@ pub fn set_access(
     request: &pb::SetAccessRequest,
 ) -> Result<AccessChange, ArrayError> {
     let table = array.access();
-    match caller {
-        Caller::Unauthenticated => {}
-        Caller::Identified(identity) if identity == table.owner() => {}
-        Caller::Identified(identity) => {
-            return Err(ArrayError::NotOwner {
-                identity: identity.clone(),
-                owner: table.owner().to_string(),
-            });
-        }
-        Caller::Anonymous => {
-            return Err(ArrayError::NotOwner {
-                identity: "a caller without a certificate".into(),
-                owner: table.owner().to_string(),
-            });
-        }
-    }
+    require_owner(array, caller, "LUN masking")?;
     if request.identity.is_empty() {
         return Err(ArrayError::InvalidArgument(
             "SetAccess needs the identity whose access changes".into(),
@@ -407,6 +407,84 @@ pub fn set_access(
         access,
         purpose: request.purpose.clone(),
     })
+}
+
+/// `ModeSelect`: only from the owner of the pairs (anyone with
+/// `--insecure`), exactly as `SetAccess`; a known mode (never
+/// UNSPECIFIED), `mate_writable` only with SNAPSHOT, a purpose within the
+/// limit, and a mirror LU the caller sees (its origin, its mate or a plain
+/// LU: `INVALID_ARGUMENT`).
+pub fn mode_select(
+    array: &Array,
+    caller: &Caller,
+    request: &pb::ModeSelectRequest,
+) -> Result<ModeChange, ArrayError> {
+    require_owner(array, caller, "the mode of a mirror LU")?;
+    if request.purpose.len() > modes::MAX_PURPOSE_BYTES {
+        return Err(ArrayError::InvalidArgument(format!(
+            "a purpose of {} bytes is over the limit of {} bytes",
+            request.purpose.len(),
+            modes::MAX_PURPOSE_BYTES
+        )));
+    }
+    let mate_writable = request.mate_writable;
+    let mode = match pb::MirrorMode::try_from(request.mode) {
+        Ok(pb::MirrorMode::HostManaged) => MirrorMode::HostManaged,
+        Ok(pb::MirrorMode::Synchronized) => MirrorMode::Synchronized,
+        Ok(pb::MirrorMode::Snapshot) => MirrorMode::Snapshot { mate_writable },
+        Ok(pb::MirrorMode::Resynchronizing) => MirrorMode::Resynchronizing,
+        Ok(pb::MirrorMode::Unspecified) | Err(_) => {
+            return Err(ArrayError::InvalidArgument(format!(
+                "mode {} is not HOST_MANAGED, SYNCHRONIZED, SNAPSHOT or RESYNCHRONIZING",
+                request.mode
+            )));
+        }
+    };
+    if mate_writable && !mode.mate_writable() {
+        return Err(ArrayError::InvalidArgument(format!(
+            "mate_writable is for SNAPSHOT alone, not {}",
+            mode.name()
+        )));
+    }
+    // The LU must exist (and be seen by the caller) before anything is said
+    // about its kind.
+    let lu = request.lu;
+    array.visible(caller, lu)?;
+    match array.modes().pair_of(lu) {
+        Some(pair) if pair.side == Side::Mirror => Ok(ModeChange {
+            mirror: lu,
+            mode,
+            purpose: request.purpose.clone(),
+        }),
+        Some(pair) => Err(ArrayError::InvalidArgument(format!(
+            "LU {lu} is the {} of mirror LU {}: ModeSelect names the mirror LU",
+            pair.side, pair.mirror
+        ))),
+        None => Err(ArrayError::InvalidArgument(format!(
+            "LU {lu} belongs to no pair: only a mirror LU has a mode"
+        ))),
+    }
+}
+
+/// Refuses `caller` unless it is the owner of the pairs (anyone with
+/// `--insecure`): the calls that change `what` (LUN masking, the modes)
+/// come from the node that manages the pairs alone.
+fn require_owner(array: &Array, caller: &Caller, what: &'static str) -> Result<(), ArrayError> {
+    let owner = array.access().owner();
+    match caller {
+        Caller::Unauthenticated => Ok(()),
+        Caller::Identified(identity) if identity == owner => Ok(()),
+        Caller::Identified(identity) => Err(ArrayError::NotOwner {
+            identity: identity.clone(),
+            owner: owner.to_string(),
+            what,
+        }),
+        Caller::Anonymous => Err(ArrayError::NotOwner {
+            identity: "a caller without a certificate".into(),
+            owner: owner.to_string(),
+            what,
+        }),
+    }
 }
 
 /// The LU's description if `caller` has at least `needs` access through

@@ -1,0 +1,570 @@
+//! The mirroring management table (Fig. 2 of the patent text): the mode of
+//! each mirror LU, kept and enforced by the array itself (the first
+//! embodiment; db-server `--array-mode stateful` sets it with `ModeSelect`).
+//!
+//! # The modes
+//!
+//! Every mirror LU is [`MirrorMode::HostManaged`] until its owner selects
+//! another mode: the array enforces nothing and routes as it always did
+//! (the stateless array of the second and third embodiments). The others
+//! are enforced on every request, whoever sends it (the comment of `rpc
+//! ModeSelect` in `array.proto` is the specification; [`MirrorMode::route`]
+//! is its one implementation):
+//!
+//! | mode            | mirror LU read | mirror LU write | mate read | mate write          |
+//! |-----------------|----------------|-----------------|-----------|---------------------|
+//! | HostManaged     | less busy side | both sides      | yes       | yes                 |
+//! | Synchronized    | less busy side | both sides      | yes       | refused             |
+//! | Snapshot        | origin         | origin          | yes       | only if mate_writable |
+//! | Resynchronizing | origin         | both sides      | refused   | refused             |
+//!
+//! The origin is never restricted. `CopyRange` counts as a read of its
+//! source and a write of its destination, except that a Resynchronizing
+//! pair's own copy from its origin to its mate is allowed (that copy *is*
+//! the resync); a copy from the mate to the origin while the pair is in
+//! Snapshot (the reverse resync of a restore) follows from the rules.
+//! `ChecksumRange` returns no data and is allowed in every mode (a mirror
+//! LU's checksum is read where a read would be). `Flush` changes no data and
+//! flushes both sides whatever the mode.
+//!
+//! # Changing a mode while requests run
+//!
+//! Each pair has a gate (a `tokio` read-write lock). Every read, write,
+//! copy chunk and checksum chunk on any LU of the pair holds it shared from
+//! the moment it is routed until its I/O is done; `ModeSelect` holds it
+//! exclusively while it makes the new mode durable and puts it in force.
+//! So a `ModeSelect` waits for the requests in flight on its pair, and once
+//! it has answered no request routed under the old mode is still writing:
+//! a mirror write routed to both sides before a split has landed before the
+//! split answers, and none lands on the mate after it. Long transfers
+//! (streamed reads, copies, checksums) take the gate per chunk, so a mode
+//! change waits for one chunk, not for the whole transfer; the chunks after
+//! it are routed (or refused) under the new mode. `validate` checks the
+//! mode too, so that most refusals come before the first byte of a stream,
+//! but the check under the gate is the one that counts.
+//!
+//! # Durability
+//!
+//! The table is kept in `DATA_DIR/modes.json`, written as `access.json` is
+//! ([`crate::state_file`]): atomically and durably *before* `ModeSelect`
+//! answers; a failed write leaves the old mode in force, in memory and on
+//! disk. A damaged file stops the array from starting with an error naming
+//! it. Only pairs whose mode is not HostManaged are listed, so deleting the
+//! file returns every mirror LU to HostManaged.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ArrayConfig, LuId};
+use crate::error::ArrayError;
+use crate::state_file::{self, StateFileError};
+
+/// The file of the mirroring management table, inside the data directory.
+pub const MODES_FILE: &str = "modes.json";
+
+/// What identifies the file's layout; a file of another layout is refused.
+const FORMAT: &str = "splitmirror-array-modes-v1";
+
+/// The longest purpose `ModeSelect` takes, so that the file stays small.
+pub const MAX_PURPOSE_BYTES: usize = crate::access::MAX_PURPOSE_BYTES;
+
+/// Why `modes.json` could not be loaded (see [`crate::state_file`]).
+pub type ModesFileError = StateFileError;
+
+/// What the operator can do about a damaged file.
+const ADVICE: &str = "the array refuses to start rather than guess which mirror LUs are split \
+                      (restore the file from a copy, or delete it to return every mirror LU \
+                      to HOST_MANAGED; the pairs' owner then selects their modes again)";
+
+/// The mode of a mirror LU (Fig. 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MirrorMode {
+    /// The array holds no mode: the host routes (every mirror LU's mode
+    /// until a `ModeSelect`).
+    #[default]
+    HostManaged,
+    /// Origin and mate hold the same data.
+    Synchronized,
+    /// Split: the mirror LU is the origin alone, the mate a frozen image
+    /// (or an independent LU, if `mate_writable`).
+    Snapshot { mate_writable: bool },
+    /// The origin's changes are being copied to the mate.
+    Resynchronizing,
+}
+
+impl MirrorMode {
+    /// Its name on the wire and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HostManaged => "HOST_MANAGED",
+            Self::Synchronized => "SYNCHRONIZED",
+            Self::Snapshot { .. } => "SNAPSHOT",
+            Self::Resynchronizing => "RESYNCHRONIZING",
+        }
+    }
+
+    /// Its word in `modes.json`.
+    fn word(self) -> &'static str {
+        match self {
+            Self::HostManaged => "host-managed",
+            Self::Synchronized => "synchronized",
+            Self::Snapshot { .. } => "snapshot",
+            Self::Resynchronizing => "resynchronizing",
+        }
+    }
+
+    /// The mode a `modes.json` entry names, if it names one.
+    fn from_word(word: &str, mate_writable: bool) -> Option<Self> {
+        let mode = match word {
+            "host-managed" => Self::HostManaged,
+            "synchronized" => Self::Synchronized,
+            "snapshot" => Self::Snapshot { mate_writable },
+            "resynchronizing" => Self::Resynchronizing,
+            _ => return None,
+        };
+        (mate_writable == mode.mate_writable()).then_some(mode)
+    }
+
+    /// Whether the mate may be written (a writable snapshot).
+    pub fn mate_writable(self) -> bool {
+        matches!(
+            self,
+            Self::Snapshot {
+                mate_writable: true
+            }
+        )
+    }
+
+    /// Where a request `op` on the `side` of a pair in this mode goes, or
+    /// what about it is refused (for people). The rules of `rpc
+    /// ModeSelect`; see the table in the module documentation.
+    pub fn route(self, side: Side, op: Op) -> Result<Route, &'static str> {
+        use MirrorMode::{HostManaged, Resynchronizing, Snapshot, Synchronized};
+        match (side, op) {
+            (Side::Mirror, Op::Read | Op::Checksum) => Ok(match self {
+                HostManaged | Synchronized => Route::EitherSide,
+                Snapshot { .. } | Resynchronizing => Route::OriginOnly,
+            }),
+            (Side::Mirror, Op::Write) => Ok(match self {
+                HostManaged | Synchronized | Resynchronizing => Route::BothSides,
+                Snapshot { .. } => Route::OriginOnly,
+            }),
+            (Side::Origin, Op::Read | Op::Write | Op::Checksum) => Ok(Route::Named),
+            (Side::Mate, Op::Checksum) => Ok(Route::Named),
+            (Side::Mate, Op::Read) => match self {
+                HostManaged | Synchronized | Snapshot { .. } => Ok(Route::Named),
+                Resynchronizing => Err(
+                    "a read naming the mate is refused while the pair resynchronizes \
+                     (its blocks are being copied from the origin; read the mirror LU)",
+                ),
+            },
+            (Side::Mate, Op::Write) => match self {
+                HostManaged
+                | Snapshot {
+                    mate_writable: true,
+                } => Ok(Route::Named),
+                Synchronized => Err(
+                    "a write naming the mate is refused while the pair is synchronized \
+                     (write the mirror LU: it lands on both sides)",
+                ),
+                Snapshot {
+                    mate_writable: false,
+                } => Err(
+                    "a write naming the mate is refused: it holds a read-only snapshot \
+                     (a writable one is selected with mate_writable)",
+                ),
+                Resynchronizing => Err(
+                    "a write naming the mate is refused while the pair resynchronizes \
+                     (write the mirror LU: it lands on both sides)",
+                ),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for MirrorMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Snapshot { mate_writable } => write!(
+                f,
+                "SNAPSHOT (mate {})",
+                if *mate_writable {
+                    "writable"
+                } else {
+                    "read-only"
+                }
+            ),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// Which LU of its pair a request names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Mirror,
+    Origin,
+    Mate,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Mirror => "mirror LU",
+            Self::Origin => "origin",
+            Self::Mate => "mate",
+        })
+    }
+}
+
+/// What a request does with an LU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    /// `ChecksumRange`: read where a read would be, but never refused.
+    Checksum,
+}
+
+/// Where a request on an LU of a pair goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// A mirror LU read: whichever side has fewer requests in flight.
+    EitherSide,
+    /// A mirror LU read or write: the origin alone.
+    OriginOnly,
+    /// A mirror LU write: origin and mate.
+    BothSides,
+    /// A request naming a real LU (or an LU of no pair): that LU.
+    Named,
+}
+
+/// One `ModeSelect`, validated ([`crate::validate::mode_select`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModeChange {
+    /// The mirror LU.
+    pub mirror: LuId,
+    pub mode: MirrorMode,
+    /// Why, for the log and the file.
+    pub purpose: String,
+}
+
+/// An LU's place in a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairOf {
+    pub mirror: LuId,
+    pub origin: LuId,
+    pub mate: LuId,
+    /// Which of the three the LU is.
+    pub side: Side,
+}
+
+/// The mode in force and why it was selected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    mode: MirrorMode,
+    purpose: String,
+}
+
+struct Pair {
+    origin: LuId,
+    mate: LuId,
+    /// Held shared by every request on the pair while it is routed and
+    /// done, exclusively by a mode change (see the module documentation).
+    gate: tokio::sync::RwLock<()>,
+    /// The mode in force; changed only with `gate` held exclusively.
+    current: RwLock<Entry>,
+}
+
+/// The mirroring management table. Shared by every request.
+pub struct ModeTable {
+    /// Every LU of every pair: its mirror LU and side.
+    sides: BTreeMap<LuId, (LuId, Side)>,
+    /// By mirror LU.
+    pairs: BTreeMap<LuId, Arc<Pair>>,
+    /// Held for the whole of one change (persist, then swap), so that two
+    /// changes of different pairs never write the file over each other.
+    changing: tokio::sync::Mutex<()>,
+    /// `None` keeps the modes in memory only (unit tests and the in-memory
+    /// array).
+    file: Option<PathBuf>,
+}
+
+/// The gates of the pairs one request uses, held shared while it is
+/// routed and done ([`ModeTable::enter`]).
+pub struct Admission<'a> {
+    _gates: Vec<tokio::sync::RwLockReadGuard<'a, ()>>,
+}
+
+/// One pair in `modes.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMode {
+    /// The mirror LU.
+    lu: LuId,
+    mode: String,
+    mate_writable: bool,
+    purpose: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModesFile {
+    format: String,
+    /// BLAKE3 (hex) of `modes` serialized as compact JSON.
+    blake3: String,
+    modes: Vec<FileMode>,
+}
+
+impl ModeTable {
+    /// Every mirror LU of `config` HostManaged, except those
+    /// `DATA_DIR/modes.json` sets.
+    pub fn open(config: &ArrayConfig, data_dir: &Path) -> Result<Self, ModesFileError> {
+        let mut table = Self::in_memory(config);
+        let path = data_dir.join(MODES_FILE);
+        for (mirror, entry) in load(&path, &table.pairs)? {
+            *table.pairs[&mirror]
+                .current
+                .write()
+                .expect("mode table poisoned") = entry;
+        }
+        table.file = Some(path);
+        Ok(table)
+    }
+
+    /// Every mirror LU of `config` HostManaged; changes live in memory only.
+    pub fn in_memory(config: &ArrayConfig) -> Self {
+        let mut sides = BTreeMap::new();
+        let mut pairs = BTreeMap::new();
+        for m in &config.mirrors {
+            sides.insert(m.mirror, (m.mirror, Side::Mirror));
+            sides.insert(m.origin, (m.mirror, Side::Origin));
+            sides.insert(m.mate, (m.mirror, Side::Mate));
+            let pair = Pair {
+                origin: m.origin,
+                mate: m.mate,
+                gate: tokio::sync::RwLock::new(()),
+                current: RwLock::new(Entry {
+                    mode: MirrorMode::HostManaged,
+                    purpose: String::new(),
+                }),
+            };
+            pairs.insert(m.mirror, Arc::new(pair));
+        }
+        Self {
+            sides,
+            pairs,
+            changing: tokio::sync::Mutex::new(()),
+            file: None,
+        }
+    }
+
+    /// The pair `lu` belongs to, if any.
+    pub fn pair_of(&self, lu: LuId) -> Option<PairOf> {
+        let &(mirror, side) = self.sides.get(&lu)?;
+        let pair = &self.pairs[&mirror];
+        Some(PairOf {
+            mirror,
+            origin: pair.origin,
+            mate: pair.mate,
+            side,
+        })
+    }
+
+    /// The mode in force for the pair of `lu` (mirror, origin or mate);
+    /// `None` for an LU of no pair.
+    pub fn mode(&self, lu: LuId) -> Option<MirrorMode> {
+        let &(mirror, _) = self.sides.get(&lu)?;
+        Some(self.mode_of_pair(mirror))
+    }
+
+    fn mode_of_pair(&self, mirror: LuId) -> MirrorMode {
+        self.pairs[&mirror]
+            .current
+            .read()
+            .expect("mode table poisoned")
+            .mode
+    }
+
+    /// Where `op` on `lu` goes in its pair's mode in force, or
+    /// [`ArrayError::MirrorMode`]. An LU of no pair: [`Route::Named`].
+    /// Stable only while the pair's gate is held ([`Self::enter`]).
+    pub fn route(&self, lu: LuId, op: Op) -> Result<Route, ArrayError> {
+        let Some(&(mirror, side)) = self.sides.get(&lu) else {
+            return Ok(Route::Named);
+        };
+        let mode = self.mode_of_pair(mirror);
+        mode.route(side, op)
+            .map_err(|refused| ArrayError::MirrorMode {
+                lu,
+                side,
+                mirror,
+                mode,
+                refused,
+            })
+    }
+
+    /// The routes of a copy from `src` to `dst`: a read of the source and a
+    /// write of the destination, except a Resynchronizing pair's own copy
+    /// from its origin to its mate (the resync), which goes as named.
+    pub fn copy_routes(&self, src: LuId, dst: LuId) -> Result<(Route, Route), ArrayError> {
+        if let (Some(from), Some(to)) = (self.pair_of(src), self.pair_of(dst))
+            && from.mirror == to.mirror
+            && from.side == Side::Origin
+            && to.side == Side::Mate
+            && self.mode_of_pair(from.mirror) == MirrorMode::Resynchronizing
+        {
+            return Ok((Route::Named, Route::Named));
+        }
+        Ok((self.route(src, Op::Read)?, self.route(dst, Op::Write)?))
+    }
+
+    /// Holds the gates of the pairs of `lus` shared (in mirror LU order,
+    /// so that two requests and a mode change never wait in a cycle), so
+    /// that their modes stay as they are until the admission is dropped.
+    /// Take it before any range lock and drop it once the I/O is done.
+    pub async fn enter(&self, lus: &[LuId]) -> Admission<'_> {
+        let mut mirrors: Vec<LuId> = lus
+            .iter()
+            .filter_map(|lu| self.sides.get(lu).map(|&(mirror, _)| mirror))
+            .collect();
+        mirrors.sort_unstable();
+        mirrors.dedup();
+        let mut gates = Vec::with_capacity(mirrors.len());
+        for mirror in mirrors {
+            gates.push(self.pairs[&mirror].gate.read().await);
+        }
+        Admission { _gates: gates }
+    }
+
+    /// Whether a request holds the gate of mirror LU `mirror`'s pair (or a
+    /// mode change is waiting for it), for tests that must order a request
+    /// before a change.
+    #[cfg(test)]
+    pub(crate) fn gate_is_held(&self, mirror: LuId) -> bool {
+        self.pairs[&mirror].gate.try_write().is_err()
+    }
+
+    /// Applies a validated `ModeSelect`: waits for the requests in flight
+    /// on the pair (its gate, exclusively), makes the new mode durable,
+    /// then puts it in force. Answers the mode before and after. On an
+    /// error nothing changed, in memory or on disk.
+    ///
+    /// Run it to completion (the service runs it on its own task): dropped
+    /// while the file is being written, the file may hold the new mode while
+    /// the old one stays in force.
+    pub async fn select(
+        &self,
+        change: &ModeChange,
+    ) -> Result<(MirrorMode, MirrorMode), ArrayError> {
+        let pair = self
+            .pairs
+            .get(&change.mirror)
+            .ok_or(ArrayError::UnknownLu(change.mirror))?;
+        let _gate = pair.gate.write().await;
+        let _changing = self.changing.lock().await;
+        let previous = pair.current.read().expect("mode table poisoned").mode;
+        let entry = Entry {
+            mode: change.mode,
+            purpose: change.purpose.clone(),
+        };
+        if let Some(path) = &self.file {
+            let old = self.file_content(None);
+            let next = self.file_content(Some((change.mirror, &entry)));
+            let target = path.clone();
+            tokio::task::spawn_blocking(move || state_file::persist(&target, &next, &old))
+                .await
+                .map_err(|e| std::io::Error::other(format!("I/O task failed: {e}")))
+                .and_then(|saved| saved)
+                .map_err(|e| {
+                    ArrayError::io(
+                        format!(
+                            "saving the mode of mirror LU {} to {}",
+                            change.mirror,
+                            path.display()
+                        ),
+                        e,
+                    )
+                })?;
+        }
+        *pair.current.write().expect("mode table poisoned") = entry;
+        Ok((previous, change.mode))
+    }
+
+    /// The file's bytes: every pair not HostManaged, with `replaced` in
+    /// place of the one being changed.
+    fn file_content(&self, replaced: Option<(LuId, &Entry)>) -> Vec<u8> {
+        let mut modes = Vec::new();
+        for (&mirror, pair) in &self.pairs {
+            let current = pair.current.read().expect("mode table poisoned").clone();
+            let entry = match replaced {
+                Some((changed, entry)) if changed == mirror => entry.clone(),
+                _ => current,
+            };
+            if entry.mode != MirrorMode::HostManaged {
+                modes.push(FileMode {
+                    lu: mirror,
+                    mode: entry.mode.word().to_string(),
+                    mate_writable: entry.mode.mate_writable(),
+                    purpose: entry.purpose,
+                });
+            }
+        }
+        state_file::encode(&ModesFile {
+            format: FORMAT.to_string(),
+            blake3: state_file::checksum(&modes),
+            modes,
+        })
+    }
+}
+
+/// The modes of the file at `path` by mirror LU (none if it does not
+/// exist).
+fn load(
+    path: &Path,
+    pairs: &BTreeMap<LuId, Arc<Pair>>,
+) -> Result<BTreeMap<LuId, Entry>, ModesFileError> {
+    let Some(bytes) = state_file::read(path)? else {
+        return Ok(BTreeMap::new());
+    };
+    let damaged = |reason: String| ModesFileError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+        advice: ADVICE,
+    };
+    let file: ModesFile =
+        serde_json::from_slice(&bytes).map_err(|e| damaged(format!("not its JSON: {e}")))?;
+    state_file::check(&file.format, FORMAT, &file.blake3, &file.modes).map_err(damaged)?;
+    let mut modes = BTreeMap::new();
+    for entry in file.modes {
+        if !pairs.contains_key(&entry.lu) {
+            return Err(damaged(format!(
+                "it sets the mode of LU {}, which is no mirror LU of the configuration",
+                entry.lu
+            )));
+        }
+        let mode = MirrorMode::from_word(&entry.mode, entry.mate_writable).ok_or_else(|| {
+            damaged(format!(
+                "it sets mirror LU {} to {:?} with mate_writable {}, which is no mode",
+                entry.lu, entry.mode, entry.mate_writable
+            ))
+        })?;
+        let previous = modes.insert(
+            entry.lu,
+            Entry {
+                mode,
+                purpose: entry.purpose,
+            },
+        );
+        if previous.is_some() {
+            return Err(damaged(format!(
+                "it sets the mode of mirror LU {} twice",
+                entry.lu
+            )));
+        }
+    }
+    Ok(modes)
+}
