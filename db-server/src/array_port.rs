@@ -134,6 +134,89 @@ pub trait ArrayPort: Send + Sync + 'static {
             ))
         })
     }
+    /// Sets the mode of `mirror_lu` in the array's mirroring management
+    /// table (`ModeSelect`, the first embodiment); durable at the array
+    /// when this answers, enforced from then on. Idempotent. The default
+    /// answers that this port keeps no modes: only simulators without
+    /// modes rely on it, and a stateless manager asks only at start-up,
+    /// when the pair's page says it is not host-managed.
+    fn mode_select(
+        &self,
+        mirror_lu: u32,
+        mode: ArrayMirrorMode,
+        purpose: &str,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        let doing = format!("setting the mode of mirror LU {mirror_lu} to {mode} ({purpose})");
+        Box::pin(async move {
+            Err(ClientError::local(
+                splitmirror_proto::client::ErrorKind::Internal,
+                "array",
+                "this array port",
+                doing,
+                "this array port keeps no modes",
+            ))
+        })
+    }
+}
+
+/// A mirror LU's mode in the array's mirroring management table (Fig. 2),
+/// as db-server sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArrayMirrorMode {
+    /// The array enforces nothing: db-server routes (the stateless array).
+    HostManaged,
+    Synchronized,
+    /// Mirror LU reads and writes go to the origin alone; the mate is
+    /// readable, and writable only if `mate_writable`.
+    Snapshot {
+        mate_writable: bool,
+    },
+    /// Mirror LU writes go to both sides; the mate is neither read nor
+    /// written by anyone but the array's own copy.
+    Resynchronizing,
+}
+
+impl ArrayMirrorMode {
+    /// The mode a mode-sense page reports (`None` for a plain LU, or a
+    /// value this build does not know).
+    pub fn of_page(page: &LuPage) -> Option<Self> {
+        Some(match page.mirror_mode {
+            pb::MirrorMode::HostManaged => ArrayMirrorMode::HostManaged,
+            pb::MirrorMode::Synchronized => ArrayMirrorMode::Synchronized,
+            pb::MirrorMode::Snapshot => ArrayMirrorMode::Snapshot {
+                mate_writable: page.mate_writable,
+            },
+            pb::MirrorMode::Resynchronizing => ArrayMirrorMode::Resynchronizing,
+            pb::MirrorMode::Unspecified => return None,
+        })
+    }
+
+    fn to_pb(self) -> (pb::MirrorMode, bool) {
+        match self {
+            ArrayMirrorMode::HostManaged => (pb::MirrorMode::HostManaged, false),
+            ArrayMirrorMode::Synchronized => (pb::MirrorMode::Synchronized, false),
+            ArrayMirrorMode::Snapshot { mate_writable } => {
+                (pb::MirrorMode::Snapshot, mate_writable)
+            }
+            ArrayMirrorMode::Resynchronizing => (pb::MirrorMode::Resynchronizing, false),
+        }
+    }
+}
+
+impl std::fmt::Display for ArrayMirrorMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ArrayMirrorMode::HostManaged => "HOST_MANAGED",
+            ArrayMirrorMode::Synchronized => "SYNCHRONIZED",
+            ArrayMirrorMode::Snapshot {
+                mate_writable: false,
+            } => "SNAPSHOT",
+            ArrayMirrorMode::Snapshot {
+                mate_writable: true,
+            } => "SNAPSHOT (mate writable)",
+            ArrayMirrorMode::Resynchronizing => "RESYNCHRONIZING",
+        })
+    }
 }
 
 /// The array's answer to `Pace` as plain Rust.
@@ -381,6 +464,22 @@ impl ArrayPort for GrpcArray {
             });
             self.client
                 .set_access(&identity, lu, access, &purpose)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn mode_select(
+        &self,
+        mirror_lu: u32,
+        mode: ArrayMirrorMode,
+        purpose: &str,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        let purpose = purpose.to_string();
+        Box::pin(async move {
+            let (mode, mate_writable) = mode.to_pb();
+            self.client
+                .mode_select(mirror_lu, mode, mate_writable, &purpose)
                 .await?;
             Ok(())
         })

@@ -159,13 +159,14 @@ impl Db {
         .await?;
         let ledger_sequence = self.ledger.sequence();
         let result = tracing::Instrument::instrument(
-            self.manager.acquire_by(
+            self.manager.acquire_with(
                 volume,
                 run_id,
                 ledger_sequence,
                 request
                     .method
                     .unwrap_or_else(|| self.manager.default_snapshot_method()),
+                request.writable,
             ),
             tracing::info_span!("split", volume, run_id, ledger_sequence),
         )

@@ -37,7 +37,8 @@
 //! restore run this state change ended or abandoned), 3 Restoring (holder = the restore's run id, sequence
 //! and id 0), 4 RestoringToSnapshot (as Snapshot), 5 CowSnapshot (as
 //! Snapshot: a held copy-on-write snapshot; its save-area map is not
-//! journaled, so a replay of it invalidates the snapshot). Codes 3, 4 and 5
+//! journaled, so a replay of it invalidates the snapshot), 6 a writable
+//! Snapshot (as 1). Codes 3, 4, 5 and 6
 //! were added without a format change: an older journal has none, and
 //! every record it has decodes as before. An intent record: `2` | volume u32 | start u64 |
 //! end u64.
@@ -235,7 +236,13 @@ impl Record {
                         holder,
                         ledger_sequence,
                         snapshot_id,
-                    } => (1, holder.as_str(), *ledger_sequence, *snapshot_id),
+                        writable,
+                    } => (
+                        if *writable { 6 } else { 1 },
+                        holder.as_str(),
+                        *ledger_sequence,
+                        *snapshot_id,
+                    ),
                     PairState::Resynchronizing => (2, ended, 0, 0),
                     PairState::Restoring { run_id, .. } => (3, run_id.as_str(), 0, 0),
                     PairState::RestoringToSnapshot {
@@ -312,10 +319,11 @@ impl Record {
                     (matches!(code, 0 | 2) && !holder.is_empty()).then(|| holder.clone());
                 let state = match code {
                     0 => PairState::Synchronized,
-                    1 if snapshot_id != 0 => PairState::Snapshot {
+                    1 | 6 if snapshot_id != 0 => PairState::Snapshot {
                         holder,
                         ledger_sequence,
                         snapshot_id,
+                        writable: code == 6,
                     },
                     2 => PairState::Resynchronizing,
                     3 if !holder.is_empty() => PairState::Restoring {
@@ -1184,6 +1192,7 @@ mod tests {
             holder: holder.into(),
             ledger_sequence: 1,
             snapshot_id: 0x5eed,
+            writable: false,
         }
     }
 
@@ -1271,6 +1280,7 @@ mod tests {
             holder: "run-7".into(),
             ledger_sequence: 4711,
             snapshot_id: 0xfeed_f00d_dead_beef,
+            writable: false,
         };
         journal
             .record_state(&PAIR, &snapshot, false)
@@ -1310,6 +1320,7 @@ mod tests {
             holder: "run-r".into(),
             ledger_sequence: 0,
             snapshot_id: 11,
+            writable: false,
         };
         // Deleted by force and acquired again by the same run, ledger off:
         // only the id tells the two snapshots apart.
@@ -1317,6 +1328,7 @@ mod tests {
             holder: "run-r".into(),
             ledger_sequence: 0,
             snapshot_id: 12,
+            writable: false,
         };
         journal
             .record_state(&PAIR, &first, false)
@@ -1443,8 +1455,19 @@ mod tests {
         zero[at..].copy_from_slice(&0u64.to_le_bytes());
         assert_eq!(Record::decode(&zero), None, "a snapshot id of 0");
         let mut unknown = payload;
-        unknown[21] = 6;
+        unknown[21] = 7;
         assert_eq!(Record::decode(&unknown), None, "an unknown state code");
+
+        // A writable split snapshot is code 6 and round-trips.
+        let writable = state_record(PairState::Snapshot {
+            holder: "run-w".into(),
+            ledger_sequence: 3,
+            snapshot_id: 0x77,
+            writable: true,
+        });
+        let payload = payload_of(&writable);
+        assert_eq!(payload[21], 6);
+        assert_eq!(Record::decode(&payload), Some(writable));
 
         // A held copy-on-write snapshot (code 5) round-trips, and is
         // refused without its id as a split snapshot is.
@@ -1497,7 +1520,8 @@ mod tests {
                 PairState::Snapshot {
                     holder: "run".into(),
                     ledger_sequence: 5,
-                    snapshot_id: 9
+                    snapshot_id: 9,
+                    writable: false,
                 },
                 true
             )

@@ -25,10 +25,14 @@ pub enum PairState {
     /// again after a forced delete, the sequence stands still while the
     /// database is idle or has no ledger — so a backup compares the id to
     /// know that the mate was not resynced while it read.
+    /// `writable`: acquired writable (AcquireSnapshotRequest.writable): the
+    /// snapshot virtual LU (the mate) may be written while it is held, and
+    /// those writes are recorded and resynced like the origin's.
     Snapshot {
         holder: String,
         ledger_sequence: u64,
         snapshot_id: u64,
+        writable: bool,
     },
     Resynchronizing,
     /// A copy-on-write snapshot is held (issue 20, the fourth embodiment,
@@ -257,6 +261,7 @@ mod tests {
             holder: "run".into(),
             ledger_sequence: 7,
             snapshot_id: 1,
+            writable: false,
         }
         .routing(&PAIR);
         assert_eq!((split.data_read_lu, split.data_write_lu), (1, 1));

@@ -39,6 +39,7 @@ mod array_mode;
 mod cow;
 mod restore;
 mod resync;
+use array_mode::KnownArrayMode;
 pub use array_mode::{ArrayModeKeeping, UnknownArrayModeKeeping};
 use cow::CowImage;
 pub use cow::{SaveArea, SaveAreaStatus, SnapshotMethod, UnknownSnapshotMethod};
@@ -181,6 +182,12 @@ pub struct VolumeStatus {
     /// Why the copy-on-write snapshot held (or held before a restart) was
     /// invalidated, until its holder deletes it.
     pub snapshot_invalidated_reason: Option<String>,
+    /// The held split snapshot was acquired writable.
+    pub snapshot_writable: bool,
+    /// With a stateful array (`--array-mode stateful`): the pair's mode in
+    /// the array's table as db-server last set it, or why it is unknown.
+    /// `None` when db-server keeps the modes.
+    pub array_mode: Option<String>,
 }
 
 /// The snapshot a volume holds: who acquired it, the ledger sequence at
@@ -196,6 +203,8 @@ pub struct HeldSnapshot {
     /// Split (the mate is the frozen image) or copy-on-write (the image is
     /// read through db-server: the save area over the mate).
     pub method: SnapshotMethod,
+    /// Acquired writable: the mate may change while held (not frozen).
+    pub writable: bool,
 }
 
 /// What an acquire did: split the pair now, or found it held by the same
@@ -250,6 +259,9 @@ struct VolumeInner {
     /// The copy-on-write snapshot's save-area map, or why it is gone (in
     /// memory only).
     cow: CowImage,
+    /// The array's mode of the pair as far as db-server knows (stateful:
+    /// set by the last `ModeSelect`; stateless: host-managed).
+    array_mode: KnownArrayMode,
 }
 
 /// db-server's access to a pair's mate LU as far as it knows: set by the
@@ -282,17 +294,30 @@ impl Volume {
 
     /// The snapshot `state` holds, if it holds one.
     fn held_snapshot(&self, state: &PairState) -> Option<HeldSnapshot> {
-        let (holder, ledger_sequence, snapshot_id, method) = match state {
+        let (holder, ledger_sequence, snapshot_id, method, writable) = match state {
             PairState::Snapshot {
                 holder,
                 ledger_sequence,
                 snapshot_id,
-            } => (holder, ledger_sequence, snapshot_id, SnapshotMethod::Split),
+                writable,
+            } => (
+                holder,
+                ledger_sequence,
+                snapshot_id,
+                SnapshotMethod::Split,
+                *writable,
+            ),
             PairState::CowSnapshot {
                 holder,
                 ledger_sequence,
                 snapshot_id,
-            } => (holder, ledger_sequence, snapshot_id, SnapshotMethod::Cow),
+            } => (
+                holder,
+                ledger_sequence,
+                snapshot_id,
+                SnapshotMethod::Cow,
+                false,
+            ),
             _ => return None,
         };
         Some(HeldSnapshot {
@@ -301,6 +326,7 @@ impl Volume {
             snapshot_id: *snapshot_id,
             pair: self.pair,
             method,
+            writable,
         })
     }
 
@@ -441,6 +467,21 @@ impl SnapshotManager {
                 (None, BTreeMap::new())
             }
         };
+        if config.array_mode == ArrayModeKeeping::Stateful {
+            if config.resync_method == ResyncMethod::WriteBack {
+                return Err(DbError::InvalidArgument(
+                    "--array-mode stateful needs --resync offload: a stateful array refuses the \
+                     host's writes to a mate while it resynchronizes"
+                        .into(),
+                ));
+            }
+            if config.host_mirroring {
+                return Err(DbError::InvalidArgument(
+                    "host mirroring writes the mate directly, which a stateful array refuses"
+                        .into(),
+                ));
+            }
+        }
         let save_areas = cow::check_save_areas(array.as_ref(), &pairs, &config).await?;
         let mut volumes = BTreeMap::new();
         for pair in pairs {
@@ -463,6 +504,7 @@ impl SnapshotManager {
                 reverse_blocks: (0, 0),
                 compare_copied_chunks: None,
                 cow: CowImage::None,
+                array_mode: KnownArrayMode::Unknown("not read from the array yet".into()),
             };
             match (&journal, known) {
                 (None, _) => {}
@@ -577,6 +619,7 @@ impl SnapshotManager {
             cancel,
             tasks,
         });
+        manager.reconcile_array_modes().await?;
         manager.reconcile_mate_access().await?;
         manager.reconcile_restore_access().await?;
         // A reverse resync a crash interrupted is finished before anything
@@ -761,6 +804,18 @@ impl SnapshotManager {
         }
     }
 
+    /// The rows of Fig. 10 for `pair` in `state`; with a stateful array
+    /// the data virtual LU reads and writes the mirror LU in every mode
+    /// (the array splits it), not the origin.
+    fn routing(&self, pair: &PairInfo, state: &PairState) -> Routing {
+        let mut routing = state.routing(pair);
+        if self.stateful() {
+            routing.data_read_lu = pair.mirror_lu;
+            routing.data_write_lu = pair.mirror_lu;
+        }
+        routing
+    }
+
     pub fn volume_ids(&self) -> Vec<u32> {
         self.volumes.keys().copied().collect()
     }
@@ -823,10 +878,17 @@ impl SnapshotManager {
         if cow_read {
             return self.read_cow_snapshot(vol, range).await;
         }
+        // A stateful array routes by its own mode: the read holds the mode
+        // gate shared so that the mode it relies on is the state's.
+        let _mode = match self.stateful() {
+            true => Some(vol.mode_gate.read().await),
+            false => None,
+        };
+        self.ensure_array_mode(vol).await?;
         let lu = {
             let inner = vol.inner();
             refuse_if_restoring(volume, &inner.state)?;
-            let routing = inner.state.routing(&vol.pair);
+            let routing = self.routing(&vol.pair, &inner.state);
             match target {
                 VirtualLu::Data => routing.data_read_lu,
                 VirtualLu::Snapshot => routing
@@ -858,6 +920,7 @@ impl SnapshotManager {
         let range = vol.check_write(lba, data.len())?;
         let blocks = range.end - range.start;
         let _mode = vol.mode_gate.read().await;
+        self.ensure_array_mode(vol).await?;
         // Under a copy-on-write snapshot a write holds its blocks
         // exclusively: saving the pre-update data and writing the new data
         // is one step to the snapshot's readers (which hold them shared)
@@ -873,7 +936,7 @@ impl SnapshotManager {
         let (lu, mode) = {
             let mut inner = vol.inner();
             refuse_if_restoring(volume, &inner.state)?;
-            let routing = inner.state.routing(&vol.pair);
+            let routing = self.routing(&vol.pair, &inner.state);
             let record = self.config.records_snapshot_writes();
             match (target, &inner.state) {
                 (VirtualLu::Data, PairState::Snapshot { .. }) => {
@@ -883,9 +946,12 @@ impl SnapshotManager {
                     (routing.data_write_lu, Mode::Snapshot)
                 }
                 (VirtualLu::Data, _) => (routing.data_write_lu, routing.data_mode),
-                (VirtualLu::Snapshot, PairState::Snapshot { .. }) if self.masking => {
-                    // The array masks the frozen mate read-only: refused
-                    // here, before anything is recorded or sent.
+                (VirtualLu::Snapshot, PairState::Snapshot { writable, .. })
+                    if !writable && (self.masking || self.stateful()) =>
+                {
+                    // The array masks the frozen mate read-only (or its
+                    // mode refuses writes to it): refused here, before
+                    // anything is recorded or sent.
                     return Err(DbError::SnapshotReadOnly {
                         volume,
                         mate_lu: vol.pair.mate_lu,
@@ -968,11 +1034,15 @@ impl SnapshotManager {
                     "journaling the switch to Resynchronizing: {e}"
                 );
             }
-            let mut inner = vol.inner();
-            if inner.state == PairState::Synchronized {
-                inner.state = PairState::Resynchronizing;
-                inner.resync = ResyncProgress::default();
+            {
+                let mut inner = vol.inner();
+                if inner.state == PairState::Synchronized {
+                    inner.state = PairState::Resynchronizing;
+                    inner.resync = ResyncProgress::default();
+                }
             }
+            self.try_follow_array_mode(vol, &PairState::Resynchronizing, "a write failed")
+                .await;
         }
         vol.resync_wakeup.notify_one();
     }
@@ -1009,12 +1079,42 @@ impl SnapshotManager {
         ledger_sequence: u64,
         method: SnapshotMethod,
     ) -> Result<AcquireOutcome, DbError> {
+        self.acquire_with(volume, run_id, ledger_sequence, method, false)
+            .await
+    }
+
+    /// [`Self::acquire_by`], and `writable`: a split snapshot whose mate
+    /// (the snapshot virtual LU) may be written while it is held — the
+    /// mate is not masked read-only, a stateful array is told
+    /// SNAPSHOT with the mate writable, and the writes are recorded and
+    /// resynced like the origin's. Refused with copy-on-write.
+    pub async fn acquire_with(
+        &self,
+        volume: u32,
+        run_id: &str,
+        ledger_sequence: u64,
+        method: SnapshotMethod,
+        writable: bool,
+    ) -> Result<AcquireOutcome, DbError> {
         let vol = self.volume(volume)?;
         if method == SnapshotMethod::Cow {
+            if writable {
+                return Err(DbError::InvalidArgument(
+                    "a copy-on-write snapshot cannot be writable (its image is the save area \
+                     over the mate)"
+                        .into(),
+                ));
+            }
             return self.acquire_cow(vol, run_id, ledger_sequence).await;
         }
         let _mode = vol.mode_gate.write().await;
         let purpose = format!("snapshot of run {run_id}");
+        // The mate's access while held: read-only, unless writable.
+        let held_access = if writable {
+            OwnAccess::Configured
+        } else {
+            OwnAccess::Read
+        };
         // The checks happen in a block of their own, so that the table's
         // lock is not held across the array and journal calls below.
         let retried = {
@@ -1027,19 +1127,9 @@ impl SnapshotManager {
                     );
                     None
                 }
-                PairState::Snapshot {
-                    holder,
-                    ledger_sequence,
-                    snapshot_id,
-                } if holder == run_id => Some(AcquireOutcome {
+                PairState::Snapshot { holder, .. } if holder == run_id => Some(AcquireOutcome {
                     already_held: true,
-                    snapshot: HeldSnapshot {
-                        holder: holder.clone(),
-                        ledger_sequence: *ledger_sequence,
-                        snapshot_id: *snapshot_id,
-                        pair: vol.pair,
-                        method: SnapshotMethod::Split,
-                    },
+                    snapshot: vol.held_snapshot(&inner.state).expect("held"),
                 }),
                 PairState::CowSnapshot { holder, .. } if holder == run_id => {
                     // A retry of a copy-on-write acquire: the mate is not
@@ -1068,9 +1158,15 @@ impl SnapshotManager {
         };
         if let Some(retried) = retried {
             // A retry also repairs a mate whose masking was lost (a
-            // SetAccess that failed to be undone).
-            self.ensure_mate_access(vol, OwnAccess::Read, &purpose)
-                .await?;
+            // SetAccess that failed to be undone), and an array mode left
+            // unknown.
+            let access = if retried.snapshot.writable {
+                OwnAccess::Configured
+            } else {
+                OwnAccess::Read
+            };
+            self.ensure_mate_access(vol, access, &purpose).await?;
+            self.ensure_array_mode(vol).await?;
             return Ok(retried);
         }
         // The mate is masked read-only before the split is journaled: a
@@ -1078,7 +1174,7 @@ impl SnapshotManager {
         // between the two is repaired at start-up (the journal decides).
         // The mode gate keeps every write out meanwhile, so no write to
         // the mirror LU meets the read-only mate.
-        if let Err(error) = self.set_mate_access(vol, OwnAccess::Read, &purpose).await {
+        if let Err(error) = self.set_mate_access(vol, held_access, &purpose).await {
             self.undo_mate_access(vol, OwnAccess::Configured, "the acquire failed")
                 .await;
             return Err(error);
@@ -1090,6 +1186,7 @@ impl SnapshotManager {
             holder: run_id.to_string(),
             ledger_sequence,
             snapshot_id,
+            writable,
         };
         if let Err(error) = self.journal_state(&vol.pair, &state).await {
             self.undo_mate_access(vol, OwnAccess::Configured, "the acquire failed")
@@ -1097,21 +1194,47 @@ impl SnapshotManager {
             return Err(error);
         }
         crash::point("acquire.after_journal");
+        // A stateful array splits the pair now. If it does not, the acquire
+        // is undone: the journal says Synchronized again (nothing was
+        // written meanwhile: the mode gate is held) and the array is asked
+        // for SYNCHRONIZED; if that fails too, its mode stays unknown and
+        // every Read and Write sets it again first.
+        if let Err(error) = self.follow_array_mode(vol, &state, &purpose).await {
+            self.undo_split(vol, &purpose).await;
+            return Err(error);
+        }
+        crash::point("acquire.after_mode_select");
         let mut inner = vol.inner();
         inner.state = state;
         inner.last_deleted_by = None;
         inner.cow = CowImage::None;
-        tracing::info!(volume, run_id, snapshot_id, "snapshot acquired");
+        tracing::info!(volume, run_id, snapshot_id, writable, "snapshot acquired");
         Ok(AcquireOutcome {
             already_held: false,
-            snapshot: HeldSnapshot {
-                holder: run_id.to_string(),
-                ledger_sequence,
-                snapshot_id,
-                pair: vol.pair,
-                method: SnapshotMethod::Split,
-            },
+            snapshot: vol.held_snapshot(&inner.state).expect("held"),
         })
+    }
+
+    /// Undoes a split whose `ModeSelect` failed after its journal record:
+    /// Synchronized journaled again, the array asked for SYNCHRONIZED, the
+    /// mate's access as configured. Failures are logged: an unknown array
+    /// mode is set again before the next Read or Write; a journal that
+    /// cannot record refuses every further change.
+    async fn undo_split(&self, vol: &Volume, purpose: &str) {
+        let undo = format!("{purpose}: the array did not split the pair");
+        if let Err(error) = self
+            .journal_state(&vol.pair, &PairState::Synchronized)
+            .await
+        {
+            tracing::error!(
+                volume = vol.volume(),
+                "journaling Synchronized after a failed split: {error}"
+            );
+        }
+        self.try_follow_array_mode(vol, &PairState::Synchronized, &undo)
+            .await;
+        self.undo_mate_access(vol, OwnAccess::Configured, &undo)
+            .await;
     }
 
     /// Releases the snapshot (Snapshot → Resynchronizing) and wakes the
@@ -1215,6 +1338,13 @@ impl SnapshotManager {
             return Err(error);
         }
         crash::point("delete.after_journal");
+        // The journal says Resynchronizing now and is not undone (undoing
+        // would journal Snapshot, which drops the recorded ranges): if the
+        // array does not take RESYNCHRONIZING, its mode stays unknown and
+        // the resync and every Read and Write set it again first.
+        self.try_follow_array_mode(vol, &PairState::Resynchronizing, &purpose)
+            .await;
+        crash::point("delete.after_mode_select");
         let mut inner = vol.inner();
         inner.state = PairState::Resynchronizing;
         inner.last_deleted_by = Some(run_id.to_string());
@@ -1274,7 +1404,7 @@ impl SnapshotManager {
                 VolumeStatus {
                     volume: vol.volume(),
                     pair: vol.pair,
-                    routing: inner.state.routing(&vol.pair),
+                    routing: self.routing(&vol.pair, &inner.state),
                     holder: inner.state.holder().map(str::to_string),
                     dirty_ranges: inner.table.ranges(),
                     dirty_blocks: inner.table.block_count(),
@@ -1292,6 +1422,11 @@ impl SnapshotManager {
                         used_blocks: inner.cow.used_blocks(),
                     }),
                     snapshot_invalidated_reason: inner.cow.invalidated_reason(),
+                    snapshot_writable: matches!(
+                        inner.state,
+                        PairState::Snapshot { writable: true, .. }
+                    ),
+                    array_mode: self.stateful().then(|| inner.array_mode.describe()),
                 }
             })
             .collect()

@@ -266,9 +266,13 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
             }),
             snapshot_invalidated_reason: v.snapshot_invalidated_reason.unwrap_or_default(),
             full_resync_reason: v.full_resync_reason.unwrap_or_default(),
-            snapshot_writable: false,
-            array_mode_keeping: pb::ArrayModeKeeping::Stateless.into(),
-            array_mode: String::new(),
+            snapshot_writable: v.snapshot_writable,
+            array_mode_keeping: match v.array_mode {
+                Some(_) => pb::ArrayModeKeeping::Stateful,
+                None => pb::ArrayModeKeeping::Stateless,
+            }
+            .into(),
+            array_mode: v.array_mode.unwrap_or_default(),
             restore: v.restore.map(|r| pb::RestoreStatus {
                 kind: match r.kind {
                     RestoreKind::FromBackup { .. } => pb::RestoreKind::FromBackup,
@@ -644,7 +648,7 @@ impl DbService for DbGrpc {
             block_count: held.pair.block_count,
             snapshot_id: held.snapshot_id,
             method: method_to_pb(held.method).into(),
-            writable: false,
+            writable: held.writable,
         }))
     }
 }

@@ -3,7 +3,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{Access, ArrayPort, BoxFuture, ClientError, LuPage, OwnAccess, PairInfo};
+use super::{
+    Access, ArrayMirrorMode, ArrayPort, BoxFuture, ClientError, LuPage, OwnAccess, PairInfo,
+};
 use splitmirror_proto::client::ErrorKind;
 
 /// An array in memory with one mirror pair per entry of `pairs`, for unit
@@ -40,6 +42,16 @@ pub struct MemoryArray {
     other_grants: std::sync::Mutex<Vec<OtherGrantCall>>,
     /// Every `CopyRange` made, in order.
     copies: std::sync::Mutex<Vec<CopyCall>>,
+    /// The mirroring management table: mirror LU → mode (absent =
+    /// host-managed), enforced as array-node enforces it (a write to the
+    /// mirror LU of a Snapshot pair lands on the origin alone; a write to a
+    /// mate its mode forbids is refused).
+    modes: std::sync::Mutex<std::collections::BTreeMap<u32, ArrayMirrorMode>>,
+    /// While set, every `ModeSelect` fails as if the array were unreachable
+    /// (and changes nothing).
+    pub fail_mode_select: AtomicBool,
+    /// Requests the mode refused.
+    pub refused_by_mode: AtomicU64,
 }
 
 /// One `SetAccess` for another identity the memory array was asked for.
@@ -93,7 +105,64 @@ impl MemoryArray {
             grants: Default::default(),
             other_grants: Default::default(),
             copies: Default::default(),
+            modes: Default::default(),
+            fail_mode_select: Default::default(),
+            refused_by_mode: Default::default(),
         }
+    }
+
+    /// The mode of `mirror_lu` in the mirroring management table.
+    pub fn mode_of(&self, mirror_lu: u32) -> ArrayMirrorMode {
+        self.modes
+            .lock()
+            .expect("modes")
+            .get(&mirror_lu)
+            .copied()
+            .unwrap_or(ArrayMirrorMode::HostManaged)
+    }
+
+    /// Sets a mode behind db-server's back (another host, or a crash
+    /// between db-server's journal and its `ModeSelect`).
+    pub fn force_mode(&self, mirror_lu: u32, mode: ArrayMirrorMode) {
+        self.modes.lock().expect("modes").insert(mirror_lu, mode);
+    }
+
+    /// The pair `lu` belongs to (as mirror, origin or mate) and its mode.
+    fn pair_mode(&self, lu: u32) -> Option<(&PairInfo, ArrayMirrorMode)> {
+        let pair = self
+            .pairs
+            .iter()
+            .find(|p| [p.mirror_lu, p.origin_lu, p.mate_lu].contains(&lu))?;
+        Some((pair, self.mode_of(pair.mirror_lu)))
+    }
+
+    /// The mode's rule for a read (`write` false) or write of `lu`, as in
+    /// the comment of `rpc ModeSelect`; `resync_copy` for the array's own
+    /// origin → mate copy.
+    fn check_mode(&self, lu: u32, write: bool, resync_copy: bool) -> Result<(), ClientError> {
+        let Some((pair, mode)) = self.pair_mode(lu) else {
+            return Ok(());
+        };
+        if lu != pair.mate_lu {
+            return Ok(());
+        }
+        let allowed = match mode {
+            ArrayMirrorMode::HostManaged => true,
+            ArrayMirrorMode::Synchronized => !write,
+            ArrayMirrorMode::Snapshot { mate_writable } => !write || mate_writable,
+            ArrayMirrorMode::Resynchronizing => resync_copy,
+        };
+        if allowed {
+            return Ok(());
+        }
+        self.refused_by_mode.fetch_add(1, Ordering::SeqCst);
+        Err(ClientError::local(
+            ErrorKind::FailedPrecondition,
+            "array",
+            "memory",
+            if write { "write" } else { "read" },
+            format!("mate LU {lu} of mirror LU {} is {mode}", pair.mirror_lu),
+        ))
     }
 
     /// Every `SetAccess` for another identity that took effect so far, in
@@ -173,9 +242,14 @@ impl MemoryArray {
         self.lus.lock().expect("memory array")[&lu].clone()
     }
 
+    /// The real LUs a write to `lu` lands on (the mirror LU of a pair its
+    /// array mode splits: the origin alone).
     fn sides(&self, lu: u32) -> Vec<u32> {
         match self.pairs.iter().find(|p| p.mirror_lu == lu) {
-            Some(pair) => vec![pair.origin_lu, pair.mate_lu],
+            Some(pair) => match self.mode_of(lu) {
+                ArrayMirrorMode::Snapshot { .. } => vec![pair.origin_lu],
+                _ => vec![pair.origin_lu, pair.mate_lu],
+            },
             None => vec![lu],
         }
     }
@@ -216,7 +290,7 @@ impl ArrayPort for MemoryArray {
                 block_count,
                 origin_lu: sides.map(|s| s.0),
                 mate_lu: sides.map(|s| s.1),
-                mirror_mode: Default::default(),
+                mirror_mode: splitmirror_proto::array::v1::MirrorMode::Unspecified,
                 mate_writable: false,
             };
             if let Some((block_size_bytes, block_count)) = self.plain.get(&lu) {
@@ -233,7 +307,10 @@ impl ArrayPort for MemoryArray {
                     continue;
                 };
                 let sides = (kind == LuKind::Mirror).then_some((p.origin_lu, p.mate_lu));
-                return Ok(page(kind, p.block_size_bytes, p.block_count, sides));
+                let mut pair_page = page(kind, p.block_size_bytes, p.block_count, sides);
+                (pair_page.mirror_mode, pair_page.mate_writable) =
+                    self.mode_of(p.mirror_lu).to_pb();
+                return Ok(pair_page);
             }
             Err(ClientError::local(
                 ErrorKind::NotFound,
@@ -250,6 +327,7 @@ impl ArrayPort for MemoryArray {
             if self.yield_calls.load(Ordering::Relaxed) {
                 tokio::task::yield_now().await;
             }
+            self.check_mode(lu, false, false)?;
             let side = self.sides(lu)[0];
             let bs = self.block_size(lu);
             let lus = self.lus.lock().expect("memory array");
@@ -267,6 +345,7 @@ impl ArrayPort for MemoryArray {
                 return Err(Self::failure("write"));
             }
             self.check_writable(lu, "write")?;
+            self.check_mode(lu, true, false)?;
             let start = (lba * self.block_size(lu)) as usize;
             let mut lus = self.lus.lock().expect("memory array");
             for side in self.sides(lu) {
@@ -301,6 +380,11 @@ impl ArrayPort for MemoryArray {
                 return Err(Self::failure("copy"));
             }
             self.check_writable(dst_lu, "copy")?;
+            let resync_copy = self
+                .pair_mode(dst_lu)
+                .is_some_and(|(p, _)| (p.origin_lu, p.mate_lu) == (src_lu, dst_lu));
+            self.check_mode(src_lu, false, false)?;
+            self.check_mode(dst_lu, true, resync_copy)?;
             let bs = self.block_size(src_lu);
             let (start, end) = ((lba * bs) as usize, ((lba + blocks) * bs) as usize);
             let mut lus = self.lus.lock().expect("memory array");
@@ -374,6 +458,21 @@ impl ArrayPort for MemoryArray {
                 return Err(Self::failure("set access"));
             }
             self.other_grants.lock().expect("other grants").push(call);
+            Ok(())
+        })
+    }
+
+    fn mode_select(
+        &self,
+        mirror_lu: u32,
+        mode: ArrayMirrorMode,
+        _purpose: &str,
+    ) -> BoxFuture<'_, Result<(), ClientError>> {
+        Box::pin(async move {
+            if self.fail_mode_select.load(Ordering::SeqCst) {
+                return Err(Self::failure("mode select"));
+            }
+            self.force_mode(mirror_lu, mode);
             Ok(())
         })
     }

@@ -320,6 +320,8 @@ impl SnapshotManager {
         };
         self.journal_state(&vol.pair, &state).await?;
         crash::point("delete.after_journal");
+        self.try_follow_array_mode(vol, &state, "copy-on-write snapshot deleted")
+            .await;
         let mut inner = vol.inner();
         let resync = state == PairState::Resynchronizing;
         inner.state = state;

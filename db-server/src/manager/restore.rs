@@ -209,6 +209,7 @@ impl SnapshotManager {
             };
             self.journal_state(&vol.pair, &state).await?;
             crash::point("restore.after_journal");
+            self.try_follow_array_mode(vol, &state, &purpose).await;
             let mut inner = vol.inner();
             inner.state = state;
             inner.last_restore_ended = None;
@@ -269,6 +270,8 @@ impl SnapshotManager {
             }
             self.journal_state_ending(&vol.pair, &PairState::Resynchronizing, true, run_id)
                 .await?;
+            self.try_follow_array_mode(vol, &PairState::Resynchronizing, "restore abandoned")
+                .await;
             let ended = EndedRestore {
                 already_ended: false,
                 abandoned: true,
@@ -311,6 +314,8 @@ impl SnapshotManager {
             self.journal_state_ending(&vol.pair, &PairState::Synchronized, false, run_id)
                 .await?;
             crash::point("end_restore.after_journal");
+            self.try_follow_array_mode(vol, &PairState::Synchronized, "restore ended")
+                .await;
             let ended = EndedRestore {
                 already_ended: false,
                 abandoned: false,
@@ -537,6 +542,7 @@ impl SnapshotManager {
                 holder,
                 ledger_sequence,
                 snapshot_id,
+                ..
             } = state
             {
                 let reverse = PairState::RestoringToSnapshot {
@@ -546,6 +552,8 @@ impl SnapshotManager {
                 };
                 self.journal_state(&vol.pair, &reverse).await?;
                 crash::point("reverse.after_journal");
+                self.try_follow_array_mode(vol, &reverse, "restoring to the snapshot")
+                    .await;
                 vol.inner().state = reverse;
                 tracing::info!(
                     volume,
@@ -670,6 +678,8 @@ impl SnapshotManager {
         let _mode = vol.mode_gate.write().await;
         self.journal_state(&vol.pair, &PairState::Synchronized)
             .await?;
+        self.try_follow_array_mode(vol, &PairState::Synchronized, &purpose)
+            .await;
         let mut inner = vol.inner();
         inner.state = PairState::Synchronized;
         inner.table = UpdateLocationTable::new();

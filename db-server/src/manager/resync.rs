@@ -81,6 +81,8 @@ enum StepError {
     JournalSynchronized(#[source] DbError),
     #[error("making the mate writable again failed: {0}")]
     MateAccess(#[source] DbError),
+    #[error("setting the array's mode failed: {0}")]
+    ArrayMode(#[source] DbError),
 }
 
 impl SnapshotManager {
@@ -143,6 +145,11 @@ impl SnapshotManager {
         self.ensure_mate_access(vol, OwnAccess::Configured, "resynchronizing")
             .await
             .map_err(StepError::MateAccess)?;
+        // A stateful array lets the resync copy into the mate only in
+        // RESYNCHRONIZING: a delete whose ModeSelect failed left it unknown.
+        self.ensure_array_mode(vol)
+            .await
+            .map_err(StepError::ArrayMode)?;
         if vol.inner().full_resync_pending {
             self.compare_whole_volume(vol)
                 .await
@@ -171,6 +178,13 @@ impl SnapshotManager {
             self.journal_state(&vol.pair, &PairState::Synchronized)
                 .await
                 .map_err(StepError::JournalSynchronized)?;
+            crash::point("resync.after_journal_synchronized");
+            // Journaled: the pair is Synchronized whatever the array says
+            // now. A failure leaves the array's mode unknown (it stays
+            // RESYNCHRONIZING at worst: writes to both, mate unreadable),
+            // set again before the next Read or Write.
+            self.try_follow_array_mode(vol, &PairState::Synchronized, "resync complete")
+                .await;
         }
         let mut inner = vol.inner();
         if !inner.table.is_empty() {

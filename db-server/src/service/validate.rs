@@ -50,6 +50,8 @@ pub struct AcquireSnapshot {
     pub run_id: String,
     /// The method asked for; `None`: db-server's `--snapshot-method`.
     pub method: Option<crate::manager::SnapshotMethod>,
+    /// A writable split snapshot (never with copy-on-write).
+    pub writable: bool,
     pub checked: Checked,
 }
 
@@ -156,10 +158,16 @@ pub fn acquire_snapshot(
             )));
         }
     };
+    if request.writable && method == Some(crate::manager::SnapshotMethod::Cow) {
+        return Err(DbError::InvalidArgument(
+            "writable with SNAPSHOT_METHOD_COW: a copy-on-write snapshot is read-only".into(),
+        ));
+    }
     Ok(AcquireSnapshot {
         volume: request.volume,
         run_id: request.run_id,
         method,
+        writable: request.writable,
         checked: Checked(()),
     })
 }
