@@ -568,3 +568,207 @@ fn load(
     }
     Ok(modes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ArrayConfig {
+        ArrayConfig::default_pairs(1 << 20).expect("config")
+    }
+
+    fn change(mirror: LuId, mode: MirrorMode) -> ModeChange {
+        ModeChange {
+            mirror,
+            mode,
+            purpose: format!("test: mirror LU {mirror} to {mode}"),
+        }
+    }
+
+    const SNAPSHOT: MirrorMode = MirrorMode::Snapshot {
+        mate_writable: false,
+    };
+    const WRITABLE: MirrorMode = MirrorMode::Snapshot {
+        mate_writable: true,
+    };
+
+    #[test]
+    fn every_mirror_lu_is_host_managed_until_selected_and_plain_lus_have_no_mode() {
+        let table = ModeTable::in_memory(&config());
+        for lu in 0..6 {
+            assert_eq!(table.mode(lu), Some(MirrorMode::HostManaged), "LU {lu}");
+        }
+        assert_eq!(table.mode(9), None);
+        assert_eq!(table.route(9, Op::Write).expect("plain"), Route::Named);
+        let pair = table.pair_of(5).expect("a pair");
+        assert_eq!(
+            (pair.mirror, pair.origin, pair.mate, pair.side),
+            (3, 4, 5, Side::Mate)
+        );
+    }
+
+    #[tokio::test]
+    async fn modes_survive_a_restart_and_host_managed_leaves_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config();
+        let table = ModeTable::open(&config, dir.path()).expect("open");
+        let answer = table.select(&change(0, WRITABLE)).await.expect("select");
+        assert_eq!(answer, (MirrorMode::HostManaged, WRITABLE));
+        table
+            .select(&change(3, MirrorMode::Resynchronizing))
+            .await
+            .expect("select");
+        drop(table);
+        let reopened = ModeTable::open(&config, dir.path()).expect("reopen");
+        assert_eq!(reopened.mode(2), Some(WRITABLE));
+        assert_eq!(reopened.mode(3), Some(MirrorMode::Resynchronizing));
+        let answer = reopened
+            .select(&change(0, MirrorMode::HostManaged))
+            .await
+            .expect("select");
+        assert_eq!(answer, (WRITABLE, MirrorMode::HostManaged));
+        let text = std::fs::read_to_string(dir.path().join(MODES_FILE)).expect("read");
+        assert!(
+            !text.contains("snapshot") && text.contains("resynchronizing"),
+            "{text}"
+        );
+        assert!(
+            text.contains("test: mirror LU 3 to RESYNCHRONIZING"),
+            "{text}"
+        );
+        let reopened = ModeTable::open(&config, dir.path()).expect("reopen");
+        assert_eq!(reopened.mode(0), Some(MirrorMode::HostManaged));
+        assert_eq!(reopened.mode(4), Some(MirrorMode::Resynchronizing));
+        assert!(!dir.path().join("modes.json.tmp").exists());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_file_stops_the_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config();
+        let table = ModeTable::open(&config, dir.path()).expect("open");
+        table.select(&change(0, SNAPSHOT)).await.expect("select");
+        let path = dir.path().join(MODES_FILE);
+        let good = std::fs::read_to_string(&path).expect("read");
+        // The same LUs, but mirror LU 0 no longer defined.
+        let mut other = config.clone();
+        other.mirrors.retain(|m| m.mirror == 3);
+        // A wrong entry with a right checksum: no mode, writable sync, twice.
+        let forged = |modes: Vec<FileMode>| {
+            String::from_utf8(state_file::encode(&ModesFile {
+                format: FORMAT.into(),
+                blake3: state_file::checksum(&modes),
+                modes,
+            }))
+            .expect("utf-8")
+        };
+        let entry = |mode: &str, mate_writable| FileMode {
+            lu: 0,
+            mode: mode.into(),
+            mate_writable,
+            purpose: String::new(),
+        };
+        let cases = [
+            (
+                good.replace("\"snapshot\"", "\"synchronized\""),
+                &config,
+                "checksum",
+            ),
+            (good[..good.len() / 2].to_string(), &config, "not its JSON"),
+            (String::new(), &config, "not its JSON"),
+            (good.replace(FORMAT, "something-else"), &config, "format"),
+            (good.clone(), &other, "LU 0, which is no mirror LU"),
+            (
+                forged(vec![entry("split", false)]),
+                &config,
+                "which is no mode",
+            ),
+            (
+                forged(vec![entry("synchronized", true)]),
+                &config,
+                "which is no mode",
+            ),
+            (
+                forged(vec![
+                    entry("snapshot", false),
+                    entry("resynchronizing", false),
+                ]),
+                &config,
+                "twice",
+            ),
+        ];
+        for (text, config, expected) in cases {
+            std::fs::write(&path, &text).expect("write");
+            let Err(error) = ModeTable::open(config, dir.path()) else {
+                panic!("{text}: opened");
+            };
+            let message = error.to_string();
+            assert!(
+                message.contains(expected) && message.contains("modes.json"),
+                "{text}: {message}"
+            );
+            assert!(message.contains("refuses to start"), "{message}");
+        }
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::create_dir(&path).expect("mkdir");
+        let Err(error) = ModeTable::open(&config, dir.path()) else {
+            panic!("opened a directory");
+        };
+        assert!(matches!(error, StateFileError::Read { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_leaves_the_old_mode_in_force_and_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config();
+        let table = ModeTable::open(&config, dir.path()).expect("open");
+        table
+            .select(&change(0, MirrorMode::Synchronized))
+            .await
+            .expect("select");
+        let path = dir.path().join(MODES_FILE);
+        let before = std::fs::read(&path).expect("read");
+        // A directory where the temporary file goes: creating it fails, as
+        // for a full or read-only disk (and even for root).
+        std::fs::create_dir(dir.path().join("modes.json.tmp")).expect("mkdir");
+        for attempt in [change(0, SNAPSHOT), change(3, MirrorMode::Resynchronizing)] {
+            let error = table.select(&attempt).await.expect_err("cannot save");
+            assert!(matches!(error, ArrayError::Io { .. }), "{error}");
+            assert!(error.to_string().contains("saving the mode"), "{error}");
+        }
+        assert_eq!(table.mode(0), Some(MirrorMode::Synchronized));
+        assert_eq!(table.mode(3), Some(MirrorMode::HostManaged));
+        assert!(table.route(2, Op::Write).is_err(), "still synchronized");
+        assert_eq!(std::fs::read(&path).expect("read"), before);
+        std::fs::remove_dir(dir.path().join("modes.json.tmp")).expect("rmdir");
+        let answer = table.select(&change(0, SNAPSHOT)).await.expect("select");
+        assert_eq!(answer, (MirrorMode::Synchronized, SNAPSHOT));
+        let reopened = ModeTable::open(&config, dir.path()).expect("reopen");
+        assert_eq!(reopened.mode(1), Some(SNAPSHOT));
+    }
+
+    #[tokio::test]
+    async fn the_array_refuses_to_start_on_a_damaged_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(MODES_FILE), "{").expect("write");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let config = crate::ArrayNodeConfig {
+            data_dir: dir.path().to_path_buf(),
+            array: config(),
+            hooks: crate::ArrayTestHooks::default(),
+            security: splitmirror_proto::security::Security::Insecure,
+        };
+        let Err(error) = crate::spawn(config, listener).await else {
+            panic!("started on a damaged modes.json");
+        };
+        let message = error.to_string();
+        assert!(
+            message.contains("mirroring management table") && message.contains("modes.json"),
+            "{message}"
+        );
+        // No LU file was created: the start stopped before the LUs.
+        assert!(!dir.path().join("lu1.img").exists());
+    }
+}

@@ -575,4 +575,99 @@ mod tests {
             .await
             .expect("writable again");
     }
+
+    fn select(lu: u32, mode: pb::MirrorMode, mate_writable: bool) -> pb::ModeSelectRequest {
+        pb::ModeSelectRequest {
+            lu,
+            mode: mode.into(),
+            mate_writable,
+            purpose: "snapshot of run R".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn mode_select_is_the_owners_and_mode_sense_reports_it_on_every_lu_of_the_pair() {
+        let mut config = ArrayConfig::default_pairs(16 * 4096).expect("config");
+        config.lus.push(crate::config::RealLuConfig {
+            id: 9,
+            block_size_bytes: 4096,
+            block_count: 16,
+        });
+        config.grants.push(crate::access::GrantConfig {
+            identity: "db-server".into(),
+            lu: 9,
+            access: Access::ReadWrite,
+        });
+        let service = ArrayGrpc::new(Arc::new(Array::in_memory(&config).expect("array")));
+        let sense = |lu: u32| {
+            let service = &service;
+            async move {
+                let page = service
+                    .mode_sense(from("db-server", pb::ModeSenseRequest { lu }))
+                    .await
+                    .expect("sense")
+                    .into_inner();
+                (page.mirror_mode(), page.mate_writable)
+            }
+        };
+        for lu in [0, 1, 2, 3, 4, 5] {
+            assert_eq!(
+                sense(lu).await,
+                (pb::MirrorMode::HostManaged, false),
+                "LU {lu}"
+            );
+        }
+        assert_eq!(sense(9).await, (pb::MirrorMode::Unspecified, false));
+        let refused = service
+            .mode_select(from(
+                "backup-server",
+                select(0, pb::MirrorMode::Snapshot, false),
+            ))
+            .await
+            .expect_err("not the owner");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        let invalid = service
+            .mode_select(from(
+                "db-server",
+                select(2, pb::MirrorMode::Snapshot, false),
+            ))
+            .await
+            .expect_err("the mate");
+        assert_eq!(invalid.code(), Code::InvalidArgument, "{invalid:?}");
+        let answer = service
+            .mode_select(from("db-server", select(0, pb::MirrorMode::Snapshot, true)))
+            .await
+            .expect("select")
+            .into_inner();
+        assert_eq!(
+            (answer.previous(), answer.mode(), answer.mate_writable),
+            (pb::MirrorMode::HostManaged, pb::MirrorMode::Snapshot, true)
+        );
+        for lu in [0, 1, 2] {
+            assert_eq!(sense(lu).await, (pb::MirrorMode::Snapshot, true), "LU {lu}");
+        }
+        assert_eq!(sense(3).await, (pb::MirrorMode::HostManaged, false));
+        service
+            .write(from("db-server", write(2)))
+            .await
+            .expect("a writable snapshot's mate");
+        service
+            .mode_select(from(
+                "db-server",
+                select(0, pb::MirrorMode::Synchronized, false),
+            ))
+            .await
+            .expect("select");
+        let refused = service
+            .write(from("db-server", write(2)))
+            .await
+            .expect_err("the mate of a synchronized pair");
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert_eq!(
+            splitmirror_proto::reason::reason(&refused),
+            Some(Reason::MirrorMode),
+            "{refused:?}"
+        );
+        assert!(refused.message().contains("SYNCHRONIZED"), "{refused:?}");
+    }
 }

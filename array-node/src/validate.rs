@@ -578,6 +578,7 @@ mod tests {
 
     use super::*;
     use crate::config::{ArrayConfig, RealLuConfig};
+    use crate::modes::{MirrorMode, ModeChange};
     use crate::test_ops::{self, ANYONE, caller};
 
     thread_local! {
@@ -840,6 +841,139 @@ mod tests {
         set_access(&array, &ANYONE, &request(BACKUP, 2, read)).expect("--insecure");
     }
 
+    fn select_request(
+        lu: LuId,
+        mode: pb::MirrorMode,
+        mate_writable: bool,
+    ) -> pb::ModeSelectRequest {
+        pb::ModeSelectRequest {
+            lu,
+            mode: mode.into(),
+            mate_writable,
+            purpose: "snapshot of run R".into(),
+        }
+    }
+
+    #[test]
+    fn only_the_owner_selects_a_mode_and_only_of_a_mirror_lu() {
+        let array = array();
+        let owner = caller(OWNER);
+        let snapshot = select_request(0, pb::MirrorMode::Snapshot, true);
+        for who in [caller(BACKUP), caller(CONSOLE), Caller::Anonymous] {
+            let error = mode_select(&array, &who, &snapshot).expect_err("not the owner");
+            assert!(matches!(error, ArrayError::NotOwner { .. }), "{error}");
+            assert!(
+                error
+                    .to_string()
+                    .contains("may not change the mode of a mirror LU")
+                    && error.to_string().contains(OWNER),
+                "{error}"
+            );
+        }
+        let change = mode_select(&array, &owner, &snapshot).expect("the owner");
+        assert_eq!(
+            change,
+            ModeChange {
+                mirror: 0,
+                mode: MirrorMode::Snapshot {
+                    mate_writable: true
+                },
+                purpose: "snapshot of run R".into(),
+            }
+        );
+        mode_select(&array, &ANYONE, &snapshot).expect("--insecure");
+        let refused = [
+            (
+                select_request(1, pb::MirrorMode::Snapshot, false),
+                "the origin of mirror LU 0",
+            ),
+            (
+                select_request(5, pb::MirrorMode::Synchronized, false),
+                "the mate of mirror LU 3",
+            ),
+            (
+                select_request(0, pb::MirrorMode::Unspecified, false),
+                "mode 0 is not",
+            ),
+            (
+                pb::ModeSelectRequest {
+                    mode: 17,
+                    ..select_request(0, pb::MirrorMode::Snapshot, false)
+                },
+                "mode 17 is not",
+            ),
+            (
+                select_request(0, pb::MirrorMode::Synchronized, true),
+                "mate_writable is for SNAPSHOT alone, not SYNCHRONIZED",
+            ),
+            (
+                select_request(3, pb::MirrorMode::Resynchronizing, true),
+                "mate_writable is for SNAPSHOT alone",
+            ),
+            (
+                pb::ModeSelectRequest {
+                    purpose: "x".repeat(access::MAX_PURPOSE_BYTES + 1),
+                    ..select_request(0, pb::MirrorMode::Snapshot, false)
+                },
+                "purpose",
+            ),
+        ];
+        for (request, expected) in refused {
+            let error = mode_select(&array, &owner, &request).expect_err(expected);
+            assert!(matches!(error, ArrayError::InvalidArgument(_)), "{error}");
+            assert!(error.to_string().contains(expected), "{error}");
+        }
+        // A plain LU the owner cannot see is missing; one it sees has no
+        // mode.
+        let plain = select_request(9, pb::MirrorMode::Synchronized, false);
+        let unseen = mode_select(&array, &owner, &plain);
+        assert!(
+            matches!(unseen, Err(ArrayError::UnknownLu(9))),
+            "{unseen:?}"
+        );
+        let error = mode_select(&array, &ANYONE, &plain).expect_err("a plain LU");
+        assert!(error.to_string().contains("belongs to no pair"), "{error}");
+        let missing = mode_select(
+            &array,
+            &owner,
+            &select_request(42, pb::MirrorMode::Synchronized, false),
+        );
+        assert!(
+            matches!(missing, Err(ArrayError::UnknownLu(42))),
+            "{missing:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_mode_binds_the_owner_and_the_backup_alike() {
+        let array = array();
+        let owner = caller(OWNER);
+        test_ops::mode_select(&array, &owner, 0, pb::MirrorMode::Resynchronizing, false)
+            .await
+            .expect("select");
+        for who in [&owner, &caller(BACKUP)] {
+            let read = test_ops::read(&array, who, 2, 0, 1).await;
+            assert!(
+                matches!(read, Err(ArrayError::MirrorMode { lu: 2, .. })),
+                "{read:?}"
+            );
+        }
+        // Masking still comes first: the console sees no mate at all.
+        let read = test_ops::read(&array, &caller(CONSOLE), 2, 0, 1).await;
+        assert!(matches!(read, Err(ArrayError::UnknownLu(2))), "{read:?}");
+        test_ops::mode_select(&array, &owner, 0, pb::MirrorMode::Snapshot, false)
+            .await
+            .expect("select");
+        test_ops::read(&array, &caller(BACKUP), 2, 0, 1)
+            .await
+            .expect("the backup reads the split mate");
+        let write = test_ops::write(&array, &owner, 2, 0, block(3)).await;
+        assert!(
+            matches!(write, Err(ArrayError::MirrorMode { lu: 2, .. })),
+            "{write:?}"
+        );
+    }
+
     // ---- The property: validation never panics, and what it accepts lies
     // inside the LU and is allowed. ----
 
@@ -853,6 +987,7 @@ mod tests {
         Flush(pb::FlushRequest),
         ModeSense(pb::ModeSenseRequest),
         SetAccess(pb::SetAccessRequest),
+        ModeSelect(pb::ModeSelectRequest),
     }
 
     /// Numbers that probe the edges: small ones near the LUs' ends, and
@@ -920,13 +1055,23 @@ mod tests {
                     })
                 }
             ),
+            (lu(), -1i32..6, any::<bool>(), ".{0,8}").prop_map(
+                |(lu, mode, mate_writable, purpose)| {
+                    Request::ModeSelect(pb::ModeSelectRequest {
+                        lu,
+                        mode,
+                        mate_writable,
+                        purpose,
+                    })
+                }
+            ),
         ]
     }
 
     /// Arbitrary bytes decoded as each request message; most fail to
     /// decode (and are refused there, as tonic would).
     fn decoded() -> impl Strategy<Value = Option<Request>> {
-        (0u8..7, proptest::collection::vec(any::<u8>(), 0..48)).prop_map(|(kind, bytes)| {
+        (0u8..8, proptest::collection::vec(any::<u8>(), 0..48)).prop_map(|(kind, bytes)| {
             let bytes = bytes.as_slice();
             match kind {
                 0 => pb::ReadRequest::decode(bytes).ok().map(Request::Read),
@@ -939,9 +1084,12 @@ mod tests {
                 5 => pb::ModeSenseRequest::decode(bytes)
                     .ok()
                     .map(Request::ModeSense),
-                _ => pb::SetAccessRequest::decode(bytes)
+                6 => pb::SetAccessRequest::decode(bytes)
                     .ok()
                     .map(Request::SetAccess),
+                _ => pb::ModeSelectRequest::decode(bytes)
+                    .ok()
+                    .map(Request::ModeSelect),
             }
         })
     }
@@ -1093,6 +1241,26 @@ mod tests {
                     prop_assert!(owner, "{caller:?} may not set access");
                     prop_assert!(!change.identity.is_empty());
                     prop_assert!(array.access().in_pair(change.lu));
+                }
+            }
+            Request::ModeSelect(r) => {
+                let outcome = mode_select(array, caller, &r);
+                accepted = outcome.is_ok();
+                if let Ok(change) = outcome {
+                    let owner = matches!(caller, Caller::Unauthenticated)
+                        || caller.identity() == Some(OWNER);
+                    prop_assert!(owner, "{caller:?} may not select a mode");
+                    prop_assert!(
+                        oracle
+                            .config
+                            .mirrors
+                            .iter()
+                            .any(|m| m.mirror == change.mirror),
+                        "accepted a mode for LU {}, no mirror LU",
+                        change.mirror
+                    );
+                    prop_assert!(r.mode >= 1 && r.mode <= 4, "accepted mode {}", r.mode);
+                    prop_assert!(!r.mate_writable || r.mode == 3, "{r:?}");
                 }
             }
         }
