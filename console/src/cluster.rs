@@ -40,7 +40,7 @@ use backup_server::store::{
     ChunkStore, DEFAULT_GC_GRACE, ExportOutcome, StoreError, StoreLocation,
 };
 use db_server::ledger::LedgerConfig;
-use db_server::manager::ManagerConfig;
+use db_server::manager::{ArrayModeKeeping, ManagerConfig};
 use splitmirror_proto::client::ClientError;
 use splitmirror_proto::node::{self, NodeError, NodeHandle};
 use splitmirror_proto::security::{Security, SecurityError, role};
@@ -304,6 +304,16 @@ impl ClusterBuilder {
     /// mirroring, test hooks).
     pub fn manager(mut self, manager: ManagerConfig) -> Self {
         self.db.manager = manager;
+        self
+    }
+
+    /// Who keeps the pairs' modes (db-server `--array-mode`): db-server
+    /// (stateless, the default) or the array (stateful: db-server sets
+    /// them with ModeSelect and the array enforces them). Stateful needs
+    /// the offload resync, the default. Set after [`ClusterBuilder::manager`],
+    /// which replaces it.
+    pub fn array_mode(mut self, array_mode: ArrayModeKeeping) -> Self {
+        self.db.manager.array_mode = array_mode;
         self
     }
 
