@@ -7,9 +7,10 @@
 //! block), where merging and splitting go wrong.
 
 use array_node::ArrayTestHooks;
-use db_server::manager::{ManagerConfig, ManagerTestHooks, ResyncMethod};
+use db_server::manager::{ArrayModeKeeping, ManagerConfig, ManagerTestHooks, ResyncMethod};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use splitmirror_proto::array::v1::MirrorMode;
 use splitmirror_proto::db::v1 as pb;
 
 use splitmirror_proto::reason::Reason;
@@ -141,8 +142,42 @@ async fn check(client: &DbClient, model: &Model, step: usize) -> Result<(), Stri
     Ok(())
 }
 
+/// With a stateful array: the array's own mode of the pair is the model's
+/// (a resync may have finished before the model waits for it).
+async fn check_array_mode(
+    array: &harness::ArrayClient,
+    model: &Model,
+    step: usize,
+) -> Result<(), String> {
+    let page = array
+        .mode_sense(0)
+        .await
+        .map_err(|e| format!("step {step}: mode sense: {e}"))?;
+    let allowed: &[MirrorMode] = match model.mode {
+        ModelMode::Synchronized => &[MirrorMode::Synchronized],
+        ModelMode::Snapshot => &[MirrorMode::Snapshot],
+        ModelMode::Resynchronizing => &[MirrorMode::Resynchronizing, MirrorMode::Synchronized],
+    };
+    ensure!(
+        allowed.contains(&page.mirror_mode),
+        "step {step}: the array holds {:?} while the model is {:?}",
+        page.mirror_mode,
+        model.mode
+    );
+    ensure!(
+        model.mode != ModelMode::Snapshot || page.mate_writable,
+        "step {step}: the model's snapshot is writable, the array's mate is not"
+    );
+    Ok(())
+}
+
 /// Runs one random sequence; answers the first discrepancy.
-async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> Result<(), String> {
+async fn run_model(
+    seed: u64,
+    method: ResyncMethod,
+    keeping: ArrayModeKeeping,
+    hooks: ManagerTestHooks,
+) -> Result<(), String> {
     let dir = tempfile::tempdir().expect("tempdir");
     // The model writes the snapshot virtual LU, which only an array
     // without LUN masking lets db-server write (see harness::INSECURE).
@@ -156,6 +191,7 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
     let manager = ManagerConfig {
         resync_method: method,
         resync_chunk_bytes: 8 * BLOCK as u64,
+        array_mode: keeping,
         hooks,
         ..ManagerConfig::default()
     };
@@ -223,7 +259,16 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
                     }
                     model.run += 1;
                     let run_id = format!("run-{}", model.run);
-                    let result = client.acquire_snapshot(0, &run_id).await;
+                    // A stateful array refuses writes to the mate of a
+                    // read-only snapshot: the model's are writable there.
+                    let result = client
+                        .acquire_snapshot_with(pb::AcquireSnapshotRequest {
+                            volume: 0,
+                            run_id: run_id.clone(),
+                            writable: keeping == ArrayModeKeeping::Stateful,
+                            ..Default::default()
+                        })
+                        .await;
                     match (model.mode, result) {
                         (ModelMode::Synchronized, Ok(_)) => {
                             model.mode = ModelMode::Snapshot;
@@ -287,6 +332,9 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
                 }
             }
             check(&client, &model, step).await?;
+            if keeping == ArrayModeKeeping::Stateful {
+                check_array_mode(&array_client, &model, step).await?;
+            }
         }
         // End synchronized, and prove the pair equal.
         if model.mode == ModelMode::Snapshot {
@@ -311,17 +359,18 @@ async fn run_model(seed: u64, method: ResyncMethod, hooks: ManagerTestHooks) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_snapshot_manager_behaves_as_the_model_says() {
     let seed = harness::seed("the_snapshot_manager_behaves_as_the_model_says");
-    for (round, method) in [
-        ResyncMethod::Offload,
-        ResyncMethod::WriteBack,
-        ResyncMethod::Offload,
+    for (round, (method, keeping)) in [
+        (ResyncMethod::Offload, ArrayModeKeeping::Stateless),
+        (ResyncMethod::WriteBack, ArrayModeKeeping::Stateless),
+        (ResyncMethod::Offload, ArrayModeKeeping::Stateful),
+        (ResyncMethod::Offload, ArrayModeKeeping::Stateless),
     ]
     .into_iter()
     .enumerate()
     {
         let round_seed = seed.wrapping_add(round as u64);
-        if let Err(e) = run_model(round_seed, method, ManagerTestHooks::default()).await {
-            panic!("seed {seed} round {round} ({method:?}): {e}");
+        if let Err(e) = run_model(round_seed, method, keeping, ManagerTestHooks::default()).await {
+            panic!("seed {seed} round {round} ({method:?}, {keeping}): {e}");
         }
     }
 }
@@ -336,12 +385,26 @@ async fn canary_a_manager_that_forgets_snapshot_writes_is_caught() {
         ..ManagerTestHooks::default()
     };
     for round in 0..5 {
-        match run_model(seed.wrapping_add(round), ResyncMethod::Offload, hooks).await {
+        // Either array: a stateful one splits the pair itself, but the
+        // table is still db-server's.
+        let keeping = if round % 2 == 0 {
+            ArrayModeKeeping::Stateful
+        } else {
+            ArrayModeKeeping::Stateless
+        };
+        match run_model(
+            seed.wrapping_add(round),
+            ResyncMethod::Offload,
+            keeping,
+            hooks,
+        )
+        .await
+        {
             Err(e) => {
-                eprintln!("seed {seed} round {round}: caught as expected: {e}");
+                eprintln!("seed {seed} round {round} ({keeping}): caught as expected: {e}");
                 return;
             }
-            Ok(()) => eprintln!("seed {seed} round {round}: not caught this round"),
+            Ok(()) => eprintln!("seed {seed} round {round} ({keeping}): not caught this round"),
         }
     }
     panic!("seed {seed}: 5 rounds never caught a manager that forgets snapshot writes");
