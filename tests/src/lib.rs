@@ -5,7 +5,8 @@
 //! - [`harness`]: starting nodes, clients, seeds, reading LUs back.
 //! - `array_*`, `grpcurl`: the disk array (mirror I/O, bad input, the
 //!   copy/write race, LUN masking over mTLS, grpcurl as an operator uses
-//!   it).
+//!   it); `array_modes`: the mode the array holds (#19), every cell of
+//!   mode × target × operation, whoever sends it, and across kill -9.
 //! - `db_*`: the snapshot manager (model test, resync race, the ledger,
 //!   codes, limits and answers).
 //! - `cow`: copy-on-write snapshots (#20) under the full-speed ledger:
@@ -38,6 +39,8 @@ mod array_access;
 mod array_direct;
 #[cfg(test)]
 mod array_io;
+#[cfg(test)]
+mod array_modes;
 #[cfg(test)]
 mod array_race;
 #[cfg(test)]

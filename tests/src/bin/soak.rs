@@ -23,7 +23,8 @@ use splitmirror_tests::soak::{self, Canary, Fault, SoakConfig};
 /// those two need root), db-server aborting at one of its named crash
 /// points (inside an acquire, a delete, a snapshot write or a resync step),
 /// then the checks: every node back, the pair
-/// Synchronized with origin == mate, the ledger's own check on the quiesced
+/// Synchronized with origin == mate, the array's mode of each pair equal
+/// to db-server's (db-server runs `--array-mode stateful` on odd seeds), the ledger's own check on the quiesced
 /// volume, its sequence never going back, every complete backup passing
 /// the ledger's check at its sequence. Once a backup exists, two rounds in
 /// ten corrupt volume 0 and `console restore` the newest backup, and one
@@ -83,6 +84,18 @@ struct Args {
     /// workload before copy-on-write snapshots existed).
     #[arg(long)]
     no_cow: bool,
+    /// Who keeps the pairs' modes (issue #19): `stateless` (db-server
+    /// routes; the array enforces nothing), `stateful` (db-server
+    /// `--array-mode stateful`: the array holds the mode, and after every
+    /// quiesce and acquire its ModeSense must match db-server's Status), or
+    /// `alternate`: stateful on odd seeds, stateless on even ones (so that
+    /// CI's seeds 1 and 2 run one of each).
+    #[arg(
+        long,
+        default_value = "alternate",
+        value_name = "stateless|stateful|alternate"
+    )]
+    array_mode: String,
     /// Run the cluster in this directory instead of a temporary one.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -144,6 +157,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let stateful = match args.array_mode.as_str() {
+        "stateless" => false,
+        "stateful" => true,
+        "alternate" => seed % 2 == 1,
+        other => {
+            eprintln!("soak: --array-mode {other:?}: expected stateless, stateful or alternate");
+            return ExitCode::from(2);
+        }
+    };
     if args.rounds.is_none() && args.minutes.is_none() {
         eprintln!("soak: say how long: --rounds N and/or --minutes M");
         return ExitCode::from(2);
@@ -161,6 +183,7 @@ fn main() -> ExitCode {
         keep_dir: args.keep_dir,
         restores: !args.no_restores,
         cow: !args.no_cow,
+        stateful,
     };
     println!(
         "soak: seed {seed}; replay with: {}",

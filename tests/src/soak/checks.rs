@@ -24,6 +24,12 @@
 //!   ledger has written since, each a record of a sequence after the
 //!   restored one ([`check_restored_image`]), and the sequence rule starts
 //!   again from the restored sequence.
+//! - the array's mode of each pair (ModeSense) agrees with db-server's
+//!   Status at every quiesce and right after a snapshot is acquired:
+//!   with `--array-mode stateful`, SYNCHRONIZED / SNAPSHOT (mate_writable
+//!   as the snapshot's) / RESYNCHRONIZING as the pair's mode, and Status
+//!   says STATEFUL with the same array mode; stateless, HOST_MANAGED
+//!   ([`expected_array_mode`]).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -32,6 +38,7 @@ use db_server::ledger_format::{self, Superblock};
 use futures_util::StreamExt;
 use rand::Rng;
 use rand::rngs::SmallRng;
+use splitmirror_proto::array::v1::MirrorMode;
 use splitmirror_proto::backup::v1 as bpb;
 use splitmirror_proto::client::{ArrayClient, BackupClient, ClientError, DbClient, ErrorKind};
 use splitmirror_proto::db::v1 as pb;
@@ -94,6 +101,8 @@ pub struct Checker {
     /// A restore that completed since the last quiesce: what the volume
     /// must hold (but for the ledger's later writes) at the next one.
     restored: Option<RestoredImage>,
+    /// db-server runs `--array-mode stateful`: the array holds the modes.
+    stateful: bool,
 }
 
 /// The image a completed restore put on volume 0, for the next quiesce.
@@ -158,7 +167,7 @@ async fn call<T>(
 }
 
 impl Checker {
-    pub async fn new(cluster: &Cluster) -> Result<Self, String> {
+    pub async fn new(cluster: &Cluster, stateful: bool) -> Result<Self, String> {
         let text = |e: ClientError| e.to_string();
         // The checker acts as the console towards db-server and the backup
         // server, and as db-server towards the array (the identity that may
@@ -175,7 +184,13 @@ impl Checker {
             checked_backups: BTreeSet::new(),
             kept_backups: Vec::new(),
             restored: None,
+            stateful,
         })
+    }
+
+    /// Whether db-server runs `--array-mode stateful`.
+    pub fn stateful(&self) -> bool {
+        self.stateful
     }
 
     async fn status(&mut self) -> Result<pb::StatusResponse, String> {
@@ -714,13 +729,15 @@ impl Checker {
         summary: &mut Summary,
     ) -> Result<(), Violation> {
         summary.leftover_snapshots_deleted += self.wait_settled(cluster, round).await?;
-        self.check_quiesced(round).await?;
+        summary.array_modes_checked += self.check_quiesced(round).await?;
         self.check_backups(cluster, round, summary).await
     }
 
-    /// Suspends the database, compares origin with mate and runs the
-    /// ledger's own check on the live volume, then resumes.
-    async fn check_quiesced(&mut self, round: u64) -> Result<(), Violation> {
+    /// Suspends the database, compares origin with mate, each pair's mode
+    /// in the array with db-server's, and runs the ledger's own check on
+    /// the live volume, then resumes. Answers how many pairs' array modes
+    /// it compared.
+    async fn check_quiesced(&mut self, round: u64) -> Result<u64, Violation> {
         let started = Instant::now();
         let sequence = loop {
             match call("Suspend", self.db.suspend(30_000)).await {
@@ -739,7 +756,7 @@ impl Checker {
         result
     }
 
-    async fn compare_quiesced(&mut self, round: u64, sequence: u64) -> Result<(), Violation> {
+    async fn compare_quiesced(&mut self, round: u64, sequence: u64) -> Result<u64, Violation> {
         if sequence < self.committed_sequence {
             return Err(Violation::new(
                 round,
@@ -777,6 +794,13 @@ impl Checker {
                     ),
                 ));
             }
+        }
+        let mut modes_checked = 0;
+        for volume in &status.volumes {
+            modes_checked += u64::from(
+                self.check_array_mode(round, volume, "at the quiesce")
+                    .await?,
+            );
         }
         check_pace(status.background_pace.as_ref()).map_err(|e| Violation::new(round, e))?;
         let restored = self.restored.take();
@@ -825,7 +849,72 @@ impl Checker {
                     })?;
             }
         }
-        Ok(())
+        Ok(modes_checked)
+    }
+
+    /// The array's mode of `volume`'s pair (ModeSense of its mirror LU)
+    /// against what db-server's Status says of it ([`expected_array_mode`]);
+    /// answers whether it compared (a pair under a restore or a
+    /// copy-on-write snapshot is not).
+    async fn check_array_mode(
+        &mut self,
+        round: u64,
+        volume: &pb::VolumeStatus,
+        when: &str,
+    ) -> Result<bool, Violation> {
+        let keeping = if self.stateful {
+            pb::ArrayModeKeeping::Stateful
+        } else {
+            pb::ArrayModeKeeping::Stateless
+        };
+        if volume.array_mode_keeping() != keeping {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "{when}: volume {} says its array mode is kept {:?}, db-server runs {keeping:?}",
+                    volume.volume,
+                    volume.array_mode_keeping()
+                ),
+            ));
+        }
+        let Some(expected) = expected_array_mode(self.stateful, volume) else {
+            return Ok(false);
+        };
+        let page = call("ModeSense", self.array.mode_sense(volume.mirror_lu))
+            .await
+            .map_err(|e| Violation::new(round, e))?;
+        let got = (page.mirror_mode, page.mate_writable);
+        if got != expected {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "{when}: volume {} is {:?} (snapshot writable {}) in db-server's Status, but the array holds {got:?} for mirror LU {} (expected {expected:?})",
+                    volume.volume,
+                    volume.data_mode(),
+                    volume.snapshot_writable,
+                    volume.mirror_lu
+                ),
+            ));
+        }
+        if self.stateful && volume.array_mode != array_mode_text(expected) {
+            return Err(Violation::new(
+                round,
+                format!(
+                    "{when}: volume {} shows array mode {:?} in Status, the array holds {got:?}",
+                    volume.volume, volume.array_mode
+                ),
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Right after a split snapshot's acquire: the array holds SNAPSHOT
+    /// for volume 0 when stateful, HOST_MANAGED when stateless.
+    pub async fn check_snapshot_array_mode(&mut self, round: u64) -> Result<(), Violation> {
+        let volume = self.volume0().await.map_err(|e| Violation::new(round, e))?;
+        self.check_array_mode(round, &volume, "right after the acquire")
+            .await
+            .map(drop)
     }
 
     async fn digests(&mut self, lu: u32, blocks: u64) -> Result<Vec<[u8; 32]>, String> {
@@ -1101,6 +1190,41 @@ fn check_pace(pace: Option<&pb::BackgroundPace>) -> Result<(), String> {
     Ok(())
 }
 
+/// What the array must hold for a pair (ModeSense of its mirror LU: the
+/// mode and mate_writable), from db-server's Status of it: stateless,
+/// HOST_MANAGED whatever the pair does; stateful, the pair's own mode.
+/// `None` where the design leaves the array's mode to no rule the soak
+/// checks: during a restore, or with a copy-on-write snapshot held.
+pub fn expected_array_mode(
+    stateful: bool,
+    volume: &pb::VolumeStatus,
+) -> Option<(MirrorMode, bool)> {
+    if !stateful {
+        return Some((MirrorMode::HostManaged, false));
+    }
+    if volume.restore.is_some() || volume.snapshot_method() == pb::SnapshotMethod::Cow {
+        return None;
+    }
+    match volume.data_mode() {
+        pb::Mode::Synchronized => Some((MirrorMode::Synchronized, false)),
+        pb::Mode::Snapshot => Some((MirrorMode::Snapshot, volume.snapshot_writable)),
+        pb::Mode::Resynchronizing => Some((MirrorMode::Resynchronizing, false)),
+        _ => None,
+    }
+}
+
+/// How db-server's Status writes an array mode (`VolumeStatus.array_mode`).
+fn array_mode_text((mode, mate_writable): (MirrorMode, bool)) -> &'static str {
+    match (mode, mate_writable) {
+        (MirrorMode::Synchronized, _) => "SYNCHRONIZED",
+        (MirrorMode::Snapshot, false) => "SNAPSHOT",
+        (MirrorMode::Snapshot, true) => "SNAPSHOT (mate writable)",
+        (MirrorMode::Resynchronizing, _) => "RESYNCHRONIZING",
+        (MirrorMode::HostManaged, _) => "HOST_MANAGED",
+        (MirrorMode::Unspecified, _) => "",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use db_server::ledger_format::{Account, Layout, LogRecord};
@@ -1192,5 +1316,73 @@ mod tests {
         let mut beyond = restored.clone();
         put(&mut beyond, layout.total_blocks() + 1, &[1; BS as usize]);
         assert!(check_restored_image(&restored, &beyond, 10, 20).is_err());
+    }
+
+    /// The soak's rule for the array's mode, cell by cell: stateless is
+    /// HOST_MANAGED whatever the pair does; stateful follows the pair;
+    /// restores and copy-on-write snapshots are not compared.
+    #[test]
+    fn the_array_mode_the_soak_expects() {
+        let volume = |mode: pb::Mode, writable: bool, method: pb::SnapshotMethod| {
+            let mut v = pb::VolumeStatus {
+                snapshot_writable: writable,
+                ..Default::default()
+            };
+            v.set_data_mode(mode);
+            v.set_snapshot_method(method);
+            v
+        };
+        let split = pb::SnapshotMethod::Split;
+        let cases = [
+            (
+                false,
+                volume(pb::Mode::Snapshot, false, split),
+                Some((MirrorMode::HostManaged, false)),
+            ),
+            (
+                false,
+                volume(pb::Mode::Resynchronizing, false, split),
+                Some((MirrorMode::HostManaged, false)),
+            ),
+            (
+                true,
+                volume(pb::Mode::Synchronized, false, split),
+                Some((MirrorMode::Synchronized, false)),
+            ),
+            (
+                true,
+                volume(pb::Mode::Snapshot, false, split),
+                Some((MirrorMode::Snapshot, false)),
+            ),
+            (
+                true,
+                volume(pb::Mode::Snapshot, true, split),
+                Some((MirrorMode::Snapshot, true)),
+            ),
+            (
+                true,
+                volume(pb::Mode::Resynchronizing, false, split),
+                Some((MirrorMode::Resynchronizing, false)),
+            ),
+            (
+                true,
+                volume(pb::Mode::Snapshot, false, pb::SnapshotMethod::Cow),
+                None,
+            ),
+        ];
+        for (stateful, volume, expected) in cases {
+            assert_eq!(
+                expected_array_mode(stateful, &volume),
+                expected,
+                "stateful {stateful}: {volume:?}"
+            );
+        }
+        let mut restoring = volume(pb::Mode::Synchronized, false, split);
+        restoring.restore = Some(Default::default());
+        assert_eq!(expected_array_mode(true, &restoring), None);
+        assert_eq!(
+            array_mode_text((MirrorMode::Snapshot, true)),
+            "SNAPSHOT (mate writable)"
+        );
     }
 }

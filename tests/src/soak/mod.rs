@@ -141,7 +141,15 @@ const BACKUP_RATE: &str = "8MB";
 /// A fault lands this long (at most) after the run starts.
 const FAULT_WINDOW_MS: u64 = 2000;
 /// db-server's named crash points (see `db_server::crash`).
-const CRASH_POINTS: [&str; 6] = db_server::crash::POINTS;
+const CRASH_POINTS: &[&str] = &db_server::crash::POINTS;
+/// db-server's crash points between its journal and the array's
+/// ModeSelect (issue #19), reached only with `--array-mode stateful`:
+/// drawn in run rounds when the soak runs it.
+pub const STATEFUL_CRASH_POINTS: [&str; 3] = [
+    "acquire.after_mode_select",
+    "delete.after_mode_select",
+    "resync.after_journal_synchronized",
+];
 
 /// Broken variants of the nodes that the nemesis must catch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +235,11 @@ pub struct SoakConfig {
     pub restores: bool,
     /// Give the array a save area and play copy-on-write rounds.
     pub cow: bool,
+    /// Run db-server `--array-mode stateful` (issue #19: the array holds
+    /// each pair's mode and enforces it); after every quiesced round the
+    /// array's ModeSense of each pair must match db-server's Status
+    /// (stateless: HOST_MANAGED).
+    pub stateful: bool,
 }
 
 /// Counts of everything the soak did, for the summary and RELIABILITY.md.
@@ -239,6 +252,9 @@ pub struct Summary {
     pub runs_succeeded: u64,
     pub runs_failed: u64,
     pub backups_verified: u64,
+    /// Pairs whose mode in the array (ModeSense) was compared with
+    /// db-server's Status after a quiesced round.
+    pub array_modes_checked: u64,
     pub journals_set_aside: u64,
     pub leftover_snapshots_deleted: u64,
     pub skipped_faults: Vec<String>,
@@ -291,6 +307,15 @@ impl Summary {
             self.runs_succeeded, self.runs_failed
         );
         println!("  backups verified   {}", self.backups_verified);
+        println!(
+            "  array modes        {}: {} pair modes checked against Status",
+            if config.stateful {
+                "stateful"
+            } else {
+                "stateless"
+            },
+            self.array_modes_checked
+        );
         println!(
             "  restores           {} completed ({} of them on a re-run after a fault), {} rounds",
             self.restores_completed, self.restores_completed_on_rerun, self.restore_rounds
@@ -373,6 +398,8 @@ impl Summary {
             "cow_images_verified": self.cow_images_verified,
             "cow_invalidated": self.cow_invalidated,
             "cow_deleted_without_resync": self.cow_deleted_without_resync,
+            "array_mode": if config.stateful { "stateful" } else { "stateless" },
+            "array_modes_checked": self.array_modes_checked,
             "canary": config.canary.map(Canary::name),
             "violations": self.violations.iter().map(|v| serde_json::json!({
                 "round": v.round, "what": v.what,
@@ -404,6 +431,11 @@ pub fn replay_command(config: &SoakConfig, rounds: Option<u64>) -> String {
         config.seed, config.lu_size, config.workload_tps
     );
     command.push_str(&format!(" --resync {}", config.resync_method));
+    command.push_str(if config.stateful {
+        " --array-mode stateful"
+    } else {
+        " --array-mode stateless"
+    });
     if !config.restores {
         command.push_str(" --no-restores");
     }
@@ -440,6 +472,9 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
         Some((_, flag)) => db_flags.push(flag.to_string()),
         None => {}
     }
+    if config.stateful {
+        db_flags.extend(["--array-mode".to_string(), "stateful".to_string()]);
+    }
     let mut cluster = Cluster::new(
         &dir,
         ClusterOptions {
@@ -474,7 +509,7 @@ pub async fn run(config: &SoakConfig) -> Result<Summary, String> {
     for node in Node::ALL {
         cluster.start(node)?;
     }
-    let mut checker = Checker::new(&cluster).await?;
+    let mut checker = Checker::new(&cluster, config.stateful).await?;
     checker
         .wait_settled(&mut cluster, 0)
         .await
@@ -998,6 +1033,9 @@ fn arm_crash_point(
         // Reached once per acquire, delete, begin or end of a restore.
         "acquire.after_journal"
         | "delete.after_journal"
+        | "acquire.after_mode_select"
+        | "delete.after_mode_select"
+        | "resync.after_journal_synchronized"
         | "restore.after_journal"
         | "restore.after_grant"
         | "end_restore.after_journal"
@@ -1019,9 +1057,15 @@ fn arm_crash_point(
     Ok(node)
 }
 
-/// db-server's crash points for a `console run`.
-fn run_crash_points() -> Vec<(Node, &'static str)> {
-    CRASH_POINTS.iter().map(|p| (Node::Db, *p)).collect()
+/// db-server's crash points for a `console run` (with the stateful ones
+/// when db-server runs `--array-mode stateful`).
+fn run_crash_points(stateful: bool) -> Vec<(Node, &'static str)> {
+    let stateful_points = STATEFUL_CRASH_POINTS.iter().filter(|_| stateful);
+    CRASH_POINTS
+        .iter()
+        .chain(stateful_points)
+        .map(|p| (Node::Db, *p))
+        .collect()
 }
 
 /// The crash points inside a restore from a backup: db-server's at its
@@ -1192,7 +1236,7 @@ async fn play_run_round(
             cluster,
             rng,
             round,
-            &run_crash_points(),
+            &run_crash_points(checker.stateful()),
             summary,
         )?),
         _ => None,
@@ -1533,6 +1577,7 @@ async fn play_reverse_round(
     }
     summary.reverse_rounds += 1;
     let frozen = checker.frozen_image(round, &run_id).await?;
+    checker.check_snapshot_array_mode(round).await?;
     let armed = match fault {
         Some(Fault::CrashPoint) => Some(arm_crash_point(
             cluster,
