@@ -330,6 +330,43 @@ impl Volume {
         })
     }
 
+    /// Whether `run_id` may acquire a snapshot of this volume now, by
+    /// either method: `Ok(None)` from Synchronized; the snapshot held when
+    /// `run_id` holds one already (a retry, whatever its method); refused
+    /// otherwise (a restore, another holder, a resync).
+    fn check_acquirable(&self, run_id: &str) -> Result<Option<AcquireOutcome>, DbError> {
+        let volume = self.volume();
+        let inner = self.inner();
+        match &inner.state {
+            PairState::Synchronized => {
+                debug_assert!(
+                    inner.table.is_empty(),
+                    "a Synchronized pair has no recorded ranges"
+                );
+                Ok(None)
+            }
+            PairState::Snapshot { holder, .. } | PairState::CowSnapshot { holder, .. }
+                if holder == run_id =>
+            {
+                Ok(Some(AcquireOutcome {
+                    already_held: true,
+                    snapshot: self.held_snapshot(&inner.state).expect("held"),
+                }))
+            }
+            PairState::Restoring { run_id: holder, .. }
+            | PairState::RestoringToSnapshot { holder, .. } => Err(DbError::RestoreHeld {
+                volume,
+                action: "acquire a snapshot of",
+                holder: holder.clone(),
+            }),
+            other => Err(DbError::WrongMode {
+                volume,
+                action: "acquire a snapshot of",
+                mode: other.refusal_mode(&self.pair),
+            }),
+        }
+    }
+
     fn check_write(&self, lba: u64, data_bytes: usize) -> Result<Range<u64>, DbError> {
         let block_size_bytes = self.pair.block_size_bytes as usize;
         if data_bytes == 0 || !data_bytes.is_multiple_of(block_size_bytes) {
@@ -1110,62 +1147,20 @@ impl SnapshotManager {
         let _mode = vol.mode_gate.write().await;
         let purpose = format!("snapshot of run {run_id}");
         // The mate's access while held: read-only, unless writable.
-        let held_access = if writable {
-            OwnAccess::Configured
-        } else {
-            OwnAccess::Read
+        let held_access = |writable: bool| match writable {
+            true => OwnAccess::Configured,
+            false => OwnAccess::Read,
         };
-        // The checks happen in a block of their own, so that the table's
-        // lock is not held across the array and journal calls below.
-        let retried = {
-            let inner = vol.inner();
-            match &inner.state {
-                PairState::Synchronized => {
-                    debug_assert!(
-                        inner.table.is_empty(),
-                        "a Synchronized pair has no recorded ranges"
-                    );
-                    None
-                }
-                PairState::Snapshot { holder, .. } if holder == run_id => Some(AcquireOutcome {
-                    already_held: true,
-                    snapshot: vol.held_snapshot(&inner.state).expect("held"),
-                }),
-                PairState::CowSnapshot { holder, .. } if holder == run_id => {
-                    // A retry of a copy-on-write acquire: the mate is not
-                    // masked, nothing to repair.
-                    return Ok(AcquireOutcome {
-                        already_held: true,
-                        snapshot: vol.held_snapshot(&inner.state).expect("held"),
-                    });
-                }
-                PairState::Restoring { run_id: holder, .. }
-                | PairState::RestoringToSnapshot { holder, .. } => {
-                    return Err(DbError::RestoreHeld {
-                        volume,
-                        action: "acquire a snapshot of",
-                        holder: holder.clone(),
-                    });
-                }
-                other => {
-                    return Err(DbError::WrongMode {
-                        volume,
-                        action: "acquire a snapshot of",
-                        mode: other.refusal_mode(&vol.pair),
-                    });
-                }
+        if let Some(retried) = vol.check_acquirable(run_id)? {
+            if retried.snapshot.method == SnapshotMethod::Cow {
+                // A copy-on-write snapshot masks nothing: nothing to repair.
+                return Ok(retried);
             }
-        };
-        if let Some(retried) = retried {
             // A retry also repairs a mate whose masking was lost (a
             // SetAccess that failed to be undone), and an array mode left
             // unknown.
-            let access = if retried.snapshot.writable {
-                OwnAccess::Configured
-            } else {
-                OwnAccess::Read
-            };
-            self.ensure_mate_access(vol, access, &purpose).await?;
+            self.ensure_mate_access(vol, held_access(retried.snapshot.writable), &purpose)
+                .await?;
             self.ensure_array_mode(vol).await?;
             return Ok(retried);
         }
@@ -1174,7 +1169,10 @@ impl SnapshotManager {
         // between the two is repaired at start-up (the journal decides).
         // The mode gate keeps every write out meanwhile, so no write to
         // the mirror LU meets the read-only mate.
-        if let Err(error) = self.set_mate_access(vol, held_access, &purpose).await {
+        if let Err(error) = self
+            .set_mate_access(vol, held_access(writable), &purpose)
+            .await
+        {
             self.undo_mate_access(vol, OwnAccess::Configured, "the acquire failed")
                 .await;
             return Err(error);

@@ -241,35 +241,8 @@ impl SnapshotManager {
     ) -> Result<AcquireOutcome, DbError> {
         let volume = vol.volume();
         let _mode = vol.mode_gate.write().await;
-        {
-            let inner = vol.inner();
-            match &inner.state {
-                PairState::Synchronized => {}
-                PairState::Snapshot { holder, .. } | PairState::CowSnapshot { holder, .. }
-                    if holder == run_id =>
-                {
-                    // A retry answers the snapshot held, whatever its method.
-                    return Ok(AcquireOutcome {
-                        already_held: true,
-                        snapshot: vol.held_snapshot(&inner.state).expect("held"),
-                    });
-                }
-                PairState::Restoring { run_id: holder, .. }
-                | PairState::RestoringToSnapshot { holder, .. } => {
-                    return Err(DbError::RestoreHeld {
-                        volume,
-                        action: "acquire a snapshot of",
-                        holder: holder.clone(),
-                    });
-                }
-                other => {
-                    return Err(DbError::WrongMode {
-                        volume,
-                        action: "acquire a snapshot of",
-                        mode: other.refusal_mode(&vol.pair),
-                    });
-                }
-            }
+        if let Some(retried) = vol.check_acquirable(run_id)? {
+            return Ok(retried);
         }
         if vol.save_area.is_none() {
             return Err(DbError::NoSaveArea { volume });
