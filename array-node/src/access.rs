@@ -44,7 +44,11 @@
 //! origin and its mate, because a write to a mirror LU writes both sides
 //! and a read may be served by either. So when db-server made the mate
 //! read-only for itself, the mirror LU is read-only for it too, and a write
-//! to it is refused before anything is written.
+//! to it is refused before anything is written — unless the pair's mode
+//! (see [`crate::modes`]) is Snapshot, where a mirror write lands on the
+//! origin alone: then the mate's grant does not limit it (the array
+//! refuses such a write should the mode change to one that writes the
+//! mate before it runs).
 //!
 //! Read, `ChecksumRange`, `ModeSense` and `Flush` need `read` (a flush
 //! changes no data: it only makes acknowledged writes durable); `Write`

@@ -358,12 +358,14 @@ impl Array {
         let started = tokio::time::Instant::now();
         let (lu, lba, blocks, fua) = (write.lu(), write.lba(), write.blocks(), write.fua());
         let offset_bytes = lba * write.block_size_bytes();
+        let mate_denied = write.mate_denied().cloned();
         let data = write.into_data();
         let bytes = data.len() as u64;
         // A restore's bulk writes are background work like a copy's.
         self.pace_bulk(bytes, None).await;
         let _admission = self.modes.enter(&[lu]).await;
         let targets = self.targets(lu, self.modes.route(lu, Op::Write)?)?;
+        self.check_mate_denied(lu, &targets, mate_denied.as_ref())?;
         let _guards = self.lock_all(&targets, lba..lba + blocks).await?;
         let bulk = is_bulk(data.len() as u64);
         let data = Arc::new(data);
@@ -426,6 +428,7 @@ impl Array {
             let (src_route, dst_route) = self.modes.copy_routes(src, dst)?;
             let source = self.read_source(src, src_route)?;
             let targets = self.targets(dst, dst_route)?;
+            self.check_mate_denied(dst, &targets, copy.dst_mate_denied())?;
             let mut locked = targets.clone();
             locked.push(source);
             // Every LU involved is locked in id order, so copies and mirror
@@ -606,6 +609,21 @@ impl Array {
                     Ok(targets)
                 }
             },
+        }
+    }
+
+    /// Refuses a write to mirror LU `lu` accepted while it went to the
+    /// origin alone, by a caller that may not write the mate, now that the
+    /// pair's mode sends it to `targets` with the mate among them.
+    fn check_mate_denied(
+        &self,
+        lu: LuId,
+        targets: &[LuId],
+        denied: Option<&validate::MateDenied>,
+    ) -> Result<(), ArrayError> {
+        match denied {
+            Some(denied) if targets.contains(&denied.mate) => Err(denied.error(lu)),
+            _ => Ok(()),
         }
     }
 

@@ -23,7 +23,7 @@ use crate::access::{self, Access, AccessChange};
 use crate::array::{Array, LuInfo, LuKind, MAX_REQUEST_BYTES, Visible};
 use crate::config::LuId;
 use crate::error::ArrayError;
-use crate::modes::{self, MirrorMode, ModeChange, Op, Side};
+use crate::modes::{self, MirrorMode, ModeChange, Op, Route, Side};
 
 /// A read of blocks `lba..lba + blocks` of `lu`, inside the LU, that the
 /// caller may make. It may be larger than one request's cap: reads are
@@ -80,6 +80,33 @@ pub struct ValidWrite {
     block_size_bytes: u64,
     data: Vec<u8>,
     fua: bool,
+    mate_denied: Option<MateDenied>,
+}
+
+/// A write to a mirror LU accepted while its pair's mode sent it to the
+/// origin alone, by a caller that may not write the mate (db-server masks
+/// a split mate read-only for itself): should the mode have changed to one
+/// that writes both sides by the time the array routes it under the pair's
+/// gate, the array refuses it with this, rather than write a mate the
+/// caller may not write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MateDenied {
+    pub identity: String,
+    pub mate: LuId,
+    pub has: Access,
+}
+
+impl MateDenied {
+    /// The refusal, for a request on mirror LU `lu`.
+    pub fn error(&self, lu: LuId) -> ArrayError {
+        ArrayError::PermissionDenied {
+            identity: self.identity.clone(),
+            lu,
+            has: self.has,
+            needs: Access::ReadWrite,
+            through: Some(self.mate),
+        }
+    }
 }
 
 impl ValidWrite {
@@ -101,6 +128,10 @@ impl ValidWrite {
     pub fn fua(&self) -> bool {
         self.fua
     }
+    /// Set if the caller may not write the mate (see [`MateDenied`]).
+    pub fn mate_denied(&self) -> Option<&MateDenied> {
+        self.mate_denied.as_ref()
+    }
     /// The data, for the array to write.
     pub fn into_data(self) -> Vec<u8> {
         self.data
@@ -118,6 +149,7 @@ pub struct ValidCopy {
     blocks: u64,
     block_size_bytes: u64,
     min_bytes_per_s: Option<u64>,
+    dst_mate_denied: Option<MateDenied>,
 }
 
 impl ValidCopy {
@@ -140,6 +172,11 @@ impl ValidCopy {
     /// `None`: the array's own minimum.
     pub fn min_bytes_per_s(&self) -> Option<u64> {
         self.min_bytes_per_s
+    }
+    /// Set if the caller may not write the destination's mate (see
+    /// [`MateDenied`]).
+    pub fn dst_mate_denied(&self) -> Option<&MateDenied> {
+        self.dst_mate_denied.as_ref()
     }
 }
 
@@ -214,7 +251,7 @@ pub fn write(
 ) -> Result<ValidWrite, ArrayError> {
     let pb::WriteRequest { lu, lba, data, fua } = request;
     check_request_size(data.len() as u64)?;
-    let info = require(array, caller, lu, Access::ReadWrite)?;
+    let (info, mate_denied) = require_write(array, caller, lu)?;
     let blocks = check_data(info, &data)?;
     check_range(info, lba, blocks)?;
     array.modes().route(lu, Op::Write)?;
@@ -225,6 +262,7 @@ pub fn write(
         block_size_bytes: u64::from(info.block_size_bytes),
         data,
         fua,
+        mate_denied,
     })
 }
 
@@ -252,7 +290,7 @@ pub fn copy_range(
         )));
     }
     let src_info = require(array, caller, src, Access::Read)?;
-    let dst_info = require(array, caller, dst, Access::ReadWrite)?;
+    let (dst_info, dst_mate_denied) = require_write(array, caller, dst)?;
     if src == dst {
         return Err(ArrayError::InvalidArgument(format!(
             "CopyRange from LU {src} to itself"
@@ -290,6 +328,7 @@ pub fn copy_range(
         blocks,
         block_size_bytes: u64::from(src_info.block_size_bytes),
         min_bytes_per_s,
+        dst_mate_denied,
     })
 }
 
@@ -507,6 +546,39 @@ fn require<'a>(
         });
     }
     Ok(visible.info)
+}
+
+/// [`require`] of `read-write`, except that a mirror LU whose pair's mode
+/// writes the origin alone (Snapshot) needs `read-write` on the mirror LU
+/// and its origin only: the mate it does not touch may be read-only for the
+/// caller (db-server masks a split mate so for itself). Such a write
+/// carries [`MateDenied`], so that the array refuses it should the mode
+/// have changed to one that writes the mate before it runs.
+fn require_write<'a>(
+    array: &'a Array,
+    caller: &Caller,
+    lu: LuId,
+) -> Result<(&'a LuInfo, Option<MateDenied>), ArrayError> {
+    let denied = match require(array, caller, lu, Access::ReadWrite) {
+        Ok(info) => return Ok((info, None)),
+        Err(denied) => denied,
+    };
+    let visible = array.visible(caller, lu)?;
+    let table = array.access();
+    if let LuKind::Mirror { origin, mate } = visible.info.kind
+        && visible.through == Some(mate)
+        && table.access(caller, lu) == Access::ReadWrite
+        && table.access(caller, origin) == Access::ReadWrite
+        && matches!(array.modes().route(lu, Op::Write), Ok(Route::OriginOnly))
+    {
+        let mate_denied = MateDenied {
+            identity: caller.identity().unwrap_or("the caller").to_string(),
+            mate,
+            has: table.access(caller, mate),
+        };
+        return Ok((visible.info, Some(mate_denied)));
+    }
+    Err(denied)
 }
 
 /// The real LUs an LU's data lives on.
@@ -971,6 +1043,92 @@ mod tests {
         assert!(
             matches!(write, Err(ArrayError::MirrorMode { lu: 2, .. })),
             "{write:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_split_mate_masked_read_only_does_not_stop_mirror_writes_to_the_origin() {
+        let array = array();
+        let owner = caller(OWNER);
+        // db-server masks the split mate read-only for itself.
+        set(&array, &owner, OWNER, 2, Some(Access::Read));
+        let whole = test_ops::write(&array, &owner, 0, 0, block(1)).await;
+        assert!(
+            matches!(
+                whole,
+                Err(ArrayError::PermissionDenied {
+                    through: Some(2),
+                    ..
+                })
+            ),
+            "HostManaged writes both sides: {whole:?}"
+        );
+        test_ops::mode_select(&array, &owner, 0, pb::MirrorMode::Snapshot, false)
+            .await
+            .expect("split");
+        test_ops::write(&array, &owner, 0, 0, block(1))
+            .await
+            .expect("the mirror write goes to the origin alone");
+        assert_eq!(
+            test_ops::read(&array, &owner, 1, 0, 1)
+                .await
+                .expect("origin"),
+            block(1)
+        );
+        assert_eq!(
+            test_ops::read(&array, &owner, 2, 0, 1).await.expect("mate"),
+            block(0)
+        );
+        // Accepted while split, run after the pair went on resynchronizing
+        // (which writes both sides): refused, nothing written.
+        let request = pb::WriteRequest {
+            lu: 0,
+            lba: 1,
+            data: block(2),
+            fua: false,
+        };
+        let early = write(&array, &owner, request.clone()).expect("valid while split");
+        test_ops::mode_select(&array, &owner, 0, pb::MirrorMode::Resynchronizing, false)
+            .await
+            .expect("resync");
+        let late = array.write(early).await;
+        assert!(
+            matches!(
+                late,
+                Err(ArrayError::PermissionDenied {
+                    through: Some(2),
+                    ..
+                })
+            ),
+            "{late:?}"
+        );
+        assert_eq!(
+            test_ops::read(&array, &owner, 1, 1, 1)
+                .await
+                .expect("origin"),
+            block(0)
+        );
+        let now = write(&array, &owner, request);
+        assert!(
+            matches!(now, Err(ArrayError::PermissionDenied { .. })),
+            "{now:?}"
+        );
+        // Someone with read access to the origin alone gains nothing.
+        set(&array, &owner, OWNER, 2, None);
+        set(&array, &owner, OWNER, 1, Some(Access::Read));
+        test_ops::mode_select(&array, &owner, 0, pb::MirrorMode::Snapshot, false)
+            .await
+            .expect("split");
+        let origin_read_only = test_ops::write(&array, &owner, 0, 0, block(3)).await;
+        assert!(
+            matches!(
+                origin_read_only,
+                Err(ArrayError::PermissionDenied {
+                    through: Some(1),
+                    ..
+                })
+            ),
+            "{origin_read_only:?}"
         );
     }
 
