@@ -143,6 +143,26 @@ fn bench_modes() {
         positive(&f, &format!("/{key}"));
     }
     positive(&f, "/array_mirroring/0/window/tps");
+    // Stateful against stateless (#19): the ledger in each mode on a
+    // cluster whose array keeps the modes, and the ratios.
+    for mode in ["synchronized", "snapshot"] {
+        for figure in ["tps", "p99"] {
+            positive(&f, &format!("/stateful_over_stateless/{mode}/{figure}"));
+        }
+    }
+    positive(&f, "/stateful_array_mirroring/1/window/tps");
+    positive(&f, "/stateful_after_hold/delete_to_redundant_seconds");
+    let seen: Vec<&str> = f["stateful_array_mirroring"]
+        .as_array()
+        .expect("the stateful windows")
+        .iter()
+        .map(|w| w["array_mode"].as_str().unwrap_or("none"))
+        .collect();
+    assert_eq!(
+        seen.get(..2),
+        Some(&["SYNCHRONIZED", "SNAPSHOT"][..]),
+        "the array's mode at the end of the stateful windows: {seen:?}"
+    );
 }
 
 #[test]

@@ -4,7 +4,10 @@
 //! comparison, by the host ([0006]/[0009] against the claim of [0047]);
 //! and a copy-on-write snapshot next to the split one (#20, [0072]-[0078]):
 //! the ledger while each is held, the time from its delete until the pair
-//! is redundant again, and the save area used per MiB the ledger wrote.
+//! is redundant again, and the save area used per MiB the ledger wrote;
+//! and the array keeping the pairs' modes (#19, db-server `--array-mode
+//! stateful`) next to db-server keeping them (stateless, the default): the
+//! same ledger on a second cluster that differs only by that, in each mode.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +21,7 @@ use super::common::{
 };
 use super::{BenchOptions, BenchOutput};
 use crate::cluster::ClusterBuilder;
+use db_server::manager::ArrayModeKeeping;
 
 /// The resync rate cap of the third measurement (`db-server
 /// --resync-max-rate`).
@@ -31,10 +35,28 @@ fn bulk_bytes(options: &BenchOptions) -> u64 {
 
 pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     let seconds = options.seconds;
-    let (array, split_after) = per_mode(options, false, None, seconds).await?;
+    let stateless = ArrayModeKeeping::Stateless;
+    let PerMode {
+        windows: array,
+        after: split_after,
+        array_modes: _,
+    } = per_mode(options, false, None, stateless, seconds).await?;
     let split_after = split_after.context("no split snapshot figures")?;
-    let (host, _) = per_mode(options, true, None, seconds).await?;
-    let (capped, _) = per_mode(options, false, Some(RESYNC_CAP_BYTES_PER_S), seconds).await?;
+    // Right after the stateless cluster, so that the two are measured as
+    // close together as the machine allows.
+    let stateful = per_mode(options, false, None, ArrayModeKeeping::Stateful, seconds).await?;
+    let host = per_mode(options, true, None, stateless, seconds)
+        .await?
+        .windows;
+    let capped = per_mode(
+        options,
+        false,
+        Some(RESYNC_CAP_BYTES_PER_S),
+        stateless,
+        seconds,
+    )
+    .await?
+    .windows;
     let cow = cow_run(options, seconds).await?;
     let capped_resync = capped
         .last()
@@ -155,12 +177,41 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
         cow.save_area_capacity_blocks,
         cow.ledger_bytes_while_held as f64 / (1u64 << 20) as f64,
     ));
+    let (stateful_table, stateful_over_stateless) = compare_stateful(&array, &stateful)?;
+    out.push('\n');
+    out.push_str(&stateful_table);
+    let stateful_after = stateful
+        .after
+        .as_ref()
+        .context("no stateful snapshot figures")?;
+    out.push_str(&format!(
+        "  the array's mode as db-server reported it at the end of each window: {}\n  delete → redundant: stateful {} s / stateless {} s; bulk write ({} MiB) while held: stateful {} s / stateless {} s\n",
+        stateful
+            .array_modes
+            .iter()
+            .map(|(mode, array_mode)| format!("{mode} → {array_mode}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        f2(stateful_after.delete_to_redundant_seconds),
+        f2(split_after.delete_to_redundant_seconds),
+        bulk_bytes(options) >> 20,
+        f2(stateful_after.bulk_write_seconds),
+        f2(split_after.bulk_write_seconds),
+    ));
     let to_json = |results: &Vec<(String, LedgerWindow)>| {
         results
             .iter()
             .map(|(mode, w)| json!({"mode": mode, "window": w}))
             .collect::<Vec<_>>()
     };
+    let stateful_json: Vec<_> = stateful
+        .windows
+        .iter()
+        .zip(&stateful.array_modes)
+        .map(|((mode, w), (_, array_mode))| {
+            json!({"mode": mode, "array_mode": array_mode, "window": w})
+        })
+        .collect();
     Ok(BenchOutput {
         table: out,
         figures: json!({
@@ -180,8 +231,93 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
             "cow_snapshot_over_synchronized": cow_snapshot_over_synchronized,
             "cow_over_split_delete_to_redundant": cow_delete_to_redundant_over_split,
             "cow_over_split_bulk_write_seconds": cow_bulk_write_over_split,
+            "stateful_array_mirroring": stateful_json,
+            "stateful_after_hold": stateful_after,
+            "stateful_over_stateless": stateful_over_stateless,
         }),
     })
+}
+
+/// The modes that stateful and stateless are compared in, as
+/// [`per_mode`] names its windows.
+const COMPARED_MODES: [&str; 3] = ["Synchronized", "Snapshot", "Resynchronizing"];
+
+/// The stateful cluster's windows against the stateless one's, mode by
+/// mode: a table, and the ratios stateful ÷ stateless as JSON.
+fn compare_stateful(
+    stateless: &[(String, LedgerWindow)],
+    stateful: &PerMode,
+) -> anyhow::Result<(String, serde_json::Value)> {
+    let find = |windows: &[(String, LedgerWindow)], mode: &str, which: &str| {
+        windows
+            .iter()
+            .find(|(m, _)| m == mode)
+            .map(|(_, w)| w.clone())
+            .with_context(|| format!("no {mode} window of the {which} cluster"))
+    };
+    let mut rows = Vec::new();
+    let mut ratios = serde_json::Map::new();
+    for mode in COMPARED_MODES {
+        let less = find(stateless, mode, "stateless")?;
+        let ful = find(&stateful.windows, mode, "stateful")?;
+        let tps = ful.tps / less.tps.max(1e-9);
+        let p99 = ful.p99_latency_us / less.p99_latency_us.max(1e-9);
+        rows.push(vec![
+            if mode == "Snapshot" {
+                "Snapshot (split held)".to_string()
+            } else {
+                mode.to_string()
+            },
+            f1(less.tps),
+            f1(less.p99_latency_us),
+            f1(ful.tps),
+            f1(ful.p99_latency_us),
+            f2(tps),
+            f2(p99),
+        ]);
+        ratios.insert(mode.to_lowercase(), json!({"tps": tps, "p99": p99}));
+    }
+    let table = table(
+        &[
+            "who keeps the mode",
+            "stateless tps",
+            "p99 µs",
+            "stateful tps",
+            "p99 µs",
+            "stateful / stateless tps",
+            "p99",
+        ],
+        &rows,
+    );
+    Ok((table, serde_json::Value::Object(ratios)))
+}
+
+/// One cluster's windows, what follows its snapshot's hold, and the
+/// array's mode db-server reported at the end of each window (stateful
+/// only).
+struct PerMode {
+    windows: Vec<(String, LedgerWindow)>,
+    after: Option<AfterHold>,
+    /// (the window's mode, the array's mode then), one per window.
+    array_modes: Vec<(String, String)>,
+}
+
+/// Volume 0's array mode as db-server reports it, checked against who
+/// should keep it: a cluster asked to be stateful that reports otherwise
+/// fails the bench rather than measuring the wrong thing.
+async fn array_mode_of(bench: &Bench, keeping: ArrayModeKeeping) -> anyhow::Result<String> {
+    let status = bench.clients.db.status(false).await?;
+    let volume = status
+        .volumes
+        .iter()
+        .find(|v| v.volume == 0)
+        .context("no volume 0 in db-server's status")?;
+    let reported = crate::status::array_mode_keeping(volume).unwrap_or("stateless");
+    anyhow::ensure!(
+        reported == keeping.to_string(),
+        "db-server was started --array-mode {keeping} but reports volume 0 {reported}"
+    );
+    Ok(crate::status::array_mode(volume).unwrap_or("-").to_string())
 }
 
 /// Measures the modes of one cluster. With host mirroring only the
@@ -190,11 +326,13 @@ async fn per_mode(
     options: &BenchOptions,
     host_mirroring: bool,
     resync_cap: Option<u64>,
+    array_mode: ArrayModeKeeping,
     seconds: Duration,
-) -> anyhow::Result<(Vec<(String, LedgerWindow)>, Option<AfterHold>)> {
+) -> anyhow::Result<PerMode> {
     let manager = db_server::manager::ManagerConfig {
         host_mirroring,
         resync_max_bytes_per_s: resync_cap,
+        array_mode,
         ..db_server::manager::ManagerConfig::default()
     };
     let bench = Bench::start(
@@ -204,14 +342,27 @@ async fn per_mode(
         Some(db_server::DEFAULT_JOURNAL_REGION_BYTES),
     )
     .await?;
+    let mut array_modes = Vec::new();
     let mut results = vec![("Synchronized".to_string(), measure(&bench, seconds).await?)];
+    array_modes.push((
+        "Synchronized".to_string(),
+        array_mode_of(&bench, array_mode).await?,
+    ));
     if host_mirroring {
         bench.shutdown().await?;
-        return Ok((results, None));
+        return Ok(PerMode {
+            windows: results,
+            after: None,
+            array_modes,
+        });
     }
     let db = &bench.clients.db;
     db.acquire_snapshot(0, "modes").await?;
     results.push(("Snapshot".to_string(), measure(&bench, seconds).await?));
+    array_modes.push((
+        "Snapshot".to_string(),
+        array_mode_of(&bench, array_mode).await?,
+    ));
     // Dirty the second half of the volume, so that the resync has enough to
     // copy while the ledger is measured.
     let bulk_write_seconds = write_bulk(&bench, options).await?;
@@ -229,6 +380,10 @@ async fn per_mode(
     };
     let after = sample(&bench).await?;
     results.push(("Resynchronizing".to_string(), window(&before, &after, 4096)));
+    array_modes.push((
+        "Resynchronizing".to_string(),
+        array_mode_of(&bench, array_mode).await?,
+    ));
     // The pair is redundant again once the resync is done.
     while !synced {
         anyhow::ensure!(
@@ -240,13 +395,14 @@ async fn per_mode(
     }
     let delete_to_redundant_seconds = delete_started.elapsed().as_secs_f64();
     bench.shutdown().await?;
-    Ok((
-        results,
-        Some(AfterHold {
+    Ok(PerMode {
+        windows: results,
+        after: Some(AfterHold {
             bulk_write_seconds,
             delete_to_redundant_seconds,
         }),
-    ))
+        array_modes,
+    })
 }
 
 /// How often the bench asks whether the pair is redundant again, which is
