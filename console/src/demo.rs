@@ -7,7 +7,11 @@
 //! demo shows both methods. Then the way back: it corrupts the volume, restores the last
 //! backup (after a safety backup) and shows the ledger continuing from the
 //! backup's sequence, restores the same backup onto a scratch LU, and puts
-//! the volume back to a held snapshot with a reverse resync.
+//! the volume back to a held snapshot with a reverse resync. Last, a second
+//! small cluster whose array keeps the pairs' modes (db-server
+//! `--array-mode stateful`, #19) makes one backup run, and the demo shows
+//! the array's mode before, while the snapshot is held and after, and that
+//! the array itself refuses a write to the mate alone.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,7 +28,9 @@ use crate::progress::ProgressSink;
 use crate::restore::{RestoreReport, RestoreRequest, SnapshotRestoreReport};
 use crate::run::{RunOptions, RunReport, backup_run_by};
 use crate::status::pair_verify;
+use db_server::manager::ArrayModeKeeping;
 use splitmirror_proto::db::v1 as dpb;
+use splitmirror_proto::reason::Reason;
 
 /// What `console demo` runs.
 #[derive(Debug, Clone)]
@@ -66,6 +72,9 @@ pub struct DemoSummary {
     pub data_dir: String,
     /// The way back, after the backup runs.
     pub way_back: WayBack,
+    /// The run on a second cluster whose array keeps the modes (`None`
+    /// when the demo did not get that far).
+    pub stateful: Option<StatefulPart>,
 }
 
 impl DemoSummary {
@@ -74,6 +83,52 @@ impl DemoSummary {
             && self.cow_cycle.as_ref().is_some_and(DemoCycle::succeeded)
             && self.pair_equal_at_end
             && self.way_back.succeeded()
+            && self.stateful.as_ref().is_some_and(StatefulPart::succeeded)
+    }
+}
+
+/// The pair's mode at one moment of the stateful run, as db-server
+/// reports it and as the array's ModeSense page says.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeSeen {
+    pub when: String,
+    /// db-server's data mode.
+    pub data_mode: String,
+    /// The array's mode as db-server reports it (`VolumeStatus.array_mode`).
+    pub db_server_says: String,
+    /// The array's own mirroring management table (ModeSense of mirror LU
+    /// 0), e.g. "SNAPSHOT".
+    pub array_says: String,
+}
+
+/// One backup run on a cluster whose array keeps the pairs' modes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StatefulPart {
+    pub cycle: Option<DemoCycle>,
+    /// Before the run, while its snapshot is held, after its delete.
+    pub modes: Vec<ModeSeen>,
+    /// The array refused a write naming the mate alone while the pair was
+    /// Synchronized (reason mirror-mode).
+    pub mate_write_refused: bool,
+    pub pair_equal_at_end: bool,
+    pub errors: Vec<String>,
+}
+
+/// The array's modes the stateful run must show, in order.
+const STATEFUL_MODES: [&str; 3] = ["SYNCHRONIZED", "SNAPSHOT", "SYNCHRONIZED"];
+
+impl StatefulPart {
+    pub fn succeeded(&self) -> bool {
+        self.errors.is_empty()
+            && self.cycle.as_ref().is_some_and(DemoCycle::succeeded)
+            && self.mate_write_refused
+            && self.pair_equal_at_end
+            && self.modes.len() == STATEFUL_MODES.len()
+            && self
+                .modes
+                .iter()
+                .zip(STATEFUL_MODES)
+                .all(|(seen, want)| seen.db_server_says == want && seen.array_says == want)
     }
 }
 
@@ -169,10 +224,218 @@ pub async fn demo(
     let shutdown = cluster.shutdown().await;
     let summary = result?;
     shutdown.context("stopping the nodes")?;
+    let stateful = stateful_part(options, progress, &say).await;
+    say(format!("   the stateful run: {}", stateful.verdict()));
     Ok(DemoSummary {
         data_dir,
+        stateful: Some(stateful),
         ..summary
     })
+}
+
+impl StatefulPart {
+    /// One line for the demo's end.
+    fn verdict(&self) -> String {
+        let modes = self
+            .modes
+            .iter()
+            .map(|m| m.array_says.as_str())
+            .collect::<Vec<_>>()
+            .join(" → ");
+        if self.succeeded() {
+            format!(
+                "verified; the array's mode {modes}; it refused a write to the mate alone itself (reason mirror-mode); origin == mate after the resync"
+            )
+        } else {
+            let mut why = self.errors.clone();
+            if !self.cycle.as_ref().is_some_and(DemoCycle::succeeded) {
+                why.push("the backup run did not verify".into());
+            }
+            if !self.mate_write_refused {
+                why.push("the array did not refuse the write to the mate alone".into());
+            }
+            if !self.pair_equal_at_end {
+                why.push("origin != mate after the resync".into());
+            }
+            format!(
+                "FAILED ({}); the array's mode {modes}, expected {}",
+                why.join("; "),
+                STATEFUL_MODES.join(" → ")
+            )
+        }
+    }
+}
+
+/// The stateful part: a second cluster (small, no save area) whose
+/// db-server runs `--array-mode stateful`, one split backup run that keeps
+/// its snapshot, the modes before, while held and after the delete, and a
+/// write to the mate alone that the array must refuse. Its failures are
+/// recorded, never returned.
+async fn stateful_part(
+    options: &DemoOptions,
+    progress: &dyn ProgressSink,
+    say: &dyn Fn(String),
+) -> StatefulPart {
+    let mut part = StatefulPart::default();
+    say(
+        "\n== the array keeps the mode (#19): a second cluster, db-server --array-mode stateful: \
+         db-server sets each pair's mode in the array (ModeSelect) and the array enforces it"
+            .to_string(),
+    );
+    let mut builder = ClusterBuilder::new()
+        .lu_size_bytes(options.lu_size_bytes)
+        .ledger(Some(db_server::ledger::LedgerConfig {
+            target_tps: options.workload_tps,
+            workers: options.workload_workers,
+            ..db_server::ledger::LedgerConfig::default()
+        }))
+        .array_mode(ArrayModeKeeping::Stateful);
+    if let Some(dir) = &options.dir {
+        builder = builder.dir(dir.join("stateful"));
+    }
+    let cluster = match builder.start().await {
+        Ok(cluster) => cluster,
+        Err(error) => {
+            part.errors
+                .push(format!("starting the stateful cluster: {error}"));
+            return part;
+        }
+    };
+    if let Err(error) = stateful_run(&cluster, progress, say, &mut part).await {
+        part.errors.push(format!("{error:#}"));
+    }
+    if let Err(error) = cluster.shutdown().await {
+        part.errors
+            .push(format!("stopping the stateful cluster: {error}"));
+    }
+    part
+}
+
+/// Volume 0's mode, from db-server's status and the array's ModeSense.
+async fn mode_seen(clients: &Clients, when: &str) -> anyhow::Result<ModeSeen> {
+    let status = clients.db.volume_status(0).await?;
+    let page = clients.array.mode_sense(status.mirror_lu).await?;
+    let mut array_says = page
+        .mirror_mode
+        .as_str_name()
+        .trim_start_matches("MIRROR_MODE_")
+        .to_string();
+    if page.mate_writable {
+        array_says.push_str(" (mate writable)");
+    }
+    Ok(ModeSeen {
+        when: when.to_string(),
+        data_mode: format!("{:?}", status.data_mode()),
+        db_server_says: crate::status::array_mode(&status)
+            .unwrap_or("- (db-server reports the volume stateless)")
+            .to_string(),
+        array_says,
+    })
+}
+
+/// The ledger's committed transactions.
+async fn ledger_committed(clients: &Clients) -> anyhow::Result<u64> {
+    Ok(clients
+        .db
+        .status(false)
+        .await?
+        .ledger
+        .map_or(0, |l| l.transactions_committed))
+}
+
+/// While the pair is Synchronized, a write naming the mate alone would
+/// break the mirror: the array itself must refuse it (reason mirror-mode),
+/// even from the pair's owner (the cluster's array client acts as
+/// db-server, which LUN masking lets write the mate). The block written is
+/// the one the mate holds, so that an array that accepted it changes
+/// nothing.
+async fn mate_write_refused(
+    clients: &Clients,
+    say: &dyn Fn(String),
+    part: &mut StatefulPart,
+) -> anyhow::Result<()> {
+    let volume = clients.db.volume_status(0).await?;
+    let mate = volume.mate_lu;
+    let held = clients.array.read(mate, 0, 1).await?;
+    match clients.array.write(mate, 0, held).await {
+        Err(error) if error.reason == Some(Reason::MirrorMode) => {
+            part.mate_write_refused = true;
+            say(format!(
+                "  {:<18} refused by the array: {error}",
+                format!("write to mate {mate}")
+            ));
+        }
+        Err(error) => part.errors.push(format!(
+            "a write to mate LU {mate} alone while Synchronized was refused for another reason than mirror-mode: {error}"
+        )),
+        Ok(_) => part.errors.push(format!(
+            "the array accepted a write to mate LU {mate} alone while the pair was Synchronized"
+        )),
+    }
+    Ok(())
+}
+
+async fn stateful_run(
+    cluster: &Cluster,
+    progress: &dyn ProgressSink,
+    say: &dyn Fn(String),
+    part: &mut StatefulPart,
+) -> anyhow::Result<()> {
+    let clients = &cluster.clients;
+    cluster
+        .wait_for_transactions(100, Duration::from_secs(30))
+        .await?;
+    let show = |seen: &ModeSeen| {
+        say(format!(
+            "  {:<18} db-server: {}, the array's mode {} (db-server says {})",
+            seen.when, seen.data_mode, seen.array_says, seen.db_server_says
+        ))
+    };
+    let before = mode_seen(clients, "before the run").await?;
+    show(&before);
+    part.modes.push(before);
+    mate_write_refused(clients, say, part).await?;
+    // The run keeps its snapshot, so that the mode while it is held can be
+    // shown; the demo deletes it after.
+    let cycle = run_cycle_keeping(cluster, "demo run stateful", true, progress, say).await;
+    let run_id = cycle.report.run_id.clone();
+    let kept = cycle.report.backup_id.is_some() && !cycle.report.snapshot_deleted;
+    part.cycle = Some(cycle);
+    anyhow::ensure!(kept, "the stateful run did not keep its snapshot");
+    let held = mode_seen(clients, "snapshot held").await?;
+    show(&held);
+    part.modes.push(held);
+    // db-server writes the mirror LU in every mode: the array sends the
+    // ledger's writes to the origin alone while the snapshot is held.
+    let committed = ledger_committed(clients).await?;
+    cluster
+        .wait_for_transactions(committed + 100, Duration::from_secs(30))
+        .await
+        .context("the ledger while the snapshot is held")?;
+    let dirty = clients.db.volume_status(0).await?.dirty_blocks;
+    say(format!(
+        "  {:<18} committed {} more transactions, written through the mirror LU (the array kept them on the origin: {dirty} blocks recorded)",
+        "ledger while held",
+        ledger_committed(clients).await?.saturating_sub(committed)
+    ));
+    let deleted = clients.db.delete_snapshot(0, &run_id, false).await?;
+    crate::run::wait_synchronized(clients, 0, progress).await?;
+    progress.finish();
+    let after = mode_seen(clients, "after the resync").await?;
+    say(format!(
+        "  {:<18} {} blocks resynchronized (while the pair resynchronizes the array refuses reads and writes naming the mate)",
+        "delete", deleted.blocks_to_resync
+    ));
+    show(&after);
+    part.modes.push(after);
+    let pair = pair_verify(clients, 0, true).await?;
+    part.pair_equal_at_end = pair.differing_chunks.is_empty();
+    say(format!(
+        "  {:<18} origin {} mate",
+        "pair",
+        if part.pair_equal_at_end { "==" } else { "!=" }
+    ));
+    Ok(())
 }
 
 async fn run_cycles(
@@ -227,10 +490,34 @@ async fn run_cycle(
     progress: &dyn ProgressSink,
     say: &dyn Fn(String),
 ) -> DemoCycle {
+    run_cycle_by(cluster, label, method, false, progress, say).await
+}
+
+/// [`run_cycle`] by the server's default method (split), keeping the
+/// snapshot after the backup with `keep_snapshot`.
+async fn run_cycle_keeping(
+    cluster: &Cluster,
+    label: &str,
+    keep_snapshot: bool,
+    progress: &dyn ProgressSink,
+    say: &dyn Fn(String),
+) -> DemoCycle {
+    let method = dpb::SnapshotMethod::Unspecified;
+    run_cycle_by(cluster, label, method, keep_snapshot, progress, say).await
+}
+
+async fn run_cycle_by(
+    cluster: &Cluster,
+    label: &str,
+    method: dpb::SnapshotMethod,
+    keep_snapshot: bool,
+    progress: &dyn ProgressSink,
+    say: &dyn Fn(String),
+) -> DemoCycle {
     let clients: &Clients = &cluster.clients;
     let run_options = RunOptions {
         volume: 0,
-        keep_snapshot: false,
+        keep_snapshot,
         label: label.to_string(),
         max_bytes_per_s: None,
         cancel: CancellationToken::new(),
@@ -370,6 +657,7 @@ async fn finish_cycles(
         transactions_committed,
         data_dir: String::new(),
         way_back,
+        stateful: None,
     })
 }
 

@@ -297,10 +297,17 @@ async fn console_demo_runs_two_verified_cycles() {
             .expect("console");
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    // Two split runs, then the copy-on-write run (#20).
+    // Two split runs, the copy-on-write run (#20), then the run on the
+    // cluster whose array keeps the modes (#19).
     assert_eq!(
         stdout.matches("verified           yes").count(),
-        3,
+        4,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "the stateful run: verified; the array's mode SYNCHRONIZED → SNAPSHOT → SYNCHRONIZED; it refused a write to the mate alone itself (reason mirror-mode)"
+        ),
         "{stdout}"
     );
     assert!(stdout.contains("2 of 2 split runs verified"), "{stdout}");
@@ -313,6 +320,143 @@ async fn console_demo_runs_two_verified_cycles() {
         "{stdout}"
     );
     assert!(stdout.contains("origin == mate"), "{stdout}");
+}
+
+/// A writable snapshot on a db-server whose array keeps the modes (#19):
+/// `snapshot acquire --writable` takes it, `status` shows who keeps the
+/// mode, the array's mode and "writable", the backup server refuses to
+/// back it up before reading anything, and `--writable` with copy-on-write
+/// is refused by the console before any call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writable_snapshot_is_shown_by_status_and_refused_by_the_backup_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let array = start_array(
+        &dir.path().join("array"),
+        harness::small_array(8 << 20),
+        ArrayTestHooks::default(),
+    )
+    .await;
+    let db = start_db(
+        &array.url(),
+        &dir.path().join("db"),
+        ManagerConfig {
+            array_mode: db_server::manager::ArrayModeKeeping::Stateful,
+            ..ManagerConfig::default()
+        },
+        Some(ledger()),
+    )
+    .await;
+    let backup = start_backup(&array.url(), &db.url(), &dir.path().join("store")).await;
+    let addrs = address_args(
+        &array.addr.to_string(),
+        &db.addr.to_string(),
+        &backup.addr.to_string(),
+    );
+    let status_json = |out: Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    };
+    let status = status_json(console_with(&addrs, &["status", "--json"]).await);
+    let volume = &status["volumes"][0];
+    assert_eq!(volume["array_mode_keeping"], "stateful", "{volume}");
+    assert_eq!(volume["array_mode"], "SYNCHRONIZED", "{volume}");
+    assert_eq!(volume["snapshot_writable"], false, "{volume}");
+    let mate_lu = volume["mate_lu"].as_u64().expect("mate LU").to_string();
+
+    // Copy-on-write cannot be writable: refused here, before any call
+    // (db-server holds no snapshot after it).
+    let out = console_with(
+        &addrs,
+        &[
+            "snapshot",
+            "acquire",
+            "--volume",
+            "0",
+            "--writable",
+            "--snapshot-method",
+            "cow",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("--writable needs a split snapshot"),
+        "{}",
+        text(&out.stderr)
+    );
+    let client = db_client(&db.url());
+    assert!(
+        harness::volume_status(&client, 0)
+            .await
+            .snapshot_holder
+            .is_empty()
+    );
+
+    let out = console_with(
+        &addrs,
+        &[
+            "snapshot",
+            "acquire",
+            "--volume",
+            "0",
+            "--run-id",
+            "run-w",
+            "--writable",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("writable while held"),
+        "{}",
+        text(&out.stdout)
+    );
+    let status = status_json(console_with(&addrs, &["status", "--json"]).await);
+    let volume = &status["volumes"][0];
+    assert_eq!(volume["snapshot_writable"], true, "{volume}");
+    assert_eq!(volume["array_mode"], "SNAPSHOT (mate writable)", "{volume}");
+    let out = console_with(&addrs, &["status"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("SNAPSHOT (mate writable)"), "{shown}");
+    assert!(shown.contains("snapshot: split, WRITABLE"), "{shown}");
+
+    // The backup server asks db-server before the first read and refuses.
+    let out = console_with(
+        &addrs,
+        &[
+            "backup", "start", "--lu", &mate_lu, "--volume", "0", "--run-id", "run-w",
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        said.contains(&format!(
+            "held by run \"run-w\" is writable: its mate (LU {mate_lu}) is not a frozen image"
+        )),
+        "{said}"
+    );
+    let listed = status_json(console_with(&addrs, &["backup", "list", "--json"]).await);
+    assert_eq!(
+        listed["volumes"].as_array().map(Vec::len).unwrap_or(0),
+        0,
+        "no backup was made: {listed}"
+    );
+
+    let out = console_with(
+        &addrs,
+        &["snapshot", "delete", "--volume", "0", "--run-id", "run-w"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    harness::wait_synchronized(&client, 0).await;
+    let status = status_json(console_with(&addrs, &["status", "--json"]).await);
+    let volume = &status["volumes"][0];
+    assert_eq!(volume["array_mode"], "SYNCHRONIZED", "{volume}");
+    assert_eq!(volume["snapshot_writable"], false, "{volume}");
+    db.shutdown().await.expect("db");
+    backup.shutdown().await.expect("backup");
 }
 
 #[test]
@@ -342,6 +486,16 @@ fn help_explains_every_command_with_an_example() {
             text(&out.stdout).contains("Example:"),
             "{command:?} --help has no example"
         );
+    }
+    // What a writable snapshot is, where an operator asks for one.
+    let help = text(&console(&["snapshot", "acquire", "--help"]).stdout);
+    for said in [
+        "--writable",
+        "undone by the resync",
+        "backup server refuses to back it up",
+        "refused with --snapshot-method cow",
+    ] {
+        assert!(help.contains(said), "{said:?} missing:\n{help}");
     }
 }
 
