@@ -12,6 +12,10 @@
 //! - `cow`: copy-on-write snapshots (#20) under the full-speed ledger:
 //!   the image, the delete, a full save area, kill -9 while one is held.
 //! - `crash`: kill -9 at named crash points, array loss, lost journal.
+//! - `stateful`: db-server `--array-mode stateful` (#19) killed between
+//!   its journal and the array's ModeSelect; the journal and the array
+//!   agree after the restart, nothing lost; the array protects the mate
+//!   when db-server is bypassed.
 //! - `journal_damage`: a corrupted or truncated journal, a full journal
 //!   filesystem.
 //! - `first_start`: a new pair is INFO, a lost journal WARN.
@@ -87,6 +91,8 @@ mod resync_wait;
 mod s3_blobs;
 #[cfg(test)]
 mod s3_server;
+#[cfg(test)]
+mod stateful;
 #[cfg(test)]
 mod store_gc;
 #[cfg(test)]

@@ -24,6 +24,8 @@
 //!   ledger has written since, each a record of a sequence after the
 //!   restored one ([`check_restored_image`]), and the sequence rule starts
 //!   again from the restored sequence.
+//! - in a console run without a fault, the ledger fails no transaction
+//!   (the snapshot's split and the resync included);
 //! - the array's mode of each pair (ModeSense) agrees with db-server's
 //!   Status at every quiesce and right after a snapshot is acquired:
 //!   with `--array-mode stateful`, SYNCHRONIZED / SNAPSHOT (mate_writable
@@ -186,6 +188,13 @@ impl Checker {
             restored: None,
             stateful,
         })
+    }
+
+    /// The ledger's count of failed transactions, if db-server answers and
+    /// the ledger runs.
+    pub async fn ledger_failed(&mut self) -> Option<u64> {
+        let status = self.status().await.ok()?;
+        status.ledger.map(|l| l.transactions_failed)
     }
 
     /// Whether db-server runs `--array-mode stateful`.

@@ -1253,6 +1253,13 @@ async fn play_run_round(
             BACKUP_RATE,
         ],
     );
+    // Without a fault, the ledger commits every transaction through the
+    // whole run, the snapshot's split included (stateful: the array routes
+    // its mirror-LU writes to the origin alone).
+    let failed_before = match fault {
+        None => checker.ledger_failed().await,
+        Some(_) => None,
+    };
     let console = RunningConsole::spawn(command, round, "run")?;
     let delay = Duration::from_millis(rng.random_range(0..FAULT_WINDOW_MS));
     tokio::time::sleep(delay).await;
@@ -1287,6 +1294,18 @@ async fn play_run_round(
             ));
         }
         _ => summary.runs_failed += 1,
+    }
+    if let Some(before) = failed_before
+        && let Some(after) = checker.ledger_failed().await
+        && after > before
+    {
+        return Err(Violation::new(
+            round,
+            format!(
+                "the ledger failed {} transactions during a console run without a fault",
+                after - before
+            ),
+        ));
     }
     after_fault(cluster, checker, round, lost_console_at, armed).await?;
     checker.after_round(cluster, round, summary).await
