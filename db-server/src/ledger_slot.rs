@@ -59,6 +59,10 @@ pub enum Reopened {
     NotHere,
 }
 
+/// How many times an open is tried while the array's answers are
+/// transient (about 15 s with the standard backoff).
+pub const OPEN_RETRIES: u32 = 10;
+
 impl LedgerSlot {
     /// A slot, stopped until [`LedgerSlot::open`].
     pub fn new(
@@ -119,7 +123,7 @@ impl LedgerSlot {
         if let Some(ledger) = self.running() {
             return Ok(ledger.sequence());
         }
-        match Ledger::open(self.manager.clone(), self.gate.clone(), config).await {
+        match self.open_retrying_transient(config).await {
             Ok(ledger) => {
                 // The sequence the volume holds, read before the workers
                 // start: the first of them may commit at once.
@@ -150,6 +154,34 @@ impl LedgerSlot {
                     *now = reason;
                 }
                 Err(error)
+            }
+        }
+    }
+
+    /// [`Ledger::open`], tried again while the array's answer is transient
+    /// (unreachable for a moment: a restart, a broken connection), for up
+    /// to [`OPEN_RETRIES`] tries. Opening redoes the log, which is
+    /// idempotent, so a try cut short is safe to repeat. A ledger left
+    /// stopped by one dropped connection would stop the database until the
+    /// next restart.
+    async fn open_retrying_transient(&self, config: &LedgerConfig) -> Result<Arc<Ledger>, DbError> {
+        let mut backoff = splitmirror_proto::client::Backoff::standard();
+        let mut tries = 1;
+        loop {
+            match Ledger::open(self.manager.clone(), self.gate.clone(), config).await {
+                Err(DbError::Array(error)) if error.is_transient() && tries < OPEN_RETRIES => {
+                    let wait = backoff.next_wait();
+                    tracing::warn!(
+                        volume = config.volume,
+                        "opening the ledger: {error}; trying again in {wait:?}"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.cancel.cancelled() => return Err(DbError::Array(error)),
+                    }
+                    tries += 1;
+                }
+                result => return result,
             }
         }
     }
@@ -234,5 +266,59 @@ impl LedgerSlot {
                 status
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::array_port::{MemoryArray, PairInfo};
+    use crate::manager::ManagerConfig;
+
+    const PAIR: PairInfo = PairInfo {
+        mirror_lu: 0,
+        origin_lu: 1,
+        mate_lu: 2,
+        block_size_bytes: 512,
+        block_count: 4096,
+    };
+
+    #[tokio::test]
+    async fn an_open_outlasts_an_array_that_is_unreachable_for_a_moment() {
+        let array = Arc::new(MemoryArray::new(vec![PAIR]));
+        let (cancel, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let manager = SnapshotManager::start(
+            array.clone(),
+            vec![PAIR],
+            None,
+            ManagerConfig::default(),
+            cancel.clone(),
+            tasks.clone(),
+        )
+        .await
+        .expect("start");
+        let gate = Arc::new(QuiesceGate::new(tasks.clone()));
+        let config = LedgerConfig {
+            volume: 0,
+            accounts: 16,
+            target_tps: 0,
+            workers: 1,
+            ..LedgerConfig::default()
+        };
+        let slot = LedgerSlot::new(Some(config), manager, gate, cancel.clone(), tasks);
+        array.fail_reads.store(true, Ordering::SeqCst);
+        let healed = array.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            healed.fail_reads.store(false, Ordering::SeqCst);
+        });
+        slot.open()
+            .await
+            .expect("opened once the array answered again");
+        assert!(slot.running().is_some());
+        cancel.cancel();
     }
 }

@@ -25,6 +25,8 @@ pub struct MemoryArray {
     pub fail_writes: AtomicBool,
     /// While set, every `CopyRange` fails as if the array were unreachable.
     pub fail_copies: AtomicBool,
+    /// While set, every read fails as if the array were unreachable.
+    pub fail_reads: AtomicBool,
     /// While set, every `SetAccess` fails as if the array were unreachable
     /// (and changes nothing).
     pub fail_set_access: AtomicBool,
@@ -97,6 +99,7 @@ impl MemoryArray {
             lus: std::sync::Mutex::new(lus),
             fail_writes: Default::default(),
             fail_copies: Default::default(),
+            fail_reads: Default::default(),
             fail_set_access: Default::default(),
             refused_writes: Default::default(),
             yield_calls: Default::default(),
@@ -326,6 +329,9 @@ impl ArrayPort for MemoryArray {
         Box::pin(async move {
             if self.yield_calls.load(Ordering::Relaxed) {
                 tokio::task::yield_now().await;
+            }
+            if self.fail_reads.load(Ordering::SeqCst) {
+                return Err(Self::failure("read"));
             }
             self.check_mode(lu, false, false)?;
             let side = self.sides(lu)[0];
