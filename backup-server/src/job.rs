@@ -1148,18 +1148,22 @@ mod tests {
         .await
     }
 
-    #[tokio::test]
-    async fn a_copy_on_write_snapshot_is_read_whole_through_db_server_and_deduplicated_by_content()
-    {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let store = Arc::new(
+    /// A chunk store in `dir/store` (an hour's grace).
+    async fn dir_store(dir: &std::path::Path) -> Arc<ChunkStore> {
+        Arc::new(
             ChunkStore::create(
-                &StoreLocation::Dir(dir.path().join("store")),
+                &StoreLocation::Dir(dir.join("store")),
                 Duration::from_secs(3600),
             )
             .await
             .expect("a store"),
-        );
+        )
+    }
+    #[tokio::test]
+    async fn a_copy_on_write_snapshot_is_read_whole_through_db_server_and_deduplicated_by_content()
+    {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = dir_store(dir.path()).await;
         let owner = CowOwner {
             image: image(),
             invalidated_at_byte: None,
@@ -1207,14 +1211,7 @@ mod tests {
     #[tokio::test]
     async fn a_snapshot_invalidated_during_the_copy_fails_the_job_with_the_reason() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let store = Arc::new(
-            ChunkStore::create(
-                &StoreLocation::Dir(dir.path().join("store")),
-                Duration::from_secs(3600),
-            )
-            .await
-            .expect("a store"),
-        );
+        let store = dir_store(dir.path()).await;
         let owner = CowOwner {
             image: image(),
             invalidated_at_byte: Some(2 * CHUNK_SIZE_BYTES),
@@ -1258,14 +1255,7 @@ mod tests {
     #[tokio::test]
     async fn a_writable_snapshot_fails_the_job_before_the_first_read() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let store = Arc::new(
-            ChunkStore::create(
-                &StoreLocation::Dir(dir.path().join("store")),
-                Duration::from_secs(3600),
-            )
-            .await
-            .expect("a store"),
-        );
+        let store = dir_store(dir.path()).await;
         let size_bytes = 4 * CHUNK_SIZE_BYTES;
         let mut spec = spec("writable", size_bytes);
         let FrozenBy::Snapshot { before, wanted, .. } = &mut spec.frozen_by else {

@@ -68,15 +68,11 @@ pub trait ArrayPort: Send + Sync + 'static {
     /// check a save area at start-up. The default knows no LU: only for
     /// ports over arrays that have no save areas (simulators).
     fn lu_page(&self, lu: u32) -> BoxFuture<'_, Result<LuPage, ClientError>> {
-        Box::pin(async move {
-            Err(ClientError::local(
-                splitmirror_proto::client::ErrorKind::NotFound,
-                "array",
-                "simulator",
-                format!("mode sense of LU {lu}"),
-                "this array describes no LU",
-            ))
-        })
+        unsupported(
+            splitmirror_proto::client::ErrorKind::NotFound,
+            format!("mode sense of LU {lu}"),
+            "this array describes no LU",
+        )
     }
     /// Makes every acknowledged write to `lu` durable.
     fn flush(&self, lu: u32) -> BoxFuture<'_, Result<(), ClientError>>;
@@ -123,16 +119,11 @@ pub trait ArrayPort: Send + Sync + 'static {
         access: Option<Access>,
         purpose: &str,
     ) -> BoxFuture<'_, Result<(), ClientError>> {
-        let doing = format!("setting {identity}'s access to LU {lu} to {access:?} ({purpose})");
-        Box::pin(async move {
-            Err(ClientError::local(
-                splitmirror_proto::client::ErrorKind::Internal,
-                "array",
-                "this array port",
-                doing,
-                "this array port cannot grant access to other identities",
-            ))
-        })
+        unsupported(
+            splitmirror_proto::client::ErrorKind::Internal,
+            format!("setting {identity}'s access to LU {lu} to {access:?} ({purpose})"),
+            "this array port cannot grant access to other identities",
+        )
     }
     /// Sets the mode of `mirror_lu` in the array's mirroring management
     /// table (`ModeSelect`, the first embodiment); durable at the array
@@ -146,17 +137,30 @@ pub trait ArrayPort: Send + Sync + 'static {
         mode: ArrayMirrorMode,
         purpose: &str,
     ) -> BoxFuture<'_, Result<(), ClientError>> {
-        let doing = format!("setting the mode of mirror LU {mirror_lu} to {mode} ({purpose})");
-        Box::pin(async move {
-            Err(ClientError::local(
-                splitmirror_proto::client::ErrorKind::Internal,
-                "array",
-                "this array port",
-                doing,
-                "this array port keeps no modes",
-            ))
-        })
+        unsupported(
+            splitmirror_proto::client::ErrorKind::Internal,
+            format!("setting the mode of mirror LU {mirror_lu} to {mode} ({purpose})"),
+            "this array port keeps no modes",
+        )
     }
+}
+
+/// The answer of a default [`ArrayPort`] method that a port (a simulator)
+/// does not provide.
+fn unsupported<T>(
+    kind: splitmirror_proto::client::ErrorKind,
+    doing: String,
+    why: &'static str,
+) -> BoxFuture<'static, Result<T, ClientError>> {
+    Box::pin(async move {
+        Err(ClientError::local(
+            kind,
+            "array",
+            "this array port",
+            doing,
+            why,
+        ))
+    })
 }
 
 /// A mirror LU's mode in the array's mirroring management table (Fig. 2),
