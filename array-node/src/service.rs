@@ -113,6 +113,7 @@ fn lu_info_to_pb(visible: Visible<'_>) -> pb::LuInfo {
         origin_lu,
         mate_lu,
         access: access_to_pb(visible.access).into(),
+        mate_lus: mate_lu.into_iter().collect(),
     }
 }
 
@@ -192,6 +193,7 @@ impl ArrayService for ArrayGrpc {
             block_count: page.block_count,
             mirror_mode: mirror_mode.into(),
             mate_writable,
+            mates: Vec::new(),
         }))
     }
 
@@ -244,6 +246,7 @@ impl ArrayService for ArrayGrpc {
             previous: previous.into(),
             mode: mode.into(),
             mate_writable,
+            mate_lu: 0,
         }))
     }
 
@@ -578,6 +581,7 @@ mod tests {
 
     fn select(lu: u32, mode: pb::MirrorMode, mate_writable: bool) -> pb::ModeSelectRequest {
         pb::ModeSelectRequest {
+            mate_lu: None,
             lu,
             mode: mode.into(),
             mate_writable,

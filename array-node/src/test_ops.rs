@@ -96,6 +96,7 @@ pub async fn mode_select(
     mate_writable: bool,
 ) -> Result<(MirrorMode, MirrorMode), ArrayError> {
     let request = pb::ModeSelectRequest {
+        mate_lu: None,
         lu,
         mode: mode.into(),
         mate_writable,

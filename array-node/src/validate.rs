@@ -919,6 +919,7 @@ mod tests {
         mate_writable: bool,
     ) -> pb::ModeSelectRequest {
         pb::ModeSelectRequest {
+            mate_lu: None,
             lu,
             mode: mode.into(),
             mate_writable,
@@ -969,6 +970,7 @@ mod tests {
             ),
             (
                 pb::ModeSelectRequest {
+                    mate_lu: None,
                     mode: 17,
                     ..select_request(0, pb::MirrorMode::Snapshot, false)
                 },
@@ -984,6 +986,7 @@ mod tests {
             ),
             (
                 pb::ModeSelectRequest {
+                    mate_lu: None,
                     purpose: "x".repeat(access::MAX_PURPOSE_BYTES + 1),
                     ..select_request(0, pb::MirrorMode::Snapshot, false)
                 },
@@ -1216,6 +1219,7 @@ mod tests {
             (lu(), -1i32..6, any::<bool>(), ".{0,8}").prop_map(
                 |(lu, mode, mate_writable, purpose)| {
                     Request::ModeSelect(pb::ModeSelectRequest {
+                        mate_lu: None,
                         lu,
                         mode,
                         mate_writable,

@@ -346,6 +346,7 @@ impl SnapshotOwner for GrpcOwner {
                 target: pb::VirtualLu::Snapshot.into(),
                 lba,
                 blocks,
+                mate: 0,
             };
             let stream = match self.db.raw().read(request).await {
                 Ok(answer) => answer.into_inner(),

@@ -471,6 +471,7 @@ async fn back_up(
         label: options.label.clone(),
         max_bytes_per_s: options.max_bytes_per_s,
         snapshot: Some(bpb::SnapshotRef {
+            mate: 1,
             volume: options.volume,
             holder_run_id: report.run_id.clone(),
         }),

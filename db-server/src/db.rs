@@ -491,6 +491,7 @@ mod tests {
         let delete = validate::delete_snapshot(
             db,
             pb::DeleteSnapshotRequest {
+                mate: 0,
                 volume: 0,
                 run_id: "backup-run".into(),
                 force: false,
@@ -569,6 +570,7 @@ mod tests {
         let write = validate::write(
             db,
             pb::VolumeWriteRequest {
+                mate: 0,
                 volume: 0,
                 target: pb::VirtualLu::Data.into(),
                 lba: 100,
@@ -677,6 +679,7 @@ mod tests {
         let request = validate::restore_snapshot(
             db,
             pb::RestoreSnapshotRequest {
+                mate: 0,
                 volume: 0,
                 run_id: "run-a".into(),
             },

@@ -228,6 +228,7 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
         .into_iter()
         .map(|v| pb::VolumeStatus {
             volume: v.volume,
+            mate: 1,
             mirror_lu: v.pair.mirror_lu,
             origin_lu: v.pair.origin_lu,
             mate_lu: v.pair.mate_lu,
@@ -475,6 +476,7 @@ impl DbService for DbGrpc {
         let a = self.db.acquire_snapshot(&request).await?;
         Ok(Response::new(pb::AcquireSnapshotResponse {
             volume: a.volume,
+            mate: 1,
             mate_lu: a.mate_lu,
             freeze_window_us: a.freeze_window_us,
             ledger_sequence: a.ledger_sequence,
@@ -641,6 +643,7 @@ impl DbService for DbGrpc {
             })?;
         Ok(Response::new(pb::GetSnapshotResponse {
             volume,
+            mate: 1,
             holder_run_id: held.holder,
             mate_lu: held.pair.mate_lu,
             ledger_sequence: held.ledger_sequence,

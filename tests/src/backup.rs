@@ -486,6 +486,7 @@ fn frozen_request(run_id: &str, lu: u32, volume: u32, holder: &str) -> pb::Start
         run_id: run_id.into(),
         lu,
         snapshot: Some(pb::SnapshotRef {
+            mate: 0,
             volume,
             holder_run_id: holder.into(),
         }),

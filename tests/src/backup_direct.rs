@@ -160,6 +160,7 @@ async fn a_store_written_direct_and_one_written_buffered_hold_the_same_backup() 
                 run_id: format!("direct-{}", ids.len()),
                 lu: acquired.mate_lu,
                 snapshot: Some(pb::SnapshotRef {
+                    mate: 0,
                     volume: 0,
                     holder_run_id: "direct-1".into(),
                 }),

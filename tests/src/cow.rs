@@ -593,6 +593,7 @@ async fn a_backup_of_a_cow_snapshot_equals_its_image_and_verifies() {
             lu: taken.acquired.mate_lu,
             label: "cow".into(),
             snapshot: Some(bpb::SnapshotRef {
+                mate: 0,
                 volume: VOLUME,
                 holder_run_id: run_id.into(),
             }),

@@ -216,6 +216,7 @@ async fn only_the_console_controls(mode: ArrayModeKeeping) {
             "DeleteSnapshot",
             code(
                 raw.delete_snapshot(dpb::DeleteSnapshotRequest {
+                    mate: 0,
                     volume: 0,
                     run_id: String::new(),
                     force: true,
@@ -227,6 +228,7 @@ async fn only_the_console_controls(mode: ArrayModeKeeping) {
             "Write",
             code(
                 raw.write(dpb::VolumeWriteRequest {
+                    mate: 0,
                     volume: 0,
                     target: dpb::VirtualLu::Data.into(),
                     lba: 0,
@@ -239,6 +241,7 @@ async fn only_the_console_controls(mode: ArrayModeKeeping) {
             "Read",
             code(
                 raw.read(dpb::VolumeReadRequest {
+                    mate: 0,
                     volume: 0,
                     target: dpb::VirtualLu::Data.into(),
                     lba: 0,
@@ -342,6 +345,7 @@ async fn only_the_console_controls(mode: ArrayModeKeeping) {
             run_id: "control".into(),
             lu: acquired.mate_lu,
             snapshot: Some(bpb::SnapshotRef {
+                mate: 0,
                 volume: 0,
                 holder_run_id: "control".into(),
             }),
@@ -430,7 +434,10 @@ async fn without_a_certificate_only_health_answers() {
         ),
         (
             "GetSnapshot",
-            code(db.get_snapshot(dpb::GetSnapshotRequest { volume: 0 }).await),
+            code(
+                db.get_snapshot(dpb::GetSnapshotRequest { volume: 0, mate: 0 })
+                    .await,
+            ),
         ),
         (
             "Suspend",

@@ -48,6 +48,7 @@ async fn write(client: &DbClient, lba: u64, bytes: u64) -> Result<u64, ClientErr
 /// A raw request of `bytes` bytes, for messages no typed client sends.
 fn write_request(lba: u64, bytes: u64) -> pb::VolumeWriteRequest {
     pb::VolumeWriteRequest {
+        mate: 0,
         volume: 0,
         target: pb::VirtualLu::Data.into(),
         lba,

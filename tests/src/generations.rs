@@ -78,6 +78,7 @@ fn frozen_request(
         expected_block_count: Some(acquired.block_count),
         label: format!("generations test: {run_id}"),
         snapshot: Some(bpb::SnapshotRef {
+            mate: 0,
             volume: acquired.volume,
             holder_run_id: holder.into(),
         }),

@@ -141,6 +141,7 @@ async fn frozen_backup(db: &DbClient, backup: &BackupClient, volume: u32, run_id
             expected_block_count: Some(acquired.block_count),
             label: format!("restore test: {run_id}"),
             snapshot: Some(bpb::SnapshotRef {
+                mate: 0,
                 volume,
                 holder_run_id: run_id.into(),
             }),

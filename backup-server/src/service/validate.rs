@@ -193,6 +193,7 @@ mod tests {
 
     fn snapshot(holder_run_id: &str) -> Option<pb::SnapshotRef> {
         Some(pb::SnapshotRef {
+            mate: 0,
             volume: 0,
             holder_run_id: holder_run_id.into(),
         })

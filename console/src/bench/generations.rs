@@ -231,6 +231,7 @@ async fn backup(
                 expected_block_count: Some(acquired.block_count),
                 label: format!("bench generations: {label}"),
                 snapshot: Some(bpb::SnapshotRef {
+                    mate: 1,
                     volume: 0,
                     holder_run_id: run_id.clone(),
                 }),

@@ -125,6 +125,7 @@ async fn parts_alone(clients: &crate::clients::Clients, round: u32) -> anyhow::R
             run_id: run_id.clone(),
             lu: acquired.mate_lu,
             snapshot: Some(bpb::SnapshotRef {
+                mate: 1,
                 volume: 0,
                 holder_run_id: run_id.clone(),
             }),

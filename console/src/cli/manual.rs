@@ -46,6 +46,7 @@ pub fn acquire_request(
         run_id: run_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         method: method.into(),
         writable,
+        mate: 1,
     })
 }
 
@@ -152,6 +153,7 @@ pub async fn backup_start(clients: &Clients, start: BackupStart) -> anyhow::Resu
         .map(|(volume, holder_run_id)| bpb::SnapshotRef {
             volume,
             holder_run_id,
+            mate: 1,
         });
     let request = bpb::StartBackupRequest {
         // One backup per snapshot holder; a live copy gets its own.

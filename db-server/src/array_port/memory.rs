@@ -295,6 +295,7 @@ impl ArrayPort for MemoryArray {
                 mate_lu: sides.map(|s| s.1),
                 mirror_mode: splitmirror_proto::array::v1::MirrorMode::Unspecified,
                 mate_writable: false,
+                mates: Vec::new(),
             };
             if let Some((block_size_bytes, block_count)) = self.plain.get(&lu) {
                 return Ok(page(LuKind::Plain, *block_size_bytes, *block_count, None));

@@ -10,7 +10,7 @@ use crate::node;
 use crate::security::{Security, role};
 
 /// One LU as the array's mode-sense page describes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LuPage {
     pub lu: u32,
     pub kind: pb::LuKind,
@@ -24,6 +24,9 @@ pub struct LuPage {
     pub mirror_mode: pb::MirrorMode,
     /// Whether that mode (Snapshot) lets the mate be written.
     pub mate_writable: bool,
+    /// For a mirror LU, its origin or a mate: every (mirror LU, mate) pair
+    /// and its mode, mate 1 first.
+    pub mates: Vec<pb::MatePair>,
 }
 
 impl LuPage {
@@ -94,6 +97,7 @@ impl ArrayClient {
             mate_lu: page.mate_lu,
             mirror_mode: page.mirror_mode(),
             mate_writable: page.mate_writable,
+            mates: page.mates,
         })
     }
 
@@ -109,11 +113,27 @@ impl ArrayClient {
         mate_writable: bool,
         purpose: &str,
     ) -> Result<pb::ModeSelectResponse, ClientError> {
+        self.mode_select_mate(lu, None, mode, mate_writable, purpose)
+            .await
+    }
+
+    /// [`mode_select`](Self::mode_select) of the pair of mirror LU `lu`
+    /// and its mate `mate_lu` (`None`: its only mate), for a mirror LU
+    /// with several mates.
+    pub async fn mode_select_mate(
+        &self,
+        lu: u32,
+        mate_lu: Option<u32>,
+        mode: pb::MirrorMode,
+        mate_writable: bool,
+        purpose: &str,
+    ) -> Result<pb::ModeSelectResponse, ClientError> {
         let request = pb::ModeSelectRequest {
             lu,
             mode: mode.into(),
             mate_writable,
             purpose: purpose.to_string(),
+            mate_lu,
         };
         let answer = self.inner.clone().mode_select(request).await;
         self.peer.answer(answer, || {
@@ -125,7 +145,8 @@ impl ArrayClient {
     }
 
     /// The mirror pairs the array defines, learnt the patent's way: a
-    /// mode-sense page per mirror LU ([0054]). Only the pairs whose mirror
+    /// mode-sense page per mirror LU ([0054]), one pair per mate (mate 1
+    /// first) of a mirror LU with several. Only the pairs whose mirror
     /// LU this identity may at least read (the pairs' owner sees them all).
     pub async fn list_pairs(&self) -> Result<Vec<PairInfo>, ClientError> {
         let mut pairs = Vec::new();
@@ -134,9 +155,17 @@ impl ArrayClient {
                 continue;
             }
             let page = self.mode_sense(lu.id).await?;
-            if let (pb::LuKind::Mirror, Some(origin_lu), Some(mate_lu)) =
+            let (pb::LuKind::Mirror, Some(origin_lu), Some(first_mate_lu)) =
                 (page.kind, page.origin_lu, page.mate_lu)
-            {
+            else {
+                continue;
+            };
+            // An array that lists no pairs on the page has one mate.
+            let mate_lus: Vec<u32> = match page.mates.is_empty() {
+                true => vec![first_mate_lu],
+                false => page.mates.iter().map(|pair| pair.mate_lu).collect(),
+            };
+            for mate_lu in mate_lus {
                 pairs.push(PairInfo {
                     mirror_lu: lu.id,
                     origin_lu,

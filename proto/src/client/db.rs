@@ -57,7 +57,7 @@ impl DbClient {
             volume,
             run_id: run_id.to_string(),
             method: method.into(),
-            writable: false,
+            ..Default::default()
         };
         self.acquire_snapshot_with(request).await
     }
@@ -82,14 +82,27 @@ impl DbClient {
         run_id: &str,
         force: bool,
     ) -> Result<pb::DeleteSnapshotResponse, ClientError> {
+        self.delete_snapshot_of(volume, 1, run_id, force).await
+    }
+
+    /// [`delete_snapshot`](Self::delete_snapshot) of the volume's mate
+    /// `mate` (counted from 1).
+    pub async fn delete_snapshot_of(
+        &self,
+        volume: u32,
+        mate: u32,
+        run_id: &str,
+        force: bool,
+    ) -> Result<pb::DeleteSnapshotResponse, ClientError> {
         let request = pb::DeleteSnapshotRequest {
             volume,
             run_id: run_id.to_string(),
             force,
+            mate,
         };
         let answer = self.inner.clone().delete_snapshot(request).await;
         self.peer.answer(answer, || {
-            format!("deleting the snapshot of volume {volume}")
+            format!("deleting the snapshot of volume {volume}{}", of_mate(mate))
         })
     }
 
@@ -142,9 +155,21 @@ impl DbClient {
         volume: u32,
         run_id: &str,
     ) -> Result<pb::RestoreSnapshotResponse, ClientError> {
+        self.restore_snapshot_of(volume, 1, run_id).await
+    }
+
+    /// [`restore_snapshot`](Self::restore_snapshot) from the volume's mate
+    /// `mate` (counted from 1).
+    pub async fn restore_snapshot_of(
+        &self,
+        volume: u32,
+        mate: u32,
+        run_id: &str,
+    ) -> Result<pb::RestoreSnapshotResponse, ClientError> {
         let request = pb::RestoreSnapshotRequest {
             volume,
             run_id: run_id.to_string(),
+            mate,
         };
         let answer = self.inner.clone().restore_snapshot(request).await;
         self.peer.answer(answer, || {
@@ -154,10 +179,23 @@ impl DbClient {
 
     /// Who holds the snapshot of `volume`, and what it froze.
     pub async fn get_snapshot(&self, volume: u32) -> Result<pb::GetSnapshotResponse, ClientError> {
-        let request = pb::GetSnapshotRequest { volume };
+        self.get_snapshot_of(volume, 1).await
+    }
+
+    /// [`get_snapshot`](Self::get_snapshot) of the volume's mate `mate`
+    /// (counted from 1).
+    pub async fn get_snapshot_of(
+        &self,
+        volume: u32,
+        mate: u32,
+    ) -> Result<pb::GetSnapshotResponse, ClientError> {
+        let request = pb::GetSnapshotRequest { volume, mate };
         let answer = self.inner.clone().get_snapshot(request).await;
         self.peer.answer(answer, || {
-            format!("asking for the snapshot of volume {volume}")
+            format!(
+                "asking for the snapshot of volume {volume}{}",
+                of_mate(mate)
+            )
         })
     }
 
@@ -232,12 +270,26 @@ impl DbClient {
         lba: u64,
         blocks: u64,
     ) -> Result<Vec<u8>, ClientError> {
-        let doing = || format!("reading volume {volume} at LBA {lba}");
+        self.read_mate(volume, target, 0, lba, blocks).await
+    }
+
+    /// [`read`](Self::read) of the snapshot virtual LU of the volume's mate
+    /// `mate` (counted from 1; 0 with the data LU).
+    pub async fn read_mate(
+        &self,
+        volume: u32,
+        target: pb::VirtualLu,
+        mate: u32,
+        lba: u64,
+        blocks: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        let doing = || format!("reading volume {volume}{} at LBA {lba}", of_mate(mate));
         let request = pb::VolumeReadRequest {
             volume,
             target: target as i32,
             lba,
             blocks,
+            mate,
         };
         let answer = self.inner.clone().read(request).await;
         let mut stream = self.peer.stream(self.peer.answer(answer, doing)?, doing());
@@ -257,16 +309,30 @@ impl DbClient {
         lba: u64,
         data: Vec<u8>,
     ) -> Result<u64, ClientError> {
+        self.write_mate(volume, target, 0, lba, data).await
+    }
+
+    /// [`write`](Self::write) to the snapshot virtual LU of the volume's
+    /// mate `mate` (counted from 1; 0 with the data LU).
+    pub async fn write_mate(
+        &self,
+        volume: u32,
+        target: pb::VirtualLu,
+        mate: u32,
+        lba: u64,
+        data: Vec<u8>,
+    ) -> Result<u64, ClientError> {
         let request = pb::VolumeWriteRequest {
             volume,
             target: target as i32,
             lba,
             data,
+            mate,
         };
         let answer = self.inner.clone().write(request).await;
-        let written = self
-            .peer
-            .answer(answer, || format!("writing volume {volume} at LBA {lba}"))?;
+        let written = self.peer.answer(answer, || {
+            format!("writing volume {volume}{} at LBA {lba}", of_mate(mate))
+        })?;
         Ok(written.blocks_written)
     }
 
@@ -274,5 +340,13 @@ impl DbClient {
     /// never would.
     pub fn raw(&self) -> DbServiceClient<TracedChannel> {
         self.inner.clone()
+    }
+}
+
+/// " (mate N)" for a mate after the first, for the text of a failure.
+fn of_mate(mate: u32) -> String {
+    match mate {
+        0 | 1 => String::new(),
+        mate => format!(" (mate {mate})"),
     }
 }
