@@ -290,26 +290,25 @@ impl Backups {
         let held = match request.wanted {
             Wanted::Live => None,
             Wanted::Snapshot(wanted) => {
-                let before =
-                    self.owner.snapshot(wanted.volume).await.map_err(
-                        |e| match OwnerFailure::of(&e) {
-                            OwnerFailure::UnknownVolume => BackupError::UnknownVolume {
-                                volume: wanted.volume,
-                                lu,
-                                source: e,
-                            },
-                            OwnerFailure::NoSnapshot => {
-                                BackupError::NotFrozen(NotFrozen::NoSnapshot {
-                                    volume: wanted.volume,
-                                    holder_run_id: wanted.holder_run_id.clone(),
-                                    lu,
-                                    cause: Box::new(e),
-                                })
-                            }
-                            OwnerFailure::Unavailable => BackupError::OwnerUnavailable(e),
-                            OwnerFailure::Failed => BackupError::OwnerFailed(e),
+                let before = self
+                    .owner
+                    .snapshot(wanted.volume, wanted.mate)
+                    .await
+                    .map_err(|e| match OwnerFailure::of(&e) {
+                        OwnerFailure::UnknownVolume => BackupError::UnknownVolume {
+                            volume: wanted.volume,
+                            lu,
+                            source: e,
                         },
-                    )?;
+                        OwnerFailure::NoSnapshot => BackupError::NotFrozen(NotFrozen::NoSnapshot {
+                            volume: wanted.volume,
+                            holder_run_id: wanted.holder_run_id.clone(),
+                            lu,
+                            cause: Box::new(e),
+                        }),
+                        OwnerFailure::Unavailable => BackupError::OwnerUnavailable(e),
+                        OwnerFailure::Failed => BackupError::OwnerFailed(e),
+                    })?;
                 check_held(&wanted, lu, &before)?;
                 Some((wanted, before))
             }
@@ -486,6 +485,7 @@ impl Backups {
                     confirmed_before_unix_ms: *confirmed_before_unix_ms,
                     confirmed_after_unix_ms: 0,
                     method: before.method,
+                    mate: wanted.mate,
                 }),
             ),
         };

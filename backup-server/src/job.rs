@@ -282,6 +282,7 @@ pub async fn run(
             Reader::Snapshot {
                 owner,
                 volume: wanted.volume,
+                mate: wanted.mate,
             }
         }
         FrozenBy::Snapshot { .. } | FrozenBy::Live => Reader::Array(source),
@@ -355,6 +356,7 @@ pub async fn run(
                     confirmed_before_unix_ms: *confirmed_before_unix_ms,
                     confirmed_after_unix_ms,
                     method: before.method,
+                    mate: wanted.mate,
                 })
             }
             FrozenBy::Live => None,
@@ -437,6 +439,7 @@ enum Reader<'a> {
     Snapshot {
         owner: &'a dyn SnapshotOwner,
         volume: u32,
+        mate: u32,
     },
 }
 
@@ -444,8 +447,12 @@ impl Reader<'_> {
     async fn read(&self, lu: u32, lba: u64, blocks: u64) -> Result<DataStream, JobError> {
         match *self {
             Reader::Array(source) => Ok(source.read(lu, lba, blocks).await?),
-            Reader::Snapshot { owner, volume } => owner
-                .read_snapshot(volume, lba, blocks)
+            Reader::Snapshot {
+                owner,
+                volume,
+                mate,
+            } => owner
+                .read_snapshot(volume, mate, lba, blocks)
                 .await
                 .map_err(|e| self.error(e)),
         }
@@ -695,7 +702,7 @@ async fn confirm_after(
     let give_up = Instant::now() + CONFIRM_DEADLINE;
     let mut backoff = Backoff::standard();
     loop {
-        let error = match owner.snapshot(wanted.volume).await {
+        let error = match owner.snapshot(wanted.volume, wanted.mate).await {
             Ok(now) => {
                 check_unchanged(before, &now).map_err(JobError::SnapshotLost)?;
                 return Ok(manifest::now_unix_ms());
@@ -1050,22 +1057,64 @@ mod tests {
     struct CowOwner {
         image: Vec<u8>,
         invalidated_at_byte: Option<u64>,
+        /// Which of the volume's mates holds the snapshot; asked about
+        /// another, it answers as db-server does for a mate not split.
+        mate: u32,
+        /// The mate each question named, in order ("get" or "read").
+        asked: std::sync::Mutex<Vec<(&'static str, u32)>>,
+    }
+
+    impl CowOwner {
+        fn of_mate(image: Vec<u8>, mate: u32) -> Self {
+            Self {
+                image,
+                invalidated_at_byte: None,
+                mate,
+                asked: std::sync::Mutex::new(Vec::new()),
+            }
+        }
+
+        fn asked(&self) -> Vec<(&'static str, u32)> {
+            self.asked.lock().expect("not poisoned").clone()
+        }
     }
 
     impl SnapshotOwner for CowOwner {
         fn describe(&self) -> String {
             "db-server".into()
         }
-        fn snapshot(&self, volume: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>> {
-            Box::pin(async move { Ok(held(volume, self.image.len() as u64)) })
+        fn snapshot(
+            &self,
+            volume: u32,
+            mate: u32,
+        ) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>> {
+            self.asked.lock().expect("not poisoned").push(("get", mate));
+            let answer = match mate == self.mate {
+                true => Ok(HeldSnapshot {
+                    mate,
+                    ..held(volume, self.image.len() as u64)
+                }),
+                false => Err(ClientError::from_status(
+                    "db-server",
+                    "test",
+                    "asking",
+                    &tonic::Status::failed_precondition("no snapshot"),
+                )),
+            };
+            Box::pin(async move { answer })
         }
         fn read_snapshot(
             &self,
             volume: u32,
+            mate: u32,
             lba: u64,
             blocks: u64,
         ) -> BoxFuture<'_, Result<DataStream, ClientError>> {
             assert_eq!(volume, VOLUME);
+            self.asked
+                .lock()
+                .expect("not poisoned")
+                .push(("read", mate));
             let start = (lba * u64::from(BLOCK_SIZE_BYTES)) as usize;
             let end = start + (blocks * u64::from(BLOCK_SIZE_BYTES)) as usize;
             let invalidated_at = self.invalidated_at_byte.map(|b| b as usize);
@@ -1103,12 +1152,18 @@ mod tests {
             block_size_bytes: BLOCK_SIZE_BYTES,
             block_count: size_bytes / u64::from(BLOCK_SIZE_BYTES),
             snapshot_id: 0xc0e,
+            mate: 1,
             method: SnapshotMethod::Cow,
             writable: false,
         }
     }
 
     fn spec(backup_id: &str, size_bytes: u64) -> JobSpec {
+        spec_of_mate(backup_id, size_bytes, 1)
+    }
+
+    /// A backup of the snapshot of the volume's mate `mate`.
+    fn spec_of_mate(backup_id: &str, size_bytes: u64, mate: u32) -> JobSpec {
         JobSpec {
             backup_id: backup_id.into(),
             run_id: format!("run-of-{backup_id}"),
@@ -1120,8 +1175,12 @@ mod tests {
                 wanted: SnapshotRef {
                     volume: VOLUME,
                     holder_run_id: "run-cow".into(),
+                    mate,
                 },
-                before: held(VOLUME, size_bytes),
+                before: HeldSnapshot {
+                    mate,
+                    ..held(VOLUME, size_bytes)
+                },
                 confirmed_before_unix_ms: 1,
             },
             verify_read: false,
@@ -1141,7 +1200,7 @@ mod tests {
             store,
             &array,
             owner,
-            &spec(backup_id, size_bytes),
+            &spec_of_mate(backup_id, size_bytes, owner.mate),
             &Progress::new(),
             &CancellationToken::new(),
         )
@@ -1164,10 +1223,7 @@ mod tests {
     {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store = dir_store(dir.path()).await;
-        let owner = CowOwner {
-            image: image(),
-            invalidated_at_byte: None,
-        };
+        let owner = CowOwner::of_mate(image(), 1);
         let first_id = uuid::Uuid::now_v7().to_string();
         let first = backup(&store, &owner, &first_id).await.expect("backs up");
         let expected: Vec<String> = owner
@@ -1209,12 +1265,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_snapshot_of_mate_two_is_confirmed_and_read_as_mate_two_and_recorded() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = dir_store(dir.path()).await;
+        let owner = CowOwner::of_mate(image(), 2);
+        let id = uuid::Uuid::now_v7().to_string();
+        let manifest = backup(&store, &owner, &id).await.expect("backs up");
+        let asked = owner.asked();
+        // Every read and the confirmation after the last named mate 2.
+        assert!(asked.iter().all(|&(_, mate)| mate == 2), "{asked:?}");
+        assert_eq!(asked.last(), Some(&("get", 2)), "{asked:?}");
+        assert!(asked.iter().any(|&(what, _)| what == "read"), "{asked:?}");
+        let snapshot = manifest.snapshot.as_ref().expect("frozen");
+        assert_eq!(snapshot.mate, 2);
+
+        // A spec naming mate 1 while only mate 2 is split: the
+        // confirmation after the copy asks about mate 1 and finds none.
+        let error = run(
+            &store,
+            &ArrayThatMustNotBeRead {
+                block_count: owner.image.len() as u64 / u64::from(BLOCK_SIZE_BYTES),
+            },
+            &owner,
+            &spec_of_mate("of-mate-1", owner.image.len() as u64, 1),
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("mate 1 holds no snapshot");
+        assert!(
+            matches!(error, JobError::SnapshotLost(NotFrozen::Deleted { .. })),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_snapshot_invalidated_during_the_copy_fails_the_job_with_the_reason() {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store = dir_store(dir.path()).await;
         let owner = CowOwner {
-            image: image(),
             invalidated_at_byte: Some(2 * CHUNK_SIZE_BYTES),
+            ..CowOwner::of_mate(image(), 1)
         };
         let id = uuid::Uuid::now_v7().to_string();
         let error = backup(&store, &owner, &id)
@@ -1239,11 +1330,12 @@ mod tests {
         fn describe(&self) -> String {
             "db-server".into()
         }
-        fn snapshot(&self, _: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>> {
+        fn snapshot(&self, _: u32, _: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>> {
             Box::pin(async { Err(refused("GetSnapshot")) })
         }
         fn read_snapshot(
             &self,
+            _: u32,
             _: u32,
             _: u64,
             _: u64,

@@ -65,6 +65,16 @@ pub struct SnapshotRecord {
     /// through db-server (copy-on-write).
     #[serde(default)]
     pub method: SnapshotMethod,
+    /// Which of the volume's mates the snapshot split and the image was
+    /// copied from, counted from 1 ([0020]); 1 in manifests written before
+    /// a volume could have several.
+    #[serde(default = "first_mate")]
+    pub mate: u32,
+}
+
+/// The mate of a manifest that names none: volumes had one.
+fn first_mate() -> u32 {
+    1
 }
 
 /// How a snapshot was taken (db-server's `SnapshotMethod`).
@@ -95,12 +105,13 @@ impl SnapshotMethod {
 pub fn describe_consistency(snapshot: Option<&SnapshotRecord>, live: bool) -> String {
     match (snapshot, live) {
         (Some(s), _) => format!(
-            "frozen ({}snapshot of volume {} held by run {}, ledger sequence {}, snapshot id {:016x})",
+            "frozen ({}snapshot of volume {}{} held by run {}, ledger sequence {}, snapshot id {:016x})",
             match s.method {
                 SnapshotMethod::Split => "",
                 SnapshotMethod::Cow => "copy-on-write ",
             },
             s.volume,
+            crate::owner::of_mate(s.mate),
             s.holder_run_id,
             s.ledger_sequence,
             s.snapshot_id
@@ -203,6 +214,7 @@ mod tests {
             "owner":"x:1","confirmed_before_unix_ms":1,"confirmed_after_unix_ms":2}"#;
         let record: SnapshotRecord = serde_json::from_str(old).expect("an old record parses");
         assert_eq!(record.method, SnapshotMethod::Split);
+        assert_eq!(record.mate, 1, "an old record's volume had one mate");
         let cow = SnapshotRecord {
             method: SnapshotMethod::Cow,
             ..record.clone()
@@ -218,6 +230,33 @@ mod tests {
         let described = describe_consistency(Some(&cow), false);
         assert!(
             described.starts_with("frozen (copy-on-write snapshot of volume 0"),
+            "{described}"
+        );
+    }
+
+    #[test]
+    fn a_manifest_records_which_mate_was_copied() {
+        let old = r#"{"volume":3,"holder_run_id":"run-1","ledger_sequence":7,
+            "owner":"x:1","confirmed_before_unix_ms":1,"confirmed_after_unix_ms":2}"#;
+        let first: SnapshotRecord = serde_json::from_str(old).expect("an old record parses");
+        let second = SnapshotRecord {
+            mate: 2,
+            ..first.clone()
+        };
+        let text = serde_json::to_string(&second).expect("serializes");
+        assert!(text.contains(r#""mate":2"#), "{text}");
+        assert_eq!(
+            serde_json::from_str::<SnapshotRecord>(&text).expect("parses"),
+            second
+        );
+        let described = describe_consistency(Some(&second), false);
+        assert!(
+            described.starts_with("frozen (snapshot of volume 3 (mate 2) held by run run-1"),
+            "{described}"
+        );
+        let described = describe_consistency(Some(&first), false);
+        assert!(
+            described.starts_with("frozen (snapshot of volume 3 held by run run-1"),
             "{described}"
         );
     }

@@ -24,6 +24,23 @@ pub const CONFIRM_DEADLINE: Duration = Duration::from_secs(30);
 pub struct SnapshotRef {
     pub volume: u32,
     pub holder_run_id: String,
+    /// Which of the volume's mates was split, counted from 1 ([0020]: a
+    /// mirror LU may have up to three); never 0 (the request's 0 is 1).
+    pub mate: u32,
+}
+
+/// A mate as the wire counts it: 0 (unset, or an older peer) is mate 1.
+pub fn mate_or_first(mate: u32) -> u32 {
+    mate.max(1)
+}
+
+/// " (mate N)" for a mate other than the first, "" for mate 1: messages
+/// about a volume with one mate read as they always did.
+pub fn of_mate(mate: u32) -> String {
+    match mate_or_first(mate) {
+        1 => String::new(),
+        mate => format!(" (mate {mate})"),
+    }
 }
 
 /// What db-server answers about the snapshot a volume holds.
@@ -38,6 +55,9 @@ pub struct HeldSnapshot {
     /// The acquire's id: unlike holder and sequence, never repeated by a
     /// later acquire (0: a db-server that does not name its snapshots).
     pub snapshot_id: u64,
+    /// Which of the volume's mates it froze, counted from 1 (a db-server
+    /// older than several mates answers 0, read as 1).
+    pub mate: u32,
     /// Split: the mate LU is the frozen image (read it from the array).
     /// Copy-on-write: the image is the snapshot virtual LU, read through
     /// db-server ([`SnapshotOwner::read_snapshot`]); the mate goes on
@@ -113,8 +133,24 @@ pub enum NotFrozen {
         wanted: String,
     },
     /// Before the copy: the snapshot freezes another LU than the one named.
-    #[error("the snapshot of volume {volume} freezes mate LU {mate_lu}, not LU {lu}")]
-    OtherLu { volume: u32, mate_lu: u32, lu: u32 },
+    #[error("the snapshot of volume {volume}{} freezes mate LU {mate_lu}, not LU {lu}", of_mate(*mate))]
+    OtherLu {
+        volume: u32,
+        mate: u32,
+        mate_lu: u32,
+        lu: u32,
+    },
+    /// Before the copy: db-server answered for another mate than the one
+    /// asked about (a db-server that does not know several mates answers
+    /// mate 1 whatever it is asked).
+    #[error(
+        "asked for the snapshot of mate {wanted} of volume {volume}, db-server answered for mate {answered}"
+    )]
+    OtherMate {
+        volume: u32,
+        wanted: u32,
+        answered: u32,
+    },
     /// Before the copy: db-server gives no snapshot id, so a snapshot
     /// deleted and acquired again during the copy could not be told apart.
     #[error(
@@ -173,24 +209,33 @@ pub enum NotFrozen {
 pub trait SnapshotOwner: Send + Sync + 'static {
     /// Where the owner is, for messages.
     fn describe(&self) -> String;
-    /// The snapshot `volume` holds now. What a failure means is
-    /// [`OwnerFailure::of`] it.
-    fn snapshot(&self, volume: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>>;
-    /// The blocks of a range of `volume`'s snapshot virtual LU, in order,
+    /// The snapshot of `volume`'s mate `mate` (counted from 1) now. What a
+    /// failure means is [`OwnerFailure::of`] it.
+    fn snapshot(&self, volume: u32, mate: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>>;
+    /// The blocks of a range of the snapshot virtual LU of `volume`'s mate
+    /// `mate`, in order,
     /// as db-server serves them (a copy-on-write snapshot: saved blocks
     /// from the save area, the rest from the mate). A snapshot invalidated
     /// meanwhile is refused with reason `snapshot-invalidated`.
     fn read_snapshot(
         &self,
         volume: u32,
+        mate: u32,
         lba: u64,
         blocks: u64,
     ) -> BoxFuture<'_, Result<DataStream, ClientError>>;
 }
 
-/// Checks that `held` is the snapshot `wanted` names and that its mate is
-/// the LU being copied; answers why not.
+/// Checks that `held` is the snapshot `wanted` names (holder and mate)
+/// and that its mate is the LU being copied; answers why not.
 pub fn check_held(wanted: &SnapshotRef, lu: u32, held: &HeldSnapshot) -> Result<(), NotFrozen> {
+    if mate_or_first(held.mate) != mate_or_first(wanted.mate) {
+        return Err(NotFrozen::OtherMate {
+            volume: wanted.volume,
+            wanted: mate_or_first(wanted.mate),
+            answered: mate_or_first(held.mate),
+        });
+    }
     if held.holder_run_id != wanted.holder_run_id {
         return Err(NotFrozen::OtherHolder {
             volume: wanted.volume,
@@ -201,6 +246,7 @@ pub fn check_held(wanted: &SnapshotRef, lu: u32, held: &HeldSnapshot) -> Result<
     if held.mate_lu != lu {
         return Err(NotFrozen::OtherLu {
             volume: wanted.volume,
+            mate: wanted.mate,
             mate_lu: held.mate_lu,
             lu,
         });
@@ -240,6 +286,7 @@ pub fn check_unchanged(before: &HeldSnapshot, now: &HeldSnapshot) -> Result<(), 
     if now.snapshot_id != before.snapshot_id
         || now.ledger_sequence != before.ledger_sequence
         || now.mate_lu != before.mate_lu
+        || mate_or_first(now.mate) != mate_or_first(before.mate)
         || now.method != before.method
         || now.writable != before.writable
     {
@@ -308,9 +355,9 @@ impl SnapshotOwner for GrpcOwner {
         self.db.target().to_string()
     }
 
-    fn snapshot(&self, volume: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>> {
+    fn snapshot(&self, volume: u32, mate: u32) -> BoxFuture<'_, Result<HeldSnapshot, ClientError>> {
         Box::pin(async move {
-            let answer = self.db.get_snapshot(volume).await?;
+            let answer = self.db.get_snapshot_of(volume, mate).await?;
             let method = answer.method();
             Ok(HeldSnapshot {
                 volume: answer.volume,
@@ -320,6 +367,7 @@ impl SnapshotOwner for GrpcOwner {
                 block_size_bytes: answer.block_size_bytes,
                 block_count: answer.block_count,
                 snapshot_id: answer.snapshot_id,
+                mate: mate_or_first(answer.mate),
                 // A db-server older than copy-on-write answers no method:
                 // its snapshots split.
                 method: match method {
@@ -336,17 +384,23 @@ impl SnapshotOwner for GrpcOwner {
     fn read_snapshot(
         &self,
         volume: u32,
+        mate: u32,
         lba: u64,
         blocks: u64,
     ) -> BoxFuture<'_, Result<DataStream, ClientError>> {
         Box::pin(async move {
-            let doing = move || format!("reading the snapshot of volume {volume} at LBA {lba}");
+            let doing = move || {
+                format!(
+                    "reading the snapshot of volume {volume}{} at LBA {lba}",
+                    of_mate(mate)
+                )
+            };
             let request = pb::VolumeReadRequest {
                 volume,
                 target: pb::VirtualLu::Snapshot.into(),
                 lba,
                 blocks,
-                mate: 0,
+                mate,
             };
             let stream = match self.db.raw().read(request).await {
                 Ok(answer) => answer.into_inner(),
@@ -421,6 +475,7 @@ mod tests {
             block_size_bytes: 4096,
             block_count: 256,
             snapshot_id: 0xabc,
+            mate: 1,
             method: SnapshotMethod::Split,
             writable: false,
         }
@@ -431,6 +486,7 @@ mod tests {
         let wanted = SnapshotRef {
             volume: 0,
             holder_run_id: "run-1".into(),
+            mate: 1,
         };
         assert!(check_held(&wanted, 2, &held("run-1", 2, 7)).is_ok());
         let other = check_held(&wanted, 2, &held("run-2", 2, 7));
@@ -442,6 +498,7 @@ mod tests {
             check_held(&wanted, 1, &held("run-1", 2, 7)),
             Err(NotFrozen::OtherLu {
                 volume: 0,
+                mate: 1,
                 mate_lu: 2,
                 lu: 1
             })
@@ -457,10 +514,78 @@ mod tests {
     }
 
     #[test]
+    fn the_copied_lu_must_be_the_mate_lu_of_the_mate_named() {
+        // Volume 0 has mates LU 2, 5 and 6; run-1 split mate 3 (LU 6).
+        let wanted = SnapshotRef {
+            volume: 0,
+            holder_run_id: "run-1".into(),
+            mate: 3,
+        };
+        let of_mate_3 = HeldSnapshot {
+            mate: 3,
+            ..held("run-1", 6, 7)
+        };
+        assert!(check_held(&wanted, 6, &of_mate_3).is_ok());
+        // Mate 1's LU is not the one mate 3's snapshot freezes.
+        let why = check_held(&wanted, 2, &of_mate_3).expect_err("mate 1's LU");
+        assert!(
+            matches!(
+                why,
+                NotFrozen::OtherLu {
+                    volume: 0,
+                    mate: 3,
+                    mate_lu: 6,
+                    lu: 2
+                }
+            ),
+            "{why:?}"
+        );
+        assert_eq!(
+            why.to_string(),
+            "the snapshot of volume 0 (mate 3) freezes mate LU 6, not LU 2"
+        );
+        // A db-server that knows one mate answers for mate 1 (0 on the
+        // wire, read as 1) whatever it is asked: not mate 3's snapshot.
+        let why = check_held(&wanted, 2, &held("run-1", 2, 7)).expect_err("mate 1's answer");
+        assert!(
+            matches!(
+                why,
+                NotFrozen::OtherMate {
+                    volume: 0,
+                    wanted: 3,
+                    answered: 1
+                }
+            ),
+            "{why:?}"
+        );
+        let old_answer = HeldSnapshot {
+            mate: 0,
+            ..held("run-1", 2, 7)
+        };
+        let first = SnapshotRef {
+            mate: 1,
+            ..wanted.clone()
+        };
+        assert!(check_held(&first, 2, &old_answer).is_ok(), "0 is mate 1");
+        // After the copy, another mate's answer is another snapshot.
+        assert!(matches!(
+            check_unchanged(
+                &of_mate_3,
+                &HeldSnapshot {
+                    mate: 2,
+                    ..of_mate_3.clone()
+                }
+            ),
+            Err(NotFrozen::Replaced { .. })
+        ));
+    }
+
+    #[test]
     fn a_writable_snapshot_is_not_frozen_and_is_refused_before_the_copy() {
         let wanted = SnapshotRef {
             volume: 0,
             holder_run_id: "run-1".into(),
+            mate: 1,
         };
         let writable = HeldSnapshot {
             writable: true,

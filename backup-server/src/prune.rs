@@ -125,6 +125,7 @@ mod tests {
                 confirmed_before_unix_ms: 0,
                 confirmed_after_unix_ms: 0,
                 method: SnapshotMethod::Split,
+                mate: 1,
             }),
             live: false,
             chunk_size_bytes: 1 << 20,

@@ -1591,12 +1591,14 @@ mod tests {
         fn snapshot(
             &self,
             _volume: u32,
+            _mate: u32,
         ) -> crate::source::BoxFuture<'_, Result<crate::owner::HeldSnapshot, ClientError>> {
             Box::pin(async { Err(unsupported("snapshot")) })
         }
         fn read_snapshot(
             &self,
             _volume: u32,
+            _mate: u32,
             _lba: u64,
             _blocks: u64,
         ) -> crate::source::BoxFuture<'_, Result<crate::source::DataStream, ClientError>> {

@@ -614,6 +614,7 @@ mod tests {
                 confirmed_before_unix_ms: 1,
                 confirmed_after_unix_ms: 2,
                 method: manifest::SnapshotMethod::Split,
+                mate: 1,
             }),
             live: false,
             chunk_size_bytes: manifest::CHUNK_SIZE_BYTES,

@@ -20,7 +20,7 @@ use splitmirror_proto::backup::v1 as pb;
 use splitmirror_proto::run_id::validate_run_id;
 
 use crate::backups::{BackupError, StartRequest, Wanted};
-use crate::owner::SnapshotRef;
+use crate::owner::{SnapshotRef, mate_or_first};
 use crate::prune::Retention;
 use crate::restore::{RestoreError, RestoreRequest, Target};
 use crate::store::ChunkStore;
@@ -52,6 +52,7 @@ pub fn start_backup(request: pb::StartBackupRequest) -> Result<StartRequest, Bac
         (Some(s), false) => Wanted::Snapshot(SnapshotRef {
             volume: s.volume,
             holder_run_id: s.holder_run_id,
+            mate: mate_or_first(s.mate),
         }),
         (None, true) => Wanted::Live,
         (Some(_), true) => {
