@@ -14,7 +14,7 @@ use splitmirror_proto::security::Caller;
 use crate::access::{Access, AccessTable};
 use crate::config::{ArrayConfig, LuId};
 use crate::error::ArrayError;
-use crate::modes::{ModeTable, Op, Route};
+use crate::modes::{ModeTable, Op, Route, least_busy};
 #[cfg(any(test, feature = "testing"))]
 use crate::storage::MemoryStorage;
 use crate::storage::{FileStorage, LuStorage};
@@ -39,9 +39,13 @@ const BULK_MIN_BYTES: u64 = 256 << 10;
 const COPY_CHUNK_BYTES: u64 = 1 << 20;
 
 /// What an LU is, as `ListLus` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LuKind {
-    Mirror { origin: LuId, mate: LuId },
+    /// A mirror LU: its origin and its mates, mate 1 first.
+    Mirror {
+        origin: LuId,
+        mates: Vec<LuId>,
+    },
     Origin,
     Mate,
     Plain,
@@ -64,14 +68,14 @@ pub struct Visible<'a> {
     /// Never [`Access::None`]: such an LU is not visible.
     pub access: Access,
     /// For a mirror LU whose origin or mate grant is lower than the rest:
-    /// that side.
+    /// that side (the first such, origin first, then mates in order).
     pub through: Option<LuId>,
 }
 
 /// The Fig. 11 mode-sense page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModeSensePage {
-    /// Set for a mirror LU.
+    /// Set for a mirror LU: its origin and mate 1.
     pub pair: Option<(LuId, LuId)>,
     pub block_size_bytes: u32,
     pub block_count: u64,
@@ -103,13 +107,14 @@ impl ArrayTestHooks {
 struct RealLu {
     storage: Arc<dyn LuStorage>,
     lock: RangeLock,
-    /// Requests in flight, to send mirror reads to the less busy side.
+    /// Requests in flight (reads, writes and checksums), to send mirror
+    /// reads to the least busy real LU.
     in_flight: AtomicU64,
 }
 
 enum Lu {
     Real(RealLu),
-    Mirror { origin: LuId, mate: LuId },
+    Mirror { origin: LuId, mates: Vec<LuId> },
 }
 
 struct LuEntry {
@@ -186,6 +191,7 @@ impl Array {
             .map_err(|e| ArrayError::InvalidArgument(e.to_string()))?;
         let mut lus = BTreeMap::new();
         for lu in &config.lus {
+            // One row per pair: an origin is in each of its mirror's rows.
             let kind = if config.mirrors.iter().any(|m| m.origin == lu.id) {
                 LuKind::Origin
             } else if config.mirrors.iter().any(|m| m.mate == lu.id) {
@@ -213,20 +219,20 @@ impl Array {
                 },
             );
         }
-        for m in &config.mirrors {
+        for m in config.mirror_lus() {
             let origin = &lus[&m.origin].info;
             let info = LuInfo {
                 id: m.mirror,
                 kind: LuKind::Mirror {
                     origin: m.origin,
-                    mate: m.mate,
+                    mates: m.mates.clone(),
                 },
                 block_size_bytes: origin.block_size_bytes,
                 block_count: origin.block_count,
             };
             let lu = Lu::Mirror {
                 origin: m.origin,
-                mate: m.mate,
+                mates: m.mates,
             };
             lus.insert(m.mirror, LuEntry { info, lu });
         }
@@ -269,16 +275,16 @@ impl Array {
     }
 
     /// `lu` as `caller` sees it: the least of its grants on the LU and, for
-    /// a mirror LU, on its origin and mate (a write lands on both sides and
-    /// a read may come from either). `UnknownLu` when the LU does not exist
+    /// a mirror LU, on its origin and every mate (a write may land on all
+    /// of them and a read may come from any). `UnknownLu` when the LU does not exist
     /// or that access is none: the same answer, so that masking does not
     /// reveal the LU.
     pub fn visible(&self, caller: &Caller, lu: LuId) -> Result<Visible<'_>, ArrayError> {
         let entry = self.entry(lu)?;
         let mut access = self.access.access(caller, lu);
         let mut through = None;
-        if let Lu::Mirror { origin, mate } = entry.lu {
-            for side in [origin, mate] {
+        if let Lu::Mirror { origin, mates } = &entry.lu {
+            for &side in std::iter::once(origin).chain(mates) {
                 let side_access = self.access.access(caller, side);
                 if side_access < access {
                     access = side_access;
@@ -299,8 +305,8 @@ impl Array {
     /// The Fig. 11 page of an LU (validated with
     /// [`validate::mode_sense`]).
     pub fn mode_sense(info: &LuInfo) -> ModeSensePage {
-        let pair = match info.kind {
-            LuKind::Mirror { origin, mate } => Some((origin, mate)),
+        let pair = match &info.kind {
+            LuKind::Mirror { origin, mates } => Some((*origin, mates[0])),
             _ => None,
         };
         ModeSensePage {
@@ -312,11 +318,10 @@ impl Array {
 
     /// Reads a validated range in one buffer (at most one request's cap:
     /// larger reads are streamed in [`ValidRead::chunks`]). A read of a
-    /// mirror LU is served by whichever of origin and mate has fewer
-    /// requests in flight ([0058]), or by the origin alone while the pair
-    /// is in Snapshot or Resynchronizing; the pair's mode may refuse a read
-    /// naming the mate ([`crate::modes`]), checked under the pair's gate
-    /// before anything is read.
+    /// mirror LU is served by the least busy of the origin and the mates
+    /// its pairs' modes let it read ([0058], [`crate::modes::Route`]); the
+    /// pair's mode may refuse a read naming a mate ([`crate::modes`]),
+    /// checked under the pair's gate before anything is read.
     pub async fn read(&self, read: &ValidRead) -> Result<Vec<u8>, ArrayError> {
         let started = tokio::time::Instant::now();
         let (lu, lba, blocks) = (read.lu(), read.lba(), read.blocks());
@@ -325,7 +330,7 @@ impl Array {
         let block_size_bytes = read.block_size_bytes();
         self.pace_bulk(bytes, None).await;
         let _admission = self.modes.enter(&[lu]).await;
-        let source = self.read_source(lu, self.modes.route(lu, Op::Read)?)?;
+        let source = self.read_source(lu, &self.modes.route(lu, Op::Read)?)?;
         let real = self.real(source)?;
         let _busy = InFlight::enter(&real.in_flight);
         let _guard = real.lock.lock(lba..lba + blocks, LockMode::Shared).await;
@@ -347,12 +352,12 @@ impl Array {
         Ok(buf)
     }
 
-    /// Writes a validated write. A write to a mirror LU lands on origin and
-    /// mate concurrently and returns when both hold it ([0058]), or on the
-    /// origin alone while the pair is in Snapshot; the pair's mode may
-    /// refuse a write naming the mate ([`crate::modes`]). The mode is
-    /// checked, and the write routed and done, under the pair's gate, so
-    /// that a `ModeSelect` waits for it. With `fua`, the data is durable
+    /// Writes a validated write. A write to a mirror LU lands concurrently
+    /// on the origin and every mate whose pair takes it (not a Snapshot
+    /// pair's) and returns when all of them hold it ([0058]); a pair's mode
+    /// may refuse a write naming its mate ([`crate::modes`]). The modes are
+    /// checked, and the write routed and done, under the gates of the pairs
+    /// (shared, in mate order), so that a `ModeSelect` waits for it. With `fua`, the data is durable
     /// before this returns. Answers the blocks written.
     pub async fn write(&self, write: ValidWrite) -> Result<u64, ArrayError> {
         let started = tokio::time::Instant::now();
@@ -364,8 +369,15 @@ impl Array {
         // A restore's bulk writes are background work like a copy's.
         self.pace_bulk(bytes, None).await;
         let _admission = self.modes.enter(&[lu]).await;
-        let targets = self.targets(lu, self.modes.route(lu, Op::Write)?)?;
+        let targets = self.targets(lu, &self.modes.route(lu, Op::Write)?)?;
         self.check_mate_denied(lu, &targets, mate_denied.as_ref())?;
+        let _busy: Vec<InFlight<'_>> = targets
+            .iter()
+            .map(|&target| {
+                self.real(target)
+                    .map(|real| InFlight::enter(&real.in_flight))
+            })
+            .collect::<Result<_, _>>()?;
         let _guards = self.lock_all(&targets, lba..lba + blocks).await?;
         let bulk = is_bulk(data.len() as u64);
         let data = Arc::new(data);
@@ -426,8 +438,8 @@ impl Array {
                 .await;
             let _admission = self.modes.enter(&[src, dst]).await;
             let (src_route, dst_route) = self.modes.copy_routes(src, dst)?;
-            let source = self.read_source(src, src_route)?;
-            let targets = self.targets(dst, dst_route)?;
+            let source = self.read_source(src, &src_route)?;
+            let targets = self.targets(dst, &dst_route)?;
             self.check_mate_denied(dst, &targets, copy.dst_mate_denied())?;
             let mut locked = targets.clone();
             locked.push(source);
@@ -492,7 +504,7 @@ impl Array {
             // Never refused; a mirror LU's chunk is read where a read
             // would be in the pair's mode.
             let _admission = self.modes.enter(&[lu]).await;
-            let source = self.read_source(lu, self.modes.route(lu, Op::Checksum)?)?;
+            let source = self.read_source(lu, &self.modes.route(lu, Op::Checksum)?)?;
             let real = self.real(source)?;
             let _busy = InFlight::enter(&real.in_flight);
             let _guard = real
@@ -527,11 +539,16 @@ impl Array {
         Ok(digests)
     }
 
-    /// Makes every acknowledged write to the LU (both sides of a mirror LU,
-    /// whatever the pair's mode: a flush changes no data) durable.
+    /// Makes every acknowledged write to the LU (the origin and every mate
+    /// of a mirror LU, whatever the pairs' modes: a flush changes no data)
+    /// durable.
     pub async fn flush(&self, flush: &ValidFlush) -> Result<(), ArrayError> {
         let lu = flush.lu();
-        for target in self.targets(lu, Route::BothSides)? {
+        let targets = match &self.entry(lu)?.lu {
+            Lu::Real(_) => vec![lu],
+            Lu::Mirror { origin, mates } => std::iter::once(*origin).chain(mates.clone()).collect(),
+        };
+        for target in targets {
             let storage = self.real(target)?.storage.clone();
             blocking(move || storage.sync_data())
                 .await
@@ -583,38 +600,35 @@ impl Array {
         }
     }
 
-    /// The real LUs a request on `lu` routed as `route` (by the pair's
-    /// mode, [`ModeTable::route`]) lands on, in id order. A real LU is
-    /// itself whatever the route.
-    fn targets(&self, lu: LuId, route: Route) -> Result<Vec<LuId>, ArrayError> {
-        match self.entry(lu)?.lu {
-            Lu::Real(_) => Ok(vec![lu]),
-            Lu::Mirror { origin, mate } => match route {
-                Route::OriginOnly => Ok(vec![origin]),
-                Route::EitherSide => {
-                    let busy = |id| {
-                        self.real(id)
-                            .map(|r| r.in_flight.load(Ordering::Relaxed))
-                            .unwrap_or(u64::MAX)
-                    };
-                    Ok(vec![if busy(mate) < busy(origin) {
-                        mate
-                    } else {
-                        origin
-                    }])
-                }
-                Route::BothSides | Route::Named => {
-                    let mut targets = vec![origin, mate];
-                    targets.sort_unstable();
-                    Ok(targets)
-                }
-            },
+    /// The real LUs a request on `lu` routed as `route` (by the pairs'
+    /// modes, [`ModeTable::route`]) lands on, in id order: for a read, the
+    /// least busy of the candidates ([`crate::modes::least_busy`]). A real
+    /// LU is itself whatever the route.
+    fn targets(&self, lu: LuId, route: &Route) -> Result<Vec<LuId>, ArrayError> {
+        match (&self.entry(lu)?.lu, route) {
+            (Lu::Real(_), _) | (Lu::Mirror { .. }, Route::Named) => Ok(vec![lu]),
+            (Lu::Mirror { .. }, Route::LeastBusyOf(candidates)) => {
+                let busy = |id| {
+                    self.real(id)
+                        .map(|r| r.in_flight.load(Ordering::Relaxed))
+                        .unwrap_or(u64::MAX)
+                };
+                let source = least_busy(candidates, busy).ok_or_else(|| {
+                    ArrayError::InvalidArgument(format!("mirror LU {lu}: no LU to read"))
+                })?;
+                Ok(vec![source])
+            }
+            (Lu::Mirror { .. }, Route::AllOf(lus)) => {
+                let mut targets = lus.clone();
+                targets.sort_unstable();
+                Ok(targets)
+            }
         }
     }
 
-    /// Refuses a write to mirror LU `lu` accepted while it went to the
-    /// origin alone, by a caller that may not write the mate, now that the
-    /// pair's mode sends it to `targets` with the mate among them.
+    /// Refuses a write to mirror LU `lu` accepted while it went around the
+    /// mates a caller may not write, now that the pairs' modes send it to
+    /// `targets` with one of those mates among them.
     fn check_mate_denied(
         &self,
         lu: LuId,
@@ -622,19 +636,19 @@ impl Array {
         denied: Option<&validate::MateDenied>,
     ) -> Result<(), ArrayError> {
         match denied {
-            Some(denied) if targets.contains(&denied.mate) => Err(denied.error(lu)),
-            _ => Ok(()),
+            Some(denied) => denied.check(lu, targets),
+            None => Ok(()),
         }
     }
 
     /// The real LU a read of `lu` routed as `route` is served from.
-    fn read_source(&self, lu: LuId, route: Route) -> Result<LuId, ArrayError> {
+    fn read_source(&self, lu: LuId, route: &Route) -> Result<LuId, ArrayError> {
         let route = match route {
-            // A read needs one side: a route to both reads either.
-            Route::BothSides => Route::EitherSide,
-            other => other,
+            // A read needs one LU: a route to several reads any of them.
+            Route::AllOf(lus) => Route::LeastBusyOf(lus.clone()),
+            other => other.clone(),
         };
-        Ok(self.targets(lu, route)?[0])
+        Ok(self.targets(lu, &route)?[0])
     }
 
     /// Locks `range` exclusively on each of `lus` (sorted by id).
@@ -1196,7 +1210,7 @@ mod tests {
         };
         // Until the write holds the pair's gate, the split could go first.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !array.modes().gate_is_held(0) {
+        while !array.modes().gate_is_held(0, 2) {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the mirror write never entered its pair's gate"

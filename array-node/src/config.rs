@@ -23,7 +23,8 @@ pub const DEFAULT_LU_SIZE_BYTES: u64 = 64 << 20;
 pub struct ArrayConfig {
     #[serde(default, rename = "lu")]
     pub lus: Vec<RealLuConfig>,
-    #[serde(default, rename = "mirror")]
+    /// One row per (mirror LU, mate): see [`MirrorConfig`].
+    #[serde(default, rename = "mirror", deserialize_with = "mirror_tables")]
     pub mirrors: Vec<MirrorConfig>,
     /// The owner and backup identities (defaults: db-server and
     /// backup-server).
@@ -44,13 +45,86 @@ pub struct RealLuConfig {
 }
 
 /// One row of the mirroring definition table: writes to `mirror` go to
-/// `origin` and `mate`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `origin` and `mate`. Each row is one pair. A mirror LU with several
+/// mates (up to [`MAX_MATES`], [0020]) has one row per mate, mate 1 first,
+/// every row naming the same origin: what a `[[mirror]]` table with
+/// `mates = [a, b, c]` becomes (see [`ArrayConfig::mirror_lus`] for the
+/// rows grouped by mirror LU).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorConfig {
     pub mirror: LuId,
     pub origin: LuId,
     pub mate: LuId,
+}
+
+/// The most mates one mirror LU may have ([0020]).
+pub const MAX_MATES: usize = 3;
+
+/// A mirror LU with every one of its mates, in the configuration's order
+/// (mate 1 first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorLu {
+    pub mirror: LuId,
+    pub origin: LuId,
+    pub mates: Vec<LuId>,
+}
+
+/// A `[[mirror]]` table as written: `mate = N` (one mate, as configs
+/// always were) or `mates = [a, b, c]`, exactly one of the two.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorTable {
+    mirror: LuId,
+    origin: LuId,
+    mate: Option<LuId>,
+    mates: Option<Vec<LuId>>,
+}
+
+/// The `[[mirror]]` tables as rows, one per (mirror LU, mate). Refuses a
+/// table with neither or both of `mate` and `mates`, an empty `mates`, and
+/// a mirror LU defined by two tables (the rest is [`ArrayConfig::validate`]'s).
+fn mirror_tables<'de, D>(deserializer: D) -> Result<Vec<MirrorConfig>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let tables = Vec::<MirrorTable>::deserialize(deserializer)?;
+    let mut rows = Vec::new();
+    let mut seen = BTreeSet::new();
+    for table in tables {
+        let mirror = table.mirror;
+        if !seen.insert(mirror) {
+            return Err(D::Error::custom(format!(
+                "mirror LU {mirror} is already defined (one [[mirror]] table per mirror LU; \
+                 list several mates with mates = [..])"
+            )));
+        }
+        let mates = match (table.mate, table.mates) {
+            (Some(mate), None) => vec![mate],
+            (None, Some(mates)) if mates.is_empty() => {
+                return Err(D::Error::custom(format!(
+                    "mirror LU {mirror}: mates = [] lists no LU (1 to {MAX_MATES} mates)"
+                )));
+            }
+            (None, Some(mates)) => mates,
+            (Some(_), Some(_)) => {
+                return Err(D::Error::custom(format!(
+                    "mirror LU {mirror}: give either mate = N or mates = [..], not both"
+                )));
+            }
+            (None, None) => {
+                return Err(D::Error::custom(format!(
+                    "mirror LU {mirror}: no mate (give mate = N or mates = [a, b, c])"
+                )));
+            }
+        };
+        rows.extend(mates.into_iter().map(|mate| MirrorConfig {
+            mirror,
+            origin: table.origin,
+            mate,
+        }));
+    }
+    Ok(rows)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -154,6 +228,13 @@ impl ArrayConfig {
     /// origin = 1
     /// mate = 2
     ///
+    /// # A mirror LU with several mates (up to three, mate 1 first): each
+    /// # (mirror LU, mate) is a pair with its own mode.
+    /// [[mirror]]
+    /// mirror = 10
+    /// origin = 11
+    /// mates = [12, 13, 14]
+    ///
     /// # Optional: LUN masking (these two are the defaults).
     /// [access]
     /// owner = "db-server"
@@ -173,9 +254,27 @@ impl ArrayConfig {
         Ok(config)
     }
 
+    /// The mirror LUs, each with its mates (mate 1 first), in the order of
+    /// their first row.
+    pub fn mirror_lus(&self) -> Vec<MirrorLu> {
+        let mut mirrors: Vec<MirrorLu> = Vec::new();
+        for row in &self.mirrors {
+            match mirrors.iter_mut().find(|m| m.mirror == row.mirror) {
+                Some(mirror) => mirror.mates.push(row.mate),
+                None => mirrors.push(MirrorLu {
+                    mirror: row.mirror,
+                    origin: row.origin,
+                    mates: vec![row.mate],
+                }),
+            }
+        }
+        mirrors
+    }
+
     /// Checks that the table makes sense: known block sizes, unique ids,
-    /// each mirror over two distinct real LUs of one geometry, no real LU in
-    /// two mirrors, grants naming defined LUs.
+    /// each mirror over an origin and 1 to [`MAX_MATES`] mates, distinct
+    /// real LUs of one geometry, no real LU in two mirrors, grants naming
+    /// defined LUs.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| Err(ConfigError::Invalid(message));
         if self.lus.is_empty() {
@@ -205,17 +304,42 @@ impl ArrayConfig {
         }
         let mut paired = BTreeSet::new();
         let mut mirror_ids = BTreeSet::new();
-        for m in &self.mirrors {
+        for m in self.mirror_lus() {
             if real.contains_key(&m.mirror) || !mirror_ids.insert(m.mirror) {
                 return invalid(format!("mirror LU {} is already defined", m.mirror));
             }
-            if m.origin == m.mate {
+            if let Some(row) = self
+                .mirrors
+                .iter()
+                .find(|row| row.mirror == m.mirror && row.origin != m.origin)
+            {
                 return invalid(format!(
-                    "mirror LU {}: origin and mate are both LU {}",
-                    m.mirror, m.origin
+                    "mirror LU {}: its pairs name two origins, LU {} and LU {}",
+                    m.mirror, m.origin, row.origin
                 ));
             }
-            for side in [m.origin, m.mate] {
+            if m.mates.len() > MAX_MATES {
+                return invalid(format!(
+                    "mirror LU {}: {} mates; a mirror LU has 1 to {MAX_MATES}",
+                    m.mirror,
+                    m.mates.len()
+                ));
+            }
+            for (index, &mate) in m.mates.iter().enumerate() {
+                if mate == m.origin {
+                    return invalid(format!(
+                        "mirror LU {}: origin and mate are both LU {}",
+                        m.mirror, m.origin
+                    ));
+                }
+                if m.mates[..index].contains(&mate) {
+                    return invalid(format!(
+                        "mirror LU {}: mate LU {mate} is listed twice",
+                        m.mirror
+                    ));
+                }
+            }
+            for &side in std::iter::once(&m.origin).chain(&m.mates) {
                 if !real.contains_key(&side) {
                     return invalid(format!(
                         "mirror LU {}: LU {side} is not a defined [[lu]]",
@@ -229,14 +353,17 @@ impl ArrayConfig {
                     ));
                 }
             }
-            let (origin, mate) = (real[&m.origin], real[&m.mate]);
-            if (origin.block_size_bytes, origin.block_count)
-                != (mate.block_size_bytes, mate.block_count)
-            {
-                return invalid(format!(
-                    "mirror LU {}: origin LU {} and mate LU {} differ in block size or count",
-                    m.mirror, m.origin, m.mate
-                ));
+            let origin = real[&m.origin];
+            for mate in &m.mates {
+                let mate_lu = real[mate];
+                if (origin.block_size_bytes, origin.block_count)
+                    != (mate_lu.block_size_bytes, mate_lu.block_count)
+                {
+                    return invalid(format!(
+                        "mirror LU {}: origin LU {} and mate LU {mate} differ in block size or count",
+                        m.mirror, m.origin
+                    ));
+                }
             }
         }
         self.validate_access(|lu| real.contains_key(&lu) || mirror_ids.contains(&lu))
@@ -435,6 +562,127 @@ mod tests {
         let text = "[[lu]]\nid = 1\nblock_size_bytes = = 4096\n";
         let error = ArrayConfig::from_toml(text).expect_err("bad syntax");
         assert!(error.to_string().contains("line 3"), "{error}");
+    }
+
+    #[test]
+    fn a_mirror_with_three_mates_is_one_row_per_pair_mate_1_first() {
+        let text = r#"
+            [[lu]]
+            id = 1
+            block_size_bytes = 4096
+            block_count = 8
+            [[lu]]
+            id = 2
+            block_size_bytes = 4096
+            block_count = 8
+            [[lu]]
+            id = 3
+            block_size_bytes = 4096
+            block_count = 8
+            [[lu]]
+            id = 4
+            block_size_bytes = 4096
+            block_count = 8
+            [[mirror]]
+            mirror = 0
+            origin = 1
+            mates = [4, 2, 3]
+        "#;
+        let config = ArrayConfig::from_toml(text).expect("valid");
+        let row = |mate| MirrorConfig {
+            mirror: 0,
+            origin: 1,
+            mate,
+        };
+        assert_eq!(config.mirrors, vec![row(4), row(2), row(3)]);
+        assert_eq!(
+            config.mirror_lus(),
+            vec![MirrorLu {
+                mirror: 0,
+                origin: 1,
+                mates: vec![4, 2, 3],
+            }]
+        );
+        // `mates = [n]` is the same as `mate = n`.
+        let one = text.replace("mates = [4, 2, 3]", "mates = [2]");
+        let single = text.replace("mates = [4, 2, 3]", "mate = 2");
+        assert_eq!(
+            ArrayConfig::from_toml(&one).expect("valid"),
+            ArrayConfig::from_toml(&single).expect("valid")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_mates_naming_the_mirror_lu() {
+        let lu = |id: u32, bs: u32, n: u64| {
+            format!("[[lu]]\nid = {id}\nblock_size_bytes = {bs}\nblock_count = {n}\n")
+        };
+        let lus = (1..=5).map(|id| lu(id, 512, 8)).collect::<String>();
+        let mirror = |keys: &str| format!("[[mirror]]\nmirror = 0\norigin = 1\n{keys}");
+        let cases = [
+            (
+                lus.clone() + &mirror(""),
+                "mirror LU 0: no mate (give mate = N or mates = [a, b, c])",
+            ),
+            (
+                lus.clone() + &mirror("mate = 2\nmates = [3]\n"),
+                "mirror LU 0: give either mate = N or mates = [..], not both",
+            ),
+            (
+                lus.clone() + &mirror("mates = []\n"),
+                "mirror LU 0: mates = [] lists no LU",
+            ),
+            (
+                lus.clone() + &mirror("mates = [2, 3, 4, 5]\n"),
+                "mirror LU 0: 4 mates; a mirror LU has 1 to 3",
+            ),
+            (
+                lus.clone() + &mirror("mates = [2, 3, 2]\n"),
+                "mirror LU 0: mate LU 2 is listed twice",
+            ),
+            (
+                lus.clone() + &mirror("mates = [2, 1]\n"),
+                "mirror LU 0: origin and mate are both LU 1",
+            ),
+            (
+                lus.clone() + &mirror("mates = [2, 9]\n"),
+                "mirror LU 0: LU 9 is not a defined [[lu]]",
+            ),
+            (
+                lus.clone() + &lu(6, 512, 9) + &mirror("mates = [2, 6]\n"),
+                "mirror LU 0: origin LU 1 and mate LU 6 differ in block size or count",
+            ),
+            (
+                lus.clone() + &lu(6, 4096, 8) + &mirror("mates = [6]\n"),
+                "mirror LU 0: origin LU 1 and mate LU 6 differ in block size or count",
+            ),
+            (
+                lus.clone()
+                    + &mirror("mates = [2, 3]\n")
+                    + "[[mirror]]\nmirror = 9\norigin = 4\nmates = [5, 3]\n",
+                "mirror LU 9: LU 3 already belongs to another mirror",
+            ),
+            (
+                lus.clone() + &mirror("mates = [2]\n") + &mirror("mate = 3\n"),
+                "mirror LU 0 is already defined",
+            ),
+            (lus.clone() + &mirror("mates = 2\n"), "mates"),
+        ];
+        for (text, expected) in cases {
+            let error = ArrayConfig::from_toml(&text).expect_err(&text);
+            assert!(error.to_string().contains(expected), "{text}: {error}");
+        }
+        // Rows built in code are checked the same way: two origins.
+        let mut config =
+            ArrayConfig::from_toml(&(lus.clone() + &mirror("mates = [2, 3]\n"))).expect("valid");
+        config.mirrors[1].origin = 4;
+        let error = config.validate().expect_err("two origins");
+        assert!(
+            error
+                .to_string()
+                .contains("mirror LU 0: its pairs name two origins, LU 1 and LU 4"),
+            "{error}"
+        );
     }
 
     #[test]

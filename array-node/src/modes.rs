@@ -54,7 +54,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -141,21 +141,21 @@ impl MirrorMode {
     /// Where a request `op` on the `side` of a pair in this mode goes, or
     /// what about it is refused (for people). The rules of `rpc
     /// ModeSelect`; see the table in the module documentation.
-    pub fn route(self, side: Side, op: Op) -> Result<Route, &'static str> {
+    pub fn route(self, side: Side, op: Op) -> Result<PairRoute, &'static str> {
         use MirrorMode::{HostManaged, Resynchronizing, Snapshot, Synchronized};
         match (side, op) {
             (Side::Mirror, Op::Read | Op::Checksum) => Ok(match self {
-                HostManaged | Synchronized => Route::EitherSide,
-                Snapshot { .. } | Resynchronizing => Route::OriginOnly,
+                HostManaged | Synchronized => PairRoute::EitherSide,
+                Snapshot { .. } | Resynchronizing => PairRoute::OriginOnly,
             }),
             (Side::Mirror, Op::Write) => Ok(match self {
-                HostManaged | Synchronized | Resynchronizing => Route::BothSides,
-                Snapshot { .. } => Route::OriginOnly,
+                HostManaged | Synchronized | Resynchronizing => PairRoute::BothSides,
+                Snapshot { .. } => PairRoute::OriginOnly,
             }),
-            (Side::Origin, Op::Read | Op::Write | Op::Checksum) => Ok(Route::Named),
-            (Side::Mate, Op::Checksum) => Ok(Route::Named),
+            (Side::Origin, Op::Read | Op::Write | Op::Checksum) => Ok(PairRoute::Named),
+            (Side::Mate, Op::Checksum) => Ok(PairRoute::Named),
             (Side::Mate, Op::Read) => match self {
-                HostManaged | Synchronized | Snapshot { .. } => Ok(Route::Named),
+                HostManaged | Synchronized | Snapshot { .. } => Ok(PairRoute::Named),
                 Resynchronizing => Err(
                     "a read naming the mate is refused while the pair resynchronizes \
                      (its blocks are being copied from the origin; read the mirror LU)",
@@ -165,7 +165,7 @@ impl MirrorMode {
                 HostManaged
                 | Snapshot {
                     mate_writable: true,
-                } => Ok(Route::Named),
+                } => Ok(PairRoute::Named),
                 Synchronized => Err(
                     "a write naming the mate is refused while the pair is synchronized \
                      (write the mirror LU: it lands on both sides)",
@@ -229,17 +229,33 @@ pub enum Op {
     Checksum,
 }
 
-/// Where a request on an LU of a pair goes.
+/// Where a request on one LU of one pair goes, by that pair's mode alone
+/// ([`MirrorMode::route`]); [`ModeTable::route`] combines the pairs of a
+/// mirror LU into a [`Route`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    /// A mirror LU read: whichever side has fewer requests in flight.
+pub enum PairRoute {
+    /// A mirror LU read: the origin or this mate, whichever is less busy.
     EitherSide,
-    /// A mirror LU read or write: the origin alone.
+    /// A mirror LU read or write: the origin, not this mate.
     OriginOnly,
-    /// A mirror LU write: origin and mate.
+    /// A mirror LU write: the origin and this mate.
     BothSides,
+    /// A request naming a real LU: that LU.
+    Named,
+}
+
+/// Where a request goes, every pair of its LU considered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
     /// A request naming a real LU (or an LU of no pair): that LU.
     Named,
+    /// A mirror LU read or checksum: the least busy of these real LUs
+    /// (never empty; the origin first, then mates in mate order, which is
+    /// also the order ties go in, see [`least_busy`]).
+    LeastBusyOf(Vec<LuId>),
+    /// A mirror LU write: every one of these real LUs (the origin first,
+    /// then mates in mate order); acknowledged once all of them hold it.
+    AllOf(Vec<LuId>),
 }
 
 /// One `ModeSelect`, validated ([`crate::validate::mode_select`]).
@@ -247,18 +263,21 @@ pub enum Route {
 pub struct ModeChange {
     /// The mirror LU.
     pub mirror: LuId,
+    /// The mate whose pair changes.
+    pub mate: LuId,
     pub mode: MirrorMode,
     /// Why, for the log and the file.
     pub purpose: String,
 }
 
-/// An LU's place in a pair.
+/// An LU's place in a mirror.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PairOf {
     pub mirror: LuId,
     pub origin: LuId,
+    /// For a mate LU, itself; for the mirror LU or its origin, mate 1.
     pub mate: LuId,
-    /// Which of the three the LU is.
+    /// Which of them the LU is.
     pub side: Side,
 }
 
@@ -269,8 +288,8 @@ struct Entry {
     purpose: String,
 }
 
+/// One (mirror LU, mate) pair.
 struct Pair {
-    origin: LuId,
     mate: LuId,
     /// Held shared by every request on the pair while it is routed and
     /// done, exclusively by a mode change (see the module documentation).
@@ -279,12 +298,36 @@ struct Pair {
     current: RwLock<Entry>,
 }
 
+/// A mirror LU and its pairs.
+struct Mirror {
+    origin: LuId,
+    /// One per mate, mate 1 first.
+    pairs: Vec<Pair>,
+}
+
+impl Mirror {
+    fn pair(&self, mate: LuId) -> Option<(usize, &Pair)> {
+        self.pairs.iter().enumerate().find(|(_, p)| p.mate == mate)
+    }
+
+    /// Every pair's (mate, mode in force), mate 1 first.
+    fn modes(&self) -> Vec<(LuId, MirrorMode)> {
+        self.pairs
+            .iter()
+            .map(|pair| {
+                let mode = pair.current.read().expect("mode table poisoned").mode;
+                (pair.mate, mode)
+            })
+            .collect()
+    }
+}
+
 /// The mirroring management table. Shared by every request.
 pub struct ModeTable {
-    /// Every LU of every pair: its mirror LU and side.
+    /// Every LU of every mirror: its mirror LU and side.
     sides: BTreeMap<LuId, (LuId, Side)>,
     /// By mirror LU.
-    pairs: BTreeMap<LuId, Arc<Pair>>,
+    mirrors: BTreeMap<LuId, Mirror>,
     /// Held for the whole of one change (persist, then swap), so that two
     /// changes of different pairs never write the file over each other.
     changing: tokio::sync::Mutex<()>,
@@ -305,6 +348,10 @@ pub struct Admission<'a> {
 struct FileMode {
     /// The mirror LU.
     lu: LuId,
+    /// The mate of the pair. Absent in files written before mirror LUs
+    /// had several mates: such an entry is the pair of mate 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mate: Option<LuId>,
     mode: String,
     mate_writable: bool,
     purpose: String,
@@ -319,92 +366,178 @@ struct ModesFile {
     modes: Vec<FileMode>,
 }
 
+/// Where a request on mirror LU with origin `origin` and pairs `pairs`
+/// ((mate, mode), mate 1 first) goes. The one place the pairs of a mirror
+/// LU are combined:
+///
+/// - A write goes to the origin and to every mate whose pair takes it
+///   (HostManaged, Synchronized, Resynchronizing: [`MirrorMode::route`]
+///   answers [`PairRoute::BothSides`]); a Snapshot pair's mate is frozen
+///   (or the host's own, when writable) and is left alone.
+/// - A read (or checksum) comes from the least busy of the origin and the
+///   mates known to hold the mirror LU's data: with one mate, exactly as
+///   the pair's mode says (either side while HostManaged or Synchronized,
+///   the origin otherwise: what hosts of a stateless array rely on); with
+///   several, only the mates whose pair is Synchronized. A HostManaged
+///   pair among several is not read: the array cannot tell whether the
+///   host split that mate, while a Synchronized pair's mate is kept equal
+///   to the origin by the array itself. The origin always holds the data.
+fn mirror_route(origin: LuId, pairs: &[(LuId, MirrorMode)], op: Op) -> Route {
+    match op {
+        Op::Write => Route::AllOf(
+            std::iter::once(origin)
+                .chain(pairs.iter().filter_map(|&(mate, mode)| {
+                    (mode.route(Side::Mirror, Op::Write) == Ok(PairRoute::BothSides))
+                        .then_some(mate)
+                }))
+                .collect(),
+        ),
+        Op::Read | Op::Checksum => {
+            let readable = |&(mate, mode): &(LuId, MirrorMode)| match pairs.len() {
+                1 => (mode.route(Side::Mirror, op) == Ok(PairRoute::EitherSide)).then_some(mate),
+                _ => (mode == MirrorMode::Synchronized).then_some(mate),
+            };
+            Route::LeastBusyOf(
+                std::iter::once(origin)
+                    .chain(pairs.iter().filter_map(readable))
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// The least busy of `candidates` (by `busy`, the requests in flight on
+/// each real LU), the first of them on a tie: the origin comes first, then
+/// the mates in mate order, so that an idle array reads the origin.
+pub fn least_busy(candidates: &[LuId], busy: impl Fn(LuId) -> u64) -> Option<LuId> {
+    candidates.iter().copied().min_by_key(|&lu| busy(lu))
+}
+
 impl ModeTable {
-    /// Every mirror LU of `config` HostManaged, except those
+    /// Every pair of `config` HostManaged, except those
     /// `DATA_DIR/modes.json` sets.
     pub fn open(config: &ArrayConfig, data_dir: &Path) -> Result<Self, ModesFileError> {
         let mut table = Self::in_memory(config);
         let path = data_dir.join(MODES_FILE);
-        for (mirror, entry) in load(&path, &table.pairs)? {
-            *table.pairs[&mirror]
-                .current
-                .write()
-                .expect("mode table poisoned") = entry;
+        for ((mirror, mate), entry) in load(&path, &table.mirrors)? {
+            let (_, pair) = table.mirrors[&mirror].pair(mate).expect("load checked it");
+            *pair.current.write().expect("mode table poisoned") = entry;
         }
         table.file = Some(path);
         Ok(table)
     }
 
-    /// Every mirror LU of `config` HostManaged; changes live in memory only.
+    /// Every pair of `config` HostManaged; changes live in memory only.
     pub fn in_memory(config: &ArrayConfig) -> Self {
         let mut sides = BTreeMap::new();
-        let mut pairs = BTreeMap::new();
-        for m in &config.mirrors {
+        let mut mirrors = BTreeMap::new();
+        for m in config.mirror_lus() {
             sides.insert(m.mirror, (m.mirror, Side::Mirror));
             sides.insert(m.origin, (m.mirror, Side::Origin));
-            sides.insert(m.mate, (m.mirror, Side::Mate));
-            let pair = Pair {
-                origin: m.origin,
-                mate: m.mate,
-                gate: tokio::sync::RwLock::new(()),
-                current: RwLock::new(Entry {
-                    mode: MirrorMode::HostManaged,
-                    purpose: String::new(),
-                }),
-            };
-            pairs.insert(m.mirror, Arc::new(pair));
+            let pairs = m
+                .mates
+                .iter()
+                .map(|&mate| {
+                    sides.insert(mate, (m.mirror, Side::Mate));
+                    Pair {
+                        mate,
+                        gate: tokio::sync::RwLock::new(()),
+                        current: RwLock::new(Entry {
+                            mode: MirrorMode::HostManaged,
+                            purpose: String::new(),
+                        }),
+                    }
+                })
+                .collect();
+            mirrors.insert(
+                m.mirror,
+                Mirror {
+                    origin: m.origin,
+                    pairs,
+                },
+            );
         }
         Self {
             sides,
-            pairs,
+            mirrors,
             changing: tokio::sync::Mutex::new(()),
             file: None,
         }
     }
 
-    /// The pair `lu` belongs to, if any.
+    /// The mirror `lu` belongs to, if any.
     pub fn pair_of(&self, lu: LuId) -> Option<PairOf> {
         let &(mirror, side) = self.sides.get(&lu)?;
-        let pair = &self.pairs[&mirror];
+        let entry = &self.mirrors[&mirror];
         Some(PairOf {
             mirror,
-            origin: pair.origin,
-            mate: pair.mate,
+            origin: entry.origin,
+            mate: if side == Side::Mate {
+                lu
+            } else {
+                entry.pairs[0].mate
+            },
             side,
         })
     }
 
-    /// The mode in force for the pair of `lu` (mirror, origin or mate);
-    /// `None` for an LU of no pair.
+    /// The mates of mirror LU `mirror`, mate 1 first (`None` for an LU that
+    /// is no mirror LU).
+    pub fn mates(&self, mirror: LuId) -> Option<Vec<LuId>> {
+        let entry = self.mirrors.get(&mirror)?;
+        Some(entry.pairs.iter().map(|pair| pair.mate).collect())
+    }
+
+    /// Every pair of the mirror `lu` belongs to (mirror LU, origin or
+    /// mate): (mate, mode in force), mate 1 first. Empty for an LU of no
+    /// mirror.
+    pub fn pairs(&self, lu: LuId) -> Vec<(LuId, MirrorMode)> {
+        match self.sides.get(&lu) {
+            Some(&(mirror, _)) => self.mirrors[&mirror].modes(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The mode in force for the pair of `lu`: a mate's own pair's, mate
+    /// 1's for a mirror LU or an origin; `None` for an LU of no pair.
     pub fn mode(&self, lu: LuId) -> Option<MirrorMode> {
-        let &(mirror, _) = self.sides.get(&lu)?;
-        Some(self.mode_of_pair(mirror))
+        let pair = self.pair_of(lu)?;
+        Some(self.mode_of_pair(pair.mirror, pair.mate))
     }
 
-    fn mode_of_pair(&self, mirror: LuId) -> MirrorMode {
-        self.pairs[&mirror]
-            .current
-            .read()
-            .expect("mode table poisoned")
-            .mode
+    fn mode_of_pair(&self, mirror: LuId, mate: LuId) -> MirrorMode {
+        let (_, pair) = self.mirrors[&mirror].pair(mate).expect("a pair");
+        pair.current.read().expect("mode table poisoned").mode
     }
 
-    /// Where `op` on `lu` goes in its pair's mode in force, or
-    /// [`ArrayError::MirrorMode`]. An LU of no pair: [`Route::Named`].
-    /// Stable only while the pair's gate is held ([`Self::enter`]).
+    /// Where `op` on `lu` goes in the modes in force of its mirror's pairs,
+    /// or [`ArrayError::MirrorMode`]. A mirror LU: [`mirror_route`] (never
+    /// refused); its origin: itself, whatever the modes; a mate: as its own
+    /// pair's mode says. An LU of no pair: [`Route::Named`]. Stable only
+    /// while the pairs' gates are held ([`Self::enter`]).
     pub fn route(&self, lu: LuId, op: Op) -> Result<Route, ArrayError> {
         let Some(&(mirror, side)) = self.sides.get(&lu) else {
             return Ok(Route::Named);
         };
-        let mode = self.mode_of_pair(mirror);
-        mode.route(side, op)
-            .map_err(|refused| ArrayError::MirrorMode {
-                lu,
-                side,
-                mirror,
-                mode,
-                refused,
-            })
+        match side {
+            Side::Mirror => {
+                let entry = &self.mirrors[&mirror];
+                Ok(mirror_route(entry.origin, &entry.modes(), op))
+            }
+            Side::Origin => Ok(Route::Named),
+            Side::Mate => {
+                let mode = self.mode_of_pair(mirror, lu);
+                mode.route(side, op)
+                    .map(|_| Route::Named)
+                    .map_err(|refused| ArrayError::MirrorMode {
+                        lu,
+                        side,
+                        mirror,
+                        mode,
+                        refused,
+                    })
+            }
+        }
     }
 
     /// The routes of a copy from `src` to `dst`: a read of the source and a
@@ -415,37 +548,52 @@ impl ModeTable {
             && from.mirror == to.mirror
             && from.side == Side::Origin
             && to.side == Side::Mate
-            && self.mode_of_pair(from.mirror) == MirrorMode::Resynchronizing
+            && self.mode_of_pair(to.mirror, to.mate) == MirrorMode::Resynchronizing
         {
             return Ok((Route::Named, Route::Named));
         }
         Ok((self.route(src, Op::Read)?, self.route(dst, Op::Write)?))
     }
 
-    /// Holds the gates of the pairs of `lus` shared (in mirror LU order,
-    /// so that two requests and a mode change never wait in a cycle), so
-    /// that their modes stay as they are until the admission is dropped.
-    /// Take it before any range lock and drop it once the I/O is done.
+    /// Holds the gates of the pairs `lus` use shared, so that their modes
+    /// stay as they are until the admission is dropped: a mate uses its own
+    /// pair, a mirror LU or an origin every pair of the mirror. Taken in
+    /// mirror LU order, then mate order, so that two requests and a mode
+    /// change never wait in a cycle. Take it before any range lock and drop
+    /// it once the I/O is done.
     pub async fn enter(&self, lus: &[LuId]) -> Admission<'_> {
-        let mut mirrors: Vec<LuId> = lus
-            .iter()
-            .filter_map(|lu| self.sides.get(lu).map(|&(mirror, _)| mirror))
-            .collect();
-        mirrors.sort_unstable();
-        mirrors.dedup();
-        let mut gates = Vec::with_capacity(mirrors.len());
-        for mirror in mirrors {
-            gates.push(self.pairs[&mirror].gate.read().await);
+        let mut pairs: Vec<(LuId, usize)> = Vec::new();
+        for lu in lus {
+            let Some(&(mirror, side)) = self.sides.get(lu) else {
+                continue;
+            };
+            let entry = &self.mirrors[&mirror];
+            match side {
+                Side::Mate => {
+                    let (index, _) = entry.pair(*lu).expect("a mate's pair");
+                    pairs.push((mirror, index));
+                }
+                Side::Mirror | Side::Origin => {
+                    pairs.extend((0..entry.pairs.len()).map(|index| (mirror, index)));
+                }
+            }
+        }
+        pairs.sort_unstable();
+        pairs.dedup();
+        let mut gates = Vec::with_capacity(pairs.len());
+        for (mirror, index) in pairs {
+            gates.push(self.mirrors[&mirror].pairs[index].gate.read().await);
         }
         Admission { _gates: gates }
     }
 
-    /// Whether a request holds the gate of mirror LU `mirror`'s pair (or a
-    /// mode change is waiting for it), for tests that must order a request
-    /// before a change.
+    /// Whether a request holds the gate of the pair (mirror LU `mirror`,
+    /// mate `mate`) (or a mode change is waiting for it), for tests that
+    /// must order a request before a change.
     #[cfg(test)]
-    pub(crate) fn gate_is_held(&self, mirror: LuId) -> bool {
-        self.pairs[&mirror].gate.try_write().is_err()
+    pub(crate) fn gate_is_held(&self, mirror: LuId, mate: LuId) -> bool {
+        let (_, pair) = self.mirrors[&mirror].pair(mate).expect("a pair");
+        pair.gate.try_write().is_err()
     }
 
     /// Applies a validated `ModeSelect`: waits for the requests in flight
@@ -460,10 +608,12 @@ impl ModeTable {
         &self,
         change: &ModeChange,
     ) -> Result<(MirrorMode, MirrorMode), ArrayError> {
-        let pair = self
-            .pairs
+        let (_, pair) = self
+            .mirrors
             .get(&change.mirror)
-            .ok_or(ArrayError::UnknownLu(change.mirror))?;
+            .ok_or(ArrayError::UnknownLu(change.mirror))?
+            .pair(change.mate)
+            .ok_or(ArrayError::UnknownLu(change.mate))?;
         let _gate = pair.gate.write().await;
         let _changing = self.changing.lock().await;
         let previous = pair.current.read().expect("mode table poisoned").mode;
@@ -473,7 +623,7 @@ impl ModeTable {
         };
         if let Some(path) = &self.file {
             let old = self.file_content(None);
-            let next = self.file_content(Some((change.mirror, &entry)));
+            let next = self.file_content(Some(((change.mirror, change.mate), &entry)));
             let target = path.clone();
             tokio::task::spawn_blocking(move || state_file::persist(&target, &next, &old))
                 .await
@@ -482,8 +632,9 @@ impl ModeTable {
                 .map_err(|e| {
                     ArrayError::io(
                         format!(
-                            "saving the mode of mirror LU {} to {}",
+                            "saving the mode of mirror LU {} (mate LU {}) to {}",
                             change.mirror,
+                            change.mate,
                             path.display()
                         ),
                         e,
@@ -496,21 +647,24 @@ impl ModeTable {
 
     /// The file's bytes: every pair not HostManaged, with `replaced` in
     /// place of the one being changed.
-    fn file_content(&self, replaced: Option<(LuId, &Entry)>) -> Vec<u8> {
+    fn file_content(&self, replaced: Option<((LuId, LuId), &Entry)>) -> Vec<u8> {
         let mut modes = Vec::new();
-        for (&mirror, pair) in &self.pairs {
-            let current = pair.current.read().expect("mode table poisoned").clone();
-            let entry = match replaced {
-                Some((changed, entry)) if changed == mirror => entry.clone(),
-                _ => current,
-            };
-            if entry.mode != MirrorMode::HostManaged {
-                modes.push(FileMode {
-                    lu: mirror,
-                    mode: entry.mode.word().to_string(),
-                    mate_writable: entry.mode.mate_writable(),
-                    purpose: entry.purpose,
-                });
+        for (&mirror, entry) in &self.mirrors {
+            for pair in &entry.pairs {
+                let current = pair.current.read().expect("mode table poisoned").clone();
+                let entry = match replaced {
+                    Some((changed, entry)) if changed == (mirror, pair.mate) => entry.clone(),
+                    _ => current,
+                };
+                if entry.mode != MirrorMode::HostManaged {
+                    modes.push(FileMode {
+                        lu: mirror,
+                        mate: Some(pair.mate),
+                        mode: entry.mode.word().to_string(),
+                        mate_writable: entry.mode.mate_writable(),
+                        purpose: entry.purpose,
+                    });
+                }
             }
         }
         state_file::encode(&ModesFile {
@@ -521,12 +675,13 @@ impl ModeTable {
     }
 }
 
-/// The modes of the file at `path` by mirror LU (none if it does not
-/// exist).
+/// The modes of the file at `path` by (mirror LU, mate) (none if it does
+/// not exist). An entry without a mate (a file written when a mirror LU had
+/// one mate) is the pair of mate 1.
 fn load(
     path: &Path,
-    pairs: &BTreeMap<LuId, Arc<Pair>>,
-) -> Result<BTreeMap<LuId, Entry>, ModesFileError> {
+    mirrors: &BTreeMap<LuId, Mirror>,
+) -> Result<BTreeMap<(LuId, LuId), Entry>, ModesFileError> {
     let Some(bytes) = state_file::read(path)? else {
         return Ok(BTreeMap::new());
     };
@@ -540,9 +695,17 @@ fn load(
     state_file::check(&file.format, FORMAT, &file.blake3, &file.modes).map_err(damaged)?;
     let mut modes = BTreeMap::new();
     for entry in file.modes {
-        if !pairs.contains_key(&entry.lu) {
+        let Some(mirror) = mirrors.get(&entry.lu) else {
             return Err(damaged(format!(
                 "it sets the mode of LU {}, which is no mirror LU of the configuration",
+                entry.lu
+            )));
+        };
+        let mate = entry.mate.unwrap_or(mirror.pairs[0].mate);
+        if mirror.pair(mate).is_none() {
+            return Err(damaged(format!(
+                "it sets the mode of mirror LU {} with mate LU {mate}, which is no mate of it \
+                 in the configuration",
                 entry.lu
             )));
         }
@@ -553,7 +716,7 @@ fn load(
             ))
         })?;
         let previous = modes.insert(
-            entry.lu,
+            (entry.lu, mate),
             Entry {
                 mode,
                 purpose: entry.purpose,
@@ -561,7 +724,7 @@ fn load(
         );
         if previous.is_some() {
             return Err(damaged(format!(
-                "it sets the mode of mirror LU {} twice",
+                "it sets the mode of mirror LU {} (mate LU {mate}) twice",
                 entry.lu
             )));
         }
@@ -578,8 +741,10 @@ mod tests {
     }
 
     fn change(mirror: LuId, mode: MirrorMode) -> ModeChange {
+        // Default pairs: mirror LU 0 = 1 + 2, 3 = 4 + 5.
         ModeChange {
             mirror,
+            mate: mirror + 2,
             mode,
             purpose: format!("test: mirror LU {mirror} to {mode}"),
         }
@@ -664,6 +829,7 @@ mod tests {
         };
         let entry = |mode: &str, mate_writable| FileMode {
             lu: 0,
+            mate: None,
             mode: mode.into(),
             mate_writable,
             purpose: String::new(),

@@ -101,9 +101,9 @@ fn grant_to_pb(grant: Grant) -> pb::Grant {
 
 fn lu_info_to_pb(visible: Visible<'_>) -> pb::LuInfo {
     let info = visible.info;
-    let (origin_lu, mate_lu) = match info.kind {
-        LuKind::Mirror { origin, mate } => (Some(origin), Some(mate)),
-        LuKind::Origin | LuKind::Mate | LuKind::Plain => (None, None),
+    let (origin_lu, mate_lus) = match &info.kind {
+        LuKind::Mirror { origin, mates } => (Some(*origin), mates.clone()),
+        LuKind::Origin | LuKind::Mate | LuKind::Plain => (None, Vec::new()),
     };
     pb::LuInfo {
         id: info.id,
@@ -111,9 +111,9 @@ fn lu_info_to_pb(visible: Visible<'_>) -> pb::LuInfo {
         block_size_bytes: info.block_size_bytes,
         block_count: info.block_count,
         origin_lu,
-        mate_lu,
+        mate_lu: mate_lus.first().copied(),
         access: access_to_pb(visible.access).into(),
-        mate_lus: mate_lu.into_iter().collect(),
+        mate_lus,
     }
 }
 
@@ -174,13 +174,29 @@ impl ArrayService for ArrayGrpc {
         // The same kind ListLus answers; the page itself only knows mirror
         // or not.
         let kind = lu_kind_to_pb(&visible.info.kind);
-        let (fig11_classification, origin_lu, mate_lu) = match page.pair {
-            Some((origin, mate)) => (FIG11_MIRROR_LU, Some(origin), Some(mate)),
-            None => (FIG11_OTHER_LU, None, None),
+        // A mirror LU's page names its origin and mate 1; a mate's page
+        // names the mate itself (whose pair's mode it gives).
+        let (fig11_classification, origin_lu, mate_lu) = match (page.pair, &visible.info.kind) {
+            (Some((origin, mate)), _) => (FIG11_MIRROR_LU, Some(origin), Some(mate)),
+            (None, LuKind::Mate) => (FIG11_OTHER_LU, None, Some(visible.info.id)),
+            (None, _) => (FIG11_OTHER_LU, None, None),
         };
-        // The pair's mode for its mirror LU, origin and mate; none for a
-        // plain LU.
-        let (mirror_mode, mate_writable) = match self.array.modes().mode(visible.info.id) {
+        // A mate's own pair's mode; mate 1's for a mirror LU or its origin;
+        // none for a plain LU. `mates` lists every pair of the mirror.
+        let modes = self.array.modes();
+        let mates = modes
+            .pairs(visible.info.id)
+            .into_iter()
+            .map(|(mate_lu, mode)| {
+                let (mode, mate_writable) = mode_to_pb(mode);
+                pb::MatePair {
+                    mate_lu,
+                    mode: mode.into(),
+                    mate_writable,
+                }
+            })
+            .collect();
+        let (mirror_mode, mate_writable) = match modes.mode(visible.info.id) {
             Some(mode) => mode_to_pb(mode),
             None => (pb::MirrorMode::Unspecified, false),
         };
@@ -193,7 +209,7 @@ impl ArrayService for ArrayGrpc {
             block_count: page.block_count,
             mirror_mode: mirror_mode.into(),
             mate_writable,
-            mates: Vec::new(),
+            mates,
         }))
     }
 
@@ -222,9 +238,12 @@ impl ArrayService for ArrayGrpc {
                 tracing::error!(
                     caller = caller_name(&caller),
                     lu = change.mirror,
+                    mate = change.mate,
                     mode = %change.mode,
-                    "changing the mode of mirror LU {} to {}: {error}; it stays as it was",
+                    "changing the mode of mirror LU {} (mate LU {}) to {}: {error}; \
+                     it stays as it was",
                     change.mirror,
+                    change.mate,
                     change.mode,
                 );
                 return Err(error.into());
@@ -233,11 +252,14 @@ impl ArrayService for ArrayGrpc {
         tracing::info!(
             caller = caller_name(&caller),
             lu = change.mirror,
+            mate = change.mate,
             %previous,
             %mode,
             purpose = %change.purpose,
-            "mirroring management table: mirror LU {} is now {mode} (was {previous}): {}",
+            "mirroring management table: mirror LU {} with mate LU {} is now {mode} \
+             (was {previous}): {}",
             change.mirror,
+            change.mate,
             if change.purpose.is_empty() { "no purpose given" } else { &change.purpose },
         );
         let (previous, _) = mode_to_pb(previous);
@@ -246,7 +268,7 @@ impl ArrayService for ArrayGrpc {
             previous: previous.into(),
             mode: mode.into(),
             mate_writable,
-            mate_lu: 0,
+            mate_lu: change.mate,
         }))
     }
 

@@ -83,28 +83,32 @@ pub struct ValidWrite {
     mate_denied: Option<MateDenied>,
 }
 
-/// A write to a mirror LU accepted while its pair's mode sent it to the
-/// origin alone, by a caller that may not write the mate (db-server masks
-/// a split mate read-only for itself): should the mode have changed to one
-/// that writes both sides by the time the array routes it under the pair's
-/// gate, the array refuses it with this, rather than write a mate the
-/// caller may not write.
+/// A write to a mirror LU accepted while its pairs' modes sent it around
+/// the mates a caller may not write (db-server masks a split mate
+/// read-only for itself): should a mode have changed to one that writes
+/// such a mate by the time the array routes it under the pairs' gates, the
+/// array refuses it with this, rather than write a mate the caller may not
+/// write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MateDenied {
     pub identity: String,
-    pub mate: LuId,
-    pub has: Access,
+    /// Each mate the caller may not write, with the access it has.
+    pub mates: Vec<(LuId, Access)>,
 }
 
 impl MateDenied {
-    /// The refusal, for a request on mirror LU `lu`.
-    pub fn error(&self, lu: LuId) -> ArrayError {
-        ArrayError::PermissionDenied {
-            identity: self.identity.clone(),
-            lu,
-            has: self.has,
-            needs: Access::ReadWrite,
-            through: Some(self.mate),
+    /// Refuses a request on mirror LU `lu` routed to `targets` if one of
+    /// them is a mate the caller may not write.
+    pub fn check(&self, lu: LuId, targets: &[LuId]) -> Result<(), ArrayError> {
+        match self.mates.iter().find(|(mate, _)| targets.contains(mate)) {
+            Some(&(mate, has)) => Err(ArrayError::PermissionDenied {
+                identity: self.identity.clone(),
+                lu,
+                has,
+                needs: Access::ReadWrite,
+                through: Some(mate),
+            }),
+            None => Ok(()),
         }
     }
 }
@@ -451,8 +455,10 @@ pub fn set_access(
 /// `ModeSelect`: only from the owner of the pairs (anyone with
 /// `--insecure`), exactly as `SetAccess`; a known mode (never
 /// UNSPECIFIED), `mate_writable` only with SNAPSHOT, a purpose within the
-/// limit, and a mirror LU the caller sees (its origin, its mate or a plain
-/// LU: `INVALID_ARGUMENT`).
+/// limit, a mirror LU the caller sees (its origin, its mate or a plain LU:
+/// `INVALID_ARGUMENT`) and the pair's mate: `mate_lu`, one of the mirror
+/// LU's mates, or unset for a mirror LU with one mate (`INVALID_ARGUMENT`
+/// otherwise).
 pub fn mode_select(
     array: &Array,
     caller: &Caller,
@@ -490,11 +496,33 @@ pub fn mode_select(
     let lu = request.lu;
     array.visible(caller, lu)?;
     match array.modes().pair_of(lu) {
-        Some(pair) if pair.side == Side::Mirror => Ok(ModeChange {
-            mirror: lu,
-            mode,
-            purpose: request.purpose.clone(),
-        }),
+        Some(pair) if pair.side == Side::Mirror => {
+            let mates = array.modes().mates(lu).unwrap_or_default();
+            let mate = match request.mate_lu {
+                None if mates.len() == 1 => mates[0],
+                None => {
+                    return Err(ArrayError::InvalidArgument(format!(
+                        "mirror LU {lu} has {} mates (LUs {}): ModeSelect names the pair \
+                         with mate_lu",
+                        mates.len(),
+                        list(&mates)
+                    )));
+                }
+                Some(mate) if mates.contains(&mate) => mate,
+                Some(mate) => {
+                    return Err(ArrayError::InvalidArgument(format!(
+                        "LU {mate} is no mate of mirror LU {lu} (its mates: LUs {})",
+                        list(&mates)
+                    )));
+                }
+            };
+            Ok(ModeChange {
+                mirror: lu,
+                mate,
+                mode,
+                purpose: request.purpose.clone(),
+            })
+        }
         Some(pair) => Err(ArrayError::InvalidArgument(format!(
             "LU {lu} is the {} of mirror LU {}: ModeSelect names the mirror LU",
             pair.side, pair.mirror
@@ -502,6 +530,21 @@ pub fn mode_select(
         None => Err(ArrayError::InvalidArgument(format!(
             "LU {lu} belongs to no pair: only a mirror LU has a mode"
         ))),
+    }
+}
+
+/// LU numbers for people: "2, 3 and 4".
+fn list(lus: &[LuId]) -> String {
+    match lus {
+        [] => "none".into(),
+        [only] => only.to_string(),
+        [rest @ .., last] => format!(
+            "{} and {last}",
+            rest.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -548,12 +591,12 @@ fn require<'a>(
     Ok(visible.info)
 }
 
-/// [`require`] of `read-write`, except that a mirror LU whose pair's mode
-/// writes the origin alone (Snapshot) needs `read-write` on the mirror LU
-/// and its origin only: the mate it does not touch may be read-only for the
-/// caller (db-server masks a split mate so for itself). Such a write
-/// carries [`MateDenied`], so that the array refuses it should the mode
-/// have changed to one that writes the mate before it runs.
+/// [`require`] of `read-write`, except that a write to a mirror LU needs
+/// `read-write` on the mirror LU, its origin and every mate its pairs'
+/// modes send it to: a mate it does not touch (a Snapshot pair's) may be
+/// read-only for the caller (db-server masks a split mate so for itself).
+/// Such a write carries [`MateDenied`], so that the array refuses it should
+/// a mode have changed to one that writes such a mate before it runs.
 fn require_write<'a>(
     array: &'a Array,
     caller: &Caller,
@@ -565,16 +608,20 @@ fn require_write<'a>(
     };
     let visible = array.visible(caller, lu)?;
     let table = array.access();
-    if let LuKind::Mirror { origin, mate } = visible.info.kind
-        && visible.through == Some(mate)
+    if let LuKind::Mirror { mates, .. } = &visible.info.kind
         && table.access(caller, lu) == Access::ReadWrite
-        && table.access(caller, origin) == Access::ReadWrite
-        && matches!(array.modes().route(lu, Op::Write), Ok(Route::OriginOnly))
+        && let Ok(Route::AllOf(targets)) = array.modes().route(lu, Op::Write)
+        && targets
+            .iter()
+            .all(|&target| table.access(caller, target) == Access::ReadWrite)
     {
         let mate_denied = MateDenied {
             identity: caller.identity().unwrap_or("the caller").to_string(),
-            mate,
-            has: table.access(caller, mate),
+            mates: mates
+                .iter()
+                .map(|&mate| (mate, table.access(caller, mate)))
+                .filter(|&(_, has)| has < Access::ReadWrite)
+                .collect(),
         };
         return Ok((visible.info, Some(mate_denied)));
     }
@@ -583,8 +630,8 @@ fn require_write<'a>(
 
 /// The real LUs an LU's data lives on.
 fn real_lus(info: &LuInfo) -> Vec<LuId> {
-    match info.kind {
-        LuKind::Mirror { origin, mate } => vec![origin, mate],
+    match &info.kind {
+        LuKind::Mirror { origin, mates } => std::iter::once(*origin).chain(mates.clone()).collect(),
         LuKind::Origin | LuKind::Mate | LuKind::Plain => vec![info.id],
     }
 }
@@ -948,6 +995,7 @@ mod tests {
             change,
             ModeChange {
                 mirror: 0,
+                mate: 2,
                 mode: MirrorMode::Snapshot {
                     mate_writable: true
                 },
