@@ -1250,4 +1250,321 @@ mod tests {
             .expect("write");
         assert_eq!((raw(&array, 1), raw(&array, 2)), (8, 7));
     }
+    // ---- A mirror LU with three mates: each pair in its own mode. ----
+
+    /// Mirror LU 0 = origin 1 + mates 2, 3 and 4 (16 blocks of 4096 bytes
+    /// each), every real LU filled with its own id.
+    async fn three_mates() -> Array {
+        let lu = |id| format!("[[lu]]\nid = {id}\nblock_size_bytes = 4096\nblock_count = 16\n");
+        let text = (1..=4).map(lu).collect::<String>()
+            + "[[mirror]]\nmirror = 0\norigin = 1\nmates = [2, 3, 4]\n";
+        let config = ArrayConfig::from_toml(&text).expect("config");
+        let array = Array::in_memory(&config).expect("array");
+        for lu in 1..=4 {
+            test_ops::write(&array, &ANYONE, lu, 0, block(lu as u8))
+                .await
+                .expect("fill");
+        }
+        array
+    }
+
+    /// Mate 1 SNAPSHOT (read-only unless `mate_1_writable`), mate 2
+    /// SYNCHRONIZED, mate 3 RESYNCHRONIZING.
+    async fn mixed_modes(array: &Array, mate_1_writable: bool) {
+        for (mate, mode, writable) in [
+            (2, pb::MirrorMode::Snapshot, mate_1_writable),
+            (3, pb::MirrorMode::Synchronized, false),
+            (4, pb::MirrorMode::Resynchronizing, false),
+        ] {
+            test_ops::mode_select_mate(array, &ANYONE, 0, Some(mate), mode, writable)
+                .await
+                .expect("mode select");
+        }
+    }
+
+    fn raw_all(array: &Array) -> Vec<u8> {
+        (1..=4).map(|lu| raw(array, lu)).collect()
+    }
+
+    #[tokio::test]
+    async fn three_mates_in_mixed_modes_route_each_request_by_its_pair() {
+        let array = three_mates().await;
+        mixed_modes(&array, false).await;
+        // A mirror write lands on the origin, mate 2 and mate 3, not mate 1.
+        test_ops::write(&array, &ANYONE, 0, 0, block(9))
+            .await
+            .expect("mirror write");
+        assert_eq!(raw_all(&array), vec![9, 2, 9, 9]);
+        // A write naming mate 1 (a read-only snapshot) is refused; naming
+        // mate 2 (synchronized) or mate 3 (resynchronizing) too.
+        for mate in [2, 3, 4] {
+            let error = test_ops::write(&array, &ANYONE, mate, 0, block(7))
+                .await
+                .expect_err("refused");
+            assert!(
+                matches!(error, ArrayError::MirrorMode { lu, mirror: 0, .. } if lu == mate),
+                "mate LU {mate}: {error}"
+            );
+        }
+        // Mate 1 is readable (a snapshot); mate 3 is not (resynchronizing).
+        let read = test_ops::read(&array, &ANYONE, 2, 0, 1).await;
+        assert_eq!(read.expect("mate 1")[0], 2);
+        let error = test_ops::read(&array, &ANYONE, 4, 0, 1)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(
+                error,
+                ArrayError::MirrorMode {
+                    lu: 4,
+                    mode: crate::modes::MirrorMode::Resynchronizing,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        // The resync copy of pair 3 (origin -> mate 3) is allowed; a copy
+        // origin -> mate 1 is not (a read-only snapshot); the reverse
+        // resync mate 1 -> origin is.
+        test_ops::write(&array, &ANYONE, 1, 0, block(5))
+            .await
+            .expect("origin write");
+        test_ops::copy_range(&array, &ANYONE, 1, 4, 0, 1)
+            .await
+            .expect("resync copy");
+        assert_eq!(raw_all(&array), vec![5, 2, 9, 5]);
+        let refused = test_ops::copy_range(&array, &ANYONE, 1, 2, 0, 1).await;
+        assert!(
+            matches!(refused, Err(ArrayError::MirrorMode { lu: 2, .. })),
+            "{refused:?}"
+        );
+        test_ops::copy_range(&array, &ANYONE, 2, 1, 0, 1)
+            .await
+            .expect("reverse resync");
+        assert_eq!(raw_all(&array), vec![2, 2, 9, 5]);
+        // A writable snapshot's mate may be written, and a mirror write
+        // still leaves it alone.
+        mixed_modes(&array, true).await;
+        test_ops::write(&array, &ANYONE, 2, 0, block(6))
+            .await
+            .expect("writable mate 1");
+        test_ops::write(&array, &ANYONE, 0, 0, block(8))
+            .await
+            .expect("mirror write");
+        assert_eq!(raw_all(&array), vec![8, 6, 8, 8]);
+    }
+
+    #[tokio::test]
+    async fn a_mirror_read_never_comes_from_a_snapshot_or_resynchronizing_mate() {
+        let array = three_mates().await;
+        mixed_modes(&array, false).await;
+        // Each real LU holds its own id, so a read says where it came from.
+        // However busy the origin and mate 2 are made, the read comes from
+        // one of them.
+        for (origin_busy, mate_2_busy, expected) in [(0, 0, 1), (3, 0, 3), (0, 2, 1), (5, 4, 3)] {
+            let origin = array.real(1).expect("origin");
+            let mate_2 = array.real(3).expect("mate 2");
+            let _busy: Vec<_> = (0..origin_busy)
+                .map(|_| InFlight::enter(&origin.in_flight))
+                .chain((0..mate_2_busy).map(|_| InFlight::enter(&mate_2.in_flight)))
+                .collect();
+            let read = test_ops::read(&array, &ANYONE, 0, 0, 1)
+                .await
+                .expect("read");
+            assert_eq!(
+                read[0], expected,
+                "origin {origin_busy} busy, mate 2 {mate_2_busy} busy"
+            );
+            let digests = test_ops::checksums(&array, &ANYONE, 0, 0, 1, 1)
+                .await
+                .expect("checksum");
+            assert_eq!(
+                digests,
+                vec![*blake3::hash(&block(expected)).as_bytes()],
+                "a checksum reads where a read would"
+            );
+        }
+        // With every pair synchronized, the least busy of all four; mate 1
+        // and mate 3 are read once the others are busier.
+        for mate in [2, 4] {
+            test_ops::mode_select_mate(
+                &array,
+                &ANYONE,
+                0,
+                Some(mate),
+                pb::MirrorMode::Synchronized,
+                false,
+            )
+            .await
+            .expect("mode select");
+        }
+        test_ops::write(&array, &ANYONE, 3, 0, block(3))
+            .await
+            .expect_err("a synchronized mate is not written by name");
+        for lu in [2, 4] {
+            let real = array.real(lu).expect("real");
+            real.storage.write_at(&block(lu as u8), 0).expect("tag");
+        }
+        let busy_but = |free: LuId| {
+            (1..=4)
+                .filter(|&lu| lu != free)
+                .map(|lu| InFlight::enter(&array.real(lu).expect("real").in_flight))
+                .collect::<Vec<_>>()
+        };
+        for free in [1, 2, 3, 4] {
+            let _busy = busy_but(free);
+            let read = test_ops::read(&array, &ANYONE, 0, 0, 1)
+                .await
+                .expect("read");
+            assert_eq!(read[0], free as u8, "only LU {free} idle");
+        }
+        // All pairs HostManaged again: a mirror LU with several mates reads
+        // the origin alone (a mate the host manages may be split).
+        for mate in [2, 3, 4] {
+            test_ops::mode_select_mate(
+                &array,
+                &ANYONE,
+                0,
+                Some(mate),
+                pb::MirrorMode::HostManaged,
+                false,
+            )
+            .await
+            .expect("mode select");
+        }
+        let _busy = busy_but(3);
+        let read = test_ops::read(&array, &ANYONE, 0, 0, 1)
+            .await
+            .expect("read");
+        assert_eq!(read[0], 1, "host-managed mates are not read");
+    }
+
+    #[tokio::test]
+    async fn mode_select_names_one_of_the_mirror_lus_mates() {
+        let array = three_mates().await;
+        let select = |lu, mate_lu| {
+            validate::mode_select(
+                &array,
+                &ANYONE,
+                &pb::ModeSelectRequest {
+                    lu,
+                    mode: pb::MirrorMode::Synchronized.into(),
+                    mate_writable: false,
+                    purpose: String::new(),
+                    mate_lu,
+                },
+            )
+        };
+        for (lu, mate_lu, expected) in [
+            (
+                0,
+                None,
+                "mirror LU 0 has 3 mates (LUs 2, 3 and 4): ModeSelect names the pair with mate_lu",
+            ),
+            (
+                0,
+                Some(1),
+                "LU 1 is no mate of mirror LU 0 (its mates: LUs 2, 3 and 4)",
+            ),
+            (0, Some(0), "LU 0 is no mate of mirror LU 0"),
+            (0, Some(9), "LU 9 is no mate of mirror LU 0"),
+            (
+                3,
+                Some(3),
+                "LU 3 is the mate of mirror LU 0: ModeSelect names the mirror LU",
+            ),
+        ] {
+            match select(lu, mate_lu) {
+                Err(ArrayError::InvalidArgument(message)) => {
+                    assert!(message.contains(expected), "{lu} {mate_lu:?}: {message}")
+                }
+                other => panic!("LU {lu} mate {mate_lu:?}: {other:?}"),
+            }
+        }
+        let change = select(0, Some(3)).expect("mate 2");
+        assert_eq!((change.mirror, change.mate), (0, 3));
+        // A mirror LU with one mate: unset is that mate, and naming it works.
+        let single = array_of(16 * 4096);
+        for mate_lu in [None, Some(2)] {
+            let answer = test_ops::mode_select_mate(
+                &single,
+                &ANYONE,
+                0,
+                mate_lu,
+                pb::MirrorMode::Synchronized,
+                false,
+            )
+            .await
+            .expect("the only mate");
+            assert_eq!(answer.1, crate::modes::MirrorMode::Synchronized);
+        }
+        let error = test_ops::mode_select_mate(
+            &single,
+            &ANYONE,
+            0,
+            Some(5),
+            pb::MirrorMode::Synchronized,
+            false,
+        )
+        .await
+        .expect_err("mate of another mirror");
+        assert!(
+            error
+                .to_string()
+                .contains("LU 5 is no mate of mirror LU 0 (its mates: LUs 2)"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mode_change_of_one_pair_waits_for_the_mirror_write_holding_its_gate() {
+        let array = Arc::new(three_mates().await);
+        // A mirror write held up by a range lock on mate 3: it holds the
+        // gates of all three pairs.
+        let mate_3_lock = array
+            .real(4)
+            .expect("mate 3")
+            .lock
+            .lock(0..1, LockMode::Exclusive)
+            .await;
+        let write = {
+            let array = array.clone();
+            tokio::spawn(async move { test_ops::write(&array, &ANYONE, 0, 0, block(7)).await })
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !(2..=4).all(|mate| array.modes().gate_is_held(0, mate)) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the mirror write never entered every pair's gate"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let split = {
+            let array = array.clone();
+            tokio::spawn(async move {
+                test_ops::mode_select_mate(
+                    &array,
+                    &ANYONE,
+                    0,
+                    Some(3),
+                    pb::MirrorMode::Snapshot,
+                    false,
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            !split.is_finished(),
+            "the split answered with a write in flight"
+        );
+        drop(mate_3_lock);
+        write.await.expect("task").expect("write");
+        split.await.expect("task").expect("split");
+        assert_eq!(raw_all(&array), vec![7, 7, 7, 7]);
+        test_ops::write(&array, &ANYONE, 0, 0, block(8))
+            .await
+            .expect("write");
+        assert_eq!(raw_all(&array), vec![8, 8, 7, 8]);
+    }
 }

@@ -937,4 +937,156 @@ mod tests {
         // No LU file was created: the start stopped before the LUs.
         assert!(!dir.path().join("lu1.img").exists());
     }
+    /// Mirror LU 0 = origin 1 + mates 2, 3 and 4.
+    fn three_mates() -> ArrayConfig {
+        let lu = |id| format!("[[lu]]\nid = {id}\nblock_size_bytes = 4096\nblock_count = 16\n");
+        let text = (1..=4).map(lu).collect::<String>()
+            + "[[mirror]]\nmirror = 0\norigin = 1\nmates = [2, 3, 4]\n";
+        ArrayConfig::from_toml(&text).expect("config")
+    }
+
+    #[tokio::test]
+    async fn a_modes_file_of_one_mate_per_mirror_lu_sets_mate_1() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Written by hand as arrays before several mates wrote it: no
+        // `mate`, the checksum over exactly these bytes.
+        let modes = r#"[{"lu":0,"mode":"snapshot","mate_writable":true,"purpose":"old"}]"#;
+        let text = format!(
+            "{{\"format\": \"{FORMAT}\", \"blake3\": \"{}\", \"modes\": {modes}}}",
+            blake3::hash(modes.as_bytes()).to_hex()
+        );
+        let path = dir.path().join(MODES_FILE);
+        std::fs::write(&path, &text).expect("write");
+        // The same file under today's single-mate configuration...
+        let single = ModeTable::open(&config(), dir.path()).expect("open");
+        assert_eq!(single.mode(2), Some(WRITABLE));
+        assert_eq!(single.mode(0), Some(WRITABLE));
+        // ...and once mirror LU 0 has three mates: mate 1's pair.
+        let config = three_mates();
+        let table = ModeTable::open(&config, dir.path()).expect("open");
+        assert_eq!(
+            table.pairs(0),
+            vec![
+                (2, WRITABLE),
+                (3, MirrorMode::HostManaged),
+                (4, MirrorMode::HostManaged)
+            ]
+        );
+        assert_eq!(table.mode(3), Some(MirrorMode::HostManaged));
+        // A change of another pair rewrites the file, each entry naming its
+        // mate, and both modes come back.
+        let change = ModeChange {
+            mirror: 0,
+            mate: 4,
+            mode: MirrorMode::Resynchronizing,
+            purpose: "resync of mate 3".into(),
+        };
+        table.select(&change).await.expect("select");
+        let written = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            written.contains("\"mate\": 2") && written.contains("\"mate\": 4"),
+            "{written}"
+        );
+        drop(table);
+        let reopened = ModeTable::open(&config, dir.path()).expect("reopen");
+        assert_eq!(
+            reopened.pairs(1),
+            vec![
+                (2, WRITABLE),
+                (3, MirrorMode::HostManaged),
+                (4, MirrorMode::Resynchronizing)
+            ]
+        );
+        // An old entry and a new one for mate 1, or a mate of no pair: damaged.
+        let forged = |modes: Vec<FileMode>| {
+            state_file::encode(&ModesFile {
+                format: FORMAT.into(),
+                blake3: state_file::checksum(&modes),
+                modes,
+            })
+        };
+        let entry = |mate| FileMode {
+            lu: 0,
+            mate,
+            mode: "synchronized".into(),
+            mate_writable: false,
+            purpose: String::new(),
+        };
+        for (modes, expected) in [
+            (vec![entry(None), entry(Some(2))], "(mate LU 2) twice"),
+            (
+                vec![entry(Some(1))],
+                "with mate LU 1, which is no mate of it",
+            ),
+        ] {
+            std::fs::write(&path, forged(modes)).expect("write");
+            let Err(error) = ModeTable::open(&config, dir.path()) else {
+                panic!("opened");
+            };
+            assert!(error.to_string().contains(expected), "{error}");
+        }
+    }
+
+    #[test]
+    fn the_least_busy_candidate_serves_a_read_ties_going_to_the_first() {
+        let counters = BTreeMap::from([(1, 2), (2, 1), (3, 1), (4, 0)]);
+        let busy = |lu: LuId| counters[&lu];
+        assert_eq!(least_busy(&[1, 2, 3, 4], busy), Some(4));
+        assert_eq!(least_busy(&[1, 2, 3], busy), Some(2), "a tie: mate order");
+        assert_eq!(least_busy(&[1, 3], busy), Some(3));
+        assert_eq!(least_busy(&[1], busy), Some(1));
+        assert_eq!(least_busy(&[], busy), None);
+        let idle = |_| 0;
+        assert_eq!(
+            least_busy(&[1, 2, 3, 4], idle),
+            Some(1),
+            "a tie: the origin"
+        );
+    }
+
+    #[test]
+    fn a_mirror_lus_route_combines_its_pairs() {
+        use MirrorMode::{HostManaged, Resynchronizing, Synchronized};
+        let mixed = [(2, SNAPSHOT), (3, Synchronized), (4, Resynchronizing)];
+        assert_eq!(
+            mirror_route(1, &mixed, Op::Write),
+            Route::AllOf(vec![1, 3, 4])
+        );
+        assert_eq!(
+            mirror_route(1, &mixed, Op::Read),
+            Route::LeastBusyOf(vec![1, 3])
+        );
+        assert_eq!(
+            mirror_route(1, &mixed, Op::Checksum),
+            Route::LeastBusyOf(vec![1, 3])
+        );
+        let managed = [(2, HostManaged), (3, Synchronized), (4, HostManaged)];
+        assert_eq!(
+            mirror_route(1, &managed, Op::Write),
+            Route::AllOf(vec![1, 2, 3, 4])
+        );
+        assert_eq!(
+            mirror_route(1, &managed, Op::Read),
+            Route::LeastBusyOf(vec![1, 3])
+        );
+        // One mate: exactly the pair's mode, as before several mates.
+        for (mode, read, write) in [
+            (HostManaged, vec![1, 2], vec![1, 2]),
+            (Synchronized, vec![1, 2], vec![1, 2]),
+            (SNAPSHOT, vec![1], vec![1]),
+            (WRITABLE, vec![1], vec![1]),
+            (Resynchronizing, vec![1], vec![1, 2]),
+        ] {
+            assert_eq!(
+                mirror_route(1, &[(2, mode)], Op::Read),
+                Route::LeastBusyOf(read),
+                "{mode}"
+            );
+            assert_eq!(
+                mirror_route(1, &[(2, mode)], Op::Write),
+                Route::AllOf(write),
+                "{mode}"
+            );
+        }
+    }
 }

@@ -95,8 +95,21 @@ pub async fn mode_select(
     mode: pb::MirrorMode,
     mate_writable: bool,
 ) -> Result<(MirrorMode, MirrorMode), ArrayError> {
+    mode_select_mate(array, caller, lu, None, mode, mate_writable).await
+}
+
+/// `ModeSelect` of the pair (mirror LU `lu`, mate `mate_lu`; unset: its
+/// only mate) as `caller`: validated, then applied.
+pub async fn mode_select_mate(
+    array: &Array,
+    caller: &Caller,
+    lu: LuId,
+    mate_lu: Option<LuId>,
+    mode: pb::MirrorMode,
+    mate_writable: bool,
+) -> Result<(MirrorMode, MirrorMode), ArrayError> {
     let request = pb::ModeSelectRequest {
-        mate_lu: None,
+        mate_lu,
         lu,
         mode: mode.into(),
         mate_writable,
