@@ -125,7 +125,7 @@ pub trait ArrayPort: Send + Sync + 'static {
             "this array port cannot grant access to other identities",
         )
     }
-    /// Sets the mode of `mirror_lu` in the array's mirroring management
+    /// Sets the mode of the pair (its mirror LU and mate) in the array's mirroring management
     /// table (`ModeSelect`, the first embodiment); durable at the array
     /// when this answers, enforced from then on. Idempotent. The default
     /// answers that this port keeps no modes: only simulators without
@@ -133,13 +133,16 @@ pub trait ArrayPort: Send + Sync + 'static {
     /// when the pair's page says it is not host-managed.
     fn mode_select(
         &self,
-        mirror_lu: u32,
+        pair: &PairInfo,
         mode: ArrayMirrorMode,
         purpose: &str,
     ) -> BoxFuture<'_, Result<(), ClientError>> {
         unsupported(
             splitmirror_proto::client::ErrorKind::Internal,
-            format!("setting the mode of mirror LU {mirror_lu} to {mode} ({purpose})"),
+            format!(
+                "setting the mode of mirror LU {} (mate LU {}) to {mode} ({purpose})",
+                pair.mirror_lu, pair.mate_lu
+            ),
             "this array port keeps no modes",
         )
     }
@@ -475,15 +478,21 @@ impl ArrayPort for GrpcArray {
 
     fn mode_select(
         &self,
-        mirror_lu: u32,
+        pair: &PairInfo,
         mode: ArrayMirrorMode,
         purpose: &str,
     ) -> BoxFuture<'_, Result<(), ClientError>> {
-        let purpose = purpose.to_string();
+        let (pair, purpose) = (*pair, purpose.to_string());
         Box::pin(async move {
             let (mode, mate_writable) = mode.to_pb();
             self.client
-                .mode_select(mirror_lu, mode, mate_writable, &purpose)
+                .mode_select_mate(
+                    pair.mirror_lu,
+                    Some(pair.mate_lu),
+                    mode,
+                    mate_writable,
+                    &purpose,
+                )
                 .await?;
             Ok(())
         })

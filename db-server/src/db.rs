@@ -13,8 +13,8 @@ use crate::gate::{GateStatus, QUIESCE_TIMEOUT, QuiesceGate, Suspended};
 use crate::ledger::LedgerStatus;
 use crate::ledger_slot::{LedgerSlot, Reopened};
 use crate::manager::{
-    BeganRestore, BeginDecision, DeleteOutcome, EndedRestore, HeldSnapshot, ReverseOutcome,
-    SnapshotManager, VolumeStatus,
+    BeganRestore, BeginDecision, DeleteOutcome, EndedRestore, HeldSnapshot, PairRef,
+    ReverseOutcome, SnapshotManager, VolumeStatus,
 };
 use crate::service::validate;
 
@@ -22,6 +22,8 @@ use crate::service::validate;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcquiredSnapshot {
     pub volume: u32,
+    /// Which of the volume's mates was split (counted from 1).
+    pub mate: u32,
     pub mate_lu: u32,
     pub freeze_window_us: u64,
     pub ledger_sequence: u64,
@@ -104,7 +106,7 @@ pub struct Db {
     pub ledger: LedgerSlot,
     /// The freeze window of each volume's last acquire, repeated to a
     /// retried acquire with the same run id.
-    freeze_windows: Mutex<BTreeMap<u32, (String, u64)>>,
+    freeze_windows: Mutex<BTreeMap<PairRef, (String, u64)>>,
     /// One restore call at a time: each stops and opens the ledger around
     /// a change of a pair's state.
     restores: tokio::sync::Mutex<()>,
@@ -129,8 +131,10 @@ impl Db {
         request: &validate::AcquireSnapshot,
     ) -> Result<AcquiredSnapshot, DbError> {
         let (volume, run_id) = (request.volume, request.run_id.as_str());
+        let pair = PairRef::new(volume, request.mate);
         let answer = |freeze_window_us, held: HeldSnapshot, already_held| AcquiredSnapshot {
             volume,
+            mate: pair.mate,
             mate_lu: held.pair.mate_lu,
             freeze_window_us,
             ledger_sequence: held.ledger_sequence,
@@ -143,10 +147,10 @@ impl Db {
         // A retry: the sequence and the id come from the pair's state
         // (journaled, so they survive a restart); the freeze window from
         // memory, if known.
-        if let Some(held) = self.manager.snapshot_of(volume)?
+        if let Some(held) = self.manager.snapshot_of(pair)?
             && held.holder == run_id
         {
-            let freeze_window_us = self.original_freeze_window_us(volume, run_id);
+            let freeze_window_us = self.original_freeze_window_us(pair, run_id);
             return Ok(answer(freeze_window_us, held, true));
         }
         // Held from reading the sequence until the split is done: under an
@@ -160,7 +164,7 @@ impl Db {
         let ledger_sequence = self.ledger.sequence();
         let result = tracing::Instrument::instrument(
             self.manager.acquire_with(
-                volume,
+                pair,
                 run_id,
                 ledger_sequence,
                 request
@@ -176,16 +180,17 @@ impl Db {
         let outcome = result?;
         if outcome.already_held {
             // A concurrent retry got there first: answer its snapshot.
-            let freeze_window_us = self.original_freeze_window_us(volume, run_id);
+            let freeze_window_us = self.original_freeze_window_us(pair, run_id);
             return Ok(answer(freeze_window_us, outcome.snapshot, true));
         }
         self.freeze_windows
             .lock()
             .expect("freeze windows poisoned")
-            .insert(volume, (run_id.to_string(), freeze_window_us));
+            .insert(pair, (run_id.to_string(), freeze_window_us));
         splitmirror_proto::telemetry::record_freeze_window(Duration::from_micros(freeze_window_us));
         tracing::info!(
             volume,
+            mate = pair.mate,
             run_id,
             freeze_window_us,
             ledger_sequence,
@@ -198,11 +203,11 @@ impl Db {
 
     /// The freeze window of the acquire that `run_id` made, if this process
     /// saw it (0 after a restart).
-    fn original_freeze_window_us(&self, volume: u32, run_id: &str) -> u64 {
+    fn original_freeze_window_us(&self, pair: PairRef, run_id: &str) -> u64 {
         self.freeze_windows
             .lock()
             .expect("freeze windows poisoned")
-            .get(&volume)
+            .get(&pair)
             .filter(|(holder, _)| holder == run_id)
             .map_or(0, |(_, us)| *us)
     }
@@ -212,7 +217,11 @@ impl Db {
         request: &validate::DeleteSnapshot,
     ) -> Result<DeleteOutcome, DbError> {
         self.manager
-            .delete(request.volume, &request.run_id, request.force)
+            .delete(
+                PairRef::new(request.volume, request.mate),
+                &request.run_id,
+                request.force,
+            )
             .await
     }
 
@@ -220,7 +229,12 @@ impl Db {
     /// for its size never gets here, see [`validate::write`]).
     pub async fn write(&self, request: validate::VolumeWrite) -> Result<u64, DbError> {
         self.manager
-            .write(request.volume, request.target, request.lba, request.data)
+            .write(
+                PairRef::new(request.volume, request.mate),
+                request.target,
+                request.lba,
+                request.data,
+            )
             .await
     }
 
@@ -307,8 +321,9 @@ impl Db {
         request: &validate::RestoreSnapshot,
     ) -> Result<SnapshotRestored, DbError> {
         let (volume, run_id) = (request.volume, request.run_id.as_str());
+        let pair = PairRef::new(volume, request.mate);
         let _restores = self.restores.lock().await;
-        if let Some(outcome) = self.manager.check_restore_snapshot(volume, run_id)? {
+        if let Some(outcome) = self.manager.check_restore_snapshot(pair, run_id)? {
             let ledger = self.ledger.reopen(volume).await.into();
             return Ok(SnapshotRestored { outcome, ledger });
         }
@@ -321,7 +336,7 @@ impl Db {
         } else {
             None
         };
-        match self.manager.restore_snapshot(volume, run_id).await {
+        match self.manager.restore_snapshot(pair, run_id).await {
             Ok(outcome) => {
                 let ledger = self.ledger.reopen(volume).await.into();
                 Ok(SnapshotRestored { outcome, ledger })

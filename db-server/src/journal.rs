@@ -40,8 +40,13 @@
 //! journaled, so a replay of it invalidates the snapshot), 6 a writable
 //! Snapshot (as 1). Codes 3, 4, 5 and 6
 //! were added without a format change: an older journal has none, and
-//! every record it has decodes as before. An intent record: `2` | volume u32 | start u64 |
-//! end u64.
+//! every record it has decodes as before. An intent record: `3` | volume u32 | mate u32 |
+//! start u64 | end u64. A volume may have several mates ([0020]): each
+//! (volume, mate) is a pair with its own state and intents, so the replay
+//! keys both by [`PairKey`] (a state record names its mate already). The
+//! intent record of the single-mate format, `2` | volume u32 | start u64 |
+//! end u64, is still read, as an intent of every pair of its volume known
+//! at that point (copying more is safe); it is no longer written.
 //!
 //! # Why a committed length
 //!
@@ -174,7 +179,24 @@ pub enum JournalError {
     Stopped,
 }
 
-/// A volume's durable state as replayed from the journal.
+/// Which pair a record is about: a volume (its mirror LU) and one of its
+/// mates (a volume may have up to three, [0020]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PairKey {
+    pub volume: u32,
+    pub mate_lu: u32,
+}
+
+impl PairKey {
+    pub fn of(pair: &PairInfo) -> Self {
+        Self {
+            volume: pair.mirror_lu,
+            mate_lu: pair.mate_lu,
+        }
+    }
+}
+
+/// A pair's durable state as replayed from the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DurableVolume {
     pub origin_lu: u32,
@@ -205,10 +227,11 @@ enum Record {
         /// Codes 0 and 2 only: the restore this state change ended.
         ended_restore: Option<String>,
     },
-    Intent {
-        volume: u32,
-        blocks: Range<u64>,
-    },
+    /// An intent of one pair.
+    Intent { pair: PairKey, blocks: Range<u64> },
+    /// An intent of the single-mate format (record type 2): of every pair
+    /// of the volume. Read, never written.
+    VolumeIntent { volume: u32, blocks: Range<u64> },
 }
 
 impl Record {
@@ -267,7 +290,14 @@ impl Record {
                     push_short_string(&mut payload, backup_id);
                 }
             }
-            Record::Intent { volume, blocks } => {
+            Record::Intent { pair, blocks } => {
+                payload.push(3);
+                payload.extend_from_slice(&pair.volume.to_le_bytes());
+                payload.extend_from_slice(&pair.mate_lu.to_le_bytes());
+                payload.extend_from_slice(&blocks.start.to_le_bytes());
+                payload.extend_from_slice(&blocks.end.to_le_bytes());
+            }
+            Record::VolumeIntent { volume, blocks } => {
                 payload.push(2);
                 payload.extend_from_slice(&volume.to_le_bytes());
                 payload.extend_from_slice(&blocks.start.to_le_bytes());
@@ -352,10 +382,20 @@ impl Record {
                     ended_restore,
                 })
             }
-            2 => {
+            2 if payload.len() == 21 => {
                 let (start, end) = (u64_at(5)?, u64_at(13)?);
-                (start < end).then_some(Record::Intent {
+                (start < end).then_some(Record::VolumeIntent {
                     volume: u32_at(1)?,
+                    blocks: start..end,
+                })
+            }
+            3 if payload.len() == 25 => {
+                let (start, end) = (u64_at(9)?, u64_at(17)?);
+                (start < end).then_some(Record::Intent {
+                    pair: PairKey {
+                        volume: u32_at(1)?,
+                        mate_lu: u32_at(5)?,
+                    },
                     blocks: start..end,
                 })
             }
@@ -398,7 +438,7 @@ fn commit_block(committed_len_bytes: u64) -> [u8; COMMIT_BLOCK_BYTES] {
 }
 
 /// Applies a record to the replayed state.
-fn apply(state: &mut BTreeMap<u32, DurableVolume>, record: Record) {
+fn apply(state: &mut BTreeMap<PairKey, DurableVolume>, record: Record) {
     match record {
         Record::State {
             volume,
@@ -410,7 +450,8 @@ fn apply(state: &mut BTreeMap<u32, DurableVolume>, record: Record) {
             ended_restore,
         } => {
             let keep_regions = pair_state.keeps_intents();
-            let old = state.remove(&volume);
+            let key = PairKey { volume, mate_lu };
+            let old = state.remove(&key);
             let ended_restore = match (&pair_state, ended_restore) {
                 (_, Some(run_id)) => Some(run_id),
                 (PairState::Restoring { .. }, None) => None,
@@ -421,7 +462,7 @@ fn apply(state: &mut BTreeMap<u32, DurableVolume>, record: Record) {
                 _ => RangeSet::new(),
             };
             state.insert(
-                volume,
+                key,
                 DurableVolume {
                     origin_lu,
                     mate_lu,
@@ -433,11 +474,20 @@ fn apply(state: &mut BTreeMap<u32, DurableVolume>, record: Record) {
                 },
             );
         }
-        Record::Intent { volume, blocks } => {
-            // An intent for a volume with no state record cannot be placed;
-            // that volume gets a full resync anyway.
-            if let Some(v) = state.get_mut(&volume) {
+        Record::Intent { pair, blocks } => {
+            // An intent for a pair with no state record cannot be placed;
+            // that pair gets a full resync anyway.
+            if let Some(v) = state.get_mut(&pair) {
                 v.regions.insert(blocks);
+            }
+        }
+        Record::VolumeIntent { volume, blocks } => {
+            let pairs = PairKey { volume, mate_lu: 0 }..=PairKey {
+                volume,
+                mate_lu: u32::MAX,
+            };
+            for (_, v) in state.range_mut(pairs) {
+                v.regions.insert(blocks.clone());
             }
         }
     }
@@ -450,7 +500,7 @@ enum Replayed {
     Empty,
     /// A whole journal: the state its committed records describe.
     Usable {
-        volumes: BTreeMap<u32, DurableVolume>,
+        volumes: BTreeMap<PairKey, DurableVolume>,
         committed_len_bytes: u64,
         /// Bytes after the committed length: a commit cut short.
         discarded_bytes: u64,
@@ -562,9 +612,9 @@ pub struct Journal {
     queue: Mutex<Option<mpsc::Sender<Append>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     region_bytes: u64,
-    /// Regions durable in the journal, per volume: a write inside one costs
+    /// Regions durable in the journal, per pair: a write inside one costs
     /// no journal I/O.
-    durable: Mutex<BTreeMap<u32, RangeSet<u64>>>,
+    durable: Mutex<BTreeMap<PairKey, RangeSet<u64>>>,
     /// Why the journal found at open could not be used, if it could not.
     unusable_reason: Option<String>,
     stats: Arc<Stats>,
@@ -588,7 +638,7 @@ impl Journal {
     pub fn open(
         dir: &Path,
         region_bytes: u64,
-    ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), JournalError> {
+    ) -> Result<(Arc<Self>, BTreeMap<PairKey, DurableVolume>), JournalError> {
         Self::open_compacting_at(dir, region_bytes, COMPACT_AT_BYTES)
     }
 
@@ -597,7 +647,7 @@ impl Journal {
         dir: &Path,
         region_bytes: u64,
         compact_at_bytes: u64,
-    ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), JournalError> {
+    ) -> Result<(Arc<Self>, BTreeMap<PairKey, DurableVolume>), JournalError> {
         Self::open_with(
             dir,
             region_bytes,
@@ -611,7 +661,7 @@ impl Journal {
         region_bytes: u64,
         compact_at_bytes: u64,
         wrap: WrapFile,
-    ) -> Result<(Arc<Self>, BTreeMap<u32, DurableVolume>), JournalError> {
+    ) -> Result<(Arc<Self>, BTreeMap<PairKey, DurableVolume>), JournalError> {
         let path = dir.join(FILE_NAME);
         let journal_error = |source: io::Error| JournalError::Open {
             path: path.clone(),
@@ -670,7 +720,7 @@ impl Journal {
         };
         let durable = state
             .iter()
-            .map(|(&volume, v)| (volume, v.regions.clone()))
+            .map(|(&pair, v)| (pair, v.regions.clone()))
             .collect();
         let stats = Arc::new(Stats::default());
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
@@ -708,15 +758,11 @@ impl Journal {
         self.unusable_reason.as_deref()
     }
 
-    /// Makes `blocks` of `volume` durable as an intent (rounded out to
+    /// Makes `blocks` of `pair` durable as an intent (rounded out to
     /// regions). Answers at once, without I/O, when already durable.
-    pub async fn record_intent(
-        &self,
-        volume: u32,
-        block_size_bytes: u32,
-        blocks: Range<u64>,
-        block_count: u64,
-    ) -> Result<(), DbError> {
+    pub async fn record_intent(&self, pair: &PairInfo, blocks: Range<u64>) -> Result<(), DbError> {
+        let (key, block_size_bytes, block_count) =
+            (PairKey::of(pair), pair.block_size_bytes, pair.block_count);
         let region_blocks = (self.region_bytes / u64::from(block_size_bytes)).max(1);
         let start = blocks.start / region_blocks * region_blocks;
         let end = blocks
@@ -725,28 +771,28 @@ impl Journal {
             .saturating_mul(region_blocks)
             .min(block_count);
         let region = start..end;
-        if self.is_durable(volume, &region) {
+        if self.is_durable(key, &region) {
             return Ok(());
         }
         self.append(vec![Record::Intent {
-            volume,
+            pair: key,
             blocks: region.clone(),
         }])
         .await?;
         self.durable
             .lock()
             .expect("journal poisoned")
-            .entry(volume)
+            .entry(key)
             .or_default()
             .insert(region);
         Ok(())
     }
 
-    fn is_durable(&self, volume: u32, region: &Range<u64>) -> bool {
+    fn is_durable(&self, key: PairKey, region: &Range<u64>) -> bool {
         self.durable
             .lock()
             .expect("journal poisoned")
-            .get(&volume)
+            .get(&key)
             .is_some_and(|set| set.gaps(region).next().is_none())
     }
 
@@ -785,7 +831,7 @@ impl Journal {
             self.durable
                 .lock()
                 .expect("journal poisoned")
-                .remove(&pair.mirror_lu);
+                .remove(&PairKey::of(pair));
         }
         Ok(())
     }
@@ -838,7 +884,7 @@ struct Writer {
     /// byte before it was synced by a commit that succeeded.
     committed_len_bytes: u64,
     compact_at_bytes: u64,
-    state: BTreeMap<u32, DurableVolume>,
+    state: BTreeMap<PairKey, DurableVolume>,
     /// Why every append is refused: a failed append that could not be
     /// undone (or a compaction that could not be made durable).
     broken: Option<String>,
@@ -966,9 +1012,9 @@ impl Writer {
     /// regions of each volume.
     fn compact(&mut self) {
         let mut records = Vec::new();
-        for (&volume, v) in &self.state {
+        for (&pair, v) in &self.state {
             Record::State {
-                volume,
+                volume: pair.volume,
                 origin_lu: v.origin_lu,
                 mate_lu: v.mate_lu,
                 block_count: v.block_count,
@@ -979,7 +1025,7 @@ impl Writer {
             .encode(&mut records);
             for blocks in v.regions.iter() {
                 Record::Intent {
-                    volume,
+                    pair,
                     blocks: blocks.clone(),
                 }
                 .encode(&mut records);
@@ -1156,7 +1202,7 @@ pub(crate) mod full_disk {
     pub(crate) fn open(
         dir: &Path,
         region_bytes: u64,
-    ) -> (Arc<Journal>, BTreeMap<u32, DurableVolume>, Arc<Disk>) {
+    ) -> (Arc<Journal>, BTreeMap<PairKey, DurableVolume>, Arc<Disk>) {
         let disk = Arc::new(Disk::default());
         let shared = disk.clone();
         let (journal, state) = Journal::open_with(
@@ -1185,6 +1231,10 @@ mod tests {
         mate_lu: 2,
         block_size_bytes: 4096,
         block_count: 1024,
+    };
+    const KEY: PairKey = PairKey {
+        volume: 0,
+        mate_lu: 2,
     };
 
     fn split(holder: &str) -> PairState {
@@ -1229,7 +1279,7 @@ mod tests {
         for i in 0..12u64 {
             let lba = 1 + 8 * i;
             journal
-                .record_intent(0, 4096, lba..lba + 1, 1024)
+                .record_intent(&PAIR, lba..lba + 1)
                 .await
                 .expect("intent");
             written.push(lba..lba + 1);
@@ -1263,7 +1313,7 @@ mod tests {
         journal.close();
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen fresh");
         assert!(journal.unusable_reason().is_none());
-        assert!(state[&0].full_resync);
+        assert!(state[&KEY].full_resync);
         journal.close();
     }
 
@@ -1286,16 +1336,13 @@ mod tests {
             .record_state(&PAIR, &snapshot, false)
             .await
             .expect("state");
+        journal.record_intent(&PAIR, 5..6).await.expect("intent");
         journal
-            .record_intent(0, 4096, 5..6, 1024)
-            .await
-            .expect("intent");
-        journal
-            .record_intent(0, 4096, 6..9, 1024)
+            .record_intent(&PAIR, 6..9)
             .await
             .expect("same region");
         journal
-            .record_intent(0, 4096, 100..101, 1024)
+            .record_intent(&PAIR, 100..101)
             .await
             .expect("intent");
         let stats = journal.stats();
@@ -1306,7 +1353,7 @@ mod tests {
         journal.close();
         let (journal, state) = Journal::open(dir.path(), 64 << 10).expect("reopen");
         assert!(journal.unusable_reason().is_none());
-        let v = &state[&0];
+        let v = &state[&KEY];
         assert_eq!(v.state, snapshot);
         // Rounded out to 16-block (64 KiB) regions.
         assert_eq!(regions(v), vec![0..16, 96..112]);
@@ -1345,8 +1392,8 @@ mod tests {
         journal.close();
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
         assert!(journal.unusable_reason().is_none());
-        assert_eq!(state[&0].state.snapshot_id(), Some(12));
-        assert_eq!(state[&0].state, second);
+        assert_eq!(state[&KEY].state.snapshot_id(), Some(12));
+        assert_eq!(state[&KEY].state, second);
     }
 
     #[test]
@@ -1383,31 +1430,121 @@ mod tests {
             .record_state(&PAIR, &split("a"), false)
             .await
             .expect("state");
-        journal
-            .record_intent(0, 4096, 1..2, 1024)
-            .await
-            .expect("intent");
+        journal.record_intent(&PAIR, 1..2).await.expect("intent");
         journal
             .record_state(&PAIR, &PairState::Resynchronizing, false)
             .await
             .expect("state");
         journal.close();
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(regions(&state[&0]), vec![1..2]);
+        assert_eq!(regions(&state[&KEY]), vec![1..2]);
         journal
             .record_state(&PAIR, &PairState::Synchronized, false)
             .await
             .expect("state");
         journal.close();
         let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(state[&0].state, PairState::Synchronized);
-        assert!(state[&0].regions.is_empty());
+        assert_eq!(state[&KEY].state, PairState::Synchronized);
+        assert!(state[&KEY].regions.is_empty());
     }
 
     fn payload_of(record: &Record) -> Vec<u8> {
         let mut framed = Vec::new();
         record.encode(&mut framed);
         framed[5..framed.len() - DIGEST_BYTES].to_vec()
+    }
+
+    /// A volume with two mates: each pair's state and intents are its own,
+    /// across a replay and a compaction.
+    #[tokio::test]
+    async fn each_mate_of_a_volume_has_its_own_state_and_intents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let second = PairInfo { mate_lu: 7, ..PAIR };
+        let second_key = PairKey::of(&second);
+        let (journal, _) = Journal::open(dir.path(), 4096).expect("open");
+        journal
+            .record_state(&PAIR, &split("run-1"), false)
+            .await
+            .expect("mate 1 split");
+        journal
+            .record_state(&second, &split("run-2"), false)
+            .await
+            .expect("mate 2 split");
+        journal.record_intent(&PAIR, 1..2).await.expect("intent 1");
+        journal
+            .record_intent(&second, 5..6)
+            .await
+            .expect("intent 2");
+        journal
+            .record_state(&PAIR, &PairState::Synchronized, false)
+            .await
+            .expect("mate 1 synchronized");
+        journal.close();
+        let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert_eq!(state[&KEY].state, PairState::Synchronized);
+        assert!(state[&KEY].regions.is_empty(), "mate 1's intents dropped");
+        assert_eq!(state[&second_key].state, split("run-2"));
+        assert_eq!(
+            regions(&state[&second_key]),
+            vec![5..6],
+            "mate 2 keeps its own"
+        );
+        journal.close();
+        // A compaction writes each pair back as it was.
+        let (journal, state_again) =
+            Journal::open_compacting_at(dir.path(), 4096, 1).expect("compact");
+        journal.record_intent(&second, 9..10).await.expect("intent");
+        journal.close();
+        let (_, compacted) = Journal::open(dir.path(), 4096).expect("reopen");
+        assert_eq!(state_again, state);
+        assert_eq!(regions(&compacted[&second_key]), vec![5..6, 9..10]);
+        assert_eq!(compacted[&KEY].state, PairState::Synchronized);
+    }
+
+    /// The single-mate format's intent record (type 2) names a volume, not
+    /// a mate: it is read as an intent of every pair of that volume.
+    #[test]
+    fn an_intent_of_the_single_mate_format_applies_to_every_pair_of_its_volume() {
+        let mut state = BTreeMap::new();
+        for mate_lu in [2, 7] {
+            let Record::State {
+                volume,
+                origin_lu,
+                block_count,
+                state: pair_state,
+                full_resync,
+                ended_restore,
+                ..
+            } = state_record(split("run"))
+            else {
+                unreachable!("a state record")
+            };
+            apply(
+                &mut state,
+                Record::State {
+                    volume,
+                    origin_lu,
+                    mate_lu,
+                    block_count,
+                    state: pair_state,
+                    full_resync,
+                    ended_restore,
+                },
+            );
+        }
+        let mut framed = Vec::new();
+        Record::VolumeIntent {
+            volume: 0,
+            blocks: 3..4,
+        }
+        .encode(&mut framed);
+        let payload = framed[5..framed.len() - DIGEST_BYTES].to_vec();
+        let record = Record::decode(&payload).expect("a type-2 record decodes");
+        apply(&mut state, record);
+        for mate_lu in [2, 7] {
+            let key = PairKey { volume: 0, mate_lu };
+            assert_eq!(regions(&state[&key]), vec![3..4], "mate LU {mate_lu}");
+        }
     }
 
     fn state_record(state: PairState) -> Record {
@@ -1545,8 +1682,8 @@ mod tests {
             .expect("restoring");
         journal.close();
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(state[&0].state, restoring);
-        assert!(state[&0].regions.is_empty());
+        assert_eq!(state[&KEY].state, restoring);
+        assert!(state[&KEY].regions.is_empty());
         journal
             .record_state(&PAIR, &PairState::Synchronized, false)
             .await
@@ -1555,10 +1692,7 @@ mod tests {
             .record_state(&PAIR, &split("r"), false)
             .await
             .expect("split");
-        journal
-            .record_intent(0, 4096, 3..4, 1024)
-            .await
-            .expect("intent");
+        journal.record_intent(&PAIR, 3..4).await.expect("intent");
         let reverse = PairState::RestoringToSnapshot {
             holder: "r".into(),
             ledger_sequence: 1,
@@ -1570,19 +1704,19 @@ mod tests {
             .expect("reverse");
         // Still durable: a write there would cost nothing (none comes:
         // the volume is offline), and a compaction keeps it.
-        assert!(journal.is_durable(0, &(3..4)));
+        assert!(journal.is_durable(KEY, &(3..4)));
         journal.close();
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(state[&0].state, reverse);
-        assert_eq!(regions(&state[&0]), vec![3..4]);
+        assert_eq!(state[&KEY].state, reverse);
+        assert_eq!(regions(&state[&KEY]), vec![3..4]);
         journal
             .record_state(&PAIR, &PairState::Synchronized, false)
             .await
             .expect("synchronized");
         journal.close();
         let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(state[&0].state, PairState::Synchronized);
-        assert!(state[&0].regions.is_empty());
+        assert_eq!(state[&KEY].state, PairState::Synchronized);
+        assert!(state[&KEY].regions.is_empty());
     }
 
     /// The run that ended (or abandoned) a restore is remembered across a
@@ -1610,15 +1744,15 @@ mod tests {
             .expect("a failed write");
         journal.close();
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(state[&0].ended_restore.as_deref(), Some("restore-1"));
-        assert_eq!(state[&0].state, PairState::Resynchronizing);
+        assert_eq!(state[&KEY].ended_restore.as_deref(), Some("restore-1"));
+        assert_eq!(state[&KEY].state, PairState::Resynchronizing);
         journal
             .record_state(&PAIR, &restoring("restore-2"), false)
             .await
             .expect("the next restore");
         journal.close();
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(state[&0].ended_restore, None);
+        assert_eq!(state[&KEY].ended_restore, None);
         journal
             .record_state_ending(&PAIR, &PairState::Resynchronizing, true, Some("restore-2"))
             .await
@@ -1627,16 +1761,16 @@ mod tests {
         // Compacted at every append: the state record carries the run.
         let (journal, state) =
             Journal::open_compacting_at(dir.path(), 4096, 0).expect("reopen compacting");
-        assert_eq!(state[&0].ended_restore.as_deref(), Some("restore-2"));
-        assert!(state[&0].full_resync);
+        assert_eq!(state[&KEY].ended_restore.as_deref(), Some("restore-2"));
+        assert!(state[&KEY].full_resync);
         journal
-            .record_intent(0, 4096, 1..2, 1024)
+            .record_intent(&PAIR, 1..2)
             .await
             .expect("an append that compacts");
         journal.close();
         let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
-        assert_eq!(state[&0].ended_restore.as_deref(), Some("restore-2"));
-        assert_eq!(regions(&state[&0]), vec![1..2]);
+        assert_eq!(state[&KEY].ended_restore.as_deref(), Some("restore-2"));
+        assert_eq!(regions(&state[&KEY]), vec![1..2]);
     }
 
     /// The old rule took any bad record for a torn tail. Now only bytes
@@ -1653,7 +1787,7 @@ mod tests {
         let mut bytes = committed.clone();
         bytes.extend_from_slice(&[RECORD_MAGIC, 200, 0, 0, 0, 1, 2]);
         Record::Intent {
-            volume: 0,
+            pair: KEY,
             blocks: 500..501,
         }
         .encode(&mut bytes);
@@ -1662,7 +1796,7 @@ mod tests {
         assert!(journal.unusable_reason().is_none());
         assert!(set_aside_files(&dir).is_empty());
         assert_eq!(
-            regions(&state[&0]),
+            regions(&state[&KEY]),
             written,
             "nothing lost, nothing invented"
         );
@@ -1673,14 +1807,14 @@ mod tests {
         );
         // Appends continue after the committed records.
         journal
-            .record_intent(0, 4096, 700..701, 1024)
+            .record_intent(&PAIR, 700..701)
             .await
             .expect("intent");
         journal.close();
         let (_, state) = Journal::open(dir.path(), 4096).expect("reopen");
         let mut want = written;
         want.push(700..701);
-        assert_eq!(regions(&state[&0]), want);
+        assert_eq!(regions(&state[&KEY]), want);
 
         // A bit flipped in the last committed record: damage, not a tail.
         let mut bytes = std::fs::read(&path).expect("read");
@@ -1753,7 +1887,7 @@ mod tests {
         for i in 0..64u64 {
             let journal = journal.clone();
             tasks.push(tokio::spawn(async move {
-                journal.record_intent(0, 4096, i * 2..i * 2 + 1, 1024).await
+                journal.record_intent(&PAIR, i * 2..i * 2 + 1).await
             }));
         }
         for task in tasks {
@@ -1770,7 +1904,7 @@ mod tests {
                 .await
                 .expect("state");
             journal
-                .record_intent(0, 4096, cycle..cycle + 1, 1024)
+                .record_intent(&PAIR, cycle..cycle + 1)
                 .await
                 .expect("intent");
             journal
@@ -1787,10 +1921,7 @@ mod tests {
             .record_state(&PAIR, &snapshot, false)
             .await
             .expect("state");
-        journal
-            .record_intent(0, 4096, 40..41, 1024)
-            .await
-            .expect("intent");
+        journal.record_intent(&PAIR, 40..41).await.expect("intent");
         let written = journal.stats().bytes_written;
         let on_disk = std::fs::metadata(journal_path(&dir)).expect("meta").len();
         assert!(written > 4 * 8192, "the cycles wrote {written} bytes");
@@ -1802,8 +1933,8 @@ mod tests {
             journal.unusable_reason().is_none(),
             "compaction writes the current format with its commit block"
         );
-        assert_eq!(state[&0].state, snapshot);
-        assert_eq!(regions(&state[&0]), vec![40..41]);
+        assert_eq!(state[&KEY].state, snapshot);
+        assert_eq!(regions(&state[&KEY]), vec![40..41]);
     }
 
     /// Which of the next operations on the journal file fail.
@@ -1880,34 +2011,25 @@ mod tests {
             .record_state(&PAIR, &split("a"), false)
             .await
             .expect("state");
-        journal
-            .record_intent(0, 4096, 1..2, 1024)
-            .await
-            .expect("intent");
+        journal.record_intent(&PAIR, 1..2).await.expect("intent");
         faults.lock().expect("faults").torn_writes = 1;
         journal
-            .record_intent(0, 4096, 3..4, 1024)
+            .record_intent(&PAIR, 3..4)
             .await
             .expect_err("a torn write fails the append");
         faults.lock().expect("faults").failed_syncs = 1;
         journal
-            .record_intent(0, 4096, 5..6, 1024)
+            .record_intent(&PAIR, 5..6)
             .await
             .expect_err("a failed fsync fails the append");
         // Space (and the disk) are back: these are acknowledged.
-        journal
-            .record_intent(0, 4096, 7..8, 1024)
-            .await
-            .expect("intent");
-        journal
-            .record_intent(0, 4096, 9..10, 1024)
-            .await
-            .expect("intent");
+        journal.record_intent(&PAIR, 7..8).await.expect("intent");
+        journal.record_intent(&PAIR, 9..10).await.expect("intent");
         journal.close();
         let (journal, state) = Journal::open(dir.path(), 4096).expect("reopen");
         assert!(journal.unusable_reason().is_none());
         assert_eq!(
-            regions(&state[&0]),
+            regions(&state[&KEY]),
             vec![1..2, 7..8, 9..10],
             "every acknowledged intent, and only those"
         );
@@ -1921,23 +2043,20 @@ mod tests {
             .record_state(&PAIR, &split("a"), false)
             .await
             .expect("state");
-        journal
-            .record_intent(0, 4096, 1..2, 1024)
-            .await
-            .expect("intent");
+        journal.record_intent(&PAIR, 1..2).await.expect("intent");
         {
             let mut faults = faults.lock().expect("faults");
             faults.torn_writes = 1;
             faults.failed_set_lens = 1;
         }
         journal
-            .record_intent(0, 4096, 3..4, 1024)
+            .record_intent(&PAIR, 3..4)
             .await
             .expect_err("a torn write fails the append");
         // The faults are gone, but the torn bytes were never cut off:
         // nothing may be appended after them.
         let refused = journal
-            .record_intent(0, 4096, 5..6, 1024)
+            .record_intent(&PAIR, 5..6)
             .await
             .expect_err("a broken journal refuses appends");
         assert!(refused.to_string().contains("broken"), "{refused}");
@@ -1950,7 +2069,7 @@ mod tests {
             .await
             .expect_err("and state changes");
         journal
-            .record_intent(0, 4096, 1..2, 1024)
+            .record_intent(&PAIR, 1..2)
             .await
             .expect("a region already durable needs no append");
         journal.close();
@@ -1959,10 +2078,10 @@ mod tests {
             journal.unusable_reason().is_none(),
             "the torn bytes were never committed"
         );
-        assert_eq!(state[&0].state, split("a"));
-        assert_eq!(regions(&state[&0]), vec![1..2]);
+        assert_eq!(state[&KEY].state, split("a"));
+        assert_eq!(regions(&state[&KEY]), vec![1..2]);
         journal
-            .record_intent(0, 4096, 5..6, 1024)
+            .record_intent(&PAIR, 5..6)
             .await
             .expect("a restart repairs the journal");
         journal.close();

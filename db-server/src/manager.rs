@@ -16,6 +16,16 @@
 //!   is still recorded → copy → remove" atomic against writes to the same
 //!   blocks (the widened step-1004 race of DESIGN.md §3).
 //! - `Volume::inner` (std mutex, never held across an await): the tables.
+//!
+//! A volume may have up to three mates ([0020]): each (volume, mate) is a
+//! pair with its own [`Volume`] — state, update location table, resync,
+//! journal records, mate access and array mode — so that each mate is
+//! split, backed up and resynchronized on its own. A write to the data
+//! virtual LU concerns every pair of its volume: it holds each pair's mode
+//! gate and blocks (in mate order) and is recorded in the table of every
+//! split pair. Several mates need the stateful array (`--array-mode
+//! stateful`): only an array that holds each pair's mode can send one write
+//! of the mirror LU to the origin and the synchronized mates alone.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -31,7 +41,7 @@ use tokio_util::task::TaskTracker;
 use crate::array_port::{ArrayPort, OwnAccess, PairInfo};
 use crate::crash;
 use crate::error::DbError;
-use crate::journal::{DurableVolume, Journal};
+use crate::journal::{DurableVolume, Journal, PairKey};
 use crate::lu_status::{Mode, PairState, Routing, VirtualLu, new_snapshot_id};
 use crate::update_location_table::UpdateLocationTable;
 
@@ -39,6 +49,8 @@ mod array_mode;
 mod cow;
 mod restore;
 mod resync;
+#[cfg(test)]
+mod several_mates_tests;
 use array_mode::KnownArrayMode;
 pub use array_mode::{ArrayModeKeeping, UnknownArrayModeKeeping};
 use cow::CowImage;
@@ -162,10 +174,41 @@ impl ManagerConfig {
     }
 }
 
-/// Everything `Status` reports about one volume.
+/// The most mates a mirror LU may have ([0020]: "treble or more"; the
+/// array's configuration allows three).
+pub const MAX_MATES: u32 = 3;
+
+/// One pair of a volume: the volume (its mirror LU) and which of its mates,
+/// counted from 1 in the array's order. A bare volume number means its
+/// first mate, the only one of a single-mate volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PairRef {
+    pub volume: u32,
+    pub mate: u32,
+}
+
+impl PairRef {
+    /// `mate` counted from 1; 0 (unset on the wire) means 1.
+    pub fn new(volume: u32, mate: u32) -> Self {
+        Self {
+            volume,
+            mate: mate.max(1),
+        }
+    }
+}
+
+impl From<u32> for PairRef {
+    fn from(volume: u32) -> Self {
+        Self::new(volume, 1)
+    }
+}
+
+/// Everything `Status` reports about one pair (one per mate of a volume).
 #[derive(Debug, Clone)]
 pub struct VolumeStatus {
     pub volume: u32,
+    /// Which of the volume's mates, counted from 1.
+    pub mate: u32,
     pub pair: PairInfo,
     pub routing: Routing,
     pub holder: Option<String>,
@@ -273,8 +316,12 @@ enum MateAccess {
     Unknown,
 }
 
+/// One pair: a volume's mirror LU with one of its mates (see the module
+/// comment).
 struct Volume {
     pair: PairInfo,
+    /// Which of the volume's mates, counted from 1.
+    mate: u32,
     /// Where a copy-on-write snapshot saves pre-update data, if configured.
     save_area: Option<SaveArea>,
     mode_gate: RwLock<()>,
@@ -460,7 +507,9 @@ pub struct SnapshotManager {
     masking: bool,
     /// `None` runs without crash safety (benchmarks only).
     journal: Option<Arc<Journal>>,
-    volumes: BTreeMap<u32, Arc<Volume>>,
+    /// Every pair, by (volume, mate): a volume's pairs are next to each
+    /// other, mate 1 first.
+    volumes: BTreeMap<PairRef, Arc<Volume>>,
     config: ManagerConfig,
     /// Paces every volume's resync copies together (the reverse resync's
     /// too).
@@ -492,7 +541,7 @@ impl SnapshotManager {
     pub async fn start(
         array: Arc<dyn ArrayPort>,
         pairs: Vec<PairInfo>,
-        journal: Option<(Arc<Journal>, BTreeMap<u32, DurableVolume>)>,
+        journal: Option<(Arc<Journal>, BTreeMap<PairKey, DurableVolume>)>,
         config: ManagerConfig,
         cancel: CancellationToken,
         tasks: TaskTracker,
@@ -519,10 +568,22 @@ impl SnapshotManager {
                 ));
             }
         }
+        let mates = mate_numbers(&pairs)?;
+        let pair_keys: Vec<PairKey> = pairs.iter().map(PairKey::of).collect();
+        if let Some(several) = pairs.iter().zip(&mates).find(|(_, mate)| **mate > 1)
+            && config.array_mode != ArrayModeKeeping::Stateful
+        {
+            return Err(DbError::InvalidArgument(format!(
+                "mirror LU {} has several mates: they need --array-mode stateful (only an \
+                 array that holds each pair's mode can send a write to the origin and the \
+                 synchronized mates alone)",
+                several.0.mirror_lu
+            )));
+        }
         let save_areas = cow::check_save_areas(array.as_ref(), &pairs, &config).await?;
         let mut volumes = BTreeMap::new();
-        for pair in pairs {
-            let known = durable.get(&pair.mirror_lu).filter(|d| {
+        for (pair, mate) in pairs.into_iter().zip(mates) {
+            let known = durable.get(&PairKey::of(&pair)).filter(|d| {
                 (d.origin_lu, d.mate_lu, d.block_count)
                     == (pair.origin_lu, pair.mate_lu, pair.block_count)
             });
@@ -590,11 +651,17 @@ impl SnapshotManager {
                     // trusted, and the reason says where it was damaged.
                     let lost = match journal.unusable_reason() {
                         Some(why) => Some(format!("journal unusable: {why}")),
-                        None if durable.contains_key(&pair.mirror_lu) => Some(
+                        None if durable.contains_key(&PairKey::of(&pair))
+                            || durable.keys().any(|key| {
+                                key.volume == pair.mirror_lu && !pair_keys.contains(key)
+                            }) =>
+                        {
+                            Some(
                             "the journal's record of this volume names another origin, mate or \
                              size"
                                 .to_string(),
-                        ),
+                            )
+                        }
                         None => None,
                     };
                     let reason = match lost {
@@ -624,13 +691,14 @@ impl SnapshotManager {
             }
             let volume = Volume {
                 pair,
+                mate,
                 save_area: save_areas.get(&pair.mirror_lu).copied(),
                 mode_gate: RwLock::new(()),
                 blocks: RangeLock::new(),
                 inner: Mutex::new(inner),
                 resync_wakeup: Notify::new(),
             };
-            volumes.insert(pair.mirror_lu, Arc::new(volume));
+            volumes.insert(PairRef::new(pair.mirror_lu, mate), Arc::new(volume));
         }
         let resync_pace = config.resync_max_bytes_per_s.map(RateLimit::new);
         let masking = array.identity().is_some();
@@ -827,16 +895,7 @@ impl SnapshotManager {
 
     async fn journal_intent(&self, pair: &PairInfo, blocks: Range<u64>) -> Result<(), DbError> {
         match &self.journal {
-            Some(journal) => {
-                journal
-                    .record_intent(
-                        pair.mirror_lu,
-                        pair.block_size_bytes,
-                        blocks,
-                        pair.block_count,
-                    )
-                    .await
-            }
+            Some(journal) => journal.record_intent(pair, blocks).await,
             None => Ok(()),
         }
     }
@@ -854,17 +913,46 @@ impl SnapshotManager {
     }
 
     pub fn volume_ids(&self) -> Vec<u32> {
-        self.volumes.keys().copied().collect()
+        let mut ids: Vec<u32> = self.volumes.keys().map(|key| key.volume).collect();
+        ids.dedup();
+        ids
     }
 
-    pub fn pair(&self, volume: u32) -> Result<PairInfo, DbError> {
-        Ok(self.volume(volume)?.pair)
+    /// The pair of `which` (a volume, or a volume and one of its mates).
+    pub fn pair(&self, which: impl Into<PairRef>) -> Result<PairInfo, DbError> {
+        Ok(self.volume(which)?.pair)
     }
 
-    fn volume(&self, volume: u32) -> Result<&Arc<Volume>, DbError> {
+    /// How many mates `volume` has.
+    pub fn mate_count(&self, volume: u32) -> Result<u32, DbError> {
+        match self.pairs_of(volume).len() as u32 {
+            0 => Err(DbError::UnknownVolume(volume)),
+            count => Ok(count),
+        }
+    }
+
+    /// The pair of `which`: an unknown volume is NOT_FOUND, a mate the
+    /// volume does not have is refused as a bad argument.
+    fn volume(&self, which: impl Into<PairRef>) -> Result<&Arc<Volume>, DbError> {
+        let which = which.into();
+        if let Some(vol) = self.volumes.get(&which) {
+            return Ok(vol);
+        }
+        let count = self.mate_count(which.volume)?;
+        Err(DbError::InvalidArgument(format!(
+            "volume {} has {count} mate{}: there is no mate {}",
+            which.volume,
+            if count == 1 { "" } else { "s" },
+            which.mate
+        )))
+    }
+
+    /// Every pair of `volume`, mate 1 first (empty for an unknown volume).
+    fn pairs_of(&self, volume: u32) -> Vec<&Arc<Volume>> {
         self.volumes
-            .get(&volume)
-            .ok_or(DbError::UnknownVolume(volume))
+            .range(PairRef::new(volume, 1)..=PairRef::new(volume, u32::MAX))
+            .map(|(_, vol)| vol)
+            .collect()
     }
 
     /// The blocks `lba..lba + blocks` of `volume`: an existing volume, at
@@ -889,24 +977,30 @@ impl SnapshotManager {
     /// one (a streamed Read checks this before its first chunk, so that the
     /// refusal is the call's answer, not a failed stream).
     pub fn check_online(&self, volume: u32) -> Result<(), DbError> {
-        refuse_if_restoring(volume, &self.volume(volume)?.inner().state)
+        self.volume(volume)?;
+        for vol in self.pairs_of(volume) {
+            refuse_if_restoring(volume, &vol.inner().state)?;
+        }
+        Ok(())
     }
 
     /// Reads from the READ destination of the virtual LU.
     pub async fn read(
         &self,
-        volume: u32,
+        which: impl Into<PairRef>,
         target: VirtualLu,
         lba: u64,
         blocks: u64,
     ) -> Result<Vec<u8>, DbError> {
-        let vol = self.volume(volume)?;
+        let which = which.into();
+        let volume = which.volume;
+        let vol = self.volume(which)?;
         let range = vol.check_range(lba, blocks)?;
+        self.check_online(volume)?;
         // A copy-on-write snapshot is read through its map; an invalidated
         // one is refused with its reason.
         let cow_read = {
             let inner = vol.inner();
-            refuse_if_restoring(volume, &inner.state)?;
             if target == VirtualLu::Snapshot {
                 inner.cow.check_valid(volume)?;
             }
@@ -915,16 +1009,26 @@ impl SnapshotManager {
         if cow_read {
             return self.read_cow_snapshot(vol, range).await;
         }
-        // A stateful array routes by its own mode: the read holds the mode
-        // gate shared so that the mode it relies on is the state's.
-        let _mode = match self.stateful() {
-            true => Some(vol.mode_gate.read().await),
-            false => None,
+        // A stateful array routes by its own modes: the read holds the
+        // mode gates shared so that the modes it relies on are the states'
+        // (the data LU's read of the mirror LU may be served by the origin
+        // or any synchronized mate, so it relies on every pair's).
+        let relied_on = match target {
+            VirtualLu::Data => self.pairs_of(volume),
+            VirtualLu::Snapshot => vec![vol],
         };
-        self.ensure_array_mode(vol).await?;
+        let mut _modes = Vec::new();
+        if self.stateful() {
+            for pair in &relied_on {
+                _modes.push(pair.mode_gate.read().await);
+            }
+        }
+        for pair in &relied_on {
+            self.ensure_array_mode(pair).await?;
+        }
+        self.check_online(volume)?;
         let lu = {
             let inner = vol.inner();
-            refuse_if_restoring(volume, &inner.state)?;
             let routing = self.routing(&vol.pair, &inner.state);
             match target {
                 VirtualLu::Data => routing.data_read_lu,
@@ -944,96 +1048,154 @@ impl SnapshotManager {
     ///   acknowledged it (both sides hold it), remove the range.
     /// - Synchronized: write the mirror LU.
     ///
+    /// A write to the data LU of a volume with several mates is one write
+    /// of the mirror LU (the stateful array sends it to the origin and the
+    /// mates whose pair takes it), and each pair plays its part of the
+    /// above: recorded in every split pair's table, removed from every
+    /// resynchronizing pair's. A write to a snapshot LU concerns its own
+    /// pair alone.
+    ///
     /// A write whose outcome is unknown leaves its range recorded, and the
     /// pair is not Synchronized until the range is copied.
     pub async fn write(
         &self,
-        volume: u32,
+        which: impl Into<PairRef>,
         target: VirtualLu,
         lba: u64,
         data: Vec<u8>,
     ) -> Result<u64, DbError> {
-        let vol = self.volume(volume)?;
+        let which = which.into();
+        let volume = which.volume;
+        let vol = self.volume(which)?;
         let range = vol.check_write(lba, data.len())?;
         let blocks = range.end - range.start;
-        let _mode = vol.mode_gate.read().await;
-        self.ensure_array_mode(vol).await?;
-        // Under a copy-on-write snapshot a write holds its blocks
-        // exclusively: saving the pre-update data and writing the new data
-        // is one step to the snapshot's readers (which hold them shared)
-        // and to other writers of the same blocks. The state cannot change
-        // while the mode gate is held.
+        let pairs = match target {
+            VirtualLu::Data => self.pairs_of(volume),
+            VirtualLu::Snapshot => vec![vol],
+        };
+        // Every pair's gate and blocks, in mate order (a mode change takes
+        // one pair's gate alone, so no two writers wait on each other).
+        let mut _modes = Vec::with_capacity(pairs.len());
+        for pair in &pairs {
+            _modes.push(pair.mode_gate.read().await);
+        }
+        for pair in &pairs {
+            self.ensure_array_mode(pair).await?;
+        }
+        // Under a copy-on-write snapshot (a single-mate volume) a write
+        // holds its blocks exclusively: saving the pre-update data and
+        // writing the new data is one step to the snapshot's readers (which
+        // hold them shared) and to other writers of the same blocks. The
+        // state cannot change while the mode gate is held.
         let cow_held = matches!(vol.inner().state, PairState::CowSnapshot { .. });
         let lock_mode = if cow_held {
             LockMode::Exclusive
         } else {
             LockMode::Shared
         };
-        let _blocks = vol.blocks.lock(range.clone(), lock_mode).await;
-        let (lu, mode) = {
-            let mut inner = vol.inner();
-            refuse_if_restoring(volume, &inner.state)?;
-            let routing = self.routing(&vol.pair, &inner.state);
-            let record = self.config.records_snapshot_writes();
-            match (target, &inner.state) {
-                (VirtualLu::Data, PairState::Snapshot { .. }) => {
-                    if record {
-                        inner.table.insert(range.clone());
-                    }
-                    (routing.data_write_lu, Mode::Snapshot)
-                }
-                (VirtualLu::Data, _) => (routing.data_write_lu, routing.data_mode),
-                (VirtualLu::Snapshot, PairState::Snapshot { writable, .. })
-                    if !writable && (self.masking || self.stateful()) =>
-                {
-                    // The array masks the frozen mate read-only (or its
-                    // mode refuses writes to it): refused here, before
-                    // anything is recorded or sent.
-                    return Err(DbError::SnapshotReadOnly {
-                        volume,
-                        mate_lu: vol.pair.mate_lu,
-                    });
-                }
-                (VirtualLu::Snapshot, PairState::Snapshot { .. }) => {
-                    // Writes to the snapshot also make origin and mate differ.
-                    if record {
-                        inner.table.insert(range.clone());
-                    }
-                    (vol.pair.mate_lu, Mode::Snapshot)
-                }
-                (VirtualLu::Snapshot, PairState::CowSnapshot { .. }) => {
-                    return Err(DbError::CowSnapshotReadOnly { volume });
-                }
-                (VirtualLu::Snapshot, _) => return Err(DbError::Undefined { volume, target }),
-            }
-        };
+        let mut _blocks = Vec::with_capacity(pairs.len());
+        for pair in &pairs {
+            _blocks.push(pair.blocks.lock(range.clone(), lock_mode).await);
+        }
+        let mut parts = Vec::with_capacity(pairs.len());
+        for pair in &pairs {
+            parts.push(self.route_write(pair, target, range.clone())?);
+        }
+        // Each pair's part names the same LU: the mirror LU for the data
+        // LU (a volume with several mates has a stateful array), the mate
+        // for its snapshot LU.
+        let lu = parts[0].0;
+        debug_assert!(parts.iter().all(|(part_lu, _)| *part_lu == lu));
         if cow_held {
             self.save_before_write(vol, range.clone()).await?;
         }
         // Durability rule 1: the range is durable before the write that
         // dirties it reaches the array.
-        let dirties = mode == Mode::Snapshot;
+        let dirtied: Vec<&Arc<Volume>> = pairs
+            .iter()
+            .zip(&parts)
+            .filter(|(_, (_, mode))| *mode == Mode::Snapshot)
+            .map(|(pair, _)| *pair)
+            .collect();
         let intent_first = self.config.journals_intent_first();
-        if dirties && intent_first {
-            self.journal_intent(&vol.pair, range.clone()).await?;
-            crash::point("write.after_intent");
+        if intent_first {
+            for pair in &dirtied {
+                self.journal_intent(&pair.pair, range.clone()).await?;
+            }
+            if !dirtied.is_empty() {
+                crash::point("write.after_intent");
+            }
         }
         let written = self.write_lu(&vol.pair, lu, lba, data).await;
         crash::point("write.after_array");
-        if dirties && !intent_first {
-            self.journal_intent(&vol.pair, range.clone()).await?;
+        if !intent_first {
+            for pair in &dirtied {
+                self.journal_intent(&pair.pair, range.clone()).await?;
+            }
         }
         match written {
             Ok(()) => {
-                if mode == Mode::Resynchronizing {
-                    vol.inner().table.remove(range);
+                for (pair, (_, mode)) in pairs.iter().zip(&parts) {
+                    if *mode == Mode::Resynchronizing {
+                        pair.inner().table.remove(range.clone());
+                    }
                 }
                 Ok(blocks)
             }
             Err(error) => {
-                self.record_unknown_outcome(vol, range, &error).await;
+                for pair in &pairs {
+                    self.record_unknown_outcome(pair, range.clone(), &error)
+                        .await;
+                }
                 Err(error.into())
             }
+        }
+    }
+
+    /// Where one pair sends a write of `range` to `target`, and in which
+    /// mode (Snapshot: `range` is recorded in its table now); refused when
+    /// the pair's state forbids it.
+    fn route_write(
+        &self,
+        vol: &Volume,
+        target: VirtualLu,
+        range: Range<u64>,
+    ) -> Result<(u32, Mode), DbError> {
+        let volume = vol.volume();
+        let mut inner = vol.inner();
+        refuse_if_restoring(volume, &inner.state)?;
+        let routing = self.routing(&vol.pair, &inner.state);
+        let record = self.config.records_snapshot_writes();
+        match (target, &inner.state) {
+            (VirtualLu::Data, PairState::Snapshot { .. }) => {
+                if record {
+                    inner.table.insert(range);
+                }
+                Ok((routing.data_write_lu, Mode::Snapshot))
+            }
+            (VirtualLu::Data, _) => Ok((routing.data_write_lu, routing.data_mode)),
+            (VirtualLu::Snapshot, PairState::Snapshot { writable, .. })
+                if !writable && (self.masking || self.stateful()) =>
+            {
+                // The array masks the frozen mate read-only (or its mode
+                // refuses writes to it): refused here, before anything is
+                // recorded or sent.
+                Err(DbError::SnapshotReadOnly {
+                    volume,
+                    mate_lu: vol.pair.mate_lu,
+                })
+            }
+            (VirtualLu::Snapshot, PairState::Snapshot { .. }) => {
+                // Writes to the snapshot also make origin and mate differ.
+                if record {
+                    inner.table.insert(range);
+                }
+                Ok((vol.pair.mate_lu, Mode::Snapshot))
+            }
+            (VirtualLu::Snapshot, PairState::CowSnapshot { .. }) => {
+                Err(DbError::CowSnapshotReadOnly { volume })
+            }
+            (VirtualLu::Snapshot, _) => Err(DbError::Undefined { volume, target }),
         }
     }
 
@@ -1092,11 +1254,11 @@ impl SnapshotManager {
     /// slip in between.
     pub async fn acquire(
         &self,
-        volume: u32,
+        which: impl Into<PairRef>,
         run_id: &str,
         ledger_sequence: u64,
     ) -> Result<AcquireOutcome, DbError> {
-        self.acquire_by(volume, run_id, ledger_sequence, self.config.snapshot_method)
+        self.acquire_by(which, run_id, ledger_sequence, self.config.snapshot_method)
             .await
     }
 
@@ -1111,12 +1273,12 @@ impl SnapshotManager {
     /// snapshot held, whatever its method.
     pub async fn acquire_by(
         &self,
-        volume: u32,
+        which: impl Into<PairRef>,
         run_id: &str,
         ledger_sequence: u64,
         method: SnapshotMethod,
     ) -> Result<AcquireOutcome, DbError> {
-        self.acquire_with(volume, run_id, ledger_sequence, method, false)
+        self.acquire_with(which, run_id, ledger_sequence, method, false)
             .await
     }
 
@@ -1127,14 +1289,23 @@ impl SnapshotManager {
     /// resynced like the origin's. Refused with copy-on-write.
     pub async fn acquire_with(
         &self,
-        volume: u32,
+        which: impl Into<PairRef>,
         run_id: &str,
         ledger_sequence: u64,
         method: SnapshotMethod,
         writable: bool,
     ) -> Result<AcquireOutcome, DbError> {
-        let vol = self.volume(volume)?;
+        let which = which.into();
+        let (volume, mate) = (which.volume, which.mate);
+        let vol = self.volume(which)?;
         if method == SnapshotMethod::Cow {
+            let mates = self.mate_count(volume)?;
+            if mates > 1 {
+                return Err(DbError::InvalidArgument(format!(
+                    "volume {volume} has {mates} mates: copy-on-write snapshots are built for a \
+                     volume with one (split one of its mates instead)"
+                )));
+            }
             if writable {
                 return Err(DbError::InvalidArgument(
                     "a copy-on-write snapshot cannot be writable (its image is the save area \
@@ -1145,6 +1316,20 @@ impl SnapshotManager {
             return self.acquire_cow(vol, run_id, ledger_sequence).await;
         }
         let _mode = vol.mode_gate.write().await;
+        // Another mate's reverse resync holds the volume offline: its
+        // origin is being rewritten.
+        for other in self.pairs_of(volume) {
+            if other.mate == mate {
+                continue;
+            }
+            if let Some((holder, _)) = other.inner().state.restore() {
+                return Err(DbError::RestoreHeld {
+                    volume,
+                    action: "acquire a snapshot of",
+                    holder: holder.to_string(),
+                });
+            }
+        }
         let purpose = format!("snapshot of run {run_id}");
         // The mate's access while held: read-only, unless writable.
         let held_access = |writable: bool| match writable {
@@ -1206,7 +1391,14 @@ impl SnapshotManager {
         inner.state = state;
         inner.last_deleted_by = None;
         inner.cow = CowImage::None;
-        tracing::info!(volume, run_id, snapshot_id, writable, "snapshot acquired");
+        tracing::info!(
+            volume,
+            mate,
+            run_id,
+            snapshot_id,
+            writable,
+            "snapshot acquired"
+        );
         Ok(AcquireOutcome {
             already_held: false,
             snapshot: vol.held_snapshot(&inner.state).expect("held"),
@@ -1239,11 +1431,13 @@ impl SnapshotManager {
     /// resync. Refused when another run holds the snapshot, unless `force`.
     pub async fn delete(
         &self,
-        volume: u32,
+        which: impl Into<PairRef>,
         run_id: &str,
         force: bool,
     ) -> Result<DeleteOutcome, DbError> {
-        let vol = self.volume(volume)?;
+        let which = which.into();
+        let (volume, mate) = (which.volume, which.mate);
+        let vol = self.volume(which)?;
         let _mode = vol.mode_gate.write().await;
         let cow_held_by = match &vol.inner().state {
             PairState::CowSnapshot { holder, .. } => Some(holder.clone()),
@@ -1363,6 +1557,7 @@ impl SnapshotManager {
         vol.resync_wakeup.notify_one();
         tracing::info!(
             volume,
+            mate,
             run_id,
             ranges = outcome.ranges_to_resync,
             blocks = outcome.blocks_to_resync,
@@ -1372,22 +1567,23 @@ impl SnapshotManager {
     }
 
     /// The snapshot the volume holds, if one is acquired.
-    pub fn snapshot_of(&self, volume: u32) -> Result<Option<HeldSnapshot>, DbError> {
-        let vol = self.volume(volume)?;
+    pub fn snapshot_of(&self, which: impl Into<PairRef>) -> Result<Option<HeldSnapshot>, DbError> {
+        let vol = self.volume(which)?;
         Ok(vol.held_snapshot(&vol.inner().state))
     }
 
     /// Refuses, with the reason, when the volume's copy-on-write snapshot
     /// was invalidated (its save area filled up, or db-server restarted
     /// while it was held) and its holder has not deleted it yet.
-    pub fn check_snapshot_valid(&self, volume: u32) -> Result<(), DbError> {
-        self.volume(volume)?.inner().cow.check_valid(volume)
+    pub fn check_snapshot_valid(&self, which: impl Into<PairRef>) -> Result<(), DbError> {
+        let which = which.into();
+        self.volume(which)?.inner().cow.check_valid(which.volume)
     }
 
-    /// The holder of the volume's snapshot, if one is acquired.
-    pub fn holder(&self, volume: u32) -> Result<Option<String>, DbError> {
+    /// The holder of the pair's snapshot, if one is acquired.
+    pub fn holder(&self, which: impl Into<PairRef>) -> Result<Option<String>, DbError> {
         Ok(self
-            .volume(volume)?
+            .volume(which)?
             .inner()
             .state
             .holder()
@@ -1401,6 +1597,7 @@ impl SnapshotManager {
                 let inner = vol.inner();
                 VolumeStatus {
                     volume: vol.volume(),
+                    mate: vol.mate,
                     pair: vol.pair,
                     routing: self.routing(&vol.pair, &inner.state),
                     holder: inner.state.holder().map(str::to_string),
@@ -1430,12 +1627,17 @@ impl SnapshotManager {
             .collect()
     }
 
-    /// Waits (at most `timeout`) until the volume is Synchronized.
+    /// Waits (at most `timeout`) until every pair of the volume is
+    /// Synchronized.
     pub async fn wait_synchronized(&self, volume: u32, timeout: Duration) -> Result<(), DbError> {
-        let vol = self.volume(volume)?;
+        self.volume(volume)?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if vol.inner().state == PairState::Synchronized {
+            if self
+                .pairs_of(volume)
+                .iter()
+                .all(|vol| vol.inner().state == PairState::Synchronized)
+            {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
@@ -1481,6 +1683,26 @@ fn refuse_if_restoring(volume: u32, state: &PairState) -> Result<(), DbError> {
         }),
         _ => Ok(()),
     }
+}
+
+/// Each pair's mate number: counted from 1 per mirror LU, in the order the
+/// array lists them. More than [`MAX_MATES`] mates is refused.
+fn mate_numbers(pairs: &[PairInfo]) -> Result<Vec<u32>, DbError> {
+    let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
+    pairs
+        .iter()
+        .map(|pair| {
+            let mate = seen.entry(pair.mirror_lu).or_default();
+            *mate += 1;
+            match *mate <= MAX_MATES {
+                true => Ok(*mate),
+                false => Err(DbError::InvalidArgument(format!(
+                    "mirror LU {} has more than {MAX_MATES} mates",
+                    pair.mirror_lu
+                ))),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ use crate::db::{Db, DbStatus};
 use crate::error::DbError;
 use crate::latency::quantile_us;
 use crate::lu_status::{Mode, RestoreKind, VirtualLu};
-use crate::manager::{ResyncPace, SnapshotMethod};
+use crate::manager::{PairRef, ResyncPace, SnapshotMethod};
 
 /// Volume reads are streamed in chunks of this many bytes.
 const READ_CHUNK_BYTES: u64 = 1 << 20;
@@ -228,7 +228,7 @@ pub fn status_to_pb(status: DbStatus, include_latency_histogram: bool) -> pb::St
         .into_iter()
         .map(|v| pb::VolumeStatus {
             volume: v.volume,
-            mate: 1,
+            mate: v.mate,
             mirror_lu: v.pair.mirror_lu,
             origin_lu: v.pair.origin_lu,
             mate_lu: v.pair.mate_lu,
@@ -476,7 +476,7 @@ impl DbService for DbGrpc {
         let a = self.db.acquire_snapshot(&request).await?;
         Ok(Response::new(pb::AcquireSnapshotResponse {
             volume: a.volume,
-            mate: 1,
+            mate: a.mate,
             mate_lu: a.mate_lu,
             freeze_window_us: a.freeze_window_us,
             ledger_sequence: a.ledger_sequence,
@@ -574,6 +574,7 @@ impl DbService for DbGrpc {
         span.record("blocks", request.blocks);
         let validate::VolumeRead {
             volume,
+            mate,
             target,
             blocks: range,
             block_size_bytes,
@@ -584,8 +585,9 @@ impl DbService for DbGrpc {
         // Each chunk is refused too if a restore begins meanwhile (or the
         // copy-on-write snapshot is invalidated).
         self.db.manager.check_online(volume)?;
+        let pair = PairRef::new(volume, mate);
         if target == VirtualLu::Snapshot {
-            self.db.manager.check_snapshot_valid(volume)?;
+            self.db.manager.check_snapshot_valid(pair)?;
         }
         let (lba, blocks) = (range.start, range.end - range.start);
         let chunk_blocks = (READ_CHUNK_BYTES / u64::from(block_size_bytes)).max(1);
@@ -597,7 +599,7 @@ impl DbService for DbGrpc {
         let stream = futures_util::stream::iter(chunks).then(move |(chunk_lba, n)| {
             let db = db.clone();
             async move {
-                let data = db.manager.read(volume, target, chunk_lba, n).await?;
+                let data = db.manager.read(pair, target, chunk_lba, n).await?;
                 Ok(pb::VolumeReadChunk {
                     lba: chunk_lba,
                     data,
@@ -626,24 +628,25 @@ impl DbService for DbGrpc {
         &self,
         request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
-        let validate::GetSnapshot { volume, .. } =
+        let validate::GetSnapshot { volume, mate, .. } =
             validate::get_snapshot(&self.db, request.into_inner())?;
+        let pair = PairRef::new(volume, mate);
         // An invalidated copy-on-write snapshot: FAILED_PRECONDITION with
         // reason snapshot-invalidated, saying why.
-        self.db.manager.check_snapshot_valid(volume)?;
+        self.db.manager.check_snapshot_valid(pair)?;
         // No snapshot: the snapshot virtual LU is Undefined, which callers
         // already know as FAILED_PRECONDITION.
         let held = self
             .db
             .manager
-            .snapshot_of(volume)?
+            .snapshot_of(pair)?
             .ok_or(DbError::Undefined {
                 volume,
                 target: VirtualLu::Snapshot,
             })?;
         Ok(Response::new(pb::GetSnapshotResponse {
             volume,
-            mate: 1,
+            mate,
             holder_run_id: held.holder,
             mate_lu: held.pair.mate_lu,
             ledger_sequence: held.ledger_sequence,

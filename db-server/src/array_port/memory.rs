@@ -44,11 +44,11 @@ pub struct MemoryArray {
     other_grants: std::sync::Mutex<Vec<OtherGrantCall>>,
     /// Every `CopyRange` made, in order.
     copies: std::sync::Mutex<Vec<CopyCall>>,
-    /// The mirroring management table: mirror LU → mode (absent =
-    /// host-managed), enforced as array-node enforces it (a write to the
+    /// The mirroring management table: (mirror LU, mate LU) → mode (absent
+    /// = host-managed), enforced as array-node enforces it (a write to the
     /// mirror LU of a Snapshot pair lands on the origin alone; a write to a
     /// mate its mode forbids is refused).
-    modes: std::sync::Mutex<std::collections::BTreeMap<u32, ArrayMirrorMode>>,
+    modes: std::sync::Mutex<std::collections::BTreeMap<(u32, u32), ArrayMirrorMode>>,
     /// While set, every `ModeSelect` fails as if the array were unreachable
     /// (and changes nothing).
     pub fail_mode_select: AtomicBool,
@@ -114,29 +114,53 @@ impl MemoryArray {
         }
     }
 
-    /// The mode of `mirror_lu` in the mirroring management table.
+    /// The mode of `mirror_lu`'s first pair (its mate 1) in the mirroring
+    /// management table.
     pub fn mode_of(&self, mirror_lu: u32) -> ArrayMirrorMode {
+        let first_mate_lu = self
+            .pairs
+            .iter()
+            .find(|p| p.mirror_lu == mirror_lu)
+            .map_or(u32::MAX, |p| p.mate_lu);
+        self.mode_of_pair(mirror_lu, first_mate_lu)
+    }
+
+    /// The mode of the pair (`mirror_lu`, `mate_lu`).
+    pub fn mode_of_pair(&self, mirror_lu: u32, mate_lu: u32) -> ArrayMirrorMode {
         self.modes
             .lock()
             .expect("modes")
-            .get(&mirror_lu)
+            .get(&(mirror_lu, mate_lu))
             .copied()
             .unwrap_or(ArrayMirrorMode::HostManaged)
     }
 
-    /// Sets a mode behind db-server's back (another host, or a crash
-    /// between db-server's journal and its `ModeSelect`).
+    /// Sets the mode of `mirror_lu`'s first pair behind db-server's back
+    /// (another host, or a crash between db-server's journal and its
+    /// `ModeSelect`).
     pub fn force_mode(&self, mirror_lu: u32, mode: ArrayMirrorMode) {
-        self.modes.lock().expect("modes").insert(mirror_lu, mode);
+        if let Some(pair) = self.pairs.iter().find(|p| p.mirror_lu == mirror_lu) {
+            self.force_pair_mode(pair, mode);
+        }
     }
 
-    /// The pair `lu` belongs to (as mirror, origin or mate) and its mode.
+    /// Sets the mode of one pair behind db-server's back.
+    pub fn force_pair_mode(&self, pair: &PairInfo, mode: ArrayMirrorMode) {
+        self.modes
+            .lock()
+            .expect("modes")
+            .insert((pair.mirror_lu, pair.mate_lu), mode);
+    }
+
+    /// The pair `lu` belongs to (a mate's own pair; for a mirror LU or an
+    /// origin, its first pair) and its mode.
     fn pair_mode(&self, lu: u32) -> Option<(&PairInfo, ArrayMirrorMode)> {
-        let pair = self
-            .pairs
-            .iter()
-            .find(|p| [p.mirror_lu, p.origin_lu, p.mate_lu].contains(&lu))?;
-        Some((pair, self.mode_of(pair.mirror_lu)))
+        let pair = self.pairs.iter().find(|p| p.mate_lu == lu).or_else(|| {
+            self.pairs
+                .iter()
+                .find(|p| [p.mirror_lu, p.origin_lu].contains(&lu))
+        })?;
+        Some((pair, self.mode_of_pair(pair.mirror_lu, pair.mate_lu)))
     }
 
     /// The mode's rule for a read (`write` false) or write of `lu`, as in
@@ -245,16 +269,24 @@ impl MemoryArray {
         self.lus.lock().expect("memory array")[&lu].clone()
     }
 
-    /// The real LUs a write to `lu` lands on (the mirror LU of a pair its
-    /// array mode splits: the origin alone).
+    /// The real LUs a write to `lu` lands on: for a mirror LU, the origin
+    /// and every mate whose pair's mode does not split it (the first is
+    /// where a read of it is served).
     fn sides(&self, lu: u32) -> Vec<u32> {
-        match self.pairs.iter().find(|p| p.mirror_lu == lu) {
-            Some(pair) => match self.mode_of(lu) {
-                ArrayMirrorMode::Snapshot { .. } => vec![pair.origin_lu],
-                _ => vec![pair.origin_lu, pair.mate_lu],
-            },
-            None => vec![lu],
+        let pairs: Vec<&PairInfo> = self.pairs.iter().filter(|p| p.mirror_lu == lu).collect();
+        let Some(first) = pairs.first() else {
+            return vec![lu];
+        };
+        let mut sides = vec![first.origin_lu];
+        for pair in pairs {
+            if !matches!(
+                self.mode_of_pair(lu, pair.mate_lu),
+                ArrayMirrorMode::Snapshot { .. }
+            ) {
+                sides.push(pair.mate_lu);
+            }
         }
+        sides
     }
 
     fn block_size(&self, lu: u32) -> u64 {
@@ -313,7 +345,21 @@ impl ArrayPort for MemoryArray {
                 let sides = (kind == LuKind::Mirror).then_some((p.origin_lu, p.mate_lu));
                 let mut pair_page = page(kind, p.block_size_bytes, p.block_count, sides);
                 (pair_page.mirror_mode, pair_page.mate_writable) =
-                    self.mode_of(p.mirror_lu).to_pb();
+                    self.mode_of_pair(p.mirror_lu, p.mate_lu).to_pb();
+                pair_page.mates = self
+                    .pairs
+                    .iter()
+                    .filter(|other| other.mirror_lu == p.mirror_lu)
+                    .map(|other| {
+                        let (mode, mate_writable) =
+                            self.mode_of_pair(other.mirror_lu, other.mate_lu).to_pb();
+                        splitmirror_proto::array::v1::MatePair {
+                            mate_lu: other.mate_lu,
+                            mode: mode.into(),
+                            mate_writable,
+                        }
+                    })
+                    .collect();
                 return Ok(pair_page);
             }
             Err(ClientError::local(
@@ -471,15 +517,16 @@ impl ArrayPort for MemoryArray {
 
     fn mode_select(
         &self,
-        mirror_lu: u32,
+        pair: &PairInfo,
         mode: ArrayMirrorMode,
         _purpose: &str,
     ) -> BoxFuture<'_, Result<(), ClientError>> {
+        let pair = *pair;
         Box::pin(async move {
             if self.fail_mode_select.load(Ordering::SeqCst) {
                 return Err(Self::failure("mode select"));
             }
-            self.force_mode(mirror_lu, mode);
+            self.force_pair_mode(&pair, mode);
             Ok(())
         })
     }

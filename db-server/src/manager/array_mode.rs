@@ -143,10 +143,7 @@ impl SnapshotManager {
         mode: ArrayMirrorMode,
         purpose: &str,
     ) -> Result<(), DbError> {
-        let result = self
-            .array
-            .mode_select(vol.pair.mirror_lu, mode, purpose)
-            .await;
+        let result = self.array.mode_select(&vol.pair, mode, purpose).await;
         vol.inner().array_mode = match &result {
             Ok(()) => KnownArrayMode::Known(mode),
             Err(error) => KnownArrayMode::Unknown(format!(
@@ -205,7 +202,9 @@ impl SnapshotManager {
     /// db-server hands every pair back to HOST_MANAGED the same way.
     pub(super) async fn reconcile_array_modes(&self) -> Result<(), DbError> {
         for vol in self.volumes.values() {
-            let found = match self.array.lu_page(vol.pair.mirror_lu).await {
+            // The mate's page gives its own pair's mode (a mirror LU's
+            // page gives its first mate's).
+            let found = match self.array.lu_page(vol.pair.mate_lu).await {
                 Ok(page) => ArrayMirrorMode::of_page(&page),
                 Err(error) if self.stateful() => return Err(error.into()),
                 Err(error) => {

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use splitmirror_proto::client::Backoff;
 use splitmirror_proto::range_lock::LockMode;
 
-use super::{SnapshotManager, Volume};
+use super::{PairRef, SnapshotManager, Volume};
 use crate::array_port::{Access, OwnAccess, PairInfo};
 use crate::crash;
 use crate::error::DbError;
@@ -111,20 +111,20 @@ pub struct ReverseOutcome {
 }
 
 impl SnapshotManager {
-    /// Whether a restore (of either kind) holds the volume offline.
+    /// Whether a restore (of either kind, through any of its mates) holds
+    /// the volume offline.
     pub fn is_restoring(&self, volume: u32) -> bool {
-        self.volume(volume)
-            .is_ok_and(|vol| vol.inner().state.restore().is_some())
+        self.restore_of(volume).is_some()
     }
 
     /// The restore that holds the volume, if one does: its run id and kind.
     pub fn restore_of(&self, volume: u32) -> Option<(String, RestoreKind)> {
-        let vol = self.volume(volume).ok()?;
-        let inner = vol.inner();
-        inner
-            .state
-            .restore()
-            .map(|(run_id, kind)| (run_id.to_string(), kind))
+        self.pairs_of(volume).into_iter().find_map(|vol| {
+            vol.inner()
+                .state
+                .restore()
+                .map(|(run_id, kind)| (run_id.to_string(), kind))
+        })
     }
 
     /// Whether a BeginRestore of `volume` by `run_id` would be accepted,
@@ -134,6 +134,7 @@ impl SnapshotManager {
     /// made again under the mode gate.
     pub fn check_begin_restore(&self, volume: u32, run_id: &str) -> Result<BeginDecision, DbError> {
         let vol = self.volume(volume)?;
+        self.refuse_several_mates(volume)?;
         let inner = vol.inner();
         Self::begin_decision(vol, &inner, run_id)
     }
@@ -182,6 +183,7 @@ impl SnapshotManager {
         backup_id: &str,
     ) -> Result<BeganRestore, DbError> {
         let vol = self.volume(volume)?;
+        self.refuse_several_mates(volume)?;
         let mode = vol.mode_gate.write().await;
         let decision = {
             let inner = vol.inner();
@@ -469,15 +471,42 @@ impl SnapshotManager {
         Ok((chunks, image_digest))
     }
 
-    /// Whether a RestoreSnapshot of `volume` by `run_id` would be
+    /// A restore from a backup writes the mirror LU and compares origin
+    /// and mate at its end: it is built for a volume with one mate.
+    fn refuse_several_mates(&self, volume: u32) -> Result<(), DbError> {
+        match self.mate_count(volume)? {
+            1 => Ok(()),
+            mates => Err(DbError::InvalidArgument(format!(
+                "volume {volume} has {mates} mates: a restore from a backup is built for a \
+                 volume with one (restore one of its split mates with RestoreSnapshot instead)"
+            ))),
+        }
+    }
+
+    /// Whether a RestoreSnapshot of the pair by `run_id` would be
     /// accepted, without changing anything: `Ok(Some(..))` answers a retry
     /// of a reverse resync that completed, `Ok(None)` means go on.
     pub fn check_restore_snapshot(
         &self,
-        volume: u32,
+        which: impl Into<PairRef>,
         run_id: &str,
     ) -> Result<Option<ReverseOutcome>, DbError> {
-        let vol = self.volume(volume)?;
+        let which = which.into();
+        let volume = which.volume;
+        let vol = self.volume(which)?;
+        // Another mate's restore holds the volume.
+        for other in self.pairs_of(volume) {
+            if other.mate == vol.mate {
+                continue;
+            }
+            if let Some((holder, _)) = other.inner().state.restore() {
+                return Err(DbError::RestoreHeld {
+                    volume,
+                    action: "restore to its snapshot",
+                    holder: holder.to_string(),
+                });
+            }
+        }
         let inner = vol.inner();
         match &inner.state {
             PairState::Snapshot { holder, .. } | PairState::RestoringToSnapshot { holder, .. }
@@ -527,14 +556,16 @@ impl SnapshotManager {
     /// on from there.
     pub async fn restore_snapshot(
         &self,
-        volume: u32,
+        which: impl Into<PairRef>,
         run_id: &str,
     ) -> Result<ReverseOutcome, DbError> {
         let started = Instant::now();
-        let vol = self.volume(volume)?;
+        let which = which.into();
+        let (volume, mate) = (which.volume, which.mate);
+        let vol = self.volume(which)?;
         {
             let mode = vol.mode_gate.write().await;
-            if let Some(retried) = self.check_restore_snapshot(volume, run_id)? {
+            if let Some(retried) = self.check_restore_snapshot(which, run_id)? {
                 return Ok(retried);
             }
             let state = vol.inner().state.clone();
@@ -557,6 +588,7 @@ impl SnapshotManager {
                 vol.inner().state = reverse;
                 tracing::info!(
                     volume,
+                    mate,
                     run_id,
                     snapshot_id,
                     blocks = vol.inner().table.block_count(),
@@ -649,7 +681,65 @@ impl SnapshotManager {
             copied?;
         }
         drop(copies);
+        self.spread_reverse_ranges(vol, &ranges).await?;
         Ok((ranges.len() as u64, blocks_copied.into_inner()))
+    }
+
+    /// After a reverse resync from one mate has copied its ranges onto the
+    /// origin, every other mate of the volume differs from the origin
+    /// there: the ranges are recorded (journaled first) in each other
+    /// pair's table, and a Synchronized one becomes Resynchronizing, so
+    /// that its resync copies them origin → its mate (a split one keeps
+    /// them until its delete). Done after the copy, while the reversed
+    /// pair is still journaled RestoringToSnapshot: a crash before it
+    /// copies again at start-up and comes here again; a resync of another
+    /// pair that copied a range before the reverse did copies it again.
+    async fn spread_reverse_ranges(
+        &self,
+        vol: &Volume,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<(), DbError> {
+        for other in self.pairs_of(vol.volume()) {
+            if other.mate == vol.mate || ranges.is_empty() {
+                continue;
+            }
+            let _mode = other.mode_gate.write().await;
+            let synchronized = other.inner().state == PairState::Synchronized;
+            if synchronized {
+                self.journal_state(&other.pair, &PairState::Resynchronizing)
+                    .await?;
+            }
+            for range in ranges {
+                self.journal_intent(&other.pair, range.clone()).await?;
+            }
+            {
+                let mut inner = other.inner();
+                if synchronized {
+                    inner.state = PairState::Resynchronizing;
+                    inner.resync = super::ResyncProgress::default();
+                }
+                for range in ranges {
+                    inner.table.insert(range.clone());
+                }
+            }
+            if synchronized {
+                let purpose = format!(
+                    "mate {} of the volume was restored onto the origin",
+                    vol.mate
+                );
+                self.try_follow_array_mode(other, &PairState::Resynchronizing, &purpose)
+                    .await;
+            }
+            tracing::info!(
+                volume = vol.volume(),
+                mate = other.mate,
+                ranges = ranges.len(),
+                "recorded the ranges a reverse resync of mate {} copied onto the origin",
+                vol.mate
+            );
+            other.resync_wakeup.notify_one();
+        }
+        Ok(())
     }
 
     /// After the reverse copy: the mate writable again (set before the

@@ -32,6 +32,7 @@ use splitmirror_proto::run_id::validate_run_id;
 use crate::db::Db;
 use crate::error::DbError;
 use crate::lu_status::VirtualLu;
+use crate::manager::PairRef;
 
 /// `WatchStatus` never sends more often than this.
 pub const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(50);
@@ -47,6 +48,8 @@ pub struct Checked(());
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcquireSnapshot {
     pub volume: u32,
+    /// Which of the volume's mates (counted from 1; 1 for the data LU).
+    pub mate: u32,
     pub run_id: String,
     /// The method asked for; `None`: db-server's `--snapshot-method`.
     pub method: Option<crate::manager::SnapshotMethod>,
@@ -60,6 +63,8 @@ pub struct AcquireSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteSnapshot {
     pub volume: u32,
+    /// Which of the volume's mates (counted from 1; 1 for the data LU).
+    pub mate: u32,
     pub run_id: String,
     pub force: bool,
     pub checked: Checked,
@@ -76,6 +81,8 @@ pub struct Suspend {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeRead {
     pub volume: u32,
+    /// Which of the volume's mates (counted from 1; 1 for the data LU).
+    pub mate: u32,
     pub target: VirtualLu,
     pub blocks: Range<u64>,
     pub block_size_bytes: u32,
@@ -87,6 +94,8 @@ pub struct VolumeRead {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeWrite {
     pub volume: u32,
+    /// Which of the volume's mates (counted from 1; 1 for the data LU).
+    pub mate: u32,
     pub target: VirtualLu,
     pub lba: u64,
     pub data: Vec<u8>,
@@ -97,6 +106,8 @@ pub struct VolumeWrite {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GetSnapshot {
     pub volume: u32,
+    /// Which of the volume's mates (counted from 1; 1 for the data LU).
+    pub mate: u32,
     pub checked: Checked,
 }
 
@@ -125,6 +136,8 @@ pub struct EndRestore {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoreSnapshot {
     pub volume: u32,
+    /// Which of the volume's mates (counted from 1; 1 for the data LU).
+    pub mate: u32,
     pub run_id: String,
     pub checked: Checked,
 }
@@ -145,7 +158,7 @@ pub fn acquire_snapshot(
     request: pb::AcquireSnapshotRequest,
 ) -> Result<AcquireSnapshot, DbError> {
     validate_run_id(&request.run_id)?;
-    db.manager.pair(request.volume)?;
+    let mate = checked_mate(db, request.volume, request.mate)?;
     let method = match pb::SnapshotMethod::try_from(request.method) {
         Ok(pb::SnapshotMethod::Unspecified) => None,
         Ok(pb::SnapshotMethod::Split) => Some(crate::manager::SnapshotMethod::Split),
@@ -165,6 +178,7 @@ pub fn acquire_snapshot(
     }
     Ok(AcquireSnapshot {
         volume: request.volume,
+        mate,
         run_id: request.run_id,
         method,
         writable: request.writable,
@@ -187,9 +201,10 @@ pub fn delete_snapshot(
     } else {
         validate_run_id(&request.run_id)?;
     }
-    db.manager.pair(request.volume)?;
+    let mate = checked_mate(db, request.volume, request.mate)?;
     Ok(DeleteSnapshot {
         volume: request.volume,
+        mate,
         run_id: request.run_id,
         force: request.force,
         checked: Checked(()),
@@ -209,11 +224,13 @@ pub fn suspend(db: &Db, request: pb::SuspendRequest) -> Result<Suspend, DbError>
 
 pub fn read(db: &Db, request: pb::VolumeReadRequest) -> Result<VolumeRead, DbError> {
     let target = target(request.target)?;
+    let mate = target_mate(db, request.volume, target, request.mate)?;
     let blocks = db
         .manager
         .check_range(request.volume, request.lba, request.blocks)?;
     Ok(VolumeRead {
         volume: request.volume,
+        mate,
         target,
         blocks,
         block_size_bytes: db.manager.pair(request.volume)?.block_size_bytes,
@@ -223,6 +240,7 @@ pub fn read(db: &Db, request: pb::VolumeReadRequest) -> Result<VolumeRead, DbErr
 
 pub fn write(db: &Db, request: pb::VolumeWriteRequest) -> Result<VolumeWrite, DbError> {
     let target = target(request.target)?;
+    let mate = target_mate(db, request.volume, target, request.mate)?;
     // Sent, a write the array refuses for its size would look like a write
     // whose outcome is unknown: its range would stay recorded and be
     // resynced for nothing.
@@ -237,6 +255,7 @@ pub fn write(db: &Db, request: pb::VolumeWriteRequest) -> Result<VolumeWrite, Db
         .check_write(request.volume, request.lba, request.data.len())?;
     Ok(VolumeWrite {
         volume: request.volume,
+        mate,
         target,
         lba: request.lba,
         data: request.data,
@@ -245,9 +264,10 @@ pub fn write(db: &Db, request: pb::VolumeWriteRequest) -> Result<VolumeWrite, Db
 }
 
 pub fn get_snapshot(db: &Db, request: pb::GetSnapshotRequest) -> Result<GetSnapshot, DbError> {
-    db.manager.pair(request.volume)?;
+    let mate = checked_mate(db, request.volume, request.mate)?;
     Ok(GetSnapshot {
         volume: request.volume,
+        mate,
         checked: Checked(()),
     })
 }
@@ -302,12 +322,34 @@ pub fn restore_snapshot(
     request: pb::RestoreSnapshotRequest,
 ) -> Result<RestoreSnapshot, DbError> {
     validate_run_id(&request.run_id)?;
-    db.manager.pair(request.volume)?;
+    let mate = checked_mate(db, request.volume, request.mate)?;
     Ok(RestoreSnapshot {
         volume: request.volume,
+        mate,
         run_id: request.run_id,
         checked: Checked(()),
     })
+}
+
+/// `mate` of an existing volume, counted from 1 (0, unset, means 1): an
+/// unknown volume is NOT_FOUND, a mate it does not have a bad argument.
+fn checked_mate(db: &Db, volume: u32, mate: u32) -> Result<u32, DbError> {
+    let pair = PairRef::new(volume, mate);
+    db.manager.pair(pair)?;
+    Ok(pair.mate)
+}
+
+/// The mate a Read or Write names: any of the volume's with the snapshot
+/// LU; none (0) with the data LU, which is the volume's whatever its mates.
+fn target_mate(db: &Db, volume: u32, target: VirtualLu, mate: u32) -> Result<u32, DbError> {
+    match (target, mate) {
+        (VirtualLu::Snapshot, mate) => checked_mate(db, volume, mate),
+        (VirtualLu::Data, 0) => checked_mate(db, volume, 1),
+        (VirtualLu::Data, mate) => Err(DbError::InvalidArgument(format!(
+            "mate {mate} with VIRTUAL_LU_DATA: a mate names a snapshot; the data LU is the \
+             volume's (send mate 0)"
+        ))),
+    }
 }
 
 pub fn watch_status(request: pb::WatchStatusRequest) -> WatchStatus {
