@@ -46,8 +46,9 @@ use splitmirror_proto::node::{self, NodeError, NodeHandle};
 use splitmirror_proto::security::{Security, SecurityError, role};
 
 use crate::clients::{Addresses, Clients};
+use crate::mates::{self, MAX_MATES};
 use crate::progress::Quiet;
-use crate::run::{RunError, wait_synchronized};
+use crate::run::{RunError, wait_synchronized_mate};
 
 /// The LU size of a cluster that names none: small enough for a test,
 /// large enough for a ledger.
@@ -196,6 +197,41 @@ impl Default for DbOptions {
     }
 }
 
+/// The extra mates [`ClusterBuilder::mates`] gives mirror LU 0 and mirror
+/// LU 3 (after their first mates, LU 2 and LU 5): past the scratch LU (6)
+/// and the save area (7), so that either can be added too.
+pub const EXTRA_MATE_LUS: [[u32; 2]; 2] = [[8, 9], [10, 11]];
+
+/// The array configuration of [`ClusterBuilder::mates`] as the array's own
+/// TOML (`mates = [..]`), for its parser to read: the default two pairs
+/// with `mates` (1 to [`MAX_MATES`]) mates each, LUs of `lu_size_bytes`
+/// in 4 KiB blocks.
+pub fn pairs_with_mates_toml(lu_size_bytes: u64, mates: u32) -> String {
+    let block_count = lu_size_bytes / 4096;
+    let mut lu_tables = String::new();
+    let mut mirror_tables = String::new();
+    for (mirror, origin, first_mate, extra) in [
+        (0u32, 1u32, 2u32, EXTRA_MATE_LUS[0]),
+        (3, 4, 5, EXTRA_MATE_LUS[1]),
+    ] {
+        let mate_lus: Vec<u32> = std::iter::once(first_mate)
+            .chain(extra)
+            .take(mates.clamp(1, MAX_MATES) as usize)
+            .collect();
+        for lu in std::iter::once(origin).chain(mate_lus.iter().copied()) {
+            lu_tables.push_str(&format!(
+                "[[lu]]\nid = {lu}\nblock_size_bytes = 4096\nblock_count = {block_count}\n\n"
+            ));
+        }
+        let listed: Vec<String> = mate_lus.iter().map(u32::to_string).collect();
+        mirror_tables.push_str(&format!(
+            "[[mirror]]\nmirror = {mirror}\norigin = {origin}\nmates = [{}]\n\n",
+            listed.join(", ")
+        ));
+    }
+    lu_tables + &mirror_tables
+}
+
 /// Builds a [`Cluster`]: every option has the default a production node
 /// has, except the directory (temporary) and the ports (ephemeral).
 #[derive(Debug, Clone)]
@@ -214,6 +250,8 @@ pub struct ClusterBuilder {
     save_area: bool,
     /// The save area's blocks; `None`: as many as a pair's LU.
     save_area_blocks: Option<u64>,
+    /// How many mates each mirror LU of the default two pairs has (1..=3).
+    mates: u32,
 }
 
 impl Default for ClusterBuilder {
@@ -242,7 +280,25 @@ impl ClusterBuilder {
             scratch_lu: false,
             save_area: false,
             save_area_blocks: None,
+            mates: 1,
         }
+    }
+
+    /// Gives each mirror LU of the default two pairs `mates` mates (1 to
+    /// [`MAX_MATES`], [0020]; default 1): mirror LU 0 = origin 1 + mates
+    /// 2, 8, 9 and mirror LU 3 = origin 4 + mates 5, 10, 11 (the first
+    /// `mates` of each), every mate a real LU of the pairs' size. Each
+    /// (mirror LU, mate) is a pair with its own mode, which only an array
+    /// that keeps the modes can enforce: with more than one mate,
+    /// [`ClusterBuilder::start`] runs db-server with the stateful array
+    /// mode (`--array-mode stateful`), whatever
+    /// [`ClusterBuilder::array_mode`] said. Ignored with
+    /// [`ClusterBuilder::array_config`]. A count outside 1..=3 fails the
+    /// start ([`ClusterError::ArrayConfig`]). The LU size must be a
+    /// multiple of 4 KiB, as with one mate.
+    pub fn mates(mut self, mates: u32) -> Self {
+        self.mates = mates;
+        self
     }
 
     /// Adds the plain LU [`SAVE_AREA_LU`] (7) of `blocks` blocks (of the
@@ -386,11 +442,21 @@ impl ClusterBuilder {
                 (Some(temp), dir)
             }
         };
+        let default_pairs = self.array.is_none();
         let array_config = match self.array {
             Some(config) => config,
             None => {
-                let mut config = ArrayConfig::default_pairs(self.lu_size_bytes)
-                    .map_err(ClusterError::ArrayConfig)?;
+                let mut config = match self.mates {
+                    0 | 4.. => Err(array_node::ConfigError::Invalid(format!(
+                        "{} mates per mirror LU: a mirror LU has 1 to {MAX_MATES}",
+                        self.mates
+                    ))),
+                    1 => ArrayConfig::default_pairs(self.lu_size_bytes),
+                    mates => {
+                        ArrayConfig::from_toml(&pairs_with_mates_toml(self.lu_size_bytes, mates))
+                    }
+                }
+                .map_err(ClusterError::ArrayConfig)?;
                 if self.scratch_lu {
                     let (block_size_bytes, block_count) = config
                         .lus
@@ -430,6 +496,10 @@ impl ClusterBuilder {
             }
         };
         let mut db_options = self.db.clone();
+        if default_pairs && self.mates > 1 {
+            // Only the array can hold one mode per (mirror LU, mate).
+            db_options.manager.array_mode = ArrayModeKeeping::Stateful;
+        }
         if self.save_area {
             // Volume 0 is mirror LU 0.
             db_options.manager.save_areas.insert(0, SAVE_AREA_LU);
@@ -503,17 +573,18 @@ impl ClusterBuilder {
             _temp: temp,
         };
         if self.wait_synchronized {
-            let volumes: Vec<u32> = cluster
+            // Every (volume, mate) pair: each synchronizes on its own.
+            let pairs: Vec<(u32, u32)> = cluster
                 .clients
                 .db
                 .status(false)
                 .await?
                 .volumes
                 .iter()
-                .map(|v| v.volume)
+                .map(|v| (v.volume, mates::mate_of(v)))
                 .collect();
-            for volume in volumes {
-                wait_synchronized(&cluster.clients, volume, &Quiet).await?;
+            for (volume, mate) in pairs {
+                wait_synchronized_mate(&cluster.clients, volume, mate, &Quiet).await?;
             }
         }
         Ok(cluster)
@@ -713,4 +784,52 @@ pub async fn start_backup(
         })?;
     wait_healthy(NODE, &handle.url(), security, role::BACKUP).await?;
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_mates_are_written_as_the_arrays_mates_list_and_parsed_by_it() {
+        let text = pairs_with_mates_toml(1 << 20, 3);
+        assert!(text.contains("mates = [2, 8, 9]"), "{text}");
+        let config = ArrayConfig::from_toml(&text).expect("the array parses it");
+        let rows: Vec<(u32, u32, u32)> = config
+            .mirrors
+            .iter()
+            .map(|row| (row.mirror, row.origin, row.mate))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (0, 1, 2),
+                (0, 1, 8),
+                (0, 1, 9),
+                (3, 4, 5),
+                (3, 4, 10),
+                (3, 4, 11)
+            ]
+        );
+        assert_eq!(config.lus.len(), 8);
+        assert!(config.lus.iter().all(|lu| lu.block_count == 256));
+        // One mate: the default pairs' LUs and rows.
+        let one = ArrayConfig::from_toml(&pairs_with_mates_toml(1 << 20, 1)).expect("parses");
+        assert_eq!(
+            one.mirrors,
+            ArrayConfig::default_pairs(1 << 20).expect("valid").mirrors
+        );
+    }
+
+    #[tokio::test]
+    async fn a_mate_count_outside_one_to_three_is_refused_before_anything_starts() {
+        for mates in [0, 4] {
+            let refused = ClusterBuilder::new().mates(mates).start().await;
+            assert!(
+                matches!(&refused, Err(ClusterError::ArrayConfig(_))),
+                "{mates} mates: {:?}",
+                refused.as_ref().err()
+            );
+        }
+    }
 }

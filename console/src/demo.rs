@@ -517,6 +517,7 @@ async fn run_cycle_by(
     let clients: &Clients = &cluster.clients;
     let run_options = RunOptions {
         volume: 0,
+        mate: 1,
         keep_snapshot,
         label: label.to_string(),
         max_bytes_per_s: None,

@@ -7,6 +7,8 @@
 //! - [`restore`]: a restore from a backup (onto a volume or a plain LU),
 //!   its abandon, and the reverse resync to a held snapshot; their reports.
 //! - [`status`]: `console status` and `console pair verify`.
+//! - [`mates`]: which of a volume's mates (up to three, [0020]); picks a
+//!   volume's Status entry by (volume, mate).
 //!
 //! With the `embedded` feature (on by default), the parts that run the
 //! nodes in-process, and so depend on the node crates:
@@ -30,6 +32,7 @@ pub mod clients;
 pub mod cluster;
 #[cfg(feature = "embedded")]
 pub mod demo;
+pub mod mates;
 pub mod progress;
 pub mod restore;
 pub mod run;

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use cli::manual;
 use cli::output::{exit, print_report};
 use splitmirror_console::clients::{Addresses, Clients, DEFAULT_ARRAY, DEFAULT_BACKUP, DEFAULT_DB};
+use splitmirror_console::mates::parse_mate;
 use splitmirror_console::progress;
 use splitmirror_console::restore::{RestoreRequest, RestoreTarget};
 use splitmirror_console::run::{RunOptions, SnapshotMethodArg, backup_run_by};
@@ -111,6 +112,11 @@ enum Command {
     Run {
         #[arg(long, default_value_t = 0)]
         volume: u32,
+        /// Which of the volume's mates, counted from 1; see `console
+        /// status` (a mirror LU may have up to three mates, each split,
+        /// backed up and resynchronized on its own).
+        #[arg(long, default_value_t = 1, value_parser = parse_mate)]
+        mate: u32,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -402,6 +408,11 @@ enum SnapshotCommand {
     Acquire {
         #[arg(long, default_value_t = 0)]
         volume: u32,
+        /// Which of the volume's mates, counted from 1; see `console
+        /// status` (a mirror LU may have up to three mates, each split,
+        /// backed up and resynchronized on its own).
+        #[arg(long, default_value_t = 1, value_parser = parse_mate)]
+        mate: u32,
         /// The holder's run id (a new one by default).
         #[arg(long)]
         run_id: Option<String>,
@@ -424,6 +435,11 @@ enum SnapshotCommand {
     Delete {
         #[arg(long, default_value_t = 0)]
         volume: u32,
+        /// Which of the volume's mates, counted from 1; see `console
+        /// status` (a mirror LU may have up to three mates, each split,
+        /// backed up and resynchronized on its own).
+        #[arg(long, default_value_t = 1, value_parser = parse_mate)]
+        mate: u32,
         /// The run id that acquired the snapshot.
         #[arg(long, default_value = "")]
         run_id: String,
@@ -444,6 +460,11 @@ enum SnapshotCommand {
     Restore {
         #[arg(long, default_value_t = 0)]
         volume: u32,
+        /// Which of the volume's mates, counted from 1; see `console
+        /// status` (a mirror LU may have up to three mates, each split,
+        /// backed up and resynchronized on its own).
+        #[arg(long, default_value_t = 1, value_parser = parse_mate)]
+        mate: u32,
         /// The run id that holds the snapshot.
         #[arg(long)]
         run_id: String,
@@ -488,6 +509,10 @@ enum BackupCommand {
         /// The run id that holds the snapshot; also the backup's run id.
         #[arg(long, requires = "volume")]
         run_id: Option<String>,
+        /// Which of the volume's mates the snapshot split, counted from 1;
+        /// see `console status`.
+        #[arg(long, default_value_t = 1, value_parser = parse_mate, conflicts_with = "live")]
+        mate: u32,
         /// Copy the LU without a snapshot, while it may be written.
         #[arg(long, conflicts_with_all = ["volume", "run_id"])]
         live: bool,
@@ -575,6 +600,10 @@ enum PairCommand {
     Verify {
         #[arg(long, default_value_t = 0)]
         volume: u32,
+        /// Which of the volume's mates, counted from 1; see `console
+        /// status`.
+        #[arg(long, default_value_t = 1, value_parser = parse_mate)]
+        mate: u32,
         /// Suspend the database during the comparison, so that writes in
         /// flight cannot show as differences.
         #[arg(long)]
@@ -741,6 +770,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run {
             volume,
+            mate,
             json,
             keep_snapshot,
             label,
@@ -758,6 +788,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             let options = RunOptions {
                 volume,
+                mate,
                 keep_snapshot,
                 label,
                 max_bytes_per_s: max_rate,
@@ -812,31 +843,34 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Snapshot(SnapshotCommand::Restore {
             volume,
+            mate,
             run_id,
             json,
         }) => {
-            cli::restore::snapshot_restore(&connect()?, volume, &run_id, json)
+            cli::restore::snapshot_restore(&connect()?, volume, mate, &run_id, json)
                 .instrument(command_span("snapshot restore"))
                 .await
         }
         Command::Snapshot(SnapshotCommand::Acquire {
             volume,
+            mate,
             run_id,
             snapshot_method,
             writable,
         }) => {
             let method = SnapshotMethodArg::to_pb(snapshot_method);
-            let request = manual::acquire_request(volume, run_id, method, writable)?;
+            let request = manual::acquire_request(volume, mate, run_id, method, writable)?;
             manual::snapshot_acquire(&connect()?, request)
                 .instrument(command_span("snapshot acquire"))
                 .await
         }
         Command::Snapshot(SnapshotCommand::Delete {
             volume,
+            mate,
             run_id,
             force,
         }) => {
-            manual::snapshot_delete(&connect()?, volume, &run_id, force)
+            manual::snapshot_delete(&connect()?, volume, mate, &run_id, force)
                 .instrument(command_span("snapshot delete"))
                 .await
         }
@@ -854,6 +888,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             lu,
             volume,
             run_id,
+            mate,
             live,
             label,
             max_rate,
@@ -862,6 +897,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let start = manual::BackupStart {
                 lu,
                 snapshot: volume.zip(run_id),
+                mate,
                 live,
                 label,
                 max_bytes_per_s: max_rate,
@@ -907,10 +943,11 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Pair(PairCommand::Verify {
             volume,
+            mate,
             quiesce,
             json,
         }) => {
-            manual::pair_verify(&connect()?, volume, quiesce, json)
+            manual::pair_verify(&connect()?, volume, mate, quiesce, json)
                 .instrument(command_span("pair verify"))
                 .await
         }

@@ -555,6 +555,9 @@ impl AbandonReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotRestoreReport {
     pub volume: u32,
+    /// Which of the volume's mates was copied onto the origin (counted
+    /// from 1).
+    pub mate: u32,
     pub run_id: String,
     pub already_restored: bool,
     pub ranges_copied: u64,
@@ -581,6 +584,9 @@ impl SnapshotRestoreReport {
             ""
         };
         line("volume", format!("{}{already}", self.volume));
+        if self.mate > 1 {
+            line("mate", self.mate.to_string());
+        }
         line(
             "copied",
             format!(
@@ -789,7 +795,9 @@ async fn check_volume(
             });
         }
     };
-    let Some(volume_status) = status.volumes.iter().find(|v| v.volume == volume) else {
+    // Mirror, origin, geometry and the restore hold are the volume's, the
+    // same in every mate's entry: mate 1's is read.
+    let Some(volume_status) = crate::mates::pick(&status.volumes, volume, 1) else {
         let source = ClientError::local(
             ErrorKind::NotFound,
             "db-server",
@@ -1339,13 +1347,28 @@ pub async fn restore_snapshot(
     run_id: &str,
     progress: &dyn ProgressSink,
 ) -> Result<SnapshotRestoreReport, ClientError> {
+    restore_snapshot_of(clients, volume, 1, run_id, progress).await
+}
+
+/// [`restore_snapshot`] from the snapshot of the volume's mate `mate`
+/// (counted from 1): that mate is copied onto the origin; db-server
+/// records the ranges in the other mates' tables.
+pub async fn restore_snapshot_of(
+    clients: &Clients,
+    volume: u32,
+    mate: u32,
+    run_id: &str,
+    progress: &dyn ProgressSink,
+) -> Result<SnapshotRestoreReport, ClientError> {
     let started = Instant::now();
     let db = &clients.db;
+    let mate = crate::mates::mate_or_first(mate);
     progress.phase(&format!(
-        "restoring volume {volume} to the snapshot of run {run_id} (copying mate → origin the recorded ranges)"
+        "restoring volume {volume} to the snapshot{} of run {run_id} (copying mate → origin the recorded ranges)",
+        crate::mates::of_mate(mate)
     ));
     let call = retry("RestoreSnapshot", clients.step_deadline, || {
-        db.restore_snapshot(volume, run_id)
+        db.restore_snapshot_of(volume, mate, run_id)
     });
     tokio::pin!(call);
     // Progress is a nicety: a status stream that fails is given up quietly.
@@ -1361,7 +1384,7 @@ pub async fn restore_snapshot(
             restored = &mut call => break restored,
             message = next => match message {
                 Some(Ok(s)) => {
-                    if let Some(v) = s.volumes.iter().find(|v| v.volume == volume)
+                    if let Some(v) = crate::mates::pick(&s.volumes, volume, mate)
                         && let Some(r) = &v.restore
                         && r.kind() == dpb::RestoreKind::ToSnapshot
                         && r.blocks_total > 0
@@ -1377,6 +1400,7 @@ pub async fn restore_snapshot(
     progress.finish();
     Ok(SnapshotRestoreReport {
         volume,
+        mate,
         run_id: run_id.to_string(),
         already_restored: restored.already_restored,
         ranges_copied: restored.ranges_copied,
@@ -1594,6 +1618,7 @@ mod tests {
     fn the_snapshot_restore_report_says_what_was_copied() {
         let report = SnapshotRestoreReport {
             volume: 0,
+            mate: 1,
             run_id: "r".into(),
             already_restored: false,
             ranges_copied: 4,

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::clients::Clients;
+use crate::mates::{mate_or_first, of_mate, volume_status_of};
 use crate::progress::ProgressSink;
 
 /// The chunk size the mate LU is checksummed with while the backup runs:
@@ -79,6 +80,9 @@ pub fn must_wait_for_resync(error: &ClientError) -> bool {
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub volume: u32,
+    /// Which of the volume's mates the run splits, backs up, resyncs and
+    /// compares with, counted from 1 ([0020]: up to three; 0 is 1).
+    pub mate: u32,
     pub keep_snapshot: bool,
     pub label: String,
     /// Caps the backup's read rate (bytes per second), to leave the
@@ -144,6 +148,8 @@ pub struct RunReport {
     /// called; `None` when traces are not exported.
     pub trace_id: Option<String>,
     pub volume: u32,
+    /// Which of the volume's mates (counted from 1).
+    pub mate: u32,
     pub backup_id: Option<String>,
     pub mate_lu: Option<u32>,
     pub freeze_window_us: Option<u64>,
@@ -250,6 +256,9 @@ impl RunReport {
             line("trace id", trace_id.clone());
         }
         line("volume", self.volume.to_string());
+        if self.mate > 1 {
+            line("mate", self.mate.to_string());
+        }
         line(
             "snapshot method",
             self.snapshot_method.clone().unwrap_or_else(|| "-".into()),
@@ -345,12 +354,14 @@ pub async fn backup_run_by(
         "backup run",
         run_id = %run_id,
         volume = options.volume,
+        mate = mate_or_first(options.mate),
         otel.status_code = tracing::field::Empty,
     );
     let mut report = RunReport {
         run_id,
         trace_id: telemetry::trace_id(&run_span),
         volume: options.volume,
+        mate: mate_or_first(options.mate),
         ..RunReport::default()
     };
     async {
@@ -397,15 +408,23 @@ async fn acquire(
         dpb::SnapshotMethod::Split => "split ",
         dpb::SnapshotMethod::Cow => "copy-on-write ",
     };
+    let mate = mate_or_first(options.mate);
     progress.phase(&format!(
-        "acquiring a {how}snapshot of volume {}",
-        options.volume
+        "acquiring a {how}snapshot of volume {}{}",
+        options.volume,
+        of_mate(mate)
     ));
     let t = Instant::now();
     let (db, volume, run_id) = (&clients.db, options.volume, report.run_id.as_str());
     let acquire_once = || {
         retry("AcquireSnapshot", clients.step_deadline, move || {
-            db.acquire_snapshot_by(volume, run_id, method)
+            db.acquire_snapshot_with(dpb::AcquireSnapshotRequest {
+                volume,
+                run_id: run_id.to_string(),
+                method: method.into(),
+                mate,
+                ..Default::default()
+            })
         })
     };
     let mut result = acquire_once().await;
@@ -415,10 +434,11 @@ async fn acquire(
         && must_wait_for_resync(error)
     {
         progress.phase(&format!(
-            "waiting for volume {} to finish resynchronizing",
-            options.volume
+            "waiting for volume {}{} to finish resynchronizing",
+            options.volume,
+            of_mate(mate)
         ));
-        if let Err(error) = wait_synchronized(clients, options.volume, progress).await {
+        if let Err(error) = wait_synchronized_mate(clients, options.volume, mate, progress).await {
             report.error = Some(error.to_string());
             return None;
         }
@@ -426,6 +446,22 @@ async fn acquire(
     }
     report.phases_ms.acquire = ms(t);
     match result {
+        // A db-server that does not know several mates splits mate 1
+        // whatever it is asked (it answers mate 0): what it split is not
+        // the mate this run backs up, so it is released again.
+        Ok(acquired) if mate_or_first(acquired.mate) != mate => {
+            let split = mate_or_first(acquired.mate);
+            let released = db.delete_snapshot_of(volume, split, run_id, false).await;
+            report.error = Some(format!(
+                "asked db-server to split mate {mate} of volume {volume}, it split mate {split} (mate LU {}): a db-server that does not know several mates; {}",
+                acquired.mate_lu,
+                match released {
+                    Ok(_) => "that snapshot was deleted again".to_string(),
+                    Err(error) => format!("deleting that snapshot failed: {error}"),
+                }
+            ));
+            None
+        }
         Ok(acquired) => {
             report.mate_lu = Some(acquired.mate_lu);
             report.freeze_window_us = Some(acquired.freeze_window_us);
@@ -471,7 +507,7 @@ async fn back_up(
         label: options.label.clone(),
         max_bytes_per_s: options.max_bytes_per_s,
         snapshot: Some(bpb::SnapshotRef {
-            mate: 1,
+            mate: mate_or_first(options.mate),
             volume: options.volume,
             holder_run_id: report.run_id.clone(),
         }),
@@ -536,7 +572,14 @@ async fn back_up(
             "the copy-on-write snapshot of volume {} re-read through db-server (its snapshot virtual LU: saved blocks from the save area, the rest from mate LU {}) and hashed by the console; not an array-side checksum",
             options.volume, acquired.mate_lu
         ));
-        snapshot_digests(clients, options.volume, acquired, manifest.chunk_size_bytes).await?
+        snapshot_digests(
+            clients,
+            options.volume,
+            mate_or_first(options.mate),
+            acquired,
+            manifest.chunk_size_bytes,
+        )
+        .await?
     } else {
         report.compared_with = Some(format!(
             "the array's ChecksumRange of the frozen mate LU {}",
@@ -602,6 +645,7 @@ const SNAPSHOT_READ_BYTES: u64 = 16 << 20;
 async fn snapshot_digests(
     clients: &Clients,
     volume: u32,
+    mate: u32,
     acquired: &dpb::AcquireSnapshotResponse,
     chunk_size_bytes: u64,
 ) -> Result<Vec<Vec<u8>>, ClientError> {
@@ -616,7 +660,7 @@ async fn snapshot_digests(
     while lba < acquired.block_count {
         let blocks = blocks_per_read.min(acquired.block_count - lba);
         let data = retry("Read", clients.step_deadline, || {
-            db.read(volume, dpb::VirtualLu::Snapshot, lba, blocks)
+            db.read_mate(volume, dpb::VirtualLu::Snapshot, mate, lba, blocks)
         })
         .await?;
         digests.extend(chunk_digests(&data, chunk_blocks * block_size_bytes));
@@ -699,14 +743,16 @@ async fn delete_and_resync(
     acquired: &dpb::AcquireSnapshotResponse,
     report: &mut RunReport,
 ) -> Result<(), RunError> {
+    let mate = mate_or_first(options.mate);
     progress.phase(&format!(
-        "deleting the snapshot of volume {}",
-        options.volume
+        "deleting the snapshot of volume {}{}",
+        options.volume,
+        of_mate(mate)
     ));
     let t = Instant::now();
     let (db, volume, run_id) = (&clients.db, options.volume, report.run_id.as_str());
     let deleted = retry("DeleteSnapshot", clients.step_deadline, || {
-        db.delete_snapshot(volume, run_id, false)
+        db.delete_snapshot_of(volume, mate, run_id, false)
     })
     .await?;
     report.phases_ms.delete = ms(t);
@@ -722,23 +768,39 @@ async fn delete_and_resync(
     }
     progress.phase("resynchronizing");
     let t = Instant::now();
-    wait_synchronized(clients, options.volume, progress).await?;
+    wait_synchronized_mate(clients, options.volume, mate, progress).await?;
     report.phases_ms.resync = ms(t);
     Ok(())
 }
 
-/// Polls the db-server until the volume is Synchronized, reporting resync
-/// progress. A volume db-server does not know fails with
+/// Polls the db-server until the volume's (first mate's) pair is
+/// Synchronized, reporting resync progress. A volume db-server does not
+/// know fails with
 /// [`ErrorKind::NotFound`](splitmirror_proto::client::ErrorKind::NotFound).
 pub async fn wait_synchronized(
     clients: &Clients,
     volume: u32,
     progress: &dyn ProgressSink,
 ) -> Result<(), RunError> {
+    wait_synchronized_mate(clients, volume, 1, progress).await
+}
+
+/// [`wait_synchronized`] for the pair of the volume's mate `mate`
+/// (counted from 1): each mate resyncs on its own, so the others' modes
+/// say nothing of this one. A mate the volume does not have fails with
+/// [`ErrorKind::NotFound`](splitmirror_proto::client::ErrorKind::NotFound).
+pub async fn wait_synchronized_mate(
+    clients: &Clients,
+    volume: u32,
+    mate: u32,
+    progress: &dyn ProgressSink,
+) -> Result<(), RunError> {
     let db = &clients.db;
     loop {
-        let volume_status =
-            retry("Status", clients.step_deadline, || db.volume_status(volume)).await?;
+        let volume_status = retry("Status", clients.step_deadline, || {
+            volume_status_of(db, volume, mate)
+        })
+        .await?;
         if let Some(resync) = &volume_status.resync {
             progress.resync(resync.bytes_done, resync.bytes_total);
         }

@@ -12,6 +12,7 @@ use splitmirror_proto::pace::format_rate;
 use splitmirror_proto::units::format_bytes;
 
 use crate::clients::Clients;
+use crate::mates;
 use crate::run::{CHUNK_SIZE_BYTES, method_name, state_name};
 
 /// Width of the one-line map of dirty blocks.
@@ -28,6 +29,9 @@ pub enum StatusError {
     /// db-server has no such volume. Not retryable.
     #[error("volume {0} does not exist")]
     NoSuchVolume(u32),
+    /// The volume has fewer mates than the one named. Not retryable.
+    #[error("volume {volume} has {count} mate(s), not a mate {mate} (see `console status`)")]
+    NoSuchMate { volume: u32, mate: u32, count: u32 },
 }
 
 /// What db-server and the backup server report, at one moment.
@@ -75,6 +79,17 @@ pub fn dirty_map(ranges: &[dpb::BlockRange], block_count: u64) -> String {
     cells.iter().map(|&d| if d { '#' } else { '.' }).collect()
 }
 
+/// The "mate (LU)" cell of a volume's pair: which of its mates, of how
+/// many, and that mate's LU ("2/3 (6)"); "1/1 (2)" for a volume with one.
+pub fn mate_cell(volumes: &[dpb::VolumeStatus], v: &dpb::VolumeStatus) -> String {
+    format!(
+        "{}/{} ({})",
+        mates::mate_of(v),
+        mates::count(volumes, v.volume).max(1),
+        v.mate_lu
+    )
+}
+
 /// The status for people: the LU status table, the update location
 /// tables, the ledger, the gate and the backups.
 pub fn render(snapshot: &Snapshot) -> String {
@@ -82,14 +97,22 @@ pub fn render(snapshot: &Snapshot) -> String {
     let _ = writeln!(out, "LU status table (Fig. 10)");
     let _ = writeln!(
         out,
-        "  {:<7} {:<16} {:<24} {:>5} {:>6} {:<16} {:>8}  holder",
-        "volume", "data mode", "array mode", "READ", "WRITE", "snapshot mode", "snap LU"
+        "  {:<7} {:<11} {:<16} {:<24} {:>5} {:>6} {:<16} {:>8}  holder",
+        "volume",
+        "mate (LU)",
+        "data mode",
+        "array mode",
+        "READ",
+        "WRITE",
+        "snapshot mode",
+        "snap LU"
     );
     for v in &snapshot.db.volumes {
         let _ = writeln!(
             out,
-            "  {:<7} {:<16} {:<24} {:>5} {:>6} {:<16} {:>8}  {}",
+            "  {:<7} {:<11} {:<16} {:<24} {:>5} {:>6} {:<16} {:>8}  {}",
             v.volume,
+            mate_cell(&snapshot.db.volumes, v),
             mode_name(v.data_mode()),
             array_mode_cell(v),
             v.data_read_lu,
@@ -114,8 +137,12 @@ pub fn render(snapshot: &Snapshot) -> String {
     for v in &snapshot.db.volumes {
         let _ = writeln!(
             out,
-            "  volume {} (mirror LU {} = origin {} + mate {}, {} blocks of {} B): {} ranges, {} blocks",
+            "  volume {}{} (mirror LU {} = origin {} + mate {}, {} blocks of {} B): {} ranges, {} blocks",
             v.volume,
+            match mates::count(&snapshot.db.volumes, v.volume) {
+                0 | 1 => String::new(),
+                n => format!(" mate {}/{n}", mates::mate_of(v)),
+            },
             v.mirror_lu,
             v.origin_lu,
             v.mate_lu,
@@ -367,6 +394,8 @@ pub fn to_json(snapshot: &Snapshot) -> Value {
         .map(|v| {
             json!({
                 "volume": v.volume,
+                "mate": mates::mate_of(v),
+                "mates": mates::count(&snapshot.db.volumes, v.volume),
                 "mirror_lu": v.mirror_lu,
                 "origin_lu": v.origin_lu,
                 "mate_lu": v.mate_lu,
@@ -452,6 +481,8 @@ pub fn to_json(snapshot: &Snapshot) -> Value {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PairReport {
     pub volume: u32,
+    /// Which of the volume's mates was compared with the origin.
+    pub mate: u32,
     pub origin_lu: u32,
     pub mate_lu: u32,
     pub chunks: u64,
@@ -470,10 +501,22 @@ pub async fn pair_verify(
     volume: u32,
     quiesce: bool,
 ) -> Result<PairReport, StatusError> {
+    pair_verify_mate(clients, volume, 1, quiesce).await
+}
+
+/// [`pair_verify`] of the pair of the volume's mate `mate` (counted from
+/// 1): the origin against that mate LU, skipping that pair's recorded
+/// ranges.
+pub async fn pair_verify_mate(
+    clients: &Clients,
+    volume: u32,
+    mate: u32,
+    quiesce: bool,
+) -> Result<PairReport, StatusError> {
     if quiesce {
         clients.db.suspend(30_000).await?;
     }
-    let result = compare_pair(clients, volume, quiesce).await;
+    let result = compare_pair(clients, volume, mate, quiesce).await;
     if quiesce && let Err(error) = clients.db.resume().await {
         tracing::warn!("{error}");
     }
@@ -483,15 +526,20 @@ pub async fn pair_verify(
 async fn compare_pair(
     clients: &Clients,
     volume: u32,
+    mate: u32,
     quiesced: bool,
 ) -> Result<PairReport, StatusError> {
     let snapshot = fetch(clients).await?;
-    let v = snapshot
-        .db
-        .volumes
-        .iter()
-        .find(|v| v.volume == volume)
-        .ok_or(StatusError::NoSuchVolume(volume))?;
+    let v = mates::pick(&snapshot.db.volumes, volume, mate).ok_or(
+        match mates::count(&snapshot.db.volumes, volume) {
+            0 => StatusError::NoSuchVolume(volume),
+            count => StatusError::NoSuchMate {
+                volume,
+                mate,
+                count,
+            },
+        },
+    )?;
     let chunk_blocks = CHUNK_SIZE_BYTES / u64::from(v.block_size_bytes.max(1));
     let chunks = v.block_count.div_ceil(chunk_blocks);
     let skipped: Vec<bool> = (0..chunks)
@@ -535,6 +583,7 @@ async fn compare_pair(
     }
     Ok(PairReport {
         volume,
+        mate: mates::mate_of(v),
         origin_lu: v.origin_lu,
         mate_lu: v.mate_lu,
         chunks,
@@ -674,12 +723,18 @@ mod tests {
         };
         // The array's mode stands next to db-server's data mode.
         assert!(
-            row("0").starts_with("0 Snapshot SNAPSHOT (mate writable) "),
+            row("0").starts_with("0 1/1 (0) Snapshot SNAPSHOT (mate writable) "),
             "{text}"
         );
-        assert!(row("3").starts_with("3 Synchronized stateless "), "{text}");
-        assert!(row("5").starts_with("5 Synchronized UNKNOWN "), "{text}");
-        assert!(row("6").starts_with("6 ? - "), "{text}");
+        assert!(
+            row("3").starts_with("3 1/1 (0) Synchronized stateless "),
+            "{text}"
+        );
+        assert!(
+            row("5").starts_with("5 1/1 (0) Synchronized UNKNOWN "),
+            "{text}"
+        );
+        assert!(row("6").starts_with("6 1/1 (0) ? - "), "{text}");
         assert!(text.contains("snapshot: split, WRITABLE"), "{text}");
         assert!(text.contains("the backup server refuses"), "{text}");
         assert_eq!(text.matches("WRITABLE").count(), 1, "{text}");
@@ -703,6 +758,77 @@ mod tests {
         );
         assert!(v[3]["array_mode_keeping"].is_null());
         assert!(v[3]["array_mode"].is_null());
+    }
+
+    #[test]
+    fn status_shows_one_row_per_mate_with_its_own_modes_holder_and_dirty_blocks() {
+        let pair = |mate: u32, mate_lu: u32, mode: dpb::Mode, holder: &str, dirty: u64| {
+            dpb::VolumeStatus {
+                volume: 1,
+                mate,
+                mirror_lu: 4,
+                origin_lu: 5,
+                mate_lu,
+                block_count: 1024,
+                block_size_bytes: 4096,
+                data_mode: mode.into(),
+                snapshot_holder: holder.into(),
+                dirty_blocks: dirty,
+                array_mode_keeping: dpb::ArrayModeKeeping::Stateful.into(),
+                array_mode: match mode {
+                    dpb::Mode::Snapshot => "SNAPSHOT".into(),
+                    _ => "SYNCHRONIZED".into(),
+                },
+                ..dpb::VolumeStatus::default()
+            }
+        };
+        let snapshot = Snapshot {
+            db: dpb::StatusResponse {
+                volumes: vec![
+                    pair(1, 6, dpb::Mode::Snapshot, "run-a", 16),
+                    pair(2, 7, dpb::Mode::Snapshot, "run-b", 40),
+                    pair(3, 8, dpb::Mode::Synchronized, "", 0),
+                ],
+                ..dpb::StatusResponse::default()
+            },
+            backups: None,
+        };
+        let text = render(&snapshot);
+        let rows: Vec<String> = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("1 "))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(rows.len(), 3, "{text}");
+        assert!(
+            rows[0].starts_with("1 1/3 (6) Snapshot SNAPSHOT "),
+            "{text}"
+        );
+        assert!(rows[0].ends_with(" run-a"), "{text}");
+        assert!(
+            rows[1].starts_with("1 2/3 (7) Snapshot SNAPSHOT "),
+            "{text}"
+        );
+        assert!(rows[1].ends_with(" run-b"), "{text}");
+        assert!(
+            rows[2].starts_with("1 3/3 (8) Synchronized SYNCHRONIZED "),
+            "{text}"
+        );
+        assert!(
+            text.contains("volume 1 mate 2/3 (mirror LU 4 = origin 5 + mate 7, 1024 blocks of 4096 B): 0 ranges, 40 blocks"),
+            "{text}"
+        );
+        let json = to_json(&snapshot);
+        let v = &json["volumes"];
+        assert_eq!(
+            (v[0]["mate"].clone(), v[0]["mates"].clone()),
+            (json!(1), json!(3))
+        );
+        assert_eq!(
+            (v[2]["mate"].clone(), v[2]["mate_lu"].clone()),
+            (json!(3), json!(8))
+        );
+        assert_eq!(v[1]["dirty_blocks"], 40);
     }
 
     #[test]

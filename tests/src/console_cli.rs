@@ -511,6 +511,51 @@ fn bad_arguments_are_rejected_with_a_reason() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+#[test]
+fn a_mate_is_counted_from_one_to_three_and_its_help_says_so() {
+    let commands: [&[&str]; 6] = [
+        &["run"],
+        &["snapshot", "acquire"],
+        &["snapshot", "delete", "--run-id", "r"],
+        &["snapshot", "restore", "--run-id", "r"],
+        &[
+            "backup", "start", "--lu", "2", "--volume", "0", "--run-id", "r",
+        ],
+        &["pair", "verify"],
+    ];
+    for command in commands {
+        for refused in ["0", "4"] {
+            let mut args = command.to_vec();
+            args.extend(["--mate", refused]);
+            let out = console(&args);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(
+                    "mates are counted from 1 and a volume has at most 3: give 1, 2 or 3"
+                ),
+                "{args:?}: {stderr}"
+            );
+        }
+        let mut args = command.to_vec();
+        args.push("--help");
+        let help = text(&console(&args).stdout);
+        assert!(
+            help.contains("Which of the volume's mates")
+                && help.contains("counted from 1; see `console status`"),
+            "{args:?} --help says nothing of --mate:\n{help}"
+        );
+        assert!(help.contains("[default: 1]"), "{args:?}:\n{help}");
+    }
+    let out = console(&["run", "--mate", "two"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("\"two\" is not a mate number"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// Reads `child`'s stderr on a thread and hands its lines over a channel,
 /// so a test can wait for one with a timeout.
 fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {

@@ -150,6 +150,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
                 &bench.clients,
                 &RunOptions {
                     volume: 0,
+                    mate: 1,
                     keep_snapshot: false,
                     label: "bench export".into(),
                     max_bytes_per_s: options.max_rate,

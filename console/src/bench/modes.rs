@@ -7,7 +7,9 @@
 //! is redundant again, and the save area used per MiB the ledger wrote;
 //! and the array keeping the pairs' modes (#19, db-server `--array-mode
 //! stateful`) next to db-server keeping them (stateless, the default): the
-//! same ledger on a second cluster that differs only by that, in each mode.
+//! same ledger on a second cluster that differs only by that, in each mode;
+//! and, on a stateful array, each mirror LU with three mates against one
+//! ([0020]) while Synchronized.
 
 use std::time::{Duration, Instant};
 
@@ -58,6 +60,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
     .await?
     .windows;
     let cow = cow_run(options, seconds).await?;
+    let mates = mates_run(options, seconds).await?;
     let capped_resync = capped
         .last()
         .map(|(_, w)| w.clone())
@@ -198,6 +201,8 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
         f2(stateful_after.bulk_write_seconds),
         f2(split_after.bulk_write_seconds),
     ));
+    out.push('\n');
+    out.push_str(&mates.render());
     let to_json = |results: &Vec<(String, LedgerWindow)>| {
         results
             .iter()
@@ -234,6 +239,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
             "stateful_array_mirroring": stateful_json,
             "stateful_after_hold": stateful_after,
             "stateful_over_stateless": stateful_over_stateless,
+            "three_mates_vs_one": mates.to_json(),
         }),
     })
 }
@@ -307,10 +313,7 @@ struct PerMode {
 /// fails the bench rather than measuring the wrong thing.
 async fn array_mode_of(bench: &Bench, keeping: ArrayModeKeeping) -> anyhow::Result<String> {
     let status = bench.clients.db.status(false).await?;
-    let volume = status
-        .volumes
-        .iter()
-        .find(|v| v.volume == 0)
+    let volume = crate::mates::pick(&status.volumes, 0, 1)
         .context("no volume 0 in db-server's status")?;
     let reported = crate::status::array_mode_keeping(volume).unwrap_or("stateless");
     anyhow::ensure!(
@@ -447,12 +450,100 @@ async fn write_bulk(bench: &Bench, options: &BenchOptions) -> anyhow::Result<f64
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// Whether volume 0 is Synchronized with no snapshot held.
+/// Whether volume 0 is Synchronized with no snapshot held: every one of
+/// its mates' pairs (one Status entry each).
 async fn redundant(bench: &Bench) -> anyhow::Result<bool> {
     let status = bench.clients.db.status(false).await?;
-    Ok(status.volumes.iter().any(|v| {
-        v.volume == 0 && v.data_mode() == dpb::Mode::Synchronized && v.snapshot_lu.is_none()
-    }))
+    let mut pairs = status.volumes.iter().filter(|v| v.volume == 0).peekable();
+    Ok(pairs.peek().is_some()
+        && pairs.all(|v| v.data_mode() == dpb::Mode::Synchronized && v.snapshot_lu.is_none()))
+}
+
+/// The ledger while Synchronized on a stateful array, with each mirror LU
+/// having one mate and then three ([0020]): a write to the mirror LU lands
+/// on the origin and every mate, so three mates cost two more writes per
+/// block inside the array.
+#[derive(Debug, Clone, serde::Serialize)]
+struct MatesRun {
+    one_mate: LedgerWindow,
+    three_mates: LedgerWindow,
+}
+
+impl MatesRun {
+    fn tps_ratio(&self) -> f64 {
+        self.three_mates.tps / self.one_mate.tps.max(1e-9)
+    }
+
+    fn p99_ratio(&self) -> f64 {
+        self.three_mates.p99_latency_us / self.one_mate.p99_latency_us.max(1e-9)
+    }
+
+    fn render(&self) -> String {
+        let row = |name: &str, w: &LedgerWindow| {
+            vec![
+                name.to_string(),
+                f1(w.tps),
+                f1(w.p99_latency_us),
+                f2(w.wire_bytes_per_logical_byte),
+            ]
+        };
+        let mut out = table(
+            &[
+                "Synchronized, stateful array",
+                "tps",
+                "p99 µs",
+                "wire B / logical B",
+            ],
+            &[
+                row("one mate", &self.one_mate),
+                row("three mates", &self.three_mates),
+            ],
+        );
+        out.push_str(&format!(
+            "  three mates / one mate: {}× tps, {}× p99\n",
+            f2(self.tps_ratio()),
+            f2(self.p99_ratio())
+        ));
+        out
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "one_mate": self.one_mate,
+            "three_mates": self.three_mates,
+            "three_over_one_tps": self.tps_ratio(),
+            "three_over_one_p99": self.p99_ratio(),
+        })
+    }
+}
+
+/// [`MatesRun`]: two stateful clusters, one after the other, that differ
+/// only by their mates per mirror LU.
+async fn mates_run(options: &BenchOptions, seconds: Duration) -> anyhow::Result<MatesRun> {
+    let mut windows = Vec::new();
+    for mates in [1, 3] {
+        let builder = ClusterBuilder::new()
+            .lu_size_bytes(options.size_bytes)
+            .ledger(Some(full_speed_ledger()))
+            .journal_region_bytes(Some(db_server::DEFAULT_JOURNAL_REGION_BYTES))
+            .array_mode(ArrayModeKeeping::Stateful)
+            .mates(mates);
+        let bench = Bench::start_from(builder, true).await?;
+        let status = bench.clients.db.status(false).await?;
+        let listed = crate::mates::count(&status.volumes, 0);
+        anyhow::ensure!(
+            listed == mates,
+            "a cluster of {mates} mates per mirror LU, but db-server lists {listed} for volume 0"
+        );
+        windows.push(measure(&bench, seconds).await?);
+        bench.shutdown().await?;
+    }
+    let three_mates = windows.pop().context("no three-mate window")?;
+    let one_mate = windows.pop().context("no one-mate window")?;
+    Ok(MatesRun {
+        one_mate,
+        three_mates,
+    })
 }
 
 /// The copy-on-write snapshot's figures, from one cluster whose volume 0
@@ -489,10 +580,7 @@ async fn cow_run(options: &BenchOptions, seconds: Duration) -> anyhow::Result<Co
     // One status for both: the transactions and the save area.
     let status = bench.status().await?;
     let committed = status.ledger.unwrap_or_default().transactions_committed;
-    let volume = status
-        .volumes
-        .iter()
-        .find(|v| v.volume == 0)
+    let volume = crate::mates::pick(&status.volumes, 0, 1)
         .context("no volume 0 in db-server's status")?;
     anyhow::ensure!(
         volume.snapshot_method() == dpb::SnapshotMethod::Cow,

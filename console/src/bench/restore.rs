@@ -124,6 +124,7 @@ async fn measure(
         clients,
         &crate::run::RunOptions {
             volume: 0,
+            mate: 1,
             keep_snapshot: false,
             label: "bench restore".into(),
             max_bytes_per_s: None,

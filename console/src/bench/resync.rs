@@ -161,10 +161,7 @@ async fn once(
     let seconds = started.elapsed().as_secs_f64();
     let status = bench.status().await?;
     let traffic = status.array_traffic.unwrap_or_default();
-    let copied_bytes = status
-        .volumes
-        .iter()
-        .find(|v| v.volume == 0)
+    let copied_bytes = crate::mates::pick(&status.volumes, 0, 1)
         .and_then(|v| v.resync)
         .map_or(0, |r| r.bytes_done);
     bench.shutdown().await?;

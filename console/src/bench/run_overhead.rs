@@ -29,6 +29,7 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<BenchOutput> {
             clients,
             &RunOptions {
                 volume: 0,
+                mate: 1,
                 keep_snapshot: false,
                 label: "bench".into(),
                 max_bytes_per_s: options.max_rate,

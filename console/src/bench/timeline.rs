@@ -64,6 +64,7 @@ fn dirty_bytes(options: &BenchOptions) -> u64 {
 fn run_options(options: &BenchOptions, keep_snapshot: bool) -> RunOptions {
     RunOptions {
         volume: 0,
+        mate: 1,
         keep_snapshot,
         label: "timeline".into(),
         max_bytes_per_s: options.max_rate,

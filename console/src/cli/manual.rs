@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures_util::StreamExt;
 use splitmirror_console::clients::Clients;
+use splitmirror_console::mates::{mate_or_first, of_mate};
 use splitmirror_console::progress;
 use splitmirror_console::run::{StoreCounts, state_name};
 use splitmirror_console::status;
@@ -34,6 +35,7 @@ pub enum AcquireArgsError {
 /// would refuse it too, INVALID_ARGUMENT).
 pub fn acquire_request(
     volume: u32,
+    mate: u32,
     run_id: Option<String>,
     method: dpb::SnapshotMethod,
     writable: bool,
@@ -46,7 +48,7 @@ pub fn acquire_request(
         run_id: run_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         method: method.into(),
         writable,
-        mate: 1,
+        mate,
     })
 }
 
@@ -57,7 +59,18 @@ pub async fn snapshot_acquire(
     request: dpb::AcquireSnapshotRequest,
 ) -> anyhow::Result<ExitCode> {
     let (volume, run_id, writable) = (request.volume, request.run_id.clone(), request.writable);
+    let asked_mate = mate_or_first(request.mate);
     let a = clients.db.acquire_snapshot_with(request).await?;
+    // A db-server that does not know several mates splits mate 1 whatever
+    // it is asked (and answers mate 0): say so rather than print mate 1's
+    // snapshot as the one asked for.
+    let split_mate = mate_or_first(a.mate);
+    if split_mate != asked_mate {
+        anyhow::bail!(
+            "asked for a snapshot of mate {asked_mate} of volume {volume}, db-server split mate {split_mate} (mate LU {}) for run {run_id}: it does not know several mates; `console snapshot delete --volume {volume} --run-id {run_id}` releases it",
+            a.mate_lu
+        );
+    }
     let already = if a.already_held {
         " (already held)"
     } else {
@@ -77,8 +90,10 @@ pub async fn snapshot_acquire(
         }
     };
     println(&format!(
-        "snapshot of volume {volume} acquired by run {run_id}: {image}, freeze window {} µs, ledger sequence {}{already}",
-        a.freeze_window_us, a.ledger_sequence,
+        "snapshot of volume {volume}{} acquired by run {run_id}: {image}, freeze window {} µs, ledger sequence {}{already}",
+        of_mate(split_mate),
+        a.freeze_window_us,
+        a.ledger_sequence,
     ))?;
     if writable && a.already_held {
         // A retry answers the snapshot held, whatever it asked.
@@ -93,18 +108,24 @@ pub async fn snapshot_acquire(
 pub async fn snapshot_delete(
     clients: &Clients,
     volume: u32,
+    mate: u32,
     run_id: &str,
     force: bool,
 ) -> anyhow::Result<ExitCode> {
-    let d = clients.db.delete_snapshot(volume, run_id, force).await?;
+    let d = clients
+        .db
+        .delete_snapshot_of(volume, mate, run_id, force)
+        .await?;
     let already = if d.already_deleted {
         " (already deleted)"
     } else {
         ""
     };
     println(&format!(
-        "snapshot of volume {volume} deleted; resyncing {} ranges ({} blocks){already}",
-        d.ranges_to_resync, d.blocks_to_resync,
+        "snapshot of volume {volume}{} deleted; resyncing {} ranges ({} blocks){already}",
+        of_mate(mate),
+        d.ranges_to_resync,
+        d.blocks_to_resync,
     ))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -136,6 +157,8 @@ pub struct BackupStart {
     pub lu: u32,
     /// The snapshot that freezes the LU: its volume and holder run id.
     pub snapshot: Option<(u32, String)>,
+    /// Which of the volume's mates the snapshot split (counted from 1).
+    pub mate: u32,
     /// Copy without a snapshot.
     pub live: bool,
     pub label: String,
@@ -153,7 +176,7 @@ pub async fn backup_start(clients: &Clients, start: BackupStart) -> anyhow::Resu
         .map(|(volume, holder_run_id)| bpb::SnapshotRef {
             volume,
             holder_run_id,
-            mate: 1,
+            mate: mate_or_first(start.mate),
         });
     let request = bpb::StartBackupRequest {
         // One backup per snapshot holder; a live copy gets its own.
@@ -708,12 +731,13 @@ pub async fn backup_verify(clients: &Clients, backup_id: &str) -> anyhow::Result
 pub async fn pair_verify(
     clients: &Clients,
     volume: u32,
+    mate: u32,
     quiesce: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let report = status::pair_verify(clients, volume, quiesce)
+    let report = status::pair_verify_mate(clients, volume, mate, quiesce)
         .await
-        .with_context(|| format!("comparing the pair of volume {volume}"))?;
+        .with_context(|| format!("comparing the pair of volume {volume}{}", of_mate(mate)))?;
     if json {
         print_json(&report)?;
     } else if report.differing_chunks.is_empty() {
@@ -767,23 +791,27 @@ mod tests {
 
     #[test]
     fn a_writable_snapshot_is_asked_for_a_split_and_refused_with_copy_on_write() {
-        let request = acquire_request(0, Some("run-w".into()), dpb::SnapshotMethod::Split, true)
+        let request = acquire_request(0, 1, Some("run-w".into()), dpb::SnapshotMethod::Split, true)
             .expect("a writable split");
         assert!(request.writable);
         assert_eq!(request.method(), dpb::SnapshotMethod::Split);
         assert_eq!(request.run_id, "run-w");
+        assert_eq!(request.mate, 1);
+        let of_mate_3 = acquire_request(0, 3, None, dpb::SnapshotMethod::Split, false)
+            .expect("a snapshot of mate 3");
+        assert_eq!(of_mate_3.mate, 3);
         // The server's default method: db-server decides (and refuses a
         // writable copy-on-write one itself).
-        let request = acquire_request(3, None, dpb::SnapshotMethod::Unspecified, true)
+        let request = acquire_request(3, 1, None, dpb::SnapshotMethod::Unspecified, true)
             .expect("the default method");
         assert!(request.writable && request.volume == 3);
         assert!(
             uuid::Uuid::parse_str(&request.run_id).is_ok(),
             "{request:?}"
         );
-        let plain = acquire_request(0, None, dpb::SnapshotMethod::Cow, false).expect("a cow");
+        let plain = acquire_request(0, 1, None, dpb::SnapshotMethod::Cow, false).expect("a cow");
         assert!(!plain.writable);
-        let refused = acquire_request(0, None, dpb::SnapshotMethod::Cow, true);
+        let refused = acquire_request(0, 1, None, dpb::SnapshotMethod::Cow, true);
         assert_eq!(refused, Err(AcquireArgsError::WritableCow));
         let text = AcquireArgsError::WritableCow.to_string();
         assert!(text.contains("--writable needs a split snapshot"), "{text}");

@@ -91,16 +91,18 @@ pub async fn abandon(
 pub async fn snapshot_restore(
     clients: &Clients,
     volume: u32,
+    mate: u32,
     run_id: &str,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let sink = progress::for_stderr();
-    let report = restore::restore_snapshot(clients, volume, run_id, sink.as_ref()).await?;
+    let report = restore::restore_snapshot_of(clients, volume, mate, run_id, sink.as_ref()).await?;
     if json {
         print_json(&report)?;
     } else {
         println(&format!(
-            "volume {volume} restored to the snapshot of run {run_id}"
+            "volume {volume} restored to the snapshot{} of run {run_id}",
+            splitmirror_console::mates::of_mate(mate)
         ))?;
         print(&report.render())?;
     }

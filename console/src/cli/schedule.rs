@@ -57,6 +57,7 @@ pub async fn schedule(clients: &Clients, schedule: &Schedule) -> anyhow::Result<
         let started = tokio::time::Instant::now();
         let options = RunOptions {
             volume: schedule.volume,
+            mate: 1,
             keep_snapshot: false,
             label: format!("scheduled run {}", done + 1),
             max_bytes_per_s: schedule.max_bytes_per_s,
