@@ -94,6 +94,18 @@ async fn wait_synchronized(manager: &SnapshotManager, n: u32) {
     panic!("mate {n} did not become Synchronized");
 }
 
+/// Waits until every pair of the volume is Synchronized, then compares
+/// the origin with each mate byte for byte.
+async fn every_mate_synchronized_and_equal(manager: &SnapshotManager, array: &MemoryArray) {
+    manager
+        .wait_synchronized(0, Duration::from_secs(5))
+        .await
+        .expect("every mate synchronized");
+    for mate_lu in MATES {
+        assert_eq!(array.lu(ORIGIN), array.lu(mate_lu), "mate LU {mate_lu}");
+    }
+}
+
 async fn write(manager: &SnapshotManager, lba: u64, value: u8) {
     manager
         .write(0, VirtualLu::Data, lba, vec![value; BLOCK_BYTES])
@@ -205,13 +217,7 @@ async fn each_mates_snapshot_and_table_survive_a_restart() {
     for (n, run) in [(1, "run-1"), (3, "run-3")] {
         manager.delete(mate(n), run, false).await.expect("delete");
     }
-    manager
-        .wait_synchronized(0, Duration::from_secs(5))
-        .await
-        .expect("every mate synchronized");
-    for mate_lu in MATES {
-        assert_eq!(array.lu(ORIGIN), array.lu(mate_lu), "mate LU {mate_lu}");
-    }
+    every_mate_synchronized_and_equal(&manager, &array).await;
 }
 
 #[tokio::test]
@@ -248,13 +254,7 @@ async fn a_reverse_resync_from_one_mate_reaches_every_other_mate() {
         .delete(mate(3), "run-3", false)
         .await
         .expect("delete 3");
-    manager
-        .wait_synchronized(0, Duration::from_secs(5))
-        .await
-        .expect("every mate synchronized");
-    for mate_lu in MATES {
-        assert_eq!(array.lu(ORIGIN), array.lu(mate_lu), "mate LU {mate_lu}");
-    }
+    every_mate_synchronized_and_equal(&manager, &array).await;
 }
 
 #[tokio::test]
