@@ -41,14 +41,15 @@
 //! The access an identity has to an LU *through* a request is the least of
 //! its grants on every place the LU's data lives: for a real LU its own
 //! grant; for a mirror LU the least of its grants on the mirror LU, its
-//! origin and its mate, because a write to a mirror LU writes both sides
-//! and a read may be served by either. So when db-server made the mate
+//! origin and every mate, because a write to a mirror LU may write all of
+//! them and a read may be served by any. So when db-server made a mate
 //! read-only for itself, the mirror LU is read-only for it too, and a write
-//! to it is refused before anything is written — unless the pair's mode
-//! (see [`crate::modes`]) is Snapshot, where a mirror write lands on the
-//! origin alone: then the mate's grant does not limit it (the array
-//! refuses such a write should the mode change to one that writes the
-//! mate before it runs).
+//! to it is refused before anything is written — unless that mate's pair
+//! (see [`crate::modes`]) is in Snapshot, where a mirror write leaves the
+//! mate alone: a mirror write needs `read-write` on the mirror LU, the
+//! origin and every mate it is sent to, no more (the array refuses such a
+//! write should a mode change to one that writes a mate the caller may
+//! not write before it runs).
 //!
 //! Read, `ChecksumRange`, `ModeSense` and `Flush` need `read` (a flush
 //! changes no data: it only makes acknowledged writes durable); `Write`

@@ -12,7 +12,8 @@ use splitmirror_proto::telemetry::{self, LogArgs, TelemetryConfig};
 use splitmirror_proto::units::parse_size_bytes;
 
 /// The disk array of splitmirror: stores real LUs as sparse files and
-/// mirrors every write to a mirror LU onto its origin LU and mate LU.
+/// mirrors every write to a mirror LU onto its origin LU and its mate LUs
+/// (one to three; each (mirror LU, mate) is a pair with its own mode).
 ///
 /// Without --config it serves mirror LU 0 = origin 1 + mate 2 and mirror LU
 /// 3 = origin 4 + mate 5, 64 MiB each with 4096-byte blocks.
@@ -38,7 +39,9 @@ struct Cli {
     /// Directory holding the LU files (lu<ID>.img).
     #[arg(long, env = "SPLITMIRROR_ARRAY_DATA_DIR", default_value = "array-data")]
     data_dir: PathBuf,
-    /// TOML file with [[lu]] and [[mirror]] tables (see ARCHITECTURE.md).
+    /// TOML file with [[lu]] and [[mirror]] tables (see ARCHITECTURE.md). A
+    /// [[mirror]] has `mirror`, `origin` and either `mate = N` or
+    /// `mates = [a, b, c]` (one to three mates, mate 1 first).
     #[arg(long, env = "SPLITMIRROR_ARRAY_CONFIG")]
     config: Option<PathBuf>,
     /// Size of each default LU (without --config), e.g. 64MiB or 1GiB.

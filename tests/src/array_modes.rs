@@ -515,3 +515,159 @@ async fn the_mode_outlives_kill_9_of_the_array() {
         }
     }
 }
+
+/// Mirror LU 10 = origin 11 + mates 12, 13 and 14 (a `mates = [..]`
+/// config): mate 1 SNAPSHOT, mate 2 SYNCHRONIZED, mate 3 RESYNCHRONIZING.
+/// Each cell runs at its own block, where every real LU starts with its own
+/// tag (its LU number), so that a read names the LU it came from and the
+/// checksums afterwards say where a write or a copy landed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_mates_each_follow_their_own_pairs_mode() {
+    const MIRROR_3: u32 = 10;
+    const ORIGIN_3: u32 = 11;
+    const MATES: [u32; 3] = [12, 13, 14];
+    const REAL: [u32; 4] = [ORIGIN_3, 12, 13, 14];
+    let lu =
+        |id| format!("[[lu]]\nid = {id}\nblock_size_bytes = {BLOCK}\nblock_count = {BLOCKS}\n");
+    let text = REAL.iter().map(|&id| lu(id)).collect::<String>()
+        + "[[mirror]]\nmirror = 10\norigin = 11\nmates = [12, 13, 14]\n";
+    let config = array_node::ArrayConfig::from_toml(&text).expect("config");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_array(dir.path(), config, ArrayTestHooks::default()).await;
+    let owner = ArrayClient::new(&node.url(), &harness::security(role::DB)).expect("address");
+
+    // ListLus and ModeSense name every mate, mate 1 first.
+    let lus = owner.list_lus().await.expect("list");
+    let mirror = lus
+        .iter()
+        .find(|l| l.id == MIRROR_3)
+        .expect("the mirror LU");
+    assert_eq!(mirror.mate_lus, MATES.to_vec());
+    assert_eq!(
+        (mirror.origin_lu, mirror.mate_lu),
+        (Some(ORIGIN_3), Some(12))
+    );
+
+    // Unset mate_lu with three mates, or an LU that is no mate: refused.
+    for (mate_lu, expected) in [(None, "has 3 mates"), (Some(ORIGIN_3), "is no mate")] {
+        let error = owner
+            .mode_select_mate(
+                MIRROR_3,
+                mate_lu,
+                MirrorMode::Synchronized,
+                false,
+                "refused",
+            )
+            .await
+            .expect_err("refused");
+        assert!(
+            error.kind == ErrorKind::InvalidArgument && error.to_string().contains(expected),
+            "mate_lu {mate_lu:?}: {error}"
+        );
+    }
+
+    // Every real LU holds its tag at every block (nothing enforced yet).
+    let tagged = |lba: u64, lu: u32| block(lba, lu as u8);
+    for lu in REAL {
+        let data: Vec<u8> = (0..BLOCKS).flat_map(|lba| tagged(lba, lu)).collect();
+        owner.write(lu, 0, data).await.expect("fill");
+    }
+    let modes = [
+        (12, MirrorMode::Snapshot),
+        (13, MirrorMode::Synchronized),
+        (14, MirrorMode::Resynchronizing),
+    ];
+    for (mate, mode) in modes {
+        let answer = owner
+            .mode_select_mate(MIRROR_3, Some(mate), mode, false, "three mates")
+            .await
+            .expect("mode select");
+        assert_eq!((answer.mode(), answer.mate_lu), (mode, mate));
+    }
+    // Each page lists every pair; a mate's page gives its own pair's mode.
+    for lu in [MIRROR_3, ORIGIN_3, 12, 13, 14] {
+        let page = owner.mode_sense(lu).await.expect("mode sense");
+        let pairs: Vec<(u32, MirrorMode)> =
+            page.mates.iter().map(|p| (p.mate_lu, p.mode())).collect();
+        assert_eq!(pairs, modes.to_vec(), "LU {lu}");
+        let own = modes
+            .iter()
+            .find(|(mate, _)| *mate == lu)
+            .map_or(modes[0].1, |m| m.1);
+        assert_eq!(page.mirror_mode, own, "LU {lu}");
+    }
+
+    // (operation, what it must do): Ok(LUs now holding new bytes) or
+    // Err(()) for a mode refusal. The mirror write lands on the origin,
+    // mate 2 and mate 3; mate 1 is a read-only snapshot.
+    enum Cell {
+        Write(u32),
+        Copy(u32, u32),
+        Read(u32),
+    }
+    let cells: [(Cell, Result<&[u32], ()>); 11] = [
+        (Cell::Write(MIRROR_3), Ok(&[11, 13, 14])),
+        (Cell::Write(ORIGIN_3), Ok(&[11])),
+        (Cell::Write(12), Err(())),
+        (Cell::Write(13), Err(())),
+        (Cell::Write(14), Err(())),
+        // Pair 3's resync copy; pair 1's reverse resync; a copy into mate 1.
+        (Cell::Copy(ORIGIN_3, 14), Ok(&[14])),
+        (Cell::Copy(12, ORIGIN_3), Ok(&[11])),
+        (Cell::Copy(ORIGIN_3, 12), Err(())),
+        (Cell::Copy(ORIGIN_3, 13), Err(())),
+        (Cell::Read(12), Ok(&[])),
+        (Cell::Read(14), Err(())),
+    ];
+    let mut failures = Vec::new();
+    for (index, (cell, expected)) in cells.iter().enumerate() {
+        let lba = index as u64;
+        let (outcome, source) = match *cell {
+            Cell::Write(lu) => (owner.write(lu, lba, block(lba, 99)).await.map(|_| None), 99),
+            Cell::Copy(src, dst) => (
+                owner.copy_range(src, dst, lba, 1).await.map(|_| None),
+                src as u8,
+            ),
+            Cell::Read(lu) => (owner.read(lu, lba, 1).await.map(Some), 0),
+        };
+        let landed: &[u32] = match (expected, &outcome) {
+            (Err(()), Err(error)) if is_mode_refusal(error) => &[],
+            (Ok(lus), Ok(read)) => {
+                if let (Cell::Read(lu), Some(data)) = (cell, read)
+                    && *data != tagged(lba, *lu)
+                {
+                    failures.push(format!("cell {index}: read LU {lu} answered other bytes"));
+                }
+                lus
+            }
+            (_, other) => {
+                failures.push(format!(
+                    "cell {index}: expected {expected:?}, got {other:?}"
+                ));
+                continue;
+            }
+        };
+        for lu in REAL {
+            let want = if landed.contains(&lu) {
+                block(lba, source)
+            } else {
+                tagged(lba, lu)
+            };
+            if block_digest(&owner, lu, lba).await != digest(&want) {
+                failures.push(format!(
+                    "cell {index}: LU {lu} does not hold what the modes say"
+                ));
+            }
+        }
+    }
+    // A mirror read comes from the origin or mate 2 alone, never from mate
+    // 1 (a snapshot) or mate 3 (resynchronizing), however often asked.
+    let lba = BLOCKS - 1;
+    for _ in 0..20 {
+        let data = owner.read(MIRROR_3, lba, 1).await.expect("mirror read");
+        if data != tagged(lba, ORIGIN_3) && data != tagged(lba, 13) {
+            failures.push(format!("a mirror read answered LU {}'s bytes", data[8]));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
