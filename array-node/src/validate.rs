@@ -904,7 +904,6 @@ mod tests {
         // Granting the mirror LU alone is not enough: the origin stays
         // invisible, so the mirror does too.
         set(&array, &owner, BACKUP, 4, None);
-        set(&array, &owner, BACKUP, 3, Some(Access::ReadWrite));
         let half = test_ops::write(&array, &backup, 3, 5, block(6)).await;
         assert!(matches!(half, Err(ArrayError::UnknownLu(3))), "{half:?}");
     }
@@ -1095,6 +1094,109 @@ mod tests {
             matches!(write, Err(ArrayError::MirrorMode { lu: 2, .. })),
             "{write:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_mirror_write_needs_write_access_to_every_mate_it_is_sent_to() {
+        // Mirror LU 0 = origin 1 + mates 2, 3 and 4.
+        let lu = |id| format!("[[lu]]\nid = {id}\nblock_size_bytes = 4096\nblock_count = 16\n");
+        let text = (1..=4).map(lu).collect::<String>()
+            + "[[mirror]]\nmirror = 0\norigin = 1\nmates = [2, 3, 4]\n";
+        let array =
+            Array::in_memory(&ArrayConfig::from_toml(&text).expect("config")).expect("array");
+        let owner = caller(OWNER);
+        // Every LU of the pairs is the owner's, and the backup's on mates.
+        for lu in 0..=4 {
+            assert_eq!(
+                array.access().access(&owner, lu),
+                Access::ReadWrite,
+                "LU {lu}"
+            );
+        }
+        for lu in 2..=4 {
+            assert_eq!(
+                array.access().access(&caller(BACKUP), lu),
+                Access::Read,
+                "LU {lu}"
+            );
+        }
+        // Mate 1 split and masked read-only for the owner: the mirror write
+        // goes to the origin, mate 2 and mate 3.
+        for mate in [2, 3, 4] {
+            test_ops::mode_select_mate(
+                &array,
+                &owner,
+                0,
+                Some(mate),
+                pb::MirrorMode::Synchronized,
+                false,
+            )
+            .await
+            .expect("synchronized");
+        }
+        set(&array, &owner, OWNER, 2, Some(Access::Read));
+        let refused = test_ops::write(&array, &owner, 0, 0, block(1)).await;
+        assert!(
+            matches!(
+                refused,
+                Err(ArrayError::PermissionDenied {
+                    through: Some(2),
+                    ..
+                })
+            ),
+            "mate 1 synchronized: {refused:?}"
+        );
+        test_ops::mode_select_mate(&array, &owner, 0, Some(2), pb::MirrorMode::Snapshot, false)
+            .await
+            .expect("split mate 1");
+        test_ops::write(&array, &owner, 0, 0, block(1))
+            .await
+            .expect("mate 1 is not written");
+        // Mate 3 read-only too, while its pair takes the write: refused
+        // (naming the first read-only side, mate 1).
+        set(&array, &owner, OWNER, 4, Some(Access::Read));
+        let refused = test_ops::write(&array, &owner, 0, 1, block(1)).await;
+        assert!(
+            matches!(refused, Err(ArrayError::PermissionDenied { .. })),
+            "{refused:?}"
+        );
+        // Accepted with mate 3 split, run after mate 1 went on
+        // resynchronizing: refused, nothing written.
+        test_ops::mode_select_mate(&array, &owner, 0, Some(4), pb::MirrorMode::Snapshot, false)
+            .await
+            .expect("split mate 3");
+        let request = pb::WriteRequest {
+            lu: 0,
+            lba: 2,
+            data: block(2),
+            fua: false,
+        };
+        let early = write(&array, &owner, request).expect("valid: mates 1 and 3 split");
+        test_ops::mode_select_mate(
+            &array,
+            &owner,
+            0,
+            Some(2),
+            pb::MirrorMode::Resynchronizing,
+            false,
+        )
+        .await
+        .expect("resync mate 1");
+        let late = array.write(early).await;
+        assert!(
+            matches!(
+                late,
+                Err(ArrayError::PermissionDenied {
+                    through: Some(2),
+                    ..
+                })
+            ),
+            "{late:?}"
+        );
+        for lu in [1, 3] {
+            let read = test_ops::read(&array, &ANYONE, lu, 2, 1).await;
+            assert_eq!(read.expect("read"), block(0), "LU {lu} untouched");
+        }
     }
 
     #[tokio::test]
