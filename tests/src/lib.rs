@@ -82,6 +82,8 @@ mod journal_damage;
 #[cfg(test)]
 mod ledger_crash;
 #[cfg(test)]
+mod mates;
+#[cfg(test)]
 mod pace;
 #[cfg(test)]
 mod restore;
