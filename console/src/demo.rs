@@ -111,7 +111,34 @@ pub struct StatefulPart {
     /// Synchronized (reason mirror-mode).
     pub mate_write_refused: bool,
     pub pair_equal_at_end: bool,
+    /// Volume 0 has three mates ([0020]): mate 1 and mate 2 split and
+    /// backed up one after the other, resynced one at a time.
+    pub three_mates: ThreeMates,
     pub errors: Vec<String>,
+}
+
+/// The three-mate sequence of the stateful part: split mate 1, later split
+/// mate 2, back up both (each verified as a run verifies), delete mate 1
+/// while mate 2 stays split, delete mate 2, compare every mate with the
+/// origin.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ThreeMates {
+    /// The runs of mate 1 and mate 2, each keeping its snapshot.
+    pub cycles: Vec<DemoCycle>,
+    /// Mate 2 was still split (its pair in Snapshot) after mate 1's resync.
+    pub mate_2_split_while_mate_1_resynced: bool,
+    /// Per mate, in order: origin == that mate (ChecksumRange) at the end.
+    pub mates_equal_at_end: Vec<bool>,
+}
+
+impl ThreeMates {
+    pub fn succeeded(&self) -> bool {
+        self.cycles.len() == 2
+            && self.cycles.iter().all(DemoCycle::succeeded)
+            && self.mate_2_split_while_mate_1_resynced
+            && self.mates_equal_at_end.len() == 3
+            && self.mates_equal_at_end.iter().all(|&equal| equal)
+    }
 }
 
 /// The array's modes the stateful run must show, in order.
@@ -123,6 +150,7 @@ impl StatefulPart {
             && self.cycle.as_ref().is_some_and(DemoCycle::succeeded)
             && self.mate_write_refused
             && self.pair_equal_at_end
+            && self.three_mates.succeeded()
             && self.modes.len() == STATEFUL_MODES.len()
             && self
                 .modes
@@ -244,7 +272,7 @@ impl StatefulPart {
             .join(" → ");
         if self.succeeded() {
             format!(
-                "verified; the array's mode {modes}; it refused a write to the mate alone itself (reason mirror-mode); origin == mate after the resync"
+                "verified; the array's mode {modes}; it refused a write to the mate alone itself (reason mirror-mode); origin == mate after the resync; with three mates, mate 1 and mate 2 backed up and resynced one at a time, origin == every mate at the end"
             )
         } else {
             let mut why = self.errors.clone();
@@ -256,6 +284,14 @@ impl StatefulPart {
             }
             if !self.pair_equal_at_end {
                 why.push("origin != mate after the resync".into());
+            }
+            if !self.three_mates.succeeded() {
+                why.push(format!(
+                    "the three-mate sequence did not verify (runs verified: {}, mate 2 split while mate 1 resynced: {}, origin == mate 1, 2, 3: {:?})",
+                    self.three_mates.cycles.iter().filter(|c| c.succeeded()).count(),
+                    self.three_mates.mate_2_split_while_mate_1_resynced,
+                    self.three_mates.mates_equal_at_end
+                ));
             }
             format!(
                 "FAILED ({}); the array's mode {modes}, expected {}",
@@ -279,7 +315,8 @@ async fn stateful_part(
     let mut part = StatefulPart::default();
     say(
         "\n== the array keeps the mode (#19): a second cluster, db-server --array-mode stateful: \
-         db-server sets each pair's mode in the array (ModeSelect) and the array enforces it"
+         db-server sets each pair's mode in the array (ModeSelect) and the array enforces it; \
+         each mirror LU has three mates ([0020]), each (mirror LU, mate) a pair with its own mode"
             .to_string(),
     );
     let mut builder = ClusterBuilder::new()
@@ -289,7 +326,8 @@ async fn stateful_part(
             workers: options.workload_workers,
             ..db_server::ledger::LedgerConfig::default()
         }))
-        .array_mode(ArrayModeKeeping::Stateful);
+        .array_mode(ArrayModeKeeping::Stateful)
+        .mates(3);
     if let Some(dir) = &options.dir {
         builder = builder.dir(dir.join("stateful"));
     }
@@ -303,12 +341,100 @@ async fn stateful_part(
     };
     if let Err(error) = stateful_run(&cluster, progress, say, &mut part).await {
         part.errors.push(format!("{error:#}"));
+    } else if let Err(error) = three_mates(&cluster, progress, say, &mut part.three_mates).await {
+        part.errors.push(format!("three mates: {error:#}"));
     }
     if let Err(error) = cluster.shutdown().await {
         part.errors
             .push(format!("stopping the stateful cluster: {error}"));
     }
     part
+}
+
+/// Volume 0 with three mates: mate 1 split and backed up, the ledger
+/// writes, mate 2 split and backed up, the ledger writes; mate 1 deleted
+/// and resynced while mate 2 stays split; mate 2 deleted and resynced;
+/// then origin compared with every mate (ChecksumRange, quiesced).
+async fn three_mates(
+    cluster: &Cluster,
+    progress: &dyn ProgressSink,
+    say: &dyn Fn(String),
+    part: &mut ThreeMates,
+) -> anyhow::Result<()> {
+    let clients = &cluster.clients;
+    let status = clients.db.status(false).await?;
+    let listed = crate::mates::count(&status.volumes, 0);
+    anyhow::ensure!(
+        listed == 3,
+        "db-server lists {listed} mate(s) of volume 0, not 3"
+    );
+    say("\n  three mates: split mate 1, later mate 2; each backed up and verified".to_string());
+    let mut run_ids = Vec::new();
+    for mate in [1, 2] {
+        let label = format!("demo run stateful, mate {mate}");
+        let method = dpb::SnapshotMethod::Unspecified;
+        let cycle = run_cycle_of_mate(cluster, &label, mate, method, true, progress, say).await;
+        let kept = cycle.report.backup_id.is_some() && !cycle.report.snapshot_deleted;
+        run_ids.push(cycle.report.run_id.clone());
+        part.cycles.push(cycle);
+        anyhow::ensure!(kept, "the run of mate {mate} did not keep its snapshot");
+        // The ledger writes while the mate is split: recorded in the
+        // table of every split mate.
+        let committed = ledger_committed(clients).await?;
+        cluster
+            .wait_for_transactions(committed + 100, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("the ledger while mate {mate} is split"))?;
+    }
+    let dirty = |status: &dpb::StatusResponse, mate| {
+        crate::mates::pick(&status.volumes, 0, mate).map_or(0, |v| v.dirty_blocks)
+    };
+    let status = clients.db.status(false).await?;
+    say(format!(
+        "  {:<18} mate 1: {} blocks recorded, mate 2: {} (each split mate has its own table)",
+        "both split",
+        dirty(&status, 1),
+        dirty(&status, 2)
+    ));
+    let deleted = clients
+        .db
+        .delete_snapshot_of(0, 1, &run_ids[0], false)
+        .await?;
+    crate::run::wait_synchronized_mate(clients, 0, 1, progress).await?;
+    progress.finish();
+    let mate_2 = crate::mates::volume_status_of(&clients.db, 0, 2).await?;
+    part.mate_2_split_while_mate_1_resynced =
+        mate_2.data_mode() == dpb::Mode::Snapshot && mate_2.snapshot_holder == run_ids[1];
+    say(format!(
+        "  {:<18} mate 1: {} blocks resynchronized; mate 2 still {:?}, held by its run",
+        "delete mate 1",
+        deleted.blocks_to_resync,
+        mate_2.data_mode()
+    ));
+    let deleted = clients
+        .db
+        .delete_snapshot_of(0, 2, &run_ids[1], false)
+        .await?;
+    crate::run::wait_synchronized_mate(clients, 0, 2, progress).await?;
+    progress.finish();
+    say(format!(
+        "  {:<18} mate 2: {} blocks resynchronized",
+        "delete mate 2", deleted.blocks_to_resync
+    ));
+    for mate in 1..=3 {
+        let pair = crate::status::pair_verify_mate(clients, 0, mate, true).await?;
+        let equal = pair.differing_chunks.is_empty();
+        part.mates_equal_at_end.push(equal);
+        say(format!(
+            "  {:<18} origin LU {} {} mate {mate} (LU {}), {} chunks compared by ChecksumRange",
+            "pair",
+            pair.origin_lu,
+            if equal { "==" } else { "!=" },
+            pair.mate_lu,
+            pair.chunks - pair.skipped_chunks
+        ));
+    }
+    Ok(())
 }
 
 /// Volume 0's mode, from db-server's status and the array's ModeSense.
@@ -503,7 +629,7 @@ async fn run_cycle_keeping(
     say: &dyn Fn(String),
 ) -> DemoCycle {
     let method = dpb::SnapshotMethod::Unspecified;
-    run_cycle_by(cluster, label, method, keep_snapshot, progress, say).await
+    run_cycle_of_mate(cluster, label, 1, method, keep_snapshot, progress, say).await
 }
 
 async fn run_cycle_by(
@@ -514,10 +640,23 @@ async fn run_cycle_by(
     progress: &dyn ProgressSink,
     say: &dyn Fn(String),
 ) -> DemoCycle {
+    run_cycle_of_mate(cluster, label, 1, method, keep_snapshot, progress, say).await
+}
+
+/// [`run_cycle_by`] of volume 0's mate `mate` (counted from 1).
+async fn run_cycle_of_mate(
+    cluster: &Cluster,
+    label: &str,
+    mate: u32,
+    method: dpb::SnapshotMethod,
+    keep_snapshot: bool,
+    progress: &dyn ProgressSink,
+    say: &dyn Fn(String),
+) -> DemoCycle {
     let clients: &Clients = &cluster.clients;
     let run_options = RunOptions {
         volume: 0,
-        mate: 1,
+        mate,
         keep_snapshot,
         label: label.to_string(),
         max_bytes_per_s: None,
