@@ -313,8 +313,8 @@ struct PerMode {
 /// fails the bench rather than measuring the wrong thing.
 async fn array_mode_of(bench: &Bench, keeping: ArrayModeKeeping) -> anyhow::Result<String> {
     let status = bench.clients.db.status(false).await?;
-    let volume = crate::mates::pick(&status.volumes, 0, 1)
-        .context("no volume 0 in db-server's status")?;
+    let volume =
+        crate::mates::pick(&status.volumes, 0, 1).context("no volume 0 in db-server's status")?;
     let reported = crate::status::array_mode_keeping(volume).unwrap_or("stateless");
     anyhow::ensure!(
         reported == keeping.to_string(),
@@ -580,8 +580,8 @@ async fn cow_run(options: &BenchOptions, seconds: Duration) -> anyhow::Result<Co
     // One status for both: the transactions and the save area.
     let status = bench.status().await?;
     let committed = status.ledger.unwrap_or_default().transactions_committed;
-    let volume = crate::mates::pick(&status.volumes, 0, 1)
-        .context("no volume 0 in db-server's status")?;
+    let volume =
+        crate::mates::pick(&status.volumes, 0, 1).context("no volume 0 in db-server's status")?;
     anyhow::ensure!(
         volume.snapshot_method() == dpb::SnapshotMethod::Cow,
         "volume 0's snapshot is {:?}, not copy-on-write",
