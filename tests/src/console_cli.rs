@@ -298,10 +298,15 @@ async fn console_demo_runs_two_verified_cycles() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     // Two split runs, the copy-on-write run (#20), then the run on the
-    // cluster whose array keeps the modes (#19).
+    // cluster whose array keeps the modes (#19) and its three-mate runs of
+    // mate 1 and mate 2 ([0020]).
     assert_eq!(
         stdout.matches("verified           yes").count(),
-        4,
+        6,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("with three mates, mate 1 and mate 2 backed up and resynced one at a time, origin == every mate at the end"),
         "{stdout}"
     );
     assert!(
